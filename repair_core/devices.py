@@ -1,0 +1,46 @@
+"""Device selection: CUDA first, then Apple's MPS, then the CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from repair_core.errors import ConfigError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def select_device(preference: str | torch.device | None = "auto") -> torch.device:
+    """Return the device to run on.
+
+    Args:
+        preference: "auto" (or None) picks CUDA, then MPS, then CPU. "cpu",
+            "cuda", "cuda:1" or "mps" force a device, which must be available.
+
+    Raises:
+        ConfigError: the forced device is unknown or not available here.
+    """
+    if isinstance(preference, torch.device):
+        preference = str(preference)
+    if preference in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+
+    kind = preference.split(":")[0]
+    if kind not in DEVICE_CHOICES:
+        raise ConfigError(
+            f"Unknown device {preference!r}. Use one of {', '.join(DEVICE_CHOICES)}."
+        )
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"Device {preference!r} was requested but CUDA is not available on this "
+            "machine. Use --device auto or --device cpu."
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"Device {preference!r} was requested but MPS is not available on this "
+            "machine. Use --device auto or --device cpu."
+        )
+    return torch.device(preference)

@@ -1,0 +1,29 @@
+"""Exceptions raised for bad input. Each message names the value and the fix."""
+
+
+class RepairError(ValueError):
+    """Base class for every error this package raises on bad input or state."""
+
+
+class DataError(RepairError):
+    """A data source is missing, empty, corrupt or inconsistent."""
+
+
+class ConfigError(RepairError):
+    """A configuration value is out of range or inconsistent with the data."""
+
+
+class CheckpointError(RepairError):
+    """A checkpoint or model factory does not match the expected model."""
+
+
+class EmptyFailureSetError(RepairError):
+    """The model makes no mistakes on the test set, so there is nothing to repair."""
+
+
+class WorkspaceError(RepairError):
+    """A workspace record or file is missing or unreadable."""
+
+
+class DivergenceError(RepairError, ArithmeticError):
+    """An iterative solver produced growing or non-finite values."""

@@ -1,0 +1,66 @@
+"""Batched, gradient-free forward passes in eval mode."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EVAL_BATCH_SIZE = 512
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode and restore each submodule's mode afterwards."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes.items():
+            module.train(mode)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE
+) -> torch.Tensor:
+    """Return logits, shape (N, K), on the CPU. Runs on the model's device."""
+    device = model_device(model)
+    outputs = []
+    with eval_mode(model):
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].to(device)
+            outputs.append(model(batch).float().cpu())
+    if not outputs:
+        return torch.empty(0, 0)
+    return torch.cat(outputs)
+
+
+@torch.no_grad()
+def log_likelihoods(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = EVAL_BATCH_SIZE,
+) -> torch.Tensor:
+    """Return log p(y | x, theta) for every example, shape (N,), on the CPU."""
+    logits = predict_logits(model, images, batch_size)
+    return -F.cross_entropy(logits, labels.cpu(), reduction="none")
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of correctly predicted examples; NaN for an empty set."""
+    if len(labels) == 0:
+        return float("nan")
+    predictions = predict_logits(model, images).argmax(1)
+    return (predictions == labels.cpu()).float().mean().item()

@@ -1,0 +1,312 @@
+"""Model builders, user model factories and checkpoint validation.
+
+Built-in models take images in [0, 1] and subtract the per-channel training
+mean themselves (a buffer named ``input_mean``), so every caller feeds the same
+tensors and a saved checkpoint carries its own preprocessing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from repair_core.errors import CheckpointError, ConfigError
+
+MODEL_CHOICES = ("mnist-cnn", "small-resnet", "resnet50")
+
+
+class MeanSubtraction(nn.Module):
+    """Subtracts a fixed per-channel mean, stored as a buffer in the state dict."""
+
+    def __init__(self, channels: int, mean: Sequence[float] | None = None) -> None:
+        super().__init__()
+        values = torch.zeros(channels) if mean is None else torch.as_tensor(mean)
+        self.register_buffer("input_mean", values.float().view(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.input_mean
+
+
+class MnistCNN(nn.Module):
+    """Four 3x3 conv layers (32, 32, 64, 64 channels) with ReLU, 2x2 max-pool
+    after the first two, global average pooling and one linear layer."""
+
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, mean=None
+    ) -> None:
+        super().__init__()
+        self.preprocess = MeanSubtraction(in_channels, mean)
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Linear(64, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the penultimate features, shape (N, 64)."""
+        return self.features(self.preprocess(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A ResNet-8 for 32x32 colour images: three stages of one basic block with
+    16, 32 and 64 channels, about 78k parameters, so it trains on a CPU."""
+
+    def __init__(
+        self, in_channels: int = 3, num_classes: int = 10, mean=None
+    ) -> None:
+        super().__init__()
+        self.preprocess = MeanSubtraction(in_channels, mean)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+        )
+        self.stages = nn.Sequential(
+            BasicBlock(16, 16, 1), BasicBlock(16, 32, 2), BasicBlock(32, 64, 2)
+        )
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(64, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stages(self.stem(self.preprocess(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+class ResNet50(nn.Module):
+    """torchvision's ResNet-50 with random initial weights and mean subtraction."""
+
+    def __init__(
+        self, in_channels: int = 3, num_classes: int = 10, mean=None
+    ) -> None:
+        super().__init__()
+        from torchvision.models import resnet50
+
+        self.preprocess = MeanSubtraction(in_channels, mean)
+        self.net = resnet50(weights=None, num_classes=num_classes)
+        if in_channels != 3:
+            self.net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        x = self.preprocess(x)
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
+        return torch.flatten(net.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.fc(self.embed(x))
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "mnist-cnn": MnistCNN,
+    "small-resnet": SmallResNet,
+    "resnet50": ResNet50,
+}
+
+
+def build_model(
+    name: str,
+    *,
+    in_channels: int,
+    num_classes: int,
+    mean: Sequence[float] | None = None,
+) -> nn.Module:
+    """Build a built-in model with fresh weights.
+
+    Args:
+        name: one of ``MODEL_CHOICES``.
+        in_channels: image channels (1 for MNIST, 3 for CIFAR-10).
+        num_classes: size of the output layer.
+        mean: per-channel training mean subtracted from every input.
+    """
+    if name not in _BUILDERS:
+        raise ConfigError(
+            f"Unknown model {name!r}. Use one of {', '.join(MODEL_CHOICES)}, or a "
+            "user model given as 'module:callable'."
+        )
+    return _BUILDERS[name](in_channels=in_channels, num_classes=num_classes, mean=mean)
+
+
+def load_factory(spec: str, search_path: str | Path | None = None) -> nn.Module:
+    """Build a user model from ``module:callable``.
+
+    Args:
+        spec: for example ``my_models:build_net``. The callable takes no
+            arguments and returns an ``nn.Module``.
+        search_path: a folder added to ``sys.path`` before importing, so a
+            module next to the checkpoint can be found. The current working
+            directory is always searched.
+    """
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise CheckpointError(
+            f"Invalid model factory {spec!r}. Write it as 'module:callable', for "
+            "example 'my_models:build_net'."
+        )
+    for folder in (search_path, Path.cwd()):
+        if folder is not None and str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise CheckpointError(
+            f"Cannot import module {module_name!r} from model factory {spec!r}: "
+            f"{error}. Run from the folder that contains it or add it to PYTHONPATH."
+        ) from error
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise CheckpointError(
+            f"Module {module_name!r} has no callable named {attribute!r}. Check the "
+            f"name after the colon in {spec!r}."
+        )
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(
+            f"Model factory {spec!r} returned {type(model).__name__}, not a "
+            "torch.nn.Module. Return the model instance from the callable."
+        )
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from a checkpoint file, with a clear error if it is bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {str(path)!r} not found. Check the path.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt files
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} could not be read ({error}). It must be a "
+            "file written by torch.save(model.state_dict(), path)."
+        ) from error
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} does not contain a state dict of tensors. Save "
+            "it with torch.save(model.state_dict(), path)."
+        )
+    return state
+
+
+def load_checked_state(
+    model: nn.Module, state: dict[str, torch.Tensor], *, source: str = "checkpoint"
+) -> None:
+    """Load ``state`` into ``model`` after checking every key and shape.
+
+    Raises:
+        CheckpointError: naming the first missing, unexpected or mis-shaped layer.
+    """
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing:
+        raise CheckpointError(
+            f"The {source} lacks layer {missing[0]!r} (and {len(missing) - 1} more) "
+            "that the model has. Use the checkpoint saved from this architecture."
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"The {source} has layer {unexpected[0]!r} that the model does not have. "
+            "Use the checkpoint saved from this architecture."
+        )
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"Layer {key!r} has shape {tuple(state[key].shape)} in the {source} "
+                f"but {tuple(tensor.shape)} in the model. Use the checkpoint saved "
+                "from this architecture."
+            )
+    model.load_state_dict(state)
+
+
+def check_output_size(
+    model: nn.Module, sample: torch.Tensor, num_classes: int
+) -> None:
+    """Check that the model maps ``sample`` (1, C, H, W) to ``num_classes`` logits."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(sample)
+    except Exception as error:
+        raise CheckpointError(
+            f"The model failed on an input of shape {tuple(sample.shape)}: {error}. "
+            "Make sure it accepts images of this data set."
+        ) from error
+    finally:
+        model.train(was_training)
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        last = _last_layer_name(model)
+        raise CheckpointError(
+            f"The model outputs shape {tuple(logits.shape)} but the data has "
+            f"{num_classes} classes (layer {last!r}). Give the last layer "
+            f"{num_classes} outputs."
+        )
+
+
+def _last_layer_name(model: nn.Module) -> str:
+    names = [name for name, p in model.named_parameters() if p.ndim >= 1]
+    return names[-1].rsplit(".", 1)[0] if names else type(model).__name__
+
+
+def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Return penultimate features: ``model.embed`` if defined, else the input
+    to the last ``nn.Linear`` layer, captured with a forward hook."""
+    if hasattr(model, "embed"):
+        return model.embed(images)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return model(images)
+    captured: list[torch.Tensor] = []
+    handle = linears[-1].register_forward_hook(
+        lambda _m, inputs, _o: captured.append(inputs[0].flatten(1))
+    )
+    try:
+        model(images)
+    finally:
+        handle.remove()
+    return captured[0]

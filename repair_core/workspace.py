@@ -1,0 +1,408 @@
+"""The workspace: an SQLite database of records plus files for tensors.
+
+Layout of a workspace folder::
+
+    repair.sqlite             runs, failure sets, scores, repairs, review decisions
+    runs/<run_id>/...         checkpoints and arrays of one run
+
+Every file is written to a temporary name in the same folder, flushed to disk
+and renamed over the target, so a reader sees either the old or the new file,
+never half of one. Database writes run in transactions. A process killed in
+the middle of a save therefore leaves the earlier state readable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import sqlite3
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from repair_core.errors import WorkspaceError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DATABASE_NAME = "repair.sqlite"
+DEFAULT_WORKSPACE = "workspace"
+DECISIONS = ("confirmed", "rejected")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    config TEXT NOT NULL,
+    metrics TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS failure_sets (
+    id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    created_at TEXT NOT NULL,
+    config TEXT NOT NULL,
+    metrics TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS scores (
+    id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    failure_set_id TEXT NOT NULL REFERENCES failure_sets(id),
+    method TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    config TEXT NOT NULL,
+    metrics TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS repairs (
+    id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    failure_set_id TEXT NOT NULL REFERENCES failure_sets(id),
+    scores_id TEXT,
+    treatment TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    config TEXT NOT NULL,
+    metrics TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    failure_set_id TEXT NOT NULL REFERENCES failure_sets(id),
+    train_index INTEGER NOT NULL,
+    decision TEXT NOT NULL CHECK (decision IN ('confirmed', 'rejected')),
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (run_id, failure_set_id, train_index)
+);
+"""
+
+_TABLES = ("runs", "failure_sets", "scores", "repairs")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def new_id(prefix: str) -> str:
+    """Return a short unique id such as ``run-3f9a1c2e``."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    # Persist the rename itself: on POSIX the directory entry lives in the folder.
+    with contextlib.suppress(OSError):
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    """``torch.save`` through :func:`atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_save_arrays(path: str | Path, **arrays: np.ndarray) -> None:
+    """Save NumPy arrays as one ``.npz`` file through :func:`atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+class Workspace:
+    """A folder holding the database and files of every run.
+
+    Args:
+        root: the workspace folder; created if missing.
+
+    Raises:
+        WorkspaceError: the folder is not writable, the database is not a
+            workspace database, or it was written by a newer schema.
+    """
+
+    def __init__(self, root: str | Path = DEFAULT_WORKSPACE) -> None:
+        self.root = Path(root).expanduser().resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise WorkspaceError(
+                f"Workspace path {str(self.root)!r} is a file, not a folder. Pass a "
+                "folder path with --workspace."
+            )
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise WorkspaceError(
+                f"Cannot create workspace folder {str(self.root)!r}: {error}. Choose "
+                "a writable folder with --workspace."
+            ) from error
+        self.database_path = self.root / DATABASE_NAME
+        self._initialise()
+
+    # Database access -----------------------------------------------------
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        connection = sqlite3.connect(self.database_path, timeout=30)
+        connection.row_factory = sqlite3.Row
+        connection.execute("PRAGMA foreign_keys = ON")
+        try:
+            with connection:  # commits on success, rolls back on error
+                yield connection
+        except sqlite3.DatabaseError as error:
+            if isinstance(error, sqlite3.IntegrityError):
+                raise
+            raise WorkspaceError(
+                f"The workspace database {str(self.database_path)!r} could not be "
+                f"used: {error}. Point --workspace at another folder, or move this "
+                "file away to start a fresh workspace."
+            ) from error
+        finally:
+            connection.close()
+
+    def _initialise(self) -> None:
+        with self._connect() as connection:
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.executescript(_SCHEMA)
+            row = connection.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'"
+            ).fetchone()
+            if row is None:
+                connection.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            elif int(row["value"]) > SCHEMA_VERSION:
+                raise WorkspaceError(
+                    f"Workspace {str(self.root)!r} has schema version {row['value']}, "
+                    f"newer than this version of the tool ({SCHEMA_VERSION}). Upgrade "
+                    "the tool or use another workspace."
+                )
+
+    @property
+    def schema_version(self) -> int:
+        with self._connect() as connection:
+            row = connection.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'"
+            ).fetchone()
+        return int(row["value"])
+
+    # Files ---------------------------------------------------------------
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    def path(self, run_id: str, relative: str) -> Path:
+        """Return the absolute path of a file of ``run_id``."""
+        return self.run_dir(run_id) / relative
+
+    def save_tensor(self, run_id: str, relative: str, obj: Any) -> str:
+        """Save ``obj`` with torch.save under the run folder; return the relative path."""
+        atomic_torch_save(self.path(run_id, relative), obj)
+        return relative
+
+    def load_tensor(self, run_id: str, relative: str) -> Any:
+        path = self.path(run_id, relative)
+        if not path.is_file():
+            raise WorkspaceError(
+                f"File {str(path)!r} of run {run_id!r} is missing. The workspace was "
+                "edited by hand or copied partly; create the run again."
+            )
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    # Records -------------------------------------------------------------
+
+    def _insert(self, table: str, record: dict[str, Any]) -> None:
+        columns = ", ".join(record)
+        marks = ", ".join("?" for _ in record)
+        values = [
+            json.dumps(v) if isinstance(v, dict | list) else v for v in record.values()
+        ]
+        with self._connect() as connection:
+            connection.execute(
+                f"INSERT INTO {table} ({columns}) VALUES ({marks})", values
+            )
+
+    def _update_metrics(self, table: str, record_id: str, metrics: dict) -> None:
+        with self._connect() as connection:
+            cursor = connection.execute(
+                f"UPDATE {table} SET metrics = ? WHERE id = ?",
+                (json.dumps(metrics), record_id),
+            )
+            if cursor.rowcount == 0:
+                raise WorkspaceError(f"No record {record_id!r} in {table}.")
+
+    @staticmethod
+    def _decode(row: sqlite3.Row) -> dict[str, Any]:
+        record = dict(row)
+        for key in ("config", "metrics"):
+            if key in record:
+                record[key] = json.loads(record[key])
+        return record
+
+    def _get(self, table: str, record_id: str, what: str) -> dict[str, Any]:
+        with self._connect() as connection:
+            row = connection.execute(
+                f"SELECT * FROM {table} WHERE id = ?", (record_id,)
+            ).fetchone()
+        if row is None:
+            known = [r["id"] for r in self._list(table)][:5]
+            hint = f" Known: {', '.join(known)}." if known else ""
+            raise WorkspaceError(
+                f"{what} {record_id!r} not found in workspace {str(self.root)!r}.{hint} "
+                "List them with 'python -m repair_core runs'."
+            )
+        return self._decode(row)
+
+    def _list(self, table: str, **where: Any) -> list[dict[str, Any]]:
+        clauses = " AND ".join(f"{key} = ?" for key in where)
+        query = f"SELECT * FROM {table}" + (f" WHERE {clauses}" if where else "")
+        with self._connect() as connection:
+            rows = connection.execute(
+                query + " ORDER BY created_at, rowid", tuple(where.values())
+            ).fetchall()
+        return [self._decode(row) for row in rows]
+
+    def add_run(self, run_id: str, kind: str, config: dict, metrics: dict) -> None:
+        self._insert(
+            "runs",
+            {"id": run_id, "created_at": _now(), "kind": kind, "config": config,
+             "metrics": metrics},
+        )
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        return self._get("runs", run_id, "Run")
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        return self._list("runs")
+
+    def add_failure_set(
+        self, failure_set_id: str, run_id: str, config: dict, metrics: dict
+    ) -> None:
+        self._insert(
+            "failure_sets",
+            {"id": failure_set_id, "run_id": run_id, "created_at": _now(),
+             "config": config, "metrics": metrics},
+        )
+
+    def get_failure_set(self, failure_set_id: str) -> dict[str, Any]:
+        return self._get("failure_sets", failure_set_id, "Failure set")
+
+    def list_failure_sets(self, run_id: str) -> list[dict[str, Any]]:
+        return self._list("failure_sets", run_id=run_id)
+
+    def add_scores(
+        self,
+        scores_id: str,
+        run_id: str,
+        failure_set_id: str,
+        method: str,
+        config: dict,
+        metrics: dict,
+    ) -> None:
+        self._insert(
+            "scores",
+            {"id": scores_id, "run_id": run_id, "failure_set_id": failure_set_id,
+             "method": method, "created_at": _now(), "config": config,
+             "metrics": metrics},
+        )
+
+    def get_scores(self, scores_id: str) -> dict[str, Any]:
+        return self._get("scores", scores_id, "Scores")
+
+    def list_scores(self, run_id: str, **where: Any) -> list[dict[str, Any]]:
+        return self._list("scores", run_id=run_id, **where)
+
+    def add_repair(
+        self,
+        repair_id: str,
+        run_id: str,
+        failure_set_id: str,
+        scores_id: str | None,
+        treatment: str,
+        config: dict,
+        metrics: dict,
+    ) -> None:
+        self._insert(
+            "repairs",
+            {"id": repair_id, "run_id": run_id, "failure_set_id": failure_set_id,
+             "scores_id": scores_id, "treatment": treatment, "created_at": _now(),
+             "config": config, "metrics": metrics},
+        )
+
+    def get_repair(self, repair_id: str) -> dict[str, Any]:
+        return self._get("repairs", repair_id, "Repair")
+
+    def list_repairs(self, run_id: str, **where: Any) -> list[dict[str, Any]]:
+        return self._list("repairs", run_id=run_id, **where)
+
+    # Review decisions ----------------------------------------------------
+
+    def set_decisions(
+        self,
+        run_id: str,
+        failure_set_id: str,
+        train_indices: list[int],
+        decision: str | None,
+    ) -> None:
+        """Record ``decision`` for each training index, in one transaction.
+
+        ``decision`` is "confirmed", "rejected", or None to clear it.
+        """
+        if decision is not None and decision not in DECISIONS:
+            raise WorkspaceError(
+                f"Unknown review decision {decision!r}. Use one of "
+                f"{', '.join(DECISIONS)} or None to clear."
+            )
+        indices = [int(i) for i in train_indices]
+        with self._connect() as connection:
+            if decision is None:
+                connection.executemany(
+                    "DELETE FROM decisions WHERE run_id = ? AND failure_set_id = ? "
+                    "AND train_index = ?",
+                    [(run_id, failure_set_id, i) for i in indices],
+                )
+            else:
+                connection.executemany(
+                    "INSERT INTO decisions VALUES (?, ?, ?, ?, ?) ON CONFLICT "
+                    "(run_id, failure_set_id, train_index) DO UPDATE SET "
+                    "decision = excluded.decision, updated_at = excluded.updated_at",
+                    [(run_id, failure_set_id, i, decision, _now()) for i in indices],
+                )
+
+    def get_decisions(self, run_id: str, failure_set_id: str) -> dict[int, str]:
+        """Return {training index: decision} for one failure set."""
+        with self._connect() as connection:
+            rows = connection.execute(
+                "SELECT train_index, decision FROM decisions WHERE run_id = ? AND "
+                "failure_set_id = ? ORDER BY train_index",
+                (run_id, failure_set_id),
+            ).fetchall()
+        return {row["train_index"]: row["decision"] for row in rows}
+
+    def check_integrity(self) -> str:
+        """Run SQLite's integrity check; return "ok" when the database is sound."""
+        with self._connect() as connection:
+            return connection.execute("PRAGMA integrity_check").fetchone()[0]
