@@ -1,0 +1,556 @@
+"""Orchestration shared by the CLI and the dashboard.
+
+Each function loads what it needs from the workspace, calls an algorithm from
+the rest of the package and saves what it returns. The algorithms themselves
+never touch the workspace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from repair_core import models
+from repair_core.data import DataSplit, ImageDataset, load_data
+from repair_core.devices import select_device
+from repair_core.errors import ConfigError, EmptyFailureSetError
+from repair_core.failures import FailureSplit, split_failures
+from repair_core.inference import predict_logits
+from repair_core.noise import apply_scenario
+from repair_core.progress import Progress
+from repair_core.training import TrainConfig, TrainProgress, train_model
+from repair_core.workspace import Workspace, new_id
+
+logger = logging.getLogger(__name__)
+
+MAX_SAVED_CHECKPOINTS = 5
+VICTIM_SEED_OFFSET = 1000
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to rebuild a run's data and model."""
+
+    data: str = "mnist-embedded"
+    """Data source name (see repair_core.data.DATA_SOURCES)."""
+    root: str | None = None
+    """Folder of a torchvision or ImageFolder data set."""
+    download: bool = False
+    """Let torchvision download a missing data set into ``root``."""
+    n_train: int | None = None
+    """Use a seeded, class-balanced subset of this many training images."""
+    n_test: int | None = None
+    """Use a seeded, class-balanced subset of this many test images."""
+    data_seed: int = 0
+    """Seed of the train/test split and subsets."""
+    scenario: str = "none"
+    """Noise scenario applied to the training set (see repair_core.noise.SCENARIOS)."""
+    scenario_params: dict[str, Any] = field(default_factory=dict)
+    """Scenario settings, for example {"epsilon": 0.1} for FGSM."""
+    model: str = "mnist-cnn"
+    """Built-in model name, or 'module:callable' for a user model."""
+    seed: int = 0
+    """Seed of the noise, the model initialisation and training."""
+    device: str = "auto"
+    """auto (CUDA, then MPS, then CPU), cpu, cuda or mps."""
+    query_fraction: float = 0.5
+    """Share of the failures used as the query set F_q; the rest is F_h."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation settings."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        values = dict(values)
+        values["train"] = TrainConfig(**values.get("train", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass
+class LoadedRun:
+    """A run read back from the workspace, ready for identification or repair."""
+
+    run_id: str
+    record: dict[str, Any]
+    config: RunConfig
+    data: DataSplit
+    """The data with the corrupted training set as the model saw it."""
+    corrupted_mask: torch.Tensor | None
+    """bool, (n_train,), True where the scenario changed an example; None if unknown."""
+    model: nn.Module
+    device: torch.device
+    test_logits: torch.Tensor
+    """Logits of the stored model on the test set, shape (n_test,, K)."""
+
+    @property
+    def test_predictions(self) -> torch.Tensor:
+        return self.test_logits.argmax(1)
+
+    def build_model(self) -> nn.Module:
+        """Return a fresh, untrained model of this run's architecture."""
+        return _build_architecture(self.config, self.data, self.model_spec_folder)
+
+    @property
+    def model_spec_folder(self) -> Path | None:
+        folder = self.record["config"].get("factory_folder")
+        return Path(folder) if folder else None
+
+
+def _load_data(config: RunConfig) -> DataSplit:
+    return load_data(
+        config.data,
+        root=config.root,
+        download=config.download,
+        seed=config.data_seed,
+        n_train=config.n_train,
+        n_test=config.n_test,
+    )
+
+
+def _train_mean(images: torch.Tensor) -> list[float]:
+    return images.mean(dim=(0, 2, 3)).tolist()
+
+
+def _build_architecture(
+    config: RunConfig, data: DataSplit, factory_folder: Path | None = None
+) -> nn.Module:
+    if ":" in config.model:
+        return models.load_factory(config.model, factory_folder)
+    return models.build_model(
+        config.model,
+        in_channels=data.in_channels,
+        num_classes=data.num_classes,
+        mean=_train_mean(data.train.images),
+    )
+
+
+def _victim_trainer(config: RunConfig, data: DataSplit, device: torch.device):
+    """Return a function that trains the FGSM victim on the clean training set.
+
+    The victim uses its own seed, so it is a different model from the one the
+    run trains on the poisoned data.
+    """
+
+    def train_victim(clean: ImageDataset) -> nn.Module:
+        victim_seed = config.seed + VICTIM_SEED_OFFSET
+        torch.manual_seed(victim_seed)
+        victim = _build_architecture(config, data)
+        victim_config = dataclasses.replace(
+            config.train, seed=victim_seed, record_trajectory=False
+        )
+        train_model(victim, clean.images, clean.labels, victim_config, device=device)
+        return victim.cpu()
+
+    return train_victim
+
+
+def _save_failure_set(
+    workspace: Workspace, run_id: str, split: FailureSplit, origin: str
+) -> str:
+    failure_set_id = new_id("fs")
+    workspace.save_tensor(
+        run_id, f"failure_sets/{failure_set_id}.pt", dataclasses.asdict(split)
+    )
+    workspace.add_failure_set(
+        failure_set_id,
+        run_id,
+        {"query_fraction": split.query_fraction, "seed": split.seed,
+         "origin": origin},
+        split.counts(),
+    )
+    return failure_set_id
+
+
+def _store_run(
+    workspace: Workspace,
+    run_id: str,
+    *,
+    kind: str,
+    config: RunConfig,
+    data: DataSplit,
+    clean_train: ImageDataset,
+    mask: torch.Tensor | None,
+    model: nn.Module,
+    scenario_params: dict[str, Any],
+    extra_config: dict[str, Any],
+    extra_metrics: dict[str, Any],
+    started: float,
+) -> dict[str, Any]:
+    """Evaluate ``model``, split its failures and save the run; return its summary."""
+    logits = predict_logits(model, data.test.images)
+    predictions = logits.argmax(1)
+    test_accuracy = (predictions == data.test.labels).float().mean().item()
+
+    workspace.save_tensor(run_id, "model.pt", _cpu_state(model))
+    workspace.save_tensor(run_id, "train_labels.pt", data.train.labels.clone())
+    if not torch.equal(data.train.images, clean_train.images):
+        workspace.save_tensor(run_id, "train_images.pt", data.train.images.clone())
+    if mask is not None:
+        workspace.save_tensor(run_id, "corrupted_mask.pt", mask.clone())
+    workspace.save_tensor(run_id, "test_logits.pt", logits)
+
+    split = None
+    try:
+        split = split_failures(
+            predictions,
+            data.test.labels,
+            query_fraction=config.query_fraction,
+            seed=config.seed,
+        )
+    except EmptyFailureSetError:
+        logger.warning("Run %s makes no mistakes on the test set", run_id)
+
+    metrics = {
+        "n_train": len(data.train),
+        "n_test": len(data.test),
+        "test_accuracy": test_accuracy,
+        "n_failures": 0 if split is None else len(split.failures),
+        "n_query": 0 if split is None else len(split.query),
+        "n_holdout": 0 if split is None else len(split.holdout),
+        "n_corrupted": None if mask is None else int(mask.sum()),
+        **extra_metrics,
+    }
+    record_config = {
+        **config.to_dict(),
+        "scenario_params": scenario_params,
+        "class_names": data.train.class_names,
+        "description": data.train.description,
+        **extra_config,
+    }
+    metrics["seconds"] = time.perf_counter() - started
+    # The run record is written after its files, so a crash before this line
+    # leaves only unreferenced files and no half-made run.
+    workspace.add_run(run_id, kind, record_config, metrics)
+    failure_set_id = None
+    if split is not None:
+        failure_set_id = _save_failure_set(workspace, run_id, split, "all failures")
+    return {"run_id": run_id, "failure_set_id": failure_set_id, **metrics}
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def train_run(
+    workspace: Workspace,
+    config: RunConfig,
+    *,
+    progress: TrainProgress | None = None,
+    status: Progress | None = None,
+) -> dict[str, Any]:
+    """Load data, apply the noise scenario, train, evaluate and store a run.
+
+    Returns:
+        The run summary: ``run_id``, ``failure_set_id`` and the metrics
+        ``n_train``, ``n_test``, ``test_accuracy``, ``n_failures``, ``n_query``,
+        ``n_holdout``, ``n_corrupted``, ``best_epoch``, ``seconds``.
+    """
+    started = time.perf_counter()
+    device = select_device(config.device)
+    report = status or (lambda fraction, message: None)
+    if ":" in config.model:
+        raise ConfigError(
+            f"Model {config.model!r} is a user factory. Train it yourself and "
+            "register it with 'python -m repair_core import', or pick a built-in "
+            f"model: {', '.join(models.MODEL_CHOICES)}."
+        )
+
+    report(0.0, "Loading data")
+    data = _load_data(config)
+    clean_train = data.train
+    report(0.05, f"Applying the {config.scenario} scenario")
+    noisy = apply_scenario(
+        config.scenario,
+        clean_train,
+        seed=config.seed,
+        params=config.scenario_params,
+        train_victim=_victim_trainer(config, data, device),
+    )
+    data = DataSplit(train=noisy.dataset, test=data.test, source=data.source)
+
+    report(0.1, "Training")
+    torch.manual_seed(config.seed)
+    model = _build_architecture(config, data)
+    train_config = dataclasses.replace(config.train, seed=config.seed)
+    result = train_model(
+        model,
+        data.train.images,
+        data.train.labels,
+        train_config,
+        device=device,
+        progress=progress,
+    )
+    run_metrics = {
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "history": result.history,
+        "device": str(device),
+    }
+    run_id = new_id("run")
+    chosen = result.checkpoints[-MAX_SAVED_CHECKPOINTS:]
+    workspace.save_tensor(run_id, "checkpoints.pt", chosen)
+    if result.trajectory is not None:
+        workspace.save_tensor(
+            run_id, "trajectory.pt", dataclasses.asdict(result.trajectory)
+        )
+    summary = _store_run(
+        workspace,
+        run_id,
+        kind="train",
+        config=config,
+        data=data,
+        clean_train=clean_train,
+        mask=noisy.mask,
+        model=model,
+        scenario_params=noisy.params,
+        extra_config={},
+        extra_metrics=run_metrics,
+        started=started,
+    )
+    report(1.0, "Done")
+    return summary
+
+
+def import_run(
+    workspace: Workspace,
+    config: RunConfig,
+    checkpoint: str | Path,
+) -> dict[str, Any]:
+    """Register a model trained elsewhere as a run, without training.
+
+    ``config.model`` is ``module:callable`` (or a built-in name) and
+    ``checkpoint`` its state dict. The model is evaluated on the test set and
+    its failures split exactly as for a trained run.
+    """
+    started = time.perf_counter()
+    device = select_device(config.device)
+    data = _load_data(config)
+    clean_train = data.train
+    if config.scenario == "fgsm":
+        raise ConfigError(
+            "The fgsm scenario trains a victim model, which an imported run does "
+            "not do. Use --scenario none, label-flip or input-noise with import."
+        )
+    noisy = apply_scenario(
+        config.scenario, clean_train, seed=config.seed, params=config.scenario_params
+    )
+    data = DataSplit(train=noisy.dataset, test=data.test, source=data.source)
+
+    checkpoint = Path(checkpoint).expanduser().resolve()
+    factory_folder = checkpoint.parent
+    model = _build_architecture(config, data, factory_folder)
+    state = models.read_state_dict(checkpoint)
+    models.load_checked_state(model, state, source=f"checkpoint {str(checkpoint)!r}")
+    models.check_output_size(model, data.test.images[:1], data.num_classes)
+    model.to(device)
+    return _store_run(
+        workspace,
+        new_id("run"),
+        kind="import",
+        config=config,
+        data=data,
+        clean_train=clean_train,
+        mask=noisy.mask if config.scenario != "none" else None,
+        model=model,
+        scenario_params=noisy.params,
+        extra_config={
+            "checkpoint": str(checkpoint),
+            "factory_folder": str(factory_folder),
+        },
+        extra_metrics={"device": str(device)},
+        started=started,
+    )
+
+
+def load_run(
+    workspace: Workspace, run_id: str, *, device: str | None = None
+) -> LoadedRun:
+    """Read a run back: its data as trained on, its model and test predictions."""
+    record = workspace.get_run(run_id)
+    config = RunConfig.from_dict(record["config"])
+    chosen_device = select_device(device or config.device)
+    data = _load_data(config)
+    train = data.train
+    labels = workspace.load_tensor(run_id, "train_labels.pt")
+    images = train.images
+    if workspace.path(run_id, "train_images.pt").is_file():
+        images = workspace.load_tensor(run_id, "train_images.pt")
+    train = ImageDataset(
+        images=images,
+        labels=labels,
+        class_names=train.class_names,
+        description=train.description,
+    )
+    data = DataSplit(train=train, test=data.test, source=data.source)
+    mask = None
+    if workspace.path(run_id, "corrupted_mask.pt").is_file():
+        mask = workspace.load_tensor(run_id, "corrupted_mask.pt")
+
+    factory_folder = record["config"].get("factory_folder")
+    model = _build_architecture(
+        config, data, Path(factory_folder) if factory_folder else None
+    )
+    models.load_checked_state(
+        model, workspace.load_tensor(run_id, "model.pt"), source=f"run {run_id!r}"
+    )
+    model.to(chosen_device).eval()
+    return LoadedRun(
+        run_id=run_id,
+        record=record,
+        config=config,
+        data=data,
+        corrupted_mask=mask,
+        model=model,
+        device=chosen_device,
+        test_logits=workspace.load_tensor(run_id, "test_logits.pt"),
+    )
+
+
+def load_failure_split(
+    workspace: Workspace, run_id: str, failure_set_id: str
+) -> FailureSplit:
+    record = workspace.get_failure_set(failure_set_id)
+    if record["run_id"] != run_id:
+        raise ConfigError(
+            f"Failure set {failure_set_id!r} belongs to run {record['run_id']!r}, "
+            f"not {run_id!r}. Pass a failure set of this run."
+        )
+    values = workspace.load_tensor(run_id, f"failure_sets/{failure_set_id}.pt")
+    return FailureSplit(**values)
+
+
+def default_failure_set(workspace: Workspace, run_id: str) -> str:
+    """Return the newest failure set of a run."""
+    sets = workspace.list_failure_sets(run_id)
+    if not sets:
+        raise EmptyFailureSetError(
+            f"Run {run_id!r} has no failure set because its model makes no mistakes "
+            "on the test set. There is nothing to repair."
+        )
+    return sets[-1]["id"]
+
+
+def create_failure_set(
+    workspace: Workspace,
+    run: LoadedRun,
+    *,
+    query_fraction: float = 0.5,
+    seed: int = 0,
+    candidates: torch.Tensor | None = None,
+    origin: str = "selection",
+) -> tuple[str, FailureSplit]:
+    """Split chosen failures (all when ``candidates`` is None) and store the split."""
+    split = split_failures(
+        run.test_predictions,
+        run.data.test.labels,
+        query_fraction=query_fraction,
+        seed=seed,
+        candidates=candidates,
+    )
+    return _save_failure_set(workspace, run.run_id, split, origin), split
+
+
+# Identification ------------------------------------------------------------
+
+
+def _load_optional(workspace: Workspace, run_id: str, relative: str) -> Any:
+    if workspace.path(run_id, relative).is_file():
+        return workspace.load_tensor(run_id, relative)
+    return None
+
+
+def identification_context(workspace: Workspace, run: LoadedRun):
+    """Collect what the methods may need from a stored run."""
+    from repair_core.identification import IdentificationContext
+    from repair_core.training import Trajectory
+
+    checkpoints = _load_optional(workspace, run.run_id, "checkpoints.pt")
+    trajectory = _load_optional(workspace, run.run_id, "trajectory.pt")
+    if trajectory is not None:
+        trajectory = Trajectory(**trajectory)
+    return IdentificationContext(
+        checkpoints=[state for _, state in checkpoints] if checkpoints else None,
+        trajectory=trajectory,
+        corrupted_mask=run.corrupted_mask,
+        model_factory=run.build_model,
+        train_config=run.config.train,
+        fisher=_load_optional(workspace, run.run_id, "fisher.pt"),
+    )
+
+
+def run_identification(
+    workspace: Workspace,
+    run: LoadedRun,
+    method: str,
+    *,
+    failure_set_id: str | None = None,
+    config: Any = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Score every training example with ``method`` and store the scores.
+
+    Returns:
+        The summary: ``scores_id``, ``method``, ``seconds``, ``n_train``,
+        ``n_query``, ``n_positive`` and, when the run has ground truth,
+        ``detection`` with ``found_at_10pct``, ``found_at_20pct`` and
+        ``precision_at_100``.
+    """
+    from repair_core.identification import identify
+    from repair_core.metrics import detection_summary
+
+    failure_set_id = failure_set_id or default_failure_set(workspace, run.run_id)
+    split = load_failure_split(workspace, run.run_id, failure_set_id)
+    test = run.data.test
+    context = identification_context(workspace, run)
+    result = identify(
+        method,
+        run.model,
+        run.data.train.images,
+        run.data.train.labels,
+        test.images[split.query],
+        test.labels[split.query],
+        config,
+        context=context,
+        progress=progress,
+    )
+    scores_id = new_id("sc")
+    workspace.save_tensor(run.run_id, f"scores/{scores_id}.pt", result.scores)
+    fisher = result.extras.get("fisher")
+    if fisher is not None and context.fisher is None:
+        workspace.save_tensor(
+            run.run_id, "fisher.pt", {k: v.cpu() for k, v in fisher.items()}
+        )
+    summary: dict[str, Any] = {
+        "scores_id": scores_id,
+        "run_id": run.run_id,
+        "failure_set_id": failure_set_id,
+        "method": method,
+        "seconds": result.seconds,
+        "device": result.device,
+        "seed": result.seed,
+        "n_train": len(result.scores),
+        "n_query": len(split.query),
+        "n_positive": int((result.scores > 0).sum()),
+    }
+    if run.corrupted_mask is not None:
+        summary["detection"] = detection_summary(result.scores, run.corrupted_mask)
+    workspace.add_scores(
+        scores_id, run.run_id, failure_set_id, method, result.config, summary
+    )
+    return summary
+
+
+def load_scores(workspace: Workspace, scores_id: str) -> torch.Tensor:
+    """Return stored scores, float64, shape (n_train,)."""
+    record = workspace.get_scores(scores_id)
+    return workspace.load_tensor(record["run_id"], f"scores/{scores_id}.pt")

@@ -1,0 +1,132 @@
+"""Model shapes, user factories and checkpoint validation."""
+
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from repair_core import models
+from repair_core.errors import CheckpointError, ConfigError
+
+
+@pytest.mark.parametrize(
+    ("name", "channels", "size", "features"),
+    [("mnist-cnn", 1, 28, 64), ("small-resnet", 3, 32, 64), ("resnet50", 3, 32, 2048)],
+)
+def test_builtin_model_shapes(name, channels, size, features):
+    torch.manual_seed(0)
+    model = models.build_model(name, in_channels=channels, num_classes=10)
+    images = torch.rand(2, channels, size, size)
+
+    model.eval()
+    logits = model(images)
+    embedding = models.embed(model, images)
+
+    assert logits.shape == (2, 10)
+    assert embedding.shape == (2, features)
+
+
+def test_mnist_cnn_layers():
+    model = models.build_model("mnist-cnn", in_channels=1, num_classes=10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64]
+    assert all(c.kernel_size == (3, 3) for c in convs)
+    assert len(pools) == 2
+    assert isinstance(model.classifier, nn.Linear)
+
+
+def test_mean_subtraction_is_applied():
+    model = models.build_model("mnist-cnn", in_channels=1, num_classes=10, mean=[0.5])
+    image = torch.full((1, 1, 28, 28), 0.5)
+
+    assert torch.equal(model.preprocess(image), torch.zeros_like(image))
+    assert "preprocess.input_mean" in model.state_dict()
+
+
+def test_unknown_model_name():
+    with pytest.raises(ConfigError, match="Unknown model 'vgg'"):
+        models.build_model("vgg", in_channels=1, num_classes=10)
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    source = textwrap.dedent(
+        """
+        import torch.nn as nn
+
+        def build():
+            return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(),
+                                 nn.Linear(32, 10))
+
+        def build_wide():
+            return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(),
+                                 nn.Linear(64, 10))
+
+        def build_five():
+            return nn.Sequential(nn.Flatten(), nn.Linear(784, 5))
+
+        def not_a_model():
+            return 42
+        """
+    )
+    (tmp_path / "user_nets.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_user_factory_loads_checkpoint(user_module):
+    model = models.load_factory("user_nets:build")
+    reference = models.load_factory("user_nets:build")
+    path = user_module / "model.pt"
+    torch.save(reference.state_dict(), path)
+
+    models.load_checked_state(model, models.read_state_dict(path))
+
+    images = torch.rand(3, 1, 28, 28)
+    assert torch.equal(model(images), reference(images))
+
+
+def test_checkpoint_shape_mismatch_names_layer(user_module):
+    path = user_module / "wide.pt"
+    torch.save(models.load_factory("user_nets:build_wide").state_dict(), path)
+    model = models.load_factory("user_nets:build")
+
+    with pytest.raises(CheckpointError, match=r"Layer '1.weight' has shape \(64, 784\)"):
+        models.load_checked_state(model, models.read_state_dict(path))
+
+
+def test_output_size_mismatch_names_layer(user_module):
+    model = models.load_factory("user_nets:build_five")
+
+    with pytest.raises(CheckpointError, match=r"outputs shape \(1, 5\).*layer '1'"):
+        models.check_output_size(model, torch.rand(1, 1, 28, 28), num_classes=10)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("user_nets", "Invalid model factory 'user_nets'"),
+        ("missing_module_xyz:build", "Cannot import module 'missing_module_xyz'"),
+        ("user_nets:nothing", "has no callable named 'nothing'"),
+        ("user_nets:not_a_model", "returned int, not a torch.nn.Module"),
+    ],
+)
+def test_bad_factory_messages(user_module, spec, message):
+    with pytest.raises(CheckpointError, match=message):
+        models.load_factory(spec)
+
+
+def test_corrupt_checkpoint_message(tmp_path):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"not a checkpoint")
+
+    with pytest.raises(CheckpointError, match="could not be read"):
+        models.read_state_dict(path)
+
+
+def test_missing_checkpoint_message(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        models.read_state_dict(tmp_path / "absent.pt")

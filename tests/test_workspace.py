@@ -1,0 +1,157 @@
+"""The workspace store: round trips, schema version and crash safety."""
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from repair_core.errors import WorkspaceError
+from repair_core.workspace import SCHEMA_VERSION, Workspace, atomic_save_arrays
+
+
+def test_records_round_trip(tmp_path):
+    workspace = Workspace(tmp_path / "ws")
+    workspace.add_run("run-a", "train", {"data": "x", "seed": 3}, {"acc": 0.9})
+    workspace.add_failure_set("fs-a", "run-a", {"seed": 0}, {"n_query": 4})
+    workspace.add_scores("sc-a", "run-a", "fs-a", "random", {"seed": 1}, {"s": 2.0})
+    workspace.add_repair("rp-a", "run-a", "fs-a", "sc-a", "finetune", {}, {"g": 1})
+
+    reopened = Workspace(tmp_path / "ws")
+
+    assert reopened.get_run("run-a")["config"] == {"data": "x", "seed": 3}
+    assert reopened.get_run("run-a")["metrics"] == {"acc": 0.9}
+    assert [r["id"] for r in reopened.list_failure_sets("run-a")] == ["fs-a"]
+    assert reopened.get_scores("sc-a")["method"] == "random"
+    assert reopened.get_repair("rp-a")["scores_id"] == "sc-a"
+    assert reopened.schema_version == SCHEMA_VERSION
+
+
+def test_tensor_files_round_trip(tmp_path):
+    workspace = Workspace(tmp_path)
+    state = {"weight": torch.randn(3, 4), "bias": torch.zeros(3)}
+
+    workspace.save_tensor("run-a", "model.pt", state)
+    loaded = Workspace(tmp_path).load_tensor("run-a", "model.pt")
+
+    assert torch.equal(loaded["weight"], state["weight"])
+    assert torch.equal(loaded["bias"], state["bias"])
+
+
+def test_decisions_persist_and_update(tmp_path):
+    workspace = Workspace(tmp_path)
+    workspace.add_run("run-a", "train", {}, {})
+    workspace.add_failure_set("fs-a", "run-a", {}, {})
+
+    workspace.set_decisions("run-a", "fs-a", [5, 2, 9], "confirmed")
+    workspace.set_decisions("run-a", "fs-a", [9], "rejected")
+    workspace.set_decisions("run-a", "fs-a", [2], None)
+
+    assert Workspace(tmp_path).get_decisions("run-a", "fs-a") == {
+        5: "confirmed",
+        9: "rejected",
+    }
+
+
+def test_unknown_decision_rejected(tmp_path):
+    workspace = Workspace(tmp_path)
+
+    with pytest.raises(WorkspaceError, match="Unknown review decision 'maybe'"):
+        workspace.set_decisions("run-a", "fs-a", [1], "maybe")
+
+
+def test_missing_run_message(tmp_path):
+    workspace = Workspace(tmp_path)
+
+    with pytest.raises(WorkspaceError, match="Run 'run-nope' not found"):
+        workspace.get_run("run-nope")
+
+
+def test_newer_schema_rejected(tmp_path):
+    Workspace(tmp_path)
+    with sqlite3.connect(tmp_path / "repair.sqlite") as connection:
+        connection.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+
+    with pytest.raises(WorkspaceError, match="schema version 99"):
+        Workspace(tmp_path)
+
+
+def test_workspace_path_is_file(tmp_path):
+    path = tmp_path / "file.txt"
+    path.write_text("x")
+
+    with pytest.raises(WorkspaceError, match="is a file, not a folder"):
+        Workspace(path)
+
+
+def test_corrupt_database_message(tmp_path):
+    (tmp_path / "repair.sqlite").write_bytes(b"this is not sqlite" * 100)
+
+    with pytest.raises(WorkspaceError, match="could not be used"):
+        Workspace(tmp_path)
+
+
+def test_duplicate_id_keeps_first_record(tmp_path):
+    workspace = Workspace(tmp_path)
+    workspace.add_run("run-a", "train", {"first": True}, {})
+
+    with pytest.raises(sqlite3.IntegrityError):
+        workspace.add_run("run-a", "train", {"first": False}, {})
+    assert workspace.get_run("run-a")["config"] == {"first": True}
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from repair_core.workspace import Workspace, atomic_save_arrays
+
+    root = sys.argv[1]
+    workspace = Workspace(root)
+    version = 1
+    print("ready", flush=True)
+    while True:
+        version += 1
+        # A large array makes each write take long enough to be killed midway.
+        atomic_save_arrays(workspace.path("run-a", "big.npz"),
+                           values=np.full(3_000_000, version, dtype=np.float64))
+        workspace.set_decisions("run-a", "fs-a", list(range(2000)), "confirmed"
+                                if version % 2 else "rejected")
+    """
+)
+
+
+def test_kill_during_save_keeps_earlier_state(tmp_path):
+    workspace = Workspace(tmp_path)
+    workspace.add_run("run-a", "train", {}, {})
+    workspace.add_failure_set("fs-a", "run-a", {}, {})
+    atomic_save_arrays(
+        workspace.path("run-a", "big.npz"), values=np.full(3_000_000, 1.0)
+    )
+    workspace.set_decisions("run-a", "fs-a", list(range(2000)), "confirmed")
+
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout.readline().strip() == "ready"
+    time.sleep(1.5)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=10)
+
+    reopened = Workspace(tmp_path)
+    values = np.load(reopened.path("run-a", "big.npz"))["values"]
+    decisions = reopened.get_decisions("run-a", "fs-a")
+    assert values.shape == (3_000_000,)
+    assert np.all(values == values[0])
+    assert len(decisions) == 2000
+    assert len(set(decisions.values())) == 1
+    assert reopened.check_integrity() == "ok"
+    leftovers = [p.name for p in reopened.run_dir("run-a").iterdir()]
+    assert "big.npz" in leftovers
