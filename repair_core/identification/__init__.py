@@ -1,0 +1,280 @@
+"""Cause identification: rank every training example by how much it caused the
+failures in the query set F_q.
+
+``identify(method, ...)`` runs one method from ``METHODS`` and returns a
+``ScoreResult`` whose scores have shape (n_train,), float64 on the CPU, with
+higher meaning more harmful. Every method evaluates the model in eval mode,
+restores each submodule's mode afterwards, differentiates only the trainable
+parameters and gives identical scores for the same seed on the same device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from repair_core.errors import ConfigError
+from repair_core.identification.base import IdentificationContext, ScoreResult
+from repair_core.identification.baselines import (
+    OracleConfig,
+    RandomConfig,
+    TrainingLossConfig,
+    score_oracle,
+    score_random,
+    score_training_loss,
+)
+from repair_core.identification.confident_learning import (
+    ConfidentLearningConfig,
+    score_confident_learning,
+)
+from repair_core.identification.ewc_influence import (
+    EWCInfluenceConfig,
+    fit_failures,
+    score_ewc_influence,
+)
+from repair_core.identification.linear_influence import (
+    LinearInfluenceConfig,
+    score_linear_influence,
+)
+from repair_core.identification.sgd_influence import (
+    SGDInfluenceConfig,
+    record_sgd,
+    replay_sgd,
+    score_sgd_influence,
+)
+from repair_core.identification.tracin import TracInConfig, score_tracin
+from repair_core.inference import eval_mode, model_device
+from repair_core.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "METHODS",
+    "ConfidentLearningConfig",
+    "EWCInfluenceConfig",
+    "IdentificationContext",
+    "LinearInfluenceConfig",
+    "MethodSpec",
+    "OracleConfig",
+    "RandomConfig",
+    "SGDInfluenceConfig",
+    "ScoreResult",
+    "TracInConfig",
+    "TrainingLossConfig",
+    "default_config",
+    "fit_failures",
+    "identify",
+    "record_sgd",
+    "replay_sgd",
+]
+
+ScoreFunction = Callable[..., tuple[torch.Tensor, dict]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One identification method: its config class, defaults and scorer."""
+
+    name: str
+    config_class: type
+    score: ScoreFunction
+    description: str
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            "ewc-influence",
+            EWCInfluenceConfig,
+            score_ewc_influence,
+            "Fit F_q under an EWC prior; score the drop in each log p(z).",
+        ),
+        MethodSpec(
+            "linear-influence-lissa",
+            LinearInfluenceConfig,
+            score_linear_influence,
+            "Koh & Liang influence with a LiSSA inverse-HVP.",
+            {"solver": "lissa"},
+        ),
+        MethodSpec(
+            "linear-influence-gd",
+            LinearInfluenceConfig,
+            score_linear_influence,
+            "Koh & Liang influence with a gradient-descent inverse-HVP.",
+            {"solver": "gd"},
+        ),
+        MethodSpec(
+            "linear-influence-exact",
+            LinearInfluenceConfig,
+            score_linear_influence,
+            "Koh & Liang influence with a dense solve (small models only).",
+            {"solver": "exact"},
+        ),
+        MethodSpec(
+            "sgd-influence",
+            SGDInfluenceConfig,
+            score_sgd_influence,
+            "Hara et al. 2019: walk the recorded training steps back.",
+        ),
+        MethodSpec(
+            "tracin",
+            TracInConfig,
+            score_tracin,
+            "TracIn over saved checkpoints (Captum); opponents of F_q rank high.",
+        ),
+        MethodSpec(
+            "confident-learning",
+            ConfidentLearningConfig,
+            score_confident_learning,
+            "cleanlab label quality from K-fold probabilities; ignores F_q.",
+        ),
+        MethodSpec(
+            "training-loss",
+            TrainingLossConfig,
+            score_training_loss,
+            "Loss of each training example; ignores F_q.",
+        ),
+        MethodSpec("random", RandomConfig, score_random, "Seeded random order."),
+        MethodSpec(
+            "oracle",
+            OracleConfig,
+            score_oracle,
+            "Known corrupted examples first (synthetic corruption only).",
+        ),
+    )
+}
+
+
+def _spec(method: str) -> MethodSpec:
+    if method not in METHODS:
+        raise ConfigError(
+            f"Unknown identification method {method!r}. Use one of "
+            f"{', '.join(METHODS)}."
+        )
+    return METHODS[method]
+
+
+def default_config(method: str) -> Any:
+    """Return a fresh default config dataclass for ``method``."""
+    spec = _spec(method)
+    return spec.config_class(**spec.defaults)
+
+
+def _check_data(
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_images: torch.Tensor,
+    query_labels: torch.Tensor,
+) -> None:
+    if len(train_labels) == 0:
+        raise ConfigError("The training set is empty, so there is nothing to rank.")
+    if len(train_images) != len(train_labels):
+        raise ConfigError(
+            f"{len(train_images)} training images but {len(train_labels)} labels. "
+            "Pass one label per image."
+        )
+    if len(query_images) != len(query_labels):
+        raise ConfigError(
+            f"{len(query_images)} query images but {len(query_labels)} labels. "
+            "Pass one label per failure."
+        )
+
+
+def _config_json(config: Any) -> dict:
+    resolved = dataclasses.asdict(config)
+    json.dumps(resolved)
+    return resolved
+
+
+def _seed_of(config: Any) -> int:
+    return int(getattr(config, "seed", 0))
+
+
+def identify(
+    method: str,
+    model: nn.Module,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_images: torch.Tensor,
+    query_labels: torch.Tensor,
+    config: Any = None,
+    *,
+    context: IdentificationContext | None = None,
+    progress: Progress | None = None,
+) -> ScoreResult:
+    """Rank all training examples by how much they caused the query failures.
+
+    Args:
+        method: a key of ``METHODS``.
+        model: the trained network theta-hat; it is not changed, and its
+            submodule modes are restored.
+        train_images: training inputs, shape (N, C, H, W).
+        train_labels: training labels as trained on, shape (N,).
+        query_images: the failures F_q, shape (M, C, H, W).
+        query_labels: their true labels, shape (M,).
+        config: the method's config dataclass; ``default_config(method)`` when None.
+        context: checkpoints, trajectory, ground truth and so on that some
+            methods need.
+        progress: called with (fraction done, message).
+
+    Returns:
+        The scores, shape (N,), float64 on the CPU, higher meaning more
+        harmful, with the resolved config and timing.
+
+    Raises:
+        ConfigError: an unknown method, a wrong config type, or missing context.
+        FloatingPointError: the method produced non-finite scores.
+    """
+    spec = _spec(method)
+    config = default_config(method) if config is None else config
+    if not isinstance(config, spec.config_class):
+        raise ConfigError(
+            f"Method {method!r} takes a {spec.config_class.__name__}, not "
+            f"{type(config).__name__}. Start from default_config({method!r})."
+        )
+    context = context or IdentificationContext()
+    _check_data(train_images, train_labels, query_images, query_labels)
+    seed = _seed_of(config)
+    torch.manual_seed(seed)
+    device = model_device(model)
+    logger.info(
+        "Identifying causes with %s on %d training examples and %d failures",
+        method,
+        len(train_labels),
+        len(query_labels),
+    )
+    started = time.perf_counter()
+    with eval_mode(model):
+        scores, extras = spec.score(
+            model,
+            train_images,
+            train_labels,
+            query_images,
+            query_labels,
+            config,
+            context,
+            progress,
+        )
+    seconds = time.perf_counter() - started
+    if progress is not None:
+        progress(1.0, f"{method} done")
+    logger.info("%s finished in %.1f s", method, seconds)
+    return ScoreResult(
+        scores=scores.detach().double().cpu(),
+        method=method,
+        config=_config_json(config),
+        seed=seed,
+        device=str(device),
+        seconds=seconds,
+        extras=extras,
+    )

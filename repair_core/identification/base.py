@@ -1,0 +1,206 @@
+"""Shared types and batched helpers of the cause identification methods.
+
+Every method scores all N training examples; a higher score means the example
+conflicts more with the query failures F_q, so removing it is expected to
+raise log p(F_q | theta).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from repair_core.errors import ConfigError
+from repair_core.fisher import (
+    LogLikelihood,
+    batch_log_likelihood,
+    detached_parameters,
+    per_example_gradients_at,
+)
+from repair_core.ihvp import flatten
+from repair_core.inference import eval_mode, model_device
+from repair_core.progress import Progress
+
+if TYPE_CHECKING:
+    from repair_core.training import TrainConfig, Trajectory
+
+
+def option(default: Any, help: str) -> Any:
+    """Declare a config dataclass field with help text in its metadata."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class IdentificationContext:
+    """What a method may need beyond the model and the data; every field is optional."""
+
+    checkpoints: list[dict[str, torch.Tensor]] | None = None
+    """State dicts saved during training, oldest first (TracIn)."""
+    trajectory: Trajectory | None = None
+    """Recorded minibatches, learning rates and epoch states (SGD-influence)."""
+    corrupted_mask: torch.Tensor | None = None
+    """Ground truth: True for each corrupted training example, bool (N,) (oracle)."""
+    model_factory: Callable[[], nn.Module] | None = None
+    """Builds a fresh untrained model (confident learning's K-fold training)."""
+    train_config: TrainConfig | None = None
+    """Settings the model was trained with (confident learning, SGD replay)."""
+    fisher: dict[str, torch.Tensor] | None = None
+    """Diagonal Fisher already computed at this model's parameters (EWC-influence)."""
+    log_likelihood: LogLikelihood | None = None
+    """Per-example log p(y | x) from (outputs, targets); softmax cross-entropy
+    when None."""
+
+
+@dataclass
+class ScoreResult:
+    """The scores of one identification run and how they were made."""
+
+    scores: torch.Tensor
+    """float64, shape (n_train,), on the CPU; higher means more harmful, and a
+    positive score means the example conflicts with the failures."""
+    method: str
+    config: dict
+    """The resolved config, JSON-serialisable."""
+    seed: int
+    device: str
+    seconds: float
+    extras: dict = field(default_factory=dict)
+    """Method-specific objects (a Fisher, a fitted state dict, a LiSSA scale);
+    not JSON-serialisable in general."""
+
+
+def log_likelihoods(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    log_likelihood: LogLikelihood | None = None,
+    batch_size: int = 512,
+) -> torch.Tensor:
+    """Return log p(z | theta) per example, float64 (N,), on the CPU.
+
+    Runs in eval mode in the model's own dtype, so float64 models keep their
+    precision.
+    """
+    device = model_device(model)
+    params = detached_parameters(model)
+    out = []
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(labels), batch_size):
+            x = images[start : start + batch_size].to(device)
+            y = labels[start : start + batch_size].to(device)
+            ll = batch_log_likelihood(model, params, x, y, log_likelihood)
+            out.append(ll.detach().double().cpu())
+    if not out:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat(out)
+
+
+def summed_log_likelihood_gradient(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    params: dict[str, torch.Tensor] | None = None,
+    log_likelihood: LogLikelihood | None = None,
+    batch_size: int = 256,
+) -> dict[str, torch.Tensor]:
+    """Return the gradient of sum_z log p(z | params) over a set, by parameter name.
+
+    ``params`` defaults to the model's trainable parameters. The caller puts
+    the model in eval mode.
+    """
+    device = model_device(model)
+    params = detached_parameters(model) if params is None else params
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    for start in range(0, len(labels), batch_size):
+        x = images[start : start + batch_size].to(device)
+        y = labels[start : start + batch_size].to(device)
+
+        def batch_sum(p: dict[str, torch.Tensor], x=x, y=y) -> torch.Tensor:
+            return batch_log_likelihood(model, p, x, y, log_likelihood).sum()
+
+        for name, g in torch.func.grad(batch_sum)(params).items():
+            total[name] += g.detach()
+    return total
+
+
+def gradient_dot_products(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    vector: dict[str, torch.Tensor],
+    *,
+    params: dict[str, torch.Tensor] | None = None,
+    log_likelihood: LogLikelihood | None = None,
+    batch_size: int = 256,
+    progress: Progress | None = None,
+    message: str = "Scoring",
+) -> torch.Tensor:
+    """Return <grad log p(z | params), vector> for every example, float64 (N,), CPU.
+
+    Per-example gradients come from ``torch.func.vmap`` one batch at a time,
+    so memory grows with ``batch_size``, not N. The caller puts the model in
+    eval mode.
+    """
+    device = model_device(model)
+    params = detached_parameters(model) if params is None else params
+    n = len(labels)
+    out = []
+    for start in range(0, n, batch_size):
+        x = images[start : start + batch_size].to(device)
+        y = labels[start : start + batch_size].to(device)
+        grads = per_example_gradients_at(
+            model, params, x, y, log_likelihood=log_likelihood
+        )
+        dots = sum(
+            (g.flatten(1) * vector[name].reshape(1, -1)).sum(1)
+            for name, g in grads.items()
+        )
+        out.append(dots.detach().double().cpu())
+        if progress is not None:
+            done = min(start + batch_size, n)
+            progress(done / n, f"{message}: {done}/{n} examples")
+    return torch.cat(out)
+
+
+def flat_gradient(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Flatten a gradient dictionary in trainable-parameter order."""
+    return flatten(tensors)
+
+
+def check_finite(scores: torch.Tensor, method: str, hint: str) -> torch.Tensor:
+    """Return ``scores`` or raise FloatingPointError naming the method and a fix."""
+    bad = (~torch.isfinite(scores)).sum().item()
+    if bad:
+        raise FloatingPointError(
+            f"{method} produced {bad} non-finite scores out of {len(scores)}. {hint}"
+        )
+    return scores
+
+
+def scaled_progress(
+    progress: Progress | None, low: float, high: float
+) -> Progress | None:
+    """Map a sub-task's progress in [0, 1] onto [low, high] of the caller's bar."""
+    if progress is None:
+        return None
+
+    def report(fraction: float, message: str) -> None:
+        progress(low + (high - low) * min(max(fraction, 0.0), 1.0), message)
+
+    return report
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    """Raise ConfigError unless ``value`` is positive (or zero when allowed)."""
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}.")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = "non-negative" if allow_zero else "positive"
+        raise ConfigError(f"{name} must be {bound}, got {value}.")

@@ -1,0 +1,223 @@
+"""Linear influence functions (Koh & Liang 2017) on the failure set.
+
+Removing z from a model trained on the mean loss moves the parameters by about
+(1/N) H^-1 grad l(z), with l = -log p and H the Hessian of the mean training
+loss (plus damping). The score is the resulting first-order change of
+log p(F_q):
+
+    r(z) = -(1/N) grad log p(F_q | theta-hat)^T (H + damping I)^-1
+           grad log p(z | theta-hat),
+
+in nats, so a positive score means removing z raises log p(F_q) (z is
+harmful). The inverse-Hessian-vector product is computed once; the scores are
+then batched dot products with per-example gradients.
+
+Solvers: ``"exact"`` (dense, small models), ``"gd"`` (gradient descent on the
+quadratic) and ``"lissa"`` (stochastic recursion). ``damping`` always means the
+lambda in (H + lambda I); LiSSA's per-step shrink factor is set to
+damping / scale to match.
+
+CPU-minded defaults: damping 0.01, which also keeps the solve stable where the
+Hessian of a non-convex network has small negative eigenvalues; LiSSA with
+depth 1000, batch 64, one repeat and an automatic scale search (Koh & Liang
+used scale 10 and depth in the thousands); GD with 300 steps on minibatches
+of 512 and a step size from power iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from repair_core.errors import ConfigError
+from repair_core.identification.base import (
+    IdentificationContext,
+    check_finite,
+    gradient_dot_products,
+    option,
+    scaled_progress,
+    summed_log_likelihood_gradient,
+)
+from repair_core.ihvp import (
+    CURVATURES,
+    exact_ihvp,
+    find_lissa_scale,
+    flatten,
+    gd_ihvp,
+    lissa,
+    unflatten,
+)
+from repair_core.inference import eval_mode
+from repair_core.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+SOLVERS = ("lissa", "gd", "exact")
+
+
+@dataclass
+class LinearInfluenceConfig:
+    """Settings of linear influence and its inverse-Hessian-vector product."""
+
+    solver: str = option("lissa", "Inverse-HVP solver: 'lissa', 'gd' or 'exact'.")
+    curvature: str = option(
+        "hessian", "'hessian' of the mean training loss or empirical 'fisher'."
+    )
+    damping: float = option(0.01, "Lambda added to the curvature, (H + lambda I).")
+    lissa_scale: float | None = option(
+        None,
+        "LiSSA divisor of H; None searches the smallest stable scale on a "
+        "doubling grid and uses twice that as a margin.",
+    )
+    lissa_depth: int = option(1000, "LiSSA recursion steps per repeat.")
+    lissa_repeats: int = option(1, "Independent LiSSA runs averaged.")
+    lissa_batch_size: int = option(64, "Examples per LiSSA step.")
+    gd_steps: int = option(300, "Gradient-descent steps of the 'gd' solver.")
+    gd_lr: float | None = option(
+        None, "GD step size; None uses 1 / largest eigenvalue (power iteration)."
+    )
+    gd_batch_size: int | None = option(
+        512, "Examples per GD step; None uses the full training set every step."
+    )
+    batch_size: int = option(256, "Examples per batch of per-example gradients.")
+    seed: int = option(0, "Seed of the minibatch draws.")
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ConfigError(
+                f"Unknown solver {self.solver!r}. Use one of {', '.join(SOLVERS)}."
+            )
+        if self.curvature not in CURVATURES:
+            raise ConfigError(
+                f"Unknown curvature {self.curvature!r}. Use one of "
+                f"{', '.join(CURVATURES)}."
+            )
+        if not math.isfinite(self.damping) or self.damping < 0:
+            raise ConfigError(f"Damping {self.damping} must be a non-negative number.")
+        if self.lissa_scale is not None and not self.lissa_scale > 0:
+            raise ConfigError(f"LiSSA scale {self.lissa_scale} must be positive.")
+        for name in (
+            "lissa_depth",
+            "lissa_repeats",
+            "lissa_batch_size",
+            "gd_steps",
+            "batch_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} {getattr(self, name)} must be at least 1.")
+        if self.gd_batch_size is not None and self.gd_batch_size < 1:
+            raise ConfigError(f"gd_batch_size {self.gd_batch_size} must be at least 1.")
+        if self.gd_lr is not None and not self.gd_lr > 0:
+            raise ConfigError(f"gd_lr {self.gd_lr} must be positive.")
+
+
+def solve_ihvp(
+    model: nn.Module,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    vector: torch.Tensor,
+    config: LinearInfluenceConfig,
+    *,
+    log_likelihood=None,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Return (H + damping I)^-1 vector with the configured solver, and extras."""
+    common = {"curvature": config.curvature, "log_likelihood": log_likelihood}
+    if config.solver == "exact":
+        return exact_ihvp(
+            model, train_images, train_labels, vector, damping=config.damping, **common
+        ), {}
+    if config.solver == "gd":
+        return gd_ihvp(
+            model,
+            train_images,
+            train_labels,
+            vector,
+            damping=config.damping,
+            steps=config.gd_steps,
+            lr=config.gd_lr,
+            batch_size=config.gd_batch_size,
+            seed=config.seed,
+            progress=progress,
+            **common,
+        ), {}
+    scale = config.lissa_scale
+    if scale is None:
+        # The probe shrinks v by the damping of scale 1 at every scale, which is
+        # a little more stable than the final run, hence the factor-2 margin.
+        scale = 2.0 * find_lissa_scale(
+            model,
+            train_images,
+            train_labels,
+            vector,
+            damping=config.damping,
+            batch_size=config.lissa_batch_size,
+            seed=config.seed,
+            **common,
+        )
+        logger.info("LiSSA scale chosen by search: %g", scale)
+    estimate = lissa(
+        model,
+        train_images,
+        train_labels,
+        vector,
+        scale=scale,
+        damping=config.damping / scale,
+        depth=config.lissa_depth,
+        repeats=config.lissa_repeats,
+        batch_size=config.lissa_batch_size,
+        seed=config.seed,
+        progress=progress,
+        **common,
+    )
+    return estimate, {"scale": scale}
+
+
+def score_linear_influence(
+    model: nn.Module,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_images: torch.Tensor,
+    query_labels: torch.Tensor,
+    config: LinearInfluenceConfig,
+    context: IdentificationContext,
+    progress: Progress | None,
+) -> tuple[torch.Tensor, dict]:
+    """Return linear influence scores, float64 (N,), and the ihvp vector."""
+    ll = context.log_likelihood
+    with eval_mode(model):
+        query_gradient = summed_log_likelihood_gradient(
+            model, query_images, query_labels, log_likelihood=ll
+        )
+    params = query_gradient
+    ihvp, extras = solve_ihvp(
+        model,
+        train_images,
+        train_labels,
+        flatten(query_gradient),
+        config,
+        log_likelihood=ll,
+        progress=scaled_progress(progress, 0.0, 0.8),
+    )
+    with eval_mode(model):
+        dots = gradient_dot_products(
+            model,
+            train_images,
+            train_labels,
+            unflatten(ihvp, params),
+            log_likelihood=ll,
+            batch_size=config.batch_size,
+            progress=scaled_progress(progress, 0.8, 1.0),
+            message="Linear influence",
+        )
+    scores = -dots / len(train_labels)
+    check_finite(
+        scores,
+        f"Linear influence ({config.solver})",
+        "Raise the damping, or use a larger LiSSA scale.",
+    )
+    return scores, {**extras, "ihvp": ihvp.cpu()}

@@ -1,0 +1,159 @@
+"""TracIn (Pruthi et al. 2020) through Captum's ``captum.influence``.
+
+TracIn's influence of a training example z on a test example x is
+sum over checkpoints of lr * <grad l(z), grad l(x)>; positive marks a
+proponent, whose training step lowered the loss on x with its label. The
+failures carry their true labels, so the examples that oppose them are the
+harmful ones: the score is minus the influence summed over F_q.
+
+By default only the last linear layer's gradients are used
+(``TracInCPFast``); ``final_layer_only=False`` uses every module with
+trainable parameters (``TracInCP``). TracIn always uses softmax
+cross-entropy, whatever log-likelihood the context names.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from repair_core.errors import ConfigError
+from repair_core.identification.base import (
+    IdentificationContext,
+    check_finite,
+    option,
+)
+from repair_core.inference import eval_mode, model_device
+from repair_core.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TracInConfig:
+    """Settings of TracIn."""
+
+    final_layer_only: bool = option(
+        True, "Use only the last linear layer (TracInCPFast); False uses all."
+    )
+    learning_rate: float | None = option(
+        None,
+        "Step size weighting every checkpoint; None uses the training lr of the "
+        "context's train_config, or 1.0 without one.",
+    )
+    batch_size: int = option(64, "Training examples per Captum batch.")
+    query_batch_size: int = option(64, "Failures per influence call.")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.query_batch_size < 1:
+            raise ConfigError("TracIn batch sizes must be at least 1.")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ConfigError(
+                f"TracIn learning_rate {self.learning_rate} must be positive."
+            )
+
+
+def _last_trainable_linear(model: nn.Module) -> str | None:
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and all(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+    return names[-1] if names else None
+
+
+def _trainable_layers(model: nn.Module) -> list[str]:
+    return [
+        name
+        for name, module in model.named_modules()
+        if name and any(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+
+
+def score_tracin(
+    model: nn.Module,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_images: torch.Tensor,
+    query_labels: torch.Tensor,
+    config: TracInConfig,
+    context: IdentificationContext,
+    progress: Progress | None,
+) -> tuple[torch.Tensor, dict]:
+    """Return TracIn scores, float64 (N,): minus the influence summed over F_q."""
+    from captum.influence import TracInCP, TracInCPFast
+
+    if not context.checkpoints:
+        raise ConfigError(
+            "TracIn needs the checkpoints saved during training "
+            "(TrainResult.checkpoints) in IdentificationContext.checkpoints."
+        )
+    states = [c[1] if isinstance(c, tuple) else c for c in context.checkpoints]
+    lr = config.learning_rate
+    if lr is None:
+        lr = context.train_config.lr if context.train_config is not None else 1.0
+    device = model_device(model)
+    work = copy.deepcopy(model)
+
+    def load(net: nn.Module, index: int) -> float:
+        net.load_state_dict(states[index])
+        return lr
+
+    def to_device(batch):
+        x, y = zip(*batch, strict=True)
+        return torch.stack(x).to(device), torch.stack(y).to(device)
+
+    loader = DataLoader(
+        TensorDataset(train_images, train_labels),
+        batch_size=config.batch_size,
+        shuffle=False,
+        collate_fn=to_device,
+    )
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    layer = _last_trainable_linear(work) if config.final_layer_only else None
+    with eval_mode(work):
+        if layer is not None:
+            tracer = TracInCPFast(
+                work,
+                layer,
+                loader,
+                list(range(len(states))),
+                checkpoints_load_func=load,
+                loss_fn=loss,
+                batch_size=config.batch_size,
+            )
+        else:
+            if config.final_layer_only:
+                logger.warning(
+                    "No trainable nn.Linear layer; TracIn uses all trainable layers."
+                )
+            tracer = TracInCP(
+                work,
+                loader,
+                list(range(len(states))),
+                checkpoints_load_func=load,
+                layers=_trainable_layers(work),
+                loss_fn=loss,
+                batch_size=config.batch_size,
+                sample_wise_grads_per_batch=True,
+            )
+        total = torch.zeros(len(train_labels), dtype=torch.float64)
+        n_query = len(query_labels)
+        for start in range(0, n_query, config.query_batch_size):
+            x = query_images[start : start + config.query_batch_size].to(device)
+            y = query_labels[start : start + config.query_batch_size].to(device)
+            influence = tracer.influence((x, y))
+            total += influence.detach().double().sum(0).cpu()
+            if progress is not None:
+                done = min(start + config.query_batch_size, n_query)
+                progress(done / n_query, f"TracIn: {done}/{n_query} failures")
+    scores = check_finite(
+        -total, "TracIn", "Check the checkpoints for non-finite weights."
+    )
+    return scores, {"n_checkpoints": len(states), "learning_rate": lr, "layer": layer}

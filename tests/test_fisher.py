@@ -1,0 +1,69 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from repair_core.fisher import (
+    diagonal_fisher,
+    per_example_gradients,
+    trainable_parameters,
+)
+from tests.factories import blobs, mlp
+
+FISHER_TOLERANCE = 1e-10
+
+
+def loop_fisher(model, x, y):
+    """Reference: one backward pass per example, squared and averaged."""
+    params = trainable_parameters(model)
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    for i in range(len(y)):
+        log_p = -F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        grads = torch.autograd.grad(log_p, list(params.values()))
+        for name, g in zip(params, grads, strict=True):
+            total[name] += g.pow(2)
+    return {name: t / len(y) for name, t in total.items()}
+
+
+@pytest.mark.parametrize("batch_size", [1, 64])
+def test_fisher_matches_loop(batch_size):
+    x, y = blobs(100, dtype=torch.float64)
+    model = mlp().double()
+    expected = loop_fisher(model, x, y)
+    fisher = diagonal_fisher(model, x, y, batch_size=batch_size)
+    assert set(fisher) == set(expected)
+    for name in fisher:
+        assert torch.allclose(
+            fisher[name], expected[name], atol=FISHER_TOLERANCE, rtol=0
+        )
+
+
+def test_fisher_is_not_squared_mean():
+    x, y = blobs(50, dtype=torch.float64)
+    model = mlp().double()
+    fisher = diagonal_fisher(model, x, y, batch_size=50)
+    grads = per_example_gradients(model, x, y)
+    squared_mean = {n: g.mean(0).pow(2) for n, g in grads.items()}
+    assert any(not torch.allclose(fisher[n], squared_mean[n]) for n in fisher)
+
+
+def test_per_example_gradients_skip_frozen():
+    x, y = blobs(10)
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    grads = per_example_gradients(model, x, y)
+    assert "0.weight" not in grads
+    assert grads["2.weight"].shape == (10, *model[2].weight.shape)
+
+
+def test_fisher_restores_train_mode():
+    x, y = blobs(10)
+    model = mlp().train()
+    diagonal_fisher(model, x, y)
+    assert all(m.training for m in model.modules())
+
+
+def test_fisher_reports_progress():
+    x, y = blobs(30)
+    seen = []
+    diagonal_fisher(mlp(), x, y, batch_size=10, progress=lambda f, m: seen.append(f))
+    assert seen == pytest.approx([1 / 3, 2 / 3, 1.0])
