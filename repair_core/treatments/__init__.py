@@ -1,0 +1,298 @@
+"""Treatments (Step II): erase the influence of the causes C from a trained model.
+
+Every treatment starts from θ̂, changes only trainable parameters, is seeded,
+never modifies the model it is given, and returns a :class:`RepairResult`.
+
+* ``ewc-deletion``: unlearn C under an EWC prior, early-stopped on F_q
+  accuracy (Tanno et al. 2022).
+* ``newton``: one Newton step of removal (Guo et al. 2020).
+* ``finetune``: fine-tune θ̂ on D\\C.
+* ``retrain``: train a freshly initialised model on D\\C.
+* ``fit-failures``: θ̂₊F, the EWC fit of F_q; C is recorded but not used.
+* ``fit-failures+ewc-deletion``: EWC-deletion of C, then the EWC fit of F_q.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from repair_core.errors import ConfigError
+from repair_core.fisher import diagonal_fisher
+from repair_core.progress import Progress
+from repair_core.training import TrainConfig
+from repair_core.treatments.base import (
+    RepairResult,
+    TreatmentConfig,
+    complement,
+    read_causes_file,
+    validate_causes,
+)
+from repair_core.treatments.ewc_deletion import EWCDeletionConfig, ewc_delete
+from repair_core.treatments.finetune import FinetuneConfig, finetune
+from repair_core.treatments.fit_failures import (
+    FitAndDeleteConfig,
+    FitFailuresConfig,
+    fit_and_delete,
+    fit_query_failures,
+)
+from repair_core.treatments.newton import NewtonConfig, newton_remove
+from repair_core.treatments.retrain import RetrainConfig, retrain
+
+__all__ = [
+    "CONFIG_CLASSES",
+    "TRAINING_TREATMENTS",
+    "TREATMENTS",
+    "RepairResult",
+    "apply_treatment",
+    "complement",
+    "default_config",
+    "read_causes_file",
+    "repair",
+    "resolve_config",
+    "validate_causes",
+]
+
+logger = logging.getLogger(__name__)
+
+TREATMENTS = (
+    "ewc-deletion",
+    "newton",
+    "finetune",
+    "retrain",
+    "fit-failures",
+    "fit-failures+ewc-deletion",
+)
+
+#: Treatments that run an optimiser over many steps, so their results vary
+#: with the seed and are reported beside nothing-removed and random controls.
+TRAINING_TREATMENTS = ("ewc-deletion", "finetune", "retrain")
+
+CONFIG_CLASSES: dict[str, type[TreatmentConfig]] = {
+    "ewc-deletion": EWCDeletionConfig,
+    "newton": NewtonConfig,
+    "finetune": FinetuneConfig,
+    "retrain": RetrainConfig,
+    "fit-failures": FitFailuresConfig,
+    "fit-failures+ewc-deletion": FitAndDeleteConfig,
+}
+
+_NEEDS_FISHER = ("ewc-deletion", "fit-failures", "fit-failures+ewc-deletion")
+
+
+def _check_treatment(treatment: str) -> None:
+    if treatment not in TREATMENTS:
+        raise ConfigError(
+            f"Unknown treatment {treatment!r}. Use one of {', '.join(TREATMENTS)}."
+        )
+
+
+def default_config(treatment: str) -> TreatmentConfig:
+    """Return the default settings of ``treatment``."""
+    _check_treatment(treatment)
+    return CONFIG_CLASSES[treatment]()
+
+
+def resolve_config(
+    treatment: str, config: TreatmentConfig | dict[str, Any] | None
+) -> TreatmentConfig:
+    """Return ``config`` as the settings class of ``treatment``.
+
+    Args:
+        config: None for the defaults, a dict of settings, or an instance of
+            the treatment's settings class.
+
+    Raises:
+        ConfigError: unknown treatment, unknown setting, or settings of
+            another treatment.
+    """
+    _check_treatment(treatment)
+    cls = CONFIG_CLASSES[treatment]
+    if config is None:
+        return cls()
+    if isinstance(config, dict):
+        return cls.from_dict(config)
+    if type(config) is not cls:
+        raise ConfigError(
+            f"Treatment {treatment!r} takes {cls.__name__}, not "
+            f"{type(config).__name__}. Use default_config({treatment!r})."
+        )
+    return config
+
+
+def apply_treatment(
+    treatment: str,
+    model: nn.Module,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    causes: torch.Tensor,
+    query_images: torch.Tensor,
+    query_labels: torch.Tensor,
+    config: TreatmentConfig,
+    *,
+    fisher: dict[str, torch.Tensor] | None = None,
+    train_config: TrainConfig | None = None,
+    model_factory: Callable[[], nn.Module] | None = None,
+    progress: Progress | None = None,
+) -> RepairResult:
+    """Run a treatment on causes that are already validated.
+
+    Unlike :func:`repair`, ``causes`` may be empty: that is the
+    nothing-removed control, which still fine-tunes or retrains on all of D.
+    """
+    causes = causes.long().cpu()
+    n_train = len(train_labels)
+    start = time.perf_counter()
+    logger.info(
+        "Repair with %s: %d causes of %d, settings %s",
+        treatment,
+        len(causes),
+        n_train,
+        config.to_dict(),
+    )
+    if fisher is None and treatment in _NEEDS_FISHER:
+        fisher = diagonal_fisher(
+            model, train_images, train_labels, batch_size=_fisher_batch_size(config)
+        )
+
+    if treatment == "ewc-deletion":
+        repaired, extras = ewc_delete(
+            model,
+            train_images[causes],
+            train_labels[causes],
+            fisher,
+            n_train,
+            config,
+            query_images=query_images,
+            query_labels=query_labels,
+            progress=progress,
+        )
+    elif treatment == "newton":
+        repaired, extras = newton_remove(
+            model, train_images, train_labels, causes, config, progress=progress
+        )
+    elif treatment == "finetune":
+        repaired, extras = finetune(
+            model,
+            train_images,
+            train_labels,
+            causes,
+            config,
+            train_config=train_config,
+            progress=progress,
+        )
+    elif treatment == "retrain":
+        repaired, extras = retrain(
+            model,
+            train_images,
+            train_labels,
+            causes,
+            config,
+            train_config=train_config,
+            model_factory=model_factory,
+            progress=progress,
+        )
+    elif treatment == "fit-failures":
+        repaired, extras = fit_query_failures(
+            model,
+            fisher,
+            n_train,
+            query_images,
+            query_labels,
+            config,
+            progress=progress,
+        )
+    else:
+        repaired, extras = fit_and_delete(
+            model,
+            train_images[causes],
+            train_labels[causes],
+            fisher,
+            n_train,
+            query_images,
+            query_labels,
+            config,
+            progress=progress,
+        )
+
+    seconds = time.perf_counter() - start
+    logger.info("Repair with %s took %.1f s", treatment, seconds)
+    return RepairResult(
+        model=repaired,
+        treatment=treatment,
+        config=config.to_dict(),
+        causes=causes,
+        seconds=seconds,
+        seed=config.seed,
+        extras=extras,
+    )
+
+
+def _fisher_batch_size(config: TreatmentConfig) -> int:
+    if isinstance(config, FitAndDeleteConfig):
+        return config.deletion.fisher_batch_size
+    if isinstance(config, FitFailuresConfig):
+        return config.fit.fisher_batch_size
+    return getattr(config, "fisher_batch_size", 256)
+
+
+def repair(
+    treatment: str,
+    model: nn.Module,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    causes: Any,
+    query_images: torch.Tensor,
+    query_labels: torch.Tensor,
+    config: TreatmentConfig | dict[str, Any] | None = None,
+    *,
+    fisher: dict[str, torch.Tensor] | None = None,
+    train_config: TrainConfig | None = None,
+    model_factory: Callable[[], nn.Module] | None = None,
+    progress: Progress | None = None,
+) -> RepairResult:
+    """Repair a copy of ``model`` by erasing the influence of the causes.
+
+    Args:
+        treatment: one of ``TREATMENTS``.
+        model: the trained model θ̂; it is never modified.
+        train_images: the training images D, shape (N, C, H, W).
+        train_labels: the training labels, shape (N,).
+        causes: training indices of C, any integer sequence; validated with
+            :func:`validate_causes`.
+        query_images: the query failures F_q, shape (|F_q|, C, H, W), used for
+            early stopping (EWC-deletion) or fitting (fit-failures).
+        query_labels: their true classes, shape (|F_q|,).
+        config: the treatment's settings (class, dict or None for defaults).
+        fisher: diagonal Fisher at θ̂ over D, reused instead of recomputed.
+        train_config: optimiser settings of fine-tuning and retraining.
+        model_factory: builds an untrained network for retraining.
+        progress: called with (fraction done, message).
+
+    Returns:
+        The repaired copy with its settings, causes, wall time and extras.
+
+    Raises:
+        ConfigError: unknown treatment, bad settings or bad causes.
+    """
+    settings = resolve_config(treatment, config)
+    checked = validate_causes(causes, len(train_labels))
+    return apply_treatment(
+        treatment,
+        model,
+        train_images,
+        train_labels,
+        checked,
+        query_images,
+        query_labels,
+        settings,
+        fisher=fisher,
+        train_config=train_config,
+        model_factory=model_factory,
+        progress=progress,
+    )

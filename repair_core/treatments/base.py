@@ -1,0 +1,198 @@
+"""Shared types and helpers of the treatments: causes, results and gradients.
+
+A treatment takes the trained model θ̂, the training set D (N examples) and a
+set of causes C ⊂ D (training indices), and returns a repaired copy of the
+model that approximates training on D\\C. Only parameters with
+``requires_grad`` change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from repair_core.errors import ConfigError
+from repair_core.fisher import LogLikelihood, categorical_log_likelihood
+from repair_core.identification.base import option
+from repair_core.inference import eval_mode, model_device
+from repair_core.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TreatmentConfig:
+    """Settings every treatment shares."""
+
+    seed: int = option(
+        0, "Seed for minibatch order, random restarts and stochastic solvers."
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TreatmentConfig:
+        """Build a config from a dict, rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"Unknown setting {unknown[0]!r} for {cls.__name__}. Use one of "
+                f"{', '.join(sorted(known))}."
+            )
+        return cls(**values)
+
+
+@dataclass
+class RepairResult:
+    """A repaired model and the record needed to reproduce it.
+
+    ``causes`` are the removed training indices, shape (|C|,), sorted int64.
+    ``extras`` holds treatment-specific diagnostics such as the step at which
+    early stopping kept the parameters.
+    """
+
+    model: nn.Module
+    treatment: str
+    config: dict[str, Any]
+    causes: torch.Tensor
+    seconds: float
+    seed: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def validate_causes(causes: Any, n_train: int) -> torch.Tensor:
+    """Check a list of training indices and return them sorted and unique.
+
+    Args:
+        causes: training-set indices, any sequence or tensor of integers.
+            Duplicates are dropped.
+        n_train: size N of the training set.
+
+    Returns:
+        Sorted unique indices, int64, shape (|C|,).
+
+    Raises:
+        ConfigError: the list is empty, an index is outside 0..N-1, a value is
+            not an integer, or the causes cover all of D.
+    """
+    try:
+        values = torch.as_tensor(causes)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ConfigError(
+            f"Causes must be a list of integer training indices ({error})."
+        ) from error
+    values = values.flatten()
+    if len(values) == 0:
+        raise ConfigError(
+            "The list of causes is empty, so there is nothing to remove. Choose at "
+            "least one training example."
+        )
+    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        raise ConfigError(
+            f"Causes must be integer training indices, got dtype {values.dtype}. "
+            "Pass indices such as [12, 40, 311], not a mask or scores."
+        )
+    values = values.long().unique()
+    bad = values[(values < 0) | (values >= n_train)]
+    if len(bad):
+        raise ConfigError(
+            f"Training index {bad[0].item()} is out of range 0..{n_train - 1}. "
+            "Choose causes from this training set."
+        )
+    if len(values) >= n_train:
+        raise ConfigError(
+            f"The causes cover all {n_train} training examples, so nothing would "
+            "remain to train on. Remove fewer examples."
+        )
+    return values
+
+
+def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
+    """Read training indices from a text file, one per line.
+
+    Blank lines are ignored. The indices are then checked as in
+    :func:`validate_causes`.
+
+    Raises:
+        ConfigError: the file is missing, a line is not an integer (naming the
+            line number and its text), or an index fails validation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Causes file {str(path)!r} not found. Check the path.")
+    indices = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            indices.append(int(text))
+        except ValueError:
+            raise ConfigError(
+                f"Line {number} of {str(path)!r} is {text!r}, not an integer "
+                "training index. Write one index per line."
+            ) from None
+    return validate_causes(indices, n_train)
+
+
+def complement(indices: torch.Tensor, n_train: int) -> torch.Tensor:
+    """Return the training indices not in ``indices``, sorted, shape (N-|C|,)."""
+    keep = torch.ones(n_train, dtype=torch.bool)
+    keep[indices.long().cpu()] = False
+    return torch.nonzero(keep).flatten()
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """Return the parameters with ``requires_grad``, in ``model.parameters()`` order."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def summed_log_likelihood_gradient(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    log_likelihood: LogLikelihood = categorical_log_likelihood,
+) -> torch.Tensor:
+    """Return ∇_θ Σ_n log p(y_n|x_n, θ) over trainable parameters, in eval mode.
+
+    Args:
+        images: inputs, shape (M, ...).
+        labels: targets, shape (M, ...).
+
+    Returns:
+        Flat gradient in ``parameters_to_vector`` order, shape (P,).
+    """
+    params = trainable(model)
+    device = model_device(model)
+    total = [torch.zeros_like(p) for p in params]
+    with eval_mode(model):
+        for start in range(0, len(labels), batch_size):
+            x = images[start : start + batch_size].to(device)
+            y = labels[start : start + batch_size].to(device)
+            objective = log_likelihood(model(x), y).sum()
+            grads = torch.autograd.grad(objective, params)
+            for accumulated, grad in zip(total, grads, strict=True):
+                accumulated.add_(grad)
+    return torch.nn.utils.parameters_to_vector(total)
+
+
+def report(progress: Progress | None, fraction: float, message: str) -> None:
+    """Call ``progress`` when given, with the fraction clipped to [0, 1]."""
+    if progress is not None:
+        progress(min(1.0, max(0.0, fraction)), message)
+
+
+def check_finite_positive(name: str, value: float) -> None:
+    """Raise ConfigError unless ``value`` is a finite positive number."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} is {value!r}; it must be a finite positive number.")

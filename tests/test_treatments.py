@@ -1,0 +1,618 @@
+"""Correctness tests of the treatments against closed forms, retraining and rules."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repair_core.errors import ConfigError
+from repair_core.fisher import diagonal_fisher
+from repair_core.inference import log_likelihoods
+from repair_core.training import TrainConfig
+from repair_core.treatments import (
+    TREATMENTS,
+    default_config,
+    read_causes_file,
+    repair,
+    validate_causes,
+)
+from repair_core.treatments.ewc_deletion import EWCDeletionConfig, ewc_delete
+from repair_core.treatments.newton import NewtonConfig, newton_remove
+from tests.factories_treatment import tiny_problem
+
+#: Relative error allowed between EWC-deletion and the Gaussian posterior mean.
+GAUSSIAN_POSTERIOR_RTOL = 1e-4
+#: ‖θ_newton − θ_retrain‖ / ‖θ_retrain − θ̂‖ allowed for a few removed points.
+NEWTON_RELATIVE_DISTANCE = 0.2
+#: ‖θ − θ̂‖ / ‖θ̂‖ allowed for EWC-deletion with a very strong Fisher term.
+STRONG_FISHER_MAX_RELATIVE_MOVE = 1e-3
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), f"{key} changed"
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+
+
+# --- EWC-deletion -----------------------------------------------------------
+
+
+def test_ewc_deletion_matches_gaussian_posterior():
+    # Linear-Gaussian regression with orthogonal feature columns: the
+    # posterior precision over D is diagonal, so the diagonal Fisher makes the
+    # Laplace approximation exact and the optimum of the deletion objective is
+    # the posterior mean given D\C.
+    n, sigma, prior_precision = 40, 0.5, 1.0
+    generator = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(n, 4, generator=generator, dtype=torch.float64))
+    features = q * torch.tensor([3.0, 4.0, 5.0, 6.0], dtype=torch.float64)
+    weights = torch.randn(4, generator=generator, dtype=torch.float64)
+    noise = sigma * torch.randn(n, generator=generator, dtype=torch.float64)
+    targets = features @ weights + noise
+    eye = torch.eye(4, dtype=torch.float64)
+
+    precision = features.T @ features / sigma**2 + prior_precision * eye
+    theta_hat = torch.linalg.solve(precision, features.T @ targets / sigma**2)
+    causes = torch.tensor([1, 5, 9])
+    kept = torch.tensor([i for i in range(n) if i not in causes.tolist()])
+    kept_precision = features[kept].T @ features[kept] / sigma**2
+    expected = torch.linalg.solve(
+        kept_precision + prior_precision * eye,
+        features[kept].T @ targets[kept] / sigma**2,
+    )
+
+    model = nn.Linear(4, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(theta_hat[None])
+    fisher = {"weight": (torch.diag(precision) / n)[None]}
+
+    def gaussian_log_likelihood(outputs, y):
+        return -((outputs.squeeze(-1) - y) ** 2) / (2 * sigma**2)
+
+    # With the mean over C, gamma = 2|C|/N is the exact posterior weighting.
+    config = EWCDeletionConfig(
+        gamma=2 * len(causes) / n,
+        early_stopping=False,
+        max_steps=1000,
+        lr=3e-2,
+        batch_size=len(causes),
+    )
+    repaired, record = ewc_delete(
+        model,
+        features[causes],
+        targets[causes],
+        fisher,
+        n,
+        config,
+        log_likelihood=gaussian_log_likelihood,
+    )
+    got = repaired.weight.detach()[0]
+
+    assert record["steps_run"] == 1000
+    assert (expected - theta_hat).norm() > 1e-2
+    relative_error = (got - expected).norm() / (expected - theta_hat).norm()
+    assert relative_error < GAUSSIAN_POSTERIOR_RTOL
+    assert torch.equal(model.weight.detach()[0], theta_hat)
+
+
+def test_ewc_deletion_sum_reduction_gamma():
+    # With the sum over C the exact weighting is gamma = 2/N; the optimum is
+    # the same point as with the mean and gamma = 2|C|/N.
+    n, sigma = 30, 1.0
+    generator = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(n, 2, generator=generator, dtype=torch.float64))
+    features = q * torch.tensor([4.0, 5.0], dtype=torch.float64)
+    targets = features @ torch.tensor([1.0, -2.0], dtype=torch.float64)
+    targets = targets + sigma * torch.randn(n, generator=generator, dtype=torch.float64)
+    precision = features.T @ features / sigma**2 + torch.eye(2, dtype=torch.float64)
+    theta_hat = torch.linalg.solve(precision, features.T @ targets / sigma**2)
+    model = nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(theta_hat[None])
+    fisher = {"weight": (torch.diag(precision) / n)[None]}
+    causes = torch.tensor([0, 3])
+
+    def gaussian_log_likelihood(outputs, y):
+        return -((outputs.squeeze(-1) - y) ** 2) / (2 * sigma**2)
+
+    results = []
+    for reduction, gamma in (("mean", 2 * len(causes) / n), ("sum", 2 / n)):
+        config = EWCDeletionConfig(
+            gamma=gamma,
+            reduction=reduction,
+            early_stopping=False,
+            max_steps=1000,
+            lr=3e-2,
+            batch_size=len(causes),
+        )
+        repaired, _ = ewc_delete(
+            model,
+            features[causes],
+            targets[causes],
+            fisher,
+            n,
+            config,
+            log_likelihood=gaussian_log_likelihood,
+        )
+        results.append(repaired.weight.detach()[0])
+
+    assert torch.allclose(results[0], results[1], rtol=GAUSSIAN_POSTERIOR_RTOL)
+
+
+def test_ewc_deletion_lowers_log_p_causes():
+    problem = tiny_problem()
+    causes = problem.flipped
+    before = log_likelihoods(
+        problem.model, problem.train_images[causes], problem.train_labels[causes]
+    ).sum()
+    config = EWCDeletionConfig(gamma=0.05, early_stopping=False, max_steps=50)
+
+    result = repair(
+        "ewc-deletion",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        causes,
+        problem.query_images,
+        problem.query_labels,
+        config,
+    )
+    after = log_likelihoods(
+        result.model, problem.train_images[causes], problem.train_labels[causes]
+    ).sum()
+
+    assert after < before
+    assert result.extras["log_p_causes_after"] < result.extras["log_p_causes_before"]
+    assert result.extras["steps_run"] == 50
+
+
+def test_ewc_deletion_strong_fisher_barely_moves():
+    problem = tiny_problem()
+    theta_hat = _flat(problem.model)
+    config = EWCDeletionConfig(gamma=1e-7, early_stopping=False, max_steps=50)
+
+    result = repair(
+        "ewc-deletion",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped,
+        problem.query_images,
+        problem.query_labels,
+        config,
+    )
+    moved = (_flat(result.model) - theta_hat).norm() / theta_hat.norm()
+
+    assert moved < STRONG_FISHER_MAX_RELATIVE_MOVE
+
+
+def test_ewc_deletion_early_stopping_keeps_best_query_accuracy():
+    problem = tiny_problem()
+    fisher = diagonal_fisher(problem.model, problem.train_images, problem.train_labels)
+    config = EWCDeletionConfig(gamma=0.05, max_steps=200, eval_every=5, patience=50)
+
+    result = repair(
+        "ewc-deletion",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped,
+        problem.query_images,
+        problem.query_labels,
+        config,
+        fisher=fisher,
+    )
+    history = result.extras["history"]
+    best = max(record["query_acc"] for record in history)
+    kept = [r for r in history if r["step"] == result.extras["best_step"]][0]
+    query_correct = result.model(problem.query_images).argmax(1) == problem.query_labels
+
+    assert kept["query_acc"] == best
+    assert query_correct.float().mean().item() == pytest.approx(best)
+    assert result.extras["steps_run"] <= result.extras["best_step"] + 50
+
+
+def test_ewc_deletion_needs_query_for_early_stopping():
+    problem = tiny_problem()
+    fisher = diagonal_fisher(problem.model, problem.train_images, problem.train_labels)
+
+    with pytest.raises(ConfigError, match="no query set was given"):
+        ewc_delete(
+            problem.model,
+            problem.train_images[:5],
+            problem.train_labels[:5],
+            fisher,
+            len(problem.train_labels),
+            EWCDeletionConfig(),
+        )
+
+
+# --- Newton update removal ---------------------------------------------------
+
+
+def _fit_logistic(features, labels, l2_sum, model):
+    # Minimise sum_n CE_n + (l2_sum / 2) ||theta||^2 to high precision.
+    optimizer = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1,
+        max_iter=500,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(features), labels, reduction="sum")
+        loss = loss + l2_sum / 2 * _flat_with_grad(model).pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return model
+
+
+def _flat_with_grad(model):
+    return torch.cat([p.flatten() for p in model.parameters()])
+
+
+def test_newton_exact_matches_retraining():
+    # L2-regularised logistic regression in float64. θ̂ minimises
+    # mean_D CE + (l2/2)||θ||², i.e. sum_D CE + (N l2/2)||θ||². Retraining on
+    # D\C keeps the same prior: sum_{D\C} CE + (N l2/2)||θ||².
+    n, dim, l2 = 200, 3, 0.05
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    true_w = torch.tensor([1.5, -1.0, 0.5], dtype=torch.float64)
+    logits = features @ true_w
+    labels = (
+        torch.rand(n, generator=generator, dtype=torch.float64) < torch.sigmoid(logits)
+    ).long()
+    torch.manual_seed(0)
+    base = nn.Linear(dim, 2).double()
+    theta_hat_model = _fit_logistic(features, labels, n * l2, base)
+    causes = torch.tensor([3, 17, 42])
+    kept = torch.tensor([i for i in range(n) if i not in causes.tolist()])
+    # The objective is strictly convex, so a warm start reaches the same optimum.
+    retrained = nn.Linear(dim, 2).double()
+    retrained.load_state_dict(theta_hat_model.state_dict())
+    retrained = _fit_logistic(features[kept], labels[kept], n * l2, retrained)
+    config = NewtonConfig(gamma=1.0, curvature="hessian", solver="exact", damping=l2)
+
+    repaired, record = newton_remove(theta_hat_model, features, labels, causes, config)
+    theta_hat = _flat(theta_hat_model)
+    theta_retrain = _flat(retrained)
+    distance = (_flat(repaired) - theta_retrain).norm()
+
+    assert (theta_retrain - theta_hat).norm() > 1e-3
+    assert distance / (theta_retrain - theta_hat).norm() < NEWTON_RELATIVE_DISTANCE
+    assert record["step_norm"] > 0
+
+
+def test_newton_lissa_lowers_log_p_causes():
+    problem = tiny_problem()
+    causes = problem.flipped
+    before = log_likelihoods(
+        problem.model, problem.train_images[causes], problem.train_labels[causes]
+    ).sum()
+    config = NewtonConfig(gamma=1.0, depth=50, scale=50.0)
+
+    result = repair(
+        "newton",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        causes,
+        problem.query_images,
+        problem.query_labels,
+        config,
+    )
+    after = log_likelihoods(
+        result.model, problem.train_images[causes], problem.train_labels[causes]
+    ).sum()
+
+    assert after < before
+
+
+# --- Fine-tuning and retraining ---------------------------------------------
+
+
+@pytest.mark.parametrize("treatment", ["finetune", "retrain"])
+def test_training_treatment_never_sees_causes(treatment):
+    problem = tiny_problem()
+    causes = problem.flipped
+    train_config = dataclasses.replace(problem.train_config, record_trajectory=True)
+    seen = []
+
+    def record(fraction, message):
+        seen.append(fraction)
+
+    result = repair(
+        treatment,
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        causes,
+        problem.query_images,
+        problem.query_labels,
+        train_config=train_config,
+        progress=record,
+    )
+    trained_on = torch.cat(result.extras["trajectory"].steps)
+
+    assert len(trained_on) > 0
+    assert not torch.isin(trained_on, causes).any()
+    assert result.extras["n_trained_on"] == len(problem.train_labels) - len(causes)
+    assert seen
+
+
+def test_retrain_starts_from_fresh_weights():
+    problem = tiny_problem()
+    config = dataclasses.replace(default_config("retrain"), max_epochs=1)
+    fresh_copy = []
+
+    def factory():
+        model = nn.Sequential(
+            nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 4)
+        )
+        fresh_copy.append(_flat(model))
+        return model
+
+    result = repair(
+        "retrain",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped,
+        problem.query_images,
+        problem.query_labels,
+        config,
+        train_config=problem.train_config,
+        model_factory=factory,
+    )
+    theta_hat = _flat(problem.model)
+    retrained = _flat(result.model)
+
+    assert len(fresh_copy) == 1
+    # One epoch from fresh weights stays nearer them than to θ̂.
+    assert (retrained - fresh_copy[0]).norm() < (retrained - theta_hat).norm()
+
+
+def test_retrain_resets_parameters_without_factory():
+    problem = tiny_problem()
+    config = dataclasses.replace(default_config("retrain"), max_epochs=1)
+
+    first = repair(
+        "retrain",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped,
+        problem.query_images,
+        problem.query_labels,
+        config,
+        train_config=problem.train_config,
+    )
+    second = repair(
+        "retrain",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped,
+        problem.query_images,
+        problem.query_labels,
+        dataclasses.replace(config, seed=1),
+        train_config=problem.train_config,
+    )
+
+    assert not torch.equal(_flat(first.model), _flat(problem.model))
+    assert not torch.equal(_flat(first.model), _flat(second.model))
+
+
+# --- Fitting the failures ---------------------------------------------------
+
+
+@pytest.mark.parametrize("treatment", ["fit-failures", "fit-failures+ewc-deletion"])
+def test_fit_treatments_raise_query_accuracy(treatment):
+    problem = tiny_problem()
+    before = (
+        (problem.model(problem.query_images).argmax(1) == problem.query_labels)
+        .float()
+        .mean()
+    )
+
+    fit = {"max_steps": 40, "min_steps": 20, "lr": 1e-2}
+    config = {"fit": fit}
+    if treatment != "fit-failures":
+        config["deletion"] = {"max_steps": 40}
+
+    result = repair(
+        treatment,
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped,
+        problem.query_images,
+        problem.query_labels,
+        config,
+    )
+    after = (
+        (result.model(problem.query_images).argmax(1) == problem.query_labels)
+        .float()
+        .mean()
+    )
+
+    assert before == 0
+    assert after > before
+    assert "fit" in result.extras
+
+
+# --- Causes validation and the public interface -----------------------------
+
+
+def test_validate_causes_sorts_and_drops_duplicates():
+    causes = validate_causes([5, 1, 5, 3], 10)
+
+    assert causes.tolist() == [1, 3, 5]
+    assert causes.dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    ("causes", "message"),
+    [
+        ([], "list of causes is empty"),
+        ([3, 10], r"Training index 10 is out of range 0\.\.9"),
+        ([-1], r"Training index -1 is out of range 0\.\.9"),
+        (list(range(10)), "cover all 10 training examples"),
+        ([0.5, 1.0], "integer training indices"),
+    ],
+)
+def test_validate_causes_rejects_bad_input(causes, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_causes(causes, 10)
+
+
+def test_read_causes_file(tmp_path):
+    path = tmp_path / "causes.txt"
+    path.write_text("4\n\n2\n 4 \n")
+
+    assert read_causes_file(path, 10).tolist() == [2, 4]
+
+
+def test_read_causes_file_rejects_non_integer_line(tmp_path):
+    path = tmp_path / "causes.txt"
+    path.write_text("4\n\n7x\n")
+
+    with pytest.raises(ConfigError, match=r"Line 3 of .* is '7x', not an integer"):
+        read_causes_file(path, 10)
+
+
+def test_read_causes_file_missing(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        read_causes_file(tmp_path / "absent.txt", 10)
+
+
+@pytest.mark.parametrize(
+    ("causes", "message"),
+    [
+        ([], "list of causes is empty"),
+        ([100_000], "out of range"),
+        ("all", "cover all"),
+    ],
+)
+def test_repair_bad_causes_leave_model_unchanged(causes, message):
+    problem = tiny_problem()
+    state = _state(problem.model)
+    if causes == "all":
+        causes = list(range(len(problem.train_labels)))
+
+    with pytest.raises(ConfigError, match=message):
+        repair(
+            "finetune",
+            problem.model,
+            problem.train_images,
+            problem.train_labels,
+            causes,
+            problem.query_images,
+            problem.query_labels,
+        )
+    _assert_same_state(problem.model, state)
+
+
+@pytest.mark.parametrize("treatment", TREATMENTS)
+def test_repair_never_modifies_input_model(treatment):
+    problem = tiny_problem()
+    state = _state(problem.model)
+    config = default_config(treatment)
+    if treatment == "newton":
+        config = dataclasses.replace(config, depth=20, scale=50.0)
+    if treatment in ("finetune", "retrain"):
+        config = dataclasses.replace(config, max_epochs=1)
+    if treatment == "ewc-deletion":
+        config = dataclasses.replace(config, max_steps=20)
+    if treatment.startswith("fit-failures"):
+        short_fit = dataclasses.replace(config.fit, max_steps=20, min_steps=10)
+        config = dataclasses.replace(config, fit=short_fit)
+    if treatment == "fit-failures+ewc-deletion":
+        short_deletion = dataclasses.replace(config.deletion, max_steps=20)
+        config = dataclasses.replace(config, deletion=short_deletion)
+
+    result = repair(
+        treatment,
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped.tolist(),
+        problem.query_images,
+        problem.query_labels,
+        config,
+        train_config=problem.train_config,
+    )
+
+    _assert_same_state(problem.model, state)
+    assert result.model is not problem.model
+    assert result.treatment == treatment
+    assert result.causes.tolist() == problem.flipped.tolist()
+    assert result.seconds > 0
+    assert result.config == config.to_dict()
+
+
+def test_repair_config_from_dict_and_errors():
+    problem = tiny_problem()
+    args = (
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped,
+        problem.query_images,
+        problem.query_labels,
+    )
+
+    result = repair("ewc-deletion", *args, {"gamma": 0.01, "max_steps": 5})
+
+    assert result.config["gamma"] == 0.01
+    with pytest.raises(ConfigError, match="Unknown setting 'gama'"):
+        repair("ewc-deletion", *args, {"gama": 0.01})
+    with pytest.raises(ConfigError, match="takes EWCDeletionConfig"):
+        repair("ewc-deletion", *args, NewtonConfig())
+    with pytest.raises(ConfigError, match="Unknown treatment 'prune'"):
+        repair("prune", *args)
+    with pytest.raises(ConfigError, match="gamma -1"):
+        EWCDeletionConfig(gamma=-1)
+    with pytest.raises(ConfigError, match="Unknown solver"):
+        NewtonConfig(solver="cg")
+    with pytest.raises(ConfigError, match="max_epochs 0"):
+        repair("finetune", *args, {"max_epochs": 0})
+
+
+def test_finetune_honours_train_config():
+    problem = tiny_problem()
+    train_config = TrainConfig(max_epochs=3, patience=3, batch_size=16, seed=5)
+
+    result = repair(
+        "finetune",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped,
+        problem.query_images,
+        problem.query_labels,
+        {"seed": 2, "max_epochs": 1},
+        train_config=train_config,
+    )
+
+    assert result.extras["epochs_run"] == 1
+    assert result.extras["train_config"]["seed"] == 2
+    assert result.extras["train_config"]["batch_size"] == 16
+    assert result.seed == 2
