@@ -1,0 +1,265 @@
+"""Tests of before/after evaluation, controls, sweeps and removal curves."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from repair_core.errors import ConfigError
+from repair_core.evaluation import (
+    ACCURACY_KEYS,
+    METRIC_KEYS,
+    compare,
+    evaluate_model,
+    removal_curve,
+    repair_with_controls,
+    sweep,
+)
+from tests.factories_treatment import N_CLASSES, tiny_problem
+
+
+class ConstantClassifier(nn.Module):
+    """Predicts the same class for every input."""
+
+    def __init__(self, label: int) -> None:
+        super().__init__()
+        self.label = label
+        self.bias = nn.Parameter(torch.zeros(N_CLASSES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(len(x), N_CLASSES)
+        logits[:, self.label] = 1.0
+        return logits + self.bias
+
+
+def test_evaluate_model_on_original_split():
+    problem = tiny_problem()
+    split = problem.split
+
+    metrics = evaluate_model(
+        problem.model, problem.test_images, problem.test_labels, split
+    )
+
+    assert metrics["query_acc"] == 0.0
+    assert metrics["holdout_acc"] == 0.0
+    assert metrics["failure_acc"] == 0.0
+    assert metrics["remaining_acc"] == 1.0
+    expected_test_acc = len(split.remaining) / len(problem.test_labels)
+    assert metrics["test_acc"] == pytest.approx(expected_test_acc)
+    assert metrics["predictions"].shape == problem.test_labels.shape
+
+
+def test_compare_counts_fixed_and_broken():
+    problem = tiny_problem()
+    split = problem.split
+    constant = ConstantClassifier(label=0)
+
+    result = compare(
+        problem.model, constant, problem.test_images, problem.test_labels, split
+    )
+    labels = problem.test_labels
+    expected_fixed = split.holdout[labels[split.holdout] == 0]
+    expected_broken = split.remaining[labels[split.remaining] != 0]
+
+    assert result["holdout_fixed_idx"] == expected_fixed.tolist()
+    assert result["holdout_fixed"] == len(expected_fixed)
+    assert result["remaining_broken_idx"] == expected_broken.tolist()
+    assert result["remaining_broken"] == len(expected_broken)
+    assert result["before"]["remaining_acc"] == 1.0
+
+
+def test_compare_same_model_changes_nothing():
+    problem = tiny_problem()
+
+    result = compare(
+        problem.model,
+        problem.model,
+        problem.test_images,
+        problem.test_labels,
+        problem.split,
+    )
+
+    assert result["holdout_fixed"] == 0
+    assert result["remaining_broken"] == 0
+
+
+def test_repair_with_controls_finetune():
+    problem = tiny_problem()
+    causes = problem.flipped
+    progress = []
+
+    report = repair_with_controls(
+        "finetune",
+        problem.model,
+        (problem.train_images, problem.train_labels),
+        causes,
+        (problem.test_images, problem.test_labels),
+        problem.split,
+        seeds=(0, 1),
+        config={"max_epochs": 2},
+        train_config=problem.train_config,
+        progress=lambda fraction, message: progress.append(fraction),
+    )
+
+    assert list(report)[0] == "gain_over_nothing"
+    assert set(report["arms"]) == {"treatment", "nothing", "random"}
+    for arm in report["arms"].values():
+        for statistic in ("mean", "std", "min", "max"):
+            for key in METRIC_KEYS:
+                assert math.isfinite(arm[statistic][key]), (statistic, key)
+        assert [run["seed"] for run in arm["per_seed"]] == [0, 1]
+    for key in ACCURACY_KEYS:
+        assert math.isfinite(report["gain_over_nothing"]["mean"][key])
+
+    treated = report["arms"]["treatment"]["per_seed"]
+    assert treated[0]["test_log_likelihood"] != treated[1]["test_log_likelihood"]
+    assert all(run["removed"] == causes.tolist() for run in treated)
+    nothing = report["arms"]["nothing"]["per_seed"]
+    assert all(run["n_removed"] == 0 for run in nothing)
+    random_runs = report["arms"]["random"]["per_seed"]
+    for run in random_runs:
+        assert run["n_removed"] == len(causes)
+        assert len(set(run["removed"])) == len(causes)
+    assert random_runs[0]["removed"] != random_runs[1]["removed"]
+    assert report["model"] is report["result"].model
+    assert report["result"].seed == 0
+    assert progress[-1] == 1.0
+
+
+def test_repair_with_controls_newton_has_no_controls():
+    problem = tiny_problem()
+
+    report = repair_with_controls(
+        "newton",
+        problem.model,
+        (problem.train_images, problem.train_labels),
+        problem.flipped,
+        (problem.test_images, problem.test_labels),
+        problem.split,
+        seeds=(0,),
+        config={"depth": 20, "scale": 50.0},
+    )
+
+    assert set(report["arms"]) == {"treatment"}
+    assert report["gain_over_nothing"] is None
+    assert report["arms"]["treatment"]["std"]["test_acc"] == 0.0
+
+
+def test_repair_with_controls_rejects_bad_input():
+    problem = tiny_problem()
+    args = (
+        problem.model,
+        (problem.train_images, problem.train_labels),
+        problem.flipped,
+        (problem.test_images, problem.test_labels),
+        problem.split,
+    )
+
+    with pytest.raises(ConfigError, match="Unknown control 'shuffle'"):
+        repair_with_controls("finetune", *args, controls=("shuffle",))
+    with pytest.raises(ConfigError, match="At least one seed"):
+        repair_with_controls("finetune", *args, seeds=())
+
+
+@pytest.mark.parametrize(
+    ("treatment", "strengths", "config"),
+    [
+        ("ewc-deletion", [0.01, 0.05], {"max_steps": 20}),
+        ("newton", [0.5, 2.0], {"depth": 20, "scale": 50.0}),
+        ("finetune", [1, 2], None),
+    ],
+)
+def test_sweep_returns_point_per_strength(treatment, strengths, config):
+    problem = tiny_problem()
+
+    points = sweep(
+        treatment,
+        problem.model,
+        (problem.train_images, problem.train_labels),
+        problem.flipped,
+        (problem.test_images, problem.test_labels),
+        problem.split,
+        strengths=strengths,
+        config=config,
+        train_config=problem.train_config,
+    )
+
+    assert [point["strength"] for point in points] == strengths
+    for point in points:
+        for key in ("failure_acc", "holdout_acc", "remaining_acc", "seconds"):
+            assert math.isfinite(point[key]), key
+
+
+def test_sweep_newton_larger_step_moves_further():
+    problem = tiny_problem()
+    causes = problem.flipped
+
+    points = sweep(
+        "newton",
+        problem.model,
+        (problem.train_images, problem.train_labels),
+        causes,
+        (problem.test_images, problem.test_labels),
+        problem.split,
+        strengths=[0.001, 100.0],
+        config={"depth": 20, "scale": 50.0},
+    )
+
+    assert points[0]["remaining_broken"] <= points[1]["remaining_broken"]
+    assert points[0]["test_log_likelihood"] != points[1]["test_log_likelihood"]
+
+
+def test_sweep_rejects_treatment_without_strength():
+    problem = tiny_problem()
+
+    with pytest.raises(ConfigError, match="has no strength to sweep"):
+        sweep(
+            "retrain",
+            problem.model,
+            (problem.train_images, problem.train_labels),
+            problem.flipped,
+            (problem.test_images, problem.test_labels),
+            problem.split,
+            strengths=[1.0],
+        )
+
+
+def test_removal_curve_skips_too_large_k():
+    problem = tiny_problem()
+    n_train = len(problem.train_labels)
+    scores = torch.zeros(n_train)
+    scores[problem.flipped] = 1.0
+
+    with pytest.warns(UserWarning, match=f"Skipping k = {n_train}"):
+        curve = removal_curve(
+            scores,
+            problem.model,
+            (problem.train_images, problem.train_labels),
+            (problem.test_images, problem.test_labels),
+            problem.split,
+            ks=(5, len(problem.flipped), n_train),
+            seeds=(0, 1),
+            train_config=problem.train_config,
+        )
+
+    assert [point["k"] for point in curve] == [5, len(problem.flipped)]
+    for point in curve:
+        assert len(point["per_seed"]) == 2
+        assert math.isfinite(point["mean"]["holdout_acc"])
+        assert math.isfinite(point["std"]["remaining_acc"])
+
+
+def test_removal_curve_rejects_wrong_score_count():
+    problem = tiny_problem()
+
+    with pytest.raises(ConfigError, match="Got 3 scores for 300 training examples"):
+        removal_curve(
+            torch.zeros(3),
+            problem.model,
+            (problem.train_images, problem.train_labels),
+            (problem.test_images, problem.test_labels),
+            problem.split,
+        )
