@@ -101,8 +101,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         "--noise-fraction",
         type=float,
         default=None,
-        help="input-noise and fgsm: share of each target class corrupted "
-        "(default 0.3)",
+        help="input-noise and fgsm: share of each target class corrupted (default 0.3)",
     )
     group.add_argument(
         "--noise-amount",

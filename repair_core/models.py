@@ -36,9 +36,7 @@ class MnistCNN(nn.Module):
     """Four 3x3 conv layers (32, 32, 64, 64 channels) with ReLU, 2x2 max-pool
     after the first two, global average pooling and one linear layer."""
 
-    def __init__(
-        self, in_channels: int = 1, num_classes: int = 10, mean=None
-    ) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, mean=None) -> None:
         super().__init__()
         self.preprocess = MeanSubtraction(in_channels, mean)
         self.features = nn.Sequential(
@@ -89,9 +87,7 @@ class SmallResNet(nn.Module):
     """A ResNet-8 for 32x32 colour images: three stages of one basic block with
     16, 32 and 64 channels, about 78k parameters, so it trains on a CPU."""
 
-    def __init__(
-        self, in_channels: int = 3, num_classes: int = 10, mean=None
-    ) -> None:
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, mean=None) -> None:
         super().__init__()
         self.preprocess = MeanSubtraction(in_channels, mean)
         self.stem = nn.Sequential(
@@ -115,9 +111,7 @@ class SmallResNet(nn.Module):
 class ResNet50(nn.Module):
     """torchvision's ResNet-50 with random initial weights and mean subtraction."""
 
-    def __init__(
-        self, in_channels: int = 3, num_classes: int = 10, mean=None
-    ) -> None:
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, mean=None) -> None:
         super().__init__()
         from torchvision.models import resnet50
 
@@ -263,9 +257,7 @@ def load_checked_state(
     model.load_state_dict(state)
 
 
-def check_output_size(
-    model: nn.Module, sample: torch.Tensor, num_classes: int
-) -> None:
+def check_output_size(model: nn.Module, sample: torch.Tensor, num_classes: int) -> None:
     """Check that the model maps ``sample`` (1, C, H, W) to ``num_classes`` logits."""
     was_training = model.training
     model.eval()

@@ -164,8 +164,7 @@ def _save_failure_set(
     workspace.add_failure_set(
         failure_set_id,
         run_id,
-        {"query_fraction": split.query_fraction, "seed": split.seed,
-         "origin": origin},
+        {"query_fraction": split.query_fraction, "seed": split.seed, "origin": origin},
         split.counts(),
     )
     return failure_set_id
@@ -554,3 +553,247 @@ def load_scores(workspace: Workspace, scores_id: str) -> torch.Tensor:
     """Return stored scores, float64, shape (n_train,)."""
     record = workspace.get_scores(scores_id)
     return workspace.load_tensor(record["run_id"], f"scores/{scores_id}.pt")
+
+
+# Treatment -----------------------------------------------------------------
+
+
+def resolve_causes(
+    workspace: Workspace,
+    run: LoadedRun,
+    *,
+    failure_set_id: str,
+    scores_id: str | None = None,
+    top_k: int | None = None,
+    positive: bool = False,
+    causes_file: str | Path | None = None,
+    confirmed: bool = False,
+) -> tuple[torch.Tensor, str]:
+    """Turn one way of naming the causes C into training indices.
+
+    Exactly one of ``top_k`` (the k highest scores), ``positive`` (every
+    positive score), ``causes_file`` (one training index per line) or
+    ``confirmed`` (the examples confirmed in review) must be given.
+
+    Returns:
+        (sorted int64 indices, a short description of where they came from)
+    """
+    from repair_core.metrics import ranking
+    from repair_core.treatments import read_causes_file, validate_causes
+
+    chosen = [
+        name
+        for name, value in (
+            ("top_k", top_k is not None),
+            ("positive", positive),
+            ("causes_file", causes_file is not None),
+            ("confirmed", confirmed),
+        )
+        if value
+    ]
+    if len(chosen) != 1:
+        raise ConfigError(
+            "Name the causes in exactly one way: --top-k K, --causes positive, "
+            f"--causes-file FILE or --causes confirmed (got {chosen or 'none'})."
+        )
+    n_train = len(run.data.train)
+    if causes_file is not None:
+        return read_causes_file(causes_file, n_train), f"file {causes_file}"
+    if confirmed:
+        decisions = workspace.get_decisions(run.run_id, failure_set_id)
+        indices = [i for i, d in decisions.items() if d == "confirmed"]
+        if not indices:
+            raise ConfigError(
+                f"No training example is confirmed for failure set {failure_set_id!r}. "
+                "Confirm culprits on the Causes page first, or use --top-k."
+            )
+        return validate_causes(indices, n_train), "confirmed in review"
+
+    if scores_id is None:
+        raise ConfigError(
+            "--top-k and --causes positive need scores: pass --scores SCORES_ID "
+            "from 'python -m repair_core identify'."
+        )
+    scores = load_scores(workspace, scores_id)
+    if len(scores) != n_train:
+        raise ConfigError(
+            f"Scores {scores_id!r} cover {len(scores)} examples but run "
+            f"{run.run_id!r} has {n_train}. Use scores of this run."
+        )
+    if positive:
+        indices = torch.nonzero(scores > 0).flatten()
+        return validate_causes(indices, n_train), f"positive scores of {scores_id}"
+    if top_k < 1 or top_k >= n_train:
+        raise ConfigError(
+            f"--top-k {top_k} must lie between 1 and {n_train - 1}, the training "
+            "set size minus one, so that something remains to train on."
+        )
+    return validate_causes(ranking(scores)[:top_k], n_train), (
+        f"top {top_k} of {scores_id}"
+    )
+
+
+def _repair_inputs(workspace: Workspace, run: LoadedRun) -> dict[str, Any]:
+    return {
+        "train": (run.data.train.images, run.data.train.labels),
+        "test": (run.data.test.images, run.data.test.labels),
+        "fisher": _load_optional(workspace, run.run_id, "fisher.pt"),
+        "train_config": run.config.train,
+    }
+
+
+def run_repair(
+    workspace: Workspace,
+    run: LoadedRun,
+    treatment: str,
+    causes: torch.Tensor,
+    *,
+    failure_set_id: str,
+    scores_id: str | None = None,
+    causes_origin: str = "",
+    config: Any = None,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    controls: tuple[str, ...] = ("nothing", "random"),
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Repair the run's model, beside the controls, and store the result.
+
+    The repaired model of the first seed is saved as
+    ``runs/<run_id>/repairs/<repair_id>.pt``.
+
+    Returns:
+        The summary: ``repair_id``, ``treatment``, ``n_removed``, ``seconds``,
+        ``before`` and ``after`` (each with ``query_acc``, ``holdout_acc``,
+        ``remaining_acc``, ``test_acc``; ``after`` is the mean over seeds),
+        ``spread`` (their standard deviation), ``gain_over_nothing``,
+        ``controls`` (mean and spread of each control arm),
+        ``holdout_fixed_idx`` and ``remaining_broken_idx`` of the saved model.
+    """
+    from repair_core.evaluation import compare, repair_with_controls
+
+    started = time.perf_counter()
+    split = load_failure_split(workspace, run.run_id, failure_set_id)
+    inputs = _repair_inputs(workspace, run)
+    outcome = repair_with_controls(
+        treatment,
+        run.model,
+        inputs["train"],
+        causes,
+        inputs["test"],
+        split,
+        seeds=seeds,
+        config=config,
+        fisher=inputs["fisher"],
+        train_config=inputs["train_config"],
+        controls=controls,
+        model_factory=run.build_model,
+        progress=progress,
+    )
+    repair_id = new_id("rp")
+    workspace.save_tensor(
+        run.run_id, f"repairs/{repair_id}.pt", _cpu_state(outcome["model"])
+    )
+    comparison = compare(run.model, outcome["model"], *inputs["test"], split)
+    arms = outcome["arms"]
+    keys = ("query_acc", "holdout_acc", "remaining_acc", "test_acc")
+    summary = {
+        "repair_id": repair_id,
+        "run_id": run.run_id,
+        "failure_set_id": failure_set_id,
+        "scores_id": scores_id,
+        "treatment": treatment,
+        "causes": causes_origin,
+        "n_removed": outcome["n_causes"],
+        "seeds": list(outcome["seeds"]),
+        "seconds": time.perf_counter() - started,
+        "before": {k: outcome["before"][k] for k in keys},
+        "after": {k: arms["treatment"]["mean"][k] for k in keys},
+        "spread": {k: arms["treatment"]["std"][k] for k in keys},
+        "gain_over_nothing": outcome["gain_over_nothing"],
+        "controls": {
+            arm: {"mean": values["mean"], "std": values["std"]}
+            for arm, values in arms.items()
+            if arm != "treatment"
+        },
+        "per_seed": {
+            arm: [
+                {k: v for k, v in record.items() if k != "removed"}
+                for record in values["per_seed"]
+            ]
+            for arm, values in arms.items()
+        },
+        "holdout_fixed_idx": comparison["holdout_fixed_idx"],
+        "remaining_broken_idx": comparison["remaining_broken_idx"],
+    }
+    workspace.save_tensor(
+        run.run_id, f"repairs/{repair_id}_causes.pt", causes.clone().cpu()
+    )
+    workspace.add_repair(
+        repair_id,
+        run.run_id,
+        failure_set_id,
+        scores_id,
+        treatment,
+        outcome["result"].config,
+        summary,
+    )
+    return summary
+
+
+def run_sweep(
+    workspace: Workspace,
+    run: LoadedRun,
+    treatment: str,
+    causes: torch.Tensor,
+    *,
+    failure_set_id: str,
+    strengths: list[float],
+    config: Any = None,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """Trade-off points (failure accuracy, remaining accuracy) over a strength."""
+    from repair_core.evaluation import sweep
+
+    split = load_failure_split(workspace, run.run_id, failure_set_id)
+    inputs = _repair_inputs(workspace, run)
+    return sweep(
+        treatment,
+        run.model,
+        inputs["train"],
+        causes,
+        inputs["test"],
+        split,
+        strengths=strengths,
+        config=config,
+        fisher=inputs["fisher"],
+        train_config=inputs["train_config"],
+        progress=progress,
+    )
+
+
+def run_removal_curve(
+    workspace: Workspace,
+    run: LoadedRun,
+    scores_id: str,
+    *,
+    failure_set_id: str,
+    ks: tuple[int, ...] = (10, 30, 100, 300, 600, 1000),
+    seeds: tuple[int, ...] = (0, 1, 2),
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """Remove the top k by the stored scores, fine-tune, and record accuracies."""
+    from repair_core.evaluation import removal_curve
+
+    split = load_failure_split(workspace, run.run_id, failure_set_id)
+    inputs = _repair_inputs(workspace, run)
+    return removal_curve(
+        load_scores(workspace, scores_id),
+        run.model,
+        inputs["train"],
+        inputs["test"],
+        split,
+        ks=ks,
+        seeds=seeds,
+        train_config=inputs["train_config"],
+        progress=progress,
+    )

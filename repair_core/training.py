@@ -172,7 +172,9 @@ def train_model(
     config = config or TrainConfig()
     device = torch.device(device)
     indices = torch.arange(len(labels)) if subset is None else subset.long().cpu()
-    train_pos, val_pos = split_validation(len(indices), config.val_fraction, config.seed)
+    train_pos, val_pos = split_validation(
+        len(indices), config.val_fraction, config.seed
+    )
     train_idx, val_idx = indices[train_pos], indices[val_pos]
     val_images, val_labels = images[val_idx], labels[val_idx]
 
@@ -219,8 +221,12 @@ def train_model(
 
         val_loss, val_acc = _evaluate(model, val_images, val_labels, device)
         history.append(
-            {"epoch": epoch, "loss": running / seen, "val_loss": val_loss,
-             "val_acc": val_acc}
+            {
+                "epoch": epoch,
+                "loss": running / seen,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+            }
         )
         if progress is not None:
             progress(epoch, running / seen, val_acc)

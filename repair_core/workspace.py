@@ -219,7 +219,7 @@ class Workspace:
         return self.run_dir(run_id) / relative
 
     def save_tensor(self, run_id: str, relative: str, obj: Any) -> str:
-        """Save ``obj`` with torch.save under the run folder; return the relative path."""
+        """Save ``obj`` with torch.save under the run folder; return the path used."""
         atomic_torch_save(self.path(run_id, relative), obj)
         return relative
 
@@ -245,15 +245,6 @@ class Workspace:
                 f"INSERT INTO {table} ({columns}) VALUES ({marks})", values
             )
 
-    def _update_metrics(self, table: str, record_id: str, metrics: dict) -> None:
-        with self._connect() as connection:
-            cursor = connection.execute(
-                f"UPDATE {table} SET metrics = ? WHERE id = ?",
-                (json.dumps(metrics), record_id),
-            )
-            if cursor.rowcount == 0:
-                raise WorkspaceError(f"No record {record_id!r} in {table}.")
-
     @staticmethod
     def _decode(row: sqlite3.Row) -> dict[str, Any]:
         record = dict(row)
@@ -271,8 +262,8 @@ class Workspace:
             known = [r["id"] for r in self._list(table)][:5]
             hint = f" Known: {', '.join(known)}." if known else ""
             raise WorkspaceError(
-                f"{what} {record_id!r} not found in workspace {str(self.root)!r}.{hint} "
-                "List them with 'python -m repair_core runs'."
+                f"{what} {record_id!r} not found in workspace {str(self.root)!r}."
+                f"{hint} List them with 'python -m repair_core runs'."
             )
         return self._decode(row)
 
@@ -288,8 +279,13 @@ class Workspace:
     def add_run(self, run_id: str, kind: str, config: dict, metrics: dict) -> None:
         self._insert(
             "runs",
-            {"id": run_id, "created_at": _now(), "kind": kind, "config": config,
-             "metrics": metrics},
+            {
+                "id": run_id,
+                "created_at": _now(),
+                "kind": kind,
+                "config": config,
+                "metrics": metrics,
+            },
         )
 
     def get_run(self, run_id: str) -> dict[str, Any]:
@@ -303,8 +299,13 @@ class Workspace:
     ) -> None:
         self._insert(
             "failure_sets",
-            {"id": failure_set_id, "run_id": run_id, "created_at": _now(),
-             "config": config, "metrics": metrics},
+            {
+                "id": failure_set_id,
+                "run_id": run_id,
+                "created_at": _now(),
+                "config": config,
+                "metrics": metrics,
+            },
         )
 
     def get_failure_set(self, failure_set_id: str) -> dict[str, Any]:
@@ -324,9 +325,15 @@ class Workspace:
     ) -> None:
         self._insert(
             "scores",
-            {"id": scores_id, "run_id": run_id, "failure_set_id": failure_set_id,
-             "method": method, "created_at": _now(), "config": config,
-             "metrics": metrics},
+            {
+                "id": scores_id,
+                "run_id": run_id,
+                "failure_set_id": failure_set_id,
+                "method": method,
+                "created_at": _now(),
+                "config": config,
+                "metrics": metrics,
+            },
         )
 
     def get_scores(self, scores_id: str) -> dict[str, Any]:
@@ -347,9 +354,16 @@ class Workspace:
     ) -> None:
         self._insert(
             "repairs",
-            {"id": repair_id, "run_id": run_id, "failure_set_id": failure_set_id,
-             "scores_id": scores_id, "treatment": treatment, "created_at": _now(),
-             "config": config, "metrics": metrics},
+            {
+                "id": repair_id,
+                "run_id": run_id,
+                "failure_set_id": failure_set_id,
+                "scores_id": scores_id,
+                "treatment": treatment,
+                "created_at": _now(),
+                "config": config,
+                "metrics": metrics,
+            },
         )
 
     def get_repair(self, repair_id: str) -> dict[str, Any]:

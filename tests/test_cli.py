@@ -67,8 +67,16 @@ def test_flip_matrix_file_rejects_bad_row(tmp_path, capsys):
     workspace = tmp_path / "ws"
 
     code = main(
-        ["train", "--workspace", str(workspace), "--scenario", "label-flip",
-         "--flip-matrix", str(matrix)] + TINY
+        [
+            "train",
+            "--workspace",
+            str(workspace),
+            "--scenario",
+            "label-flip",
+            "--flip-matrix",
+            str(matrix),
+        ]
+        + TINY
     )
 
     assert code == 2
@@ -117,9 +125,20 @@ def test_import_registers_user_model(tmp_path, capsys, user_model):
 
     summary = _run_json(
         capsys,
-        ["import", "--workspace", workspace, "--model", "deployed_net:build",
-         "--checkpoint", str(user_model), "--n-train", "200", "--n-test", "100",
-         "--json"],
+        [
+            "import",
+            "--workspace",
+            workspace,
+            "--model",
+            "deployed_net:build",
+            "--checkpoint",
+            str(user_model),
+            "--n-train",
+            "200",
+            "--n-test",
+            "100",
+            "--json",
+        ],
     )
 
     assert RUN_KEYS <= set(summary)
@@ -135,9 +154,19 @@ def test_import_rejects_wrong_output_size(tmp_path, capsys, user_model):
     torch.save(small.state_dict(), bad)
 
     code = main(
-        ["import", "--workspace", str(tmp_path / "ws"), "--model",
-         "deployed_net:build", "--checkpoint", str(bad), "--n-train", "200",
-         "--n-test", "100"]
+        [
+            "import",
+            "--workspace",
+            str(tmp_path / "ws"),
+            "--model",
+            "deployed_net:build",
+            "--checkpoint",
+            str(bad),
+            "--n-train",
+            "200",
+            "--n-test",
+            "100",
+        ]
     )
 
     assert code == 2
@@ -152,8 +181,16 @@ def test_help_documents_options_with_defaults():
         check=True,
     )
 
-    for option in ("--workspace", "--scenario", "--epochs", "--patience", "--lr",
-                   "--batch-size", "--query-fraction", "--record-trajectory"):
+    for option in (
+        "--workspace",
+        "--scenario",
+        "--epochs",
+        "--patience",
+        "--lr",
+        "--batch-size",
+        "--query-fraction",
+        "--record-trajectory",
+    ):
         assert option in result.stdout
     assert "(default: 100)" in result.stdout
     assert "(default: workspace)" in result.stdout

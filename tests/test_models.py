@@ -94,7 +94,9 @@ def test_checkpoint_shape_mismatch_names_layer(user_module):
     torch.save(models.load_factory("user_nets:build_wide").state_dict(), path)
     model = models.load_factory("user_nets:build")
 
-    with pytest.raises(CheckpointError, match=r"Layer '1.weight' has shape \(64, 784\)"):
+    with pytest.raises(
+        CheckpointError, match=r"Layer '1.weight' has shape \(64, 784\)"
+    ):
         models.load_checked_state(model, models.read_state_dict(path))
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import make_blobs, make_mlp
+
 from repair_core.errors import ConfigError
 from repair_core.training import TrainConfig, train_model
 
