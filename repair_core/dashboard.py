@@ -1,0 +1,569 @@
+"""Streamlit glue shared by the dashboard pages.
+
+Session state, cached access to the workspace and to loaded runs, image
+thumbnails and grids, plotly figures and small widget helpers. Every
+computation is delegated to the rest of ``repair_core``, so this module only
+caches, encodes and draws.
+
+Session-state keys shared between pages (one copy per browser session):
+
+* ``workspace_root``: the workspace folder in use.
+* ``run_id``, ``failure_set_id``, ``scores_id``, ``repair_id``: the run, the
+  failure set F, the ranking under review and the repair on show.
+* ``map_runs``: run ids whose UMAP map this session asked to see.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import html
+import io
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+import torch
+from PIL import Image
+from streamlit.errors import StreamlitAPIException
+
+from repair_core import pipeline
+from repair_core.errors import RepairError
+from repair_core.failures import FailureSplit
+from repair_core.inference import eval_mode, model_device, predict_logits
+from repair_core.metrics import ranking
+from repair_core.models import embed
+from repair_core.progress import Progress
+from repair_core.workspace import DEFAULT_WORKSPACE, Workspace
+
+WORKSPACE_ENV = "REPAIR_WORKSPACE"
+
+#: Errors a page shows with ``st.error`` instead of crashing: bad input or
+#: state (RepairError, a ValueError) and non-finite numbers from a solver.
+USER_ERRORS = (RepairError, FloatingPointError)
+
+#: Examples per batch when computing penultimate features for the map.
+EMBED_BATCH_SIZE = 512
+#: Maps with more points than this are drawn with WebGL (plotly Scattergl).
+WEBGL_MIN_POINTS = 5000
+#: UMAP needs more points than its neighbourhood size (15 by default).
+MIN_MAP_POINTS = 20
+
+_STATE_DEFAULTS: dict[str, Any] = {
+    "run_id": None,
+    "failure_set_id": None,
+    "scores_id": None,
+    "repair_id": None,
+}
+
+# Card outline colours of the image grids.
+TONE_COLOURS = {
+    "bad": "#d62728",
+    "good": "#2ca02c",
+    "warn": "#ff7f0e",
+    "info": "#1f77b4",
+    None: "rgba(128, 128, 128, 0.35)",
+}
+
+
+# Session state ---------------------------------------------------------------
+
+
+def init_state() -> None:
+    """Create the shared session-state keys that are missing, once per session."""
+    if "workspace_root" not in st.session_state:
+        root = os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE
+        st.session_state["workspace_root"] = root
+    for key, value in _STATE_DEFAULTS.items():
+        if key not in st.session_state:
+            st.session_state[key] = value
+    if "map_runs" not in st.session_state:
+        st.session_state["map_runs"] = set()
+
+
+def select_run(run_id: str | None, failure_set_id: str | None) -> None:
+    """Make ``run_id`` the open run and forget choices made for the previous one."""
+    st.session_state["run_id"] = run_id
+    st.session_state["failure_set_id"] = failure_set_id
+    st.session_state["scores_id"] = None
+    st.session_state["repair_id"] = None
+
+
+def sync_widget(widget_key: str, value: Any, options: Sequence[Any]) -> None:
+    """Point the widget ``widget_key`` at ``value`` when ``value`` changed since
+    the last call, or when the widget has no state yet. Call before the widget
+    is created; a choice the user made in the widget since then is kept."""
+    marker = f"_synced_{widget_key}"
+    changed = st.session_state.get(marker) != value
+    if value in options and (changed or widget_key not in st.session_state):
+        st.session_state[widget_key] = value
+    st.session_state[marker] = value
+    if widget_key in st.session_state and st.session_state[widget_key] not in options:
+        del st.session_state[widget_key]
+
+
+# Workspace and runs ----------------------------------------------------------
+
+
+@st.cache_resource(show_spinner=False)
+def open_workspace(root: str) -> Workspace:
+    """Open the workspace at ``root`` once per process, creating it if missing."""
+    return Workspace(root)
+
+
+def workspace() -> Workspace:
+    """Return the session's workspace, or show the error and stop the page."""
+    init_state()
+    root = st.session_state["workspace_root"]
+    try:
+        return open_workspace(root)
+    except USER_ERRORS as error:
+        st.error(f"The workspace folder {root!r} cannot be used: {error}")
+        st.stop()
+
+
+def workspace_sidebar() -> None:
+    """Show the workspace folder and the open run in the sidebar."""
+    init_state()
+    key = "sidebar_workspace"
+    if key not in st.session_state:
+        st.session_state[key] = st.session_state["workspace_root"]
+
+    def change_workspace() -> None:
+        root = st.session_state[key].strip() or DEFAULT_WORKSPACE
+        if root != st.session_state["workspace_root"]:
+            st.session_state["workspace_root"] = root
+            select_run(None, None)
+
+    with st.sidebar:
+        st.text_input(
+            "Workspace folder",
+            key=key,
+            on_change=change_workspace,
+            help=f"Folder of the runs database. The default comes from the "
+            f"{WORKSPACE_ENV} environment variable, else ./{DEFAULT_WORKSPACE}.",
+        )
+        run_id = st.session_state["run_id"]
+        st.caption(f"Run: `{run_id}`" if run_id else "No run open")
+        failure_set_id = st.session_state["failure_set_id"]
+        if failure_set_id:
+            st.caption(f"Failure set F: `{failure_set_id}`")
+
+
+@st.cache_resource(show_spinner="Loading the run…", max_entries=4)
+def load_run(root: str, run_id: str) -> pipeline.LoadedRun:
+    """Load a run once per process. Every session shares the read-only result.
+
+    Identification and treatments never modify ``LoadedRun.model``, so the
+    cached model can serve concurrent sessions.
+    """
+    return pipeline.load_run(open_workspace(root), run_id)
+
+
+def page_link(path: str, label: str) -> None:
+    """Link to another page; nothing is drawn when the page runs on its own
+    without st.navigation (as in a single-page AppTest)."""
+    with contextlib.suppress(StreamlitAPIException):
+        st.page_link(path, label=label, icon=":material/arrow_forward:")
+
+
+def require_run() -> tuple[Workspace, pipeline.LoadedRun]:
+    """Return the open run, or tell the user to open one on Setup and stop."""
+    ws = workspace()
+    run_id = st.session_state["run_id"]
+    if run_id is None:
+        st.info(
+            "No run is open. Train a model, import one or open an earlier run "
+            "on the **Setup** page first."
+        )
+        page_link("pages/setup.py", "Go to Setup")
+        st.stop()
+    try:
+        return ws, load_run(str(ws.root), run_id)
+    except USER_ERRORS as error:
+        st.error(f"Run {run_id!r} could not be loaded: {error}")
+        st.stop()
+
+
+def require_failure_set(
+    ws: Workspace, run: pipeline.LoadedRun
+) -> tuple[str, FailureSplit]:
+    """Return the chosen failure set F, or tell the user to choose one and stop."""
+    failure_set_id = st.session_state["failure_set_id"]
+    if failure_set_id is None:
+        st.info(
+            "No failure set F is chosen for this run. Pick the failures to explain "
+            "on the **Failures** page first."
+        )
+        page_link("pages/failures.py", "Go to Failures")
+        st.stop()
+    try:
+        split = pipeline.load_failure_split(ws, run.run_id, failure_set_id)
+    except USER_ERRORS as error:
+        st.error(f"Failure set {failure_set_id!r} could not be loaded: {error}")
+        st.stop()
+    return failure_set_id, split
+
+
+def progress_reporter(label: str) -> Progress:
+    """Create a progress bar and return a (fraction, message) callback for it."""
+    bar = st.progress(0.0, text=label)
+
+    def report(fraction: float, message: str) -> None:
+        bar.progress(min(max(float(fraction), 0.0), 1.0), text=f"{label}: {message}")
+
+    return report
+
+
+# Cached arrays ---------------------------------------------------------------
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def test_predictions(root: str, run_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return the stored model's test predictions and their softmax
+    confidence, each shape (n_test,)."""
+    run = load_run(root, run_id)
+    probabilities = torch.softmax(run.test_logits, dim=1)
+    confidence, predicted = probabilities.max(dim=1)
+    return predicted.numpy(), confidence.numpy()
+
+
+@st.cache_data(show_spinner="Predicting the training set…", max_entries=8)
+def train_predictions(root: str, run_id: str) -> np.ndarray:
+    """Return the stored model's predictions on its training set, shape (n_train,)."""
+    run = load_run(root, run_id)
+    return predict_logits(run.model, run.data.train.images).argmax(1).numpy()
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def stored_scores(root: str, scores_id: str) -> np.ndarray:
+    """Return stored identification scores, float64, shape (n_train,)."""
+    return pipeline.load_scores(open_workspace(root), scores_id).numpy()
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def ranking_order(root: str, scores_id: str) -> np.ndarray:
+    """Return training indices from most to least harmful for stored scores."""
+    return ranking(torch.as_tensor(stored_scores(root, scores_id))).numpy()
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def thumbnails(root: str, run_id: str, part: str) -> list[str]:
+    """Encode every image of the training or test part as a PNG data URI.
+
+    Runs once per run and part; pages index into the cached list.
+    """
+    run = load_run(root, run_id)
+    images = run.data.train.images if part == "train" else run.data.test.images
+    return [encode_png(image) for image in images]
+
+
+def encode_png(image: torch.Tensor) -> str:
+    """Encode one (C, H, W) image with values in [0, 1] as a PNG data URI."""
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+    array = pixels.permute(1, 2, 0).numpy()
+    if array.shape[2] == 1:
+        picture = Image.fromarray(array[:, :, 0], mode="L")
+    else:
+        picture = Image.fromarray(array[:, :, :3], mode="RGB")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@torch.no_grad()
+def _features(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
+    device = model_device(model)
+    parts = []
+    with eval_mode(model):
+        for start in range(0, len(images), EMBED_BATCH_SIZE):
+            batch = images[start : start + EMBED_BATCH_SIZE].to(device)
+            parts.append(embed(model, batch).flatten(1).float().cpu())
+    return torch.cat(parts).numpy()
+
+
+@st.cache_data(show_spinner="Computing the UMAP map…", max_entries=4)
+def umap_coordinates(root: str, run_id: str) -> dict[str, np.ndarray]:
+    """Project the penultimate features of the training and test images to 2-D.
+
+    One UMAP fit (umap-learn, seed 0) covers both parts, so training and test
+    points share one map. Returns {"train": (n_train, 2), "test": (n_test, 2)}.
+    """
+    import umap
+
+    run = load_run(root, run_id)
+    train = _features(run.model, run.data.train.images)
+    test = _features(run.model, run.data.test.images)
+    features = np.concatenate([train, test])
+    if len(features) < MIN_MAP_POINTS:
+        raise RepairError(
+            f"The run has {len(features)} images, but the map needs at least "
+            f"{MIN_MAP_POINTS}. Use more training or test images."
+        )
+    reducer = umap.UMAP(n_components=2, random_state=0, n_jobs=1)
+    coordinates = reducer.fit_transform(features)
+    return {"train": coordinates[: len(train)], "test": coordinates[len(train) :]}
+
+
+def map_coordinates(
+    root: str, run_id: str, button_key: str
+) -> dict[str, np.ndarray] | None:
+    """Return the run's UMAP map once the user asked for it, else show a button.
+
+    The map is computed on the first request and cached per run, so later
+    pages and reruns reuse it.
+    """
+    requested: set[str] = st.session_state["map_runs"]
+    if run_id not in requested:
+        st.caption(
+            "The map projects the model's penultimate features with UMAP. It is "
+            "computed once per run."
+        )
+        if not st.button("Compute the UMAP map", key=button_key):
+            return None
+        requested.add(run_id)
+    try:
+        return umap_coordinates(root, run_id)
+    except USER_ERRORS as error:
+        st.error(f"The map could not be computed: {error}")
+        requested.discard(run_id)
+        return None
+
+
+# Image grids -----------------------------------------------------------------
+
+
+@dataclass
+class Card:
+    """One image of a grid with its caption lines and outline tone."""
+
+    image: str
+    """PNG data URI."""
+    title: str
+    lines: list[str] = dataclasses.field(default_factory=list)
+    tone: str | None = None
+    """Key of ``TONE_COLOURS``: bad, good, warn, info or None."""
+    badge: str | None = None
+
+
+_GRID_STYLE = """
+<style>
+.repair-grid {display: grid; gap: 10px;
+  grid-template-columns: repeat(auto-fill, minmax(var(--cell), 1fr));}
+.repair-card {border: 2px solid; border-radius: 8px; padding: 6px;
+  font: 12px/1.35 sans-serif; text-align: center; overflow: hidden;}
+.repair-card img {width: 100%; image-rendering: pixelated; border-radius: 4px;
+  background: #000;}
+.repair-card .title {font-weight: 600; margin-top: 3px;}
+.repair-card .line {opacity: 0.8; white-space: nowrap; overflow: hidden;
+  text-overflow: ellipsis;}
+.repair-card .badge {display: inline-block; margin-top: 2px; padding: 0 6px;
+  border-radius: 8px; color: #fff; font-size: 11px;}
+</style>
+"""
+
+
+def card_html(card: Card) -> str:
+    """Return the HTML of one grid card; text is escaped."""
+    colour = TONE_COLOURS.get(card.tone, TONE_COLOURS[None])
+    lines = "".join(
+        f'<div class="line">{html.escape(line)}</div>' for line in card.lines
+    )
+    badge = ""
+    if card.badge:
+        badge = (
+            f'<div class="badge" style="background:{colour}">'
+            f"{html.escape(card.badge)}</div>"
+        )
+    return (
+        f'<div class="repair-card" style="border-color:{colour}">'
+        f'<img src="{card.image}" alt="{html.escape(card.title)}">'
+        f'<div class="title">{html.escape(card.title)}</div>{lines}{badge}</div>'
+    )
+
+
+def show_grid(cards: Iterable[Card], cell_px: int = 110) -> None:
+    """Draw cards as one responsive HTML grid."""
+    body = "".join(card_html(card) for card in cards)
+    st.html(
+        f'{_GRID_STYLE}<div class="repair-grid" style="--cell:{cell_px}px">{body}</div>'
+    )
+
+
+def show_card(card: Card) -> None:
+    """Draw a single card, for grids built from st.columns."""
+    st.html(f"{_GRID_STYLE}{card_html(card)}")
+
+
+def page_window(total: int, page_size: int, key: str) -> slice:
+    """Show a page selector when ``total`` items need more than one page and
+    return the slice of the current page."""
+    pages = max(1, -(-total // page_size))
+    if pages == 1:
+        st.session_state.pop(key, None)
+        return slice(0, total)
+    if st.session_state.get(key, 1) > pages:
+        st.session_state[key] = pages
+    left, right = st.columns([1, 4], vertical_alignment="bottom")
+    page = left.number_input(
+        f"Page (of {pages})", min_value=1, max_value=pages, value=1, step=1, key=key
+    )
+    start = (int(page) - 1) * page_size
+    stop = min(start + page_size, total)
+    right.caption(f"Showing {start + 1}–{stop} of {total}")
+    return slice(start, stop)
+
+
+# Figures ---------------------------------------------------------------------
+
+
+def confusion_counts(
+    labels: np.ndarray, predictions: np.ndarray, num_classes: int
+) -> np.ndarray:
+    """Return the confusion matrix, rows = true class, columns = predicted."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(labels, predictions, labels=list(range(num_classes)))
+
+
+def confusion_figure(
+    counts: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    failures_only: bool = False,
+    selected: tuple[int, int] | None = None,
+) -> go.Figure:
+    """Draw a confusion matrix as a plotly heatmap.
+
+    Plotly heatmaps emit no selection events in Streamlit (1.67), so an
+    invisible marker sits on every cell. Its ``customdata`` is (true,
+    predicted), and a click on the cell selects it. With ``failures_only``
+    the diagonal is blank.
+    """
+    names = [str(name) for name in class_names]
+    values = counts.astype(float)
+    if failures_only:
+        np.fill_diagonal(values, np.nan)
+    text = [
+        ["" if np.isnan(v) or v == 0 else f"{v:.0f}" for v in row] for row in values
+    ]
+    figure = go.Figure(
+        go.Heatmap(
+            z=values,
+            x=names,
+            y=names,
+            text=text,
+            texttemplate="%{text}",
+            colorscale="Reds" if failures_only else "Blues",
+            hoverinfo="skip",
+            showscale=False,
+        )
+    )
+    rows, columns = np.indices(values.shape)
+    figure.add_trace(
+        go.Scatter(
+            x=[names[c] for c in columns.ravel()],
+            y=[names[r] for r in rows.ravel()],
+            customdata=np.stack([rows.ravel(), columns.ravel()], axis=1),
+            mode="markers",
+            marker={"size": 28, "symbol": "square", "opacity": 0.01},
+            hovertemplate="true %{y} → predicted %{x}: %{text}<extra></extra>",
+            text=[str(count) for count in counts.ravel()],
+            showlegend=False,
+        )
+    )
+    if selected is not None:
+        figure.add_shape(
+            type="rect",
+            x0=selected[1] - 0.5,
+            x1=selected[1] + 0.5,
+            y0=selected[0] - 0.5,
+            y1=selected[0] + 0.5,
+            line={"color": "#111", "width": 3},
+        )
+    figure.update_layout(
+        xaxis={"title": "predicted class", "type": "category", "side": "bottom"},
+        yaxis={"title": "true class", "type": "category", "autorange": "reversed"},
+        margin={"l": 10, "r": 10, "t": 10, "b": 10},
+        height=max(320, 34 * len(names) + 80),
+        clickmode="event+select",
+        dragmode=False,
+    )
+    return figure
+
+
+def scatter_class(n_points: int) -> type[go.Scatter] | type[go.Scattergl]:
+    """Return SVG scatter for small maps and WebGL scatter for large ones."""
+    return go.Scatter if n_points <= WEBGL_MIN_POINTS else go.Scattergl
+
+
+def selected_points(event: Any) -> list[dict[str, Any]]:
+    """Return the point dicts of a plotly chart selection event (may be empty)."""
+    if not event:
+        return []
+    selection = event.get("selection") if isinstance(event, dict) else None
+    if selection is None:
+        selection = getattr(event, "selection", None)
+    if not selection:
+        return []
+    points = selection.get("points") if isinstance(selection, dict) else None
+    return list(points or getattr(selection, "points", []) or [])
+
+
+# Settings editors ------------------------------------------------------------
+
+
+def settings_editor(config: Any, key_prefix: str) -> Any:
+    """Edit the numeric, boolean and text fields of a settings dataclass.
+
+    Nested settings dataclasses are edited recursively. Returns a new instance
+    built with ``dataclasses.replace``, which runs the class's own checks and
+    may raise RepairError.
+    """
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        key = f"{key_prefix}_{item.name}"
+        help_text = item.metadata.get("help")
+        label = item.name.replace("_", " ")
+        if dataclasses.is_dataclass(value):
+            st.markdown(f"**{label}**")
+            values[item.name] = settings_editor(value, key)
+        elif isinstance(value, bool):
+            values[item.name] = st.checkbox(label, value=value, key=key, help=help_text)
+        elif isinstance(value, int):
+            values[item.name] = int(
+                st.number_input(label, value=value, step=1, key=key, help=help_text)
+            )
+        elif isinstance(value, float):
+            values[item.name] = float(
+                st.number_input(
+                    label, value=value, format="%g", key=key, help=help_text
+                )
+            )
+        elif isinstance(value, str):
+            values[item.name] = st.text_input(
+                label, value=value, key=key, help=help_text
+            )
+    return dataclasses.replace(config, **values)
+
+
+def describe_error(error: Exception) -> str:
+    """Return a one-line message for an error shown with ``st.error``."""
+    if isinstance(error, FloatingPointError):
+        return f"The computation produced non-finite values: {error}"
+    return str(error)
+
+
+def run_safely(action: str, function: Callable[[], Any]) -> Any:
+    """Call ``function``; show a user error with ``st.error`` and return None."""
+    try:
+        return function()
+    except USER_ERRORS as error:
+        st.error(f"{action} failed: {describe_error(error)}")
+        return None
