@@ -592,6 +592,8 @@ def test_repair_config_from_dict_and_errors():
         EWCDeletionConfig(gamma=-1)
     with pytest.raises(ConfigError, match="Unknown solver"):
         NewtonConfig(solver="cg")
+    with pytest.raises(ConfigError, match="Unknown setting 'steps' for EWCInf"):
+        repair("fit-failures", *args, {"fit": {"steps": 3}})
     with pytest.raises(ConfigError, match="max_epochs 0"):
         repair("finetune", *args, {"max_epochs": 0})
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from repair_core.errors import ConfigError
 from repair_core.identification.base import option
 from repair_core.identification.ewc_influence import (
     EWCInfluenceConfig,
@@ -38,7 +39,16 @@ logger = logging.getLogger(__name__)
 
 
 def _nested(cls: type, values: Any) -> Any:
-    return cls(**values) if isinstance(values, dict) else values
+    if not isinstance(values, dict):
+        return values
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"Unknown setting {unknown[0]!r} for {cls.__name__}. Use one of "
+            f"{', '.join(sorted(known))}."
+        )
+    return cls(**values)
 
 
 @dataclass
