@@ -518,15 +518,20 @@ def selected_points(event: Any) -> list[dict[str, Any]]:
 # Settings editors ------------------------------------------------------------
 
 
-def settings_editor(config: Any, key_prefix: str) -> Any:
+def settings_editor(
+    config: Any, key_prefix: str, skip: Sequence[str | None] = ()
+) -> Any:
     """Edit the numeric, boolean and text fields of a settings dataclass.
 
-    Nested settings dataclasses are edited recursively. Returns a new instance
+    Fields named in ``skip`` keep their value. Nested settings dataclasses are
+    edited recursively. Returns a new instance
     built with ``dataclasses.replace``, which runs the class's own checks and
     may raise RepairError.
     """
     values: dict[str, Any] = {}
     for item in dataclasses.fields(config):
+        if item.name in skip:
+            continue
         value = getattr(config, item.name)
         key = f"{key_prefix}_{item.name}"
         help_text = item.metadata.get("help")

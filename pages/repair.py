@@ -1,0 +1,463 @@
+"""Repair: erase the influence of the culprits and measure what changed."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from repair_core import dashboard, pipeline
+from repair_core.evaluation import SWEEPABLE
+from repair_core.treatments import TRAINING_TREATMENTS, TREATMENTS, default_config
+
+TREATMENT_HELP = {
+    "ewc-deletion": "Unlearn C under an EWC prior, early-stopped on F_q accuracy.",
+    "newton": "One Newton step that removes C (Guo et al. 2020).",
+    "finetune": "Fine-tune the model on D without C.",
+    "retrain": "Train a freshly initialised model on D without C.",
+    "fit-failures": "Fit F_q under an EWC prior; C is recorded but not used.",
+    "fit-failures+ewc-deletion": "EWC-deletion of C, then the EWC fit of F_q.",
+}
+SUBSETS = {
+    "query_acc": "F_q (query failures)",
+    "holdout_acc": "F_h (holdout failures)",
+    "remaining_acc": "T\\F (correct before)",
+    "test_acc": "T (whole test set)",
+}
+ARM_LABELS = {
+    "before": "before",
+    "treatment": "treatment",
+    "nothing": "nothing removed",
+    "random": "random removal",
+}
+ARM_COLOURS = {
+    "before": "#9e9e9e",
+    "treatment": "#1f77b4",
+    "nothing": "#ff7f0e",
+    "random": "#2ca02c",
+}
+GRID_LIMIT = 48
+
+dashboard.init_state()
+ws, run = dashboard.require_run()
+failure_set_id, split = dashboard.require_failure_set(ws, run)
+root = str(ws.root)
+class_names = [str(name) for name in run.data.test.class_names]
+n_train = len(run.data.train)
+
+st.title("Repair")
+if "repair_sweeps" not in st.session_state:
+    st.session_state["repair_sweeps"] = {}
+
+
+def choose_repair() -> None:
+    st.session_state["repair_id"] = st.session_state["repair_select"]
+
+
+def causes_section() -> tuple[Any, str, str | None] | None:
+    """Show the choice of C; return (indices, description, scores id) or None."""
+    decisions = ws.get_decisions(run.run_id, failure_set_id)
+    n_confirmed = sum(1 for d in decisions.values() if d == "confirmed")
+    rankings = ws.list_scores(run.run_id, failure_set_id=failure_set_id)
+    sources = ["confirmed", "top-k"]
+    source = st.radio(
+        "Causes C to remove",
+        sources,
+        key="repair_source",
+        horizontal=True,
+        format_func={
+            "confirmed": f"Confirmed culprits ({n_confirmed})",
+            "top-k": "Top K of a ranking",
+        }.get,
+    )
+    if source == "confirmed":
+        if not n_confirmed:
+            st.info(
+                "No culprit is confirmed for this failure set. Confirm culprits on "
+                "the **Causes** page, or remove the top K of a ranking."
+            )
+            return None
+        return dashboard.run_safely(
+            "Reading the confirmed culprits",
+            lambda: (
+                *pipeline.resolve_causes(
+                    ws, run, failure_set_id=failure_set_id, confirmed=True
+                ),
+                None,
+            ),
+        )
+    if not rankings:
+        st.info(
+            "No ranking exists for this failure set. Run an identification "
+            "method on the **Causes** page first."
+        )
+        return None
+    ids = [record["id"] for record in reversed(rankings)]
+    methods = {record["id"]: record["method"] for record in rankings}
+    dashboard.sync_widget("repair_scores", st.session_state["scores_id"], ids)
+    left, right = st.columns([3, 1])
+    scores_id = left.selectbox(
+        "Ranking",
+        ids,
+        key="repair_scores",
+        format_func=lambda i: f"{methods[i]} · {i}",
+    )
+    top_k = right.number_input(
+        "K", 1, max(1, n_train - 1), min(50, n_train - 1), key="repair_k"
+    )
+    return dashboard.run_safely(
+        "Choosing the top K",
+        lambda: (
+            *pipeline.resolve_causes(
+                ws,
+                run,
+                failure_set_id=failure_set_id,
+                scores_id=scores_id,
+                top_k=int(top_k),
+            ),
+            scores_id,
+        ),
+    )
+
+
+def strength_widget(treatment: str, config: Any) -> Any:
+    """Show the treatment's strength (γ or epochs) and return the config."""
+    field = SWEEPABLE.get(treatment)
+    if field == "gamma":
+        gamma = st.number_input(
+            "Strength γ (larger removes more)",
+            min_value=1e-6,
+            value=float(config.gamma),
+            format="%g",
+            key=f"repair_gamma_{treatment}",
+        )
+        return dataclasses.replace(config, gamma=float(gamma))
+    if field == "max_epochs":
+        epochs = st.number_input(
+            "Fine-tuning epochs (0 = the run's training setting)",
+            min_value=0,
+            value=0,
+            key=f"repair_epochs_{treatment}",
+        )
+        return dataclasses.replace(config, max_epochs=int(epochs) or None)
+    return config
+
+
+def settings_section(treatment: str) -> Any | None:
+    try:
+        config = strength_widget(treatment, default_config(treatment))
+        with st.expander("More settings"):
+            return dashboard.settings_editor(
+                config, f"repair_cfg_{treatment}", skip=(SWEEPABLE.get(treatment),)
+            )
+    except dashboard.USER_ERRORS as error:
+        st.error(f"Invalid {treatment} settings: {error}")
+        return None
+
+
+def sweep_strengths(treatment: str) -> list[float] | None:
+    field = SWEEPABLE[treatment]
+    default = "0.01, 0.02, 0.03, 0.05" if field == "gamma" else "1, 2, 5, 10"
+    text = st.text_input(
+        f"Values of {field} to sweep (comma-separated)",
+        value=default,
+        key=f"repair_sweep_{treatment}",
+    )
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        st.error(f"Invalid sweep values {text!r}. Give numbers separated by commas.")
+        return None
+
+
+def run_single(treatment, config, causes, origin, scores_id, seeds, controls) -> None:
+    report = dashboard.progress_reporter(f"Repair with {treatment}")
+    summary = dashboard.run_safely(
+        "Repair",
+        lambda: pipeline.run_repair(
+            ws,
+            run,
+            treatment,
+            causes,
+            failure_set_id=failure_set_id,
+            scores_id=scores_id,
+            causes_origin=origin,
+            config=config,
+            seeds=seeds,
+            controls=controls,
+            progress=report,
+        ),
+    )
+    if summary is not None:
+        st.session_state["repair_id"] = summary["repair_id"]
+        st.rerun()
+
+
+def run_sweep(treatment, config, causes, origin, strengths) -> None:
+    report = dashboard.progress_reporter(f"Sweep of {treatment}")
+    points = dashboard.run_safely(
+        "Sweep",
+        lambda: pipeline.run_sweep(
+            ws,
+            run,
+            treatment,
+            causes,
+            failure_set_id=failure_set_id,
+            strengths=strengths,
+            config=config,
+            progress=report,
+        ),
+    )
+    if points is not None:
+        sweeps = st.session_state["repair_sweeps"].setdefault(failure_set_id, [])
+        sweeps.append({"treatment": treatment, "causes": origin, "points": points})
+
+
+def action_section() -> None:
+    chosen = causes_section()
+    left, right = st.columns(2)
+    with left:
+        treatment = st.selectbox(
+            "Treatment",
+            TREATMENTS,
+            key="repair_treatment",
+            format_func=lambda name: f"{name} — {TREATMENT_HELP.get(name, '')}",
+        )
+        config = settings_section(treatment)
+    with right:
+        modes = ["single", "sweep"] if treatment in SWEEPABLE else ["single"]
+        mode = st.segmented_control(
+            "Run",
+            modes,
+            default="single",
+            key="repair_mode",
+            format_func={"single": "One strength", "sweep": "Sweep"}.get,
+        )
+        if mode == "sweep" and treatment in SWEEPABLE:
+            strengths = sweep_strengths(treatment)
+        else:
+            mode = "single"
+            n_seeds = st.number_input(
+                "Seeds",
+                1,
+                10,
+                3,
+                key="repair_seeds",
+                help="Training treatments vary with the seed, so each runs once "
+                "per seed and the spread is reported.",
+            )
+            with_controls = st.checkbox(
+                "Run the nothing-removed and random-removal controls",
+                value=True,
+                key="repair_controls",
+                disabled=treatment not in TRAINING_TREATMENTS,
+                help="Only the training treatments (ewc-deletion, finetune, "
+                "retrain) run controls.",
+            )
+    ready = chosen is not None and config is not None
+    if mode == "sweep":
+        ready = ready and bool(strengths)
+    if chosen is not None:
+        st.caption(f"C: {len(chosen[0])} training examples, {chosen[1]}.")
+    if not st.button("Repair", type="primary", key="repair_run", disabled=not ready):
+        return
+    causes, origin, scores_id = chosen
+    if mode == "sweep":
+        run_sweep(treatment, config, causes, origin, strengths)
+    else:
+        seeds = tuple(range(int(n_seeds)))
+        controls = ("nothing", "random") if with_controls else ()
+        run_single(treatment, config, causes, origin, scores_id, seeds, controls)
+
+
+def comparison_table(summary: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+    for key, subset in SUBSETS.items():
+        row = {"subset": subset, "before": summary["before"][key]}
+        row["treatment"] = summary["after"][key]
+        row["treatment spread"] = summary["spread"][key]
+        for arm, values in summary["controls"].items():
+            row[ARM_LABELS[arm]] = values["mean"][key]
+            row[f"{ARM_LABELS[arm]} spread"] = values["std"][key]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def comparison_figure(summary: dict[str, Any]) -> go.Figure:
+    arms = {"before": (summary["before"], None)}
+    arms["treatment"] = (summary["after"], summary["spread"])
+    for arm, values in summary["controls"].items():
+        arms[arm] = (values["mean"], values["std"])
+    figure = go.Figure()
+    for arm, (means, spread) in arms.items():
+        figure.add_bar(
+            name=ARM_LABELS[arm],
+            x=list(SUBSETS.values()),
+            y=[means[key] for key in SUBSETS],
+            error_y=(
+                None
+                if spread is None
+                else {"type": "data", "array": [spread[key] for key in SUBSETS]}
+            ),
+            marker_color=ARM_COLOURS[arm],
+        )
+    figure.update_layout(
+        barmode="group",
+        yaxis={"title": "accuracy", "range": [0, 1.05], "tickformat": ".0%"},
+        height=380,
+        margin={"t": 10, "b": 10},
+        legend={"orientation": "h"},
+    )
+    return figure
+
+
+def gain_metrics(summary: dict[str, Any]) -> None:
+    gain = summary.get("gain_over_nothing")
+    columns = st.columns(4)
+    if gain:
+        mean, spread = gain["paired_mean"], gain["paired_std"]
+        columns[0].metric(
+            "Gain on F_h over nothing removed",
+            f"{mean['holdout_acc']:+.1%}",
+            help=f"Treatment minus nothing removed, paired by seed; spread "
+            f"±{spread['holdout_acc']:.1%}.",
+        )
+        columns[1].metric(
+            "Gain on T\\F over nothing removed",
+            f"{mean['remaining_acc']:+.1%}",
+            help=f"Spread ±{spread['remaining_acc']:.1%}.",
+        )
+    else:
+        columns[0].metric("Gain over nothing removed", "no control")
+    after, before = summary["after"], summary["before"]
+    columns[2].metric(
+        "F_h accuracy after",
+        f"{after['holdout_acc']:.1%}",
+        delta=f"{after['holdout_acc'] - before['holdout_acc']:+.1%}",
+    )
+    columns[3].metric(
+        "Test accuracy after",
+        f"{after['test_acc']:.1%}",
+        delta=f"{after['test_acc'] - before['test_acc']:+.1%}",
+    )
+
+
+def changed_images(title: str, indices: list[int], tone: str, empty: str) -> None:
+    st.markdown(f"**{title}** ({len(indices)})")
+    if not indices:
+        st.caption(empty)
+        return
+    images = dashboard.thumbnails(root, run.run_id, "test")
+    labels = run.data.test.labels
+    before = run.test_predictions
+    dashboard.show_grid(
+        (
+            dashboard.Card(
+                image=images[i],
+                title=f"true {class_names[labels[i]]}",
+                lines=[f"was {class_names[before[i]]}", f"test #{i}"],
+                tone=tone,
+            )
+            for i in indices[:GRID_LIMIT]
+        ),
+        cell_px=90,
+    )
+    if len(indices) > GRID_LIMIT:
+        st.caption(f"Showing the first {GRID_LIMIT}.")
+
+
+def results_section(repairs: list[dict[str, Any]]) -> None:
+    ids = [record["id"] for record in reversed(repairs)]
+    by_id = {record["id"]: record for record in repairs}
+    dashboard.sync_widget("repair_select", st.session_state["repair_id"], ids)
+    repair_id = st.selectbox(
+        "Repair result",
+        ids,
+        key="repair_select",
+        on_change=choose_repair,
+        format_func=lambda i: (
+            f"{by_id[i]['treatment']} · {by_id[i]['metrics'].get('causes', '')} · {i}"
+        ),
+    )
+    summary = by_id[repair_id]["metrics"]
+    st.caption(
+        f"Removed {summary['n_removed']} examples ({summary['causes']}) with "
+        f"{summary['treatment']}, seeds {summary['seeds']}, in "
+        f"{summary['seconds']:.0f} s. Figures are means over seeds."
+    )
+    gain_metrics(summary)
+    left, right = st.columns([3, 2])
+    left.plotly_chart(comparison_figure(summary), key="repair_bars")
+    with right:
+        percent = st.column_config.NumberColumn(format="percent")
+        table = comparison_table(summary)
+        st.dataframe(
+            table,
+            hide_index=True,
+            column_config={name: percent for name in table.columns[1:]},
+        )
+        path = ws.path(run.run_id, f"repairs/{repair_id}.pt")
+        if path.is_file():
+            st.download_button(
+                "Download the repaired checkpoint",
+                data=path.read_bytes(),
+                file_name=f"{repair_id}.pt",
+                mime="application/octet-stream",
+                key="repair_download",
+            )
+    left, right = st.columns(2)
+    with left:
+        changed_images(
+            "Holdout failures now correct",
+            summary["holdout_fixed_idx"],
+            "good",
+            "No holdout failure became correct.",
+        )
+    with right:
+        changed_images(
+            "Correct examples that broke",
+            summary["remaining_broken_idx"],
+            "bad",
+            "No correctly classified example broke.",
+        )
+
+
+def sweep_section() -> None:
+    sweeps = st.session_state["repair_sweeps"].get(failure_set_id, [])
+    if not sweeps:
+        return
+    st.subheader("Trade-off from sweeps")
+    figure = go.Figure()
+    for number, sweep in enumerate(sweeps, start=1):
+        points = sweep["points"]
+        figure.add_scatter(
+            x=[point["remaining_acc"] for point in points],
+            y=[point["holdout_acc"] for point in points],
+            text=[f"{point['strength']:g}" for point in points],
+            mode="lines+markers+text",
+            textposition="top center",
+            name=f"{number}. {sweep['treatment']} ({sweep['causes']})",
+        )
+    figure.update_layout(
+        xaxis={"title": "accuracy on T\\F (kept)", "tickformat": ".0%"},
+        yaxis={"title": "accuracy on F_h (fixed)", "tickformat": ".0%"},
+        height=400,
+        margin={"t": 10, "b": 10},
+        legend={"orientation": "h"},
+    )
+    st.plotly_chart(figure, key="repair_sweep_chart")
+    st.caption("Labels are the swept strength. Up and to the right is better.")
+
+
+with st.container(border=True):
+    action_section()
+
+repairs = ws.list_repairs(run.run_id, failure_set_id=failure_set_id)
+if repairs:
+    results_section(repairs)
+sweep_section()
+if not repairs and not st.session_state["repair_sweeps"].get(failure_set_id):
+    st.info("No repair yet for this failure set. Choose C and a treatment above.")
