@@ -1,0 +1,29 @@
+"""Model Repair Dashboard: ``streamlit run app.py``.
+
+Find the training examples behind a classifier's test failures, confirm them
+by eye and repair the model by erasing their influence. The workspace folder
+comes from the REPAIR_WORKSPACE environment variable (default ./workspace)
+and can be changed in the sidebar.
+"""
+
+import streamlit as st
+
+from repair_core import dashboard
+
+st.set_page_config(
+    page_title="Model Repair Dashboard",
+    page_icon=":material/healing:",
+    layout="wide",
+)
+dashboard.init_state()
+
+pages = [
+    st.Page("pages/setup.py", title="Setup", icon=":material/tune:", default=True),
+    st.Page("pages/failures.py", title="Failures", icon=":material/error:"),
+    st.Page("pages/causes.py", title="Causes", icon=":material/search:"),
+    st.Page("pages/repair.py", title="Repair", icon=":material/healing:"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/insights:"),
+]
+navigation = st.navigation(pages)
+dashboard.workspace_sidebar()
+navigation.run()

@@ -1,0 +1,211 @@
+"""Compare: detection curves, removal curves and wall times of the methods."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from repair_core import dashboard, pipeline
+from repair_core.metrics import detection_curve
+
+#: Points drawn per detection curve; longer curves are thinned evenly.
+CURVE_POINTS = 400
+BASELINES = ("oracle", "random")
+
+dashboard.init_state()
+ws, run = dashboard.require_run()
+failure_set_id, split = dashboard.require_failure_set(ws, run)
+root = str(ws.root)
+records = ws.list_scores(run.run_id, failure_set_id=failure_set_id)
+n_train = len(run.data.train)
+
+st.title("Compare")
+st.caption(f"Methods run on failure set `{failure_set_id}` of run `{run.run_id}`.")
+if "compare_curves" not in st.session_state:
+    st.session_state["compare_curves"] = {}
+
+
+def add_baselines(missing: list[str]) -> None:
+    for method in missing:
+        report = dashboard.progress_reporter(method)
+        dashboard.run_safely(
+            f"Identification with {method}",
+            lambda method=method, report=report: pipeline.run_identification(
+                ws, run, method, failure_set_id=failure_set_id, progress=report
+            ),
+        )
+    st.rerun()
+
+
+def detection_figure(latest: dict[str, dict[str, Any]]) -> go.Figure:
+    mask = run.corrupted_mask
+    figure = go.Figure()
+    for method, record in latest.items():
+        scores = dashboard.stored_scores(root, record["id"])
+        inspected, found = detection_curve(scores, mask)
+        step = max(1, len(inspected) // CURVE_POINTS)
+        keep = np.r_[np.arange(0, len(inspected), step), len(inspected) - 1]
+        dash = "dot" if method in BASELINES else "solid"
+        figure.add_scatter(
+            x=inspected[keep],
+            y=found[keep],
+            mode="lines",
+            name=method,
+            line={"dash": dash, "width": 2 if method in BASELINES else 3},
+        )
+    figure.update_layout(
+        xaxis={"title": "share of D inspected", "tickformat": ".0%"},
+        yaxis={"title": "share of corrupted found", "tickformat": ".0%"},
+        height=420,
+        margin={"t": 10, "b": 10},
+        legend={"orientation": "h"},
+    )
+    return figure
+
+
+def detection_section(latest: dict[str, dict[str, Any]]) -> None:
+    st.subheader("Detection curves")
+    if run.corrupted_mask is None:
+        st.info(
+            "This run has no ground truth about corrupted examples, so detection "
+            "cannot be measured. Train a run with a noise scenario to compare "
+            "detection."
+        )
+        return
+    missing = [method for method in BASELINES if method not in latest]
+    plural = "s" if len(missing) > 1 else ""
+    if missing and st.button(
+        f"Add the {' and '.join(missing)} baseline{plural}", key="compare_baselines"
+    ):
+        add_baselines(missing)
+    if latest:
+        st.plotly_chart(detection_figure(latest), key="compare_detection")
+        st.caption(
+            "The newest ranking of each method. Oracle ranks the known corrupted "
+            "examples first; random is the chance level."
+        )
+
+
+def parse_ks(text: str) -> list[int] | None:
+    try:
+        ks = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        st.error(f"Invalid list of k {text!r}. Give integers separated by commas.")
+        return None
+    return ks or None
+
+
+def run_curves(scores_ids: list[str], ks: list[int], n_seeds: int) -> None:
+    for scores_id in scores_ids:
+        report = dashboard.progress_reporter(f"Removal curve of {scores_id}")
+        curve = dashboard.run_safely(
+            "Removal curve",
+            lambda scores_id=scores_id, report=report: pipeline.run_removal_curve(
+                ws,
+                run,
+                scores_id,
+                failure_set_id=failure_set_id,
+                ks=tuple(ks),
+                seeds=tuple(range(n_seeds)),
+                progress=report,
+            ),
+        )
+        if curve is not None:
+            st.session_state["compare_curves"][(failure_set_id, scores_id)] = curve
+
+
+def removal_figure(curves: dict[str, list[dict[str, Any]]], key: str) -> go.Figure:
+    figure = go.Figure()
+    for label, curve in curves.items():
+        figure.add_scatter(
+            x=[point["k"] for point in curve],
+            y=[point["mean"][key] for point in curve],
+            error_y={"type": "data", "array": [point["std"][key] for point in curve]},
+            mode="lines+markers",
+            name=label,
+        )
+    figure.update_layout(
+        xaxis={"title": "training examples removed (k)", "type": "log"},
+        yaxis={"title": "accuracy", "tickformat": ".0%"},
+        height=360,
+        margin={"t": 10, "b": 10},
+        legend={"orientation": "h"},
+    )
+    return figure
+
+
+def removal_section(records: list[dict[str, Any]]) -> None:
+    st.subheader("Removal curves")
+    st.caption(
+        "Remove the top k of a ranking, fine-tune on the rest and measure "
+        "accuracy, averaged over seeds. Fine-tuning runs once per k and seed."
+    )
+    methods = {record["id"]: record["method"] for record in records}
+    ids = [record["id"] for record in reversed(records)]
+    chosen = st.multiselect(
+        "Rankings",
+        ids,
+        default=ids[:1],
+        key="compare_rankings",
+        format_func=lambda i: f"{methods[i]} · {i}",
+    )
+    left, middle, right = st.columns([3, 1, 1], vertical_alignment="bottom")
+    default_ks = ", ".join(str(k) for k in (10, 30, 100, 300) if k < n_train)
+    ks = parse_ks(left.text_input("k values", default_ks, key="compare_ks"))
+    n_seeds = middle.number_input("Seeds", 1, 10, 1, key="compare_seeds")
+    if right.button("Compute", key="compare_run", disabled=not chosen or ks is None):
+        run_curves(chosen, ks, int(n_seeds))
+    curves = {
+        f"{methods[scores_id]} · {scores_id}": curve
+        for (fs_id, scores_id), curve in st.session_state["compare_curves"].items()
+        if fs_id == failure_set_id and scores_id in methods
+    }
+    if curves:
+        left, right = st.columns(2)
+        left.markdown("**Holdout failures F_h**")
+        left.plotly_chart(removal_figure(curves, "holdout_acc"), key="compare_fh")
+        right.markdown("**Correct before, T\\F**")
+        right.plotly_chart(removal_figure(curves, "remaining_acc"), key="compare_rest")
+
+
+def timing_section(records: list[dict[str, Any]]) -> None:
+    st.subheader("Wall times")
+    rows = [
+        {
+            "step": "identification",
+            "name": record["method"],
+            "id": record["id"],
+            "seconds": record["metrics"].get("seconds"),
+            "device": record["metrics"].get("device"),
+        }
+        for record in records
+    ]
+    for record in ws.list_repairs(run.run_id, failure_set_id=failure_set_id):
+        metrics = record["metrics"]
+        rows.append(
+            {
+                "step": "repair with controls",
+                "name": record["treatment"],
+                "id": record["id"],
+                "seconds": metrics.get("seconds"),
+                "device": None,
+            }
+        )
+    st.dataframe(
+        pd.DataFrame(rows),
+        hide_index=True,
+        column_config={"seconds": st.column_config.NumberColumn(format="%.2f")},
+    )
+
+
+latest = {record["method"]: record for record in records}
+detection_section(latest)
+if not records:
+    st.info("No ranking yet for this failure set. Run methods on the Causes page.")
+    st.stop()
+removal_section(records)
+timing_section(records)
