@@ -23,12 +23,14 @@ Defaults and why:
   6 and 9) that corrupts 360 of 3000 examples. The default MNIST flip matrix
   changes 420 labels in expectation, so the scenarios are of similar size.
 * Salt-and-pepper amount (greyscale): 0.1, about 78 of 784 MNIST pixels. A
-  MnistCNN trained with ``train_model`` (TrainConfig defaults, seed 1) on the
-  seed-0 ``mnist-embedded`` training set classified 95% of the target-class
-  test images correctly, 17-19% after noise at 0.1 and under 1% at 0.17 or
-  more. So 0.1 moves the images far from their class while leaving some digit
-  signal. MNIST-C (github.com/google-research/mnist-c, corruptions.py) uses
-  amounts of 0.03 to 0.27 for its impulse noise.
+  MnistCNN trained with ``train_model`` (TrainConfig with seed 1, early stop
+  after 29 epochs, test accuracy 0.955, on 2 CPU cores) on the seed-0
+  ``mnist-embedded`` training set classified 95% of the target-class test
+  images correctly. After noise it classified 17-19% correctly at 0.1 (two
+  noise seeds), 0.6-1.1% at 0.17 and 0-0.3% at 0.2. So 0.1 moves the images
+  far from their class while leaving some digit signal. MNIST-C
+  (github.com/google-research/mnist-c, corruptions.py) uses amounts of 0.03
+  to 0.27 for its impulse noise.
 * Gaussian standard deviation (colour): 0.1, the strongest Gaussian-noise
   severity of CIFAR-10-C (github.com/hendrycks/robustness,
   ImageNet-C/create_c/make_cifar_c.py).
