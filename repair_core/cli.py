@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _fill_text(self, text, width, indent):
         return "".join(indent + line for line in text.splitlines(keepends=True))
+
+    def _get_help_string(self, action):
+        # Flags and options without a default already say what happens.
+        default = action.default
+        if default is None or default is False or default == []:
+            return action.help
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_workspace(parser: argparse.ArgumentParser) -> None:
@@ -135,6 +145,67 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _method_choices() -> tuple[str, ...]:
+    from repair_core.identification import METHODS
+
+    return tuple(METHODS)
+
+
+def _treatment_choices() -> tuple[str, ...]:
+    from repair_core.treatments import TREATMENTS
+
+    return TREATMENTS
+
+
+def _add_failure_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run id from train or import")
+    parser.add_argument(
+        "--failure-set",
+        default=None,
+        help="failure set id (default: the run's failure set with the given "
+        "--query-fraction, created if needed)",
+    )
+    parser.add_argument(
+        "--query-fraction",
+        type=float,
+        default=None,
+        help="share of the failures used as F_q when a new failure set is made "
+        "(default: the run's, 0.5)",
+    )
+
+
+def _add_causes_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("causes C (give exactly one)")
+    group.add_argument("--scores", default=None, help="scores id from identify")
+    group.add_argument(
+        "--top-k", type=int, default=None, help="remove the k highest scores"
+    )
+    group.add_argument(
+        "--causes",
+        choices=("positive", "confirmed"),
+        default=None,
+        help="positive: every example with a score above 0; confirmed: the "
+        "examples confirmed in review",
+    )
+    group.add_argument(
+        "--causes-file",
+        default=None,
+        help="text file with one training index per line",
+    )
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a setting of the method or treatment, for example "
+        "--set fit_steps=300; repeatable",
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from repair_core.models import MODEL_CHOICES
 
@@ -213,6 +284,93 @@ def _build_parser() -> argparse.ArgumentParser:
         "runs", help="list the runs of a workspace", formatter_class=_HelpFormatter
     )
     _add_workspace(runs)
+
+    identify = commands.add_parser(
+        "identify",
+        help="rank the training examples by how much they caused the failures",
+        formatter_class=_HelpFormatter,
+        description="Score every training example of a run with one identification "
+        "method and store the scores.\nHigher scores mean more harmful to the query "
+        "failures F_q.",
+    )
+    _add_workspace(identify)
+    _add_failure_options(identify)
+    identify.add_argument(
+        "--method",
+        default="ewc-influence",
+        choices=_method_choices(),
+        help="identification method",
+    )
+    _add_settings(identify)
+
+    repair = commands.add_parser(
+        "repair",
+        help="erase the influence of the causes and evaluate the repaired model",
+        formatter_class=_HelpFormatter,
+        description="Repair a run's model on the causes C, beside the nothing-removed "
+        "and random-removal controls,\nand store the repaired checkpoint. Figures "
+        "are means over the fine-tuning seeds.",
+    )
+    _add_workspace(repair)
+    _add_failure_options(repair)
+    _add_causes_options(repair)
+    repair.add_argument(
+        "--treatment",
+        default="finetune",
+        choices=_treatment_choices(),
+        help="treatment",
+    )
+    repair.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="comma-separated seeds; each figure is the mean over them",
+    )
+    repair.add_argument(
+        "--no-controls",
+        action="store_true",
+        help="skip the nothing-removed and random-removal controls",
+    )
+    _add_settings(repair)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="trace failure accuracy against remaining accuracy over a strength",
+        formatter_class=_HelpFormatter,
+        description="Run a treatment at several strengths (gamma for ewc-deletion "
+        "and newton, maximum epochs\nfor finetune) and print the trade-off points.",
+    )
+    _add_workspace(sweep)
+    _add_failure_options(sweep)
+    _add_causes_options(sweep)
+    sweep.add_argument(
+        "--treatment",
+        default="ewc-deletion",
+        choices=("ewc-deletion", "newton", "finetune"),
+        help="treatment",
+    )
+    sweep.add_argument(
+        "--strengths",
+        default="0.01,0.02,0.03,0.04,0.05",
+        help="comma-separated strengths: gamma (unitless) or maximum epochs",
+    )
+    _add_settings(sweep)
+
+    curve = commands.add_parser(
+        "removal-curve",
+        help="remove the top k by score, fine-tune, and record accuracies",
+        formatter_class=_HelpFormatter,
+    )
+    _add_workspace(curve)
+    _add_failure_options(curve)
+    curve.add_argument("--scores", required=True, help="scores id from identify")
+    curve.add_argument(
+        "--ks",
+        default="10,30,100,300,600,1000",
+        help="comma-separated numbers of removed examples",
+    )
+    curve.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated fine-tuning seeds"
+    )
     return parser
 
 
@@ -311,10 +469,186 @@ def _command_runs(args: argparse.Namespace) -> dict[str, Any]:
     return {"workspace": str(workspace.root), "runs": runs}
 
 
+def _parse_list(text: str, kind: type, option: str) -> list:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise RepairError(
+            f"Invalid {option} {text!r}: give {kind.__name__} values separated by "
+            "commas, for example 0,1,2."
+        ) from error
+    if not values:
+        raise RepairError(f"{option} is empty. Give at least one value.")
+    return values
+
+
+def _apply_settings(config: Any, settings: list[str], what: str) -> Any:
+    """Return ``config`` with NAME=VALUE overrides; values are read as JSON."""
+    if not settings:
+        return config
+    values = config.to_dict() if hasattr(config, "to_dict") else asdict(config)
+    for item in settings:
+        name, sep, text = item.partition("=")
+        if not sep or name not in values:
+            raise RepairError(
+                f"Invalid setting {item!r} for {what}. Use NAME=VALUE with NAME one "
+                f"of: {', '.join(sorted(values))}."
+            )
+        try:
+            values[name] = json.loads(text)
+        except json.JSONDecodeError:
+            values[name] = text
+    if hasattr(type(config), "from_dict"):
+        return type(config).from_dict(values)
+    return type(config)(**values)
+
+
+def _open_run(args: argparse.Namespace):
+    from repair_core.pipeline import create_failure_set, load_run
+
+    workspace = Workspace(args.workspace)
+    run = load_run(workspace, args.run, device=args.device)
+    failure_set_id = args.failure_set
+    if failure_set_id is None:
+        fraction = (
+            run.config.query_fraction
+            if args.query_fraction is None
+            else args.query_fraction
+        )
+        for record in workspace.list_failure_sets(run.run_id):
+            config = record["config"]
+            if (
+                config.get("origin") == "all failures"
+                and config.get("query_fraction") == fraction
+                and config.get("seed") == run.config.seed
+            ):
+                failure_set_id = record["id"]
+        if failure_set_id is None:
+            failure_set_id, _ = create_failure_set(
+                workspace,
+                run,
+                query_fraction=fraction,
+                seed=run.config.seed,
+                origin="all failures",
+            )
+    return workspace, run, failure_set_id
+
+
+def _print_progress(fraction: float, message: str) -> None:
+    print(f"[{100 * fraction:5.1f}%] {message}", file=sys.stderr)
+
+
+def _command_identify(args: argparse.Namespace) -> dict[str, Any]:
+    from repair_core.identification import default_config
+    from repair_core.pipeline import run_identification
+
+    workspace, run, failure_set_id = _open_run(args)
+    config = _apply_settings(default_config(args.method), args.settings, args.method)
+    return run_identification(
+        workspace,
+        run,
+        args.method,
+        failure_set_id=failure_set_id,
+        config=config,
+        progress=_print_progress,
+    )
+
+
+def _causes(args: argparse.Namespace, workspace, run, failure_set_id):
+    from repair_core.pipeline import resolve_causes
+
+    return resolve_causes(
+        workspace,
+        run,
+        failure_set_id=failure_set_id,
+        scores_id=args.scores,
+        top_k=args.top_k,
+        positive=args.causes == "positive",
+        causes_file=args.causes_file,
+        confirmed=args.causes == "confirmed",
+    )
+
+
+def _command_repair(args: argparse.Namespace) -> dict[str, Any]:
+    from repair_core.pipeline import run_repair
+    from repair_core.treatments import default_config
+
+    workspace, run, failure_set_id = _open_run(args)
+    causes, origin = _causes(args, workspace, run, failure_set_id)
+    config = _apply_settings(
+        default_config(args.treatment), args.settings, args.treatment
+    )
+    summary = run_repair(
+        workspace,
+        run,
+        args.treatment,
+        causes,
+        failure_set_id=failure_set_id,
+        scores_id=args.scores,
+        causes_origin=origin,
+        config=config,
+        seeds=tuple(_parse_list(args.seeds, int, "--seeds")),
+        controls=() if args.no_controls else ("nothing", "random"),
+        progress=_print_progress,
+    )
+    summary.pop("holdout_fixed_idx")
+    summary.pop("remaining_broken_idx")
+    return summary
+
+
+def _command_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from repair_core.pipeline import run_sweep
+    from repair_core.treatments import default_config
+
+    workspace, run, failure_set_id = _open_run(args)
+    causes, origin = _causes(args, workspace, run, failure_set_id)
+    config = _apply_settings(
+        default_config(args.treatment), args.settings, args.treatment
+    )
+    points = run_sweep(
+        workspace,
+        run,
+        args.treatment,
+        causes,
+        failure_set_id=failure_set_id,
+        strengths=_parse_list(args.strengths, float, "--strengths"),
+        config=config,
+        progress=_print_progress,
+    )
+    return {
+        "run_id": run.run_id,
+        "failure_set_id": failure_set_id,
+        "treatment": args.treatment,
+        "causes": origin,
+        "n_removed": len(causes),
+        "points": points,
+    }
+
+
+def _command_removal_curve(args: argparse.Namespace) -> dict[str, Any]:
+    from repair_core.pipeline import run_removal_curve
+
+    workspace, run, failure_set_id = _open_run(args)
+    curve = run_removal_curve(
+        workspace,
+        run,
+        args.scores,
+        failure_set_id=failure_set_id,
+        ks=tuple(_parse_list(args.ks, int, "--ks")),
+        seeds=tuple(_parse_list(args.seeds, int, "--seeds")),
+        progress=_print_progress,
+    )
+    return {"run_id": run.run_id, "scores_id": args.scores, "curve": curve}
+
+
 _COMMANDS = {
     "train": _command_train,
     "import": _command_import,
     "runs": _command_runs,
+    "identify": _command_identify,
+    "repair": _command_repair,
+    "sweep": _command_sweep,
+    "removal-curve": _command_removal_curve,
 }
 
 

@@ -80,7 +80,7 @@ def test_flip_matrix_file_rejects_bad_row(tmp_path, capsys):
     )
 
     assert code == 2
-    assert "row 3" in capsys.readouterr().err
+    assert "Row 3 of the flip matrix sums to 1.5" in capsys.readouterr().err
     assert not (workspace / "runs").exists()
 
 
@@ -194,3 +194,231 @@ def test_help_documents_options_with_defaults():
         assert option in result.stdout
     assert "(default: 100)" in result.stdout
     assert "(default: workspace)" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A stored label-flip run on 300 training images, trained for 2 epochs."""
+    workspace = tmp_path_factory.mktemp("ws")
+    argv = ["train", "--workspace", str(workspace), "--scenario", "label-flip"]
+    argv += ["--n-train", "300", "--n-test", "200", "--epochs", "2", "--json"]
+    result = subprocess.run(
+        [sys.executable, "-m", "repair_core", *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return str(workspace), json.loads(result.stdout)
+
+
+def test_identify_reports_detection(tiny_run, capsys):
+    workspace, run = tiny_run
+
+    summary = _run_json(
+        capsys,
+        [
+            "identify",
+            "--workspace",
+            workspace,
+            "--run",
+            run["run_id"],
+            "--method",
+            "training-loss",
+            "--json",
+        ],
+    )
+
+    assert summary["method"] == "training-loss"
+    assert summary["n_train"] == 300
+    assert summary["n_query"] == run["n_query"]
+    assert 0 <= summary["n_positive"] <= 300
+    assert set(summary["detection"]) >= {
+        "found_at_10pct",
+        "found_at_20pct",
+        "precision_at_100",
+    }
+    assert (
+        summary["detection"]["found_at_20pct"] >= summary["detection"]["found_at_10pct"]
+    )
+
+
+def test_identify_setting_override(tiny_run, capsys):
+    workspace, run = tiny_run
+
+    code = main(
+        [
+            "identify",
+            "--workspace",
+            workspace,
+            "--run",
+            run["run_id"],
+            "--method",
+            "random",
+            "--set",
+            "no_such_setting=3",
+        ]
+    )
+
+    assert code == 2
+    assert "Invalid setting 'no_such_setting=3'" in capsys.readouterr().err
+
+
+def test_repair_top_k_with_controls(tiny_run, capsys):
+    workspace, run = tiny_run
+    scores = _run_json(
+        capsys,
+        [
+            "identify",
+            "--workspace",
+            workspace,
+            "--run",
+            run["run_id"],
+            "--method",
+            "training-loss",
+            "--json",
+        ],
+    )
+
+    summary = _run_json(
+        capsys,
+        [
+            "repair",
+            "--workspace",
+            workspace,
+            "--run",
+            run["run_id"],
+            "--scores",
+            scores["scores_id"],
+            "--top-k",
+            "30",
+            "--treatment",
+            "finetune",
+            "--seeds",
+            "0",
+            "--set",
+            "max_epochs=1",
+            "--json",
+        ],
+    )
+
+    assert summary["treatment"] == "finetune"
+    assert summary["n_removed"] == 30
+    for part in ("before", "after"):
+        assert set(summary[part]) == {
+            "query_acc",
+            "holdout_acc",
+            "remaining_acc",
+            "test_acc",
+        }
+    assert summary["before"]["query_acc"] == 0.0
+    assert set(summary["controls"]) == {"nothing", "random"}
+    saved = f"{workspace}/runs/{run['run_id']}/repairs/{summary['repair_id']}.pt"
+    assert torch.load(saved, weights_only=True)
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ("3\nseven\n", "Line 2 of"),
+        ("3\n999999\n", "999999"),
+        ("", "empty"),
+    ],
+)
+def test_repair_bad_causes_file_stores_nothing(
+    tiny_run, tmp_path, capsys, lines, message
+):
+    workspace, run = tiny_run
+    causes = tmp_path / "causes.txt"
+    causes.write_text(lines)
+    before = len(_run_json(capsys, ["runs", "--workspace", workspace, "--json"]))
+    repairs_before = _count_repairs(workspace, run["run_id"])
+
+    code = main(
+        [
+            "repair",
+            "--workspace",
+            workspace,
+            "--run",
+            run["run_id"],
+            "--causes-file",
+            str(causes),
+            "--treatment",
+            "finetune",
+            "--seeds",
+            "0",
+        ]
+    )
+
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert _count_repairs(workspace, run["run_id"]) == repairs_before
+    assert len(_run_json(capsys, ["runs", "--workspace", workspace, "--json"])) == (
+        before
+    )
+
+
+def _count_repairs(workspace, run_id):
+    from repair_core.workspace import Workspace
+
+    return len(Workspace(workspace).list_repairs(run_id))
+
+
+def test_repair_needs_one_way_of_naming_causes(tiny_run, capsys):
+    workspace, run = tiny_run
+
+    code = main(
+        [
+            "repair",
+            "--workspace",
+            workspace,
+            "--run",
+            run["run_id"],
+            "--treatment",
+            "finetune",
+        ]
+    )
+
+    assert code == 2
+    assert "exactly one way" in capsys.readouterr().err
+
+
+def test_sweep_prints_trade_off_points(tiny_run, capsys):
+    workspace, run = tiny_run
+    scores = _run_json(
+        capsys,
+        [
+            "identify",
+            "--workspace",
+            workspace,
+            "--run",
+            run["run_id"],
+            "--method",
+            "random",
+            "--json",
+        ],
+    )
+
+    result = _run_json(
+        capsys,
+        [
+            "sweep",
+            "--workspace",
+            workspace,
+            "--run",
+            run["run_id"],
+            "--scores",
+            scores["scores_id"],
+            "--top-k",
+            "20",
+            "--treatment",
+            "newton",
+            "--strengths",
+            "0.01,0.05",
+            "--json",
+        ],
+    )
+
+    assert [p["strength"] for p in result["points"]] == [0.01, 0.05]
+    for point in result["points"]:
+        assert 0.0 <= point["holdout_acc"] <= 1.0 or point["holdout_acc"] is None
+        assert 0.0 <= point["remaining_acc"] <= 1.0
