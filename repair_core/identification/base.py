@@ -22,7 +22,6 @@ from repair_core.fisher import (
     detached_parameters,
     per_example_gradients_at,
 )
-from repair_core.ihvp import flatten
 from repair_core.inference import eval_mode, model_device
 from repair_core.progress import Progress
 
@@ -167,11 +166,6 @@ def gradient_dot_products(
             done = min(start + batch_size, n)
             progress(done / n, f"{message}: {done}/{n} examples")
     return torch.cat(out)
-
-
-def flat_gradient(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Flatten a gradient dictionary in trainable-parameter order."""
-    return flatten(tensors)
 
 
 def check_finite(scores: torch.Tensor, method: str, hint: str) -> torch.Tensor:

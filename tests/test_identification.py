@@ -1,0 +1,168 @@
+import pytest
+import torch
+
+from repair_core.errors import ConfigError, DivergenceError
+from repair_core.identification import (
+    METHODS,
+    IdentificationContext,
+    default_config,
+    identify,
+)
+from repair_core.identification.base import summed_log_likelihood_gradient
+from repair_core.ihvp import find_lissa_scale, flatten, lissa
+from repair_core.inference import eval_mode
+from repair_core.training import TrainConfig, train_model
+from tests.factories import tiny_cnn, tiny_images
+
+FAST_METHODS = ("ewc-influence", "linear-influence-exact", "training-loss", "random")
+
+
+def small_config(method):
+    config = default_config(method)
+    if method == "ewc-influence":
+        config.max_steps, config.min_steps = 20, 10
+    if method == "linear-influence-lissa":
+        config.lissa_depth = 20
+    if method == "linear-influence-gd":
+        config.gd_steps = 20
+    if method == "confident-learning":
+        config.n_folds, config.max_epochs = 2, 1
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained():
+    x, y = tiny_images(48)
+    model = tiny_cnn(batchnorm=True, dropout=0.3)
+    train_config = TrainConfig(max_epochs=2, batch_size=16, record_trajectory=True)
+    result = train_model(model, x, y, train_config)
+    context = IdentificationContext(
+        checkpoints=[state for _, state in result.checkpoints],
+        trajectory=result.trajectory,
+        corrupted_mask=torch.arange(48) % 5 == 0,
+        model_factory=lambda: tiny_cnn(batchnorm=True, dropout=0.3),
+        train_config=train_config,
+    )
+    qx, qy = tiny_images(6, seed=3)
+    return model, x, y, qx, qy, context
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_returns_finite_scores(trained, method):
+    model, x, y, qx, qy, context = trained
+    result = identify(
+        method, model, x, y, qx, qy, small_config(method), context=context
+    )
+    assert result.scores.shape == (48,)
+    assert result.scores.dtype == torch.float64
+    assert torch.isfinite(result.scores).all()
+    assert result.method == method
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "tracin",
+        "confident-learning",
+        "random",
+        "linear-influence-lissa",
+        "sgd-influence",
+    ],
+)
+def test_same_seed_same_scores(trained, method):
+    model, x, y, qx, qy, context = trained
+    first = identify(method, model, x, y, qx, qy, small_config(method), context=context)
+    second = identify(
+        method, model, x, y, qx, qy, small_config(method), context=context
+    )
+    assert torch.equal(first.scores, second.scores)
+
+
+@pytest.mark.parametrize("method", FAST_METHODS)
+def test_train_mode_gives_eval_scores(trained, method):
+    model, x, y, qx, qy, context = trained
+    model.eval()
+    expected = identify(method, model, x, y, qx, qy, small_config(method)).scores
+    model.train()
+    model.norm.eval()
+    scores = identify(method, model, x, y, qx, qy, small_config(method)).scores
+    assert torch.allclose(scores, expected, atol=1e-6)
+    assert model.training
+    assert not model.norm.training
+    assert model.drop.training
+
+
+@pytest.mark.parametrize("method", FAST_METHODS + ("linear-influence-lissa",))
+def test_frozen_first_layer(method):
+    x, y = tiny_images(32)
+    model = tiny_cnn()
+    model.conv.weight.requires_grad_(False)
+    model.conv.bias.requires_grad_(False)
+    result = identify(method, model, x, y, x[:4], y[:4], small_config(method))
+    assert torch.isfinite(result.scores).all()
+
+
+def query_gradient(model, qx, qy):
+    with eval_mode(model):
+        return flatten(summed_log_likelihood_gradient(model, qx, qy))
+
+
+def test_lissa_divergence_names_scale_and_step(trained):
+    model, x, y, qx, qy, _ = trained
+    g = query_gradient(model, qx, qy)
+    with pytest.raises(DivergenceError, match=r"scale 0\.001 at step \d+"):
+        lissa(model, x, y, g, scale=0.001, damping=0.0, depth=200, batch_size=16)
+
+
+def test_found_scale_does_not_diverge(trained):
+    model, x, y, qx, qy, _ = trained
+    g = query_gradient(model, qx, qy)
+    scale = find_lissa_scale(model, x, y, g, start=0.01, probe_depth=50, batch_size=16)
+    estimate = lissa(model, x, y, g, scale=scale, damping=0.01, depth=50, batch_size=16)
+    assert torch.isfinite(estimate).all()
+
+
+def test_lissa_keeps_no_graph(trained):
+    model, x, y, qx, qy, _ = trained
+    g = query_gradient(model, qx, qy).requires_grad_(True)
+    estimate = lissa(model, x, y, g, scale=100.0, depth=30, batch_size=16)
+    assert estimate.grad_fn is None
+    assert not estimate.requires_grad
+
+
+def test_oracle_needs_mask(trained):
+    model, x, y, qx, qy, _ = trained
+    with pytest.raises(ConfigError, match="corrupted_mask"):
+        identify("oracle", model, x, y, qx, qy)
+
+
+def test_oracle_ranks_mask_first(trained):
+    model, x, y, qx, qy, context = trained
+    scores = identify("oracle", model, x, y, qx, qy, context=context).scores
+    top = torch.argsort(scores, descending=True)[: int(context.corrupted_mask.sum())]
+    assert context.corrupted_mask[top].all()
+
+
+def test_unknown_method_and_wrong_config(trained):
+    model, x, y, qx, qy, _ = trained
+    with pytest.raises(ConfigError, match="Unknown identification method"):
+        identify("shapley", model, x, y, qx, qy)
+    with pytest.raises(ConfigError, match="takes a"):
+        identify("tracin", model, x, y, qx, qy, default_config("random"))
+
+
+def test_progress_reaches_one(trained):
+    model, x, y, qx, qy, _ = trained
+    seen = []
+    identify(
+        "ewc-influence",
+        model,
+        x,
+        y,
+        qx,
+        qy,
+        small_config("ewc-influence"),
+        progress=lambda fraction, message: seen.append(fraction),
+    )
+    assert seen[-1] == 1.0
+    assert all(0.0 <= f <= 1.0 for f in seen)

@@ -1,0 +1,86 @@
+import copy
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+from repair_core.errors import ConfigError
+from repair_core.identification import (
+    IdentificationContext,
+    identify,
+    record_sgd,
+    replay_sgd,
+)
+from repair_core.training import TrainConfig, train_model
+from tests.convex import query_log_likelihood
+from tests.factories import blobs, tiny_cnn, tiny_images
+
+MIN_REPLAY_SPEARMAN = 0.9
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    x, y = blobs(80, n_features=3, n_classes=3, dtype=torch.float64, spread=1.0)
+    y = y.clone()
+    y[:6] = (y[:6] + 1) % 3
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3).double()
+    trajectory = record_sgd(model, x, y, lr=0.2, batch_size=16, epochs=5)
+    qx, qy = blobs(
+        60, n_features=3, n_classes=3, dtype=torch.float64, spread=1.0, seed=0
+    )
+    with torch.no_grad():
+        wrong = model(qx).argmax(1) != qy
+    return model, trajectory, x, y, qx[wrong], qy[wrong]
+
+
+def test_replay_reproduces_recorded_run(recorded):
+    model, trajectory, x, y, _, _ = recorded
+    replayed = replay_sgd(copy.deepcopy(model), x, y, trajectory)
+    assert torch.allclose(replayed.weight, model.weight, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_scores_track_replay_without_example(recorded):
+    model, trajectory, x, y, qx, qy = recorded
+    assert len(qy) >= 3
+    context = IdentificationContext(trajectory=trajectory)
+    scores = identify("sgd-influence", model, x, y, qx, qy, context=context).scores
+    base = query_log_likelihood(model, qx, qy)
+    actual = [
+        query_log_likelihood(
+            replay_sgd(copy.deepcopy(model), x, y, trajectory, exclude=i), qx, qy
+        )
+        - base
+        for i in range(len(y))
+    ]
+    rho = spearmanr(scores.numpy(), actual).statistic
+    assert rho >= MIN_REPLAY_SPEARMAN
+
+
+def test_removing_top_ranked_raises_query_likelihood(recorded):
+    model, trajectory, x, y, qx, qy = recorded
+    context = IdentificationContext(trajectory=trajectory)
+    scores = identify("sgd-influence", model, x, y, qx, qy, context=context).scores
+    top = torch.argsort(scores, descending=True)[:10]
+    replayed = replay_sgd(copy.deepcopy(model), x, y, trajectory, exclude=top)
+    assert query_log_likelihood(replayed, qx, qy) > query_log_likelihood(model, qx, qy)
+
+
+def test_missing_trajectory_names_flag():
+    x, y = blobs(20)
+    model = nn.Linear(4, 3)
+    with pytest.raises(ConfigError, match="--record-trajectory"):
+        identify("sgd-influence", model, x, y, x[:3], y[:3])
+
+
+def test_adam_trajectory_runs():
+    x, y = tiny_images(64)
+    model = tiny_cnn()
+    config = TrainConfig(max_epochs=2, batch_size=16, record_trajectory=True)
+    result = train_model(model, x, y, config)
+    context = IdentificationContext(trajectory=result.trajectory)
+    scores = identify("sgd-influence", model, x, y, x[:5], y[:5], context=context)
+    assert scores.scores.shape == (64,)
+    assert torch.isfinite(scores.scores).all()
