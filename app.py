@@ -10,19 +10,17 @@ import streamlit as st
 
 from repair_core import dashboard
 
-st.set_page_config(
-    page_title="Model Repair Dashboard",
-    page_icon=":material/healing:",
-    layout="wide",
-)
+# Emoji icons only: Streamlit 1.67 turns an emoji into an inline SVG favicon,
+# but fetches the favicon of a Material icon from fonts.gstatic.com.
+st.set_page_config(page_title="Model Repair Dashboard", page_icon="🩹", layout="wide")
 dashboard.init_state()
 
 pages = [
-    st.Page("pages/setup.py", title="Setup", icon=":material/tune:", default=True),
-    st.Page("pages/failures.py", title="Failures", icon=":material/error:"),
-    st.Page("pages/causes.py", title="Causes", icon=":material/search:"),
-    st.Page("pages/repair.py", title="Repair", icon=":material/healing:"),
-    st.Page("pages/compare.py", title="Compare", icon=":material/insights:"),
+    st.Page("pages/setup.py", title="Setup", icon="⚙️", default=True),
+    st.Page("pages/failures.py", title="Failures", icon="🚩"),
+    st.Page("pages/causes.py", title="Causes", icon="🔎"),
+    st.Page("pages/repair.py", title="Repair", icon="🩹"),
+    st.Page("pages/compare.py", title="Compare", icon="📊"),
 ]
 navigation = st.navigation(pages)
 dashboard.workspace_sidebar()

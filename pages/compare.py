@@ -69,7 +69,7 @@ def detection_figure(latest: dict[str, dict[str, Any]]) -> go.Figure:
 
 def detection_section(latest: dict[str, dict[str, Any]]) -> None:
     st.subheader("Detection curves")
-    if run.corrupted_mask is None:
+    if run.corrupted_mask is None or not bool(run.corrupted_mask.any()):
         st.info(
             "This run has no ground truth about corrupted examples, so detection "
             "cannot be measured. Train a run with a noise scenario to compare "
@@ -144,6 +144,7 @@ def removal_section(records: list[dict[str, Any]]) -> None:
         "Remove the top k of a ranking, fine-tune on the rest and measure "
         "accuracy, averaged over seeds. Fine-tuning runs once per k and seed."
     )
+
     methods = {record["id"]: record["method"] for record in records}
     ids = [record["id"] for record in reversed(records)]
     chosen = st.multiselect(
@@ -159,6 +160,7 @@ def removal_section(records: list[dict[str, Any]]) -> None:
     n_seeds = middle.number_input("Seeds", 1, 10, 1, key="compare_seeds")
     if right.button("Compute", key="compare_run", disabled=not chosen or ks is None):
         run_curves(chosen, ks, int(n_seeds))
+
     curves = {
         f"{methods[scores_id]} · {scores_id}": curve
         for (fs_id, scores_id), curve in st.session_state["compare_curves"].items()

@@ -36,10 +36,10 @@ def choose_failure_set() -> None:
 
 def apply_confusion_click() -> None:
     points = dashboard.selected_points(st.session_state.get("failures_confusion"))
-    if points and points[0].get("customdata") is not None:
-        true_class, predicted_class = (int(v) for v in points[0]["customdata"])
-        st.session_state["failures_true"] = [class_names[true_class]]
-        st.session_state["failures_pred"] = [class_names[predicted_class]]
+    cell = dashboard.confusion_cell(points, len(class_names))
+    if cell is not None:
+        st.session_state["failures_true"] = [class_names[cell[0]]]
+        st.session_state["failures_pred"] = [class_names[cell[1]]]
 
 
 def clear_filters() -> None:

@@ -57,44 +57,31 @@ def choose_repair() -> None:
     st.session_state["repair_id"] = st.session_state["repair_select"]
 
 
-def causes_section() -> tuple[Any, str, str | None] | None:
-    """Show the choice of C; return (indices, description, scores id) or None."""
-    decisions = ws.get_decisions(run.run_id, failure_set_id)
-    n_confirmed = sum(1 for d in decisions.values() if d == "confirmed")
-    rankings = ws.list_scores(run.run_id, failure_set_id=failure_set_id)
-    sources = ["confirmed", "top-k"]
-    source = st.radio(
-        "Causes C to remove",
-        sources,
-        key="repair_source",
-        horizontal=True,
-        format_func={
-            "confirmed": f"Confirmed culprits ({n_confirmed})",
-            "top-k": "Top K of a ranking",
-        }.get,
-    )
-    if source == "confirmed":
-        if not n_confirmed:
-            st.info(
-                "No culprit is confirmed for this failure set. Confirm culprits on "
-                "the **Causes** page, or remove the top K of a ranking."
-            )
-            return None
-        return dashboard.run_safely(
-            "Reading the confirmed culprits",
-            lambda: (
-                *pipeline.resolve_causes(
-                    ws, run, failure_set_id=failure_set_id, confirmed=True
-                ),
-                None,
-            ),
+def confirmed_causes(n_confirmed: int) -> tuple[Any, str, None] | None:
+    if not n_confirmed:
+        st.info(
+            "No culprit is confirmed for this failure set. Confirm culprits on "
+            "the **Causes** page, or remove the top K of a ranking."
         )
+        return None
+    resolved = dashboard.run_safely(
+        "Reading the confirmed culprits",
+        lambda: pipeline.resolve_causes(
+            ws, run, failure_set_id=failure_set_id, confirmed=True
+        ),
+    )
+    return None if resolved is None else (*resolved, None)
+
+
+def top_k_causes() -> tuple[Any, str, str] | None:
+    rankings = ws.list_scores(run.run_id, failure_set_id=failure_set_id)
     if not rankings:
         st.info(
             "No ranking exists for this failure set. Run an identification "
             "method on the **Causes** page first."
         )
         return None
+
     ids = [record["id"] for record in reversed(rankings)]
     methods = {record["id"]: record["method"] for record in rankings}
     dashboard.sync_widget("repair_scores", st.session_state["scores_id"], ids)
@@ -108,19 +95,38 @@ def causes_section() -> tuple[Any, str, str | None] | None:
     top_k = right.number_input(
         "K", 1, max(1, n_train - 1), min(50, n_train - 1), key="repair_k"
     )
-    return dashboard.run_safely(
+
+    resolved = dashboard.run_safely(
         "Choosing the top K",
-        lambda: (
-            *pipeline.resolve_causes(
-                ws,
-                run,
-                failure_set_id=failure_set_id,
-                scores_id=scores_id,
-                top_k=int(top_k),
-            ),
-            scores_id,
+        lambda: pipeline.resolve_causes(
+            ws,
+            run,
+            failure_set_id=failure_set_id,
+            scores_id=scores_id,
+            top_k=int(top_k),
         ),
     )
+    return None if resolved is None else (*resolved, scores_id)
+
+
+def causes_section() -> tuple[Any, str, str | None] | None:
+    """Show the choice of C. Return (indices, description, scores id), or
+    None when C is not available yet."""
+    decisions = ws.get_decisions(run.run_id, failure_set_id)
+    n_confirmed = sum(1 for d in decisions.values() if d == "confirmed")
+    source = st.radio(
+        "Causes C to remove",
+        ["confirmed", "top-k"],
+        key="repair_source",
+        horizontal=True,
+        format_func={
+            "confirmed": f"Confirmed culprits ({n_confirmed})",
+            "top-k": "Top K of a ranking",
+        }.get,
+    )
+    if source == "confirmed":
+        return confirmed_causes(n_confirmed)
+    return top_k_causes()
 
 
 def strength_widget(treatment: str, config: Any) -> Any:
@@ -382,6 +388,7 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
             f"{by_id[i]['treatment']} · {by_id[i]['metrics'].get('causes', '')} · {i}"
         ),
     )
+
     summary = by_id[repair_id]["metrics"]
     st.caption(
         f"Removed {summary['n_removed']} examples ({summary['causes']}) with "
@@ -389,6 +396,7 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
         f"{summary['seconds']:.0f} s. Figures are means over seeds."
     )
     gain_metrics(summary)
+
     left, right = st.columns([3, 2])
     left.plotly_chart(comparison_figure(summary), key="repair_bars")
     with right:
@@ -403,11 +411,13 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
         if path.is_file():
             st.download_button(
                 "Download the repaired checkpoint",
-                data=path.read_bytes(),
+                # A callable defers reading the file until the user clicks.
+                data=path.read_bytes,
                 file_name=f"{repair_id}.pt",
                 mime="application/octet-stream",
                 key="repair_download",
             )
+
     left, right = st.columns(2)
     with left:
         changed_images(

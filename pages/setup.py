@@ -11,7 +11,7 @@ import streamlit as st
 from repair_core import dashboard, pipeline
 from repair_core.data import DATA_SOURCES
 from repair_core.models import MODEL_CHOICES
-from repair_core.noise import DEFAULT_EPSILON, DEFAULT_FRACTION, SCENARIOS
+from repair_core.noise import DEFAULT_FRACTION, SCENARIOS
 from repair_core.training import TrainConfig
 from repair_core.workspace import atomic_write_bytes, new_id
 
@@ -100,25 +100,29 @@ def scenario_widgets() -> tuple[str, dict[str, Any]]:
             key="setup_fraction",
         )
         if scenario == "input-noise":
-            params["amount"] = st.slider(
-                "Noise amount",
-                0.05,
+            amount = st.number_input(
+                "Noise amount (0 = default for the image type)",
+                0.0,
                 1.0,
-                0.3,
-                0.05,
+                0.0,
+                0.01,
                 key="setup_amount",
                 help="Share of pixels set to 0 or 1 (greyscale), or the Gaussian "
                 "standard deviation in [0, 1] pixel units (colour).",
             )
+            if amount > 0:
+                params["amount"] = float(amount)
         else:
-            params["epsilon"] = st.slider(
-                "FGSM step ε (pixel units)",
-                0.01,
-                0.5,
-                DEFAULT_EPSILON,
+            epsilon = st.number_input(
+                "FGSM step ε in pixel units (0 = default for the image type)",
+                0.0,
+                1.0,
+                0.0,
                 0.01,
                 key="setup_epsilon",
             )
+            if epsilon > 0:
+                params["epsilon"] = float(epsilon)
     return scenario, params
 
 

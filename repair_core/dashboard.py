@@ -169,7 +169,7 @@ def page_link(path: str, label: str) -> None:
     """Link to another page; nothing is drawn when the page runs on its own
     without st.navigation (as in a single-page AppTest)."""
     with contextlib.suppress(StreamlitAPIException):
-        st.page_link(path, label=label, icon=":material/arrow_forward:")
+        st.page_link(path, label=label, icon="➡️")
 
 
 def require_run() -> tuple[Workspace, pipeline.LoadedRun]:
@@ -291,8 +291,11 @@ def _features(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
 def umap_coordinates(root: str, run_id: str) -> dict[str, np.ndarray]:
     """Project the penultimate features of the training and test images to 2-D.
 
-    One UMAP fit (umap-learn, seed 0) covers both parts, so training and test
-    points share one map. Returns {"train": (n_train, 2), "test": (n_test, 2)}.
+    One UMAP fit (umap-learn, seed 0, one thread) covers both parts, so
+    training and test points share one map. The first fit in a process also
+    compiles umap-learn's numba code: 75 s with umap-learn 0.5.12 on a
+    heavily loaded two-core CPU. Returns {"train": (n_train, 2), "test":
+    (n_test, 2)}.
     """
     import umap
 
@@ -305,7 +308,9 @@ def umap_coordinates(root: str, run_id: str) -> dict[str, np.ndarray]:
             f"The run has {len(features)} images, but the map needs at least "
             f"{MIN_MAP_POINTS}. Use more training or test images."
         )
-    reducer = umap.UMAP(n_components=2, random_state=0, n_jobs=1)
+    # umap-learn optimises for 200 epochs above 10,000 points and 500 below.
+    # 200 at every size keeps the map of a small run quick.
+    reducer = umap.UMAP(n_components=2, n_epochs=200, random_state=0, n_jobs=1)
     coordinates = reducer.fit_transform(features)
     return {"train": coordinates[: len(train)], "test": coordinates[len(train) :]}
 
@@ -441,8 +446,8 @@ def confusion_figure(
     """Draw a confusion matrix as a plotly heatmap.
 
     Plotly heatmaps emit no selection events in Streamlit (1.67), so an
-    invisible marker sits on every cell. Its ``customdata`` is (true,
-    predicted), and a click on the cell selects it. With ``failures_only``
+    invisible marker sits on every cell, in row-major order, and a click on
+    the cell selects it (see :func:`confusion_cell`). With ``failures_only``
     the diagonal is blank.
     """
     names = [str(name) for name in class_names]
@@ -469,7 +474,6 @@ def confusion_figure(
         go.Scatter(
             x=[names[c] for c in columns.ravel()],
             y=[names[r] for r in rows.ravel()],
-            customdata=np.stack([rows.ravel(), columns.ravel()], axis=1),
             mode="markers",
             marker={"size": 28, "symbol": "square", "opacity": 0.01},
             hovertemplate="true %{y} → predicted %{x}: %{text}<extra></extra>",
@@ -495,6 +499,17 @@ def confusion_figure(
         dragmode=False,
     )
     return figure
+
+
+def confusion_cell(
+    points: list[dict[str, Any]], num_classes: int
+) -> tuple[int, int] | None:
+    """Return (true, predicted) of the cell clicked in :func:`confusion_figure`,
+    or None when no cell marker is selected."""
+    for point in points:
+        if point.get("curve_number") == 1 and "point_index" in point:
+            return divmod(int(point["point_index"]), num_classes)
+    return None
 
 
 def scatter_class(n_points: int) -> type[go.Scatter] | type[go.Scattergl]:

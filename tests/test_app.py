@@ -1,0 +1,412 @@
+"""Dashboard pages driven with Streamlit's AppTest on a tiny MNIST run.
+
+One run (200 training and 100 test images, two epochs) is trained once per
+module through repair_core.pipeline; each test then drives one page. Tests
+that write decisions or repairs use a failure set of their own, so they do
+not depend on each other's order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from repair_core import pipeline
+from repair_core.training import TrainConfig
+from repair_core.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Seconds one page run may take; training and repairs run inside a page.
+TIMEOUT = 300
+TINY = {"n_train": 200, "n_test": 100}
+
+
+@dataclass
+class Prepared:
+    root: Path
+    run_id: str
+    failure_set_id: str
+    scores_id: str
+
+    @property
+    def workspace(self) -> Workspace:
+        return Workspace(self.root)
+
+    def new_failure_set(self) -> str:
+        """Store another split of all failures, so decisions start empty."""
+        workspace = self.workspace
+        run = pipeline.load_run(workspace, self.run_id)
+        failure_set_id, _ = pipeline.create_failure_set(workspace, run, seed=1)
+        return failure_set_id
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Prepared:
+    root = tmp_path_factory.mktemp("workspace")
+    workspace = Workspace(root)
+    config = pipeline.RunConfig(
+        **TINY,
+        scenario="label-flip",
+        device="cpu",
+        train=TrainConfig(max_epochs=2, lr=5e-3),
+    )
+    summary = pipeline.train_run(workspace, config)
+    run = pipeline.load_run(workspace, summary["run_id"])
+    scores = pipeline.run_identification(
+        workspace, run, "training-loss", failure_set_id=summary["failure_set_id"]
+    )
+    return Prepared(
+        root=root,
+        run_id=summary["run_id"],
+        failure_set_id=summary["failure_set_id"],
+        scores_id=scores["scores_id"],
+    )
+
+
+@pytest.fixture
+def workspace_env(prepared, monkeypatch) -> Prepared:
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(prepared.root))
+    return prepared
+
+
+def page(name: str, **state) -> AppTest:
+    """Return an AppTest of one page with the given session state."""
+    app = AppTest.from_file(str(ROOT / "pages" / f"{name}.py"), default_timeout=TIMEOUT)
+    for key, value in state.items():
+        app.session_state[key] = value
+    return app
+
+
+def check_clean(app: AppTest) -> None:
+    assert not app.exception, [e.value for e in app.exception]
+    assert not app.error, [e.value for e in app.error]
+
+
+def metric_values(app: AppTest) -> dict[str, str]:
+    return {metric.label: metric.value for metric in app.metric}
+
+
+def image_count(app: AppTest) -> int:
+    return sum(html.value.count('<img src="data:image/png') for html in app.html)
+
+
+# Navigation and prerequisites ------------------------------------------------
+
+
+def test_app_sidebar_shows_workspace(workspace_env, tmp_path):
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
+    check_clean(app)
+    box = app.sidebar.text_input(key="sidebar_workspace")
+    assert box.value == str(workspace_env.root)
+    assert app.title[0].value == "Setup"
+
+    app.session_state["run_id"] = workspace_env.run_id
+    box.set_value(str(tmp_path / "other")).run()
+    check_clean(app)
+    assert app.session_state["workspace_root"] == str(tmp_path / "other")
+    assert app.session_state["run_id"] is None
+
+
+@pytest.mark.parametrize("name", ["failures", "causes", "repair", "compare"])
+def test_page_without_run_says_setup(workspace_env, name):
+    app = page(name).run()
+    assert not app.exception
+    assert len(app.info) == 1
+    assert "Setup" in app.info[0].value
+
+
+@pytest.mark.parametrize("name", ["causes", "repair", "compare"])
+def test_page_without_failure_set_says_failures(workspace_env, name):
+    app = page(name, run_id=workspace_env.run_id, failure_set_id=None).run()
+    assert not app.exception
+    assert len(app.info) == 1
+    assert "Failures" in app.info[0].value
+
+
+# Setup -----------------------------------------------------------------------
+
+
+def test_setup_trains_tiny_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(tmp_path))
+    app = page("setup").run()
+    check_clean(app)
+    app.number_input(key="setup_n_train").set_value(TINY["n_train"])
+    app.number_input(key="setup_n_test").set_value(TINY["n_test"])
+    app.number_input(key="setup_epochs").set_value(1)
+    app.button(key="setup_train").click().run()
+    check_clean(app)
+
+    runs = Workspace(tmp_path).list_runs()
+    assert len(runs) == 1
+    assert app.session_state["run_id"] == runs[0]["id"]
+    assert app.session_state["failure_set_id"] is not None
+    assert "Test accuracy" in metric_values(app)
+    assert "Trained run" in app.success[0].value
+    assert image_count(app) > 0
+
+
+def test_setup_opens_existing_run(workspace_env):
+    app = page("setup").run()
+    app.selectbox(key="setup_open_run").set_value(workspace_env.run_id)
+    app.button(key="setup_open").click().run()
+    check_clean(app)
+    assert app.session_state["run_id"] == workspace_env.run_id
+    values = metric_values(app)
+    assert values["Training images"] == str(TINY["n_train"])
+    assert values["Test accuracy"].endswith("%")
+
+
+def test_setup_bad_folder_shows_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(tmp_path))
+    app = page("setup").run()
+    app.selectbox(key="setup_data").set_value("imagefolder").run()
+    app.text_input(key="setup_root").set_value(str(tmp_path / "missing"))
+    app.button(key="setup_train").click().run()
+    assert not app.exception
+    assert len(app.error) == 1
+    assert "Training failed" in app.error[0].value
+    assert Workspace(tmp_path).list_runs() == []
+
+
+# Failures --------------------------------------------------------------------
+
+
+def test_failures_filter_creates_failure_set(workspace_env):
+    state = {"run_id": workspace_env.run_id, "failure_set_id": None}
+    app = page("failures", **state).run()
+    check_clean(app)
+    assert image_count(app) > 0
+    heading = app.subheader[0].value
+    total = int(heading.split(" of ")[1].split()[0])
+
+    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+    wrong = run.test_predictions != run.data.test.labels
+    true_class = int(run.data.test.labels[wrong][0])
+    app.multiselect(key="failures_true").set_value([str(true_class)]).run()
+    check_clean(app)
+    expected = int((run.data.test.labels[wrong] == true_class).sum())
+    assert app.subheader[0].value == f"{expected} of {total} failures"
+
+    app.button(key="failures_create").click().run()
+    check_clean(app)
+    failure_set_id = app.session_state["failure_set_id"]
+    record = workspace_env.workspace.get_failure_set(failure_set_id)
+    assert record["metrics"]["n_failures"] == expected
+    assert record["config"]["origin"] == f"true {true_class}"
+    assert "Created failure set" in app.success[0].value
+
+
+# Causes ----------------------------------------------------------------------
+
+
+def test_causes_runs_method_and_shows_grid(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+    check_clean(app)
+    assert "No ranking yet" in app.info[0].value
+
+    app.multiselect(key="causes_methods").set_value(["training-loss", "oracle"])
+    app.button(key="causes_run").click().run()
+    check_clean(app)
+    records = workspace_env.workspace.list_scores(
+        workspace_env.run_id, failure_set_id=failure_set_id
+    )
+    assert [record["method"] for record in records] == ["training-loss", "oracle"]
+    assert app.session_state["scores_id"] == records[-1]["id"]
+    assert image_count(app) == 24
+    assert metric_values(app)["Undecided"] == str(TINY["n_train"])
+
+
+def test_review_decision_persists_across_sessions(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+    pipeline.run_identification(
+        workspace_env.workspace, run, "training-loss", failure_set_id=failure_set_id
+    )
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    first = page("causes", **state).run()
+    reviews = [w for w in first.segmented_control if w.key.startswith("review_")]
+    assert len(reviews) == 24
+    reviews[0].set_value("confirmed")
+    reviews[1].set_value("rejected")
+    first.segmented_control(key="causes_show").set_value("confirmed")
+    first.run()
+    check_clean(first)
+    index = int(reviews[0].key.rsplit("_", 1)[1])
+    rejected = int(reviews[1].key.rsplit("_", 1)[1])
+    decisions = workspace_env.workspace.get_decisions(
+        workspace_env.run_id, failure_set_id
+    )
+    assert decisions == {index: "confirmed", rejected: "rejected"}
+
+    second = page("causes", **state).run()
+    check_clean(second)
+    assert second.segmented_control(key=reviews[0].key).value == "confirmed"
+    assert second.segmented_control(key=reviews[1].key).value == "rejected"
+    assert metric_values(second)["Confirmed culprits"] == "1"
+    # The first session's unsaved view filter stays in the first session.
+    assert second.segmented_control(key="causes_show").value == "all"
+
+
+def test_confirm_top_k_keeps_rejections(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+    summary = pipeline.run_identification(
+        workspace_env.workspace, run, "training-loss", failure_set_id=failure_set_id
+    )
+    top = pipeline.resolve_causes(
+        workspace_env.workspace,
+        run,
+        failure_set_id=failure_set_id,
+        scores_id=summary["scores_id"],
+        top_k=1,
+    )[0]
+    workspace_env.workspace.set_decisions(
+        workspace_env.run_id, failure_set_id, top.tolist(), "rejected"
+    )
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+    app.number_input(key="causes_k").set_value(5)
+    app.button(key="causes_confirm_top").click().run()
+    check_clean(app)
+    values = metric_values(app)
+    assert values["Confirmed culprits"] == "4"
+    assert values["Rejected"] == "1"
+    download = app.get("download_button")[0]
+    assert download.proto.label == "Download 4 confirmed culprits (CSV)"
+
+
+# Repair ----------------------------------------------------------------------
+
+
+def test_repair_top_k_with_controls(workspace_env):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+        "scores_id": workspace_env.scores_id,
+    }
+    app = page("repair", **state).run()
+    check_clean(app)
+    app.radio(key="repair_source").set_value("top-k")
+    app.run()
+    app.number_input(key="repair_k").set_value(10)
+    app.selectbox(key="repair_treatment").set_value("finetune").run()
+    app.number_input(key="repair_seeds").set_value(1)
+    app.button(key="repair_run").click().run()
+    check_clean(app)
+
+    repairs = workspace_env.workspace.list_repairs(
+        workspace_env.run_id, failure_set_id=workspace_env.failure_set_id
+    )
+    assert len(repairs) == 1
+    assert app.session_state["repair_id"] == repairs[0]["id"]
+    assert repairs[0]["metrics"]["n_removed"] == 10
+    values = metric_values(app)
+    assert "Gain on F_h over nothing removed" in values
+    table = app.dataframe[0].value
+    assert list(table["subset"]) == [
+        "F_q (query failures)",
+        "F_h (holdout failures)",
+        "T\\F (correct before)",
+        "T (whole test set)",
+    ]
+    assert {"before", "treatment", "nothing removed", "random removal"} <= set(
+        table.columns
+    )
+    download = app.get("download_button")[0]
+    assert download.proto.label == "Download the repaired checkpoint"
+
+
+def test_repair_sweep_draws_tradeoff(workspace_env):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+        "scores_id": workspace_env.scores_id,
+    }
+    app = page("repair", **state).run()
+    app.radio(key="repair_source").set_value("top-k").run()
+    app.selectbox(key="repair_treatment").set_value("finetune").run()
+    app.segmented_control(key="repair_mode").set_value("sweep").run()
+    app.text_input(key="repair_sweep_finetune").set_value("1").run()
+    charts_before = len(app.get("plotly_chart"))
+    app.button(key="repair_run").click().run()
+    check_clean(app)
+    assert [h.value for h in app.subheader] == ["Trade-off from sweeps"]
+    assert len(app.get("plotly_chart")) == charts_before + 1
+
+
+def test_repair_without_confirmed_says_causes(workspace_env):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.new_failure_set(),
+    }
+    app = page("repair", **state).run()
+    check_clean(app)
+    assert "Causes" in app.info[0].value
+    assert app.button(key="repair_run").disabled
+
+
+# Compare ---------------------------------------------------------------------
+
+
+def test_compare_baselines_and_removal_curve(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+    pipeline.run_identification(
+        workspace_env.workspace, run, "training-loss", failure_set_id=failure_set_id
+    )
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("compare", **state).run()
+    check_clean(app)
+    app.button(key="compare_baselines").click().run()
+    check_clean(app)
+    methods = {
+        record["method"]
+        for record in workspace_env.workspace.list_scores(
+            workspace_env.run_id, failure_set_id=failure_set_id
+        )
+    }
+    assert methods == {"training-loss", "oracle", "random"}
+    assert len(app.get("plotly_chart")) == 1
+
+    app.text_input(key="compare_ks").set_value("5")
+    app.button(key="compare_run").click().run()
+    check_clean(app)
+    assert len(app.get("plotly_chart")) == 3
+    timings = app.dataframe[0].value
+    assert set(timings["name"]) == methods
+
+
+def test_imported_run_has_no_ground_truth(workspace_env):
+    checkpoint = workspace_env.workspace.path(workspace_env.run_id, "model.pt")
+    app = page("setup").run()
+    app.selectbox(key="setup_scenario").set_value("none").run()
+    app.number_input(key="setup_n_train").set_value(TINY["n_train"])
+    app.number_input(key="setup_n_test").set_value(TINY["n_test"])
+    app.text_input(key="setup_checkpoint").set_value(str(checkpoint))
+    app.button(key="setup_import").click().run()
+    check_clean(app)
+    run_id = app.session_state["run_id"]
+    assert workspace_env.workspace.get_run(run_id)["kind"] == "import"
+    assert metric_values(app)["Corrupted (known)"] == "unknown"
+
+    state = {"run_id": run_id, "failure_set_id": app.session_state["failure_set_id"]}
+    compare = page("compare", **state).run()
+    assert not compare.exception
+    assert "no ground truth" in compare.info[0].value
+
+
+@pytest.mark.slow
+def test_failures_map_renders(workspace_env):
+    # The first UMAP fit in a process compiles umap-learn's numba code.
+    state = {"run_id": workspace_env.run_id, "failure_set_id": None}
+    app = page("failures", **state).run()
+    app.button(key="failures_map_button").click().run()
+    check_clean(app)
+    charts = app.get("plotly_chart")
+    assert len(charts) == 2
+    assert workspace_env.run_id in app.session_state["map_runs"]
