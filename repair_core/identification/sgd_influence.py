@@ -157,7 +157,10 @@ def _replay_epoch(
             betas=tuple(trajectory.betas),
         )
         if state.get("optimizer"):
-            optimizer.load_state_dict(state["optimizer"])
+            # Optimizer.load_state_dict reuses tensors that already match the
+            # parameter's dtype and device, and Adam updates them in place.
+            # The copy keeps a replay from rewriting the recorded state.
+            optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
     elif trajectory.optimizer != "sgd":
         raise ConfigError(
             f"Cannot replay optimizer {trajectory.optimizer!r}; only 'adam' and "
