@@ -371,7 +371,76 @@ def _build_parser() -> argparse.ArgumentParser:
     curve.add_argument(
         "--seeds", default="0,1,2", help="comma-separated fine-tuning seeds"
     )
+    _add_bench_parser(commands)
     return parser
+
+
+def _add_bench_parser(commands) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmark and write docs/BENCHMARKS.md with plots",
+        formatter_class=_HelpFormatter,
+        description="Run the benchmark experiments, saving every finished step to "
+        "OUT/results.json, and render\nthe page OUT/../BENCHMARKS.md with PNG plots "
+        "in OUT. A rerun with the same settings\nresumes where the last one stopped.",
+    )
+    bench.add_argument(
+        "--out",
+        default="docs/benchmarks",
+        help="folder of the plots and results.json; the page goes one level up",
+    )
+    bench.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="number of base-model seeds, 0 to N-1 (default: 3, or 1 with --quick)",
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="a reduced run of a few minutes: 300 training and test images, "
+        "2 epochs, the cheap methods",
+    )
+    bench.add_argument(
+        "--mnist-root",
+        default=None,
+        help="folder holding MNIST/raw in the torchvision layout, for experiment 6",
+    )
+    bench.add_argument(
+        "--workspace",
+        default=None,
+        help="workspace for the benchmark's models and scores (default: a folder "
+        "under the system temporary folder)",
+    )
+    bench.add_argument(
+        "--experiments",
+        default="1,2,3,4,5,6",
+        help="comma-separated experiment numbers",
+    )
+    bench.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps",
+    )
+    bench.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice)",
+    )
+    bench.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rebuild the page and plots from OUT/results.json without running",
+    )
+    bench.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout"
+    )
+    bench.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard OUT/results.json instead of resuming it",
+    )
 
 
 def _scenario_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -641,6 +710,61 @@ def _command_removal_curve(args: argparse.Namespace) -> dict[str, Any]:
     return {"run_id": run.run_id, "scores_id": args.scores, "curve": curve}
 
 
+def _bench_command(args: argparse.Namespace) -> str:
+    """Return the bench command line that reproduces ``args``."""
+    import shlex
+
+    parts = ["python", "-m", "repair_core", "bench", "--out", args.out]
+    if args.quick:
+        parts.append("--quick")
+    for option, value in (
+        ("--seeds", args.seeds),
+        ("--mnist-root", args.mnist_root),
+        ("--workspace", args.workspace),
+        ("--experiments", args.experiments),
+        ("--device", args.device),
+        ("--threads", args.threads),
+    ):
+        if value is not None:
+            parts += [option, str(value)]
+    return shlex.join(parts)
+
+
+def _command_bench(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from repair_core import benchmark
+
+    if args.render_only:
+        page = benchmark.render_page(args.out)
+        return {"page": str(page), "out": args.out}
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    experiments = tuple(_parse_list(args.experiments, int, "--experiments"))
+    changes: dict[str, Any] = {
+        "experiments": experiments,
+        "mnist_root": args.mnist_root,
+    }
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise RepairError(f"--seeds {args.seeds} must be at least 1.")
+        changes["seeds"] = tuple(range(args.seeds))
+    make = benchmark.quick_settings if args.quick else benchmark.full_settings
+    settings = make(**changes)
+    # The benchmark runs for hours, so its progress is logged whatever -v says.
+    logging.getLogger("repair_core.benchmark").setLevel(logging.INFO)
+    command = _bench_command(args)
+    page = benchmark.run_benchmark(
+        settings,
+        args.out,
+        workspace=args.workspace,
+        device=args.device,
+        command=command,
+        fresh=args.fresh,
+    )
+    return {"page": str(page), "out": args.out}
+
+
 _COMMANDS = {
     "train": _command_train,
     "import": _command_import,
@@ -649,6 +773,7 @@ _COMMANDS = {
     "repair": _command_repair,
     "sweep": _command_sweep,
     "removal-curve": _command_removal_curve,
+    "bench": _command_bench,
 }
 
 

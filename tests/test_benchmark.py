@@ -1,0 +1,196 @@
+"""The benchmark harness: a tiny quick run writes a complete, finite page."""
+
+import json
+import math
+import re
+
+import pytest
+
+from repair_core.benchmark import quick_settings, render_page, run_benchmark
+from repair_core.benchmark.experiments import planned_units
+from repair_core.benchmark.settings import BenchSettings
+from repair_core.benchmark.store import ResultsStore
+from repair_core.cli import main
+from repair_core.errors import ConfigError
+
+PLOTS = (
+    "detection_label_flip.png",
+    "removal_curve_label_flip.png",
+    "tradeoff.png",
+    "cost.png",
+)
+NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+\.\d+|\d+|nan|inf)(?![\w.])", re.I)
+
+
+def tiny_settings(tmp_path):
+    """Quick mode, shrunk further so the whole run takes about a minute."""
+    return quick_settings(
+        n_train=100,
+        n_test=100,
+        max_epochs=1,
+        ks=(10, 20),
+        noise_k=20,
+        ewc_gammas=(0.03,),
+        newton_gammas=(1.0,),
+        method_overrides={"ewc-influence": {"max_steps": 6, "min_steps": 3}},
+        treatment_overrides={
+            "ewc-deletion": {"max_steps": 6, "patience": 3},
+            "newton": {"depth": 5},
+        },
+        mnist_root=str(tmp_path / "no-mnist-here"),
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("bench")
+    out = tmp_path / "docs" / "benchmarks"
+    page = run_benchmark(
+        tiny_settings(tmp_path),
+        out,
+        workspace=tmp_path / "ws",
+        device="cpu",
+        command="python -m repair_core bench --quick",
+    )
+    return out, page
+
+
+def table_cells(text):
+    """Yield every cell of every Markdown table row except the separator rows."""
+    for line in text.splitlines():
+        if not line.startswith("|") or set(line) <= {"|", "-"}:
+            continue
+        yield from (cell.strip() for cell in line.strip("|").split("|"))
+
+
+def test_quick_run_writes_page_above_out(quick_run):
+    out, page = quick_run
+
+    assert page == out.parent / "BENCHMARKS.md"
+    assert page.is_file()
+    assert (out / "results.json").is_file()
+
+
+def test_quick_run_writes_plots(quick_run):
+    out, page = quick_run
+    text = page.read_text()
+
+    for name in PLOTS:
+        assert (out / name).is_file(), name
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"benchmarks/{name}" in text, name
+
+
+def test_quick_run_tables_hold_only_finite_numbers(quick_run):
+    _, page = quick_run
+    cells = list(table_cells(page.read_text()))
+
+    numbers = [m for cell in cells for m in NUMBER.findall(cell)]
+    assert numbers
+    for number in numbers:
+        assert math.isfinite(float(number)), number
+    assert not any("nan" in cell.lower() for cell in cells)
+
+
+def test_quick_run_finishes_every_planned_unit(quick_run):
+    out, _ = quick_run
+    data = json.loads((out / "results.json").read_text())
+    settings = BenchSettings.from_dict(data["settings"])
+
+    for experiment, data_key, seed in planned_units(settings):
+        key = f"exp{experiment}/{data_key}/seed{seed}"
+        if data_key == "mnist":
+            assert key in data["skipped"]
+            continue
+        assert data["units"][key]["status"] == "done", key
+    assert data["finished"] is True
+
+
+def test_quick_run_page_reports_sections(quick_run):
+    _, page = quick_run
+    text = page.read_text()
+
+    for heading in (
+        "## Quality bars",
+        "## 1. Label flips",
+        "## 2. Random input noise",
+        "## 3. FGSM poisoning",
+        "## 4. Treatment trade-off",
+        "## 5. Cost",
+        "## 6. The published setup",
+    ):
+        assert heading in text, heading
+    assert "python -m repair_core bench --quick" in text
+    assert "Not measured: no MNIST/raw folder" in text
+    assert "Tanno et al. 2022" in text
+
+
+def test_quick_run_records_detection_of_every_method(quick_run):
+    out, _ = quick_run
+    data = json.loads((out / "results.json").read_text())
+    steps = data["units"]["run/label-flip/embedded/seed0"]["steps"]
+
+    for method in quick_settings().methods:
+        record = steps[f"identify/{method}"]
+        assert "error" not in record, record.get("error")
+        assert 0.0 <= record["detection"]["found_at_20pct"] <= 1.0
+        assert record["seconds"] >= 0.0
+    assert steps["identify/oracle"]["detection"]["found_at_10pct"] > 0.5
+
+
+def test_render_only_rebuilds_page(quick_run, capsys):
+    out, page = quick_run
+    before = page.read_text()
+    page.unlink()
+
+    code = main(["bench", "--out", str(out), "--render-only", "--json"])
+
+    assert code == 0, capsys.readouterr().err
+    assert page.read_text() == before
+
+
+def test_rerun_skips_finished_units(quick_run, tmp_path):
+    out, _ = quick_run
+    data = json.loads((out / "results.json").read_text())
+    settings = BenchSettings.from_dict(data["settings"])
+    updated = data["units"]["exp1/embedded/seed0"]["finished"]
+
+    run_benchmark(settings, out, workspace=tmp_path / "unused", device="cpu")
+
+    again = json.loads((out / "results.json").read_text())
+    assert again["units"]["exp1/embedded/seed0"]["finished"] == updated
+    assert len(again["invocations"]) == len(data["invocations"]) + 1
+
+
+def test_results_of_other_settings_are_rejected(tmp_path):
+    path = tmp_path / "results.json"
+    ResultsStore(path, settings=quick_settings().to_dict(), command="first")
+
+    with pytest.raises(ConfigError, match="other settings"):
+        ResultsStore(path, settings=quick_settings(n_train=100).to_dict())
+
+
+def test_render_without_results_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        render_page(tmp_path / "benchmarks")
+
+
+def test_unknown_experiment_is_rejected():
+    with pytest.raises(ConfigError, match="Unknown experiment 7"):
+        quick_settings(experiments=(1, 7))
+
+
+def test_plan_runs_first_seeds_first():
+    settings = quick_settings(seeds=(0, 1))
+
+    plan = planned_units(settings)
+
+    assert plan[:5] == [
+        (1, "embedded", 0),
+        (4, "embedded", 0),
+        (2, "embedded", 0),
+        (3, "embedded", 0),
+        (6, "mnist", 0),
+    ]
+    assert plan[5] == (1, "embedded", 1)
+    assert len(plan) == 10
