@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -20,6 +22,12 @@ TREATMENT_HELP = {
     "retrain": "Train a freshly initialised model on D without C.",
     "fit-failures": "Fit F_q under an EWC prior; C is recorded but not used.",
     "fit-failures+ewc-deletion": "EWC-deletion of C, then the EWC fit of F_q.",
+}
+SHORT_SUBSETS = {
+    "query_acc": "F_q",
+    "holdout_acc": "F_h",
+    "remaining_acc": "T\\F",
+    "test_acc": "T",
 }
 SUBSETS = {
     "query_acc": "F_q (query failures)",
@@ -279,15 +287,22 @@ def action_section() -> None:
         run_single(treatment, config, causes, origin, scores_id, seeds, controls)
 
 
+def percent_text(mean: float, spread: float | None = None) -> str:
+    """Format an accuracy, with its spread over seeds when given; NaN is "—"."""
+    if math.isnan(mean):
+        return "—"
+    if spread is None:
+        return f"{mean:.1%}"
+    return f"{mean:.1%} ± {spread:.1%}"
+
+
 def comparison_table(summary: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for key, subset in SUBSETS.items():
-        row = {"subset": subset, "before": summary["before"][key]}
-        row["treatment"] = summary["after"][key]
-        row["treatment spread"] = summary["spread"][key]
+        row = {"subset": subset, "before": percent_text(summary["before"][key])}
+        row["treatment"] = percent_text(summary["after"][key], summary["spread"][key])
         for arm, values in summary["controls"].items():
-            row[ARM_LABELS[arm]] = values["mean"][key]
-            row[f"{ARM_LABELS[arm]} spread"] = values["std"][key]
+            row[ARM_LABELS[arm]] = percent_text(values["mean"][key], values["std"][key])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -301,7 +316,7 @@ def comparison_figure(summary: dict[str, Any]) -> go.Figure:
     for arm, (means, spread) in arms.items():
         figure.add_bar(
             name=ARM_LABELS[arm],
-            x=list(SUBSETS.values()),
+            x=list(SHORT_SUBSETS.values()),
             y=[means[key] for key in SUBSETS],
             error_y=(
                 None
@@ -351,7 +366,9 @@ def gain_metrics(summary: dict[str, Any]) -> None:
     )
 
 
-def changed_images(title: str, indices: list[int], tone: str, empty: str) -> None:
+def changed_images(
+    title: str, indices: list[int], after: np.ndarray | None, tone: str, empty: str
+) -> None:
     st.markdown(f"**{title}** ({len(indices)})")
     if not indices:
         st.caption(empty)
@@ -359,12 +376,19 @@ def changed_images(title: str, indices: list[int], tone: str, empty: str) -> Non
     images = dashboard.thumbnails(root, run.run_id, "test")
     labels = run.data.test.labels
     before = run.test_predictions
+
+    def change(i: int) -> str:
+        text = f"predicted {class_names[before[i]]}"
+        if after is not None:
+            text += f" → {class_names[after[i]]}"
+        return text
+
     dashboard.show_grid(
         (
             dashboard.Card(
                 image=images[i],
                 title=f"true {class_names[labels[i]]}",
-                lines=[f"was {class_names[before[i]]}", f"test #{i}"],
+                lines=[change(i), f"test #{i}"],
                 tone=tone,
             )
             for i in indices[:GRID_LIMIT]
@@ -397,15 +421,15 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
     )
     gain_metrics(summary)
 
+    st.dataframe(comparison_table(summary), hide_index=True)
     left, right = st.columns([3, 2])
     left.plotly_chart(comparison_figure(summary), key="repair_bars")
     with right:
-        percent = st.column_config.NumberColumn(format="percent")
-        table = comparison_table(summary)
-        st.dataframe(
-            table,
-            hide_index=True,
-            column_config={name: percent for name in table.columns[1:]},
+        st.caption(
+            "Accuracy, mean ± standard deviation over seeds. The controls run "
+            "the same treatment with nothing removed and with as many random "
+            "examples removed. Fixed and broken examples below are those of the "
+            "saved model (the first seed)."
         )
         path = ws.path(run.run_id, f"repairs/{repair_id}.pt")
         if path.is_file():
@@ -418,11 +442,16 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
                 key="repair_download",
             )
 
+    after = dashboard.run_safely(
+        "Evaluating the repaired model",
+        lambda: dashboard.repaired_predictions(root, run.run_id, repair_id),
+    )
     left, right = st.columns(2)
     with left:
         changed_images(
             "Holdout failures now correct",
             summary["holdout_fixed_idx"],
+            after,
             "good",
             "No holdout failure became correct.",
         )
@@ -430,6 +459,7 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
         changed_images(
             "Correct examples that broke",
             summary["remaining_broken_idx"],
+            after,
             "bad",
             "No correctly classified example broke.",
         )

@@ -37,7 +37,7 @@ from repair_core.errors import RepairError
 from repair_core.failures import FailureSplit
 from repair_core.inference import eval_mode, model_device, predict_logits
 from repair_core.metrics import ranking
-from repair_core.models import embed
+from repair_core.models import embed, load_checked_state
 from repair_core.progress import Progress
 from repair_core.workspace import DEFAULT_WORKSPACE, Workspace
 
@@ -238,6 +238,16 @@ def train_predictions(root: str, run_id: str) -> np.ndarray:
     """Return the stored model's predictions on its training set, shape (n_train,)."""
     run = load_run(root, run_id)
     return predict_logits(run.model, run.data.train.images).argmax(1).numpy()
+
+
+@st.cache_data(show_spinner="Evaluating the repaired model…", max_entries=8)
+def repaired_predictions(root: str, run_id: str, repair_id: str) -> np.ndarray:
+    """Return the test predictions of a stored repaired model, shape (n_test,)."""
+    run = load_run(root, run_id)
+    state = open_workspace(root).load_tensor(run_id, f"repairs/{repair_id}.pt")
+    model = run.build_model()
+    load_checked_state(model, state, source=f"repaired checkpoint {repair_id!r}")
+    return predict_logits(model, run.data.test.images).argmax(1).numpy()
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

@@ -1,0 +1,291 @@
+"""End-to-end walk through the dashboard in headless Chromium.
+
+Starts ``streamlit run app.py`` on a free port with a temporary workspace and
+walks Setup → Failures → Causes → Repair on a tiny MNIST run (200 training
+and 100 test images, one epoch), checking what is on screen. A second tab
+then checks that sessions keep their own choices but share saved decisions.
+Screenshots go to test-artifacts/. The browser may only reach the local
+server, so every other request is aborted and fails the test.
+
+Needs Debian's Chromium at /usr/bin/chromium; without it the test is
+skipped, or fails when REQUIRE_BROWSER=1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from repair_core import pipeline
+from repair_core.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+#: Seconds to wait for the server to start and for one page run to finish.
+SERVER_START_TIMEOUT = 90
+RUN_TIMEOUT = 240
+LOCAL_HOSTS = {"localhost", "127.0.0.1"}
+
+pytestmark = pytest.mark.browser
+
+
+def require_chromium() -> None:
+    if CHROMIUM.exists():
+        return
+    reason = (
+        f"Chromium not found at {CHROMIUM}. Install it with "
+        "'apt-get install -y chromium'."
+    )
+    if os.environ.get("REQUIRE_BROWSER") == "1":
+        pytest.fail(reason + " REQUIRE_BROWSER=1 makes this a failure.")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_health(url: str, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(
+                f"The streamlit server exited with code {server.returncode} before "
+                f"it answered. Its output is in {log}."
+            )
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(
+        f"The streamlit server did not answer at {url} within "
+        f"{SERVER_START_TIMEOUT} s. Its output is in {log}."
+    )
+
+
+@pytest.fixture
+def server(tmp_path):
+    """Start the dashboard on a free port and yield (url, workspace folder)."""
+    require_chromium()
+    port = free_port()
+    workspace = tmp_path / "workspace"
+    environment = {**os.environ, "REPAIR_WORKSPACE": str(workspace)}
+    log_path = tmp_path / "streamlit.log"
+    log = log_path.open("wb")
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        "app.py",
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--server.address",
+        "127.0.0.1",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, process, log_path)
+        yield url, workspace
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def wait_until_idle(page) -> None:
+    """Wait until the running indicator is gone, after a rerun had time to start."""
+    time.sleep(1.5)
+    indicator = page.get_by_test_id("stStatusWidgetRunningIcon")
+    indicator.wait_for(state="hidden", timeout=RUN_TIMEOUT * 1000)
+    time.sleep(0.5)
+
+
+def fill_number(page, key: str, value: int) -> None:
+    field = page.locator(f".st-key-{key} input")
+    field.fill(str(value))
+    field.press("Enter")
+    wait_until_idle(page)
+
+
+def click(page, key: str) -> None:
+    page.locator(f".st-key-{key} button").first.click()
+    wait_until_idle(page)
+
+
+def choose_option(page, key: str, option: str) -> None:
+    page.locator(f".st-key-{key}").click()
+    page.get_by_role("option", name=re.compile(f"^{re.escape(option)}")).click()
+    wait_until_idle(page)
+
+
+def grid_images(page) -> int:
+    return page.locator('img[src^="data:image/png"]').count()
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def failure_cell(workspace: Path) -> tuple[int, int, int, int]:
+    """Return (true, predicted, count, classes) of the largest confusion cell."""
+    store = Workspace(workspace)
+    run = pipeline.load_run(store, store.list_runs()[-1]["id"])
+    labels, predictions = run.data.test.labels, run.test_predictions
+    classes = len(run.data.test.class_names)
+    wrong = predictions != labels
+    cells = labels[wrong] * classes + predictions[wrong]
+    counts = cells.bincount(minlength=classes * classes)
+    cell = int(counts.argmax())
+    return cell // classes, cell % classes, int(counts[cell]), classes
+
+
+def test_walk_setup_to_repair(server):
+    from playwright.sync_api import sync_playwright
+
+    url, workspace = server
+    outside: list[str] = []
+
+    def keep_local(route) -> None:
+        if urlparse(route.request.url).hostname in LOCAL_HOSTS:
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(workspace.parent / "chromium-profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1800},
+        )
+        try:
+            context.route("**/*", keep_local)
+            page = context.new_page()
+            walk(page, url, workspace)
+            check_second_session(context.new_page(), url)
+        finally:
+            context.close()
+    assert outside == []
+
+
+def walk(page, url: str, workspace: Path) -> None:
+    # Setup: train a tiny run with a live progress bar.
+    page.goto(url)
+    page.get_by_text("Create a new run").wait_for(timeout=RUN_TIMEOUT * 1000)
+    wait_until_idle(page)
+    page.get_by_text("Advanced", exact=True).click()
+    fill_number(page, "setup_n_train", 200)
+    fill_number(page, "setup_n_test", 100)
+    fill_number(page, "setup_epochs", 1)
+    click(page, "setup_train")
+    page.get_by_text("Trained run").wait_for(timeout=RUN_TIMEOUT * 1000)
+    wait_until_idle(page)
+    accuracy = page.get_by_test_id("stMetric").filter(has_text="Test accuracy")
+    assert re.search(r"\d+\.\d%", accuracy.inner_text())
+    assert grid_images(page) >= 16
+    screenshot(page, "setup")
+
+    # Failures: a click on a confusion-matrix cell filters the grid.
+    page.get_by_role("link", name="Failures").click()
+    page.get_by_text("Misclassifications").wait_for(timeout=RUN_TIMEOUT * 1000)
+    wait_until_idle(page)
+    assert grid_images(page) > 0
+    true_class, predicted_class, count, classes = failure_cell(workspace)
+    markers = page.locator(".st-key-failures_confusion .scatterlayer .point")
+    assert markers.count() == classes * classes
+    markers.nth(true_class * classes + predicted_class).click(force=True)
+    wait_until_idle(page)
+    heading = page.get_by_role("heading", name=re.compile(r"of \d+ failures"))
+    assert heading.inner_text().startswith(f"{count} of ")
+    assert grid_images(page) == min(count, 32)
+    click(page, "failures_create")
+    page.get_by_text("Created failure set").wait_for()
+    wait_until_idle(page)
+    screenshot(page, "failures")
+
+    # Causes: rank with training-loss and confirm the top K.
+    page.get_by_role("link", name="Causes").click()
+    page.get_by_text("Run identification methods").wait_for()
+    wait_until_idle(page)
+    methods = page.locator(".st-key-causes_methods input")
+    methods.click()
+    methods.press("Backspace")
+    methods.fill("training-loss")
+    methods.press("Enter")
+    page.keyboard.press("Escape")
+    wait_until_idle(page)
+    click(page, "causes_run")
+    page.get_by_text("Ranked with training-loss").wait_for()
+    wait_until_idle(page)
+    assert grid_images(page) == 24
+    fill_number(page, "causes_k", 5)
+    click(page, "causes_confirm_top")
+    confirmed = page.get_by_test_id("stMetric").filter(has_text="Confirmed culprits")
+    assert confirmed.get_by_test_id("stMetricValue").inner_text() == "5"
+    screenshot(page, "causes")
+
+    # Repair: fine-tune without the confirmed culprits, one seed, with controls.
+    page.get_by_role("link", name="Repair").click()
+    page.get_by_text("Causes C to remove").wait_for()
+    wait_until_idle(page)
+    choose_option(page, "repair_treatment", "finetune")
+    fill_number(page, "repair_seeds", 1)
+    click(page, "repair_run")
+    page.get_by_text("Gain on F_h over nothing removed").wait_for()
+    wait_until_idle(page)
+    assert page.get_by_text("Removed 5 examples (confirmed in review)").count() == 1
+    assert page.locator(".st-key-repair_download button").count() == 1
+    assert page.locator(".st-key-repair_bars .js-plotly-plot").count() == 1
+    screenshot(page, "repair")
+
+
+def check_second_session(page, url: str) -> None:
+    """Check that a second tab, a new session, starts without the first tab's
+    run and shows the decisions the first tab saved once it opens that run."""
+    page.goto(url)
+    page.get_by_text("Create a new run").wait_for(timeout=RUN_TIMEOUT * 1000)
+    wait_until_idle(page)
+    assert page.get_by_text("No run open").count() == 1
+    click(page, "setup_open")
+    page.get_by_role("link", name="Causes").click()
+    page.get_by_text("Ranking to review").wait_for(timeout=RUN_TIMEOUT * 1000)
+    wait_until_idle(page)
+    confirmed = page.get_by_test_id("stMetric").filter(has_text="Confirmed culprits")
+    assert confirmed.get_by_test_id("stMetricValue").inner_text() == "5"
