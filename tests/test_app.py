@@ -252,6 +252,27 @@ def test_review_decision_persists_across_sessions(workspace_env):
     assert second.segmented_control(key="causes_show").value == "all"
 
 
+def test_causes_nan_scores_show_error(workspace_env, monkeypatch):
+    def fail(*args, **kwargs):
+        raise FloatingPointError("training-loss produced NaN scores")
+
+    monkeypatch.setattr(pipeline, "run_identification", fail)
+    failure_set_id = workspace_env.new_failure_set()
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+    app.multiselect(key="causes_methods").set_value(["training-loss"])
+    app.button(key="causes_run").click().run()
+    assert not app.exception
+    assert len(app.error) == 1
+    assert "NaN scores" in app.error[0].value
+    assert "No ranking yet" in app.info[0].value
+    workspace = workspace_env.workspace
+    assert (
+        workspace.list_scores(workspace_env.run_id, failure_set_id=failure_set_id) == []
+    )
+    assert workspace.check_integrity() == "ok"
+
+
 def test_confirm_top_k_keeps_rejections(workspace_env):
     failure_set_id = workspace_env.new_failure_set()
     run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
