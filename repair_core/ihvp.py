@@ -111,6 +111,65 @@ def hvp_at(
     }
 
 
+def _curvature_operator(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    curvature: str,
+    log_likelihood: LogLikelihood | None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Return flat v -> C v for the curvature C of one batch at ``params``.
+
+    The first-order work is done once, so repeated products on the same batch
+    cost one backward pass (Hessian) or two matrix-vector products (Fisher).
+    The operator keeps as much memory as a single ``hvp_at`` call needs at its
+    peak: the create_graph graph of the batch gradient, or the (B, P)
+    per-example gradients. The caller puts ``model`` in eval mode and moves the batch to
+    its device.
+    """
+    if curvature == "fisher":
+        grads = per_example_gradients_at(
+            model, params, images, labels, log_likelihood=log_likelihood
+        )
+        jacobian = torch.cat([g.flatten(1) for g in grads.values()], 1).detach()
+        count = len(labels)
+        return lambda vector: jacobian.T @ (jacobian @ vector) / count
+
+    leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+    with torch.enable_grad():
+        loss = -batch_log_likelihood(
+            model, leaves, images, labels, log_likelihood
+        ).mean()
+        gradient = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+    # A gradient entry that does not depend on the parameters has a zero
+    # Hessian row block, and autograd cannot differentiate it again.
+    connected = [i for i, g in enumerate(gradient) if g.requires_grad]
+    sizes = [p.numel() for p in leaves.values()]
+
+    def apply(vector: torch.Tensor) -> torch.Tensor:
+        if not connected:
+            return torch.zeros_like(vector)
+        pieces = vector.split(sizes)
+        with torch.enable_grad():
+            products = torch.autograd.grad(
+                [gradient[i] for i in connected],
+                list(leaves.values()),
+                grad_outputs=[pieces[i].view_as(gradient[i]) for i in connected],
+                retain_graph=True,
+                allow_unused=True,
+            )
+        return torch.cat(
+            [
+                torch.zeros_like(piece) if product is None else product.reshape(-1)
+                for piece, product in zip(pieces, products, strict=True)
+            ]
+        )
+
+    return apply
+
+
 def hvp_fn(
     model: nn.Module,
     images: torch.Tensor,
@@ -121,6 +180,11 @@ def hvp_fn(
     log_likelihood: LogLikelihood | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Build v -> (C + damping I) v for the curvature C of one batch.
+
+    The gradient graph (Hessian) or the per-example gradients (Fisher) of the
+    batch are computed here once, at a copy of the current parameters. Each
+    call then costs one backward pass or two matrix-vector products, and later
+    changes to the model do not affect the returned function.
 
     Args:
         model: the network at the parameters where the curvature is taken.
@@ -136,21 +200,25 @@ def hvp_fn(
     """
     _check_curvature(curvature)
     device = model_device(model)
-    params = detached_parameters(model)
-    x, y = images.to(device), labels.to(device)
+    params = {name: p.clone() for name, p in detached_parameters(model).items()}
+    if not params:
+        raise ConfigError(
+            "The model has no trainable parameters to take products over."
+        )
+    first = next(iter(params.values()))
+    with eval_mode(model):
+        operator = _curvature_operator(
+            model,
+            params,
+            images.to(device),
+            labels.to(device),
+            curvature=curvature,
+            log_likelihood=log_likelihood,
+        )
 
     def apply(vector: torch.Tensor) -> torch.Tensor:
-        with eval_mode(model):
-            hv = hvp_at(
-                model,
-                params,
-                x,
-                y,
-                unflatten(vector.to(device), params),
-                curvature=curvature,
-                log_likelihood=log_likelihood,
-            )
-        return flatten(hv) + damping * vector.to(device)
+        vector = vector.to(device, first.dtype)
+        return operator(vector) + damping * vector
 
     return apply
 
@@ -170,14 +238,13 @@ def _full_batch_hvp(
     device = vector.device
     n = len(labels)
     total = torch.zeros_like(vector)
-    v = unflatten(vector, params)
     for start in range(0, n, chunk_size):
         x = images[start : start + chunk_size].to(device)
         y = labels[start : start + chunk_size].to(device)
-        hv = hvp_at(
-            model, params, x, y, v, curvature=curvature, log_likelihood=log_likelihood
+        operator = _curvature_operator(
+            model, params, x, y, curvature=curvature, log_likelihood=log_likelihood
         )
-        total += flatten(hv) * (len(y) / n)
+        total += operator(vector) * (len(y) / n)
     return total
 
 
@@ -219,7 +286,8 @@ def lissa(
 ) -> torch.Tensor:
     """Estimate H^-1 g with the stochastic recursion of Agarwal et al. 2017 (LiSSA).
 
-    Each step draws a fresh random minibatch B_t and updates
+    Each step draws a fresh random minibatch B_t (the whole set when
+    ``batch_size`` >= N) and updates
     v <- g + (1 - damping) v - H_{B_t} v / scale, starting from v = g; the
     estimate is v / scale, averaged over ``repeats`` independent runs. Its
     fixed point is (H + damping * scale * I)^-1 g, so the effective damping of
@@ -270,24 +338,24 @@ def lissa(
     generator = torch.Generator().manual_seed(seed)
     estimate = torch.zeros_like(g)
     total_steps = depth * repeats
+    common = {"curvature": curvature, "log_likelihood": log_likelihood}
     with eval_mode(model), torch.no_grad():
+        # A minibatch of at least N examples is the whole training set, so
+        # every step applies the same curvature and its graph is built once.
+        whole = None
+        if batch_size >= n:
+            whole = _curvature_operator(
+                model, params, images.to(device), labels.to(device), **common
+            )
         for repeat in range(repeats):
             v = g.clone()
             for step in range(1, depth + 1):
-                batch = torch.randperm(n, generator=generator)[: min(batch_size, n)]
-                x, y = images[batch].to(device), labels[batch].to(device)
-                with torch.enable_grad():
-                    hv = flatten(
-                        hvp_at(
-                            model,
-                            params,
-                            x,
-                            y,
-                            unflatten(v, params),
-                            curvature=curvature,
-                            log_likelihood=log_likelihood,
-                        )
-                    )
+                if whole is None:
+                    batch = torch.randperm(n, generator=generator)[:batch_size]
+                    x, y = images[batch].to(device), labels[batch].to(device)
+                    hv = _curvature_operator(model, params, x, y, **common)(v)
+                else:
+                    hv = whole(v)
                 v = (g + (1 - damping) * v - hv / scale).detach()
                 norm = v.norm().item()
                 if not math.isfinite(norm) or norm > bound:
@@ -421,36 +489,39 @@ def gd_ihvp(
     device = g.device
     n = len(labels)
     generator = torch.Generator().manual_seed(seed)
+    common = {"curvature": curvature, "log_likelihood": log_likelihood}
+    whole: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def product(v: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad():
-            if batch_size is None:
-                hv = _full_batch_hvp(
-                    model,
-                    params,
-                    images,
-                    labels,
-                    v,
-                    curvature=curvature,
-                    log_likelihood=log_likelihood,
-                    chunk_size=chunk_size,
-                )
-            else:
-                batch = torch.randperm(n, generator=generator)[: min(batch_size, n)]
-                hv = flatten(
-                    hvp_at(
-                        model,
-                        params,
-                        images[batch].to(device),
-                        labels[batch].to(device),
-                        unflatten(v, params),
-                        curvature=curvature,
-                        log_likelihood=log_likelihood,
-                    )
-                )
+        if whole is not None:
+            hv = whole(v)
+        elif batch_size is None:
+            hv = _full_batch_hvp(
+                model,
+                params,
+                images,
+                labels,
+                v,
+                chunk_size=chunk_size,
+                **common,
+            )
+        else:
+            batch = torch.randperm(n, generator=generator)[:batch_size]
+            x, y = images[batch].to(device), labels[batch].to(device)
+            hv = _curvature_operator(model, params, x, y, **common)(v)
         return hv + damping * v
 
     with eval_mode(model), torch.no_grad():
+        # When every step applies the curvature of the whole set in a single
+        # forward pass, its graph is built once. A full pass over more than
+        # chunk_size examples is rebuilt chunk by chunk at every step instead,
+        # because keeping every chunk's graph would hold the activations of
+        # the whole set.
+        single_pass = n <= chunk_size if batch_size is None else batch_size >= n
+        if single_pass:
+            whole = _curvature_operator(
+                model, params, images.to(device), labels.to(device), **common
+            )
         if lr is None:
             probe = torch.randn(g.shape, generator=generator).to(device, g.dtype)
             top = 0.0
