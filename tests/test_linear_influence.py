@@ -17,7 +17,16 @@ from tests.convex import L2, fit_logistic, noisy_problem, query_log_likelihood
 
 MIN_LOO_SPEARMAN = 0.8
 MAX_SOLVER_RELATIVE_ERROR = 0.03
+MIN_SOLVER_SPEARMAN = 0.99
 TOP_K = 10
+#: A duplicated failure must rank within this lowest share of the scores.
+HELPFUL_RANK_FRACTION = 0.05
+DUPLICATED_FAILURES = 3
+#: On this problem the Hessian of the mean loss has nonzero eigenvalues from
+#: 0.018 to 2.4. With damping L2 the GD error (step 1 / 2.41) shrinks by at
+#: least 1.2% per step and the LiSSA error (scale 4) by 0.7%, so 1000 steps
+#: bring both below 1e-3, far inside MAX_SOLVER_RELATIVE_ERROR.
+SOLVER_STEPS = 1000
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +65,13 @@ def test_iterative_solvers_match_exact(problem):
         g,
         scale=scale,
         damping=L2 / scale,
-        depth=2000,
+        depth=SOLVER_STEPS,
         batch_size=len(y),
     )
-    via_gd = gd_ihvp(model, x, y, g, damping=L2, steps=3000, batch_size=None)
-    for estimate in (via_lissa, via_gd):
+    via_gd = gd_ihvp(model, x, y, g, damping=L2, steps=SOLVER_STEPS, batch_size=None)
+    for solver, estimate in (("lissa", via_lissa), ("gd", via_gd)):
         relative = ((estimate - exact).norm() / exact.norm()).item()
-        assert relative <= MAX_SOLVER_RELATIVE_ERROR
+        assert relative <= MAX_SOLVER_RELATIVE_ERROR, solver
 
 
 def test_removing_top_ranked_raises_query_likelihood(problem):
@@ -82,27 +91,44 @@ def test_removing_top_ranked_raises_query_likelihood(problem):
 
 
 def test_duplicate_failure_ranks_helpful(problem):
+    # The query is the duplicated failure alone. With all 79 failures as the
+    # query, the duplicate is one of 79 terms in the query gradient. Exact
+    # leave-one-out refits then find 18 examples more helpful than it (exact
+    # influence finds 17), so that ranking does not show this property.
     model, x, y, qx, qy, _ = problem
-    x2, y2 = torch.cat([x, qx[:1]]), torch.cat([y, qy[:1]])
-    refit = fit_logistic(copy.deepcopy(model), x2, y2)
+    with torch.no_grad():
+        true_probability = model(qx).softmax(1).gather(1, qy[:, None]).squeeze(1)
     ewc = EWCInfluenceConfig(max_steps=200, min_steps=200, val_fraction=0.0, lr=0.01)
-    for method, config in (
-        ("linear-influence-exact", exact_config()),
-        ("ewc-influence", ewc),
-    ):
-        scores = identify(method, refit, x2, y2, qx, qy, config).scores
-        rank_from_bottom = (scores < scores[-1]).sum().item()
-        assert rank_from_bottom < len(scores) // 20, method
+    for k in torch.argsort(true_probability)[:DUPLICATED_FAILURES].tolist():
+        fx, fy = qx[k : k + 1], qy[k : k + 1]
+        x2, y2 = torch.cat([x, fx]), torch.cat([y, fy])
+        refit = fit_logistic(copy.deepcopy(model), x2, y2)
+        with torch.no_grad():
+            still_wrong = refit(fx).argmax(1) != fy
+        assert still_wrong.item(), f"failure {k} is fitted after the refit"
+        for method, config in (
+            ("linear-influence-exact", exact_config()),
+            ("ewc-influence", ewc),
+        ):
+            scores = identify(method, refit, x2, y2, fx, fy, config).scores
+            rank_from_bottom = (scores < scores[-1]).sum().item()
+            assert rank_from_bottom < HELPFUL_RANK_FRACTION * len(scores), (method, k)
 
 
 def test_lissa_and_gd_scores_agree_with_exact(problem):
     model, x, y, qx, qy, _ = problem
     exact = identify("linear-influence-exact", model, x, y, qx, qy, exact_config())
-    config = default_config("linear-influence-lissa")
-    config.damping = L2
-    config.lissa_batch_size = len(y)
-    config.lissa_depth = 1500
-    via_lissa = identify("linear-influence-lissa", model, x, y, qx, qy, config)
+    lissa_config = default_config("linear-influence-lissa")
+    lissa_config.damping = L2
+    lissa_config.lissa_batch_size = len(y)
+    lissa_config.lissa_depth = SOLVER_STEPS
+    via_lissa = identify("linear-influence-lissa", model, x, y, qx, qy, lissa_config)
     assert via_lissa.extras["scale"] > 0
-    rho = spearmanr(exact.scores.numpy(), via_lissa.scores.numpy()).statistic
-    assert rho > 0.99
+    gd_config = default_config("linear-influence-gd")
+    gd_config.damping = L2
+    gd_config.gd_batch_size = None
+    gd_config.gd_steps = SOLVER_STEPS
+    via_gd = identify("linear-influence-gd", model, x, y, qx, qy, gd_config)
+    for method, result in (("lissa", via_lissa), ("gd", via_gd)):
+        rho = spearmanr(exact.scores.numpy(), result.scores.numpy()).statistic
+        assert rho > MIN_SOLVER_SPEARMAN, method
