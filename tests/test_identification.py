@@ -1,3 +1,5 @@
+import weakref
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from repair_core.identification.base import summed_log_likelihood_gradient
 from repair_core.ihvp import find_lissa_scale, flatten, lissa
 from repair_core.inference import eval_mode
 from repair_core.training import TrainConfig, train_model
-from tests.factories import tiny_cnn, tiny_images
+from tests.factories import blobs, mlp, tiny_cnn, tiny_images, train_briefly
 
 FAST_METHODS = ("ewc-influence", "linear-influence-exact", "training-loss", "random")
 
@@ -128,6 +130,73 @@ def test_lissa_keeps_no_graph(trained):
     estimate = lissa(model, x, y, g, scale=100.0, depth=30, batch_size=16)
     assert estimate.grad_fn is None
     assert not estimate.requires_grad
+
+
+class SavedTensorBytes:
+    """Counter of the bytes that autograd graphs save for backward, live and peak.
+
+    Use ``hooks()`` as a context manager. A saved tensor is counted from the
+    moment autograd saves it until its graph is freed.
+    """
+
+    class _Saved:
+        __slots__ = ("tensor", "__weakref__")
+
+        def __init__(self, tensor: torch.Tensor) -> None:
+            # Detached, because a saved output keeps its grad_fn, and that
+            # node keeps this holder, a cycle the garbage collector cannot see.
+            self.tensor = tensor.detach()
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+
+    def _pack(self, tensor: torch.Tensor) -> _Saved:
+        holder = self._Saved(tensor)
+        size = tensor.numel() * tensor.element_size()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(holder, self._release, size)
+        return holder
+
+    def _release(self, size: int) -> None:
+        self.live -= size
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(
+            self._pack, lambda holder: holder.tensor
+        )
+
+
+def test_saved_bytes_grow_with_kept_graph():
+    v = torch.ones(100, requires_grad=True)
+    peaks = []
+    for depth in (5, 50):
+        probe = SavedTensorBytes()
+        with probe.hooks():
+            w = v
+            for _ in range(depth):
+                w = torch.tanh(w)
+        peaks.append(probe.peak)
+    assert peaks[1] == 10 * peaks[0]
+
+
+@pytest.mark.parametrize("batch_size", [16, 48])
+def test_lissa_memory_flat_in_depth(batch_size):
+    x, y = blobs(48)
+    model = train_briefly(mlp(), x, y)
+    g = query_gradient(model, x[:6], (y[:6] + 1) % 3)
+    peaks, left = {}, {}
+    for depth in (50, 500):
+        probe = SavedTensorBytes()
+        with probe.hooks():
+            lissa(model, x, y, g, scale=10.0, depth=depth, batch_size=batch_size)
+        peaks[depth], left[depth] = probe.peak, probe.live
+    # Every step's graph has the same size and is freed before the next step
+    # builds its own, so the peak does not depend on the depth.
+    assert peaks[50] > 0
+    assert peaks[500] == peaks[50]
+    assert left == {50: 0, 500: 0}
 
 
 def test_oracle_needs_mask(trained):
