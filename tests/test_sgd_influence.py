@@ -41,7 +41,6 @@ def test_replay_reproduces_recorded_run(recorded):
     assert torch.allclose(replayed.weight, model.weight, atol=1e-12)
 
 
-@pytest.mark.slow
 def test_scores_track_replay_without_example(recorded):
     model, trajectory, x, y, qx, qy = recorded
     assert len(qy) >= 3
