@@ -20,7 +20,11 @@ failure_set_id, split = dashboard.require_failure_set(ws, run)
 root = str(ws.root)
 class_names = [str(name) for name in run.data.train.class_names]
 given_labels = run.data.train.labels.numpy()
-mask = None if run.corrupted_mask is None else run.corrupted_mask.numpy()
+# An all-False mask (scenario "none") carries no information about real label
+# noise, so the grid then shows no clean/corrupted badges.
+mask = None
+if run.corrupted_mask is not None and bool(run.corrupted_mask.any()):
+    mask = run.corrupted_mask.numpy()
 
 st.title("Causes")
 st.caption(
@@ -259,7 +263,7 @@ scores = dashboard.stored_scores(root, scores_id)
 order = dashboard.ranking_order(root, scores_id)
 rank_of = np.empty(len(order), dtype=np.int64)
 rank_of[order] = np.arange(len(order))
-predicted = dashboard.train_predictions(root, run.run_id)
+predicted = dashboard.predictions_on_train(root, run.run_id)
 images = dashboard.thumbnails(root, run.run_id, "train")
 decisions = ws.get_decisions(run.run_id, failure_set_id)
 confirmed = sorted(i for i, d in decisions.items() if d == "confirmed")

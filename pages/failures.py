@@ -16,7 +16,7 @@ ws, run = dashboard.require_run()
 root = str(ws.root)
 class_names = [str(name) for name in run.data.test.class_names]
 labels = run.data.test.labels.numpy()
-predictions, confidence = dashboard.test_predictions(root, run.run_id)
+predictions, confidence = dashboard.predictions_on_test(root, run.run_id)
 failures = np.flatnonzero(predictions != labels)
 
 st.title("Failures")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -319,7 +320,7 @@ def show_run(run: pipeline.LoadedRun) -> None:
     columns[2].metric("Training images", metrics["n_train"])
     corrupted = metrics.get("n_corrupted")
     columns[3].metric(
-        "Corrupted (known)", "unknown" if corrupted is None else corrupted
+        "Corrupted by the scenario", "unknown" if corrupted is None else corrupted
     )
     columns[4].metric("Epochs", metrics.get("epochs_run", "—"))
 
@@ -353,10 +354,18 @@ def show_run(run: pipeline.LoadedRun) -> None:
             )
             figure.update_layout(
                 xaxis_title="epoch",
-                height=320,
-                margin={"t": 10, "b": 10},
-                yaxis2={"overlaying": "y", "side": "right", "range": [0, 1]},
-                legend={"orientation": "h"},
+                yaxis_title="training loss",
+                yaxis2={
+                    "title": "validation accuracy",
+                    "overlaying": "y",
+                    "side": "right",
+                    "range": [0, 1],
+                    "tickvals": [0, 0.25, 0.5, 0.75, 1],
+                    "tickformat": ".0%",
+                },
+                height=360,
+                margin={"t": 30, "b": 10},
+                legend={"orientation": "h", "x": 0, "y": 1.12},
             )
             st.plotly_chart(figure, key="setup_history")
 
@@ -364,10 +373,16 @@ def show_run(run: pipeline.LoadedRun) -> None:
     images = dashboard.thumbnails(root, run.run_id, "train")
     labels = run.data.train.labels.tolist()
     mask = run.corrupted_mask
-    shown = list(range(min(16, len(images))))
+    # Evenly spaced examples cover the classes even when a source lists its
+    # images grouped by class, as mnist-embedded does. Up to 8 known corrupted
+    # examples are added.
+    spread = np.linspace(0, len(images) - 1, num=min(16, len(images)))
+    shown = sorted({int(i) for i in spread})
     if mask is not None and bool(mask.any()):
-        flagged = mask.nonzero().flatten().tolist()[:8]
-        shown = sorted(set(shown[: 16 - len(flagged)]) | set(flagged))
+        flagged = mask.nonzero().flatten()
+        picks = np.linspace(0, len(flagged) - 1, num=min(8, len(flagged)))
+        flagged = {int(flagged[int(i)]) for i in picks}
+        shown = sorted(set(shown[: 16 - len(flagged)]) | flagged)
     cards = []
     for index in shown:
         bad = mask is not None and bool(mask[index])

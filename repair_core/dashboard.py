@@ -224,7 +224,7 @@ def progress_reporter(label: str) -> Progress:
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def test_predictions(root: str, run_id: str) -> tuple[np.ndarray, np.ndarray]:
+def predictions_on_test(root: str, run_id: str) -> tuple[np.ndarray, np.ndarray]:
     """Return the stored model's test predictions and their softmax
     confidence, each shape (n_test,)."""
     run = load_run(root, run_id)
@@ -234,7 +234,7 @@ def test_predictions(root: str, run_id: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @st.cache_data(show_spinner="Predicting the training set…", max_entries=8)
-def train_predictions(root: str, run_id: str) -> np.ndarray:
+def predictions_on_train(root: str, run_id: str) -> np.ndarray:
     """Return the stored model's predictions on its training set, shape (n_train,)."""
     run = load_run(root, run_id)
     return predict_logits(run.model, run.data.train.images).argmax(1).numpy()
@@ -458,12 +458,13 @@ def confusion_figure(
     Plotly heatmaps emit no selection events in Streamlit (1.67), so an
     invisible marker sits on every cell, in row-major order, and a click on
     the cell selects it (see :func:`confusion_cell`). With ``failures_only``
-    the diagonal is blank.
+    the diagonal and empty cells are blank.
     """
     names = [str(name) for name in class_names]
     values = counts.astype(float)
     if failures_only:
         np.fill_diagonal(values, np.nan)
+        values[values == 0] = np.nan
     text = [
         ["" if np.isnan(v) or v == 0 else f"{v:.0f}" for v in row] for row in values
     ]

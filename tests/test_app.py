@@ -413,7 +413,7 @@ def test_imported_run_has_no_ground_truth(workspace_env):
     check_clean(app)
     run_id = app.session_state["run_id"]
     assert workspace_env.workspace.get_run(run_id)["kind"] == "import"
-    assert metric_values(app)["Corrupted (known)"] == "unknown"
+    assert metric_values(app)["Corrupted by the scenario"] == "unknown"
 
     state = {"run_id": run_id, "failure_set_id": app.session_state["failure_set_id"]}
     compare = page("compare", **state).run()
