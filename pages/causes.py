@@ -318,7 +318,7 @@ else:
     st.info(f"No {show} examples.")
 
 st.divider()
-left, right = st.columns([3, 1])
+left, right = st.columns([2, 1])
 with left:
     st.markdown("**Training set map, coloured by score**")
     coordinates = dashboard.map_coordinates(root, run.run_id, "causes_map_button")

@@ -451,7 +451,6 @@ def confusion_figure(
     class_names: Sequence[str],
     *,
     failures_only: bool = False,
-    selected: tuple[int, int] | None = None,
 ) -> go.Figure:
     """Draw a confusion matrix as a plotly heatmap.
 
@@ -492,15 +491,6 @@ def confusion_figure(
             showlegend=False,
         )
     )
-    if selected is not None:
-        figure.add_shape(
-            type="rect",
-            x0=selected[1] - 0.5,
-            x1=selected[1] + 0.5,
-            y0=selected[0] - 0.5,
-            y1=selected[0] + 0.5,
-            line={"color": "#111", "width": 3},
-        )
     figure.update_layout(
         xaxis={"title": "predicted class", "type": "category", "side": "bottom"},
         yaxis={"title": "true class", "type": "category", "autorange": "reversed"},

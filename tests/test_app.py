@@ -174,6 +174,23 @@ def test_setup_bad_folder_shows_error(tmp_path, monkeypatch):
 # Failures --------------------------------------------------------------------
 
 
+def test_setup_imports_uploaded_checkpoint(workspace_env):
+    checkpoint = workspace_env.workspace.path(workspace_env.run_id, "model.pt")
+    app = page("setup").run()
+    app.selectbox(key="setup_scenario").set_value("none").run()
+    app.number_input(key="setup_n_train").set_value(TINY["n_train"])
+    app.number_input(key="setup_n_test").set_value(TINY["n_test"])
+    app.get("file_uploader")[0].upload("model.pt", checkpoint.read_bytes())
+    app.button(key="setup_import").click().run()
+    check_clean(app)
+    record = workspace_env.workspace.get_run(app.session_state["run_id"])
+    assert record["kind"] == "import"
+    stored = Path(record["config"]["checkpoint"])
+    assert stored.parent == workspace_env.root / "uploads"
+    assert stored.name.endswith("-model.pt")
+    assert stored.read_bytes() == checkpoint.read_bytes()
+
+
 def test_failures_filter_creates_failure_set(workspace_env):
     state = {"run_id": workspace_env.run_id, "failure_set_id": None}
     app = page("failures", **state).run()
