@@ -35,7 +35,7 @@ PROTOTYPE_FULL_MNIST = {
 
 
 def page_path(out: str | Path) -> Path:
-    """The page sits one level above the plot folder."""
+    """Return the page path, one level above the plot folder ``out``."""
     return Path(out).parent / PAGE_NAME
 
 
@@ -77,7 +77,10 @@ class PageWriter:
             self.add(f"![{alt}]({relative})", "")
 
     def bar(self, name: str, measured: str, passed: bool | None) -> None:
-        verdict = "not measured" if passed is None else ("pass" if passed else "fail")
+        if passed is None:
+            verdict = "not measured"
+        else:
+            verdict = "pass" if passed else "fail"
         self.bars.append((name, measured, verdict))
 
     # Header ----------------------------------------------------------------
@@ -119,13 +122,16 @@ class PageWriter:
             f"threads, device {machine.get('device', '?')}"
             + (f" ({machine['gpu']})" if machine.get("gpu") else "")
             + f", Python {machine.get('python', '?')}.",
+            "- 1-minute load average at the start of each invocation: "
+            + _load_averages(invocations)
+            + ".",
             f"- Mode: {settings.mode}. Base-model seeds planned: "
             f"{', '.join(map(str, settings.seeds))}; fine-tuning seeds per "
             f"removal figure: {', '.join(map(str, settings.finetune_seeds))}.",
             f"- Embedded data: {settings.n_train or 3000} training and "
             f"{settings.n_test or 2000} test images; full MNIST: "
             f"{settings.mnist_n_train} training images drawn from the 60,000 and "
-            f"{settings.mnist_n_test or 10000} test images.",
+            f"{settings.mnist_n_test or 10000:,} test images.",
             "- Base training and fine-tuning: Adam (lr 1e-3, batch 64), at most "
             f"{settings.max_epochs} epochs, early stopping with patience 5 on the "
             "loss of a 10% validation split (of D\\C when fine-tuning), restoring "
@@ -384,6 +390,15 @@ class PageWriter:
             f"EWC-influence finds {ewc.mean:.3f} of the flipped labels in the top "
             f"20% (Tanno et al. 2022: about {figure:.2f})."
         )
+        short = []
+        for method, published in PUBLISHED["found_at_20pct"].items():
+            ours = self.results.detection(scenario, data_key, method, "found_at_20pct")
+            if ours.ok and ours.mean < published:
+                short.append(f"{_label(method)} {ours.mean:.3f} vs about {published}")
+        if short:
+            notes.append(
+                "Below the published top-20% figure: " + "; ".join(short) + "."
+            )
         ahead = []
         for method in self.results.methods(scenario, data_key):
             if method in ("ewc-influence", "oracle"):
@@ -508,12 +523,13 @@ class PageWriter:
             return
         self.add(
             "Wall time (`time.perf_counter`) on the label-flip runs of experiment "
-            "1 and the treatments of experiment 4, all on the machine above in "
-            "the same process. Step peak is the resident-memory peak during the "
+            "1 and the treatments of experiment 4, all on the machine above. "
+            "Step peak is the resident-memory peak during the "
             "step (Linux resets the counter through /proc/self/clear_refs); "
             "process peak is `ru_maxrss`, the peak of the whole process so far, "
-            "so it never decreases. The CPUs were shared with other jobs, so "
-            "times are upper bounds of an idle machine's.",
+            "so it never decreases. Times include any slowdown from other jobs "
+            "sharing the machine; the load average at the start of each "
+            "invocation is listed above where it was recorded.",
             "",
         )
         self.add(
@@ -584,7 +600,7 @@ class PageWriter:
         self.add(
             f"Experiment 1 on full MNIST: {self.settings.mnist_n_train} training "
             "images drawn class-balanced from the 60,000, and the "
-            f"{self.settings.mnist_n_test or 10000}-image test set.",
+            f"{self.settings.mnist_n_test or 10000:,}-image test set.",
             "",
         )
         self.base_table(6, "mnist")
@@ -821,9 +837,20 @@ class PageWriter:
         self.removal_bars()
         self.tradeoff_bar()
         self.add("## Quality bars", "")
+        finished = {
+            e: sum(
+                1
+                for u in self.results.experiment_units(e, "embedded")
+                if u.get("status") == "done"
+            )
+            for e in (1, 4)
+        }
         self.add(
-            "Measured on the embedded data (experiments 1 and 4). A bar measured "
-            "on fewer seeds than planned is marked with its seed count.",
+            "Measured on the embedded data. Base seeds finished: "
+            f"{finished[1]} of {len(self.settings.seeds)} for experiment 1 and "
+            f"{finished[4]} of {len(self.settings.seeds)} for experiment 4; an "
+            "unfinished seed contributes the steps it completed. A bar with "
+            "nothing measured yet says so.",
             "",
         )
         self.add(*_table(["bar", "measured", "verdict"], [list(b) for b in self.bars]))
@@ -834,6 +861,7 @@ class PageWriter:
         nothing = results.arm_runs(1, "embedded", "semi-oracle", "nothing")
         if not ewc:
             self.bar("EWC-influence removal beats the controls at every k", "–", None)
+            self.bar("At k = 300, F_h ≥ every flipped label removed", "–", None)
             return
         rivals = {
             "nothing removed": {k: nothing for k in ewc},
@@ -960,6 +988,14 @@ def _sweep_by_gamma(
         for point in (record or {}).get("points", []):
             by_gamma.setdefault(float(point["strength"]), []).append(point)
     return dict(sorted(by_gamma.items()))
+
+
+def _load_averages(invocations: list[dict[str, Any]]) -> str:
+    values = []
+    for invocation in invocations:
+        load = invocation.get("machine", {}).get("load_average_1min")
+        values.append("not recorded" if load is None else f"{load:.1f}")
+    return ", ".join(values) or "not recorded"
 
 
 def _ratio(stat: Stat, reference: Stat) -> str:
