@@ -31,6 +31,7 @@ from repair_core.treatments.base import (
     TreatmentConfig,
     complement,
     read_causes_file,
+    retain_sample,
     validate_causes,
 )
 from repair_core.treatments.ewc_deletion import EWCDeletionConfig, ewc_delete
@@ -161,6 +162,7 @@ def apply_treatment(
         )
 
     if treatment == "ewc-deletion":
+        retain = retain_sample(n_train, causes, config.retain_size, config.seed)
         repaired, extras = ewc_delete(
             model,
             train_images[causes],
@@ -170,6 +172,8 @@ def apply_treatment(
             config,
             query_images=query_images,
             query_labels=query_labels,
+            retain_images=train_images[retain],
+            retain_labels=train_labels[retain],
             progress=progress,
         )
     elif treatment == "newton":
@@ -208,6 +212,8 @@ def apply_treatment(
             progress=progress,
         )
     else:
+        deletion = config.deletion
+        retain = retain_sample(n_train, causes, deletion.retain_size, config.seed)
         repaired, extras = fit_and_delete(
             model,
             train_images[causes],
@@ -217,6 +223,8 @@ def apply_treatment(
             query_images,
             query_labels,
             config,
+            retain_images=train_images[retain],
+            retain_labels=train_labels[retain],
             progress=progress,
         )
 

@@ -186,6 +186,18 @@ def summed_log_likelihood_gradient(
     return torch.nn.utils.parameters_to_vector(total)
 
 
+def retain_sample(
+    n_train: int, causes: torch.Tensor, size: int, seed: int
+) -> torch.Tensor:
+    """Draw up to ``size`` training indices outside ``causes``, seeded, sorted."""
+    keep = torch.ones(n_train, dtype=torch.bool)
+    keep[causes] = False
+    candidates = torch.nonzero(keep).flatten()
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(candidates), generator=generator)[:size]
+    return candidates[order].sort().values
+
+
 def report(progress: Progress | None, fraction: float, message: str) -> None:
     """Call ``progress`` when given, with the fraction clipped to [0, 1]."""
     if progress is not None:

@@ -130,6 +130,8 @@ def fit_and_delete(
     query_labels: torch.Tensor,
     config: FitAndDeleteConfig,
     *,
+    retain_images: torch.Tensor | None = None,
+    retain_labels: torch.Tensor | None = None,
     progress: Progress | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Delete C by EWC-deletion and fit F_q, in the order ``config`` sets.
@@ -142,6 +144,9 @@ def fit_and_delete(
         n_train: size N of D.
         query_images: F_q's images, shape (|F_q|, C, H, W).
         query_labels: F_q's true classes, shape (|F_q|,).
+        retain_images: a sample of D\\C that guards the deletion step, as in
+            :func:`ewc_delete`.
+        retain_labels: its classes.
 
     Returns:
         The repaired copy and a record with a ``deletion`` and a ``fit`` entry.
@@ -159,6 +164,8 @@ def fit_and_delete(
             deletion_config,
             query_images=query_images,
             query_labels=query_labels,
+            retain_images=retain_images,
+            retain_labels=retain_labels,
         )
 
     def fit(start: nn.Module, n_behind: int) -> tuple[nn.Module, dict[str, Any]]:
