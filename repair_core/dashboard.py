@@ -37,7 +37,7 @@ from repair_core.errors import RepairError
 from repair_core.failures import FailureSplit
 from repair_core.inference import eval_mode, model_device, predict_logits
 from repair_core.metrics import ranking
-from repair_core.models import embed, load_checked_state
+from repair_core.models import embed
 from repair_core.progress import Progress
 from repair_core.workspace import DEFAULT_WORKSPACE, Workspace
 
@@ -244,9 +244,7 @@ def predictions_on_train(root: str, run_id: str) -> np.ndarray:
 def repaired_predictions(root: str, run_id: str, repair_id: str) -> np.ndarray:
     """Return the test predictions of a stored repaired model, shape (n_test,)."""
     run = load_run(root, run_id)
-    state = open_workspace(root).load_tensor(run_id, f"repairs/{repair_id}.pt")
-    model = run.build_model()
-    load_checked_state(model, state, source=f"repaired checkpoint {repair_id!r}")
+    model = pipeline.load_repaired_model(open_workspace(root), run, repair_id)
     return predict_logits(model, run.data.test.images).argmax(1).numpy()
 
 

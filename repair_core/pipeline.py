@@ -309,7 +309,7 @@ def train_run(
         config=config,
         data=data,
         clean_train=clean_train,
-        mask=noisy.mask,
+        mask=noisy.mask if config.scenario != "none" else None,
         model=model,
         scenario_params=noisy.params,
         extra_config={},
@@ -797,3 +797,19 @@ def run_removal_curve(
         train_config=inputs["train_config"],
         progress=progress,
     )
+
+
+def load_repaired_model(
+    workspace: Workspace, run: LoadedRun, repair_id: str
+) -> nn.Module:
+    """Return the stored repaired model of ``repair_id``, on the run's device."""
+    record = workspace.get_repair(repair_id)
+    if record["run_id"] != run.run_id:
+        raise ConfigError(
+            f"Repair {repair_id!r} belongs to run {record['run_id']!r}, not "
+            f"{run.run_id!r}. Open that run first."
+        )
+    model = run.build_model()
+    state = workspace.load_tensor(run.run_id, f"repairs/{repair_id}.pt")
+    models.load_checked_state(model, state, source=f"repair {repair_id!r}")
+    return model.to(run.device).eval()

@@ -104,7 +104,7 @@ class EWCDeletionConfig(TreatmentConfig):
     )
     retain_drop: float = option(
         0.02,
-        "Largest allowed drop in accuracy on a held-out sample of D\\C before the "
+        "Largest allowed drop in accuracy on a sample of D\\C before the "
         "run stops; 1.0 turns the guard off.",
     )
     retain_size: int = option(
@@ -182,7 +182,7 @@ def ewc_delete(
         query_images: inputs of F_q, shape (|F_q|, ...); needed when
             ``config.early_stopping`` is True.
         query_labels: classes of F_q, shape (|F_q|,).
-        retain_images: a held-out sample of D\\C, shape (R, ...); when given,
+        retain_images: a sample of D\\C, shape (R, ...); when given,
             the run stops once accuracy on it drops by more than
             ``config.retain_drop``. Classification only.
         retain_labels: its classes, shape (R,).
