@@ -596,6 +596,7 @@ class PageWriter:
         if not units:
             reason = next(iter(skipped.values()), "not run yet")
             self.add(f"Not measured: {reason}.", "")
+            self.investigation()
             return
         self.add(
             f"Experiment 1 on full MNIST: {self.settings.mnist_n_train} training "
@@ -733,6 +734,11 @@ class PageWriter:
             if "composition" in unit.get("steps", {})
         ]
         if compositions:
+            n_train = (
+                self.settings.mnist_n_train
+                if data_key == "mnist"
+                else self.settings.n_train or 3000
+            )
             share = Stat.of(
                 c["holdout_in_classes"] / c["n_holdout"]
                 for c in compositions
@@ -741,8 +747,8 @@ class PageWriter:
             facts.append(
                 f"{name}, the split: {share.text()} of the holdout failures F_h "
                 "have a true class among the flipped classes 1, 7, 6 and 9; "
-                "the rest are ordinary errors of a model trained on 3000 images, "
-                "which no removal of flipped labels is expected to fix."
+                f"the rest are ordinary errors of a model trained on {n_train} "
+                "images, which no removal of flipped labels is expected to fix."
             )
         fits = [
             r["fit"]
