@@ -25,7 +25,7 @@ REMAINING_FLOOR = 0.95
 DETECTION_BAR = 0.85
 
 #: Figures a plain prototype measured on full MNIST (3000 training images,
-#: 10,000 test images) with the same protocol, quoted for comparison.
+#: 10,000 test images), quoted for comparison.
 PROTOTYPE_FULL_MNIST = {
     "n_failures": 1110,
     "found_at_20pct": 0.62,
@@ -165,11 +165,28 @@ class PageWriter:
                 if status == "running":
                     steps = ", ".join(unit.get("steps", {})) or "none"
                     status = f"incomplete (finished steps: {steps})"
+                    scored = self.scored_methods(unit)
+                    if scored:
+                        status += f"; methods scored: {scored}"
             rows.append([f"{experiment}", data_key, str(seed), status])
         if 5 in self.settings.experiments:
             rows.append(["5", "embedded", "–", "read from the timings of 1 and 4"])
         self.add("### What ran", "")
         self.add(*_table(["experiment", "data", "base seed", "status"], rows))
+
+    def scored_methods(self, unit: dict[str, Any]) -> str:
+        """List the identification methods stored for the unit's base run."""
+        for run_unit in self.results.units.values():
+            if run_unit.get("kind") != "run":
+                continue
+            train = run_unit.get("steps", {}).get("train") or {}
+            if train.get("run_id") == unit.get("run_id"):
+                return ", ".join(
+                    name.removeprefix("identify/")
+                    for name in run_unit["steps"]
+                    if name.startswith("identify/")
+                )
+        return ""
 
     # Base models -----------------------------------------------------------
 
@@ -256,6 +273,7 @@ class PageWriter:
         ]
         if not methods:
             self.add("No removal curve has finished yet.", "")
+            self.reference_table(experiment, data_key)
             return
         ks = sorted(
             {
@@ -297,6 +315,28 @@ class PageWriter:
             self.add(*_table(["k"] + [_label(m) for m in methods], rows))
         n = len(self.results.curve_points(experiment, data_key, methods[0])[ks[0]])
         self.add(f"Each cell pools n = {n} fine-tuning runs.", "")
+
+    def reference_table(self, experiment: int, data_key: str) -> None:
+        """Accuracies of the nothing-removed and every-flip-removed references."""
+        rows = []
+        for name, arm in (
+            ("nothing removed", "nothing"),
+            ("every corrupted label removed", "treatment"),
+        ):
+            runs = self.results.arm_runs(experiment, data_key, "semi-oracle", arm)
+            if runs:
+                rows.append(
+                    [
+                        f"{name} ({runs[0].get('n_removed', '?')})",
+                        stat_of(runs, "query_acc").text(),
+                        stat_of(runs, "holdout_acc").text(),
+                        stat_of(runs, "remaining_acc").text(),
+                        str(len(runs)),
+                    ]
+                )
+        if rows:
+            self.add("References, fine-tuned on D\\C:", "")
+            self.add(*_table(["removed", "F_q", "F_h", "T\\F", "n"], rows))
 
     def published_removal(self, experiment: int, data_key: str) -> None:
         points = self.results.curve_points(experiment, data_key, "ewc-influence")
