@@ -293,8 +293,11 @@ def lissa(
     fixed point is (H + damping * scale * I)^-1 g, so the effective damping of
     the solve is ``damping * scale``. The recursion converges when the
     eigenvalues of H / scale lie in (-damping, 2 - damping), so ``scale`` must
-    exceed about half the largest eigenvalue of H. Each step is detached, so
-    memory does not grow with ``depth``.
+    exceed about half the largest eigenvalue of H. An eigenvalue of H below
+    minus the effective damping makes it diverge, and no scale fixes that. The
+    Hessian of a non-convex network can have such eigenvalues, but the
+    positive semi-definite Fisher cannot. Each step is detached, so memory
+    does not grow with ``depth``.
 
     Args:
         model: the network at theta-hat.
@@ -362,8 +365,12 @@ def lissa(
                     raise DivergenceError(
                         f"LiSSA diverged with scale {scale} at step {step} of repeat "
                         f"{repeat + 1} (|v| = {norm:.3g}, "
-                        f"|g| = {g.norm().item():.3g}). "
-                        "Use a larger scale, or find one with find_lissa_scale."
+                        f"|g| = {g.norm().item():.3g}). The scale may be below "
+                        "half the largest eigenvalue of the curvature: use a larger "
+                        "scale, or find one with find_lissa_scale. Or the curvature "
+                        "has an eigenvalue below minus the effective damping "
+                        f"{damping * scale:.3g}, as the Hessian of a non-convex "
+                        "network can: raise the damping, or use curvature='fisher'."
                     )
                 if progress is not None and step % 10 == 0:
                     done = repeat * depth + step
