@@ -115,16 +115,21 @@ def test_duplicate_failure_ranks_helpful(problem):
             assert rank_from_bottom < HELPFUL_RANK_FRACTION * len(scores), (method, k)
 
 
-def test_lissa_and_gd_scores_agree_with_exact(problem):
+@pytest.mark.parametrize("curvature", ["hessian", "fisher"])
+def test_lissa_and_gd_scores_agree_with_exact(problem, curvature):
     model, x, y, qx, qy, _ = problem
-    exact = identify("linear-influence-exact", model, x, y, qx, qy, exact_config())
+    exact_settings = exact_config()
+    exact_settings.curvature = curvature
+    exact = identify("linear-influence-exact", model, x, y, qx, qy, exact_settings)
     lissa_config = default_config("linear-influence-lissa")
+    lissa_config.curvature = curvature
     lissa_config.damping = L2
     lissa_config.lissa_batch_size = len(y)
     lissa_config.lissa_depth = SOLVER_STEPS
     via_lissa = identify("linear-influence-lissa", model, x, y, qx, qy, lissa_config)
     assert via_lissa.extras["scale"] > 0
     gd_config = default_config("linear-influence-gd")
+    gd_config.curvature = curvature
     gd_config.damping = L2
     gd_config.gd_batch_size = None
     gd_config.gd_steps = SOLVER_STEPS
@@ -132,3 +137,18 @@ def test_lissa_and_gd_scores_agree_with_exact(problem):
     for method, result in (("lissa", via_lissa), ("gd", via_gd)):
         rho = spearmanr(exact.scores.numpy(), result.scores.numpy()).statistic
         assert rho > MIN_SOLVER_SPEARMAN, method
+
+
+def test_lissa_scale_search_accepts_large_damping(problem):
+    model, x, y, qx, qy, _ = problem
+    damping = 2.0
+    exact_settings = LinearInfluenceConfig(solver="exact", damping=damping)
+    exact = identify("linear-influence-exact", model, x, y, qx, qy, exact_settings)
+    config = default_config("linear-influence-lissa")
+    config.curvature = "hessian"
+    config.damping = damping
+    config.lissa_batch_size = len(y)
+    config.lissa_depth = SOLVER_STEPS
+    via_lissa = identify("linear-influence-lissa", model, x, y, qx, qy, config)
+    rho = spearmanr(exact.scores.numpy(), via_lissa.scores.numpy()).statistic
+    assert rho > MIN_SOLVER_SPEARMAN

@@ -147,14 +147,17 @@ def solve_ihvp(
         ), {}
     scale = config.lissa_scale
     if scale is None:
-        # The probe shrinks v by the damping of scale 1 at every scale, which is
-        # a little more stable than the final run, hence the factor-2 margin.
+        # The probe runs without a per-step shrink, because the final run's
+        # shrink, damping / scale, depends on the scale under test, and a
+        # damping of 1 or more is no valid shrink at all. A scale that survives
+        # the short probe can still diverge in the longer run, hence the
+        # factor-2 margin.
         scale = 2.0 * find_lissa_scale(
             model,
             train_images,
             train_labels,
             vector,
-            damping=config.damping,
+            damping=0.0,
             batch_size=config.lissa_batch_size,
             seed=config.seed,
             **common,
