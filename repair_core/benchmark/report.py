@@ -76,9 +76,13 @@ class PageWriter:
             relative = f"{self.out.name}/{path.name}"
             self.add(f"![{alt}]({relative})", "")
 
-    def bar(self, name: str, measured: str, passed: bool | None) -> None:
+    def bar(
+        self, name: str, measured: str, passed: bool | None, complete: bool = True
+    ) -> None:
         if passed is None:
             verdict = "not measured"
+        elif not complete:
+            verdict = ("pass" if passed else "fail") + " so far, incomplete"
         else:
             verdict = "pass" if passed else "fail"
         self.bars.append((name, measured, verdict))
@@ -870,6 +874,7 @@ class PageWriter:
             "20% (mean of 3 seeds)",
             f"{ewc.text()} over {ewc.n} seed(s)" if ewc.ok else "–",
             ewc.mean >= DETECTION_BAR if ewc.ok else None,
+            complete=ewc.n >= len(self.settings.seeds),
         )
         for method in ("linear-influence-lissa", "tracin"):
             other = results.detection(
@@ -879,6 +884,7 @@ class PageWriter:
                 f"EWC-influence finds more in the top 20% than {_label(method)}",
                 f"{ewc.text()} vs {other.text()}",
                 ewc.mean > other.mean if ewc.ok and other.ok else None,
+                complete=min(ewc.n, other.n) >= len(self.settings.seeds),
             )
         self.removal_bars()
         self.tradeoff_bar()
@@ -928,12 +934,14 @@ class PageWriter:
                 theirs = stat_of(other, "holdout_acc").mean
                 if not mine > theirs:
                     losses.append(f"k={k}: {mine:.3f} vs {theirs:.3f}")
+            planned = len(self.settings.ks)
             self.bar(
                 f"EWC-influence top-k removal beats {name} on F_h at every k",
                 ("ties or loses at " + "; ".join(losses))
                 if losses
-                else f"ahead at all {measured_ks} k",
+                else f"ahead at each of the {measured_ks} of {planned} k measured",
                 None if measured_ks == 0 else not losses,
+                complete=measured_ks >= planned,
             )
         at300 = ewc.get(300)
         semi = results.arm_runs(1, "embedded", "semi-oracle", "treatment")
@@ -946,6 +954,8 @@ class PageWriter:
                 "T\\F ≥ 0.95",
                 f"F_h {holdout.text()} vs {reference.text()}; T\\F {remaining.text()}",
                 holdout.mean >= reference.mean and remaining.mean >= REMAINING_FLOOR,
+                complete=holdout.n
+                >= len(self.settings.seeds) * len(self.settings.finetune_seeds),
             )
         else:
             self.bar("At k = 300, F_h ≥ every flipped label removed", "–", None)
