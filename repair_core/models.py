@@ -218,9 +218,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt files
+        # torch's own message suggests weights_only=False, which would run code
+        # from the file, so only the exception type is shown.
         raise CheckpointError(
-            f"Checkpoint {str(path)!r} could not be read ({error}). It must be a "
-            "file written by torch.save(model.state_dict(), path)."
+            f"Checkpoint {str(path)!r} is not a readable state-dict file "
+            f"({type(error).__name__}). It must be a file written by "
+            "torch.save(model.state_dict(), path).",
         ) from error
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]

@@ -65,6 +65,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation settings."""
 
+    def __post_init__(self) -> None:
+        # Checked here so that a bad value fails before data loading and training.
+        if not 0 < self.query_fraction <= 1:
+            raise ConfigError(
+                f"Query fraction {self.query_fraction} must lie in (0, 1]. Use 0.5 "
+                "to split the failures in half."
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -422,3 +422,15 @@ def test_sweep_prints_trade_off_points(tiny_run, capsys):
     for point in result["points"]:
         assert 0.0 <= point["holdout_acc"] <= 1.0 or point["holdout_acc"] is None
         assert 0.0 <= point["remaining_acc"] <= 1.0
+
+
+def test_bad_query_fraction_fails_before_training(tmp_path, capsys):
+    workspace = tmp_path / "ws"
+
+    code = main(["train", "--workspace", str(workspace), "--query-fraction", "2"])
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "Query fraction 2.0 must lie in (0, 1]" in captured.err
+    assert "epoch" not in captured.err
+    assert not (workspace / "runs").exists()
