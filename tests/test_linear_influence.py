@@ -4,6 +4,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from repair_core.errors import ConfigError, DivergenceError
 from repair_core.identification import (
     EWCInfluenceConfig,
     LinearInfluenceConfig,
@@ -11,9 +12,10 @@ from repair_core.identification import (
     identify,
 )
 from repair_core.identification.base import summed_log_likelihood_gradient
-from repair_core.ihvp import exact_ihvp, flatten, gd_ihvp, lissa
+from repair_core.ihvp import exact_ihvp, flatten, gd_ihvp, hvp_fn, lissa
 from repair_core.inference import eval_mode
 from tests.convex import L2, fit_logistic, noisy_problem, query_log_likelihood
+from tests.factories import blobs, mlp
 
 MIN_LOO_SPEARMAN = 0.8
 MAX_SOLVER_RELATIVE_ERROR = 0.03
@@ -152,3 +154,35 @@ def test_lissa_scale_search_accepts_large_damping(problem):
     via_lissa = identify("linear-influence-lissa", model, x, y, qx, qy, config)
     rho = spearmanr(exact.scores.numpy(), via_lissa.scores.numpy()).statistic
     assert rho > MIN_SOLVER_SPEARMAN
+
+
+def test_iterative_defaults_handle_negative_curvature():
+    # An untrained MLP sits far from a minimum, so its Hessian is indefinite.
+    x, y = blobs(48)
+    model = mlp()
+    qx, qy = x[:6], (y[:6] + 1) % 3
+    with eval_mode(model):
+        g = flatten(summed_log_likelihood_gradient(model, qx, qy))
+    hessian = torch.stack([hvp_fn(model, x, y)(e) for e in torch.eye(len(g))])
+    eigenvalues = torch.linalg.eigvalsh((hessian + hessian.T) / 2)
+    lissa_config = default_config("linear-influence-lissa")
+    gd_config = default_config("linear-influence-gd")
+    damping = lissa_config.damping
+    assert gd_config.damping == damping
+    assert -damping < eigenvalues[0].item() < -0.01
+    with pytest.raises(DivergenceError):
+        lissa(model, x, y, g, scale=4.0, damping=0.01 / 4.0, depth=1000)
+    exact_settings = LinearInfluenceConfig(solver="exact", damping=damping)
+    exact = identify("linear-influence-exact", model, x, y, qx, qy, exact_settings)
+    for method, config in (
+        ("linear-influence-lissa", lissa_config),
+        ("linear-influence-gd", gd_config),
+    ):
+        scores = identify(method, model, x, y, qx, qy, config).scores
+        rho = spearmanr(exact.scores.numpy(), scores.numpy()).statistic
+        assert rho > MIN_SOLVER_SPEARMAN, method
+
+
+def test_config_rejects_damping_above_lissa_scale():
+    with pytest.raises(ConfigError, match="below lissa_scale"):
+        LinearInfluenceConfig(damping=3.0, lissa_scale=2.0)

@@ -104,14 +104,14 @@ METHODS: dict[str, MethodSpec] = {
             LinearInfluenceConfig,
             score_linear_influence,
             "Koh & Liang influence with a LiSSA inverse-HVP.",
-            {"solver": "lissa"},
+            {"solver": "lissa", "damping": 3.0},
         ),
         MethodSpec(
             "linear-influence-gd",
             LinearInfluenceConfig,
             score_linear_influence,
             "Koh & Liang influence with a gradient-descent inverse-HVP.",
-            {"solver": "gd"},
+            {"solver": "gd", "damping": 3.0, "gd_steps": 100},
         ),
         MethodSpec(
             "linear-influence-exact",
