@@ -30,7 +30,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return "".join(indent + line for line in text.splitlines(keepends=True))
 
     def _get_help_string(self, action):
-        # Flags and options without a default already say what happens.
+        # Flags and options without a default explain themselves in the help text.
         default = action.default
         if default is None or default is False or default == []:
             return action.help

@@ -282,7 +282,7 @@ def ewc_delete(
                 retain_acc = _query_accuracy(repaired, retain_images, retain_labels)
                 record["retain_acc"] = retain_acc
                 if retain_acc < retain_before - config.retain_drop:
-                    # Past this point the model forgets D\C, not only C.
+                    # Past this point the model loses accuracy on D\C, not only on C.
                     history.append(record)
                     stopped_by_retain = True
                     break
