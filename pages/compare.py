@@ -25,8 +25,6 @@ n_train = len(run.data.train)
 
 st.title("Compare")
 st.caption(f"Methods run on failure set `{failure_set_id}` of run `{run.run_id}`.")
-if "compare_curves" not in st.session_state:
-    st.session_state["compare_curves"] = {}
 
 
 def add_baselines(missing: list[str]) -> None:
@@ -99,10 +97,12 @@ def parse_ks(text: str) -> list[int] | None:
     return ks or None
 
 
-def run_curves(scores_ids: list[str], ks: list[int], n_seeds: int) -> None:
+def run_curves(scores_ids: list[str], ks: list[int], n_seeds: int) -> list[str]:
+    """Compute and store a removal curve for each ranking and return the new ids."""
+    new_ids = []
     for scores_id in scores_ids:
         report = dashboard.progress_reporter(f"Removal curve of {scores_id}")
-        curve = dashboard.run_safely(
+        summary = dashboard.run_safely(
             "Removal curve",
             lambda scores_id=scores_id, report=report: pipeline.run_removal_curve(
                 ws,
@@ -114,19 +114,29 @@ def run_curves(scores_ids: list[str], ks: list[int], n_seeds: int) -> None:
                 progress=report,
             ),
         )
-        if curve is not None:
-            st.session_state["compare_curves"][(failure_set_id, scores_id)] = curve
+        if summary is not None:
+            new_ids.append(summary["removal_curve_id"])
+    return new_ids
 
 
-def removal_figure(curves: dict[str, list[dict[str, Any]]], key: str) -> go.Figure:
+def curve_label(record: dict[str, Any], methods: dict[str, str]) -> str:
+    method = methods.get(record["scores_id"], record["scores_id"])
+    seeds = len(record["seeds"])
+    return f"{method} · {seeds} seed{'s' if seeds > 1 else ''} · {record['id']}"
+
+
+def removal_figure(
+    curves: list[dict[str, Any]], methods: dict[str, str], key: str
+) -> go.Figure:
     figure = go.Figure()
-    for label, curve in curves.items():
+    for curve in curves:
+        points = curve["points"]
         figure.add_scatter(
-            x=[point["k"] for point in curve],
-            y=[point["mean"][key] for point in curve],
-            error_y={"type": "data", "array": [point["std"][key] for point in curve]},
+            x=[point["k"] for point in points],
+            y=[point["mean"][key] for point in points],
+            error_y={"type": "data", "array": [point["std"][key] for point in points]},
             mode="lines+markers",
-            name=label,
+            name=curve_label(curve, methods),
         )
     figure.update_layout(
         xaxis={"title": "training examples removed (k)", "type": "log"},
@@ -158,20 +168,31 @@ def removal_section(records: list[dict[str, Any]]) -> None:
     default_ks = ", ".join(str(k) for k in (10, 30, 100, 300) if k < n_train)
     ks = parse_ks(left.text_input("k values", default_ks, key="compare_ks"))
     n_seeds = middle.number_input("Seeds", 1, 10, 1, key="compare_seeds")
+    new_ids = []
     if right.button("Compute", key="compare_run", disabled=not chosen or ks is None):
-        run_curves(chosen, ks, int(n_seeds))
+        new_ids = run_curves(chosen, ks, int(n_seeds))
 
-    curves = {
-        f"{methods[scores_id]} · {scores_id}": curve
-        for (fs_id, scores_id), curve in st.session_state["compare_curves"].items()
-        if fs_id == failure_set_id and scores_id in methods
-    }
+    stored = ws.list_removal_curves(run.run_id, failure_set_id=failure_set_id)
+    if not stored:
+        return
+    # The default shows the newest curve of each ranking, as the detection chart does.
+    newest = {record["scores_id"]: record["id"] for record in stored}
+    curves = dashboard.choose_records(
+        "Removal curves to draw",
+        stored,
+        "compare_curve_select",
+        default=list(newest.values()),
+        added=new_ids,
+        format_func=lambda record: curve_label(record, methods),
+    )
     if curves:
         left, right = st.columns(2)
         left.markdown("**Holdout failures F_h**")
-        left.plotly_chart(removal_figure(curves, "holdout_acc"), key="compare_fh")
+        figure = removal_figure(curves, methods, "holdout_acc")
+        left.plotly_chart(figure, key="compare_fh")
         right.markdown("**Correct before, T\\F**")
-        right.plotly_chart(removal_figure(curves, "remaining_acc"), key="compare_rest")
+        figure = removal_figure(curves, methods, "remaining_acc")
+        right.plotly_chart(figure, key="compare_rest")
 
 
 def timing_section(records: list[dict[str, Any]]) -> None:

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from repair_core import dashboard, pipeline
-from repair_core.evaluation import SWEEPABLE
+from repair_core.evaluation import DEFAULT_STRENGTHS, SWEEPABLE
 from repair_core.treatments import TRAINING_TREATMENTS, TREATMENTS, default_config
 
 TREATMENT_HELP = {
@@ -56,9 +56,10 @@ root = str(ws.root)
 class_names = [str(name) for name in run.data.test.class_names]
 n_train = len(run.data.train)
 
+#: Ids of the sweeps stored during this script run.
+new_sweeps: list[str] = []
+
 st.title("Repair")
-if "repair_sweeps" not in st.session_state:
-    st.session_state["repair_sweeps"] = {}
 
 
 def choose_repair() -> None:
@@ -174,7 +175,7 @@ def settings_section(treatment: str) -> Any | None:
 
 def sweep_strengths(treatment: str) -> list[float] | None:
     field = SWEEPABLE[treatment]
-    default = "0.01, 0.02, 0.03, 0.05" if field == "gamma" else "1, 2, 5, 10"
+    default = ", ".join(f"{value:g}" for value in DEFAULT_STRENGTHS[treatment])
     text = st.text_input(
         f"Values of {field} to sweep (comma-separated)",
         value=default,
@@ -212,7 +213,7 @@ def run_single(treatment, config, causes, origin, scores_id, seeds, controls) ->
 
 def run_sweep(treatment, config, causes, origin, strengths) -> None:
     report = dashboard.progress_reporter(f"Sweep of {treatment}")
-    points = dashboard.run_safely(
+    summary = dashboard.run_safely(
         "Sweep",
         lambda: pipeline.run_sweep(
             ws,
@@ -221,13 +222,13 @@ def run_sweep(treatment, config, causes, origin, strengths) -> None:
             causes,
             failure_set_id=failure_set_id,
             strengths=strengths,
+            causes_origin=origin,
             config=config,
             progress=report,
         ),
     )
-    if points is not None:
-        sweeps = st.session_state["repair_sweeps"].setdefault(failure_set_id, [])
-        sweeps.append({"treatment": treatment, "causes": origin, "points": points})
+    if summary is not None:
+        new_sweeps.append(summary["sweep_id"])
 
 
 def action_section() -> None:
@@ -465,13 +466,25 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
         )
 
 
-def sweep_section() -> None:
-    sweeps = st.session_state["repair_sweeps"].get(failure_set_id, [])
-    if not sweeps:
-        return
+def sweep_label(record: dict[str, Any]) -> str:
+    parts = (record["treatment"], record["causes"], record["id"])
+    return " · ".join(part for part in parts if part)
+
+
+def sweep_section(sweeps: list[dict[str, Any]]) -> None:
     st.subheader("Trade-off from sweeps")
+    chosen = dashboard.choose_records(
+        "Sweeps to draw",
+        sweeps,
+        "repair_sweep_select",
+        default=[sweeps[-1]["id"]],
+        added=new_sweeps,
+        format_func=sweep_label,
+    )
+    if not chosen:
+        return
     figure = go.Figure()
-    for number, sweep in enumerate(sweeps, start=1):
+    for sweep in chosen:
         points = sweep["points"]
         figure.add_scatter(
             x=[point["remaining_acc"] for point in points],
@@ -479,7 +492,7 @@ def sweep_section() -> None:
             text=[f"{point['strength']:g}" for point in points],
             mode="lines+markers+text",
             textposition="top center",
-            name=f"{number}. {sweep['treatment']} ({sweep['causes']})",
+            name=sweep_label(sweep),
         )
     figure.update_layout(
         xaxis={"title": "accuracy on T\\F (kept)", "tickformat": ".0%"},
@@ -498,6 +511,8 @@ with st.container(border=True):
 repairs = ws.list_repairs(run.run_id, failure_set_id=failure_set_id)
 if repairs:
     results_section(repairs)
-sweep_section()
-if not repairs and not st.session_state["repair_sweeps"].get(failure_set_id):
+sweeps = ws.list_sweeps(run.run_id, failure_set_id=failure_set_id)
+if sweeps:
+    sweep_section(sweeps)
+if not repairs and not sweeps:
     st.info("No repair yet for this failure set. Choose C and a treatment above.")

@@ -350,8 +350,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument(
         "--strengths",
-        default="0.01,0.02,0.03,0.04,0.05",
-        help="comma-separated strengths: gamma (unitless) or maximum epochs",
+        default=None,
+        help="comma-separated strengths: gamma (unitless) or maximum epochs "
+        "(default: 1e-5,1e-4,1e-3,1e-2,0.1 for ewc-deletion, 0.5,1,2,4,8,16 for "
+        "newton, 1,2,5,10 for finetune)",
     )
     _add_settings(sweep)
 
@@ -603,8 +605,29 @@ def _open_run(args: argparse.Namespace):
     return workspace, run, failure_set_id
 
 
-def _print_progress(fraction: float, message: str) -> None:
-    print(f"[{100 * fraction:5.1f}%] {message}", file=sys.stderr)
+class _ProgressPrinter:
+    """Print progress on standard error, at most one line per 5% of a stage.
+
+    A stage is the part of the message before its first colon, so a new stage
+    and the end are always printed while a fit of hundreds of steps is not
+    printed step by step.
+    """
+
+    def __init__(self, every: float = 0.05) -> None:
+        self.every = every
+        self.stage: str | None = None
+        self.printed = -1.0
+
+    def __call__(self, fraction: float, message: str) -> None:
+        stage = message.split(":", 1)[0]
+        if (
+            stage == self.stage
+            and fraction < 1.0
+            and fraction - self.printed < self.every
+        ):
+            return
+        self.stage, self.printed = stage, fraction
+        print(f"[{100 * fraction:5.1f}%] {message}", file=sys.stderr)
 
 
 def _command_identify(args: argparse.Namespace) -> dict[str, Any]:
@@ -619,7 +642,7 @@ def _command_identify(args: argparse.Namespace) -> dict[str, Any]:
         args.method,
         failure_set_id=failure_set_id,
         config=config,
-        progress=_print_progress,
+        progress=_ProgressPrinter(),
     )
 
 
@@ -658,7 +681,7 @@ def _command_repair(args: argparse.Namespace) -> dict[str, Any]:
         config=config,
         seeds=tuple(_parse_list(args.seeds, int, "--seeds")),
         controls=() if args.no_controls else ("nothing", "random"),
-        progress=_print_progress,
+        progress=_ProgressPrinter(),
     )
     summary.pop("holdout_fixed_idx")
     summary.pop("remaining_broken_idx")
@@ -666,6 +689,7 @@ def _command_repair(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _command_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from repair_core.evaluation import DEFAULT_STRENGTHS
     from repair_core.pipeline import run_sweep
     from repair_core.treatments import default_config
 
@@ -674,40 +698,38 @@ def _command_sweep(args: argparse.Namespace) -> dict[str, Any]:
     config = _apply_settings(
         default_config(args.treatment), args.settings, args.treatment
     )
-    points = run_sweep(
+    return run_sweep(
         workspace,
         run,
         args.treatment,
         causes,
         failure_set_id=failure_set_id,
-        strengths=_parse_list(args.strengths, float, "--strengths"),
+        strengths=(
+            list(DEFAULT_STRENGTHS[args.treatment])
+            if args.strengths is None
+            else _parse_list(args.strengths, float, "--strengths")
+        ),
         config=config,
-        progress=_print_progress,
+        causes_origin=origin,
+        progress=_ProgressPrinter(),
     )
-    return {
-        "run_id": run.run_id,
-        "failure_set_id": failure_set_id,
-        "treatment": args.treatment,
-        "causes": origin,
-        "n_removed": len(causes),
-        "points": points,
-    }
 
 
 def _command_removal_curve(args: argparse.Namespace) -> dict[str, Any]:
     from repair_core.pipeline import run_removal_curve
 
     workspace, run, failure_set_id = _open_run(args)
-    curve = run_removal_curve(
+    summary = run_removal_curve(
         workspace,
         run,
         args.scores,
         failure_set_id=failure_set_id,
         ks=tuple(_parse_list(args.ks, int, "--ks")),
         seeds=tuple(_parse_list(args.seeds, int, "--seeds")),
-        progress=_print_progress,
+        progress=_ProgressPrinter(),
     )
-    return {"run_id": run.run_id, "scores_id": args.scores, "curve": curve}
+    summary["curve"] = summary.pop("points")
+    return summary
 
 
 def _bench_command(args: argparse.Namespace) -> str:

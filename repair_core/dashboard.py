@@ -107,6 +107,49 @@ def sync_widget(widget_key: str, value: Any, options: Sequence[Any]) -> None:
         del st.session_state[widget_key]
 
 
+def choose_records(
+    label: str,
+    records: Sequence[dict[str, Any]],
+    key: str,
+    *,
+    default: Sequence[str],
+    added: Sequence[str] = (),
+    format_func: Callable[[dict[str, Any]], str],
+) -> list[dict[str, Any]]:
+    """Show a multiselect of stored records, newest first, and return the
+    chosen records.
+
+    Args:
+        label: the widget label.
+        records: workspace records with an ``id``, oldest first, as from
+            ``Workspace.list_sweeps``.
+        key: the widget key.
+        default: ids chosen when the widget has no state yet.
+        added: ids of records stored during this script run, which join the
+            choice so that a new result shows at once.
+        format_func: the option text of a record.
+
+    Returns:
+        The chosen records. A single record is returned without drawing the
+        widget.
+    """
+    if len(records) == 1:
+        return list(records)
+    by_id = {record["id"]: record for record in records}
+    chosen = [i for i in st.session_state.get(key, default) if i in by_id]
+    chosen += [i for i in added if i in by_id and i not in chosen]
+    # Streamlit allows setting a widget's state before the widget is created in
+    # this run. The filtered list drops ids of another run or failure set.
+    st.session_state[key] = chosen
+    ids = st.multiselect(
+        label,
+        [record["id"] for record in reversed(records)],
+        key=key,
+        format_func=lambda i: format_func(by_id[i]),
+    )
+    return [by_id[i] for i in ids]
+
+
 # Workspace and runs ----------------------------------------------------------
 
 

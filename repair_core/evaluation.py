@@ -49,16 +49,25 @@ logger = logging.getLogger(__name__)
 Data = tuple[torch.Tensor, torch.Tensor]
 
 ACCURACY_KEYS = ("query_acc", "holdout_acc", "failure_acc", "remaining_acc", "test_acc")
-#: Per-run figures that are averaged over seeds.
-METRIC_KEYS = (
+#: Per-run outcomes; the gain over the nothing-removed control covers these.
+OUTCOME_KEYS = (
     *ACCURACY_KEYS,
     "holdout_fixed",
     "remaining_broken",
     "test_log_likelihood",
-    "seconds",
 )
+#: Per-run figures that are averaged over seeds: the outcomes and wall time.
+METRIC_KEYS = (*OUTCOME_KEYS, "seconds")
 CONTROLS = ("nothing", "random")
 SWEEPABLE = {"ewc-deletion": "gamma", "newton": "gamma", "finetune": "max_epochs"}
+#: Strengths swept when none are given. EWC-deletion's γ spans decades
+#: because the Fisher term only holds the parameters near θ̂ when γ is far
+#: below 0.01; Newton's γ is a multiple of the full Newton step.
+DEFAULT_STRENGTHS = {
+    "ewc-deletion": (1e-5, 1e-4, 1e-3, 1e-2, 0.1),
+    "newton": (0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
+    "finetune": (1, 2, 5, 10),
+}
 
 
 def _accuracy_on(correct: torch.Tensor, indices: torch.Tensor) -> float:
@@ -310,7 +319,7 @@ def _gain(per_arm: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float
         "paired_mean": {},
         "paired_std": {},
     }
-    for key in METRIC_KEYS:
+    for key in OUTCOME_KEYS:
         gain["mean"][key] = treated[key] - nothing[key]
         paired = torch.tensor(
             [

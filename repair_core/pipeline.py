@@ -641,8 +641,11 @@ def resolve_causes(
     )
 
 
-def _repair_inputs(workspace: Workspace, run: LoadedRun) -> dict[str, Any]:
+def _repair_inputs(
+    workspace: Workspace, run: LoadedRun, failure_set_id: str
+) -> dict[str, Any]:
     return {
+        "split": load_failure_split(workspace, run.run_id, failure_set_id),
         "train": (run.data.train.images, run.data.train.labels),
         "test": (run.data.test.images, run.data.test.labels),
         "fisher": _load_optional(workspace, run.run_id, "fisher.pt"),
@@ -680,8 +683,8 @@ def run_repair(
     from repair_core.evaluation import compare, repair_with_controls
 
     started = time.perf_counter()
-    split = load_failure_split(workspace, run.run_id, failure_set_id)
-    inputs = _repair_inputs(workspace, run)
+    inputs = _repair_inputs(workspace, run, failure_set_id)
+    split = inputs["split"]
     outcome = repair_with_controls(
         treatment,
         run.model,
@@ -756,27 +759,59 @@ def run_sweep(
     *,
     failure_set_id: str,
     strengths: list[float],
+    causes_origin: str = "",
     config: Any = None,
     progress: Progress | None = None,
-) -> list[dict[str, Any]]:
-    """Trade-off points (failure accuracy, remaining accuracy) over a strength."""
-    from repair_core.evaluation import sweep
+) -> dict[str, Any]:
+    """Trace the trade-off between fixing failures and keeping the rest over a
+    treatment's strength, and store it as a sweep.
 
-    split = load_failure_split(workspace, run.run_id, failure_set_id)
-    inputs = _repair_inputs(workspace, run)
-    return sweep(
+    Returns:
+        The stored sweep: ``sweep_id``, ``run_id``, ``failure_set_id``,
+        ``treatment``, ``causes`` (``causes_origin``), ``n_removed``,
+        ``strengths``, ``config`` (the resolved treatment settings) and
+        ``points``, one per strength as from repair_core.evaluation.sweep.
+    """
+    from repair_core.evaluation import sweep
+    from repair_core.treatments import resolve_config, validate_causes
+
+    inputs = _repair_inputs(workspace, run, failure_set_id)
+    points = sweep(
         treatment,
         run.model,
         inputs["train"],
         causes,
         inputs["test"],
-        split,
+        inputs["split"],
         strengths=strengths,
         config=config,
         fisher=inputs["fisher"],
         train_config=inputs["train_config"],
         progress=progress,
     )
+    summary = {
+        "sweep_id": new_id("sw"),
+        "run_id": run.run_id,
+        "failure_set_id": failure_set_id,
+        "treatment": treatment,
+        "causes": causes_origin,
+        "n_removed": len(validate_causes(causes, len(run.data.train))),
+        "strengths": [float(strength) for strength in strengths],
+        "config": resolve_config(treatment, config).to_dict(),
+        "points": points,
+    }
+    workspace.add_sweep(
+        summary["sweep_id"],
+        run.run_id,
+        failure_set_id,
+        treatment,
+        causes_origin,
+        summary["n_removed"],
+        summary["strengths"],
+        summary["config"],
+        points,
+    )
+    return summary
 
 
 def run_removal_curve(
@@ -788,23 +823,49 @@ def run_removal_curve(
     ks: tuple[int, ...] = (10, 30, 100, 300, 600, 1000),
     seeds: tuple[int, ...] = (0, 1, 2),
     progress: Progress | None = None,
-) -> list[dict[str, Any]]:
-    """Remove the top k by the stored scores, fine-tune, and record accuracies."""
+) -> dict[str, Any]:
+    """Remove the top k by the stored scores, fine-tune, record the accuracies
+    and store them as a removal curve.
+
+    Returns:
+        The stored curve: ``removal_curve_id``, ``run_id``,
+        ``failure_set_id``, ``scores_id``, ``ks``, ``seeds`` and ``points``,
+        one per k that leaves something to train on, as from
+        repair_core.evaluation.removal_curve.
+    """
     from repair_core.evaluation import removal_curve
 
-    split = load_failure_split(workspace, run.run_id, failure_set_id)
-    inputs = _repair_inputs(workspace, run)
-    return removal_curve(
+    inputs = _repair_inputs(workspace, run, failure_set_id)
+    points = removal_curve(
         load_scores(workspace, scores_id),
         run.model,
         inputs["train"],
         inputs["test"],
-        split,
+        inputs["split"],
         ks=ks,
         seeds=seeds,
         train_config=inputs["train_config"],
         progress=progress,
     )
+    summary = {
+        "removal_curve_id": new_id("rc"),
+        "run_id": run.run_id,
+        "failure_set_id": failure_set_id,
+        "scores_id": scores_id,
+        "ks": [int(k) for k in ks],
+        "seeds": [int(seed) for seed in seeds],
+        "points": points,
+    }
+    workspace.add_removal_curve(
+        summary["removal_curve_id"],
+        run.run_id,
+        failure_set_id,
+        scores_id,
+        summary["ks"],
+        summary["seeds"],
+        points,
+    )
+    return summary
 
 
 def load_repaired_model(

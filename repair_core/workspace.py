@@ -2,7 +2,8 @@
 
 Layout of a workspace folder::
 
-    repair.sqlite             runs, failure sets, scores, repairs, review decisions
+    repair.sqlite             runs, failure sets, scores, repairs, sweeps,
+                              removal curves, review decisions
     runs/<run_id>/...         checkpoints and arrays of one run
 
 Every file is written to a temporary name in the same folder, flushed to disk
@@ -33,6 +34,9 @@ from repair_core.errors import WorkspaceError
 
 logger = logging.getLogger(__name__)
 
+#: The version changes only when existing tables change. A table added later
+#: (sweeps, removal_curves) is created by CREATE TABLE IF NOT EXISTS when an
+#: older workspace is opened, and older versions of the tool ignore it.
 SCHEMA_VERSION = 1
 DATABASE_NAME = "repair.sqlite"
 DEFAULT_WORKSPACE = "workspace"
@@ -73,6 +77,28 @@ CREATE TABLE IF NOT EXISTS repairs (
     config TEXT NOT NULL,
     metrics TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sweeps (
+    id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    failure_set_id TEXT NOT NULL REFERENCES failure_sets(id),
+    treatment TEXT NOT NULL,
+    causes TEXT NOT NULL,
+    n_removed INTEGER NOT NULL,
+    strengths TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    config TEXT NOT NULL,
+    points TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS removal_curves (
+    id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    failure_set_id TEXT NOT NULL REFERENCES failure_sets(id),
+    scores_id TEXT NOT NULL REFERENCES scores(id),
+    ks TEXT NOT NULL,
+    seeds TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    points TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS decisions (
     run_id TEXT NOT NULL REFERENCES runs(id),
     failure_set_id TEXT NOT NULL REFERENCES failure_sets(id),
@@ -83,7 +109,9 @@ CREATE TABLE IF NOT EXISTS decisions (
 );
 """
 
-_TABLES = ("runs", "failure_sets", "scores", "repairs")
+_TABLES = ("runs", "failure_sets", "scores", "repairs", "sweeps", "removal_curves")
+#: Columns stored as JSON text and decoded when read.
+_JSON_COLUMNS = ("config", "metrics", "strengths", "ks", "seeds", "points")
 
 
 def _now() -> str:
@@ -248,7 +276,7 @@ class Workspace:
     @staticmethod
     def _decode(row: sqlite3.Row) -> dict[str, Any]:
         record = dict(row)
-        for key in ("config", "metrics"):
+        for key in _JSON_COLUMNS:
             if key in record:
                 record[key] = json.loads(record[key])
         return record
@@ -371,6 +399,89 @@ class Workspace:
 
     def list_repairs(self, run_id: str, **where: Any) -> list[dict[str, Any]]:
         return self._list("repairs", run_id=run_id, **where)
+
+    def add_sweep(
+        self,
+        sweep_id: str,
+        run_id: str,
+        failure_set_id: str,
+        treatment: str,
+        causes: str,
+        n_removed: int,
+        strengths: list[float],
+        config: dict,
+        points: list[dict[str, Any]],
+    ) -> None:
+        """Store the trade-off points of one treatment over several strengths.
+
+        Args:
+            causes: where the removed examples C came from, for display.
+            n_removed: the size of C.
+            strengths: the swept values in the order they ran.
+            config: the treatment settings. Each point replaces the swept
+                setting with its strength.
+            points: one dict per strength, as from repair_core.evaluation.sweep.
+        """
+        self._insert(
+            "sweeps",
+            {
+                "id": sweep_id,
+                "run_id": run_id,
+                "failure_set_id": failure_set_id,
+                "treatment": treatment,
+                "causes": causes,
+                "n_removed": n_removed,
+                "strengths": strengths,
+                "created_at": _now(),
+                "config": config,
+                "points": points,
+            },
+        )
+
+    def get_sweep(self, sweep_id: str) -> dict[str, Any]:
+        return self._get("sweeps", sweep_id, "Sweep")
+
+    def list_sweeps(self, run_id: str, **where: Any) -> list[dict[str, Any]]:
+        return self._list("sweeps", run_id=run_id, **where)
+
+    def add_removal_curve(
+        self,
+        removal_curve_id: str,
+        run_id: str,
+        failure_set_id: str,
+        scores_id: str,
+        ks: list[int],
+        seeds: list[int],
+        points: list[dict[str, Any]],
+    ) -> None:
+        """Store the accuracies after removing the top k of a ranking.
+
+        Args:
+            ks: the requested numbers of removed examples. A k that left
+                nothing to train on has no point.
+            seeds: the fine-tuning seeds of every k.
+            points: one dict per kept k, as from
+                repair_core.evaluation.removal_curve.
+        """
+        self._insert(
+            "removal_curves",
+            {
+                "id": removal_curve_id,
+                "run_id": run_id,
+                "failure_set_id": failure_set_id,
+                "scores_id": scores_id,
+                "ks": ks,
+                "seeds": seeds,
+                "created_at": _now(),
+                "points": points,
+            },
+        )
+
+    def get_removal_curve(self, removal_curve_id: str) -> dict[str, Any]:
+        return self._get("removal_curves", removal_curve_id, "Removal curve")
+
+    def list_removal_curves(self, run_id: str, **where: Any) -> list[dict[str, Any]]:
+        return self._list("removal_curves", run_id=run_id, **where)
 
     # Review decisions ----------------------------------------------------
 

@@ -8,10 +8,12 @@ not depend on each other's order.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
 from repair_core import pipeline
@@ -87,6 +89,14 @@ def check_clean(app: AppTest) -> None:
 
 def metric_values(app: AppTest) -> dict[str, str]:
     return {metric.label: metric.value for metric in app.metric}
+
+
+def chart_trace_names(app: AppTest) -> list[list[str]]:
+    """Return the trace names of every plotly chart, chart by chart."""
+    return [
+        [trace.get("name") for trace in json.loads(chart.proto.spec)["data"]]
+        for chart in app.get("plotly_chart")
+    ]
 
 
 def image_count(app: AppTest) -> int:
@@ -377,6 +387,53 @@ def test_repair_sweep_draws_tradeoff(workspace_env):
     assert len(app.get("plotly_chart")) == charts_before + 1
 
 
+def test_repair_shows_stored_sweeps_in_new_session(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    ids = [
+        pipeline.run_sweep(
+            workspace,
+            run,
+            "finetune",
+            torch.arange(10),
+            failure_set_id=failure_set_id,
+            strengths=[1],
+            causes_origin=f"sweep {number}",
+        )["sweep_id"]
+        for number in (1, 2)
+    ]
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+
+    app = page("repair", **state).run()
+    check_clean(app)
+    assert [h.value for h in app.subheader] == ["Trade-off from sweeps"]
+    selector = app.multiselect(key="repair_sweep_select")
+    assert selector.value == [ids[1]]
+    assert selector.options == [f"finetune · sweep {n} · {ids[n - 1]}" for n in (2, 1)]
+    assert chart_trace_names(app) == [[f"finetune · sweep 2 · {ids[1]}"]]
+    assert not any("No repair yet" in info.value for info in app.info)
+
+    selector.set_value(ids).run()
+    check_clean(app)
+    assert chart_trace_names(app) == [
+        [f"finetune · sweep 1 · {ids[0]}", f"finetune · sweep 2 · {ids[1]}"]
+    ]
+
+    # A sweep run on the page joins the chosen ones.
+    workspace.set_decisions(run.run_id, failure_set_id, list(range(10)), "confirmed")
+    app.selectbox(key="repair_treatment").set_value("finetune").run()
+    app.segmented_control(key="repair_mode").set_value("sweep").run()
+    app.text_input(key="repair_sweep_finetune").set_value("1").run()
+    app.button(key="repair_run").click().run()
+    check_clean(app)
+    stored = workspace.list_sweeps(run.run_id, failure_set_id=failure_set_id)
+    assert len(stored) == 3
+    assert stored[-1]["causes"] == "confirmed in review"
+    assert app.multiselect(key="repair_sweep_select").value == [*ids, stored[-1]["id"]]
+    assert len(chart_trace_names(app)[-1]) == 3
+
+
 def test_repair_without_confirmed_says_causes(workspace_env):
     state = {
         "run_id": workspace_env.run_id,
@@ -417,6 +474,34 @@ def test_compare_baselines_and_removal_curve(workspace_env):
     assert len(app.get("plotly_chart")) == 3
     timings = app.dataframe[0].value
     assert set(timings["name"]) == methods
+
+
+def test_compare_shows_stored_curves_in_new_session(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    scores_id = pipeline.run_identification(
+        workspace, run, "training-loss", failure_set_id=failure_set_id
+    )["scores_id"]
+    ids = [
+        pipeline.run_removal_curve(
+            workspace, run, scores_id, failure_set_id=failure_set_id, ks=ks, seeds=(0,)
+        )["removal_curve_id"]
+        for ks in ((5,), (5, 10))
+    ]
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+
+    app = page("compare", **state).run()
+    check_clean(app)
+    selector = app.multiselect(key="compare_curve_select")
+    assert selector.value == [ids[1]]
+    newest = f"training-loss · 1 seed · {ids[1]}"
+    # The detection chart, then F_h and T\F of the chosen removal curve.
+    assert chart_trace_names(app)[1:] == [[newest], [newest]]
+
+    selector.set_value(ids).run()
+    check_clean(app)
+    assert chart_trace_names(app)[1] == [f"training-loss · 1 seed · {ids[0]}", newest]
 
 
 def test_imported_run_has_no_ground_truth(workspace_env):

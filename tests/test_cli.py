@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from repair_core.cli import main
+from repair_core.workspace import Workspace
 
 TINY = ["--n-train", "200", "--n-test", "100", "--epochs", "2", "--device", "cpu"]
 RUN_KEYS = {
@@ -423,6 +424,31 @@ def test_sweep_prints_trade_off_points(tiny_run, capsys):
         assert 0.0 <= point["holdout_acc"] <= 1.0 or point["holdout_acc"] is None
         assert 0.0 <= point["remaining_acc"] <= 1.0
 
+    # Without --strengths the treatment's own range is swept, and each sweep
+    # is stored in the workspace.
+    default = _run_json(
+        capsys,
+        [
+            "sweep",
+            "--workspace",
+            workspace,
+            "--run",
+            run["run_id"],
+            "--scores",
+            scores["scores_id"],
+            "--top-k",
+            "20",
+            "--treatment",
+            "newton",
+            "--set",
+            "depth=20",
+            "--json",
+        ],
+    )
+    assert [p["strength"] for p in default["points"]] == [0.5, 1, 2, 4, 8, 16]
+    stored = Workspace(workspace).list_sweeps(run["run_id"])
+    assert [s["id"] for s in stored] == [result["sweep_id"], default["sweep_id"]]
+
 
 def test_bad_query_fraction_fails_before_training(tmp_path, capsys):
     workspace = tmp_path / "ws"
@@ -434,3 +460,17 @@ def test_bad_query_fraction_fails_before_training(tmp_path, capsys):
     assert "Query fraction 2.0 must lie in (0, 1]" in captured.err
     assert "epoch" not in captured.err
     assert not (workspace / "runs").exists()
+
+
+def test_progress_prints_one_line_per_five_percent_of_a_stage(capsys):
+    from repair_core.cli import _ProgressPrinter
+
+    printer = _ProgressPrinter()
+    printer(0.0, "Fisher: batch 1")
+    for step in range(1, 301):
+        printer(step / 300, f"Fitting failures: step {step}")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "[  0.0%] Fisher: batch 1"
+    assert lines[1] == "[  0.3%] Fitting failures: step 1"
+    assert lines[-1] == "[100.0%] Fitting failures: step 300"
+    assert 20 <= len(lines) <= 23

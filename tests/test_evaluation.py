@@ -113,6 +113,8 @@ def test_repair_with_controls_finetune():
         assert [run["seed"] for run in arm["per_seed"]] == [0, 1]
     for key in ACCURACY_KEYS:
         assert math.isfinite(report["gain_over_nothing"]["mean"][key])
+    # Wall time is not an outcome, so it has no gain.
+    assert "seconds" not in report["gain_over_nothing"]["mean"]
 
     treated = report["arms"]["treatment"]["per_seed"]
     assert treated[0]["test_log_likelihood"] != treated[1]["test_log_likelihood"]

@@ -1,5 +1,6 @@
 """The workspace store: round trips, schema version and crash safety."""
 
+import math
 import signal
 import sqlite3
 import subprocess
@@ -30,6 +31,130 @@ def test_records_round_trip(tmp_path):
     assert reopened.get_scores("sc-a")["method"] == "random"
     assert reopened.get_repair("rp-a")["scores_id"] == "sc-a"
     assert reopened.schema_version == SCHEMA_VERSION
+
+
+POINTS = [
+    {"strength": 0.01, "holdout_acc": 0.5, "remaining_acc": 0.9},
+    {"strength": 0.05, "holdout_acc": 0.75, "remaining_acc": 0.8},
+]
+CURVE = [{"k": 10, "mean": {"holdout_acc": 0.5}, "std": {"holdout_acc": 0.0}}]
+
+
+def _add_sweep(workspace, sweep_id, failure_set_id="fs-a"):
+    workspace.add_sweep(
+        sweep_id,
+        "run-a",
+        failure_set_id,
+        "newton",
+        "top 20 of sc-a",
+        20,
+        [0.01, 0.05],
+        {"gamma": 0.01},
+        POINTS,
+    )
+
+
+def _workspace_with_records(root):
+    workspace = Workspace(root)
+    workspace.add_run("run-a", "train", {}, {})
+    workspace.add_failure_set("fs-a", "run-a", {}, {})
+    workspace.add_failure_set("fs-b", "run-a", {}, {})
+    workspace.add_scores("sc-a", "run-a", "fs-a", "random", {}, {})
+    return workspace
+
+
+def test_sweep_round_trip_after_reopen(tmp_path):
+    workspace = _workspace_with_records(tmp_path)
+    _add_sweep(workspace, "sw-a")
+    _add_sweep(workspace, "sw-b")
+    _add_sweep(workspace, "sw-c", failure_set_id="fs-b")
+
+    reopened = Workspace(tmp_path)
+    record = reopened.get_sweep("sw-a")
+
+    assert record["run_id"] == "run-a"
+    assert record["failure_set_id"] == "fs-a"
+    assert record["treatment"] == "newton"
+    assert record["causes"] == "top 20 of sc-a"
+    assert record["n_removed"] == 20
+    assert record["strengths"] == [0.01, 0.05]
+    assert record["config"] == {"gamma": 0.01}
+    assert record["points"] == POINTS
+    assert record["created_at"]
+    listed = reopened.list_sweeps("run-a", failure_set_id="fs-a")
+    assert [r["id"] for r in listed] == ["sw-a", "sw-b"]
+    assert [r["id"] for r in reopened.list_sweeps("run-a")] == ["sw-a", "sw-b", "sw-c"]
+    assert reopened.list_sweeps("run-other") == []
+
+
+def test_removal_curve_round_trip_after_reopen(tmp_path):
+    workspace = _workspace_with_records(tmp_path)
+    workspace.add_removal_curve("rc-a", "run-a", "fs-a", "sc-a", [10, 900], [0], CURVE)
+
+    reopened = Workspace(tmp_path)
+    record = reopened.get_removal_curve("rc-a")
+
+    assert record["run_id"] == "run-a"
+    assert record["failure_set_id"] == "fs-a"
+    assert record["scores_id"] == "sc-a"
+    assert record["ks"] == [10, 900]
+    assert record["seeds"] == [0]
+    assert record["points"] == CURVE
+    listed = reopened.list_removal_curves("run-a", failure_set_id="fs-a")
+    assert [r["id"] for r in listed] == ["rc-a"]
+    assert reopened.list_removal_curves("run-a", failure_set_id="fs-b") == []
+
+
+def test_nan_point_survives_round_trip(tmp_path):
+    workspace = _workspace_with_records(tmp_path)
+    points = [{"k": 10, "mean": {"holdout_acc": float("nan")}}]
+    workspace.add_removal_curve("rc-a", "run-a", "fs-a", "sc-a", [10], [0], points)
+
+    stored = Workspace(tmp_path).get_removal_curve("rc-a")["points"]
+
+    assert math.isnan(stored[0]["mean"]["holdout_acc"])
+
+
+def test_missing_sweep_and_curve_messages(tmp_path):
+    workspace = Workspace(tmp_path)
+
+    with pytest.raises(WorkspaceError, match="Sweep 'sw-nope' not found"):
+        workspace.get_sweep("sw-nope")
+    with pytest.raises(WorkspaceError, match="Removal curve 'rc-nope' not found"):
+        workspace.get_removal_curve("rc-nope")
+
+
+def test_sweep_needs_stored_failure_set(tmp_path):
+    workspace = _workspace_with_records(tmp_path)
+
+    with pytest.raises(sqlite3.IntegrityError):
+        _add_sweep(workspace, "sw-a", failure_set_id="fs-missing")
+    assert workspace.list_sweeps("run-a") == []
+
+
+def test_schema_1_workspace_gets_new_tables(tmp_path):
+    workspace = _workspace_with_records(tmp_path)
+    workspace.add_repair("rp-a", "run-a", "fs-a", "sc-a", "finetune", {}, {"g": 1})
+    # A schema-1 workspace written before sweeps and removal curves were stored.
+    with sqlite3.connect(tmp_path / "repair.sqlite") as connection:
+        connection.execute("DROP TABLE sweeps")
+        connection.execute("DROP TABLE removal_curves")
+        connection.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with sqlite3.connect(tmp_path / "repair.sqlite") as connection:
+        tables = {
+            row[0] for row in connection.execute("SELECT name FROM sqlite_master")
+        }
+    assert "sweeps" not in tables
+    assert "removal_curves" not in tables
+
+    reopened = Workspace(tmp_path)
+    _add_sweep(reopened, "sw-a")
+    reopened.add_removal_curve("rc-a", "run-a", "fs-a", "sc-a", [10], [0], CURVE)
+
+    assert reopened.get_repair("rp-a")["metrics"] == {"g": 1}
+    assert reopened.get_sweep("sw-a")["points"] == POINTS
+    assert reopened.get_removal_curve("rc-a")["points"] == CURVE
+    assert reopened.check_integrity() == "ok"
 
 
 def test_tensor_files_round_trip(tmp_path):

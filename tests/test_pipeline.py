@@ -1,0 +1,126 @@
+"""Pipeline functions that store their results: sweeps and removal curves.
+
+One tiny MNIST run (200 training and 100 test images, two epochs) is trained
+once per module. Each test uses a failure set of its own, so the stored
+records of one test never show up in another.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from repair_core import pipeline
+from repair_core.errors import ConfigError
+from repair_core.training import TrainConfig
+from repair_core.treatments import default_config
+from repair_core.workspace import Workspace
+
+
+def _json(value) -> str:
+    # NaN accuracies (of an empty subset) never compare equal, so tests compare
+    # the JSON text, where NaN is written as NaN.
+    return json.dumps(value, sort_keys=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workspace")
+    workspace = Workspace(root)
+    config = pipeline.RunConfig(
+        n_train=200,
+        n_test=100,
+        scenario="label-flip",
+        device="cpu",
+        train=TrainConfig(max_epochs=2, lr=5e-3),
+    )
+    summary = pipeline.train_run(workspace, config)
+    return root, pipeline.load_run(workspace, summary["run_id"])
+
+
+@pytest.fixture
+def ranked(tiny):
+    """A fresh failure set of the tiny run with a training-loss ranking."""
+    root, run = tiny
+    workspace = Workspace(root)
+    failure_set_id, _ = pipeline.create_failure_set(workspace, run, seed=1)
+    scores = pipeline.run_identification(
+        workspace, run, "training-loss", failure_set_id=failure_set_id
+    )
+    return workspace, run, failure_set_id, scores["scores_id"]
+
+
+def test_run_sweep_stores_summary(ranked):
+    workspace, run, failure_set_id, scores_id = ranked
+    causes, origin = pipeline.resolve_causes(
+        workspace, run, failure_set_id=failure_set_id, scores_id=scores_id, top_k=10
+    )
+
+    summary = pipeline.run_sweep(
+        workspace,
+        run,
+        "finetune",
+        causes,
+        failure_set_id=failure_set_id,
+        strengths=[1, 2],
+        causes_origin=origin,
+    )
+
+    assert [point["strength"] for point in summary["points"]] == [1, 2]
+    assert summary["n_removed"] == 10
+    assert summary["config"] == default_config("finetune").to_dict()
+    stored = Workspace(workspace.root).get_sweep(summary["sweep_id"])
+    assert stored["run_id"] == run.run_id
+    assert stored["failure_set_id"] == failure_set_id
+    assert stored["treatment"] == "finetune"
+    assert stored["causes"] == f"top 10 of {scores_id}"
+    assert stored["n_removed"] == 10
+    assert stored["strengths"] == [1.0, 2.0]
+    assert stored["config"] == summary["config"]
+    assert _json(stored["points"]) == _json(summary["points"])
+    listed = workspace.list_sweeps(run.run_id, failure_set_id=failure_set_id)
+    assert [record["id"] for record in listed] == [summary["sweep_id"]]
+
+
+def test_failed_sweep_stores_nothing(ranked):
+    workspace, run, failure_set_id, scores_id = ranked
+    causes, _ = pipeline.resolve_causes(
+        workspace, run, failure_set_id=failure_set_id, scores_id=scores_id, top_k=10
+    )
+
+    with pytest.raises(ConfigError, match="has no strength to sweep"):
+        pipeline.run_sweep(
+            workspace,
+            run,
+            "retrain",
+            causes,
+            failure_set_id=failure_set_id,
+            strengths=[1],
+        )
+    assert workspace.list_sweeps(run.run_id, failure_set_id=failure_set_id) == []
+
+
+def test_run_removal_curve_stores_summary(ranked):
+    workspace, run, failure_set_id, scores_id = ranked
+
+    with pytest.warns(UserWarning, match="Skipping k = 500"):
+        summary = pipeline.run_removal_curve(
+            workspace,
+            run,
+            scores_id,
+            failure_set_id=failure_set_id,
+            ks=(5, 500),
+            seeds=(0,),
+        )
+
+    assert [point["k"] for point in summary["points"]] == [5]
+    stored = Workspace(workspace.root).get_removal_curve(summary["removal_curve_id"])
+    assert stored["run_id"] == run.run_id
+    assert stored["failure_set_id"] == failure_set_id
+    assert stored["scores_id"] == scores_id
+    assert stored["ks"] == [5, 500]
+    assert stored["seeds"] == [0]
+    assert _json(stored["points"]) == _json(summary["points"])
+    listed = workspace.list_removal_curves(run.run_id, failure_set_id=failure_set_id)
+    assert [record["id"] for record in listed] == [summary["removal_curve_id"]]
