@@ -180,17 +180,18 @@ def test_unknown_experiment_is_rejected():
         quick_settings(experiments=(1, 7))
 
 
-def test_plan_runs_first_seeds_first():
+def test_plan_runs_every_seed_of_experiment_1_then_first_seeds():
     settings = quick_settings(seeds=(0, 1))
 
     plan = planned_units(settings)
 
-    assert plan[:5] == [
+    assert plan[:6] == [
         (1, "embedded", 0),
+        (1, "embedded", 1),
         (4, "embedded", 0),
         (2, "embedded", 0),
         (3, "embedded", 0),
         (6, "mnist", 0),
     ]
-    assert plan[5] == (1, "embedded", 1)
+    assert plan[6] == (4, "embedded", 1)
     assert len(plan) == 10

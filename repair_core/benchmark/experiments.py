@@ -284,6 +284,43 @@ def scores_of(context: BenchContext, base: BaseRun, method: str) -> torch.Tensor
     return holder["scores"]
 
 
+def fit_strength(context: BenchContext, base: BaseRun) -> dict[str, Any]:
+    """Detection of EWC-influence against the number of steps of its fit.
+
+    Each fit uses every failure of F_q and runs exactly the given number of
+    full-batch steps (no early stopping), with the other settings at their
+    defaults, so the rows show how the strength of the fit alone moves the
+    ranking.
+    """
+    defaults = _method_config(context.settings, "ewc-influence")
+    identify_context = identification_context(context.workspace, base.run)
+    query = base.split.query
+    rows = []
+    for steps in context.settings.fit_steps:
+        config = dataclasses.replace(
+            defaults, max_steps=steps, min_steps=steps, val_fraction=0.0
+        )
+        result = identify(
+            "ewc-influence",
+            base.run.model,
+            *base.train,
+            base.test[0][query],
+            base.test[1][query],
+            config,
+            context=identify_context,
+        )
+        identify_context.fisher = result.extras["fisher"]
+        rows.append(
+            {
+                "steps": steps,
+                "seconds": result.seconds,
+                **detection_summary(result.scores, base.mask),
+                "fit": _fit_quality(base, result.extras["fitted_state"]),
+            }
+        )
+    return {"lr": defaults.lr, "rows": rows}
+
+
 def failure_composition(base: BaseRun, classes: tuple[int, ...]) -> dict[str, Any]:
     """Count the failures (all, F_q, F_h) whose true class is in ``classes``."""
     labels = base.test[1]
@@ -418,6 +455,9 @@ def label_flip_experiment(context: BenchContext, data_key: str, seed: int) -> No
     for method in settings.methods:
         if method not in SLOW_METHODS:
             scores[method] = scores_of(context, base, method)
+
+    if "ewc-influence" in settings.methods:
+        unit.step("fit-strength", lambda: fit_strength(context, base))
 
     mask_indices = torch.nonzero(base.mask).flatten()
     unit.step(
@@ -593,8 +633,9 @@ def tradeoff_experiment(context: BenchContext, data_key: str, seed: int) -> None
 def planned_units(settings: BenchSettings) -> list[tuple[int, str, int]]:
     """Return (experiment, data key, seed) in the order they run.
 
-    The first seed of every experiment runs before any second seed, and
-    experiment 1 gets its further seeds before the others, so the page has
+    Experiment 1 runs on every seed first, since its detection and removal
+    figures are the ones averaged over seeds; then the first seed of every
+    other experiment runs before any of their further seeds, so the page has
     a complete first pass as early as possible.
     """
     first, *rest = settings.seeds
@@ -602,8 +643,8 @@ def planned_units(settings: BenchSettings) -> list[tuple[int, str, int]]:
     chosen = [e for e in order if e in settings.experiments]
     if 5 in settings.experiments and 1 not in chosen:
         chosen.insert(0, 1)
-    plan = [(e, _data_key(e), first) for e in chosen]
-    plan += [(1, "embedded", seed) for seed in rest if 1 in chosen]
+    plan = [(1, "embedded", seed) for seed in settings.seeds if 1 in chosen]
+    plan += [(e, _data_key(e), first) for e in chosen if e != 1]
     plan += [(e, _data_key(e), seed) for e in chosen if e != 1 for seed in rest]
     return plan
 

@@ -408,6 +408,7 @@ class PageWriter:
             "detection curves, label flips",
         )
         self.detection_commentary("label-flip", "embedded")
+        self.fit_strength_table()
         self.add("### Removal curves", "")
         self.removal_tables(1, "embedded")
         self.published_removal(1, "embedded")
@@ -420,6 +421,41 @@ class PageWriter:
                 self.out / "removal_curve_label_flip.png",
             ),
             "removal curves, label flips",
+        )
+
+    def fit_strength_table(self) -> None:
+        """EWC-influence detection against the number of steps of its fit."""
+        records = self.results.step_records(1, "embedded", "fit-strength")
+        if not records:
+            return
+        by_steps: dict[int, list[dict[str, Any]]] = {}
+        for record in records:
+            for row in record["rows"]:
+                flat = {**row, **{f"fit_{k}": v for k, v in row["fit"].items()}}
+                by_steps.setdefault(int(row["steps"]), []).append(flat)
+        rows = [
+            [
+                str(steps),
+                stat_of(runs, "found_at_10pct").text(),
+                stat_of(runs, "found_at_20pct").text(),
+                stat_of(runs, "fit_query_acc").text(),
+                stat_of(runs, "fit_holdout_acc").text(),
+                str(len(runs)),
+            ]
+            for steps, runs in sorted(by_steps.items())
+        ]
+        self.add("### How the strength of the EWC fit moves the ranking", "")
+        self.add(
+            "EWC-influence with a fit of exactly this many full-batch Adam steps "
+            f"(lr {records[0]['lr']:g}) on all of F_q, no early stopping; F_q and "
+            "F_h accuracy are those of the fitted model θ̂₊F, which has seen F_q "
+            "but not F_h:",
+            "",
+        )
+        self.add(
+            *_table(
+                ["steps", "top 10%", "top 20%", "F_q (fit)", "F_h (fit)", "n"], rows
+            )
         )
 
     def detection_commentary(self, scenario: str, data_key: str) -> None:
