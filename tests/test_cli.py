@@ -399,25 +399,27 @@ def test_sweep_prints_trade_off_points(tiny_run, capsys):
         ],
     )
 
-    result = _run_json(
-        capsys,
-        [
-            "sweep",
-            "--workspace",
-            workspace,
-            "--run",
-            run["run_id"],
-            "--scores",
-            scores["scores_id"],
-            "--top-k",
-            "20",
-            "--treatment",
-            "newton",
-            "--strengths",
-            "0.01,0.05",
-            "--json",
-        ],
-    )
+    def sweep(*options):
+        return _run_json(
+            capsys,
+            [
+                "sweep",
+                "--workspace",
+                workspace,
+                "--run",
+                run["run_id"],
+                "--scores",
+                scores["scores_id"],
+                "--top-k",
+                "20",
+                "--treatment",
+                "newton",
+                *options,
+                "--json",
+            ],
+        )
+
+    result = sweep("--strengths", "0.01,0.05")
 
     assert [p["strength"] for p in result["points"]] == [0.01, 0.05]
     for point in result["points"]:
@@ -426,25 +428,7 @@ def test_sweep_prints_trade_off_points(tiny_run, capsys):
 
     # Without --strengths the treatment's own range is swept, and each sweep
     # is stored in the workspace.
-    default = _run_json(
-        capsys,
-        [
-            "sweep",
-            "--workspace",
-            workspace,
-            "--run",
-            run["run_id"],
-            "--scores",
-            scores["scores_id"],
-            "--top-k",
-            "20",
-            "--treatment",
-            "newton",
-            "--set",
-            "depth=20",
-            "--json",
-        ],
-    )
+    default = sweep("--set", "depth=20")
     assert [p["strength"] for p in default["points"]] == [0.5, 1, 2, 4, 8, 16]
     stored = Workspace(workspace).list_sweeps(run["run_id"])
     assert [s["id"] for s in stored] == [result["sweep_id"], default["sweep_id"]]
