@@ -633,19 +633,23 @@ def tradeoff_experiment(context: BenchContext, data_key: str, seed: int) -> None
 def planned_units(settings: BenchSettings) -> list[tuple[int, str, int]]:
     """Return (experiment, data key, seed) in the order they run.
 
-    Experiment 1 runs on every seed first, since its detection and removal
-    figures are the ones averaged over seeds; then the first seed of every
-    other experiment runs before any of their further seeds, so the page has
-    a complete first pass as early as possible.
+    The first seed of every experiment on the embedded data runs first, then
+    the further seeds of experiment 1 (whose detection and removal figures
+    are the ones averaged over seeds), then the full-MNIST experiment 6,
+    then the further seeds of the rest. A run stopped early thus has a
+    complete first pass on the embedded data and a three-seed experiment 1.
     """
     first, *rest = settings.seeds
     order = (1, 4, 2, 3, 6)
     chosen = [e for e in order if e in settings.experiments]
     if 5 in settings.experiments and 1 not in chosen:
         chosen.insert(0, 1)
-    plan = [(1, "embedded", seed) for seed in settings.seeds if 1 in chosen]
-    plan += [(e, _data_key(e), first) for e in chosen if e != 1]
-    plan += [(e, _data_key(e), seed) for e in chosen if e != 1 for seed in rest]
+    embedded = [e for e in chosen if e != 6]
+    plan = [(e, "embedded", first) for e in embedded]
+    plan += [(1, "embedded", seed) for seed in rest if 1 in chosen]
+    if 6 in chosen:
+        plan += [(6, "mnist", seed) for seed in settings.seeds]
+    plan += [(e, "embedded", seed) for e in embedded if e != 1 for seed in rest]
     return plan
 
 
