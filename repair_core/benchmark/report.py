@@ -9,29 +9,26 @@ from typing import Any
 
 from repair_core import noise
 from repair_core.benchmark import plots
+from repair_core.benchmark.bars import QualityBars
+from repair_core.benchmark.page_base import (
+    method_label,
+    number,
+    ratio,
+    short_of,
+    sweep_by_gamma,
+    table,
+)
+from repair_core.benchmark.published import PublishedSections
 from repair_core.benchmark.settings import (
     EXPERIMENT_TITLES,
-    METHOD_LABELS,
     PUBLISHED,
-    BenchSettings,
 )
 from repair_core.benchmark.store import RESULTS_NAME
-from repair_core.benchmark.summary import Results, Stat, best_under, stat_of
+from repair_core.benchmark.summary import Results, Stat, stat_of
 
 logger = logging.getLogger(__name__)
 
 PAGE_NAME = "BENCHMARKS.md"
-REMAINING_FLOOR = 0.95
-DETECTION_BAR = 0.85
-
-#: Figures a plain prototype measured on full MNIST (3000 training images,
-#: 10,000 test images), quoted for comparison.
-PROTOTYPE_FULL_MNIST = {
-    "n_failures": 1110,
-    "found_at_20pct": 0.62,
-    "top_1000": (0.68, 0.83),
-    "semi_oracle": (0.62, 0.96),
-}
 
 
 def page_path(out: str | Path) -> Path:
@@ -39,53 +36,8 @@ def page_path(out: str | Path) -> Path:
     return Path(out).parent / PAGE_NAME
 
 
-def _label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |"]
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return lines + [""]
-
-
-def _number(value: Any, digits: int = 3) -> str:
-    if isinstance(value, int | float):
-        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-    return "–"
-
-
-class PageWriter:
+class PageWriter(PublishedSections, QualityBars):
     """Builds the page text section by section from one results file."""
-
-    def __init__(self, results: Results, out: Path) -> None:
-        self.results = results
-        self.out = out
-        self.settings = BenchSettings.from_dict(results.settings)
-        self.lines: list[str] = []
-        self.bars: list[tuple[str, str, str]] = []
-
-    # Helpers ---------------------------------------------------------------
-
-    def add(self, *lines: str) -> None:
-        self.lines.extend(lines)
-
-    def image(self, path: Path | None, alt: str) -> None:
-        if path is not None:
-            relative = f"{self.out.name}/{path.name}"
-            self.add(f"![{alt}]({relative})", "")
-
-    def bar(
-        self, name: str, measured: str, passed: bool | None, complete: bool = True
-    ) -> None:
-        if passed is None:
-            verdict = "not measured"
-        elif not complete:
-            verdict = ("pass" if passed else "fail") + " so far, incomplete"
-        else:
-            verdict = "pass" if passed else "fail"
-        self.bars.append((name, measured, verdict))
 
     # Header ----------------------------------------------------------------
 
@@ -176,7 +128,7 @@ class PageWriter:
         if 5 in self.settings.experiments:
             rows.append(["5", "embedded", "–", "read from the timings of 1 and 4"])
         self.add("### What ran", "")
-        self.add(*_table(["experiment", "data", "base seed", "status"], rows))
+        self.add(*table(["experiment", "data", "base seed", "status"], rows))
 
     def scored_methods(self, unit: dict[str, Any]) -> str:
         """List the identification methods stored for the unit's base run."""
@@ -201,18 +153,18 @@ class PageWriter:
             rows.append(
                 [
                     str(record.get("seed")),
-                    _number(record.get("test_accuracy")),
-                    _number(record.get("n_failures")),
-                    _number(record.get("n_query")),
-                    _number(record.get("n_holdout")),
-                    _number(record.get("n_corrupted")),
-                    _number(record.get("best_epoch")),
-                    _number(cost.get("seconds"), 0),
+                    number(record.get("test_accuracy")),
+                    number(record.get("n_failures")),
+                    number(record.get("n_query")),
+                    number(record.get("n_holdout")),
+                    number(record.get("n_corrupted")),
+                    number(record.get("best_epoch")),
+                    number(cost.get("seconds"), 0),
                 ]
             )
         if rows:
             self.add(
-                *_table(
+                *table(
                     [
                         "seed",
                         "test accuracy",
@@ -240,7 +192,7 @@ class PageWriter:
             seconds = self.results.seconds(scenario, data_key, method)
             errors = self.results.errors(scenario, data_key, method)
             row = [
-                _label(method),
+                method_label(method),
                 at10.text(),
                 at20.text(),
                 p100.text(),
@@ -262,10 +214,10 @@ class PageWriter:
         if published:
             header.insert(3, "top 20%, Tanno et al. 2022")
         if rows:
-            self.add(*_table(header, rows))
+            self.add(*table(header, rows))
         for method in self.results.methods(scenario, data_key):
             for error in self.results.errors(scenario, data_key, method):
-                self.add(f"- {_label(method)} failed: `{error}`", "")
+                self.add(f"- {method_label(method)} failed: `{error}`", "")
 
     # Removal ---------------------------------------------------------------
 
@@ -316,7 +268,7 @@ class PageWriter:
                 "fine-tuning on D\\C:",
                 "",
             )
-            self.add(*_table(["k"] + [_label(m) for m in methods], rows))
+            self.add(*table(["k"] + [method_label(m) for m in methods], rows))
         n = len(self.results.curve_points(experiment, data_key, methods[0])[ks[0]])
         self.add(f"Each cell pools n = {n} fine-tuning runs.", "")
 
@@ -340,7 +292,7 @@ class PageWriter:
                 )
         if rows:
             self.add("References, fine-tuned on D\\C:", "")
-            self.add(*_table(["removed", "F_q", "F_h", "T\\F", "n"], rows))
+            self.add(*table(["removed", "F_q", "F_h", "T\\F", "n"], rows))
 
     def published_removal(self, experiment: int, data_key: str) -> None:
         points = self.results.curve_points(experiment, data_key, "ewc-influence")
@@ -355,9 +307,9 @@ class PageWriter:
             f"accuracy {holdout.text()} and remaining accuracy {remaining.text()}, "
             f"against {figure['holdout_acc']} and {figure['remaining_acc']} in "
             "Tanno et al. 2022. "
-            + _short_of(holdout.mean, figure["holdout_acc"], "holdout failures")
+            + short_of(holdout.mean, figure["holdout_acc"], "holdout failures")
             + " "
-            + _short_of(remaining.mean, figure["remaining_acc"], "the remaining set"),
+            + short_of(remaining.mean, figure["remaining_acc"], "the remaining set"),
             "",
         )
 
@@ -384,7 +336,7 @@ class PageWriter:
                 ]
             )
         self.add("After fine-tuning on D\\C:", "")
-        self.add(*_table(["arm", "F_q", "F_h", "T\\F", "n"], rows))
+        self.add(*table(["arm", "F_q", "F_h", "T\\F", "n"], rows))
 
     # Sections --------------------------------------------------------------
 
@@ -453,9 +405,7 @@ class PageWriter:
             "",
         )
         self.add(
-            *_table(
-                ["steps", "top 10%", "top 20%", "F_q (fit)", "F_h (fit)", "n"], rows
-            )
+            *table(["steps", "top 10%", "top 20%", "F_q (fit)", "F_h (fit)", "n"], rows)
         )
 
     def detection_commentary(self, scenario: str, data_key: str) -> None:
@@ -474,7 +424,9 @@ class PageWriter:
         for method, published in PUBLISHED["found_at_20pct"].items():
             ours = self.results.detection(scenario, data_key, method, "found_at_20pct")
             if ours.ok and ours.mean < published:
-                short.append(f"{_label(method)} {ours.mean:.3f} vs about {published}")
+                short.append(
+                    f"{method_label(method)} {ours.mean:.3f} vs about {published}"
+                )
         if short:
             notes.append(
                 "Below the published top-20% figure: " + "; ".join(short) + "."
@@ -485,7 +437,7 @@ class PageWriter:
                 continue
             other = self.results.detection(scenario, data_key, method, "found_at_20pct")
             if other.ok and other.mean > ewc.mean:
-                ahead.append(f"{_label(method)} ({other.mean:.3f})")
+                ahead.append(f"{method_label(method)} ({other.mean:.3f})")
         if ahead:
             notes.append(
                 "EWC-influence trails "
@@ -522,7 +474,7 @@ class PageWriter:
         )
         rows = []
         for treatment in ("ewc-deletion", "newton"):
-            for gamma, points in _sweep_by_gamma(units, treatment).items():
+            for gamma, points in sweep_by_gamma(units, treatment).items():
                 rows.append(
                     [
                         "EWC-deletion" if treatment == "ewc-deletion" else "Newton",
@@ -552,9 +504,7 @@ class PageWriter:
                         str(len(runs)),
                     ]
                 )
-        self.add(
-            *_table(["treatment", "γ", "F_q", "F_h", "T\\F", "seconds", "n"], rows)
-        )
+        self.add(*table(["treatment", "γ", "F_q", "F_h", "T\\F", "seconds", "n"], rows))
         self.image(
             plots.tradeoff_plot(self.results, "embedded", self.out / "tradeoff.png"),
             "trade-off between failure and remaining accuracy",
@@ -577,21 +527,21 @@ class PageWriter:
             )
             rows.append(
                 [
-                    f"identify: {_label(method)}",
+                    f"identify: {method_label(method)}",
                     seconds.text(1),
-                    _ratio(seconds, ewc),
+                    ratio(seconds, ewc),
                     step_peak.text(0),
                     process_peak.text(0),
                     str(seconds.n),
                 ]
             )
-            plot_rows.append((_label(method), seconds))
+            plot_rows.append((method_label(method), seconds))
         for name, stat in self.treatment_costs():
             rows.append(
                 [
                     f"treat: {name}",
                     stat.text(1),
-                    _ratio(stat, ewc),
+                    ratio(stat, ewc),
                     "–",
                     "–",
                     str(stat.n),
@@ -613,7 +563,7 @@ class PageWriter:
             "",
         )
         self.add(
-            *_table(
+            *table(
                 [
                     "work",
                     "seconds",
@@ -643,7 +593,7 @@ class PageWriter:
             ("newton", "Newton removal, solve + one γ"),
         ):
             points = [
-                p for pts in _sweep_by_gamma(units, treatment).values() for p in pts
+                p for pts in sweep_by_gamma(units, treatment).values() for p in pts
             ]
             costs.append((name, stat_of(points, "seconds")))
         costs.append(
@@ -664,376 +614,6 @@ class PageWriter:
             ("retrain from scratch on D\\C (full MNIST)", stat_of(retrain, "seconds"))
         )
         return [(name, stat) for name, stat in costs if stat.ok]
-
-    def experiment_6(self) -> None:
-        self.add(f"## 6. {EXPERIMENT_TITLES[6]}", "")
-        units = self.results.experiment_units(6, "mnist")
-        skipped = {
-            k: v
-            for k, v in self.results.data.get("skipped", {}).items()
-            if k.startswith("exp6/")
-        }
-        if not units:
-            reason = next(iter(skipped.values()), "not run yet")
-            self.add(f"Not measured: {reason}.", "")
-            self.investigation()
-            return
-        self.add(
-            f"Experiment 1 on full MNIST: {self.settings.mnist_n_train} training "
-            "images drawn class-balanced from the 60,000, and the "
-            f"{self.settings.mnist_n_test or 10000:,}-image test set.",
-            "",
-        )
-        self.base_table(6, "mnist")
-        self.detection_table("label-flip", "mnist", published=True)
-        self.image(
-            plots.detection_plot(
-                self.results,
-                [
-                    ("label-flip", "embedded", "embedded MNIST"),
-                    ("label-flip", "mnist", "full MNIST"),
-                ],
-                self.out / "detection_full_mnist.png",
-            ),
-            "detection curves, embedded and full MNIST",
-        )
-        self.removal_tables(6, "mnist")
-        self.published_removal(6, "mnist")
-        self.image(
-            plots.removal_plot(
-                self.results,
-                6,
-                "mnist",
-                list(self.settings.curve_methods),
-                self.out / "removal_curve_full_mnist.png",
-            ),
-            "removal curves, full MNIST",
-        )
-        self.side_by_side()
-        self.investigation()
-
-    def side_by_side(self) -> None:
-        results = self.results
-        rows = []
-
-        def removal(data_key: str, experiment: int, method: str, k: int, key: str):
-            runs = results.curve_points(experiment, data_key, method).get(k, [])
-            return stat_of(runs, key).text()
-
-        def semi(data_key: str, experiment: int, key: str):
-            runs = results.arm_runs(experiment, data_key, "semi-oracle", "treatment")
-            return stat_of(runs, key).text()
-
-        def failures(data_key: str, experiment: int):
-            return Stat.of(
-                r.get("n_failures") for r in results.base_records(experiment, data_key)
-            ).text(0)
-
-        proto = PROTOTYPE_FULL_MNIST
-        published = PUBLISHED["removal_top_1000"]
-        rows.append(
-            [
-                "failures |F|",
-                failures("embedded", 1),
-                failures("mnist", 6),
-                str(proto["n_failures"]),
-                "–",
-            ]
-        )
-        rows.append(
-            [
-                "EWC-influence, found in top 20%",
-                results.detection(
-                    "label-flip", "embedded", "ewc-influence", "found_at_20pct"
-                ).text(),
-                results.detection(
-                    "label-flip", "mnist", "ewc-influence", "found_at_20pct"
-                ).text(),
-                f"{proto['found_at_20pct']}",
-                f"≈ {PUBLISHED['found_at_20pct']['ewc-influence']}",
-            ]
-        )
-        for key, name, index, published_value in (
-            ("holdout_acc", "F_h", 0, published["holdout_acc"]),
-            ("remaining_acc", "T\\F", 1, published["remaining_acc"]),
-        ):
-            rows.append(
-                [
-                    f"top 1000 removed + fine-tune: {name}",
-                    removal("embedded", 1, "ewc-influence", 1000, key),
-                    removal("mnist", 6, "ewc-influence", 1000, key),
-                    f"{proto['top_1000'][index]}",
-                    f"{published_value}",
-                ]
-            )
-            rows.append(
-                [
-                    f"every flipped label removed + fine-tune: {name}",
-                    semi("embedded", 1, key),
-                    semi("mnist", 6, key),
-                    f"{proto['semi_oracle'][index]}",
-                    "–",
-                ]
-            )
-        self.add("### Beside the embedded data", "")
-        self.add(
-            *_table(
-                [
-                    "figure",
-                    "embedded MNIST",
-                    "full MNIST",
-                    "plain prototype, full MNIST",
-                    "Tanno et al. 2022",
-                ],
-                rows,
-            )
-        )
-
-    def investigation(self) -> None:
-        """Facts that locate the gap to the published removal figures."""
-        self.add("### Where the difference to the published figures comes from", "")
-        facts = []
-        for data_key, experiment, name in (
-            ("embedded", 1, "embedded MNIST"),
-            ("mnist", 6, "full MNIST"),
-        ):
-            facts += self.investigation_facts(data_key, experiment, name)
-        if not facts:
-            self.add("Not enough of experiments 1 and 6 has finished to say.", "")
-            return
-        self.add(*[f"- {fact}" for fact in facts], "")
-
-    def investigation_facts(
-        self, data_key: str, experiment: int, name: str
-    ) -> list[str]:
-        results = self.results
-        facts = []
-        compositions = [
-            unit["steps"]["composition"]
-            for unit in results.experiment_units(experiment, data_key)
-            if "composition" in unit.get("steps", {})
-        ]
-        if compositions:
-            n_train = (
-                self.settings.mnist_n_train
-                if data_key == "mnist"
-                else self.settings.n_train or 3000
-            )
-            share = Stat.of(
-                c["holdout_in_classes"] / c["n_holdout"]
-                for c in compositions
-                if c["n_holdout"]
-            )
-            facts.append(
-                f"{name}, the split: {share.text()} of the holdout failures F_h "
-                "have a true class among the flipped classes 1, 7, 6 and 9; "
-                f"the rest are ordinary errors of a model trained on {n_train} "
-                "images, which no removal of flipped labels is expected to fix."
-            )
-        fits = [
-            r["fit"]
-            for r in results.identification("label-flip", data_key, "ewc-influence")
-            if r.get("fit")
-        ]
-        if fits:
-            query = Stat.of(f["query_acc"] for f in fits)
-            holdout = Stat.of(f["holdout_acc"] for f in fits)
-            remaining = Stat.of(f["remaining_acc"] for f in fits)
-            facts.append(
-                f"{name}, the fit of F_q: the EWC fit θ̂₊F behind EWC-influence "
-                f"classifies {query.text()} of F_q correctly, {holdout.text()} of "
-                f"the unseen F_h and {remaining.text()} of T\\F."
-            )
-        semi = results.arm_runs(experiment, data_key, "semi-oracle", "treatment")
-        nothing = results.arm_runs(experiment, data_key, "semi-oracle", "nothing")
-        if semi and nothing:
-            facts.append(
-                f"{name}, the fine-tuning protocol: fine-tuning with nothing "
-                f"removed reaches {stat_of(nothing, 'holdout_acc').text()} on F_h, "
-                "and removing every flipped label reaches "
-                f"{stat_of(semi, 'holdout_acc').text()} on F_h with "
-                f"{stat_of(semi, 'remaining_acc').text()} on T\\F. With the exact "
-                "causes removed, this protocol's F_h accuracy is "
-                + _versus(
-                    stat_of(semi, "holdout_acc").mean,
-                    PUBLISHED["removal_top_1000"]["holdout_acc"],
-                )
-                + " the published 0.86 after removing the top 1000."
-            )
-        groups = [
-            r["first_seed_holdout_by_group"]
-            for r in results.step_records(experiment, data_key, "semi-oracle")
-            if r.get("first_seed_holdout_by_group")
-        ]
-        if groups:
-            inside = Stat.of(g["holdout_acc_in_classes"] for g in groups)
-            outside = Stat.of(g["holdout_acc_other_classes"] for g in groups)
-            facts.append(
-                f"{name}, by class (first fine-tuning seed): after removing every "
-                f"flipped label, F_h accuracy is {inside.text()} on failures of "
-                f"classes 1, 7, 6, 9 and {outside.text()} on the other classes."
-            )
-        top = [
-            r["first_seed_holdout_by_group"]
-            for r in results.step_records(experiment, data_key, "top-k-by-group")
-            if r.get("first_seed_holdout_by_group")
-        ]
-        if top:
-            inside = Stat.of(g["holdout_acc_in_classes"] for g in top)
-            outside = Stat.of(g["holdout_acc_other_classes"] for g in top)
-            facts.append(
-                f"{name}, by class after removing the top {max(self.settings.ks)} "
-                f"by EWC-influence (first seed): {inside.text()} on classes 1, 7, "
-                f"6, 9 and {outside.text()} on the others."
-            )
-        retrain = results.step_records(experiment, data_key, "semi-oracle-retrain")
-        if retrain:
-            runs = [
-                r for record in retrain for r in record["arms"]["treatment"]["per_seed"]
-            ]
-            facts.append(
-                f"{name}, retraining from scratch (not fine-tuning) without every "
-                f"flipped label: F_h {stat_of(runs, 'holdout_acc').text()}, T\\F "
-                f"{stat_of(runs, 'remaining_acc').text()} (n = {len(runs)})."
-            )
-        return facts
-
-    # Quality bars ----------------------------------------------------------
-
-    def quality_bars(self) -> None:
-        results = self.results
-        ewc = results.detection(
-            "label-flip", "embedded", "ewc-influence", "found_at_20pct"
-        )
-        self.bar(
-            f"EWC-influence finds ≥ {DETECTION_BAR} of flipped labels in the top "
-            "20% (mean of 3 seeds)",
-            f"{ewc.text()} over {ewc.n} seed(s)" if ewc.ok else "–",
-            ewc.mean >= DETECTION_BAR if ewc.ok else None,
-            complete=ewc.n >= len(self.settings.seeds),
-        )
-        for method in ("linear-influence-lissa", "tracin"):
-            other = results.detection(
-                "label-flip", "embedded", method, "found_at_20pct"
-            )
-            self.bar(
-                f"EWC-influence finds more in the top 20% than {_label(method)}",
-                f"{ewc.text()} vs {other.text()}",
-                ewc.mean > other.mean if ewc.ok and other.ok else None,
-                complete=min(ewc.n, other.n) >= len(self.settings.seeds),
-            )
-        self.removal_bars()
-        self.tradeoff_bar()
-        self.add("## Quality bars", "")
-        finished = {
-            e: sum(
-                1
-                for u in self.results.experiment_units(e, "embedded")
-                if u.get("status") == "done"
-            )
-            for e in (1, 4)
-        }
-        self.add(
-            "Measured on the embedded data. Base seeds finished: "
-            f"{finished[1]} of {len(self.settings.seeds)} for experiment 1 and "
-            f"{finished[4]} of {len(self.settings.seeds)} for experiment 4; an "
-            "unfinished seed contributes the steps it completed. A bar with "
-            "nothing measured yet says so.",
-            "",
-        )
-        self.add(*_table(["bar", "measured", "verdict"], [list(b) for b in self.bars]))
-
-    def removal_bars(self) -> None:
-        results = self.results
-        ewc = results.curve_points(1, "embedded", "ewc-influence")
-        nothing = results.arm_runs(1, "embedded", "semi-oracle", "nothing")
-        if not ewc:
-            self.bar("EWC-influence removal beats the controls at every k", "–", None)
-            self.bar("At k = 300, F_h ≥ every flipped label removed", "–", None)
-            return
-        rivals = {
-            "nothing removed": {k: nothing for k in ewc},
-            "random removal": results.curve_points(1, "embedded", "random"),
-            "highest training loss removed": results.curve_points(
-                1, "embedded", "training-loss"
-            ),
-        }
-        for name, by_k in rivals.items():
-            losses = []
-            measured_ks = 0
-            for k, runs in ewc.items():
-                other = by_k.get(k)
-                if not other:
-                    continue
-                measured_ks += 1
-                mine = stat_of(runs, "holdout_acc").mean
-                theirs = stat_of(other, "holdout_acc").mean
-                if not mine > theirs:
-                    losses.append(f"k={k}: {mine:.3f} vs {theirs:.3f}")
-            planned = len(self.settings.ks)
-            self.bar(
-                f"EWC-influence top-k removal beats {name} on F_h at every k",
-                ("ties or loses at " + "; ".join(losses))
-                if losses
-                else f"ahead at each of the {measured_ks} of {planned} k measured",
-                None if measured_ks == 0 else not losses,
-                complete=measured_ks >= planned,
-            )
-        at300 = ewc.get(300)
-        semi = results.arm_runs(1, "embedded", "semi-oracle", "treatment")
-        if at300 and semi:
-            holdout = stat_of(at300, "holdout_acc")
-            remaining = stat_of(at300, "remaining_acc")
-            reference = stat_of(semi, "holdout_acc")
-            self.bar(
-                "At k = 300, F_h accuracy ≥ removing every flipped label, with "
-                "T\\F ≥ 0.95",
-                f"F_h {holdout.text()} vs {reference.text()}; T\\F {remaining.text()}",
-                holdout.mean >= reference.mean and remaining.mean >= REMAINING_FLOOR,
-                complete=holdout.n
-                >= len(self.settings.seeds) * len(self.settings.finetune_seeds),
-            )
-        else:
-            self.bar("At k = 300, F_h ≥ every flipped label removed", "–", None)
-
-    def tradeoff_bar(self) -> None:
-        units = self.results.experiment_units(4, "embedded")
-        best = {}
-        for treatment in ("ewc-deletion", "newton"):
-            means = [
-                {
-                    "strength": gamma,
-                    "holdout_acc": stat_of(points, "holdout_acc").mean,
-                    "remaining_acc": stat_of(points, "remaining_acc").mean,
-                }
-                for gamma, points in _sweep_by_gamma(units, treatment).items()
-            ]
-            best[treatment] = (
-                best_under(means, "holdout_acc", "remaining_acc", REMAINING_FLOOR),
-                bool(means),
-            )
-        ewc_best, ewc_ran = best["ewc-deletion"]
-        newton_best, newton_ran = best["newton"]
-        if not (ewc_ran and newton_ran):
-            self.bar("EWC-deletion beats Newton removal at T\\F ≥ 0.95", "–", None)
-            return
-
-        def describe(point):
-            if point is None:
-                return "no γ keeps T\\F ≥ 0.95"
-            return (
-                f"F_h {point['holdout_acc']:.3f} at γ = {point['strength']:g} "
-                f"(T\\F {point['remaining_acc']:.3f})"
-            )
-
-        passed = ewc_best is not None and (
-            newton_best is None or ewc_best["holdout_acc"] > newton_best["holdout_acc"]
-        )
-        self.bar(
-            "EWC-deletion's best F_h beats Newton removal's at T\\F ≥ 0.95",
-            f"EWC-deletion {describe(ewc_best)}; Newton {describe(newton_best)}",
-            passed,
-        )
 
     # Page ------------------------------------------------------------------
 
@@ -1071,45 +651,12 @@ class PageWriter:
         return "\n".join(self.lines).rstrip() + "\n"
 
 
-def _sweep_by_gamma(
-    units: list[dict[str, Any]], treatment: str
-) -> dict[float, list[dict[str, Any]]]:
-    by_gamma: dict[float, list[dict[str, Any]]] = {}
-    for unit in units:
-        record = unit.get("steps", {}).get(f"sweep/{treatment}")
-        for point in (record or {}).get("points", []):
-            by_gamma.setdefault(float(point["strength"]), []).append(point)
-    return dict(sorted(by_gamma.items()))
-
-
 def _load_averages(invocations: list[dict[str, Any]]) -> str:
     values = []
     for invocation in invocations:
         load = invocation.get("machine", {}).get("load_average_1min")
         values.append("not recorded" if load is None else f"{load:.1f}")
     return ", ".join(values) or "not recorded"
-
-
-def _ratio(stat: Stat, reference: Stat) -> str:
-    if not (stat.ok and reference.ok and reference.mean > 0):
-        return "–"
-    return f"{stat.mean / reference.mean:.2f}"
-
-
-def _versus(value: float, published: float) -> str:
-    if value != value:
-        return "not comparable with"
-    if value < published:
-        return f"{published - value:.2f} below"
-    return f"{value - published:.2f} above"
-
-
-def _short_of(value: float, published: float, what: str) -> str:
-    if value != value:
-        return ""
-    if value >= published:
-        return f"We reach the published figure on {what}."
-    return f"We fall short on {what} by {published - value:.3f}."
 
 
 def render_page(out: str | Path) -> Path:

@@ -1,0 +1,152 @@
+"""The quality bars at the top of the benchmark page."""
+
+from __future__ import annotations
+
+from repair_core.benchmark.page_base import (
+    DETECTION_BAR,
+    REMAINING_FLOOR,
+    PageBase,
+    method_label,
+    sweep_by_gamma,
+    table,
+)
+from repair_core.benchmark.summary import best_under, stat_of
+
+
+class QualityBars(PageBase):
+    """Checks of the measured figures against the bars the project set."""
+
+    def quality_bars(self) -> None:
+        results = self.results
+        ewc = results.detection(
+            "label-flip", "embedded", "ewc-influence", "found_at_20pct"
+        )
+        self.bar(
+            f"EWC-influence finds ≥ {DETECTION_BAR} of flipped labels in the top "
+            "20% (mean of 3 seeds)",
+            f"{ewc.text()} over {ewc.n} seed(s)" if ewc.ok else "–",
+            ewc.mean >= DETECTION_BAR if ewc.ok else None,
+            complete=ewc.n >= len(self.settings.seeds),
+        )
+        for method in ("linear-influence-lissa", "tracin"):
+            other = results.detection(
+                "label-flip", "embedded", method, "found_at_20pct"
+            )
+            self.bar(
+                f"EWC-influence finds more in the top 20% than {method_label(method)}",
+                f"{ewc.text()} vs {other.text()}",
+                ewc.mean > other.mean if ewc.ok and other.ok else None,
+                complete=min(ewc.n, other.n) >= len(self.settings.seeds),
+            )
+        self.removal_bars()
+        self.tradeoff_bar()
+        self.add("## Quality bars", "")
+        finished = {
+            e: sum(
+                1
+                for u in self.results.experiment_units(e, "embedded")
+                if u.get("status") == "done"
+            )
+            for e in (1, 4)
+        }
+        self.add(
+            "Measured on the embedded data. Base seeds finished: "
+            f"{finished[1]} of {len(self.settings.seeds)} for experiment 1 and "
+            f"{finished[4]} of {len(self.settings.seeds)} for experiment 4; an "
+            "unfinished seed contributes the steps it completed. A bar with "
+            "nothing measured yet says so.",
+            "",
+        )
+        self.add(*table(["bar", "measured", "verdict"], [list(b) for b in self.bars]))
+
+    def removal_bars(self) -> None:
+        results = self.results
+        ewc = results.curve_points(1, "embedded", "ewc-influence")
+        nothing = results.arm_runs(1, "embedded", "semi-oracle", "nothing")
+        if not ewc:
+            self.bar("EWC-influence removal beats the controls at every k", "–", None)
+            self.bar("At k = 300, F_h ≥ every flipped label removed", "–", None)
+            return
+        rivals = {
+            "nothing removed": {k: nothing for k in ewc},
+            "random removal": results.curve_points(1, "embedded", "random"),
+            "highest training loss removed": results.curve_points(
+                1, "embedded", "training-loss"
+            ),
+        }
+        for name, by_k in rivals.items():
+            losses = []
+            measured_ks = 0
+            for k, runs in ewc.items():
+                other = by_k.get(k)
+                if not other:
+                    continue
+                measured_ks += 1
+                mine = stat_of(runs, "holdout_acc").mean
+                theirs = stat_of(other, "holdout_acc").mean
+                if not mine > theirs:
+                    losses.append(f"k={k}: {mine:.3f} vs {theirs:.3f}")
+            planned = len(self.settings.ks)
+            self.bar(
+                f"EWC-influence top-k removal beats {name} on F_h at every k",
+                ("ties or loses at " + "; ".join(losses))
+                if losses
+                else f"ahead at each of the {measured_ks} of {planned} k measured",
+                None if measured_ks == 0 else not losses,
+                complete=measured_ks >= planned,
+            )
+        at300 = ewc.get(300)
+        semi = results.arm_runs(1, "embedded", "semi-oracle", "treatment")
+        if at300 and semi:
+            holdout = stat_of(at300, "holdout_acc")
+            remaining = stat_of(at300, "remaining_acc")
+            reference = stat_of(semi, "holdout_acc")
+            self.bar(
+                "At k = 300, F_h accuracy ≥ removing every flipped label, with "
+                "T\\F ≥ 0.95",
+                f"F_h {holdout.text()} vs {reference.text()}; T\\F {remaining.text()}",
+                holdout.mean >= reference.mean and remaining.mean >= REMAINING_FLOOR,
+                complete=holdout.n
+                >= len(self.settings.seeds) * len(self.settings.finetune_seeds),
+            )
+        else:
+            self.bar("At k = 300, F_h ≥ every flipped label removed", "–", None)
+
+    def tradeoff_bar(self) -> None:
+        units = self.results.experiment_units(4, "embedded")
+        best = {}
+        for treatment in ("ewc-deletion", "newton"):
+            means = [
+                {
+                    "strength": gamma,
+                    "holdout_acc": stat_of(points, "holdout_acc").mean,
+                    "remaining_acc": stat_of(points, "remaining_acc").mean,
+                }
+                for gamma, points in sweep_by_gamma(units, treatment).items()
+            ]
+            best[treatment] = (
+                best_under(means, "holdout_acc", "remaining_acc", REMAINING_FLOOR),
+                bool(means),
+            )
+        ewc_best, ewc_ran = best["ewc-deletion"]
+        newton_best, newton_ran = best["newton"]
+        if not (ewc_ran and newton_ran):
+            self.bar("EWC-deletion beats Newton removal at T\\F ≥ 0.95", "–", None)
+            return
+
+        def describe(point):
+            if point is None:
+                return "no γ keeps T\\F ≥ 0.95"
+            return (
+                f"F_h {point['holdout_acc']:.3f} at γ = {point['strength']:g} "
+                f"(T\\F {point['remaining_acc']:.3f})"
+            )
+
+        passed = ewc_best is not None and (
+            newton_best is None or ewc_best["holdout_acc"] > newton_best["holdout_acc"]
+        )
+        self.bar(
+            "EWC-deletion's best F_h beats Newton removal's at T\\F ≥ 0.95",
+            f"EWC-deletion {describe(ewc_best)}; Newton {describe(newton_best)}",
+            passed,
+        )
