@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -202,7 +203,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=VALUE",
         help="override a setting of the method or treatment, for example "
-        "--set fit_steps=300; repeatable",
+        "--set max_steps=300; repeatable",
     )
 
 
@@ -281,9 +282,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     runs = commands.add_parser(
-        "runs", help="list the runs of a workspace", formatter_class=_HelpFormatter
+        "runs",
+        help="list the runs of a workspace, or what one run has stored",
+        formatter_class=_HelpFormatter,
+        description="List the runs of a workspace. With --run, list that run's "
+        "failure sets, scores, repairs,\nsweeps and removal curves instead.",
     )
     _add_workspace(runs)
+    runs.add_argument("--run", default=None, help="run id whose stored records to list")
 
     identify = commands.add_parser(
         "identify",
@@ -520,8 +526,43 @@ def _command_import(args: argparse.Namespace) -> dict[str, Any]:
     return import_run(Workspace(args.workspace), config, args.checkpoint)
 
 
+def _run_records(workspace: Workspace, run_id: str) -> dict[str, Any]:
+    """List the ids and main settings of everything stored for one run."""
+    workspace.get_run(run_id)
+
+    def brief(record: dict[str, Any], *keys: str) -> dict[str, Any]:
+        return {"id": record["id"], **{key: record.get(key) for key in keys}}
+
+    return {
+        "workspace": str(workspace.root),
+        "run_id": run_id,
+        "failure_sets": [
+            {**brief(r, "created_at"), "origin": r["config"].get("origin")}
+            for r in workspace.list_failure_sets(run_id)
+        ],
+        "scores": [
+            brief(r, "failure_set_id", "method", "created_at")
+            for r in workspace.list_scores(run_id)
+        ],
+        "repairs": [
+            brief(r, "failure_set_id", "treatment", "created_at")
+            for r in workspace.list_repairs(run_id)
+        ],
+        "sweeps": [
+            brief(r, "failure_set_id", "treatment", "created_at")
+            for r in workspace.list_sweeps(run_id)
+        ],
+        "removal_curves": [
+            brief(r, "failure_set_id", "scores_id", "created_at")
+            for r in workspace.list_removal_curves(run_id)
+        ],
+    }
+
+
 def _command_runs(args: argparse.Namespace) -> dict[str, Any]:
     workspace = Workspace(args.workspace)
+    if args.run is not None:
+        return _run_records(workspace, args.run)
     runs = []
     for record in workspace.list_runs():
         metrics = record["metrics"]
@@ -553,11 +594,43 @@ def _parse_list(text: str, kind: type, option: str) -> list:
     return values
 
 
+_TRUE = ("true", "yes", "1", "on")
+_FALSE = ("false", "no", "0", "off")
+
+
+def _setting_value(text: str, kind: Any, name: str, what: str) -> Any:
+    """Read the text of one NAME=VALUE override as the setting's type."""
+    options = typing.get_args(kind)
+    if type(None) in options:
+        if text.lower() in ("none", "null"):
+            return None
+        kind = next(option for option in options if option is not type(None))
+    try:
+        if kind is bool:
+            if text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+            raise ValueError(text)
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return text
+        return json.loads(text)
+    except ValueError:
+        expected = {bool: "true or false", int: "an integer", float: "a number"}
+        raise RepairError(
+            f"Invalid value {text!r} for setting {name} of {what}: expected "
+            f"{expected.get(kind, 'a JSON value')}."
+        ) from None
+
+
 def _apply_settings(config: Any, settings: list[str], what: str) -> Any:
-    """Return ``config`` with NAME=VALUE overrides; values are read as JSON."""
+    """Return ``config`` with NAME=VALUE overrides read as each setting's type."""
     if not settings:
         return config
     values = config.to_dict() if hasattr(config, "to_dict") else asdict(config)
+    kinds = typing.get_type_hints(type(config))
     for item in settings:
         name, sep, text = item.partition("=")
         if not sep or name not in values:
@@ -565,10 +638,7 @@ def _apply_settings(config: Any, settings: list[str], what: str) -> Any:
                 f"Invalid setting {item!r} for {what}. Use NAME=VALUE with NAME one "
                 f"of: {', '.join(sorted(values))}."
             )
-        try:
-            values[name] = json.loads(text)
-        except json.JSONDecodeError:
-            values[name] = text
+        values[name] = _setting_value(text.strip(), kinds.get(name), name, what)
     if hasattr(type(config), "from_dict"):
         return type(config).from_dict(values)
     return type(config)(**values)

@@ -368,11 +368,22 @@ def sweep(
         )
     if len(strengths) == 0:
         raise ConfigError("The sweep needs at least one strength.")
+    field = SWEEPABLE[treatment]
+    for strength in strengths:
+        if not (math.isfinite(float(strength)) and float(strength) > 0):
+            raise ConfigError(
+                f"Sweep strength {strength} of {treatment} must be a finite "
+                "positive number. Nothing was run."
+            )
+        if field == "max_epochs" and float(strength) != int(strength):
+            raise ConfigError(
+                f"Sweep strength {strength} of finetune is a number of epochs and "
+                "must be a whole number. Nothing was run."
+            )
     train_images, train_labels = train
     test_images, test_labels = test
     settings = resolve_config(treatment, config)
     checked = validate_causes(causes, len(train_labels))
-    field = SWEEPABLE[treatment]
     query_images = test_images[split.query]
     query_labels = test_labels[split.query]
     if fisher is None and treatment == "ewc-deletion":

@@ -291,7 +291,8 @@ class Workspace:
             hint = f" Known: {', '.join(known)}." if known else ""
             raise WorkspaceError(
                 f"{what} {record_id!r} not found in workspace {str(self.root)!r}."
-                f"{hint} List them with 'python -m repair_core runs'."
+                f"{hint} List them with 'python -m repair_core runs' (runs) or "
+                "'python -m repair_core runs --run RUN_ID' (a run's records)."
             )
         return self._decode(row)
 

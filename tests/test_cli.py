@@ -458,3 +458,84 @@ def test_progress_prints_one_line_per_five_percent_of_a_stage(capsys):
     assert lines[1] == "[  0.3%] Fitting failures: step 1"
     assert lines[-1] == "[100.0%] Fitting failures: step 300"
     assert 20 <= len(lines) <= 23
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["identify", "--method", "ewc-influence", "--set", "max_steps=abc"],
+            "Invalid value 'abc' for setting max_steps of ewc-influence: expected "
+            "an integer.",
+        ),
+        (
+            ["repair", "--top-k", "5", "--treatment", "ewc-deletion"]
+            + ["--set", "early_stopping=maybe"],
+            "Invalid value 'maybe' for setting early_stopping of ewc-deletion: "
+            "expected true or false.",
+        ),
+        (
+            ["repair", "--top-k", "5", "--treatment", "finetune"]
+            + ["--set", "max_epochs=1.5"],
+            "Invalid value '1.5' for setting max_epochs of finetune: expected an "
+            "integer.",
+        ),
+    ],
+)
+def test_set_rejects_value_of_wrong_type(tiny_run, capsys, argv, message):
+    workspace, run = tiny_run
+    scores = _run_json(
+        capsys,
+        ["identify", "--workspace", workspace, "--run", run["run_id"]]
+        + ["--method", "random", "--json"],
+    )
+    command, *options = argv
+    if command == "repair":
+        options += ["--scores", scores["scores_id"]]
+    repairs_before = _count_repairs(workspace, run["run_id"])
+
+    code = main([command, "--workspace", workspace, "--run", run["run_id"], *options])
+
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert _count_repairs(workspace, run["run_id"]) == repairs_before
+
+
+def test_set_reads_each_setting_as_its_type():
+    from repair_core.cli import _apply_settings
+    from repair_core.treatments import default_config
+
+    config = _apply_settings(
+        default_config("ewc-deletion"),
+        ["early_stopping=false", "gamma=1e-4", "max_steps=20", "reduction=sum"],
+        "ewc-deletion",
+    )
+
+    assert config.early_stopping is False
+    assert config.gamma == 1e-4
+    assert config.max_steps == 20
+    assert config.reduction == "sum"
+
+
+def test_runs_with_run_lists_its_records(tiny_run, capsys):
+    workspace, run = tiny_run
+    scores = _run_json(
+        capsys,
+        ["identify", "--workspace", workspace, "--run", run["run_id"]]
+        + ["--method", "random", "--json"],
+    )
+
+    listed = _run_json(
+        capsys, ["runs", "--workspace", workspace, "--run", run["run_id"], "--json"]
+    )
+
+    assert listed["run_id"] == run["run_id"]
+    assert run["failure_set_id"] in [r["id"] for r in listed["failure_sets"]]
+    assert scores["scores_id"] in [r["id"] for r in listed["scores"]]
+    record = next(r for r in listed["scores"] if r["id"] == scores["scores_id"])
+    assert record["method"] == "random"
+    assert set(listed) >= {"repairs", "sweeps", "removal_curves"}
+
+    code = main(["runs", "--workspace", workspace, "--run", "run-absent"])
+    assert code == 2
+    assert "Run 'run-absent' not found" in capsys.readouterr().err

@@ -229,6 +229,32 @@ def test_sweep_rejects_treatment_without_strength():
         )
 
 
+@pytest.mark.parametrize(
+    ("treatment", "strengths", "message"),
+    [
+        ("newton", [1.0, float("nan")], "Sweep strength nan of newton must be"),
+        ("ewc-deletion", [0.0], "Sweep strength 0.0 of ewc-deletion must be"),
+        ("finetune", [1.5, 1], "Sweep strength 1.5 of finetune is a number of"),
+    ],
+)
+def test_sweep_rejects_bad_strength_before_running(treatment, strengths, message):
+    problem = tiny_problem()
+    progress = []
+
+    with pytest.raises(ConfigError, match=message):
+        sweep(
+            treatment,
+            problem.model,
+            (problem.train_images, problem.train_labels),
+            problem.flipped,
+            (problem.test_images, problem.test_labels),
+            problem.split,
+            strengths=strengths,
+            progress=lambda fraction, text: progress.append(text),
+        )
+    assert progress == []
+
+
 def test_removal_curve_skips_too_large_k():
     problem = tiny_problem()
     n_train = len(problem.train_labels)

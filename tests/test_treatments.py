@@ -485,9 +485,30 @@ def test_validate_causes_rejects_bad_input(causes, message):
 
 def test_read_causes_file(tmp_path):
     path = tmp_path / "causes.txt"
-    path.write_text("4\n\n2\n 4 \n")
+    path.write_text("4\n\n 2 \n")
 
     assert read_causes_file(path, 10).tolist() == [2, 4]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"4\n2\n4\n", r"Line 3 of .* repeats training index 4 from line 1"),
+        (b"4\n" + b"9" * 23 + b"\n", r"Line 2 of .* 9{23} is out of range 0\.\.9"),
+        (b"\xff\xfe4\x00\n", "is not UTF-8 text"),
+    ],
+)
+def test_read_causes_file_rejects_bad_content(tmp_path, content, message):
+    path = tmp_path / "causes.txt"
+    path.write_bytes(content)
+
+    with pytest.raises(ConfigError, match=message):
+        read_causes_file(path, 10)
+
+
+def test_read_causes_file_rejects_folder(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder"):
+        read_causes_file(tmp_path, 10)
 
 
 def test_read_causes_file_rejects_non_integer_line(tmp_path):

@@ -108,8 +108,10 @@ def score_oracle(
     mask = context.corrupted_mask
     if mask is None:
         raise ConfigError(
-            "The oracle needs the ground-truth corrupted_mask in the "
-            "IdentificationContext; it is only known for synthetic corruption."
+            "The oracle needs to know which training examples were corrupted, "
+            "and that is only known for a run trained with a noise scenario "
+            "(train --scenario label-flip, input-noise or fgsm). From Python, "
+            "pass the mask as IdentificationContext.corrupted_mask."
         )
     mask = torch.as_tensor(mask).cpu()
     if mask.shape != (len(train_labels),):

@@ -53,8 +53,9 @@ REPLAY_MISMATCH = 1e-3
 
 MISSING_TRAJECTORY = (
     "SGD-influence needs the recorded training trajectory, but this model was "
-    "trained without recording it. Retrain with --record-trajectory (or "
-    "TrainConfig(record_trajectory=True)) and pass the result's trajectory in "
+    "trained without recording it. Train the run again with "
+    "train --record-trajectory. From Python, train with "
+    "TrainConfig(record_trajectory=True) and pass the result's trajectory as "
     "IdentificationContext.trajectory."
 )
 

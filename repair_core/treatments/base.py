@@ -122,24 +122,51 @@ def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
     :func:`validate_causes`.
 
     Raises:
-        ConfigError: the file is missing, a line is not an integer (naming the
-            line number and its text), or an index fails validation.
+        ConfigError: the file is missing, is a folder or is not UTF-8 text, a
+            line is not an integer or is out of range (naming the line number
+            and its text), an index is listed twice, or an index fails
+            validation.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"Causes file {str(path)!r} is a folder. Pass a text file with one "
+            "training index per line."
+        )
     if not path.is_file():
         raise ConfigError(f"Causes file {str(path)!r} not found. Check the path.")
-    indices = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        text = line.strip()
-        if not text:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"Causes file {str(path)!r} is not UTF-8 text. Save it as plain text "
+            "with one training index per line."
+        ) from None
+    indices: list[int] = []
+    first_line: dict[int, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.strip()
+        if not entry:
             continue
         try:
-            indices.append(int(text))
+            index = int(entry)
         except ValueError:
             raise ConfigError(
-                f"Line {number} of {str(path)!r} is {text!r}, not an integer "
+                f"Line {number} of {str(path)!r} is {entry!r}, not an integer "
                 "training index. Write one index per line."
             ) from None
+        if not 0 <= index < n_train:
+            raise ConfigError(
+                f"Line {number} of {str(path)!r}: training index {entry} is out of "
+                f"range 0..{n_train - 1}. Choose causes from this training set."
+            )
+        if index in first_line:
+            raise ConfigError(
+                f"Line {number} of {str(path)!r} repeats training index {index} "
+                f"from line {first_line[index]}. List each index once."
+            )
+        first_line[index] = number
+        indices.append(index)
     return validate_causes(indices, n_train)
 
 
