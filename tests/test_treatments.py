@@ -300,13 +300,15 @@ def test_newton_exact_matches_retraining():
     assert record["step_norm"] > 0
 
 
-def test_newton_lissa_lowers_log_p_causes():
+@pytest.mark.parametrize("scale", [50.0, None])
+def test_newton_lissa_lowers_log_p_causes(scale):
     problem = tiny_problem()
     causes = problem.flipped
     before = log_likelihoods(
         problem.model, problem.train_images[causes], problem.train_labels[causes]
     ).sum()
-    config = NewtonConfig(gamma=1.0, depth=50, scale=50.0)
+    # None searches a stable scale instead of taking a fixed one.
+    config = NewtonConfig(gamma=1.0, depth=50, scale=scale)
 
     result = repair(
         "newton",
