@@ -15,12 +15,16 @@ from repair_core import dashboard
 st.set_page_config(page_title="Model Repair Dashboard", page_icon="🩹", layout="wide")
 dashboard.init_state()
 
+# The page scripts live in app_pages/ and not in pages/. Streamlit (1.67) treats
+# a pages/ folder beside the entrypoint as a legacy multipage app until some
+# session calls st.navigation, so a server whose first request opens a page URL
+# runs that page alone, without this file and its sidebar.
 pages = [
-    st.Page("pages/setup.py", title="Setup", icon="⚙️", default=True),
-    st.Page("pages/failures.py", title="Failures", icon="🚩"),
-    st.Page("pages/causes.py", title="Causes", icon="🔎"),
-    st.Page("pages/repair.py", title="Repair", icon="🩹"),
-    st.Page("pages/compare.py", title="Compare", icon="📊"),
+    st.Page("app_pages/setup.py", title="Setup", icon="⚙️", default=True),
+    st.Page("app_pages/failures.py", title="Failures", icon="🚩"),
+    st.Page("app_pages/causes.py", title="Causes", icon="🔎"),
+    st.Page("app_pages/repair.py", title="Repair", icon="🩹"),
+    st.Page("app_pages/compare.py", title="Compare", icon="📊"),
 ]
 navigation = st.navigation(pages)
 dashboard.workspace_sidebar()

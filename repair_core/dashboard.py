@@ -53,6 +53,9 @@ EMBED_BATCH_SIZE = 512
 WEBGL_MIN_POINTS = 5000
 #: UMAP needs more points than its neighbourhood size (15 by default).
 MIN_MAP_POINTS = 20
+#: Axis range of accuracy axes, a little wider than [0, 1] so that markers at
+#: 0% and 100% are drawn whole.
+ACCURACY_RANGE = [-0.02, 1.02]
 
 _STATE_DEFAULTS: dict[str, Any] = {
     "run_id": None,
@@ -174,12 +177,20 @@ def workspace_sidebar() -> None:
     """Show the workspace folder and the open run in the sidebar."""
     init_state()
     key = "sidebar_workspace"
-    if key not in st.session_state:
-        st.session_state[key] = st.session_state["workspace_root"]
+    # ``workspace_root`` is the folder in use, and the box only edits it, so the
+    # box is refilled from it on every run. Streamlit drops the state of a
+    # widget that a run does not draw. It also sends a value set in session
+    # state to the browser only in the run that sets it.
+    st.session_state[key] = st.session_state["workspace_root"]
 
     def change_workspace() -> None:
-        root = st.session_state[key].strip() or DEFAULT_WORKSPACE
-        if root != st.session_state["workspace_root"]:
+        root = st.session_state[key].strip()
+        if not root:
+            st.toast(
+                "The workspace folder cannot be empty, so the dashboard still "
+                f"uses {st.session_state['workspace_root']}."
+            )
+        elif root != st.session_state["workspace_root"]:
             st.session_state["workspace_root"] = root
             select_run(None, None)
 
@@ -208,6 +219,11 @@ def load_run(root: str, run_id: str) -> pipeline.LoadedRun:
     return pipeline.load_run(open_workspace(root), run_id)
 
 
+def count_text(count: int, noun: str) -> str:
+    """Return ``count`` with ``noun``, adding an "s" unless ``count`` is 1."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def page_link(path: str, label: str) -> None:
     """Link to another page; nothing is drawn when the page runs on its own
     without st.navigation (as in a single-page AppTest)."""
@@ -224,7 +240,7 @@ def require_run() -> tuple[Workspace, pipeline.LoadedRun]:
             "No run is open. Train a model, import one or open an earlier run "
             "on the **Setup** page first."
         )
-        page_link("pages/setup.py", "Go to Setup")
+        page_link("app_pages/setup.py", "Go to Setup")
         st.stop()
     try:
         return ws, load_run(str(ws.root), run_id)
@@ -243,7 +259,7 @@ def require_failure_set(
             "No failure set F is chosen for this run. Pick the failures to explain "
             "on the **Failures** page first."
         )
-        page_link("pages/failures.py", "Go to Failures")
+        page_link("app_pages/failures.py", "Go to Failures")
         st.stop()
     try:
         split = pipeline.load_failure_split(ws, run.run_id, failure_set_id)

@@ -76,7 +76,9 @@ def workspace_env(prepared, monkeypatch) -> Prepared:
 
 def page(name: str, **state) -> AppTest:
     """Return an AppTest of one page with the given session state."""
-    app = AppTest.from_file(str(ROOT / "pages" / f"{name}.py"), default_timeout=TIMEOUT)
+    app = AppTest.from_file(
+        str(ROOT / "app_pages" / f"{name}.py"), default_timeout=TIMEOUT
+    )
     for key, value in state.items():
         app.session_state[key] = value
     return app
@@ -99,6 +101,11 @@ def chart_trace_names(app: AppTest) -> list[list[str]]:
     ]
 
 
+def chart_specs(app: AppTest) -> list[dict]:
+    """Return the plotly figure of every chart as a dict."""
+    return [json.loads(chart.proto.spec) for chart in app.get("plotly_chart")]
+
+
 def image_count(app: AppTest) -> int:
     return sum(html.value.count('<img src="data:image/png') for html in app.html)
 
@@ -118,6 +125,36 @@ def test_app_sidebar_shows_workspace(workspace_env, tmp_path):
     check_clean(app)
     assert app.session_state["workspace_root"] == str(tmp_path / "other")
     assert app.session_state["run_id"] is None
+
+
+def test_new_session_uses_workspace_env(workspace_env, tmp_path, monkeypatch):
+    # A browser reload starts a new session in the same server process.
+    monkeypatch.chdir(tmp_path)
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
+    check_clean(app)
+    assert app.session_state["workspace_root"] == str(workspace_env.root)
+    assert app.sidebar.text_input(key="sidebar_workspace").value == str(
+        workspace_env.root
+    )
+
+    app.session_state["run_id"] = workspace_env.run_id
+    app.sidebar.text_input(key="sidebar_workspace").set_value("  ").run()
+    check_clean(app)
+    assert app.session_state["workspace_root"] == str(workspace_env.root)
+    assert app.session_state["run_id"] == workspace_env.run_id
+    assert app.sidebar.text_input(key="sidebar_workspace").value == str(
+        workspace_env.root
+    )
+    assert "cannot be empty" in app.toast[0].value
+    assert not (tmp_path / "workspace").exists()
+
+    # The box keeps showing the folder in use on other pages and later runs.
+    app.switch_page("app_pages/repair.py").run()
+    app.run()
+    assert app.session_state["workspace_root"] == str(workspace_env.root)
+    assert app.sidebar.text_input(key="sidebar_workspace").value == str(
+        workspace_env.root
+    )
 
 
 @pytest.mark.parametrize("name", ["failures", "causes", "repair", "compare"])
@@ -365,8 +402,64 @@ def test_repair_top_k_with_controls(workspace_env):
     assert {"before", "treatment", "nothing removed", "random removal"} <= set(
         table.columns
     )
+    # One seed has no spread to show.
+    assert not any(
+        "±" in str(cell) for cell in table.drop(columns="subset").values.flat
+    )
+    assert any("Removed 10 examples (" in caption.value for caption in app.caption)
     download = app.get("download_button")[0]
     assert download.proto.label == "Download the repaired checkpoint"
+
+
+def test_repair_one_cause_without_controls(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+    scores_id = pipeline.run_identification(
+        workspace_env.workspace, run, "training-loss", failure_set_id=failure_set_id
+    )["scores_id"]
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": failure_set_id,
+        "scores_id": scores_id,
+    }
+    app = page("repair", **state).run()
+    app.radio(key="repair_source").set_value("top-k").run()
+    app.number_input(key="repair_k").set_value(1)
+    app.selectbox(key="repair_treatment").set_value("finetune").run()
+    app.number_input(key="repair_seeds").set_value(1)
+    app.checkbox(key="repair_controls").uncheck()
+    app.button(key="repair_run").click().run()
+    check_clean(app)
+    captions = [caption.value for caption in app.caption]
+    assert any(text.startswith("C: 1 training example,") for text in captions)
+    assert any("Removed 1 example (" in text for text in captions)
+    assert any("with finetune, seed 0, in" in text for text in captions)
+
+    compare = page("compare", **state).run()
+    check_clean(compare)
+    timings = compare.dataframe[-1].value
+    repairs = timings[timings["name"] == "finetune"]
+    assert list(repairs["step"]) == ["repair"]
+
+
+def test_repair_sweep_mode_hides_single_strength(workspace_env):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+        "scores_id": workspace_env.scores_id,
+    }
+    gamma_key = "repair_gamma_ewc-deletion"
+    app = page("repair", **state).run()
+    app.selectbox(key="repair_treatment").set_value("ewc-deletion").run()
+    check_clean(app)
+    assert [w.key for w in app.number_input].count(gamma_key) == 1
+    assert app.button(key="repair_run").label == "Repair"
+
+    app.segmented_control(key="repair_mode").set_value("sweep").run()
+    check_clean(app)
+    assert [w.key for w in app.number_input].count(gamma_key) == 0
+    assert app.text_input(key="repair_sweep_ewc-deletion").value
+    assert app.button(key="repair_run").label == "Run sweep"
 
 
 def test_repair_sweep_draws_tradeoff(workspace_env):
@@ -385,6 +478,37 @@ def test_repair_sweep_draws_tradeoff(workspace_env):
     check_clean(app)
     assert [h.value for h in app.subheader] == ["Trade-off from sweeps"]
     assert len(app.get("plotly_chart")) == charts_before + 1
+    layout = chart_specs(app)[-1]["layout"]
+    assert layout["xaxis"]["range"] == [-0.02, 1.02]
+    assert layout["yaxis"]["range"] == [-0.02, 1.02]
+
+
+def test_repair_sweep_labels_equal_points_once(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    accuracies = [(0.9, 0.5), (0.9, 0.5), (0.8, 0.7)]
+    points = [
+        {"strength": strength, "remaining_acc": kept, "holdout_acc": fixed}
+        for strength, (kept, fixed) in zip((0.1, 1.0, 10.0), accuracies, strict=True)
+    ]
+    workspace.add_sweep(
+        "sw-equal",
+        workspace_env.run_id,
+        failure_set_id,
+        "ewc-deletion",
+        "top 10",
+        10,
+        [0.1, 1.0, 10.0],
+        {},
+        points,
+    )
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("repair", **state).run()
+    check_clean(app)
+    trace = chart_specs(app)[-1]["data"][0]
+    assert trace["text"] == ["0.1, 1", "", "10"]
+    assert trace["customdata"] == [0.1, 1.0, 10.0]
+    assert "strength" in trace["hovertemplate"]
 
 
 def test_repair_shows_stored_sweeps_in_new_session(workspace_env):
@@ -489,6 +613,25 @@ def test_compare_shows_stored_curves_in_new_session(workspace_env):
         )["removal_curve_id"]
         for ks in ((5,), (5, 10))
     ]
+    # Every Newton point reports the shared solve (5 s here) plus its own step.
+    sweep_seconds = {"finetune": [1.0, 2.0], "newton": [5.0, 5.5, 5.25]}
+    for treatment, seconds in sweep_seconds.items():
+        points = [
+            {"strength": float(n + 1), "seconds": value}
+            for n, value in enumerate(seconds)
+        ]
+        strengths = [point["strength"] for point in points]
+        workspace.add_sweep(
+            f"sw-{treatment}",
+            run.run_id,
+            failure_set_id,
+            treatment,
+            "top 5",
+            5,
+            strengths,
+            {},
+            points,
+        )
     state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
 
     app = page("compare", **state).run()
@@ -499,9 +642,30 @@ def test_compare_shows_stored_curves_in_new_session(workspace_env):
     # The detection chart, then F_h and T\F of the chosen removal curve.
     assert chart_trace_names(app)[1:] == [[newest], [newest]]
 
+    figure = chart_specs(app)[1]
+    assert figure["layout"]["yaxis"]["range"] == [-0.02, 1.02]
+    # One seed has no spread, so the curve has no error bars.
+    assert "error_y" not in figure["data"][0]
+
     selector.set_value(ids).run()
     check_clean(app)
     assert chart_trace_names(app)[1] == [f"training-loss · 1 seed · {ids[0]}", newest]
+
+    timings = app.dataframe[-1].value
+    curves = timings[timings["step"] == "removal curve"]
+    assert list(curves["id"]) == ids
+    assert list(curves["name"]) == ["training-loss", "training-loss"]
+    for curve_id, seconds in zip(curves["id"], curves["seconds"], strict=True):
+        stored = workspace.get_removal_curve(curve_id)
+        expected = sum(
+            run["seconds"] for point in stored["points"] for run in point["per_seed"]
+        )
+        assert seconds == pytest.approx(expected)
+    sweeps = timings[timings["step"].str.startswith("sweep")].set_index("id")
+    assert sweeps.loc["sw-finetune", "step"] == "sweep of 2 strengths"
+    assert sweeps.loc["sw-finetune", "seconds"] == pytest.approx(3.0)
+    assert sweeps.loc["sw-newton", "step"] == "sweep of 3 strengths"
+    assert sweeps.loc["sw-newton", "seconds"] == pytest.approx(5.75)
 
 
 def test_imported_run_has_no_ground_truth(workspace_env):

@@ -121,8 +121,8 @@ def run_curves(scores_ids: list[str], ks: list[int], n_seeds: int) -> list[str]:
 
 def curve_label(record: dict[str, Any], methods: dict[str, str]) -> str:
     method = methods.get(record["scores_id"], record["scores_id"])
-    seeds = len(record["seeds"])
-    return f"{method} · {seeds} seed{'s' if seeds > 1 else ''} · {record['id']}"
+    seeds = dashboard.count_text(len(record["seeds"]), "seed")
+    return f"{method} · {seeds} · {record['id']}"
 
 
 def removal_figure(
@@ -131,16 +131,24 @@ def removal_figure(
     figure = go.Figure()
     for curve in curves:
         points = curve["points"]
+        # One seed has no spread, so it gets no error bars.
+        error_y = None
+        if len(curve["seeds"]) > 1:
+            error_y = {"type": "data", "array": [point["std"][key] for point in points]}
         figure.add_scatter(
             x=[point["k"] for point in points],
             y=[point["mean"][key] for point in points],
-            error_y={"type": "data", "array": [point["std"][key] for point in points]},
+            error_y=error_y,
             mode="lines+markers",
             name=curve_label(curve, methods),
         )
     figure.update_layout(
         xaxis={"title": "training examples removed (k)", "type": "log"},
-        yaxis={"title": "accuracy", "tickformat": ".0%"},
+        yaxis={
+            "title": "accuracy",
+            "tickformat": ".0%",
+            "range": dashboard.ACCURACY_RANGE,
+        },
         height=360,
         margin={"t": 10, "b": 10},
         legend={"orientation": "h"},
@@ -195,28 +203,84 @@ def removal_section(records: list[dict[str, Any]]) -> None:
         right.plotly_chart(figure, key="compare_rest")
 
 
+def timing_row(
+    step: str, name: str, record_id: str, seconds: Any, device: Any = None
+) -> dict[str, Any]:
+    return {
+        "step": step,
+        "name": name,
+        "id": record_id,
+        "seconds": seconds,
+        "device": device,
+    }
+
+
+def sweep_seconds(record: dict[str, Any]) -> float:
+    """Return the treatment seconds of a stored sweep, the sum over its points.
+
+    Every Newton point reports the one shared solve plus its own step. The
+    total counts the solve once, as the fastest point plus each point's excess
+    over it, so it misses the fastest step (one parameter update) per extra
+    point.
+    """
+    seconds = [point["seconds"] for point in record["points"]]
+    if record["treatment"] != "newton":
+        return sum(seconds)
+    fastest = min(seconds)
+    return fastest + sum(value - fastest for value in seconds)
+
+
+def removal_curve_seconds(record: dict[str, Any]) -> float:
+    """Return the fine-tuning seconds of a stored removal curve, summed over
+    every k and seed."""
+    return sum(
+        run_record["seconds"]
+        for point in record["points"]
+        for run_record in point["per_seed"]
+    )
+
+
 def timing_section(records: list[dict[str, Any]]) -> None:
     st.subheader("Wall times")
     rows = [
-        {
-            "step": "identification",
-            "name": record["method"],
-            "id": record["id"],
-            "seconds": record["metrics"].get("seconds"),
-            "device": record["metrics"].get("device"),
-        }
+        timing_row(
+            "identification",
+            record["method"],
+            record["id"],
+            record["metrics"].get("seconds"),
+            record["metrics"].get("device"),
+        )
         for record in records
     ]
     for record in ws.list_repairs(run.run_id, failure_set_id=failure_set_id):
         metrics = record["metrics"]
         rows.append(
-            {
-                "step": "repair with controls",
-                "name": record["treatment"],
-                "id": record["id"],
-                "seconds": metrics.get("seconds"),
-                "device": None,
-            }
+            timing_row(
+                "repair with controls" if metrics.get("controls") else "repair",
+                record["treatment"],
+                record["id"],
+                metrics.get("seconds"),
+            )
+        )
+    for record in ws.list_sweeps(run.run_id, failure_set_id=failure_set_id):
+        strengths = dashboard.count_text(len(record["points"]), "strength")
+        rows.append(
+            timing_row(
+                f"sweep of {strengths}",
+                record["treatment"],
+                record["id"],
+                sweep_seconds(record),
+            )
+        )
+    methods = {record["id"]: record["method"] for record in records}
+    for record in ws.list_removal_curves(run.run_id, failure_set_id=failure_set_id):
+        rows.append(
+            timing_row(
+                "removal curve",
+                methods.get(record["scores_id"], record["scores_id"]),
+                record["id"],
+                removal_curve_seconds(record),
+            )
         )
     st.dataframe(
         pd.DataFrame(rows),

@@ -161,9 +161,13 @@ def strength_widget(treatment: str, config: Any) -> Any:
     return config
 
 
-def settings_section(treatment: str) -> Any | None:
+def settings_section(treatment: str, sweep: bool) -> Any | None:
+    """Show the treatment settings and return the config. A sweep sets the
+    strength itself, so its single value is not shown."""
     try:
-        config = strength_widget(treatment, default_config(treatment))
+        config = default_config(treatment)
+        if not sweep:
+            config = strength_widget(treatment, config)
         with st.expander("More settings"):
             return dashboard.settings_editor(
                 config, f"repair_cfg_{treatment}", skip=(SWEEPABLE.get(treatment),)
@@ -233,15 +237,16 @@ def run_sweep(treatment, config, causes, origin, strengths) -> None:
 
 def action_section() -> None:
     chosen = causes_section()
+
     left, right = st.columns(2)
-    with left:
-        treatment = st.selectbox(
-            "Treatment",
-            TREATMENTS,
-            key="repair_treatment",
-            format_func=lambda name: f"{name} — {TREATMENT_HELP.get(name, '')}",
-        )
-        config = settings_section(treatment)
+    treatment = left.selectbox(
+        "Treatment",
+        TREATMENTS,
+        key="repair_treatment",
+        format_func=lambda name: f"{name} — {TREATMENT_HELP.get(name, '')}",
+    )
+    # The run mode is chosen first because it decides the settings shown on
+    # the left.
     with right:
         modes = ["single", "sweep"] if treatment in SWEEPABLE else ["single"]
         mode = st.segmented_control(
@@ -272,12 +277,20 @@ def action_section() -> None:
                 help="Only the training treatments (ewc-deletion, finetune, "
                 "retrain) run controls.",
             )
+    with left:
+        config = settings_section(treatment, sweep=mode == "sweep")
+
     ready = chosen is not None and config is not None
     if mode == "sweep":
         ready = ready and bool(strengths)
     if chosen is not None:
-        st.caption(f"C: {len(chosen[0])} training examples, {chosen[1]}.")
-    if not st.button("Repair", type="primary", key="repair_run", disabled=not ready):
+        st.caption(
+            f"C: {dashboard.count_text(len(chosen[0]), 'training example')}, "
+            f"{chosen[1]}."
+        )
+
+    label = "Run sweep" if mode == "sweep" else "Repair"
+    if not st.button(label, type="primary", key="repair_run", disabled=not ready):
         return
     causes, origin, scores_id = chosen
     if mode == "sweep":
@@ -297,22 +310,32 @@ def percent_text(mean: float, spread: float | None = None) -> str:
     return f"{mean:.1%} ± {spread:.1%}"
 
 
+def arm_results(summary: dict[str, Any]) -> dict[str, tuple[dict, dict | None]]:
+    """Return (means, spread) of every arm. The spread is None for the model
+    before repair and for a repair with one seed, whose spread is always 0."""
+    several_seeds = len(summary["seeds"]) > 1
+    arms = {"before": (summary["before"], None)}
+    arms["treatment"] = (summary["after"], summary["spread"] if several_seeds else None)
+    for arm, values in summary["controls"].items():
+        arms[arm] = (values["mean"], values["std"] if several_seeds else None)
+    return arms
+
+
 def comparison_table(summary: dict[str, Any]) -> pd.DataFrame:
+    arms = arm_results(summary)
     rows = []
     for key, subset in SUBSETS.items():
-        row = {"subset": subset, "before": percent_text(summary["before"][key])}
-        row["treatment"] = percent_text(summary["after"][key], summary["spread"][key])
-        for arm, values in summary["controls"].items():
-            row[ARM_LABELS[arm]] = percent_text(values["mean"][key], values["std"][key])
+        row = {"subset": subset}
+        for arm, (means, spread) in arms.items():
+            row[ARM_LABELS[arm]] = percent_text(
+                means[key], None if spread is None else spread[key]
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def comparison_figure(summary: dict[str, Any]) -> go.Figure:
-    arms = {"before": (summary["before"], None)}
-    arms["treatment"] = (summary["after"], summary["spread"])
-    for arm, values in summary["controls"].items():
-        arms[arm] = (values["mean"], values["std"])
+    arms = arm_results(summary)
     figure = go.Figure()
     for arm, (means, spread) in arms.items():
         figure.add_bar(
@@ -341,16 +364,21 @@ def gain_metrics(summary: dict[str, Any]) -> None:
     columns = st.columns(4)
     if gain:
         mean, spread = gain["paired_mean"], gain["paired_std"]
+        several_seeds = len(summary["seeds"]) > 1
+        holdout_help = "Treatment minus nothing removed, paired by seed."
+        remaining_help = None
+        if several_seeds:
+            holdout_help += f" Spread ±{spread['holdout_acc']:.1%}."
+            remaining_help = f"Spread ±{spread['remaining_acc']:.1%}."
         columns[0].metric(
             "Gain on F_h over nothing removed",
             f"{mean['holdout_acc']:+.1%}",
-            help=f"Treatment minus nothing removed, paired by seed; spread "
-            f"±{spread['holdout_acc']:.1%}.",
+            help=holdout_help,
         )
         columns[1].metric(
             "Gain on T\\F over nothing removed",
             f"{mean['remaining_acc']:+.1%}",
-            help=f"Spread ±{spread['remaining_acc']:.1%}.",
+            help=remaining_help,
         )
     else:
         columns[0].metric("Gain over nothing removed", "no control")
@@ -415,10 +443,15 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
     )
 
     summary = by_id[repair_id]["metrics"]
+    seeds = summary["seeds"]
+    seconds = f"in {summary['seconds']:.0f} s"
+    if len(seeds) > 1:
+        seed_text = f"seeds {seeds}, {seconds}. Figures are means over seeds."
+    else:
+        seed_text = f"seed {seeds[0]}, {seconds}."
     st.caption(
-        f"Removed {summary['n_removed']} examples ({summary['causes']}) with "
-        f"{summary['treatment']}, seeds {summary['seeds']}, in "
-        f"{summary['seconds']:.0f} s. Figures are means over seeds."
+        f"Removed {dashboard.count_text(summary['n_removed'], 'example')} "
+        f"({summary['causes']}) with {summary['treatment']}, {seed_text}"
     )
     gain_metrics(summary)
 
@@ -426,11 +459,14 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
     left, right = st.columns([3, 2])
     left.plotly_chart(comparison_figure(summary), key="repair_bars")
     with right:
+        if len(seeds) > 1:
+            accuracy_text = "Accuracy, mean ± standard deviation over seeds."
+        else:
+            accuracy_text = "Accuracy of the one seed."
         st.caption(
-            "Accuracy, mean ± standard deviation over seeds. The controls run "
-            "the same treatment with nothing removed and with as many random "
-            "examples removed. Fixed and broken examples below are those of the "
-            "saved model (the first seed)."
+            f"{accuracy_text} The controls run the same treatment with nothing "
+            "removed and with as many random examples removed. Fixed and broken "
+            "examples below are those of the saved model (the first seed)."
         )
         path = ws.path(run.run_id, f"repairs/{repair_id}.pt")
         if path.is_file():
@@ -471,6 +507,21 @@ def sweep_label(record: dict[str, Any]) -> str:
     return " · ".join(part for part in parts if part)
 
 
+def strength_labels(points: list[dict[str, Any]]) -> list[str]:
+    """Label each sweep point with its strength. Points with the same
+    accuracies share one label that lists their strengths, so that labels do
+    not overlap."""
+    strengths: dict[tuple[float, float], list[str]] = {}
+    for point in points:
+        position = (point["remaining_acc"], point["holdout_acc"])
+        strengths.setdefault(position, []).append(f"{point['strength']:g}")
+    labels = []
+    for point in points:
+        position = (point["remaining_acc"], point["holdout_acc"])
+        labels.append(", ".join(strengths.pop(position, [])))
+    return labels
+
+
 def sweep_section(sweeps: list[dict[str, Any]]) -> None:
     st.subheader("Trade-off from sweeps")
     chosen = dashboard.choose_records(
@@ -489,20 +540,33 @@ def sweep_section(sweeps: list[dict[str, Any]]) -> None:
         figure.add_scatter(
             x=[point["remaining_acc"] for point in points],
             y=[point["holdout_acc"] for point in points],
-            text=[f"{point['strength']:g}" for point in points],
+            text=strength_labels(points),
+            customdata=[point["strength"] for point in points],
+            hovertemplate="strength %{customdata:g}<br>T\\F %{x:.1%}<br>F_h %{y:.1%}",
             mode="lines+markers+text",
             textposition="top center",
             name=sweep_label(sweep),
         )
     figure.update_layout(
-        xaxis={"title": "accuracy on T\\F (kept)", "tickformat": ".0%"},
-        yaxis={"title": "accuracy on F_h (fixed)", "tickformat": ".0%"},
+        xaxis={
+            "title": "accuracy on T\\F (kept)",
+            "tickformat": ".0%",
+            "range": dashboard.ACCURACY_RANGE,
+        },
+        yaxis={
+            "title": "accuracy on F_h (fixed)",
+            "tickformat": ".0%",
+            "range": dashboard.ACCURACY_RANGE,
+        },
         height=400,
         margin={"t": 10, "b": 10},
         legend={"orientation": "h"},
     )
     st.plotly_chart(figure, key="repair_sweep_chart")
-    st.caption("Labels are the swept strength. Up and to the right is better.")
+    st.caption(
+        "Labels are the swept strength. Strengths with the same result share "
+        "one label. Up and to the right is better."
+    )
 
 
 with st.container(border=True):
