@@ -187,7 +187,9 @@ class Unit:
         self.store.save()
 
     def finish(self) -> None:
+        """Mark the unit done, dropping the error of an earlier failed attempt."""
         self.record["status"] = "done"
+        self.record.pop("error", None)
         self.record["finished"] = now()
         self.store.save()
 
