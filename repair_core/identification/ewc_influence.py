@@ -21,12 +21,12 @@ F_q = half the failures), minibatch epochs (batch 64) early-stopped on a 10%
 validation split after about 14 steps put only 0.23 of the flipped labels in
 the top 20% of the ranking. With full-batch Adam steps at lr 1e-3 on all of
 F_q, the share in the top 20% for three base models trained with different
-seeds was (a dash: not measured):
+seeds was:
 
-    steps       25     50    100    200    300
-    model A  0.539  0.682  0.815  0.638  0.576
-    model B  0.355  0.481  0.542  0.572  0.575
-    model C  0.704  0.782  0.808     -      -
+    steps       25     50    100    150    200    300
+    model A  0.539  0.682  0.815  0.792  0.638  0.576
+    model B  0.355  0.481  0.542  0.558  0.572  0.575
+    model C  0.704  0.782  0.808  0.831  0.836  0.819
 
 F_q is fitted (accuracy 0.93 to 1.0) by step 50 in each case, and fits
 longer than about 150 steps lowered the ranking on model A, so F_q accuracy
