@@ -144,11 +144,7 @@ def removal_figure(
         )
     figure.update_layout(
         xaxis={"title": "training examples removed (k)", "type": "log"},
-        yaxis={
-            "title": "accuracy",
-            "tickformat": ".0%",
-            "range": dashboard.ACCURACY_RANGE,
-        },
+        yaxis=dashboard.accuracy_axis("accuracy"),
         height=360,
         margin={"t": 10, "b": 10},
         legend={"orientation": "h"},

@@ -548,16 +548,8 @@ def sweep_section(sweeps: list[dict[str, Any]]) -> None:
             name=sweep_label(sweep),
         )
     figure.update_layout(
-        xaxis={
-            "title": "accuracy on T\\F (kept)",
-            "tickformat": ".0%",
-            "range": dashboard.ACCURACY_RANGE,
-        },
-        yaxis={
-            "title": "accuracy on F_h (fixed)",
-            "tickformat": ".0%",
-            "range": dashboard.ACCURACY_RANGE,
-        },
+        xaxis=dashboard.accuracy_axis("accuracy on T\\F (kept)"),
+        yaxis=dashboard.accuracy_axis("accuracy on F_h (fixed)"),
         height=400,
         margin={"t": 10, "b": 10},
         legend={"orientation": "h"},

@@ -57,6 +57,12 @@ MIN_MAP_POINTS = 20
 #: 0% and 100% are drawn whole.
 ACCURACY_RANGE = [-0.02, 1.02]
 
+
+def accuracy_axis(title: str) -> dict[str, Any]:
+    """Return plotly axis settings for an accuracy from 0% to 100%."""
+    return {"title": title, "tickformat": ".0%", "range": ACCURACY_RANGE}
+
+
 _STATE_DEFAULTS: dict[str, Any] = {
     "run_id": None,
     "failure_set_id": None,

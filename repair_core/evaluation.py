@@ -61,8 +61,8 @@ METRIC_KEYS = (*OUTCOME_KEYS, "seconds")
 CONTROLS = ("nothing", "random")
 SWEEPABLE = {"ewc-deletion": "gamma", "newton": "gamma", "finetune": "max_epochs"}
 #: Strengths swept when none are given. EWC-deletion's γ spans decades
-#: because the Fisher term only holds the parameters near θ̂ when γ is far
-#: below 0.01; Newton's γ is a multiple of the full Newton step.
+#: because the Fisher term only keeps the parameters near θ̂ when γ is far
+#: below 0.01. Newton's γ is a multiple of the full Newton step.
 DEFAULT_STRENGTHS = {
     "ewc-deletion": (1e-5, 1e-4, 1e-3, 1e-2, 0.1),
     "newton": (0.5, 1.0, 2.0, 4.0, 8.0, 16.0),

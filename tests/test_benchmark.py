@@ -180,7 +180,7 @@ def test_unknown_experiment_is_rejected():
         quick_settings(experiments=(1, 7))
 
 
-def test_plan_runs_first_seeds_then_experiment_1_then_full_mnist():
+def test_plan_order_of_units():
     settings = quick_settings(seeds=(0, 1))
 
     plan = planned_units(settings)

@@ -446,7 +446,7 @@ def test_bad_query_fraction_fails_before_training(tmp_path, capsys):
     assert not (workspace / "runs").exists()
 
 
-def test_progress_prints_one_line_per_five_percent_of_a_stage(capsys):
+def test_progress_printer_throttles_each_stage(capsys):
     from repair_core.cli import _ProgressPrinter
 
     printer = _ProgressPrinter()
