@@ -423,7 +423,8 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument(
         "--experiments",
         default="1,2,3,4,5,6",
-        help="comma-separated experiment numbers",
+        help="comma-separated experiment numbers; a later run with other "
+        "numbers adds to the same results file",
     )
     bench.add_argument(
         "--device",

@@ -170,6 +170,18 @@ def test_results_of_other_settings_are_rejected(tmp_path):
         ResultsStore(path, settings=quick_settings(n_train=100).to_dict())
 
 
+def test_a_subset_of_experiments_resumes_the_same_file(tmp_path):
+    path = tmp_path / "results.json"
+    store = ResultsStore(path, settings=quick_settings(experiments=(1, 2)).to_dict())
+    store.unit("exp1/embedded/seed0").finish()
+
+    again = ResultsStore(path, settings=quick_settings(experiments=(6,)).to_dict())
+
+    assert again.units["exp1/embedded/seed0"]["status"] == "done"
+    assert again.data["settings"]["experiments"] == [1, 2, 6]
+    assert len(again.data["invocations"]) == 2
+
+
 def test_render_without_results_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="results.json"):
         render_page(tmp_path / "benchmarks")

@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 RESULTS_NAME = "results.json"
 FORMAT_VERSION = 1
 
+#: Settings that choose what to run rather than how: a run with other values
+#: resumes the same file, and the stored value is the union of all runs.
+SELECTION_KEYS = ("experiments",)
+
 
 def now() -> str:
     """Return the current UTC time in ISO 8601, to the second."""
@@ -66,6 +70,10 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def _without_selection(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in SELECTION_KEYS}
+
+
 def peak_rss_mb() -> float:
     """Return the peak resident set size of this process so far, in MiB.
 
@@ -83,7 +91,9 @@ class ResultsStore:
         path: the results file; read when it exists.
         settings: the settings of this run, stored on first write.
         command: the command line, stored with the date.
-        resume: keep the units of an existing file with equal settings.
+        resume: keep the units of an existing file with equal settings; the
+            keys in ``SELECTION_KEYS`` may differ, and their stored lists
+            grow to the union.
 
     Raises:
         ConfigError: the existing file was written with other settings and
@@ -106,7 +116,12 @@ class ResultsStore:
         if settings is None:
             return
         old = self.data.get("settings")
-        if old is not None and resume and jsonable(settings) != old:
+        new = jsonable(settings)
+        if (
+            old is not None
+            and resume
+            and _without_selection(new) != (_without_selection(old))
+        ):
             raise ConfigError(
                 f"{self.path} holds results of other settings ({old.get('mode')} "
                 "mode or other sizes). Pass another --out folder, or --fresh to "
@@ -115,11 +130,15 @@ class ResultsStore:
         if old is None or not resume:
             self.data = {
                 "format": FORMAT_VERSION,
-                "settings": jsonable(settings),
+                "settings": new,
                 "started": now(),
                 "units": {},
                 "invocations": [],
             }
+        else:
+            for key in SELECTION_KEYS:
+                if key in new:
+                    old[key] = sorted(set(old.get(key, [])) | set(new[key]))
         self.data["finished"] = False
         self.data["invocations"].append(
             {"command": command, "started": now(), "machine": machine or {}}
