@@ -63,11 +63,69 @@ def precision_at(scores: torch.Tensor, mask: torch.Tensor, k: int) -> float:
     return float(mask[top].mean()) if k else float("nan")
 
 
-def detection_summary(scores: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """The detection figures reported for every ranking with ground truth."""
-    return {
+def implicated_mask(
+    mask: torch.Tensor,
+    given_labels: torch.Tensor,
+    clean_labels: torch.Tensor,
+    failure_labels: torch.Tensor,
+    failure_predictions: torch.Tensor,
+) -> torch.Tensor | None:
+    """Corrupted examples whose label change matches a failure of the query.
+
+    A training image of class a labelled b teaches the model to answer b on
+    images like it, so it can cause a test failure of true class a predicted
+    as b and none other. When the failures hold no such pair, nothing a
+    ranking built from them does can tell that example apart, so the share of
+    *implicated* examples found measures a ranking on the part of the
+    corruption its failures can reveal.
+
+    Args:
+        mask: bool, (n_train,), the corrupted examples.
+        given_labels: (n_train,), the labels the model was trained on.
+        clean_labels: (n_train,), the labels before corruption.
+        failure_labels: true labels of the failures the ranking was built
+            from (F_q).
+        failure_predictions: the model's predictions on those failures.
+
+    Returns:
+        bool, (n_train,), or None when no corrupted example had its label
+        changed (input noise keeps labels, so the idea does not apply).
+    """
+    mask = torch.as_tensor(mask, dtype=torch.bool)
+    given = torch.as_tensor(given_labels).long()
+    clean = torch.as_tensor(clean_labels).long()
+    changed = mask & (given != clean)
+    if not bool(changed.any()):
+        return None
+    n_classes = int(torch.cat([given, clean]).max()) + 1
+    pairs = torch.zeros(n_classes, n_classes, dtype=torch.bool)
+    truth = torch.as_tensor(failure_labels).long()
+    predicted = torch.as_tensor(failure_predictions).long()
+    inside = (truth < n_classes) & (predicted < n_classes)
+    pairs[truth[inside], predicted[inside]] = True
+    return changed & pairs[clean, given]
+
+
+def detection_summary(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    implicated: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """The detection figures reported for every ranking with ground truth.
+
+    With ``implicated`` (see ``implicated_mask``), also the number of
+    implicated examples and the share of them in the top 20%.
+    """
+    summary = {
         "found_at_10pct": found_at(scores, mask, 0.10),
         "found_at_20pct": found_at(scores, mask, 0.20),
         "precision_at_100": precision_at(scores, mask, 100),
         "n_corrupted": int(np.asarray(mask, dtype=bool).sum()),
     }
+    if implicated is not None:
+        n_implicated = int(np.asarray(implicated, dtype=bool).sum())
+        summary["n_implicated"] = n_implicated
+        summary["implicated_found_at_20pct"] = (
+            found_at(scores, implicated, 0.20) if n_implicated else None
+        )
+    return summary

@@ -95,6 +95,8 @@ class LoadedRun:
     """The data with the corrupted training set as the model saw it."""
     corrupted_mask: torch.Tensor | None
     """bool, (n_train,), True where the scenario changed an example; None if unknown."""
+    clean_train_labels: torch.Tensor | None
+    """(n_train,), the training labels before the scenario; None if unknown."""
     model: nn.Module
     device: torch.device
     test_logits: torch.Tensor
@@ -398,6 +400,7 @@ def load_run(
         class_names=train.class_names,
         description=train.description,
     )
+    clean_labels = data.train.labels
     data = DataSplit(train=train, test=data.test, source=data.source)
     mask = None
     if workspace.path(run_id, "corrupted_mask.pt").is_file():
@@ -417,6 +420,7 @@ def load_run(
         config=config,
         data=data,
         corrupted_mask=mask,
+        clean_train_labels=clean_labels if mask is not None else None,
         model=model,
         device=chosen_device,
         test_logits=workspace.load_tensor(run_id, "test_logits.pt"),
@@ -510,7 +514,9 @@ def run_identification(
         The summary: ``scores_id``, ``method``, ``seconds``, ``n_train``,
         ``n_query``, ``n_positive`` and, when the run has ground truth,
         ``detection`` with ``found_at_10pct``, ``found_at_20pct`` and
-        ``precision_at_100``.
+        ``precision_at_100``, and for a label-changing corruption
+        ``n_implicated`` and ``implicated_found_at_20pct`` (see
+        ``implicated_by``).
     """
     from repair_core.identification import identify
     from repair_core.metrics import detection_summary
@@ -550,11 +556,32 @@ def run_identification(
         "n_positive": int((result.scores > 0).sum()),
     }
     if run.corrupted_mask is not None:
-        summary["detection"] = detection_summary(result.scores, run.corrupted_mask)
+        summary["detection"] = detection_summary(
+            result.scores, run.corrupted_mask, implicated_by(run, split.query)
+        )
     workspace.add_scores(
         scores_id, run.run_id, failure_set_id, method, result.config, summary
     )
     return summary
+
+
+def implicated_by(run: LoadedRun, failures: torch.Tensor) -> torch.Tensor | None:
+    """The corrupted examples whose label change matches one of ``failures``.
+
+    ``failures`` are test indices; see ``metrics.implicated_mask``. None when
+    the run's corruption is unknown or changed no label.
+    """
+    from repair_core.metrics import implicated_mask
+
+    if run.corrupted_mask is None or run.clean_train_labels is None:
+        return None
+    return implicated_mask(
+        run.corrupted_mask,
+        run.data.train.labels,
+        run.clean_train_labels,
+        run.data.test.labels[failures],
+        run.test_predictions[failures],
+    )
 
 
 def load_scores(workspace: Workspace, scores_id: str) -> torch.Tensor:

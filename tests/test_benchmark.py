@@ -7,11 +7,16 @@ import re
 import pytest
 
 from repair_core.benchmark import quick_settings, render_page, run_benchmark
-from repair_core.benchmark.experiments import planned_units
+from repair_core.benchmark.experiments import (
+    BenchContext,
+    complete_detection,
+    planned_units,
+)
 from repair_core.benchmark.settings import BenchSettings
 from repair_core.benchmark.store import ResultsStore
 from repair_core.cli import main
 from repair_core.errors import ConfigError
+from repair_core.workspace import Workspace
 
 PLOTS = (
     "detection_label_flip.png",
@@ -134,6 +139,7 @@ def test_quick_run_records_detection_of_every_method(quick_run):
         record = steps[f"identify/{method}"]
         assert "error" not in record, record.get("error")
         assert 0.0 <= record["detection"]["found_at_20pct"] <= 1.0
+        assert "n_implicated" in record["detection"], method
         assert record["seconds"] >= 0.0
     assert steps["identify/oracle"]["detection"]["found_at_10pct"] > 0.5
 
@@ -160,6 +166,32 @@ def test_rerun_skips_finished_units(quick_run, tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert again["units"]["exp1/embedded/seed0"]["finished"] == updated
     assert len(again["invocations"]) == len(data["invocations"]) + 1
+
+
+def test_missing_implicated_figures_are_completed_from_stored_scores(quick_run):
+    out, _ = quick_run
+    store = ResultsStore(out / "results.json")
+    steps = store.units["run/label-flip/embedded/seed0"]["steps"]
+    expected = {
+        name: dict(step["detection"])
+        for name, step in steps.items()
+        if "detection" in step
+    }
+    for name in expected:
+        steps[name]["detection"].pop("n_implicated")
+        steps[name]["detection"].pop("implicated_found_at_20pct")
+    settings = BenchSettings.from_dict(store.data["settings"])
+    context = BenchContext(
+        settings=settings,
+        store=store,
+        workspace=Workspace(out.parent.parent / "ws"),
+    )
+
+    complete_detection(context)
+
+    assert expected
+    for name, detection in expected.items():
+        assert steps[name]["detection"] == detection, name
 
 
 def test_results_of_other_settings_are_rejected(tmp_path):

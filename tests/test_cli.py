@@ -241,6 +241,12 @@ def test_identify_reports_detection(tiny_run, capsys):
     assert (
         summary["detection"]["found_at_20pct"] >= summary["detection"]["found_at_10pct"]
     )
+    # Every corrupted example of a label flip changed its label, and those
+    # implicated by F_q are a subset of them.
+    detection = summary["detection"]
+    assert 0 <= detection["n_implicated"] <= detection["n_corrupted"]
+    if detection["n_implicated"]:
+        assert 0.0 <= detection["implicated_found_at_20pct"] <= 1.0
 
 
 def test_identify_setting_override(tiny_run, capsys):

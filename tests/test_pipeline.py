@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from repair_core import pipeline
 from repair_core.errors import ConfigError
@@ -124,3 +125,30 @@ def test_run_removal_curve_stores_summary(ranked):
     assert _json(stored["points"]) == _json(summary["points"])
     listed = workspace.list_removal_curves(run.run_id, failure_set_id=failure_set_id)
     assert [record["id"] for record in listed] == [summary["removal_curve_id"]]
+
+
+def test_loaded_label_flip_run_keeps_the_clean_labels(tiny):
+    _, run = tiny
+
+    changed = run.clean_train_labels != run.data.train.labels
+    # A flipped label always differs from the clean one, and nothing else does.
+    assert torch.equal(changed, run.corrupted_mask.bool())
+    assert changed.any()
+
+
+def test_implicated_flips_match_a_loop_over_failure_pairs(ranked):
+    workspace, run, failure_set_id, _ = ranked
+    split = pipeline.load_failure_split(workspace, run.run_id, failure_set_id)
+    pairs = {
+        (int(run.data.test.labels[i]), int(run.test_predictions[i]))
+        for i in split.query
+    }
+    expected = [
+        bool(run.corrupted_mask[i])
+        and (int(run.clean_train_labels[i]), int(run.data.train.labels[i])) in pairs
+        for i in range(len(run.data.train.labels))
+    ]
+
+    implicated = pipeline.implicated_by(run, split.query)
+
+    assert implicated.tolist() == expected

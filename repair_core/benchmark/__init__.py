@@ -23,7 +23,12 @@ from pathlib import Path
 
 import torch
 
-from repair_core.benchmark.experiments import BenchContext, planned_units, run_unit
+from repair_core.benchmark.experiments import (
+    BenchContext,
+    complete_detection,
+    planned_units,
+    run_unit,
+)
 from repair_core.benchmark.report import page_path, render_page
 from repair_core.benchmark.settings import (
     EXPERIMENTS,
@@ -98,6 +103,7 @@ def run_benchmark(
         workspace=Workspace(workspace or default_workspace(settings.mode)),
         device=chosen,
     )
+    complete_detection(context)
     for experiment, data_key, seed in planned_units(settings):
         key = f"exp{experiment}/{data_key}/seed{seed}"
         if store.units.get(key, {}).get("status") == "done":

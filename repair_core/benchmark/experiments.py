@@ -33,6 +33,7 @@ from repair_core.pipeline import (
     LoadedRun,
     RunConfig,
     identification_context,
+    implicated_by,
     load_failure_split,
     load_run,
     train_run,
@@ -272,7 +273,9 @@ def scores_of(context: BenchContext, base: BaseRun, method: str) -> torch.Tensor
         }
         if base.mask is not None:
             inspected, found = detection_curve(result.scores, base.mask)
-            record["detection"] = detection_summary(result.scores, base.mask)
+            record["detection"] = detection_summary(
+                result.scores, base.mask, implicated_by(base.run, base.split.query)
+            )
             record["curve"] = np.interp(CURVE_POINTS, inspected, found).tolist()
         if "fitted_state" in result.extras:
             record["fit"] = _fit_quality(base, result.extras["fitted_state"])
@@ -282,6 +285,42 @@ def scores_of(context: BenchContext, base: BaseRun, method: str) -> torch.Tensor
     if record.get("error"):
         return None
     return holder["scores"]
+
+
+def complete_detection(context: BenchContext) -> None:
+    """Add the implicated-flip figures to rankings stored without them.
+
+    Rankings scored before those figures existed keep their scores in the
+    workspace, so the figures are computed from them without scoring again.
+    Runs whose workspace folder is gone are left as they are.
+    """
+    workspace = context.workspace
+    for record in context.store.units.values():
+        steps = record.get("steps", {})
+        if record.get("kind") != "run" or "train" not in steps:
+            continue
+        todo = [
+            name
+            for name, step in steps.items()
+            if name.startswith("identify/")
+            and "detection" in step
+            and "n_implicated" not in step["detection"]
+        ]
+        run_id = steps["train"]["run_id"]
+        if not todo or not workspace.run_dir(run_id).is_dir():
+            continue
+        run = load_run(workspace, run_id, device="cpu")
+        split = load_failure_split(workspace, run_id, steps["train"]["failure_set_id"])
+        implicated = implicated_by(run, split.query)
+        if implicated is None:
+            continue
+        for name in todo:
+            path = _scores_path(name.removeprefix("identify/"))
+            if workspace.path(run_id, path).is_file():
+                steps[name]["detection"] = detection_summary(
+                    workspace.load_tensor(run_id, path), run.corrupted_mask, implicated
+                )
+        context.store.save()
 
 
 def fit_strength(context: BenchContext, base: BaseRun) -> dict[str, Any]:
@@ -295,6 +334,7 @@ def fit_strength(context: BenchContext, base: BaseRun) -> dict[str, Any]:
     defaults = _method_config(context.settings, "ewc-influence")
     identify_context = identification_context(context.workspace, base.run)
     query = base.split.query
+    implicated = implicated_by(base.run, query)
     rows = []
     for steps in context.settings.fit_steps:
         config = dataclasses.replace(
@@ -314,7 +354,7 @@ def fit_strength(context: BenchContext, base: BaseRun) -> dict[str, Any]:
             {
                 "steps": steps,
                 "seconds": result.seconds,
-                **detection_summary(result.scores, base.mask),
+                **detection_summary(result.scores, base.mask, implicated),
                 "fit": _fit_quality(base, result.extras["fitted_state"]),
             }
         )

@@ -183,6 +183,12 @@ class PageWriter(PublishedSections, QualityBars):
 
     def detection_table(self, scenario: str, data_key: str, published: bool) -> None:
         rows = []
+        implicated = any(
+            self.results.detection(
+                scenario, data_key, m, "implicated_found_at_20pct"
+            ).ok
+            for m in self.results.methods(scenario, data_key)
+        )
         for method in self.results.methods(scenario, data_key):
             at10 = self.results.detection(scenario, data_key, method, "found_at_10pct")
             at20 = self.results.detection(scenario, data_key, method, "found_at_20pct")
@@ -199,6 +205,13 @@ class PageWriter(PublishedSections, QualityBars):
                 seconds.text(1),
                 str(at20.n) + (f" ({len(errors)} failed)" if errors else ""),
             ]
+            if implicated:
+                row.insert(
+                    3,
+                    self.results.detection(
+                        scenario, data_key, method, "implicated_found_at_20pct"
+                    ).text(),
+                )
             if published:
                 figure = PUBLISHED["found_at_20pct"].get(method)
                 row.insert(3, f"≈ {figure:.2f}" if figure is not None else "–")
@@ -211,10 +224,20 @@ class PageWriter(PublishedSections, QualityBars):
             "seconds",
             "seeds",
         ]
+        if implicated:
+            header.insert(3, "implicated flips in top 20%")
         if published:
             header.insert(3, "top 20%, Tanno et al. 2022")
         if rows:
             self.add(*table(header, rows))
+        if implicated:
+            self.add(
+                "*Implicated flips* are the flipped labels whose change matches "
+                "a failure in F_q: an image of class a labelled b can only cause "
+                "failures of class a predicted as b, so a ranking built from F_q "
+                "has no way to single out a flip whose kind of failure F_q lacks.",
+                "",
+            )
         for method in self.results.methods(scenario, data_key):
             for error in self.results.errors(scenario, data_key, method):
                 self.add(f"- {method_label(method)} failed: `{error}`", "")
@@ -446,6 +469,34 @@ class PageWriter(PublishedSections, QualityBars):
                 "F_q, so they find mislabelled examples whether or not they "
                 "caused the failures."
             )
+        implicated = self.results.detection(
+            scenario, data_key, "ewc-influence", "implicated_found_at_20pct"
+        )
+        if implicated.ok:
+            best = max(
+                (
+                    (
+                        self.results.detection(
+                            scenario, data_key, m, "implicated_found_at_20pct"
+                        ),
+                        m,
+                    )
+                    for m in self.results.methods(scenario, data_key)
+                    if m not in ("ewc-influence", "oracle")
+                ),
+                key=lambda pair: pair[0].mean if pair[0].ok else -1.0,
+                default=None,
+            )
+            sentence = (
+                f"Among the implicated flips it finds {implicated.text()} in the "
+                "top 20%"
+            )
+            if best is not None and best[0].ok:
+                sentence += (
+                    f"; the best other method there is {method_label(best[1])} "
+                    f"with {best[0].text()}"
+                )
+            notes.append(sentence + ".")
         self.add(" ".join(notes), "")
 
     def experiment_noise(self, experiment: int, scenario: str, description: str):

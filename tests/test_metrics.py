@@ -1,0 +1,61 @@
+"""Detection metrics on rankings whose answers are known by hand."""
+
+import torch
+
+from repair_core.metrics import detection_summary, implicated_mask
+
+# Six training examples: 0 is a 1 labelled 7, 3 is a 6 labelled 9, 4 is a 9
+# labelled 6, 5 had its image corrupted but kept its label.
+CLEAN = torch.tensor([1, 7, 1, 6, 9, 3])
+GIVEN = torch.tensor([7, 7, 1, 9, 6, 3])
+MASK = torch.tensor([True, False, False, True, True, True])
+
+
+def test_a_flip_is_implicated_only_by_its_own_kind_of_failure():
+    one_as_seven = implicated_mask(
+        MASK, GIVEN, CLEAN, torch.tensor([1, 1]), torch.tensor([7, 7])
+    )
+    assert one_as_seven.tolist() == [True, False, False, False, False, False]
+
+    two_kinds = implicated_mask(
+        MASK, GIVEN, CLEAN, torch.tensor([9, 1, 2]), torch.tensor([6, 7, 3])
+    )
+    assert two_kinds.tolist() == [True, False, False, False, True, False]
+
+
+def test_the_reverse_failure_does_not_implicate_a_flip():
+    # A 7 predicted as 1 is not what a 1 labelled 7 teaches the model.
+    reverse = implicated_mask(MASK, GIVEN, CLEAN, torch.tensor([7]), torch.tensor([1]))
+    assert not reverse.any()
+
+
+def test_corruption_that_keeps_labels_has_no_implicated_examples():
+    assert (
+        implicated_mask(MASK, CLEAN, CLEAN, torch.tensor([1]), torch.tensor([7]))
+        is None
+    )
+
+
+def test_summary_counts_implicated_examples_in_the_top_fifth():
+    n = 20
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[[0, 1, 2, 3]] = True
+    implicated = torch.zeros(n, dtype=torch.bool)
+    implicated[[2, 3]] = True
+    scores = torch.zeros(n)
+    scores[[0, 2, 10, 11]] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # top 4 = top 20%
+
+    summary = detection_summary(scores, mask, implicated)
+
+    assert summary["n_implicated"] == 2
+    assert summary["implicated_found_at_20pct"] == 0.5
+    assert summary["found_at_20pct"] == 0.5
+    assert "n_implicated" not in detection_summary(scores, mask)
+
+
+def test_summary_without_implicated_examples_reports_none():
+    mask = torch.tensor([True, False, False, False, False])
+    summary = detection_summary(torch.arange(5.0), mask, torch.zeros(5, dtype=bool))
+
+    assert summary["n_implicated"] == 0
+    assert summary["implicated_found_at_20pct"] is None
