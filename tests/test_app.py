@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
@@ -281,6 +282,11 @@ def test_causes_runs_method_and_shows_grid(workspace_env):
     )
     assert [record["method"] for record in records] == ["training-loss", "oracle"]
     assert app.session_state["scores_id"] == records[-1]["id"]
+    table = app.dataframe[0].value
+    assert list(table["method"]) == ["training-loss", "oracle"]
+    implicated = records[-1]["metrics"]["detection"]["implicated_found_at_20pct"]
+    cell = table["implicated in top 20%"].iloc[1]
+    assert pd.isna(cell) if implicated is None else cell == pytest.approx(implicated)
     assert image_count(app) == 24
     assert metric_values(app)["Undecided"] == str(TINY["n_train"])
 
