@@ -72,7 +72,7 @@ def implicated_mask(
 ) -> torch.Tensor | None:
     """Corrupted examples whose label change matches a failure of the query.
 
-    A training image of class a labelled b teaches the model to answer b on
+    A training image of class a labelled b pushes the model to predict b on
     images like it, so it can cause a test failure of true class a predicted
     as b and none other. When the failures hold no such pair, nothing a
     ranking built from them does can tell that example apart, so the share of
@@ -111,7 +111,7 @@ def detection_summary(
     mask: torch.Tensor,
     implicated: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """The detection figures reported for every ranking with ground truth.
+    """Return the detection figures reported for every ranking with ground truth.
 
     With ``implicated`` (see ``implicated_mask``), also the number of
     implicated examples and the share of them in the top 20%.
