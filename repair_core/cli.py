@@ -561,7 +561,7 @@ def _run_records(workspace: Workspace, run_id: str) -> dict[str, Any]:
 
 
 def _command_runs(args: argparse.Namespace) -> dict[str, Any]:
-    workspace = Workspace(args.workspace)
+    workspace = Workspace(args.workspace, create=False)
     if args.run is not None:
         return _run_records(workspace, args.run)
     runs = []
@@ -583,16 +583,18 @@ def _command_runs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parse_list(text: str, kind: type, option: str) -> list:
+    parts = [part.strip() for part in text.split(",")]
+    if parts == [""]:
+        raise RepairError(f"{option} is empty. Give at least one value.")
     try:
-        values = [kind(part) for part in text.split(",") if part.strip()]
+        if "" in parts:
+            raise ValueError("empty entry")
+        return [kind(part) for part in parts]
     except ValueError as error:
         raise RepairError(
             f"Invalid {option} {text!r}: give {kind.__name__} values separated by "
-            "commas, for example 0,1,2."
+            "single commas, with nothing empty between them."
         ) from error
-    if not values:
-        raise RepairError(f"{option} is empty. Give at least one value.")
-    return values
 
 
 _TRUE = ("true", "yes", "1", "on")
@@ -648,7 +650,7 @@ def _apply_settings(config: Any, settings: list[str], what: str) -> Any:
 def _open_run(args: argparse.Namespace):
     from repair_core.pipeline import create_failure_set, load_run
 
-    workspace = Workspace(args.workspace)
+    workspace = Workspace(args.workspace, create=False)
     run = load_run(workspace, args.run, device=args.device)
     failure_set_id = args.failure_set
     if failure_set_id is None:
@@ -829,9 +831,20 @@ def _command_bench(args: argparse.Namespace) -> dict[str, Any]:
     from repair_core import benchmark
 
     if args.render_only:
-        page = benchmark.render_page(args.out)
+        try:
+            page = benchmark.render_page(args.out)
+        except FileNotFoundError as error:
+            raise RepairError(
+                f"{error} Run the benchmark into that folder first, or pass the "
+                "--out folder of an earlier run."
+            ) from None
         return {"page": str(page), "out": args.out}
     if args.threads is not None:
+        if args.threads < 1:
+            raise RepairError(
+                f"--threads {args.threads} must be at least 1; leave it out to let "
+                "torch choose."
+            )
         torch.set_num_threads(args.threads)
     experiments = tuple(_parse_list(args.experiments, int, "--experiments"))
     changes: dict[str, Any] = {

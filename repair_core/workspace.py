@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import sqlite3
 import tempfile
 import uuid
@@ -165,19 +166,30 @@ class Workspace:
     """A folder holding the database and files of every run.
 
     Args:
-        root: the workspace folder; created if missing.
+        root: the workspace folder; created if missing when ``create`` is set.
+        create: when False, a folder without a workspace database is an
+            error rather than a new, empty workspace; commands that only read
+            runs use this, so a mistyped path is reported, not created.
 
     Raises:
         WorkspaceError: the folder is not writable, the database is not a
-            workspace database, or it was written by a newer schema.
+            workspace database, it was written by a newer schema, or it does
+            not exist and ``create`` is False.
     """
 
-    def __init__(self, root: str | Path = DEFAULT_WORKSPACE) -> None:
+    def __init__(self, root: str | Path = DEFAULT_WORKSPACE, *, create: bool = True):
         self.root = Path(root).expanduser().resolve()
         if self.root.exists() and not self.root.is_dir():
             raise WorkspaceError(
                 f"Workspace path {str(self.root)!r} is a file, not a folder. Pass a "
                 "folder path with --workspace."
+            )
+        if not create and not (self.root / DATABASE_NAME).is_file():
+            raise WorkspaceError(
+                f"No workspace at {str(self.root)!r}: the folder holds no "
+                f"{DATABASE_NAME}. Pass the folder you trained in with --workspace, "
+                "or train a run there first with 'python -m repair_core train "
+                f"--workspace {shlex.quote(str(self.root))}'."
             )
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -289,10 +301,13 @@ class Workspace:
         if row is None:
             known = [r["id"] for r in self._list(table)][:5]
             hint = f" Known: {', '.join(known)}." if known else ""
+            listing = shlex.join(
+                ["python", "-m", "repair_core", "runs", "--workspace", str(self.root)]
+            )
             raise WorkspaceError(
                 f"{what} {record_id!r} not found in workspace {str(self.root)!r}."
-                f"{hint} List them with 'python -m repair_core runs' (runs) or "
-                "'python -m repair_core runs --run RUN_ID' (a run's records)."
+                f"{hint} List them with '{listing}' (runs) or '{listing} --run "
+                "RUN_ID' (a run's records)."
             )
         return self._decode(row)
 

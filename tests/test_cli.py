@@ -85,11 +85,47 @@ def test_flip_matrix_file_rejects_bad_row(tmp_path, capsys):
     assert not (workspace / "runs").exists()
 
 
-def test_unknown_run_is_clear_error(tmp_path, capsys):
-    code = main(["runs", "--workspace", str(tmp_path), "--json"])
-    assert code == 0
-    capsys.readouterr()
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["runs"],
+        ["identify", "--run", "run-1", "--method", "training-loss"],
+        ["repair", "--run", "run-1", "--scores", "sc-1", "--top-k", "3"],
+    ],
+)
+def test_commands_that_read_do_not_create_a_workspace(tmp_path, capsys, argv):
+    missing = tmp_path / "typo"
 
+    code = main([*argv, "--workspace", str(missing), "--json"])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"No workspace at '{missing}'" in err
+    assert "Traceback" not in err
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--threads", "0"], "--threads 0 must be at least 1"),
+        (["--experiments", "2,,3"], "Invalid --experiments '2,,3'"),
+        (["--render-only"], "Run the benchmark into that folder first"),
+    ],
+)
+def test_bench_rejects_bad_options_before_running(tmp_path, capsys, argv, message):
+    out = tmp_path / "out" / "benchmarks"
+
+    code = main(["bench", "--quick", "--out", str(out), *argv])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert not (out / "results.json").exists()
+
+
+def test_unknown_data_source_is_clear_error(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--data", "no-such-source"])
     assert "invalid choice: 'no-such-source'" in capsys.readouterr().err
