@@ -105,9 +105,9 @@ def method_section(expanded: bool) -> None:
 
 
 IMPLICATED_HELP = (
-    "Share of the flipped labels whose kind of mistake occurs among the query "
-    "failures (an image of class a labelled b can only cause failures of class "
-    "a predicted as b) that lie in the top 20%."
+    "Share of the changed labels whose kind of mistake occurs among the query "
+    "failures that lie in the top 20%. An image of class a labelled b is "
+    "expected to cause failures of class a predicted as b."
 )
 
 

@@ -73,9 +73,9 @@ def implicated_mask(
     """Corrupted examples whose label change matches a failure of the query.
 
     A training image of class a labelled b pushes the model to predict b on
-    images like it, so it can cause a test failure of true class a predicted
-    as b and none other. When the failures hold no such pair, nothing a
-    ranking built from them does can tell that example apart, so the share of
+    images like it, so the test failures it is expected to cause are of true
+    class a predicted as b. When the failures hold no such pair, a ranking
+    built from them has little to single that example out, so the share of
     *implicated* examples found measures a ranking on the part of the
     corruption its failures can reveal.
 

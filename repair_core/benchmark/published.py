@@ -182,11 +182,25 @@ class PublishedSections(PageBase):
                 f"the rest are ordinary errors of a model trained on {n_train} "
                 "images, which no removal of flipped labels is expected to fix."
             )
-        fits = [
-            r["fit"]
-            for r in results.identification("label-flip", data_key, "ewc-influence")
-            if r.get("fit")
+        ewc_records = results.identification("label-flip", data_key, "ewc-influence")
+        implicated = [
+            r["detection"]
+            for r in ewc_records
+            if r.get("detection", {}).get("n_implicated") is not None
+            and r["detection"]["n_corrupted"]
         ]
+        if implicated:
+            share = Stat.of(d["n_implicated"] / d["n_corrupted"] for d in implicated)
+            found = Stat.of(d.get("implicated_found_at_20pct") for d in implicated)
+            overall = Stat.of(d["found_at_20pct"] for d in implicated)
+            facts.append(
+                f"{name}, the failures: only {share.text()} of the flipped labels "
+                "are of a kind (class a labelled b) that F_q holds a failure of "
+                "(class a predicted as b). EWC-influence puts "
+                f"{found.text()} of those in the top 20%, against "
+                f"{overall.text()} of all flipped labels."
+            )
+        fits = [r["fit"] for r in ewc_records if r.get("fit")]
         if fits:
             query = Stat.of(f["query_acc"] for f in fits)
             holdout = Stat.of(f["holdout_acc"] for f in fits)
