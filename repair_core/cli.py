@@ -894,13 +894,20 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _print_summary(result: dict[str, Any]) -> None:
+def _print_summary(result: dict[str, Any], prefix: str = "") -> None:
+    """Print one line per value; a dict of plain values gets a line per key."""
     for key, value in result.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and not any(
+            isinstance(v, list | dict) for v in value.values()
+        ):
+            _print_summary(value, prefix=f"{name}.")
+            continue
         if isinstance(value, float):
             value = f"{value:.4f}"
         elif isinstance(value, list | dict):
             value = json.dumps(_finite(value))
-        print(f"{key:>16}: {value}")
+        print(f"{name:>16}: {value}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -581,3 +581,26 @@ def test_runs_with_run_lists_its_records(tiny_run, capsys):
     code = main(["runs", "--workspace", workspace, "--run", "run-absent"])
     assert code == 2
     assert "Run 'run-absent' not found" in capsys.readouterr().err
+
+
+def test_identify_without_json_prints_one_line_per_figure(tiny_run, capsys):
+    workspace, run = tiny_run
+
+    code = main(
+        [
+            "identify",
+            "--workspace",
+            workspace,
+            "--run",
+            run["run_id"],
+            "--method",
+            "training-loss",
+        ]
+    )
+
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    found = [line for line in lines if "detection.found_at_20pct:" in line]
+    assert len(found) == 1
+    assert 0.0 <= float(found[0].split(":")[1]) <= 1.0
+    assert not any("{" in line for line in lines)
