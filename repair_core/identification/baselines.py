@@ -70,8 +70,6 @@ def score_training_loss(
         log_likelihood=context.log_likelihood,
         batch_size=config.batch_size,
     )
-    if progress is not None:
-        progress(1.0, "Training loss done")
     check_finite(scores, "Training loss", "Check the model for non-finite outputs.")
     return scores, {}
 
@@ -89,8 +87,6 @@ def score_random(
     """Score each example with a seeded uniform draw in [0, 1)."""
     generator = torch.Generator().manual_seed(config.seed)
     scores = torch.rand(len(train_labels), generator=generator, dtype=torch.float64)
-    if progress is not None:
-        progress(1.0, "Random scores done")
     return scores, {}
 
 
@@ -122,6 +118,4 @@ def score_oracle(
     generator = torch.Generator().manual_seed(config.seed)
     noise = torch.rand(len(train_labels), generator=generator, dtype=torch.float64)
     scores = mask.bool().double() + config.tie_break * noise
-    if progress is not None:
-        progress(1.0, "Oracle scores done")
     return scores, {}
