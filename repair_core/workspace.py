@@ -167,9 +167,9 @@ class Workspace:
 
     Args:
         root: the workspace folder; created if missing when ``create`` is set.
-        create: when False, a folder without a workspace database is an
-            error rather than a new, empty workspace; commands that only read
-            runs use this, so a mistyped path is reported, not created.
+        create: when False, a folder without a workspace database raises
+            instead of becoming a new, empty workspace. Commands that only
+            read runs pass False, so a mistyped path is reported.
 
     Raises:
         WorkspaceError: the folder is not writable, the database is not a
@@ -186,7 +186,7 @@ class Workspace:
             )
         if not create and not (self.root / DATABASE_NAME).is_file():
             raise WorkspaceError(
-                f"No workspace at {str(self.root)!r}: the folder holds no "
+                f"No workspace at {str(self.root)!r}: the folder contains no "
                 f"{DATABASE_NAME}. Pass the folder you trained in with --workspace, "
                 "or train a run there first with 'python -m repair_core train "
                 f"--workspace {shlex.quote(str(self.root))}'."

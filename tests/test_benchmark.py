@@ -169,7 +169,7 @@ def test_rerun_skips_finished_units(quick_run, tmp_path):
     assert len(again["invocations"]) == len(data["invocations"]) + 1
 
 
-def test_missing_implicated_figures_are_completed_from_stored_scores(quick_run):
+def test_complete_detection_from_stored_scores(quick_run):
     out, _ = quick_run
     store = ResultsStore(out / "results.json")
     steps = store.units["run/label-flip/embedded/seed0"]["steps"]
@@ -203,7 +203,7 @@ def test_results_of_other_settings_are_rejected(tmp_path):
         ResultsStore(path, settings=quick_settings(n_train=100).to_dict())
 
 
-def test_a_subset_of_experiments_resumes_the_same_file(tmp_path):
+def test_experiment_subset_resumes_results(tmp_path):
     path = tmp_path / "results.json"
     store = ResultsStore(path, settings=quick_settings(experiments=(1, 2)).to_dict())
     store.unit("exp1/embedded/seed0").finish()

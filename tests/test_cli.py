@@ -93,7 +93,7 @@ def test_flip_matrix_file_rejects_bad_row(tmp_path, capsys):
         ["repair", "--run", "run-1", "--scores", "sc-1", "--top-k", "3"],
     ],
 )
-def test_commands_that_read_do_not_create_a_workspace(tmp_path, capsys, argv):
+def test_reading_commands_create_no_workspace(tmp_path, capsys, argv):
     missing = tmp_path / "typo"
 
     code = main([*argv, "--workspace", str(missing), "--json"])
@@ -113,7 +113,7 @@ def test_commands_that_read_do_not_create_a_workspace(tmp_path, capsys, argv):
         (["--render-only"], "Run the benchmark into that folder first"),
     ],
 )
-def test_bench_rejects_bad_options_before_running(tmp_path, capsys, argv, message):
+def test_bench_rejects_bad_options(tmp_path, capsys, argv, message):
     out = tmp_path / "out" / "benchmarks"
 
     code = main(["bench", "--quick", "--out", str(out), *argv])
@@ -583,7 +583,7 @@ def test_runs_with_run_lists_its_records(tiny_run, capsys):
     assert "Run 'run-absent' not found" in capsys.readouterr().err
 
 
-def test_identify_without_json_prints_one_line_per_figure(tiny_run, capsys):
+def test_identify_text_output_lines(tiny_run, capsys):
     workspace, run = tiny_run
 
     code = main(

@@ -11,7 +11,7 @@ GIVEN = torch.tensor([7, 7, 1, 9, 6, 3])
 MASK = torch.tensor([True, False, False, True, True, True])
 
 
-def test_a_flip_is_implicated_only_by_its_own_kind_of_failure():
+def test_flip_implicated_by_matching_failure():
     one_as_seven = implicated_mask(
         MASK, GIVEN, CLEAN, torch.tensor([1, 1]), torch.tensor([7, 7])
     )
@@ -23,20 +23,20 @@ def test_a_flip_is_implicated_only_by_its_own_kind_of_failure():
     assert two_kinds.tolist() == [True, False, False, False, True, False]
 
 
-def test_the_reverse_failure_does_not_implicate_a_flip():
+def test_reverse_failure_implicates_nothing():
     # A 7 predicted as 1 is not what a 1 labelled 7 teaches the model.
     reverse = implicated_mask(MASK, GIVEN, CLEAN, torch.tensor([7]), torch.tensor([1]))
     assert not reverse.any()
 
 
-def test_corruption_that_keeps_labels_has_no_implicated_examples():
+def test_unchanged_labels_give_none():
     assert (
         implicated_mask(MASK, CLEAN, CLEAN, torch.tensor([1]), torch.tensor([7]))
         is None
     )
 
 
-def test_summary_counts_implicated_examples_in_the_top_fifth():
+def test_summary_counts_implicated_in_top_fifth():
     n = 20
     mask = torch.zeros(n, dtype=torch.bool)
     mask[[0, 1, 2, 3]] = True
@@ -53,7 +53,7 @@ def test_summary_counts_implicated_examples_in_the_top_fifth():
     assert "n_implicated" not in detection_summary(scores, mask)
 
 
-def test_summary_without_implicated_examples_reports_none():
+def test_summary_without_implicated_is_none():
     mask = torch.tensor([True, False, False, False, False])
     summary = detection_summary(torch.arange(5.0), mask, torch.zeros(5, dtype=bool))
 

@@ -127,7 +127,7 @@ def test_run_removal_curve_stores_summary(ranked):
     assert [record["id"] for record in listed] == [summary["removal_curve_id"]]
 
 
-def test_loaded_label_flip_run_keeps_the_clean_labels(tiny):
+def test_loaded_run_keeps_clean_labels(tiny):
     _, run = tiny
 
     changed = run.clean_train_labels != run.data.train.labels
@@ -136,7 +136,7 @@ def test_loaded_label_flip_run_keeps_the_clean_labels(tiny):
     assert changed.any()
 
 
-def test_implicated_flips_match_a_loop_over_failure_pairs(ranked):
+def test_implicated_matches_pair_loop(ranked):
     workspace, run, failure_set_id, _ = ranked
     split = pipeline.load_failure_split(workspace, run.run_id, failure_set_id)
     pairs = {
