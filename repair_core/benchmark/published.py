@@ -194,7 +194,7 @@ class PublishedSections(PageBase):
             found = Stat.of(d.get("implicated_found_at_20pct") for d in implicated)
             overall = Stat.of(d["found_at_20pct"] for d in implicated)
             facts.append(
-                f"{name}, the failures: only {share.text()} of the flipped labels "
+                f"{name}, the failures: {share.text()} of the flipped labels "
                 "are of a kind (class a labelled b) that F_q holds a failure of "
                 "(class a predicted as b). EWC-influence puts "
                 f"{found.text()} of those in the top 20%, against "
