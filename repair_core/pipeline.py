@@ -566,7 +566,7 @@ def run_identification(
 
 
 def implicated_by(run: LoadedRun, failures: torch.Tensor) -> torch.Tensor | None:
-    """The corrupted examples whose label change matches one of ``failures``.
+    """Return the corrupted examples whose label change matches one of ``failures``.
 
     ``failures`` are test indices; see ``metrics.implicated_mask``. None when
     the run's corruption is unknown or changed no label.

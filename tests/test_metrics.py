@@ -1,4 +1,4 @@
-"""Detection metrics on rankings whose answers are known by hand."""
+"""Detection metrics on rankings whose results are worked out by hand."""
 
 import torch
 

@@ -236,9 +236,9 @@ class PageWriter(PublishedSections, QualityBars):
                 "*Implicated* examples are the corrupted ones whose label change "
                 "matches a failure in F_q. An image of class a labelled b pushes "
                 "the model towards predicting b on class a, so the failures it "
-                "is expected to cause are of class a predicted as b, and a "
-                "ranking built from F_q has little to single out a changed label "
-                "whose kind of failure F_q lacks"
+                "is expected to cause are of class a predicted as b. A ranking "
+                "built from F_q has little to single out a changed label whose "
+                "kind of failure F_q lacks"
                 + (
                     f" ({counts.text(0)} implicated per run here; – where none)."
                     if counts.ok

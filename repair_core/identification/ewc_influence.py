@@ -38,8 +38,8 @@ on model A that kept step 100 and gave 0.75, lower than 0.815 because 10%
 of F_q is held out rather than fitted. The benchmark page repeats this study
 on every base model it trains.
 
-On model B no step count helps, because of what its failures show: its F_q
-has 58 failures of a 7 predicted as 1 and none of a 1 predicted as 7, so the
+On model B no step count helps, because of what its failures show. Its F_q
+has 58 failures of a 7 predicted as 1 and none of a 1 predicted as 7. So the
 fit has no reason to lower the likelihood of the 113 images of 1 labelled 7.
 None of them reached the top 20%, against 125 of the 129 images of 7
 labelled 1. On full MNIST (1582 failures, whose F_q matches the kind of 0.80
