@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import struct
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,3 +95,25 @@ def train_briefly(
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
     return model
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array in the big-endian IDX format that MNIST uses."""
+    magic = 0x0800 + array.ndim  # 2049 for labels, 2051 for images
+    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def make_idx_files(root: Path, folder: str, n_train: int, n_test: int) -> dict:
+    """Write random IDX files with a balanced label sequence and return the arrays."""
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for prefix, count in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        arrays[prefix] = (images, labels)
+    return arrays

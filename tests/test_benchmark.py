@@ -1,5 +1,6 @@
 """The benchmark harness: a tiny quick run writes a complete, finite page."""
 
+import dataclasses
 import json
 import math
 import re
@@ -17,6 +18,7 @@ from repair_core.benchmark.store import ResultsStore
 from repair_core.cli import main
 from repair_core.errors import ConfigError
 from repair_core.workspace import Workspace
+from tests.factories import make_idx_files
 
 PLOTS = (
     "detection_label_flip.png",
@@ -241,4 +243,40 @@ def test_plan_order_of_units():
         (4, "embedded", 1),
         (2, "embedded", 1),
         (3, "embedded", 1),
+        (4, "mnist", 0),
+        (4, "mnist", 1),
     ]
+
+
+def test_plan_skips_mnist_tradeoff_without_6():
+    plan = planned_units(quick_settings(experiments=(1, 4)))
+
+    assert (4, "mnist", 0) not in plan
+    assert (4, "embedded", 0) in plan
+
+
+def test_full_mnist_units_run_on_idx_files(tmp_path):
+    make_idx_files(tmp_path / "datasets", "MNIST", n_train=200, n_test=100)
+    settings = dataclasses.replace(
+        tiny_settings(tmp_path),
+        experiments=(4, 6),
+        mnist_root=str(tmp_path / "datasets"),
+        mnist_n_train=100,
+        mnist_n_test=60,
+    )
+    out = tmp_path / "docs" / "benchmarks"
+
+    page = run_benchmark(settings, out, workspace=tmp_path / "ws", device="cpu")
+
+    data = json.loads((out / "results.json").read_text())
+    assert data["units"]["exp6/mnist/seed0"]["status"] == "done"
+    assert data["units"]["exp4/mnist/seed0"]["status"] == "done"
+    points = data["units"]["exp4/mnist/seed0"]["steps"]["sweep/newton"]["points"]
+    assert [p["strength"] for p in points] == [1.0]
+    text = page.read_text()
+    assert "### Treatment trade-off on full MNIST" in text
+    assert "benchmarks/tradeoff_full_mnist.png" in text
+    assert (out / "tradeoff_full_mnist.png").is_file()
+    numbers = [m for cell in table_cells(text) for m in NUMBER.findall(cell)]
+    for number in numbers:
+        assert math.isfinite(float(number)), number

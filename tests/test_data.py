@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from repair_core.data import (
     stratified_subsample,
 )
 from repair_core.errors import ConfigError, DataError
+from tests.factories import make_idx_files
 
 FASHION_CLASSES = [
     "T-shirt/top",
@@ -214,28 +214,6 @@ def test_dataset_rejects_bad_labels():
 
 
 # torchvision MNIST and FashionMNIST files ----------------------------------------
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array in the big-endian IDX format that MNIST uses."""
-    magic = 0x0800 + array.ndim  # 2049 for labels, 2051 for images
-    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def make_idx_files(root: Path, folder: str, n_train: int, n_test: int) -> dict:
-    """Write random IDX files with a balanced label sequence and return the arrays."""
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for prefix, count in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
-        labels = (np.arange(count) % 10).astype(np.uint8)
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-        arrays[prefix] = (images, labels)
-    return arrays
 
 
 @pytest.mark.parametrize(

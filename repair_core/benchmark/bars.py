@@ -6,11 +6,13 @@ from repair_core.benchmark.page_base import (
     DETECTION_BAR,
     REMAINING_FLOOR,
     PageBase,
+    best_tradeoff_points,
+    describe_point,
     method_label,
     sweep_by_gamma,
     table,
 )
-from repair_core.benchmark.summary import best_under, stat_of
+from repair_core.benchmark.summary import stat_of
 
 
 class QualityBars(PageBase):
@@ -114,39 +116,19 @@ class QualityBars(PageBase):
 
     def tradeoff_bar(self) -> None:
         units = self.results.experiment_units(4, "embedded")
-        best = {}
-        for treatment in ("ewc-deletion", "newton"):
-            means = [
-                {
-                    "strength": gamma,
-                    "holdout_acc": stat_of(points, "holdout_acc").mean,
-                    "remaining_acc": stat_of(points, "remaining_acc").mean,
-                }
-                for gamma, points in sweep_by_gamma(units, treatment).items()
-            ]
-            best[treatment] = (
-                best_under(means, "holdout_acc", "remaining_acc", REMAINING_FLOOR),
-                bool(means),
-            )
-        ewc_best, ewc_ran = best["ewc-deletion"]
-        newton_best, newton_ran = best["newton"]
-        if not (ewc_ran and newton_ran):
+        ran = all(
+            sweep_by_gamma(units, treatment) for treatment in ("ewc-deletion", "newton")
+        )
+        if not ran:
             self.bar("EWC-deletion beats Newton removal at T\\F ≥ 0.95", "–", None)
             return
-
-        def describe(point):
-            if point is None:
-                return "no γ keeps T\\F ≥ 0.95"
-            return (
-                f"F_h {point['holdout_acc']:.3f} at γ = {point['strength']:g} "
-                f"(T\\F {point['remaining_acc']:.3f})"
-            )
-
+        ewc_best, newton_best = best_tradeoff_points(units)
         passed = ewc_best is not None and (
             newton_best is None or ewc_best["holdout_acc"] > newton_best["holdout_acc"]
         )
         self.bar(
             "EWC-deletion's best F_h beats Newton removal's at T\\F ≥ 0.95",
-            f"EWC-deletion {describe(ewc_best)}; Newton {describe(newton_best)}",
+            f"EWC-deletion {describe_point(ewc_best)}; "
+            f"Newton {describe_point(newton_best)}",
             passed,
         )

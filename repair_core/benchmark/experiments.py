@@ -676,8 +676,10 @@ def planned_units(settings: BenchSettings) -> list[tuple[int, str, int]]:
     The first seed of every experiment on the embedded data runs first, then
     the further seeds of experiment 1 (whose detection and removal figures
     are the ones averaged over seeds), then the full-MNIST experiment 6,
-    then the further seeds of the rest. A run stopped early thus has a
-    complete first pass on the embedded data and a three-seed experiment 1.
+    then the further seeds of the rest, and last the trade-off of
+    experiment 4 on full MNIST when both 4 and 6 are chosen. A run stopped
+    early thus has a complete first pass on the embedded data and a
+    three-seed experiment 1.
     """
     first, *rest = settings.seeds
     order = (1, 4, 2, 3, 6)
@@ -690,11 +692,9 @@ def planned_units(settings: BenchSettings) -> list[tuple[int, str, int]]:
     if 6 in chosen:
         plan += [(6, "mnist", seed) for seed in settings.seeds]
     plan += [(e, "embedded", seed) for e in embedded if e != 1 for seed in rest]
+    if 4 in chosen and 6 in chosen:
+        plan += [(4, "mnist", seed) for seed in settings.seeds]
     return plan
-
-
-def _data_key(experiment: int) -> str:
-    return "mnist" if experiment == 6 else "embedded"
 
 
 def run_unit(context: BenchContext, experiment: int, data_key: str, seed: int):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from repair_core.benchmark.settings import METHOD_LABELS, BenchSettings
-from repair_core.benchmark.summary import Results, Stat
+from repair_core.benchmark.summary import Results, Stat, best_under, stat_of
 
 REMAINING_FLOOR = 0.95
 DETECTION_BAR = 0.85
@@ -70,6 +70,40 @@ def sweep_by_gamma(
         for point in (record or {}).get("points", []):
             by_gamma.setdefault(float(point["strength"]), []).append(point)
     return dict(sorted(by_gamma.items()))
+
+
+def best_tradeoff_points(
+    units: list[dict[str, Any]],
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Return the γ of EWC-deletion and of Newton removal with the highest mean
+    F_h accuracy among those whose mean T\\F accuracy is at least
+    ``REMAINING_FLOOR``, or None for a treatment where no γ qualifies.
+
+    Each point has ``strength``, ``holdout_acc`` and ``remaining_acc``, the
+    means over base seeds.
+    """
+    best = []
+    for treatment in ("ewc-deletion", "newton"):
+        means = [
+            {
+                "strength": gamma,
+                "holdout_acc": stat_of(points, "holdout_acc").mean,
+                "remaining_acc": stat_of(points, "remaining_acc").mean,
+            }
+            for gamma, points in sweep_by_gamma(units, treatment).items()
+        ]
+        best.append(best_under(means, "holdout_acc", "remaining_acc", REMAINING_FLOOR))
+    return best[0], best[1]
+
+
+def describe_point(point: dict[str, Any] | None) -> str:
+    """Describe a best trade-off point from ``best_tradeoff_points``."""
+    if point is None:
+        return f"no γ keeps T\\F ≥ {REMAINING_FLOOR}"
+    return (
+        f"F_h {point['holdout_acc']:.3f} at γ = {point['strength']:g} "
+        f"(T\\F {point['remaining_acc']:.3f})"
+    )
 
 
 class PageBase:

@@ -61,6 +61,9 @@ class PublishedSections(PageBase):
             ),
             "removal curves, full MNIST",
         )
+        if self.results.experiment_units(4, "mnist"):
+            self.add("### Treatment trade-off on full MNIST", "")
+            self.tradeoff_table("mnist", "tradeoff_full_mnist.png")
         self.side_by_side()
         self.investigation()
 

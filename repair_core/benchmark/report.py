@@ -11,6 +11,9 @@ from repair_core import noise
 from repair_core.benchmark import plots
 from repair_core.benchmark.bars import QualityBars
 from repair_core.benchmark.page_base import (
+    REMAINING_FLOOR,
+    best_tradeoff_points,
+    describe_point,
     method_label,
     number,
     ratio,
@@ -516,10 +519,17 @@ class PageWriter(PublishedSections, QualityBars):
 
     def experiment_4(self) -> None:
         self.add(f"## 4. {EXPERIMENT_TITLES[4]}", "")
-        units = self.results.experiment_units(4, "embedded")
-        if not units:
+        if not self.tradeoff_table("embedded", "tradeoff.png"):
             self.add("Not run yet.", "")
-            return
+
+    def tradeoff_table(self, data_key: str, plot_name: str) -> bool:
+        """Add the sweeps and fine-tuning of experiment 4 on ``data_key``.
+
+        Returns False, adding nothing, when no unit of it has run.
+        """
+        units = self.results.experiment_units(4, data_key)
+        if not units:
+            return False
         n_causes = units[0].get("n_causes")
         corrupted = units[0].get("causes_corrupted")
         self.add(
@@ -550,7 +560,7 @@ class PageWriter(PublishedSections, QualityBars):
             ("random", "random removal + fine-tune"),
             ("nothing", "nothing removed + fine-tune"),
         ):
-            runs = self.results.arm_runs(4, "embedded", "finetune", arm)
+            runs = self.results.arm_runs(4, data_key, "finetune", arm)
             if runs:
                 rows.append(
                     [
@@ -564,10 +574,19 @@ class PageWriter(PublishedSections, QualityBars):
                     ]
                 )
         self.add(*table(["treatment", "γ", "F_q", "F_h", "T\\F", "seconds", "n"], rows))
+        ewc_best, newton_best = best_tradeoff_points(units)
+        if ewc_best is not None or newton_best is not None:
+            self.add(
+                f"Best point with mean T\\F ≥ {REMAINING_FLOOR}: EWC-deletion "
+                f"{describe_point(ewc_best)}; Newton removal "
+                f"{describe_point(newton_best)}.",
+                "",
+            )
         self.image(
-            plots.tradeoff_plot(self.results, "embedded", self.out / "tradeoff.png"),
+            plots.tradeoff_plot(self.results, data_key, self.out / plot_name),
             "trade-off between failure and remaining accuracy",
         )
+        return True
 
     def experiment_5(self) -> None:
         self.add(f"## 5. {EXPERIMENT_TITLES[5]}", "")
