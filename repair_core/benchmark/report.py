@@ -292,9 +292,8 @@ class PageWriter(PublishedSections, QualityBars):
             ):
                 runs = self.results.arm_runs(experiment, data_key, "semi-oracle", arm)
                 if runs:
-                    n_removed = runs[0].get("n_removed", "?")
                     rows.append(
-                        [f"{name} ({n_removed})", stat_of(runs, key).text()]
+                        [f"{name} ({removed_counts(runs)})", stat_of(runs, key).text()]
                         + [""] * (len(methods) - 1)
                     )
             self.add(
@@ -317,7 +316,7 @@ class PageWriter(PublishedSections, QualityBars):
             if runs:
                 rows.append(
                     [
-                        f"{name} ({runs[0].get('n_removed', '?')})",
+                        f"{name} ({removed_counts(runs)})",
                         stat_of(runs, "query_acc").text(),
                         stat_of(runs, "holdout_acc").text(),
                         stat_of(runs, "remaining_acc").text(),
@@ -728,6 +727,17 @@ class PageWriter(PublishedSections, QualityBars):
         if 6 in experiments:
             self.experiment_6()
         return "\n".join(self.lines).rstrip() + "\n"
+
+
+def removed_counts(runs: list[dict[str, Any]]) -> str:
+    """Return how many examples the runs removed: one number, or the range
+    when base seeds corrupted different numbers."""
+    counts = sorted({run["n_removed"] for run in runs if "n_removed" in run})
+    if not counts:
+        return "?"
+    if len(counts) == 1:
+        return str(counts[0])
+    return f"{counts[0]}–{counts[-1]}"
 
 
 def _load_averages(invocations: list[dict[str, Any]]) -> str:
