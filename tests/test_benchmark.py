@@ -13,6 +13,7 @@ from repair_core.benchmark.experiments import (
     complete_detection,
     planned_units,
 )
+from repair_core.benchmark.report import removed_counts
 from repair_core.benchmark.settings import BenchSettings
 from repair_core.benchmark.store import ResultsStore
 from repair_core.cli import main
@@ -280,3 +281,9 @@ def test_full_mnist_units_run_on_idx_files(tmp_path):
     numbers = [m for cell in table_cells(text) for m in NUMBER.findall(cell)]
     for number in numbers:
         assert math.isfinite(float(number)), number
+
+
+def test_removed_counts_shows_range():
+    assert removed_counts([{"n_removed": 384}, {"n_removed": 384}]) == "384"
+    assert removed_counts([{"n_removed": 432}, {"n_removed": 384}]) == "384–432"
+    assert removed_counts([{}]) == "?"
