@@ -653,6 +653,12 @@ def _open_run(args: argparse.Namespace):
     workspace = Workspace(args.workspace, create=False)
     run = load_run(workspace, args.run, device=args.device)
     failure_set_id = args.failure_set
+    scores_id = getattr(args, "scores", None)
+    if failure_set_id is None and scores_id and args.query_fraction is None:
+        # Judge a repair on the failure set its scores were computed from.
+        record = workspace.get_scores(scores_id)
+        if record["run_id"] == run.run_id:
+            failure_set_id = record["failure_set_id"]
     if failure_set_id is None:
         fraction = (
             run.config.query_fraction

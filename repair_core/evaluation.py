@@ -470,19 +470,22 @@ def removal_curve(
     if not torch.isfinite(scores.double()).all():
         raise ConfigError("The scores contain NaN or infinite values.")
     seeds = _check_seeds(seeds)
-    kept_ks = []
     for k in ks:
         if k < 1:
             raise ConfigError(f"k {k} must be at least 1.")
+    kept_ks = [k for k in ks if k <= n_train - 1]
+    if not kept_ks:
+        raise ConfigError(
+            f"Every k in {list(ks)} would remove the whole training set of "
+            f"{n_train} examples. Choose ks below {n_train}."
+        )
+    for k in ks:
         if k > n_train - 1:
-            message = (
+            warnings.warn(
                 f"Skipping k = {k}: removing it from {n_train} training examples "
-                "would leave nothing to fine-tune on."
+                "would leave nothing to fine-tune on.",
+                stacklevel=2,
             )
-            warnings.warn(message, stacklevel=2)
-            logger.warning(message)
-            continue
-        kept_ks.append(k)
 
     order = torch.sort(scores, descending=True, stable=True).indices
     query_images = test_images[split.query]

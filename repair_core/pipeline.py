@@ -590,6 +590,36 @@ def load_scores(workspace: Workspace, scores_id: str) -> torch.Tensor:
     return workspace.load_tensor(record["run_id"], f"scores/{scores_id}.pt")
 
 
+def scores_of_run(
+    workspace: Workspace, run: LoadedRun, scores_id: str, failure_set_id: str
+) -> torch.Tensor:
+    """Return stored scores after checking they rank this run's training set
+    against this failure set.
+
+    Scores computed from another failure set's query half may have seen the
+    holdout failures that the repair is judged on, so they are rejected.
+
+    Raises:
+        ConfigError: the scores belong to another run or failure set.
+    """
+    record = workspace.get_scores(scores_id)
+    if record["run_id"] != run.run_id:
+        raise ConfigError(
+            f"Scores {scores_id!r} belong to run {record['run_id']!r}, not "
+            f"{run.run_id!r}. Pass --run {record['run_id']}, or score this run "
+            "with 'python -m repair_core identify'."
+        )
+    if record["failure_set_id"] != failure_set_id:
+        raise ConfigError(
+            f"Scores {scores_id!r} were computed from failure set "
+            f"{record['failure_set_id']!r}, not {failure_set_id!r}, so the "
+            "holdout failures may have been used to rank the causes. Pass "
+            f"--failure-set {record['failure_set_id']}, or score failure set "
+            f"{failure_set_id!r} with 'python -m repair_core identify'."
+        )
+    return workspace.load_tensor(run.run_id, f"scores/{scores_id}.pt")
+
+
 # Treatment -----------------------------------------------------------------
 
 
@@ -649,7 +679,7 @@ def resolve_causes(
             "--top-k and --causes positive need scores: pass --scores SCORES_ID "
             "from 'python -m repair_core identify'."
         )
-    scores = load_scores(workspace, scores_id)
+    scores = scores_of_run(workspace, run, scores_id, failure_set_id)
     if len(scores) != n_train:
         raise ConfigError(
             f"Scores {scores_id!r} cover {len(scores)} examples but run "
@@ -856,15 +886,15 @@ def run_removal_curve(
 
     Returns:
         The stored curve: ``removal_curve_id``, ``run_id``,
-        ``failure_set_id``, ``scores_id``, ``ks``, ``seeds`` and ``points``,
-        one per k that leaves something to train on, as from
-        repair_core.evaluation.removal_curve.
+        ``failure_set_id``, ``scores_id``, ``ks`` (those that leave something
+        to train on), ``skipped_ks`` (the rest), ``seeds`` and ``points``,
+        one per k in ``ks``, as from repair_core.evaluation.removal_curve.
     """
     from repair_core.evaluation import removal_curve
 
     inputs = _repair_inputs(workspace, run, failure_set_id)
     points = removal_curve(
-        load_scores(workspace, scores_id),
+        scores_of_run(workspace, run, scores_id, failure_set_id),
         run.model,
         inputs["train"],
         inputs["test"],
@@ -874,12 +904,14 @@ def run_removal_curve(
         train_config=inputs["train_config"],
         progress=progress,
     )
+    kept = [int(point["k"]) for point in points]
     summary = {
         "removal_curve_id": new_id("rc"),
         "run_id": run.run_id,
         "failure_set_id": failure_set_id,
         "scores_id": scores_id,
-        "ks": [int(k) for k in ks],
+        "ks": kept,
+        "skipped_ks": [int(k) for k in ks if int(k) not in kept],
         "seeds": [int(seed) for seed in seeds],
         "points": points,
     }

@@ -473,8 +473,9 @@ class Workspace:
         """Store the accuracies after removing the top k of a ranking.
 
         Args:
-            ks: the requested numbers of removed examples. A k that left
-                nothing to train on has no point.
+            ks: the numbers of removed examples that were run, one per
+                point. A requested k that would leave nothing to train on
+                is skipped before this.
             seeds: the fine-tuning seeds of every k.
             points: one dict per kept k, as from
                 repair_core.evaluation.removal_curve.

@@ -425,6 +425,27 @@ def test_repair_needs_one_way_of_naming_causes(tiny_run, capsys):
     assert "exactly one way" in capsys.readouterr().err
 
 
+def test_repair_uses_failure_set_of_scores(tiny_run, capsys):
+    workspace, run = tiny_run
+    scores = _run_json(
+        capsys,
+        ["identify", "--workspace", workspace, "--run", run["run_id"]]
+        + ["--method", "training-loss", "--query-fraction", "1", "--json"],
+    )
+    repair = ["repair", "--workspace", workspace, "--run", run["run_id"]]
+    repair += ["--scores", scores["scores_id"], "--top-k", "5"]
+    repair += ["--treatment", "newton", "--set", "depth=20", "--json"]
+
+    summary = _run_json(capsys, repair)
+    before = _count_repairs(workspace, run["run_id"])
+    code = main(repair[:-1] + ["--query-fraction", "0.5"])
+
+    assert summary["failure_set_id"] == scores["failure_set_id"]
+    assert code == 2
+    assert "holdout failures may have been used" in capsys.readouterr().err
+    assert _count_repairs(workspace, run["run_id"]) == before
+
+
 def test_sweep_prints_trade_off_points(tiny_run, capsys):
     workspace, run = tiny_run
     scores = _run_json(

@@ -120,11 +120,65 @@ def test_run_removal_curve_stores_summary(ranked):
     assert stored["run_id"] == run.run_id
     assert stored["failure_set_id"] == failure_set_id
     assert stored["scores_id"] == scores_id
-    assert stored["ks"] == [5, 500]
+    assert stored["ks"] == [5]
+    assert summary["skipped_ks"] == [500]
     assert stored["seeds"] == [0]
     assert _json(stored["points"]) == _json(summary["points"])
     listed = workspace.list_removal_curves(run.run_id, failure_set_id=failure_set_id)
     assert [record["id"] for record in listed] == [summary["removal_curve_id"]]
+
+
+def test_removal_curve_rejects_only_large_ks(ranked):
+    workspace, run, failure_set_id, scores_id = ranked
+
+    with pytest.raises(ConfigError, match="Choose ks below 200"):
+        pipeline.run_removal_curve(
+            workspace,
+            run,
+            scores_id,
+            failure_set_id=failure_set_id,
+            ks=(200, 500),
+            seeds=(0,),
+        )
+    assert (
+        workspace.list_removal_curves(run.run_id, failure_set_id=failure_set_id) == []
+    )
+
+
+def test_causes_reject_other_failure_set(ranked):
+    workspace, run, _, scores_id = ranked
+    other_set, _ = pipeline.create_failure_set(workspace, run, seed=7)
+
+    with pytest.raises(ConfigError, match="holdout failures may have been used"):
+        pipeline.resolve_causes(
+            workspace, run, failure_set_id=other_set, scores_id=scores_id, top_k=5
+        )
+    with pytest.raises(ConfigError, match=f"--failure-set {ranked[2]}"):
+        pipeline.run_removal_curve(
+            workspace, run, scores_id, failure_set_id=other_set, ks=(5,), seeds=(0,)
+        )
+    assert workspace.list_removal_curves(run.run_id, failure_set_id=other_set) == []
+
+
+def test_causes_reject_other_runs_scores(ranked):
+    workspace, run, failure_set_id, scores_id = ranked
+    config = pipeline.RunConfig(
+        n_train=200,
+        n_test=100,
+        scenario="label-flip",
+        seed=3,
+        device="cpu",
+        train=TrainConfig(max_epochs=1, lr=5e-3),
+    )
+    other = pipeline.load_run(
+        workspace, pipeline.train_run(workspace, config)["run_id"]
+    )
+    other_set = pipeline.default_failure_set(workspace, other.run_id)
+
+    with pytest.raises(ConfigError, match=f"belong to run {run.run_id!r}"):
+        pipeline.resolve_causes(
+            workspace, other, failure_set_id=other_set, scores_id=scores_id, top_k=5
+        )
 
 
 def test_loaded_run_keeps_clean_labels(tiny):
