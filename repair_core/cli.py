@@ -589,12 +589,19 @@ def _parse_list(text: str, kind: type, option: str) -> list:
     try:
         if "" in parts:
             raise ValueError("empty entry")
-        return [kind(part) for part in parts]
+        values = [kind(part) for part in parts]
     except ValueError as error:
         raise RepairError(
             f"Invalid {option} {text!r}: give {kind.__name__} values separated by "
             "single commas, with nothing empty between them."
         ) from error
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        raise RepairError(
+            f"Invalid {option} {text!r}: {repeated[0]:g} appears more than once. "
+            "Give each value once."
+        )
+    return values
 
 
 _TRUE = ("true", "yes", "1", "on")
@@ -840,10 +847,7 @@ def _command_bench(args: argparse.Namespace) -> dict[str, Any]:
         try:
             page = benchmark.render_page(args.out)
         except FileNotFoundError as error:
-            raise RepairError(
-                f"{error} Run the benchmark into that folder first, or pass the "
-                "--out folder of an earlier run."
-            ) from None
+            raise RepairError(str(error)) from None
         return {"page": str(page), "out": args.out}
     if args.threads is not None:
         if args.threads < 1:
@@ -853,6 +857,16 @@ def _command_bench(args: argparse.Namespace) -> dict[str, Any]:
             )
         torch.set_num_threads(args.threads)
     experiments = tuple(_parse_list(args.experiments, int, "--experiments"))
+    if (
+        args.mnist_root is not None
+        and 6 in experiments
+        and not (Path(args.mnist_root) / "MNIST" / "raw").is_dir()
+    ):
+        raise RepairError(
+            f"No MNIST/raw folder under --mnist-root {args.mnist_root!r}. Point it "
+            "at the folder that contains MNIST/raw in torchvision's layout, or "
+            "leave experiment 6 out of --experiments."
+        )
     changes: dict[str, Any] = {
         "experiments": experiments,
         "mnist_root": args.mnist_root,
@@ -917,7 +931,8 @@ def _print_summary(result: dict[str, Any], prefix: str = "") -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; return the process exit code (0 success, 2 bad input)."""
+    """Run the CLI; return the process exit code (0 success, 2 bad input,
+    130 interrupted)."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -930,6 +945,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RepairError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Records are written when a command finishes, and the benchmark
+        # saves each finished step, so an interrupt leaves no partial record.
+        print("Interrupted.", file=sys.stderr)
+        return 130
     if getattr(args, "json", False):
         print(json.dumps(_finite(result)))
     else:

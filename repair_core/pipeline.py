@@ -623,6 +623,14 @@ def scores_of_run(
 # Treatment -----------------------------------------------------------------
 
 
+_CAUSE_OPTIONS = {
+    "top_k": "--top-k",
+    "positive": "--causes positive",
+    "causes_file": "--causes-file",
+    "confirmed": "--causes confirmed",
+}
+
+
 def resolve_causes(
     workspace: Workspace,
     run: LoadedRun,
@@ -657,9 +665,10 @@ def resolve_causes(
         if value
     ]
     if len(chosen) != 1:
+        named = " and ".join(_CAUSE_OPTIONS[name] for name in chosen) or "none"
         raise ConfigError(
             "Name the causes in exactly one way: --top-k K, --causes positive, "
-            f"--causes-file FILE or --causes confirmed (got {chosen or 'none'})."
+            f"--causes-file FILE or --causes confirmed (got {named})."
         )
     n_train = len(run.data.train)
     if causes_file is not None:
@@ -904,14 +913,14 @@ def run_removal_curve(
         train_config=inputs["train_config"],
         progress=progress,
     )
-    kept = [int(point["k"]) for point in points]
+    run_ks = [int(point["k"]) for point in points]
     summary = {
         "removal_curve_id": new_id("rc"),
         "run_id": run.run_id,
         "failure_set_id": failure_set_id,
         "scores_id": scores_id,
-        "ks": kept,
-        "skipped_ks": [int(k) for k in ks if int(k) not in kept],
+        "ks": run_ks,
+        "skipped_ks": [int(k) for k in ks if int(k) not in run_ks],
         "seeds": [int(seed) for seed in seeds],
         "points": points,
     }

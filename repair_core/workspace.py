@@ -299,8 +299,11 @@ class Workspace:
                 f"SELECT * FROM {table} WHERE id = ?", (record_id,)
             ).fetchone()
         if row is None:
-            known = [r["id"] for r in self._list(table)][:5]
-            hint = f" Known: {', '.join(known)}." if known else ""
+            known = [r["id"] for r in self._list(table)]
+            hint = f" Known: {', '.join(known[:5])}" if known else ""
+            if len(known) > 5:
+                hint += f" and {len(known) - 5} more"
+            hint += "." if known else ""
             listing = shlex.join(
                 ["python", "-m", "repair_core", "runs", "--workspace", str(self.root)]
             )

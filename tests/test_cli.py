@@ -1,6 +1,7 @@
 """The command line: train, import and list runs, with JSON output and errors."""
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -110,7 +111,9 @@ def test_reading_commands_create_no_workspace(tmp_path, capsys, argv):
     [
         (["--threads", "0"], "--threads 0 must be at least 1"),
         (["--experiments", "2,,3"], "Invalid --experiments '2,,3'"),
-        (["--render-only"], "Run the benchmark into that folder first"),
+        (["--render-only"], "Run the benchmark first, or pass the --out folder"),
+        (["--experiments", "1,1"], "Invalid --experiments '1,1': 1 appears more"),
+        (["--mnist-root", "nowhere", "--experiments", "6"], "No MNIST/raw folder"),
     ],
 )
 def test_bench_rejects_bad_options(tmp_path, capsys, argv, message):
@@ -123,6 +126,31 @@ def test_bench_rejects_bad_options(tmp_path, capsys, argv, message):
     assert message in err
     assert "Traceback" not in err
     assert not (out / "results.json").exists()
+
+
+def test_interrupt_exits_without_traceback(tmp_path):
+    command = [sys.executable, "-m", "repair_core", "bench", "--quick"]
+    command += ["--out", str(tmp_path / "benchmarks"), "--experiments", "1"]
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an
+    # ignored SIGINT ignored, so the child gets the default action back first.
+    process = subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if "Starting exp1" in line or "running step" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=120)
+    err = "".join(lines) + rest
+
+    assert process.returncode == 130, err
+    assert "Interrupted." in err
+    assert "Traceback" not in err
 
 
 def test_unknown_data_source_is_clear_error(capsys):
@@ -423,6 +451,14 @@ def test_repair_needs_one_way_of_naming_causes(tiny_run, capsys):
 
     assert code == 2
     assert "exactly one way" in capsys.readouterr().err
+
+    code = main(
+        ["repair", "--workspace", workspace, "--run", run["run_id"]]
+        + ["--treatment", "finetune", "--top-k", "3", "--causes-file", "f.txt"]
+    )
+
+    assert code == 2
+    assert "(got --top-k and --causes-file)" in capsys.readouterr().err
 
 
 def test_repair_uses_failure_set_of_scores(tiny_run, capsys):

@@ -146,14 +146,14 @@ def test_removal_curve_rejects_only_large_ks(ranked):
 
 
 def test_causes_reject_other_failure_set(ranked):
-    workspace, run, _, scores_id = ranked
+    workspace, run, scored_set, scores_id = ranked
     other_set, _ = pipeline.create_failure_set(workspace, run, seed=7)
 
     with pytest.raises(ConfigError, match="holdout failures may have been used"):
         pipeline.resolve_causes(
             workspace, run, failure_set_id=other_set, scores_id=scores_id, top_k=5
         )
-    with pytest.raises(ConfigError, match=f"--failure-set {ranked[2]}"):
+    with pytest.raises(ConfigError, match=f"--failure-set {scored_set}"):
         pipeline.run_removal_curve(
             workspace, run, scores_id, failure_set_id=other_set, ks=(5,), seeds=(0,)
         )

@@ -110,14 +110,12 @@ def run_benchmark(
             logger.info("%s is done already", key)
             continue
         if data_key == "mnist" and not _mnist_available(settings):
-            logger.warning(
-                "Skipping %s: no MNIST/raw folder under %s", key, settings.mnist_root
-            )
             reason = (
                 "no --mnist-root given"
                 if settings.mnist_root is None
                 else f"no MNIST/raw folder under {settings.mnist_root}"
             )
+            logger.warning("Skipping %s: %s", key, reason)
             store.data.setdefault("skipped", {})[key] = reason
             store.save()
             continue
