@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 import typing
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -655,17 +656,35 @@ def _apply_settings(config: Any, settings: list[str], what: str) -> Any:
 
 
 def _open_run(args: argparse.Namespace):
-    from repair_core.pipeline import create_failure_set, load_run
+    from repair_core.pipeline import create_failure_set, load_run, scores_record
 
+    if args.failure_set is not None and args.query_fraction is not None:
+        raise RepairError(
+            f"--failure-set {args.failure_set} already fixes the query fraction, so "
+            f"--query-fraction {args.query_fraction:g} would be ignored. Give one "
+            "of the two."
+        )
     workspace = Workspace(args.workspace, create=False)
     run = load_run(workspace, args.run, device=args.device)
     failure_set_id = args.failure_set
     scores_id = getattr(args, "scores", None)
-    if failure_set_id is None and scores_id and args.query_fraction is None:
-        # Judge a repair on the failure set its scores were computed from.
-        record = workspace.get_scores(scores_id)
-        if record["run_id"] == run.run_id:
-            failure_set_id = record["failure_set_id"]
+    if failure_set_id is None and scores_id:
+        # Judge a repair on the failure set its scores were computed from, and
+        # check before a new failure set is stored for a mismatched request.
+        record = scores_record(workspace, run, scores_id)
+        failure_set_id = record["failure_set_id"]
+        scored = workspace.get_failure_set(failure_set_id)["config"]
+        if (
+            args.query_fraction is not None
+            and scored.get("query_fraction") != args.query_fraction
+        ):
+            raise RepairError(
+                f"Scores {scores_id!r} were computed from failure set "
+                f"{failure_set_id!r} with query fraction "
+                f"{scored.get('query_fraction')}, not {args.query_fraction:g}, so "
+                "the holdout failures may have been used to rank the causes. Leave "
+                "--query-fraction out, or score a failure set with that fraction."
+            )
     if failure_set_id is None:
         fraction = (
             run.config.query_fraction
@@ -888,7 +907,13 @@ def _command_bench(args: argparse.Namespace) -> dict[str, Any]:
         command=command,
         fresh=args.fresh,
     )
-    return {"page": str(page), "out": args.out}
+    results = json.loads((Path(args.out) / benchmark.RESULTS_NAME).read_text())
+    failed = {
+        key: unit["error"]
+        for key, unit in results.get("units", {}).items()
+        if unit.get("status") == "failed"
+    }
+    return {"page": str(page), "out": args.out, "failed_units": failed}
 
 
 _COMMANDS = {
@@ -931,8 +956,8 @@ def _print_summary(result: dict[str, Any], prefix: str = "") -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; return the process exit code (0 success, 2 bad input,
-    130 interrupted)."""
+    """Run the CLI; return the process exit code (0 success, 1 a benchmark
+    unit failed, 2 bad input, 130 interrupted)."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -941,7 +966,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        result = _COMMANDS[args.command](args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            try:
+                result = _COMMANDS[args.command](args)
+            finally:
+                # Library warnings are printed as one line each, without the
+                # source line Python's default format adds.
+                for warning in caught:
+                    print(f"warning: {warning.message}", file=sys.stderr)
     except (RepairError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -954,4 +987,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(_finite(result)))
     else:
         _print_summary(result)
+    failed = result.get("failed_units")
+    if failed:
+        for key, error in failed.items():
+            print(f"error: benchmark unit {key} failed: {error}", file=sys.stderr)
+        print(
+            "The page shows the units that finished. Fix the cause and run the "
+            "same command again to resume the failed units.",
+            file=sys.stderr,
+        )
+        return 1
     return 0

@@ -449,8 +449,9 @@ def removal_curve(
         train: training images (N, C, H, W) and labels (N,).
         test: test images and labels.
         split: the failure split of θ̂ on ``test``.
-        ks: numbers of removed examples. A k above N - 1 is skipped with a
-            warning, since nothing would remain to train on.
+        ks: numbers of removed examples. A k above N - 2 is skipped with a
+            warning, since fine-tuning needs one example to train on and one
+            to validate on.
         seeds: fine-tuning seeds per k.
         train_config: fine-tuning settings.
 
@@ -473,17 +474,20 @@ def removal_curve(
     for k in ks:
         if k < 1:
             raise ConfigError(f"k {k} must be at least 1.")
-    kept_ks = [k for k in ks if k <= n_train - 1]
+    # Fine-tuning holds out at least one example for validation and trains on
+    # the rest, so at least two have to remain.
+    max_k = n_train - 2
+    kept_ks = [k for k in ks if k <= max_k]
     if not kept_ks:
         raise ConfigError(
-            f"Every k in {list(ks)} would remove the whole training set of "
-            f"{n_train} examples. Choose ks below {n_train}."
+            f"Every k in {list(ks)} would leave fewer than 2 of the {n_train} "
+            f"training examples to fine-tune on. Choose ks up to {max_k}."
         )
     for k in ks:
-        if k > n_train - 1:
+        if k > max_k:
             warnings.warn(
                 f"Skipping k = {k}: removing it from {n_train} training examples "
-                "would leave nothing to fine-tune on.",
+                "would leave fewer than 2 to fine-tune on.",
                 stacklevel=2,
             )
 

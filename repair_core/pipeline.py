@@ -590,6 +590,22 @@ def load_scores(workspace: Workspace, scores_id: str) -> torch.Tensor:
     return workspace.load_tensor(record["run_id"], f"scores/{scores_id}.pt")
 
 
+def scores_record(workspace: Workspace, run: LoadedRun, scores_id: str) -> dict:
+    """Return the stored record of scores after checking they belong to ``run``.
+
+    Raises:
+        ConfigError: the scores belong to another run.
+    """
+    record = workspace.get_scores(scores_id)
+    if record["run_id"] != run.run_id:
+        raise ConfigError(
+            f"Scores {scores_id!r} belong to run {record['run_id']!r}, not "
+            f"{run.run_id!r}. Pass --run {record['run_id']}, or score this run "
+            "with 'python -m repair_core identify'."
+        )
+    return record
+
+
 def scores_of_run(
     workspace: Workspace, run: LoadedRun, scores_id: str, failure_set_id: str
 ) -> torch.Tensor:
@@ -602,13 +618,8 @@ def scores_of_run(
     Raises:
         ConfigError: the scores belong to another run or failure set.
     """
-    record = workspace.get_scores(scores_id)
-    if record["run_id"] != run.run_id:
-        raise ConfigError(
-            f"Scores {scores_id!r} belong to run {record['run_id']!r}, not "
-            f"{run.run_id!r}. Pass --run {record['run_id']}, or score this run "
-            "with 'python -m repair_core identify'."
-        )
+    load_failure_split(workspace, run.run_id, failure_set_id)
+    record = scores_record(workspace, run, scores_id)
     if record["failure_set_id"] != failure_set_id:
         raise ConfigError(
             f"Scores {scores_id!r} were computed from failure set "
@@ -622,6 +633,11 @@ def scores_of_run(
 
 # Treatment -----------------------------------------------------------------
 
+
+MIN_REMAINING = 2
+"""Minimum number of training examples a top-k removal leaves, because
+fine-tuning and retraining hold out at least one for validation and train
+on the rest."""
 
 _CAUSE_OPTIONS = {
     "top_k": "--top-k",
@@ -671,6 +687,10 @@ def resolve_causes(
             f"--causes-file FILE or --causes confirmed (got {named})."
         )
     n_train = len(run.data.train)
+    if scores_id is not None:
+        # Also checked when the causes come from a file or from review, because
+        # the repair records these scores as where its causes came from.
+        scores = scores_of_run(workspace, run, scores_id, failure_set_id)
     if causes_file is not None:
         return read_causes_file(causes_file, n_train), f"file {causes_file}"
     if confirmed:
@@ -688,7 +708,6 @@ def resolve_causes(
             "--top-k and --causes positive need scores: pass --scores SCORES_ID "
             "from 'python -m repair_core identify'."
         )
-    scores = scores_of_run(workspace, run, scores_id, failure_set_id)
     if len(scores) != n_train:
         raise ConfigError(
             f"Scores {scores_id!r} cover {len(scores)} examples but run "
@@ -697,10 +716,11 @@ def resolve_causes(
     if positive:
         indices = torch.nonzero(scores > 0).flatten()
         return validate_causes(indices, n_train), f"positive scores of {scores_id}"
-    if top_k < 1 or top_k >= n_train:
+    if top_k < 1 or top_k > n_train - MIN_REMAINING:
         raise ConfigError(
-            f"--top-k {top_k} must lie between 1 and {n_train - 1}, the training "
-            "set size minus one, so that something remains to train on."
+            f"--top-k {top_k} must lie between 1 and {n_train - MIN_REMAINING}, so "
+            f"that at least {MIN_REMAINING} training examples remain: one to train "
+            "on and one to validate on."
         )
     return validate_causes(ranking(scores)[:top_k], n_train), (
         f"top {top_k} of {scores_id}"

@@ -128,6 +128,21 @@ def test_bench_rejects_bad_options(tmp_path, capsys, argv, message):
     assert not (out / "results.json").exists()
 
 
+def test_bench_failed_unit_exits_one(tmp_path, capsys):
+    (tmp_path / "data" / "MNIST" / "raw").mkdir(parents=True)
+    out = tmp_path / "out" / "benchmarks"
+
+    code = main(
+        ["bench", "--quick", "--out", str(out), "--experiments", "6"]
+        + ["--mnist-root", str(tmp_path / "data"), "--workspace", str(tmp_path / "w")]
+    )
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "error: benchmark unit exp6/mnist/seed0 failed" in err
+    assert (out.parent / "BENCHMARKS.md").is_file()
+
+
 def test_interrupt_exits_without_traceback(tmp_path):
     command = [sys.executable, "-m", "repair_core", "bench", "--quick"]
     command += ["--out", str(tmp_path / "benchmarks"), "--experiments", "1"]
@@ -474,12 +489,25 @@ def test_repair_uses_failure_set_of_scores(tiny_run, capsys):
 
     summary = _run_json(capsys, repair)
     before = _count_repairs(workspace, run["run_id"])
-    code = main(repair[:-1] + ["--query-fraction", "0.5"])
+    sets = len(Workspace(workspace).list_failure_sets(run["run_id"]))
+    code = main(repair[:-1] + ["--query-fraction", "0.3"])
 
     assert summary["failure_set_id"] == scores["failure_set_id"]
     assert code == 2
     assert "holdout failures may have been used" in capsys.readouterr().err
     assert _count_repairs(workspace, run["run_id"]) == before
+    assert len(Workspace(workspace).list_failure_sets(run["run_id"])) == sets
+
+
+def test_failure_set_and_fraction_conflict(tiny_run, capsys):
+    workspace, run = tiny_run
+    argv = ["identify", "--workspace", workspace, "--run", run["run_id"]]
+    argv += ["--method", "random", "--failure-set", "fs-any"]
+
+    code = main(argv + ["--query-fraction", "0.5"])
+
+    assert code == 2
+    assert "Give one of the two" in capsys.readouterr().err
 
 
 def test_sweep_prints_trade_off_points(tiny_run, capsys):

@@ -261,14 +261,14 @@ def test_removal_curve_skips_too_large_k():
     scores = torch.zeros(n_train)
     scores[problem.flipped] = 1.0
 
-    with pytest.warns(UserWarning, match=f"Skipping k = {n_train}"):
+    with pytest.warns(UserWarning, match=f"Skipping k = {n_train - 1}"):
         curve = removal_curve(
             scores,
             problem.model,
             (problem.train_images, problem.train_labels),
             (problem.test_images, problem.test_labels),
             problem.split,
-            ks=(5, len(problem.flipped), n_train),
+            ks=(5, len(problem.flipped), n_train - 1),
             seeds=(0, 1),
             train_config=problem.train_config,
         )

@@ -131,7 +131,7 @@ def test_run_removal_curve_stores_summary(ranked):
 def test_removal_curve_rejects_only_large_ks(ranked):
     workspace, run, failure_set_id, scores_id = ranked
 
-    with pytest.raises(ConfigError, match="Choose ks below 200"):
+    with pytest.raises(ConfigError, match="Choose ks up to 198"):
         pipeline.run_removal_curve(
             workspace,
             run,
@@ -160,7 +160,7 @@ def test_causes_reject_other_failure_set(ranked):
     assert workspace.list_removal_curves(run.run_id, failure_set_id=other_set) == []
 
 
-def test_causes_reject_other_runs_scores(ranked):
+def test_causes_reject_other_runs_scores(ranked, tmp_path):
     workspace, run, failure_set_id, scores_id = ranked
     config = pipeline.RunConfig(
         n_train=200,
@@ -178,6 +178,39 @@ def test_causes_reject_other_runs_scores(ranked):
     with pytest.raises(ConfigError, match=f"belong to run {run.run_id!r}"):
         pipeline.resolve_causes(
             workspace, other, failure_set_id=other_set, scores_id=scores_id, top_k=5
+        )
+    causes_file = tmp_path / "causes.txt"
+    causes_file.write_text("1\n2\n")
+    with pytest.raises(ConfigError, match=f"belong to run {run.run_id!r}"):
+        pipeline.resolve_causes(
+            workspace,
+            other,
+            failure_set_id=other_set,
+            scores_id=scores_id,
+            causes_file=causes_file,
+        )
+
+
+def test_top_k_leaves_two_examples(ranked):
+    workspace, run, failure_set_id, scores_id = ranked
+    n_train = len(run.data.train)
+
+    causes, _ = pipeline.resolve_causes(
+        workspace,
+        run,
+        failure_set_id=failure_set_id,
+        scores_id=scores_id,
+        top_k=n_train - 2,
+    )
+
+    assert len(causes) == n_train - 2
+    with pytest.raises(ConfigError, match=f"between 1 and {n_train - 2}"):
+        pipeline.resolve_causes(
+            workspace,
+            run,
+            failure_set_id=failure_set_id,
+            scores_id=scores_id,
+            top_k=n_train - 1,
         )
 
 
