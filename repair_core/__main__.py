@@ -2,6 +2,11 @@
 
 import sys
 
-from repair_core.cli import main
+try:
+    from repair_core.cli import main
+except KeyboardInterrupt:
+    # Importing torch takes a second or more, long enough for a Ctrl-C.
+    print("Interrupted.", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())
