@@ -5,7 +5,7 @@ import sys
 try:
     from repair_core.cli import main
 except KeyboardInterrupt:
-    # Importing torch takes a second or more, long enough for a Ctrl-C.
+    # Importing torch can take a second or more, long enough for a Ctrl-C.
     print("Interrupted.", file=sys.stderr)
     sys.exit(130)
 

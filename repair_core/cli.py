@@ -879,7 +879,7 @@ def _command_bench(args: argparse.Namespace) -> dict[str, Any]:
     if (
         args.mnist_root is not None
         and 6 in experiments
-        and not (Path(args.mnist_root) / "MNIST" / "raw").is_dir()
+        and not benchmark.mnist_available(args.mnist_root)
     ):
         raise RepairError(
             f"No MNIST/raw folder under --mnist-root {args.mnist_root!r}. Point it "

@@ -45,6 +45,10 @@ from repair_core.treatments.newton import apply_newton_step, newton_direction
 
 logger = logging.getLogger(__name__)
 
+MIN_REMAINING = 2
+"""Minimum number of training examples a removal leaves, because fine-tuning
+and retraining hold out at least one for validation and train on the rest."""
+
 #: (images (n, C, H, W), labels (n,)) of one data set.
 Data = tuple[torch.Tensor, torch.Tensor]
 
@@ -449,9 +453,9 @@ def removal_curve(
         train: training images (N, C, H, W) and labels (N,).
         test: test images and labels.
         split: the failure split of θ̂ on ``test``.
-        ks: numbers of removed examples. A k above N - 2 is skipped with a
-            warning, since fine-tuning needs one example to train on and one
-            to validate on.
+        ks: numbers of removed examples. A k above N - ``MIN_REMAINING`` is
+            skipped with a warning, since fine-tuning needs one example to
+            train on and one to validate on.
         seeds: fine-tuning seeds per k.
         train_config: fine-tuning settings.
 
@@ -474,20 +478,18 @@ def removal_curve(
     for k in ks:
         if k < 1:
             raise ConfigError(f"k {k} must be at least 1.")
-    # Fine-tuning holds out at least one example for validation and trains on
-    # the rest, so at least two have to remain.
-    max_k = n_train - 2
+    max_k = n_train - MIN_REMAINING
     kept_ks = [k for k in ks if k <= max_k]
     if not kept_ks:
         raise ConfigError(
-            f"Every k in {list(ks)} would leave fewer than 2 of the {n_train} "
-            f"training examples to fine-tune on. Choose ks up to {max_k}."
+            f"Every k in {list(ks)} would leave fewer than {MIN_REMAINING} of the "
+            f"{n_train} training examples to fine-tune on. Choose ks up to {max_k}."
         )
     for k in ks:
         if k > max_k:
             warnings.warn(
                 f"Skipping k = {k}: removing it from {n_train} training examples "
-                "would leave fewer than 2 to fine-tune on.",
+                f"would leave fewer than {MIN_REMAINING} to fine-tune on.",
                 stacklevel=2,
             )
 

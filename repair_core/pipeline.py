@@ -427,15 +427,22 @@ def load_run(
     )
 
 
-def load_failure_split(
+def check_failure_set_run(
     workspace: Workspace, run_id: str, failure_set_id: str
-) -> FailureSplit:
+) -> None:
+    """Raise ConfigError unless the failure set belongs to ``run_id``."""
     record = workspace.get_failure_set(failure_set_id)
     if record["run_id"] != run_id:
         raise ConfigError(
             f"Failure set {failure_set_id!r} belongs to run {record['run_id']!r}, "
             f"not {run_id!r}. Pass a failure set of this run."
         )
+
+
+def load_failure_split(
+    workspace: Workspace, run_id: str, failure_set_id: str
+) -> FailureSplit:
+    check_failure_set_run(workspace, run_id, failure_set_id)
     values = workspace.load_tensor(run_id, f"failure_sets/{failure_set_id}.pt")
     return FailureSplit(**values)
 
@@ -618,7 +625,7 @@ def scores_of_run(
     Raises:
         ConfigError: the scores belong to another run or failure set.
     """
-    load_failure_split(workspace, run.run_id, failure_set_id)
+    check_failure_set_run(workspace, run.run_id, failure_set_id)
     record = scores_record(workspace, run, scores_id)
     if record["failure_set_id"] != failure_set_id:
         raise ConfigError(
@@ -633,11 +640,6 @@ def scores_of_run(
 
 # Treatment -----------------------------------------------------------------
 
-
-MIN_REMAINING = 2
-"""Minimum number of training examples a top-k removal leaves, because
-fine-tuning and retraining hold out at least one for validation and train
-on the rest."""
 
 _CAUSE_OPTIONS = {
     "top_k": "--top-k",
@@ -667,6 +669,7 @@ def resolve_causes(
     Returns:
         (sorted int64 indices, a short description of where they came from)
     """
+    from repair_core.evaluation import MIN_REMAINING
     from repair_core.metrics import ranking
     from repair_core.treatments import read_causes_file, validate_causes
 

@@ -300,10 +300,10 @@ class Workspace:
             ).fetchone()
         if row is None:
             known = [r["id"] for r in self._list(table)]
-            hint = f" Known: {', '.join(known[:5])}" if known else ""
-            if len(known) > 5:
-                hint += f" and {len(known) - 5} more"
-            hint += "." if known else ""
+            hint = ""
+            if known:
+                more = f" and {len(known) - 5} more" if len(known) > 5 else ""
+                hint = f" Known: {', '.join(known[:5])}{more}."
             listing = shlex.join(
                 ["python", "-m", "repair_core", "runs", "--workspace", str(self.root)]
             )

@@ -109,7 +109,7 @@ def run_benchmark(
         if store.units.get(key, {}).get("status") == "done":
             logger.info("%s is done already", key)
             continue
-        if data_key == "mnist" and not _mnist_available(settings):
+        if data_key == "mnist" and not mnist_available(settings.mnist_root):
             reason = (
                 "no --mnist-root given"
                 if settings.mnist_root is None
@@ -135,7 +135,8 @@ def run_benchmark(
     return render_page(out)
 
 
-def _mnist_available(settings: BenchSettings) -> bool:
-    if settings.mnist_root is None:
+def mnist_available(root: str | Path | None) -> bool:
+    """Return whether ``root`` contains MNIST/raw in torchvision's layout."""
+    if root is None:
         return False
-    return (Path(settings.mnist_root) / "MNIST" / "raw").is_dir()
+    return (Path(root) / "MNIST" / "raw").is_dir()

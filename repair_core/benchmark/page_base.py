@@ -75,9 +75,9 @@ def sweep_by_gamma(
 def best_tradeoff_points(
     units: list[dict[str, Any]],
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """Return the γ of EWC-deletion and of Newton removal with the highest mean
-    F_h accuracy among those whose mean T\\F accuracy is at least
-    ``REMAINING_FLOOR``, or None for a treatment where no γ qualifies.
+    """Return the best sweep point of EWC-deletion and of Newton removal: the
+    γ with the highest mean F_h accuracy among those whose mean T\\F accuracy
+    is at least ``REMAINING_FLOOR``, or None where no γ qualifies.
 
     Each point has ``strength``, ``holdout_acc`` and ``remaining_acc``, the
     means over base seeds.
@@ -97,7 +97,7 @@ def best_tradeoff_points(
 
 
 def describe_point(point: dict[str, Any] | None) -> str:
-    """Describe a best trade-off point from ``best_tradeoff_points``."""
+    """Format a point from ``best_tradeoff_points`` as one line of text."""
     if point is None:
         return f"no γ keeps T\\F ≥ {REMAINING_FLOOR}"
     return (

@@ -202,8 +202,8 @@ class PublishedSections(PageBase):
             )
             facts.append(
                 f"{name}, the split: {share.text()} of the holdout failures F_h "
-                "have a true class among the flipped classes 1, 7, 6 and 9; "
-                f"the rest are ordinary errors of a model trained on {n_train} "
+                "have a true class among the flipped classes 1, 7, 6 and 9. "
+                f"The rest are ordinary errors of a model trained on {n_train} "
                 "images, which no removal of flipped labels is expected to fix."
             )
         ewc_records = results.identification("label-flip", data_key, "ewc-influence")
