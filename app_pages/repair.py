@@ -274,8 +274,8 @@ def action_section() -> None:
                 value=True,
                 key="repair_controls",
                 disabled=treatment not in TRAINING_TREATMENTS,
-                help="Only the training treatments (ewc-deletion, finetune, "
-                "retrain) run controls.",
+                help="Only the training treatments "
+                f"({', '.join(TRAINING_TREATMENTS)}) run controls.",
             )
     with left:
         config = settings_section(treatment, sweep=mode == "sweep")
@@ -466,7 +466,7 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
         st.caption(
             f"{accuracy_text} The controls run the same treatment with nothing "
             "removed and with as many random examples removed. Fixed and broken "
-            "examples below are those of the saved model (the first seed)."
+            "examples below are those of the treated model of the first seed."
         )
         path = ws.path(run.run_id, f"repairs/{repair_id}.pt")
         if path.is_file():

@@ -51,6 +51,8 @@ and retraining hold out at least one for validation and train on the rest."""
 
 #: (images (n, C, H, W), labels (n,)) of one data set.
 Data = tuple[torch.Tensor, torch.Tensor]
+#: Receives a name and a repaired model, and returns where it stored the model.
+StoreModel = Callable[[str, nn.Module], str]
 
 ACCURACY_KEYS = ("query_acc", "holdout_acc", "failure_acc", "remaining_acc", "test_acc")
 #: Per-run outcomes; the gain over the nothing-removed control covers these.
@@ -208,12 +210,14 @@ def repair_with_controls(
     train_config: TrainConfig | None = None,
     controls: Sequence[str] = CONTROLS,
     model_factory: Callable[[], nn.Module] | None = None,
+    store_model: StoreModel | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run a treatment once per seed, beside controls with the same protocol.
 
-    For the training treatments (EWC-deletion, fine-tuning, retraining) each
-    control in ``controls`` runs with the same settings and seeds:
+    For the training treatments (EWC-deletion, fine-tuning, retraining and
+    the fit of F_q with EWC-deletion) each control in ``controls`` runs with
+    the same settings and seeds:
     ``"nothing"`` removes no example and ``"random"`` removes |C| training
     examples drawn at random with the run's seed. Other treatments run
     without controls.
@@ -231,6 +235,9 @@ def repair_with_controls(
         train_config: optimiser settings of fine-tuning and retraining.
         controls: control arms to run, a subset of ``("nothing", "random")``.
         model_factory: builds an untrained network for retraining.
+        store_model: called with a name such as ``"random-seed1"`` and each
+            repaired model; what it returns is recorded as that run's
+            ``model_file``.
         progress: called with (fraction of runs done, message).
 
     Returns:
@@ -292,6 +299,8 @@ def repair_with_controls(
         comparison = compare(model, result.model, test_images, test_labels, split)
         record = _run_record(comparison, result.seconds)
         record.update(seed=seed, n_removed=len(removed), removed=removed.tolist())
+        if store_model is not None:
+            record["model_file"] = store_model(f"{arm}-seed{seed}", result.model)
         per_arm[arm].append(record)
         if arm == "treatment" and first_result is None:
             first_result = result
@@ -349,13 +358,16 @@ def sweep(
     config: TreatmentConfig | dict[str, Any] | None = None,
     fisher: dict[str, torch.Tensor] | None = None,
     train_config: TrainConfig | None = None,
+    store_model: StoreModel | None = None,
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Trace the trade-off between fixing failures and keeping the rest.
 
     The strength is γ for EWC-deletion and Newton removal (larger removes
     more) and the maximum number of epochs for fine-tuning. Newton removal
-    solves for its direction once and scales it for every γ.
+    solves for its direction once and scales it for every γ. ``store_model``
+    is called with a name such as ``"gamma-0.001"`` and each repaired model;
+    what it returns is recorded as the point's ``model_file``.
 
     Returns:
         One point per strength, in the given order: ``strength``, every
@@ -426,7 +438,10 @@ def sweep(
             )
             repaired, seconds = result.model, result.seconds
         comparison = compare(model, repaired, test_images, test_labels, split)
-        points.append({"strength": value, **_run_record(comparison, seconds)})
+        point = {"strength": value, **_run_record(comparison, seconds)}
+        if store_model is not None:
+            point["model_file"] = store_model(f"{field}-{value}", repaired)
+        points.append(point)
     if progress is not None:
         progress(1.0, f"{treatment}: sweep done")
     return points
@@ -442,6 +457,7 @@ def removal_curve(
     ks: Sequence[int] = (10, 30, 100, 300, 600, 1000),
     seeds: Sequence[int] = (0, 1, 2),
     train_config: TrainConfig | None = None,
+    store_model: StoreModel | None = None,
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Remove the k highest-scoring training examples and fine-tune on the rest.
@@ -458,6 +474,9 @@ def removal_curve(
             train on and one to validate on.
         seeds: fine-tuning seeds per k.
         train_config: fine-tuning settings.
+        store_model: called with a name such as ``"k300-seed0"`` and each
+            fine-tuned model; what it returns is recorded as that run's
+            ``model_file``.
 
     Returns:
         One entry per kept k: ``k``, ``mean``, ``std``, ``min`` and ``max`` of
@@ -517,7 +536,10 @@ def removal_curve(
                 train_config=train_config,
             )
             comparison = compare(model, result.model, test_images, test_labels, split)
-            runs.append({"seed": seed, **_run_record(comparison, result.seconds)})
+            run = {"seed": seed, **_run_record(comparison, result.seconds)}
+            if store_model is not None:
+                run["model_file"] = store_model(f"k{k}-seed{seed}", result.model)
+            runs.append(run)
         curve.append({"k": k, **summarise(runs), "per_seed": runs})
     if progress is not None:
         progress(1.0, "Removal curve done")

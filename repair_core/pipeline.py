@@ -7,9 +7,11 @@ never touch the workspace.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,6 +250,40 @@ def _store_run(
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+@contextlib.contextmanager
+def _stored_models(
+    workspace: Workspace,
+    run_id: str,
+    folder: str,
+    *,
+    main_name: str | None = None,
+    main_file: str | None = None,
+) -> Iterator[Any]:
+    """Yield a function that saves each model as ``<folder>/<name>.pt``.
+
+    The model named ``main_name`` goes to ``main_file`` instead. If the body
+    raises, every file saved so far is deleted, so a failed or interrupted
+    repair leaves nothing behind.
+    """
+    written: list[str] = []
+
+    def store(name: str, model: nn.Module) -> str:
+        relative = main_file if name == main_name else f"{folder}/{name}.pt"
+        workspace.save_tensor(run_id, relative, _cpu_state(model))
+        written.append(relative)
+        return relative
+
+    try:
+        yield store
+    except BaseException:
+        for relative in written:
+            workspace.path(run_id, relative).unlink(missing_ok=True)
+        directory = workspace.path(run_id, folder)
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+        raise
 
 
 def train_run(
@@ -759,40 +795,81 @@ def run_repair(
     """Repair the run's model, beside the controls, and store the result.
 
     The repaired model of the first seed is saved as
-    ``runs/<run_id>/repairs/<repair_id>.pt``.
+    ``runs/<run_id>/repairs/<repair_id>.pt``, and every other model, of each
+    seed and control arm, as ``repairs/<repair_id>/<arm>-seed<seed>.pt``.
+    Each ``per_seed`` record names its file in ``model_file``.
 
     Returns:
         The summary: ``repair_id``, ``treatment``, ``n_removed``, ``seconds``,
-        ``before`` and ``after`` (each with ``query_acc``, ``holdout_acc``,
-        ``remaining_acc``, ``test_acc``; ``after`` is the mean over seeds),
-        ``spread`` (their standard deviation), ``gain_over_nothing``,
-        ``controls`` (mean and spread of each control arm),
-        ``holdout_fixed_idx`` and ``remaining_broken_idx`` of the saved model.
+        ``gain_over_nothing``, ``before`` and ``after`` (each with
+        ``query_acc``, ``holdout_acc``, ``remaining_acc``, ``test_acc``;
+        ``after`` is the mean over seeds), ``spread`` (their standard
+        deviation), ``controls`` (mean and spread of each control arm),
+        ``per_seed`` records per arm, and ``holdout_fixed_idx`` and
+        ``remaining_broken_idx`` of the first treated model.
     """
-    from repair_core.evaluation import compare, repair_with_controls
+    from repair_core.evaluation import repair_with_controls
 
     started = time.perf_counter()
     inputs = _repair_inputs(workspace, run, failure_set_id)
     split = inputs["split"]
-    outcome = repair_with_controls(
-        treatment,
-        run.model,
-        inputs["train"],
-        causes,
-        inputs["test"],
-        split,
-        seeds=seeds,
-        config=config,
-        fisher=inputs["fisher"],
-        train_config=inputs["train_config"],
-        controls=controls,
-        model_factory=run.build_model,
-        progress=progress,
-    )
     repair_id = new_id("rp")
-    workspace.save_tensor(
-        run.run_id, f"repairs/{repair_id}.pt", _cpu_state(outcome["model"])
-    )
+    first_seed = seeds[0] if len(seeds) else None
+    with _stored_models(
+        workspace,
+        run.run_id,
+        f"repairs/{repair_id}",
+        main_name=f"treatment-seed{first_seed}",
+        main_file=f"repairs/{repair_id}.pt",
+    ) as store:
+        outcome = repair_with_controls(
+            treatment,
+            run.model,
+            inputs["train"],
+            causes,
+            inputs["test"],
+            split,
+            seeds=seeds,
+            config=config,
+            fisher=inputs["fisher"],
+            train_config=inputs["train_config"],
+            controls=controls,
+            model_factory=run.build_model,
+            store_model=store,
+            progress=progress,
+        )
+        return _store_repair(
+            workspace,
+            run,
+            outcome,
+            inputs,
+            repair_id=repair_id,
+            failure_set_id=failure_set_id,
+            scores_id=scores_id,
+            causes=causes,
+            causes_origin=causes_origin,
+            started=started,
+        )
+
+
+def _store_repair(
+    workspace: Workspace,
+    run: LoadedRun,
+    outcome: dict[str, Any],
+    inputs: dict[str, Any],
+    *,
+    repair_id: str,
+    failure_set_id: str,
+    scores_id: str | None,
+    causes: torch.Tensor,
+    causes_origin: str,
+    started: float,
+) -> dict[str, Any]:
+    """Summarise a finished repair, save its causes and add its record."""
+    from repair_core.evaluation import compare
+
+    split = inputs["split"]
+    treatment = outcome["treatment"]
     comparison = compare(run.model, outcome["model"], *inputs["test"], split)
     arms = outcome["arms"]
     keys = ("query_acc", "holdout_acc", "remaining_acc", "test_acc")
@@ -806,10 +883,10 @@ def run_repair(
         "n_removed": outcome["n_causes"],
         "seeds": list(outcome["seeds"]),
         "seconds": time.perf_counter() - started,
+        "gain_over_nothing": outcome["gain_over_nothing"],
         "before": {k: outcome["before"][k] for k in keys},
         "after": {k: arms["treatment"]["mean"][k] for k in keys},
         "spread": {k: arms["treatment"]["std"][k] for k in keys},
-        "gain_over_nothing": outcome["gain_over_nothing"],
         "controls": {
             arm: {"mean": values["mean"], "std": values["std"]}
             for arm, values in arms.items()
@@ -860,26 +937,59 @@ def run_sweep(
         ``treatment``, ``causes`` (``causes_origin``), ``n_removed``,
         ``strengths``, ``config`` (the resolved treatment settings) and
         ``points``, one per strength as from repair_core.evaluation.sweep.
+        Each point's model is saved as ``sweeps/<sweep_id>/<setting>-<value>.pt``
+        under the run folder and named in its ``model_file``.
     """
     from repair_core.evaluation import sweep
-    from repair_core.treatments import resolve_config, validate_causes
 
     inputs = _repair_inputs(workspace, run, failure_set_id)
-    points = sweep(
-        treatment,
-        run.model,
-        inputs["train"],
-        causes,
-        inputs["test"],
-        inputs["split"],
-        strengths=strengths,
-        config=config,
-        fisher=inputs["fisher"],
-        train_config=inputs["train_config"],
-        progress=progress,
-    )
+    sweep_id = new_id("sw")
+    with _stored_models(workspace, run.run_id, f"sweeps/{sweep_id}") as store:
+        points = sweep(
+            treatment,
+            run.model,
+            inputs["train"],
+            causes,
+            inputs["test"],
+            inputs["split"],
+            strengths=strengths,
+            config=config,
+            fisher=inputs["fisher"],
+            train_config=inputs["train_config"],
+            store_model=store,
+            progress=progress,
+        )
+        return _store_sweep(
+            workspace,
+            run,
+            sweep_id,
+            treatment,
+            causes,
+            failure_set_id=failure_set_id,
+            strengths=strengths,
+            causes_origin=causes_origin,
+            config=config,
+            points=points,
+        )
+
+
+def _store_sweep(
+    workspace: Workspace,
+    run: LoadedRun,
+    sweep_id: str,
+    treatment: str,
+    causes: torch.Tensor,
+    *,
+    failure_set_id: str,
+    strengths: list[float],
+    causes_origin: str,
+    config: Any,
+    points: list[dict[str, Any]],
+) -> dict[str, Any]:
+    from repair_core.treatments import resolve_config, validate_causes
+
     summary = {
-        "sweep_id": new_id("sw"),
+        "sweep_id": sweep_id,
         "run_id": run.run_id,
         "failure_set_id": failure_set_id,
         "treatment": treatment,
@@ -925,20 +1035,47 @@ def run_removal_curve(
     from repair_core.evaluation import removal_curve
 
     inputs = _repair_inputs(workspace, run, failure_set_id)
-    points = removal_curve(
-        scores_of_run(workspace, run, scores_id, failure_set_id),
-        run.model,
-        inputs["train"],
-        inputs["test"],
-        inputs["split"],
-        ks=ks,
-        seeds=seeds,
-        train_config=inputs["train_config"],
-        progress=progress,
-    )
+    scores = scores_of_run(workspace, run, scores_id, failure_set_id)
+    curve_id = new_id("rc")
+    with _stored_models(workspace, run.run_id, f"removal_curves/{curve_id}") as store:
+        points = removal_curve(
+            scores,
+            run.model,
+            inputs["train"],
+            inputs["test"],
+            inputs["split"],
+            ks=ks,
+            seeds=seeds,
+            train_config=inputs["train_config"],
+            store_model=store,
+            progress=progress,
+        )
+        return _store_removal_curve(
+            workspace,
+            run,
+            curve_id,
+            scores_id,
+            failure_set_id=failure_set_id,
+            ks=ks,
+            seeds=seeds,
+            points=points,
+        )
+
+
+def _store_removal_curve(
+    workspace: Workspace,
+    run: LoadedRun,
+    curve_id: str,
+    scores_id: str,
+    *,
+    failure_set_id: str,
+    ks: tuple[int, ...],
+    seeds: tuple[int, ...],
+    points: list[dict[str, Any]],
+) -> dict[str, Any]:
     run_ks = [int(point["k"]) for point in points]
     summary = {
-        "removal_curve_id": new_id("rc"),
+        "removal_curve_id": curve_id,
         "run_id": run.run_id,
         "failure_set_id": failure_set_id,
         "scores_id": scores_id,
@@ -960,16 +1097,68 @@ def run_removal_curve(
 
 
 def load_repaired_model(
-    workspace: Workspace, run: LoadedRun, repair_id: str
+    workspace: Workspace,
+    run: LoadedRun,
+    repair_id: str,
+    *,
+    arm: str = "treatment",
+    seed: int | None = None,
 ) -> nn.Module:
-    """Return the stored repaired model of ``repair_id``, on the run's device."""
+    """Return a stored model of ``repair_id``, on the run's device.
+
+    By default this is the treated model of the first seed. ``arm``
+    ("treatment", "nothing" or "random") and ``seed`` pick any other run of
+    the repair.
+    """
     record = workspace.get_repair(repair_id)
     if record["run_id"] != run.run_id:
         raise ConfigError(
             f"Repair {repair_id!r} belongs to run {record['run_id']!r}, not "
             f"{run.run_id!r}. Open that run first."
         )
+    relative = f"repairs/{repair_id}.pt"
+    if arm != "treatment" or seed is not None:
+        relative = _repair_model_file(record, arm, seed)
+    return load_model_file(workspace, run, relative, source=f"repair {repair_id!r}")
+
+
+def _repair_model_file(record: dict[str, Any], arm: str, seed: int | None) -> str:
+    repair_id = record["id"]
+    per_seed = record["metrics"].get("per_seed", {})
+    if arm not in per_seed:
+        raise ConfigError(
+            f"Repair {repair_id!r} has no {arm!r} arm. Choose one of "
+            f"{', '.join(per_seed)}."
+        )
+    runs = per_seed[arm]
+    seeds = [entry["seed"] for entry in runs]
+    chosen = (
+        runs[0]
+        if seed is None
+        else next((entry for entry in runs if entry["seed"] == seed), None)
+    )
+    if chosen is None:
+        raise ConfigError(
+            f"Repair {repair_id!r} ran no seed {seed}. Choose one of "
+            f"{', '.join(str(value) for value in seeds)}."
+        )
+    if "model_file" not in chosen:
+        raise ConfigError(
+            f"Repair {repair_id!r} kept only the treated model of its first seed. "
+            "Run the repair again to keep every model."
+        )
+    return chosen["model_file"]
+
+
+def load_model_file(
+    workspace: Workspace, run: LoadedRun, model_file: str, *, source: str = ""
+) -> nn.Module:
+    """Return the model saved as ``model_file`` in the run folder.
+
+    ``model_file`` is the path that repairs, sweep points and removal-curve
+    points record, relative to the run folder.
+    """
     model = run.build_model()
-    state = workspace.load_tensor(run.run_id, f"repairs/{repair_id}.pt")
-    models.load_checked_state(model, state, source=f"repair {repair_id!r}")
+    state = workspace.load_tensor(run.run_id, model_file)
+    models.load_checked_state(model, state, source=source or repr(model_file))
     return model.to(run.device).eval()

@@ -408,6 +408,7 @@ def test_repair_top_k_with_controls(tiny_run, capsys):
         ("3\nseven\n", "Line 2 of"),
         ("3\n999999\n", "999999"),
         ("", "empty"),
+        ("".join(f"{index}\n" for index in range(300)), "cover all 300"),
     ],
 )
 def test_repair_bad_causes_file_stores_nothing(
@@ -441,6 +442,58 @@ def test_repair_bad_causes_file_stores_nothing(
     assert len(_run_json(capsys, ["runs", "--workspace", workspace, "--json"])) == (
         before
     )
+
+
+def test_repair_causes_positive(tiny_run, capsys):
+    workspace, run = tiny_run
+    scores = _run_json(
+        capsys,
+        [
+            "identify",
+            "--workspace",
+            workspace,
+            "--run",
+            run["run_id"],
+            "--method",
+            "ewc-influence",
+            "--json",
+        ],
+    )
+
+    summary = _run_json(
+        capsys,
+        [
+            "repair",
+            "--workspace",
+            workspace,
+            "--run",
+            run["run_id"],
+            "--scores",
+            scores["scores_id"],
+            "--causes",
+            "positive",
+            "--treatment",
+            "newton",
+            "--set",
+            "depth=20",
+            "--set",
+            "scale=50",
+            "--json",
+        ],
+    )
+
+    from repair_core.workspace import Workspace
+
+    stored = Workspace(workspace)
+    values = stored.load_tensor(run["run_id"], f"scores/{scores['scores_id']}.pt")
+    expected = torch.nonzero(values > 0).flatten()
+    causes = stored.load_tensor(
+        run["run_id"], f"repairs/{summary['repair_id']}_causes.pt"
+    )
+    assert 0 < len(expected) < len(values)
+    assert summary["n_removed"] == scores["n_positive"] == len(expected)
+    assert torch.equal(causes, expected)
+    assert summary["causes"] == f"positive scores of {scores['scores_id']}"
 
 
 def _count_repairs(workspace, run_id):

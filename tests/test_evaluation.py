@@ -131,6 +131,46 @@ def test_repair_with_controls_finetune():
     assert progress[-1] == 1.0
 
 
+def test_fit_and_delete_control_is_fit_alone():
+    problem = tiny_problem()
+    fit = {"max_steps": 20, "min_steps": 10, "lr": 1e-2}
+    combined, alone = {}, {}
+
+    def keeper(models):
+        def keep(name, model):
+            models[name] = torch.nn.utils.parameters_to_vector(model.parameters())
+            return name
+
+        return keep
+
+    common = {
+        "model": problem.model,
+        "train": (problem.train_images, problem.train_labels),
+        "causes": problem.flipped,
+        "test": (problem.test_images, problem.test_labels),
+        "split": problem.split,
+        "seeds": (0,),
+    }
+    report = repair_with_controls(
+        "fit-failures+ewc-deletion",
+        config={"fit": fit, "deletion": {"max_steps": 20}},
+        store_model=keeper(combined),
+        **common,
+    )
+    fitted = repair_with_controls(
+        "fit-failures", config={"fit": fit}, store_model=keeper(alone), **common
+    )
+
+    assert set(report["arms"]) == {"treatment", "nothing", "random"}
+    assert report["gain_over_nothing"] is not None
+    assert set(fitted["arms"]) == {"treatment"}
+    # With nothing to delete, the deletion step keeps θ̂ and only the fit runs.
+    assert torch.equal(combined["nothing-seed0"], alone["treatment-seed0"])
+    original = torch.nn.utils.parameters_to_vector(problem.model.parameters())
+    assert not torch.equal(combined["nothing-seed0"], original)
+    assert report["arms"]["nothing"]["per_seed"][0]["model_file"] == "nothing-seed0"
+
+
 def test_repair_with_controls_newton_has_no_controls():
     problem = tiny_problem()
 

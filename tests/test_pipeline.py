@@ -8,12 +8,14 @@ records of one test never show up in another.
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import torch
 
 from repair_core import pipeline
 from repair_core.errors import ConfigError
+from repair_core.evaluation import evaluate_model
 from repair_core.training import TrainConfig
 from repair_core.treatments import default_config
 from repair_core.workspace import Workspace
@@ -84,6 +86,124 @@ def test_run_sweep_stores_summary(ranked):
     assert [record["id"] for record in listed] == [summary["sweep_id"]]
 
 
+def _assert_measures(workspace, run, failure_set_id, model, record):
+    """Check that ``model`` reproduces the accuracies stored in ``record``."""
+    split = pipeline.load_failure_split(workspace, run.run_id, failure_set_id)
+    test = run.data.test
+    measured = evaluate_model(model, test.images, test.labels, split)
+    for key in ("query_acc", "remaining_acc", "test_acc"):
+        assert measured[key] == pytest.approx(record[key], abs=1e-12), key
+
+
+def _files(workspace, run, folder):
+    directory = workspace.path(run.run_id, folder)
+    if not directory.is_dir():
+        return set()
+    return {path.relative_to(directory) for path in directory.rglob("*")}
+
+
+def test_sweep_keeps_each_point_model(ranked):
+    workspace, run, failure_set_id, scores_id = ranked
+    causes, _ = pipeline.resolve_causes(
+        workspace, run, failure_set_id=failure_set_id, scores_id=scores_id, top_k=10
+    )
+
+    summary = pipeline.run_sweep(
+        workspace,
+        run,
+        "newton",
+        causes,
+        failure_set_id=failure_set_id,
+        strengths=[0.5, 8.0],
+        config={"depth": 20, "scale": 50.0},
+    )
+
+    files = [point["model_file"] for point in summary["points"]]
+    assert files == [
+        f"sweeps/{summary['sweep_id']}/gamma-0.5.pt",
+        f"sweeps/{summary['sweep_id']}/gamma-8.0.pt",
+    ]
+    models = [pipeline.load_model_file(workspace, run, file) for file in files]
+    for model, point in zip(models, summary["points"], strict=True):
+        _assert_measures(workspace, run, failure_set_id, model, point)
+    first, second = (
+        torch.nn.utils.parameters_to_vector(model.parameters()) for model in models
+    )
+    assert not torch.equal(first, second)
+
+
+def test_repair_keeps_every_arm_and_seed(ranked):
+    workspace, run, failure_set_id, scores_id = ranked
+    causes, _ = pipeline.resolve_causes(
+        workspace, run, failure_set_id=failure_set_id, scores_id=scores_id, top_k=10
+    )
+
+    summary = pipeline.run_repair(
+        workspace,
+        run,
+        "finetune",
+        causes,
+        failure_set_id=failure_set_id,
+        scores_id=scores_id,
+        seeds=(0, 1),
+    )
+
+    repair_id = summary["repair_id"]
+    assert list(summary["per_seed"]) == ["treatment", "nothing", "random"]
+    for arm, records in summary["per_seed"].items():
+        assert [record["seed"] for record in records] == [0, 1]
+        for record in records:
+            model = pipeline.load_repaired_model(
+                workspace, run, repair_id, arm=arm, seed=record["seed"]
+            )
+            _assert_measures(workspace, run, failure_set_id, model, record)
+    # The first treated model is also the repair's main checkpoint.
+    assert summary["per_seed"]["treatment"][0]["model_file"] == (
+        f"repairs/{repair_id}.pt"
+    )
+    assert _files(workspace, run, f"repairs/{repair_id}") == {
+        pathlib.Path(name)
+        for name in (
+            "treatment-seed1.pt",
+            "nothing-seed0.pt",
+            "nothing-seed1.pt",
+            "random-seed0.pt",
+            "random-seed1.pt",
+        )
+    }
+    with pytest.raises(ConfigError, match="ran no seed 5. Choose one of 0, 1"):
+        pipeline.load_repaired_model(workspace, run, repair_id, seed=5)
+    with pytest.raises(ConfigError, match="has no 'control' arm"):
+        pipeline.load_repaired_model(workspace, run, repair_id, arm="control")
+
+
+def test_interrupted_repair_leaves_no_files(ranked):
+    workspace, run, failure_set_id, scores_id = ranked
+    causes, _ = pipeline.resolve_causes(
+        workspace, run, failure_set_id=failure_set_id, scores_id=scores_id, top_k=10
+    )
+    before = _files(workspace, run, "repairs")
+
+    def interrupt_at_random_arm(fraction, message):
+        if "random arm" in message:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_repair(
+            workspace,
+            run,
+            "finetune",
+            causes,
+            failure_set_id=failure_set_id,
+            scores_id=scores_id,
+            seeds=(0,),
+            progress=interrupt_at_random_arm,
+        )
+
+    assert _files(workspace, run, "repairs") == before
+    assert workspace.list_repairs(run.run_id, failure_set_id=failure_set_id) == []
+
+
 def test_failed_sweep_stores_nothing(ranked):
     workspace, run, failure_set_id, scores_id = ranked
     causes, _ = pipeline.resolve_causes(
@@ -116,6 +236,11 @@ def test_run_removal_curve_stores_summary(ranked):
         )
 
     assert [point["k"] for point in summary["points"]] == [5]
+    (run_record,) = summary["points"][0]["per_seed"]
+    model_file = run_record["model_file"]
+    assert model_file == f"removal_curves/{summary['removal_curve_id']}/k5-seed0.pt"
+    model = pipeline.load_model_file(workspace, run, model_file)
+    _assert_measures(workspace, run, failure_set_id, model, run_record)
     stored = Workspace(workspace.root).get_removal_curve(summary["removal_curve_id"])
     assert stored["run_id"] == run.run_id
     assert stored["failure_set_id"] == failure_set_id

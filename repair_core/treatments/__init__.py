@@ -70,9 +70,16 @@ TREATMENTS = (
     "fit-failures+ewc-deletion",
 )
 
-#: Treatments that run an optimiser over many steps, so their results vary
-#: with the seed and are reported beside nothing-removed and random controls.
-TRAINING_TREATMENTS = ("ewc-deletion", "finetune", "retrain")
+#: Treatments that remove C with an optimiser over many steps, so their
+#: results vary with the seed and are reported beside nothing-removed and
+#: random controls. For fit-failures+ewc-deletion the nothing-removed control
+#: is the fit of F_q alone.
+TRAINING_TREATMENTS = (
+    "ewc-deletion",
+    "finetune",
+    "retrain",
+    "fit-failures+ewc-deletion",
+)
 
 CONFIG_CLASSES: dict[str, type[TreatmentConfig]] = {
     "ewc-deletion": EWCDeletionConfig,
