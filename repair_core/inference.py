@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from repair_core.errors import ConfigError
+
 EVAL_BATCH_SIZE = 512
 
 
@@ -22,6 +24,22 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, mode in modes.items():
             module.train(mode)
+
+
+def check_finite_images(images: torch.Tensor, name: str) -> None:
+    """Raise ConfigError naming the first of ``images`` with a NaN or infinity.
+
+    ``name`` says which set the images are, such as "Training image".
+    """
+    if not images.is_floating_point() or len(images) == 0:
+        return
+    bad = torch.nonzero(~torch.isfinite(images.reshape(len(images), -1)).all(1))
+    if len(bad):
+        more = f", and so do {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ConfigError(
+            f"{name} {bad[0].item()} contains NaN or infinite values{more}. "
+            "Repair or drop those images first."
+        )
 
 
 def model_device(model: nn.Module) -> torch.device:

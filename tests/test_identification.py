@@ -1,3 +1,4 @@
+import copy
 import weakref
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from repair_core.errors import ConfigError, DivergenceError
 from repair_core.identification import (
     METHODS,
+    EWCInfluenceConfig,
     IdentificationContext,
     default_config,
     identify,
@@ -109,6 +111,27 @@ def query_gradient(model, qx, qy):
         return flatten(summed_log_likelihood_gradient(model, qx, qy))
 
 
+@pytest.mark.parametrize("method", FAST_METHODS)
+def test_nan_training_image_is_named(trained, method):
+    model, x, y, qx, qy, context = trained
+    bad = x.clone()
+    bad[3, 0, 1, 1] = float("nan")
+    bad[7] = float("inf")
+
+    with pytest.raises(ConfigError, match="Training image 3 .* so do 1 more"):
+        identify(method, model, bad, y, qx, qy, small_config(method), context=context)
+
+
+def test_non_finite_output_raises(trained):
+    model, x, y, qx, qy, context = trained
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("inf"))
+
+    with pytest.raises(FloatingPointError, match="non-finite scores out of 48"):
+        identify("training-loss", broken, x, y, qx, qy, context=context)
+
+
 def test_lissa_divergence_names_scale_and_step(trained):
     model, x, y, qx, qy, _ = trained
     g = query_gradient(model, qx, qy)
@@ -122,6 +145,18 @@ def test_found_scale_does_not_diverge(trained):
     scale = find_lissa_scale(model, x, y, g, start=0.01, probe_depth=50, batch_size=16)
     estimate = lissa(model, x, y, g, scale=scale, damping=0.01, depth=50, batch_size=16)
     assert torch.isfinite(estimate).all()
+
+
+def test_found_scale_is_smallest_stable(trained):
+    model, x, y, qx, qy, _ = trained
+    g = query_gradient(model, qx, qy)
+    probe = {"damping": 0.01, "depth": 50, "batch_size": 16}
+
+    scale = find_lissa_scale(model, x, y, g, start=0.01, probe_depth=50, batch_size=16)
+
+    assert scale > 0.01
+    with pytest.raises(DivergenceError):
+        lissa(model, x, y, g, scale=scale / 2, **probe)
 
 
 def test_lissa_keeps_no_graph(trained):
@@ -218,6 +253,22 @@ def test_unknown_method_and_wrong_config(trained):
         identify("shapley", model, x, y, qx, qy)
     with pytest.raises(ConfigError, match="takes a"):
         identify("tracin", model, x, y, qx, qy, default_config("random"))
+    with pytest.raises(ConfigError, match="Unknown setting 'steps' for EWCInf"):
+        identify("ewc-influence", model, x, y, qx, qy, {"steps": 5})
+
+
+def test_config_dict_matches_dataclass(trained):
+    model, x, y, qx, qy, _ = trained
+    settings = {"max_steps": 20, "min_steps": 10, "seed": 4}
+
+    from_dict = identify("ewc-influence", model, x, y, qx, qy, settings)
+    from_class = identify(
+        "ewc-influence", model, x, y, qx, qy, EWCInfluenceConfig(**settings)
+    )
+
+    assert torch.equal(from_dict.scores, from_class.scores)
+    assert from_dict.config == from_class.config
+    assert from_dict.seed == 4
 
 
 def test_progress_reaches_one(trained):

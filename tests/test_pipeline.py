@@ -177,6 +177,44 @@ def test_repair_keeps_every_arm_and_seed(ranked):
         pipeline.load_repaired_model(workspace, run, repair_id, arm="control")
 
 
+def test_repair_reuses_stored_fisher(ranked, monkeypatch):
+    workspace, run, failure_set_id, _ = ranked
+    scores = pipeline.run_identification(
+        workspace,
+        run,
+        "ewc-influence",
+        failure_set_id=failure_set_id,
+        config={"max_steps": 20, "min_steps": 10},
+    )
+    assert workspace.path(run.run_id, "fisher.pt").is_file()
+    causes, _ = pipeline.resolve_causes(
+        workspace,
+        run,
+        failure_set_id=failure_set_id,
+        scores_id=scores["scores_id"],
+        top_k=10,
+    )
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("the Fisher was computed again")
+
+    # Every place a treatment could compute the Fisher over D.
+    monkeypatch.setattr("repair_core.evaluation.diagonal_fisher", no_recompute)
+    monkeypatch.setattr("repair_core.treatments.diagonal_fisher", no_recompute)
+    summary = pipeline.run_repair(
+        workspace,
+        run,
+        "ewc-deletion",
+        causes,
+        failure_set_id=failure_set_id,
+        scores_id=scores["scores_id"],
+        config={"max_steps": 20},
+        seeds=(0,),
+    )
+
+    assert summary["n_removed"] == 10
+
+
 def test_interrupted_repair_leaves_no_files(ranked):
     workspace, run, failure_set_id, scores_id = ranked
     causes, _ = pipeline.resolve_causes(

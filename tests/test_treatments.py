@@ -491,6 +491,26 @@ def test_validate_causes_rejects_bad_input(causes, message):
         validate_causes(causes, 10)
 
 
+@pytest.mark.parametrize("treatment", ["finetune", "newton"])
+def test_repair_names_nan_training_image(treatment):
+    problem = tiny_problem()
+    state = _state(problem.model)
+    images = problem.train_images.clone()
+    images[5] = float("nan")
+
+    with pytest.raises(ConfigError, match="Training image 5 contains NaN"):
+        repair(
+            treatment,
+            problem.model,
+            images,
+            problem.train_labels,
+            problem.flipped,
+            problem.query_images,
+            problem.query_labels,
+        )
+    _assert_same_state(problem.model, state)
+
+
 def test_read_causes_file(tmp_path):
     path = tmp_path / "causes.txt"
     path.write_text("4\n\n 2 \n")

@@ -51,7 +51,7 @@ from repair_core.identification.sgd_influence import (
     score_sgd_influence,
 )
 from repair_core.identification.tracin import TracInConfig, score_tracin
-from repair_core.inference import eval_mode, model_device
+from repair_core.inference import check_finite_images, eval_mode, model_device
 from repair_core.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -188,6 +188,19 @@ def _check_data(
             f"{len(query_images)} query images but {len(query_labels)} labels. "
             "Pass one label per failure."
         )
+    check_finite_images(train_images, "Training image")
+    check_finite_images(query_images, "Query image")
+
+
+def _config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
+    known = {entry.name for entry in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"Unknown setting {unknown[0]!r} for {config_class.__name__}. Use one "
+            f"of {', '.join(sorted(known))}."
+        )
+    return config_class(**values)
 
 
 def _config_json(config: Any) -> dict:
@@ -222,7 +235,8 @@ def identify(
         train_labels: training labels as trained on, shape (N,).
         query_images: the failures F_q, shape (M, C, H, W).
         query_labels: their true labels, shape (M,).
-        config: the method's config dataclass; ``default_config(method)`` when None.
+        config: the method's config dataclass, a dict of its settings, or
+            None for ``default_config(method)``.
         context: checkpoints, trajectory, ground truth and so on that some
             methods need.
         progress: called with (fraction done, message).
@@ -237,6 +251,8 @@ def identify(
     """
     spec = _spec(method)
     config = default_config(method) if config is None else config
+    if isinstance(config, dict):
+        config = _config_from_dict(spec.config_class, config)
     if not isinstance(config, spec.config_class):
         raise ConfigError(
             f"Method {method!r} takes a {spec.config_class.__name__}, not "

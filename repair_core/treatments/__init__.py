@@ -24,6 +24,7 @@ from torch import nn
 
 from repair_core.errors import ConfigError
 from repair_core.fisher import diagonal_fisher
+from repair_core.inference import check_finite_images
 from repair_core.progress import Progress
 from repair_core.training import TrainConfig
 from repair_core.treatments.base import (
@@ -153,6 +154,8 @@ def apply_treatment(
     Unlike :func:`repair`, ``causes`` may be empty: that is the
     nothing-removed control, which still fine-tunes or retrains on all of D.
     """
+    check_finite_images(train_images, "Training image")
+    check_finite_images(query_images, "Query image")
     causes = causes.long().cpu()
     n_train = len(train_labels)
     start = time.perf_counter()
