@@ -63,16 +63,7 @@ def test_method_returns_finite_scores(trained, method):
     assert result.method == method
 
 
-@pytest.mark.parametrize(
-    "method",
-    [
-        "tracin",
-        "confident-learning",
-        "random",
-        "linear-influence-lissa",
-        "sgd-influence",
-    ],
-)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_same_seed_same_scores(trained, method):
     model, x, y, qx, qy, context = trained
     first = identify(method, model, x, y, qx, qy, small_config(method), context=context)
@@ -82,28 +73,55 @@ def test_same_seed_same_scores(trained, method):
     assert torch.equal(first.scores, second.scores)
 
 
-@pytest.mark.parametrize("method", FAST_METHODS)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_train_mode_gives_eval_scores(trained, method):
     model, x, y, qx, qy, context = trained
     model.eval()
-    expected = identify(method, model, x, y, qx, qy, small_config(method)).scores
+    config = small_config(method)
+    expected = identify(method, model, x, y, qx, qy, config, context=context)
     model.train()
     model.norm.eval()
-    scores = identify(method, model, x, y, qx, qy, small_config(method)).scores
-    assert torch.allclose(scores, expected, atol=1e-6)
+    scores = identify(method, model, x, y, qx, qy, config, context=context).scores
+    assert torch.allclose(scores, expected.scores, atol=1e-6)
     assert model.training
     assert not model.norm.training
     assert model.drop.training
 
 
-@pytest.mark.parametrize("method", FAST_METHODS + ("linear-influence-lissa",))
-def test_frozen_first_layer(method):
-    x, y = tiny_images(32)
+def frozen_cnn():
     model = tiny_cnn()
     model.conv.weight.requires_grad_(False)
     model.conv.bias.requires_grad_(False)
-    result = identify(method, model, x, y, x[:4], y[:4], small_config(method))
+    return model
+
+
+@pytest.fixture(scope="module")
+def frozen():
+    """A network trained with its first layer frozen, with its context."""
+    x, y = tiny_images(32)
+    model = frozen_cnn()
+    first_layer = model.conv.weight.detach().clone()
+    train_config = TrainConfig(max_epochs=2, batch_size=16, record_trajectory=True)
+    result = train_model(model, x, y, train_config)
+    assert torch.equal(model.conv.weight, first_layer)
+    context = IdentificationContext(
+        checkpoints=[state for _, state in result.checkpoints],
+        trajectory=result.trajectory,
+        corrupted_mask=torch.arange(32) % 4 == 0,
+        model_factory=frozen_cnn,
+        train_config=train_config,
+    )
+    return model, x, y, context
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_frozen_first_layer(frozen, method):
+    model, x, y, context = frozen
+    result = identify(
+        method, model, x, y, x[:4], y[:4], small_config(method), context=context
+    )
     assert torch.isfinite(result.scores).all()
+    assert not model.conv.weight.requires_grad
 
 
 def query_gradient(model, qx, qy):
