@@ -94,7 +94,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         "(default: all)",
     )
     group.add_argument(
-        "--data-seed", type=int, default=0, help="seed of the train/test split"
+        "--data-seed", type=_seed, default=0, help="seed of the train/test split"
     )
     group = parser.add_argument_group("noise scenario")
     group.add_argument(
@@ -137,7 +137,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="seed of noise and model")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of noise and model")
     parser.add_argument(
         "--query-fraction",
         type=float,
@@ -516,7 +516,9 @@ def _command_train(args: argparse.Namespace) -> dict[str, Any]:
         val_fraction=args.val_fraction,
         record_trajectory=args.record_trajectory,
     )
-    summary = train_run(Workspace(args.workspace), config, progress=_print_epoch)
+    workspace = Workspace(args.workspace)
+    workspace.check_writable()
+    summary = train_run(workspace, config, progress=_print_epoch)
     summary.pop("history", None)
     return summary
 
@@ -525,7 +527,9 @@ def _command_import(args: argparse.Namespace) -> dict[str, Any]:
     from repair_core.pipeline import import_run
 
     config = _run_config(args)
-    return import_run(Workspace(args.workspace), config, args.checkpoint)
+    workspace = Workspace(args.workspace)
+    workspace.check_writable()
+    return import_run(workspace, config, args.checkpoint)
 
 
 def _run_records(workspace: Workspace, run_id: str) -> dict[str, Any]:
@@ -583,7 +587,25 @@ def _command_runs(args: argparse.Namespace) -> dict[str, Any]:
     return {"workspace": str(workspace.root), "runs": runs}
 
 
-def _parse_list(text: str, kind: type, option: str) -> list:
+MAX_SEED = 2**63 - 1
+
+
+def _seed(text: str) -> int:
+    """Read a seed that torch's generators accept: an integer in 0..2**63 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seed {text!r} is not an integer; give a whole number such as 0"
+        ) from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"seed {value} is outside 0..{MAX_SEED}; choose a smaller seed"
+        )
+    return value
+
+
+def _parse_list(text: str, kind: Any, option: str) -> list:
     parts = [part.strip() for part in text.split(",")]
     if parts == [""]:
         raise RepairError(f"{option} is empty. Give at least one value.")
@@ -591,6 +613,8 @@ def _parse_list(text: str, kind: type, option: str) -> list:
         if "" in parts:
             raise ValueError("empty entry")
         values = [kind(part) for part in parts]
+    except argparse.ArgumentTypeError as error:
+        raise RepairError(f"Invalid {option} {text!r}: {error}.") from error
     except ValueError as error:
         raise RepairError(
             f"Invalid {option} {text!r}: give {kind.__name__} values separated by "
@@ -665,6 +689,7 @@ def _open_run(args: argparse.Namespace):
             "of the two."
         )
     workspace = Workspace(args.workspace, create=False)
+    workspace.check_writable()
     run = load_run(workspace, args.run, device=args.device)
     failure_set_id = args.failure_set
     scores_id = getattr(args, "scores", None)
@@ -784,7 +809,7 @@ def _command_repair(args: argparse.Namespace) -> dict[str, Any]:
         scores_id=args.scores,
         causes_origin=origin,
         config=config,
-        seeds=tuple(_parse_list(args.seeds, int, "--seeds")),
+        seeds=tuple(_parse_list(args.seeds, _seed, "--seeds")),
         controls=() if args.no_controls else ("nothing", "random"),
         progress=_ProgressPrinter(),
     )
@@ -830,7 +855,7 @@ def _command_removal_curve(args: argparse.Namespace) -> dict[str, Any]:
         args.scores,
         failure_set_id=failure_set_id,
         ks=tuple(_parse_list(args.ks, int, "--ks")),
-        seeds=tuple(_parse_list(args.seeds, int, "--seeds")),
+        seeds=tuple(_parse_list(args.seeds, _seed, "--seeds")),
         progress=_ProgressPrinter(),
     )
     summary["curve"] = summary.pop("points")

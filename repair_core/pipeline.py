@@ -731,7 +731,8 @@ def resolve_causes(
         # the repair records these scores as where its causes came from.
         scores = scores_of_run(workspace, run, scores_id, failure_set_id)
     if causes_file is not None:
-        return read_causes_file(causes_file, n_train), f"file {causes_file}"
+        causes = read_causes_file(causes_file, n_train)
+        return _leave_enough(causes, n_train, f"file {causes_file}")
     if confirmed:
         decisions = workspace.get_decisions(run.run_id, failure_set_id)
         indices = [i for i, d in decisions.items() if d == "confirmed"]
@@ -740,7 +741,8 @@ def resolve_causes(
                 f"No training example is confirmed for failure set {failure_set_id!r}. "
                 "Confirm culprits on the Causes page first, or use --top-k."
             )
-        return validate_causes(indices, n_train), "confirmed in review"
+        causes = validate_causes(indices, n_train)
+        return _leave_enough(causes, n_train, "confirmed in review")
 
     if scores_id is None:
         raise ConfigError(
@@ -754,7 +756,8 @@ def resolve_causes(
         )
     if positive:
         indices = torch.nonzero(scores > 0).flatten()
-        return validate_causes(indices, n_train), f"positive scores of {scores_id}"
+        causes = validate_causes(indices, n_train)
+        return _leave_enough(causes, n_train, f"positive scores of {scores_id}")
     if top_k < 1 or top_k > n_train - MIN_REMAINING:
         raise ConfigError(
             f"--top-k {top_k} must lie between 1 and {n_train - MIN_REMAINING}, so "
@@ -764,6 +767,21 @@ def resolve_causes(
     return validate_causes(ranking(scores)[:top_k], n_train), (
         f"top {top_k} of {scores_id}"
     )
+
+
+def _leave_enough(
+    causes: torch.Tensor, n_train: int, origin: str
+) -> tuple[torch.Tensor, str]:
+    """Return (causes, origin), or raise if too few training examples remain."""
+    from repair_core.evaluation import MIN_REMAINING
+
+    if n_train - len(causes) < MIN_REMAINING:
+        raise ConfigError(
+            f"The causes from {origin} name {len(causes)} of the {n_train} training "
+            f"examples, so fewer than {MIN_REMAINING} would remain: one to train on "
+            f"and one to validate on. Name at most {n_train - MIN_REMAINING}."
+        )
+    return causes, origin
 
 
 def _repair_inputs(

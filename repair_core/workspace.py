@@ -201,6 +201,24 @@ class Workspace:
         self.database_path = self.root / DATABASE_NAME
         self._initialise()
 
+    def check_writable(self) -> None:
+        """Raise WorkspaceError unless new files can be written in the folder.
+
+        Commands that store results call this before they start work, so a
+        read-only workspace is reported before minutes of computation.
+        """
+        for folder in (self.root, self.root / "runs"):
+            if not folder.is_dir():
+                continue
+            try:
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as error:
+                raise WorkspaceError(
+                    f"Workspace folder {str(folder)!r} is not writable ({error}). "
+                    "Make it writable, or choose another folder with --workspace."
+                ) from error
+
     # Database access -----------------------------------------------------
 
     @contextlib.contextmanager
@@ -214,6 +232,12 @@ class Workspace:
         except sqlite3.DatabaseError as error:
             if isinstance(error, sqlite3.IntegrityError):
                 raise
+            if "readonly" in str(error):
+                raise WorkspaceError(
+                    f"The workspace database {str(self.database_path)!r} is "
+                    f"read-only ({error}). Make the file and its folder writable, "
+                    "or choose another folder with --workspace."
+                ) from error
             raise WorkspaceError(
                 f"The workspace database {str(self.database_path)!r} could not be "
                 f"used: {error}. Point --workspace at another folder, or move this "

@@ -1,6 +1,8 @@
 """The command line: train, import and list runs, with JSON output and errors."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -409,6 +411,7 @@ def test_repair_top_k_with_controls(tiny_run, capsys):
         ("3\n999999\n", "999999"),
         ("", "empty"),
         ("".join(f"{index}\n" for index in range(300)), "cover all 300"),
+        ("".join(f"{index}\n" for index in range(299)), "Name at most 298"),
     ],
 )
 def test_repair_bad_causes_file_stores_nothing(
@@ -742,3 +745,48 @@ def test_identify_text_output_lines(tiny_run, capsys):
     assert len(found) == 1
     assert 0.0 <= float(found[0].split(":")[1]) <= 1.0
     assert not any("{" in line for line in lines)
+
+
+def _without_root_override() -> list[str]:
+    """Return a command prefix under which file permissions apply, even to root."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+
+
+def test_read_only_workspace_rejected_before_work(tiny_run, tmp_path):
+    workspace, run = tiny_run
+    copy = tmp_path / "read-only"
+    shutil.copytree(workspace, copy)
+    before = sorted(str(path) for path in copy.rglob("*"))
+    for path in [copy, *copy.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        argv = ["identify", "--workspace", str(copy), "--run", run["run_id"]]
+        result = subprocess.run(
+            [*_without_root_override(), sys.executable, "-m", "repair_core", *argv]
+            + ["--method", "random"],
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        for path in [copy, *copy.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+
+    assert result.returncode == 2
+    assert "is read-only" in result.stderr or "is not writable" in result.stderr
+    assert "--workspace" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(str(path) for path in copy.rglob("*")) == before
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", "-1"])
+def test_seed_outside_generator_range(tmp_path, capsys, seed):
+    argv = ["train", "--workspace", str(tmp_path / "ws"), f"--seed={seed}"]
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+
+    assert stopped.value.code == 2
+    assert f"seed {int(seed)} is outside 0..{2**63 - 1}" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()
