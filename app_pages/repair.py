@@ -381,7 +381,11 @@ def gain_metrics(summary: dict[str, Any]) -> None:
             help=remaining_help,
         )
     else:
-        columns[0].metric("Gain over nothing removed", "no control")
+        columns[0].metric(
+            "Gain over nothing removed",
+            "no control",
+            help=summary.get("controls_note") or "The controls were turned off.",
+        )
     after, before = summary["after"], summary["before"]
     columns[2].metric(
         "F_h accuracy after",

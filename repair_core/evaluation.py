@@ -65,6 +65,14 @@ OUTCOME_KEYS = (
 #: Per-run figures that are averaged over seeds: the outcomes and wall time.
 METRIC_KEYS = (*OUTCOME_KEYS, "seconds")
 CONTROLS = ("nothing", "random")
+#: Why a treatment outside TRAINING_TREATMENTS runs without controls.
+NO_CONTROLS = {
+    "newton": "newton takes one step along a solved direction instead of "
+    "training, so it runs without the nothing-removed and random-removal "
+    "controls.",
+    "fit-failures": "fit-failures removes nothing, so it runs without the "
+    "nothing-removed and random-removal controls.",
+}
 SWEEPABLE = {"ewc-deletion": "gamma", "newton": "gamma", "finetune": "max_epochs"}
 #: Strengths swept when none are given. EWC-deletion's γ spans decades
 #: because the Fisher term only keeps the parameters near θ̂ when γ is far
@@ -247,7 +255,8 @@ def repair_with_controls(
         (accuracies of θ̂), ``arms`` (per arm ``mean``, ``std``, ``min``,
         ``max`` of every metric and ``per_seed`` records), ``model`` (the
         repaired model of the first seed) and ``result`` (its RepairResult).
-        ``gain_over_nothing`` is None without a nothing-removed arm.
+        ``gain_over_nothing`` is None without a nothing-removed arm, and
+        ``controls_note`` says why a treatment ran without its controls.
     """
     train_images, train_labels = train
     test_images, test_labels = test
@@ -260,10 +269,12 @@ def repair_with_controls(
             f"Unknown control {unknown[0]!r}. Use any of {', '.join(CONTROLS)}."
         )
     arms = ["treatment"]
+    controls_note = None
     if treatment in TRAINING_TREATMENTS:
         arms += list(controls)
     elif controls:
-        logger.info("%s does not train, so it runs without controls", treatment)
+        controls_note = NO_CONTROLS[treatment]
+        logger.info(controls_note)
     if fisher is None and _needs_fisher(treatment):
         fisher = diagonal_fisher(model, train_images, train_labels)
 
@@ -314,6 +325,7 @@ def repair_with_controls(
     before.pop("predictions")
     return {
         "gain_over_nothing": _gain(per_arm) if "nothing" in per_arm else None,
+        "controls_note": controls_note,
         "treatment": treatment,
         "n_causes": len(checked),
         "seeds": seeds,

@@ -898,10 +898,12 @@ def _store_repair(
         "scores_id": scores_id,
         "treatment": treatment,
         "causes": causes_origin,
-        "n_removed": outcome["n_causes"],
+        # fit-failures records C but fits F_q without removing anything.
+        "n_removed": 0 if treatment == "fit-failures" else outcome["n_causes"],
         "seeds": list(outcome["seeds"]),
         "seconds": time.perf_counter() - started,
         "gain_over_nothing": outcome["gain_over_nothing"],
+        "controls_note": outcome["controls_note"],
         "before": {k: outcome["before"][k] for k in keys},
         "after": {k: arms["treatment"]["mean"][k] for k in keys},
         "spread": {k: arms["treatment"]["std"][k] for k in keys},

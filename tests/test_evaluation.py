@@ -164,6 +164,8 @@ def test_fit_and_delete_control_is_fit_alone():
     assert set(report["arms"]) == {"treatment", "nothing", "random"}
     assert report["gain_over_nothing"] is not None
     assert set(fitted["arms"]) == {"treatment"}
+    assert fitted["controls_note"].startswith("fit-failures removes nothing")
+    assert report["controls_note"] is None
     # With nothing to delete, the deletion step keeps θ̂ and only the fit runs.
     assert torch.equal(combined["nothing-seed0"], alone["treatment-seed0"])
     original = torch.nn.utils.parameters_to_vector(problem.model.parameters())
@@ -187,6 +189,7 @@ def test_repair_with_controls_newton_has_no_controls():
 
     assert set(report["arms"]) == {"treatment"}
     assert report["gain_over_nothing"] is None
+    assert "newton takes one step" in report["controls_note"]
     assert report["arms"]["treatment"]["std"]["test_acc"] == 0.0
 
 

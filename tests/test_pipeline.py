@@ -215,6 +215,28 @@ def test_repair_reuses_stored_fisher(ranked, monkeypatch):
     assert summary["n_removed"] == 10
 
 
+def test_fit_failures_reports_nothing_removed(ranked):
+    workspace, run, failure_set_id, scores_id = ranked
+    causes, _ = pipeline.resolve_causes(
+        workspace, run, failure_set_id=failure_set_id, scores_id=scores_id, top_k=10
+    )
+
+    summary = pipeline.run_repair(
+        workspace,
+        run,
+        "fit-failures",
+        causes,
+        failure_set_id=failure_set_id,
+        scores_id=scores_id,
+        config={"fit": {"max_steps": 20, "min_steps": 10}},
+        seeds=(0,),
+    )
+
+    assert summary["n_removed"] == 0
+    assert summary["controls"] == {}
+    assert summary["controls_note"].startswith("fit-failures removes nothing")
+
+
 def test_interrupted_repair_leaves_no_files(ranked):
     workspace, run, failure_set_id, scores_id = ranked
     causes, _ = pipeline.resolve_causes(
