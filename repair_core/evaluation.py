@@ -65,7 +65,7 @@ OUTCOME_KEYS = (
 #: Per-run figures that are averaged over seeds: the outcomes and wall time.
 METRIC_KEYS = (*OUTCOME_KEYS, "seconds")
 CONTROLS = ("nothing", "random")
-#: Why a treatment outside TRAINING_TREATMENTS runs without controls.
+#: The reason each treatment outside TRAINING_TREATMENTS runs without controls.
 NO_CONTROLS = {
     "newton": "newton takes one step along a solved direction instead of "
     "training, so it runs without the nothing-removed and random-removal "

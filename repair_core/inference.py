@@ -29,7 +29,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 def check_finite_images(images: torch.Tensor, name: str) -> None:
     """Raise ConfigError naming the first of ``images`` with a NaN or infinity.
 
-    ``name`` says which set the images are, such as "Training image".
+    ``name`` names the set in the message, such as "Training image".
     """
     if not images.is_floating_point() or len(images) == 0:
         return

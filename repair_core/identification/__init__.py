@@ -22,7 +22,11 @@ import torch
 from torch import nn
 
 from repair_core.errors import ConfigError
-from repair_core.identification.base import IdentificationContext, ScoreResult
+from repair_core.identification.base import (
+    IdentificationContext,
+    ScoreResult,
+    settings_from_dict,
+)
 from repair_core.identification.baselines import (
     OracleConfig,
     RandomConfig,
@@ -192,17 +196,6 @@ def _check_data(
     check_finite_images(query_images, "Query image")
 
 
-def _config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
-    known = {entry.name for entry in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"Unknown setting {unknown[0]!r} for {config_class.__name__}. Use one "
-            f"of {', '.join(sorted(known))}."
-        )
-    return config_class(**values)
-
-
 def _config_json(config: Any) -> dict:
     resolved = dataclasses.asdict(config)
     json.dumps(resolved)
@@ -252,7 +245,7 @@ def identify(
     spec = _spec(method)
     config = default_config(method) if config is None else config
     if isinstance(config, dict):
-        config = _config_from_dict(spec.config_class, config)
+        config = settings_from_dict(spec.config_class, config)
     if not isinstance(config, spec.config_class):
         raise ConfigError(
             f"Method {method!r} takes a {spec.config_class.__name__}, not "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +32,18 @@ if TYPE_CHECKING:
 def option(default: Any, help: str) -> Any:
     """Declare a config dataclass field with help text in its metadata."""
     return field(default=default, metadata={"help": help})
+
+
+def settings_from_dict(config_class: type, values: dict[str, Any]) -> Any:
+    """Build ``config_class`` from a dict, rejecting an unknown key by name."""
+    known = {entry.name for entry in fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"Unknown setting {unknown[0]!r} for {config_class.__name__}. Use one "
+            f"of {', '.join(sorted(known))}."
+        )
+    return config_class(**values)
 
 
 @dataclass

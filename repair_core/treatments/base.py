@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from repair_core.errors import ConfigError
 from repair_core.fisher import LogLikelihood, categorical_log_likelihood
-from repair_core.identification.base import option
+from repair_core.identification.base import option, settings_from_dict
 from repair_core.inference import eval_mode, model_device
 from repair_core.progress import Progress
 
@@ -40,14 +40,7 @@ class TreatmentConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TreatmentConfig:
         """Build a config from a dict, rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"Unknown setting {unknown[0]!r} for {cls.__name__}. Use one of "
-                f"{', '.join(sorted(known))}."
-            )
-        return cls(**values)
+        return settings_from_dict(cls, values)
 
 
 @dataclass

@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from repair_core.errors import ConfigError
-from repair_core.identification.base import option
+from repair_core.identification.base import option, settings_from_dict
 from repair_core.identification.ewc_influence import (
     EWCInfluenceConfig,
     fit_failures_with_record,
@@ -41,14 +40,7 @@ logger = logging.getLogger(__name__)
 def _nested(cls: type, values: Any) -> Any:
     if not isinstance(values, dict):
         return values
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"Unknown setting {unknown[0]!r} for {cls.__name__}. Use one of "
-            f"{', '.join(sorted(known))}."
-        )
-    return cls(**values)
+    return settings_from_dict(cls, values)
 
 
 @dataclass
