@@ -54,6 +54,15 @@ def ranked(tiny):
     return workspace, run, failure_set_id, scores["scores_id"]
 
 
+def _top_ten(ranked) -> torch.Tensor:
+    """Return the 10 highest-scoring training indices of the ranked fixture."""
+    workspace, run, failure_set_id, scores_id = ranked
+    causes, _ = pipeline.resolve_causes(
+        workspace, run, failure_set_id=failure_set_id, scores_id=scores_id, top_k=10
+    )
+    return causes
+
+
 def test_run_sweep_stores_summary(ranked):
     workspace, run, failure_set_id, scores_id = ranked
     causes, origin = pipeline.resolve_causes(
@@ -104,9 +113,7 @@ def _files(workspace, run, folder):
 
 def test_sweep_keeps_each_point_model(ranked):
     workspace, run, failure_set_id, scores_id = ranked
-    causes, _ = pipeline.resolve_causes(
-        workspace, run, failure_set_id=failure_set_id, scores_id=scores_id, top_k=10
-    )
+    causes = _top_ten(ranked)
 
     summary = pipeline.run_sweep(
         workspace,
@@ -134,9 +141,7 @@ def test_sweep_keeps_each_point_model(ranked):
 
 def test_repair_keeps_every_arm_and_seed(ranked):
     workspace, run, failure_set_id, scores_id = ranked
-    causes, _ = pipeline.resolve_causes(
-        workspace, run, failure_set_id=failure_set_id, scores_id=scores_id, top_k=10
-    )
+    causes = _top_ten(ranked)
 
     summary = pipeline.run_repair(
         workspace,
@@ -217,9 +222,7 @@ def test_repair_reuses_stored_fisher(ranked, monkeypatch):
 
 def test_fit_failures_reports_nothing_removed(ranked):
     workspace, run, failure_set_id, scores_id = ranked
-    causes, _ = pipeline.resolve_causes(
-        workspace, run, failure_set_id=failure_set_id, scores_id=scores_id, top_k=10
-    )
+    causes = _top_ten(ranked)
 
     summary = pipeline.run_repair(
         workspace,
@@ -239,9 +242,7 @@ def test_fit_failures_reports_nothing_removed(ranked):
 
 def test_interrupted_repair_leaves_no_files(ranked):
     workspace, run, failure_set_id, scores_id = ranked
-    causes, _ = pipeline.resolve_causes(
-        workspace, run, failure_set_id=failure_set_id, scores_id=scores_id, top_k=10
-    )
+    causes = _top_ten(ranked)
     before = _files(workspace, run, "repairs")
 
     def interrupt_at_random_arm(fraction, message):
@@ -266,9 +267,7 @@ def test_interrupted_repair_leaves_no_files(ranked):
 
 def test_failed_sweep_stores_nothing(ranked):
     workspace, run, failure_set_id, scores_id = ranked
-    causes, _ = pipeline.resolve_causes(
-        workspace, run, failure_set_id=failure_set_id, scores_id=scores_id, top_k=10
-    )
+    causes = _top_ten(ranked)
 
     with pytest.raises(ConfigError, match="has no strength to sweep"):
         pipeline.run_sweep(
