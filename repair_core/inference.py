@@ -42,6 +42,35 @@ def check_finite_images(images: torch.Tensor, name: str) -> None:
         )
 
 
+def check_labels(labels: torch.Tensor, n_classes: int, name: str) -> None:
+    """Raise ConfigError naming the first of ``labels`` outside 0..n_classes-1.
+
+    ``name`` names the set in the message, such as "Training label". The loss
+    would otherwise raise an IndexError, or skip the label -100 without an error.
+    """
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ConfigError(
+            f"{name}s have dtype {labels.dtype}, not an integer type. Pass class "
+            "indices as an integer tensor, for example labels.long()."
+        )
+    bad = torch.nonzero((labels < 0) | (labels >= n_classes)).flatten()
+    if len(bad):
+        index = bad[0].item()
+        more = f", and so are {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ConfigError(
+            f"{name} {labels[index].item()} at index {index} is outside the valid "
+            f"range 0..{n_classes - 1} of the model's {n_classes} outputs{more}. "
+            f"Pass labels in 0..{n_classes - 1}, or a model with one output per "
+            "class."
+        )
+
+
+def output_size(model: nn.Module, images: torch.Tensor) -> int:
+    """Return the number of logits per example, from one forward pass on the
+    first of ``images`` in eval mode."""
+    return predict_logits(model, images[:1]).shape[-1]
+
+
 def model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device

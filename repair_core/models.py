@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from torch import nn
 from repair_core.errors import CheckpointError, ConfigError
 
 MODEL_CHOICES = ("mnist-cnn", "small-resnet", "resnet50")
+#: File endings that the folder hint of :func:`read_state_dict` lists.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 class MeanSubtraction(nn.Module):
@@ -195,13 +198,25 @@ def load_factory(spec: str, search_path: str | Path | None = None) -> nn.Module:
             f"Cannot import module {module_name!r} from model factory {spec!r}: "
             f"{error}. Run from the folder that contains it or add it to PYTHONPATH."
         ) from error
+    except Exception as error:  # any error in the user's module-level code
+        raise CheckpointError(
+            f"Importing module {module_name!r} of model factory {spec!r} raised "
+            f"{_describe_user_error(error)}. Fix the module so that it imports "
+            "without errors."
+        ) from error
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise CheckpointError(
             f"Module {module_name!r} has no callable named {attribute!r}. Check the "
             f"name after the colon in {spec!r}."
         )
-    model = factory()
+    try:
+        model = factory()
+    except Exception as error:  # any error in the user's callable
+        raise CheckpointError(
+            f"Model factory {spec!r} raised {_describe_user_error(error)}. Fix the "
+            "factory so that, called without arguments, it returns the model."
+        ) from error
     if not isinstance(model, nn.Module):
         raise CheckpointError(
             f"Model factory {spec!r} returned {type(model).__name__}, not a "
@@ -210,9 +225,54 @@ def load_factory(spec: str, search_path: str | Path | None = None) -> nn.Module:
     return model
 
 
+def _describe_user_error(error: Exception) -> str:
+    """Return "Type: message (file, line N)" for an error raised in user code.
+
+    The location is the innermost frame of the traceback, which lies in a
+    library when the user's code called one with bad arguments.
+    """
+    description = type(error).__name__
+    if str(error):
+        description += f": {error}"
+    if isinstance(error, SyntaxError):
+        return description  # its message already names the file and line
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if not frame.filename.startswith("<")  # skip frozen importlib frames
+    ]
+    if frames:
+        description += f" ({frames[-1].filename}, line {frames[-1].lineno})"
+    return description
+
+
+def _checkpoint_files_hint(folder: Path) -> str:
+    """Return a sentence naming up to three checkpoint files in ``folder``, or ""
+    when it has none."""
+    try:
+        names = sorted(
+            entry.name
+            for entry in folder.iterdir()
+            if entry.is_file() and entry.suffix in CHECKPOINT_SUFFIXES
+        )
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    listed = ", ".join(repr(name) for name in names[:3])
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f" The folder contains {listed}{more}."
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a checkpoint file, with a clear error if it is bad."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} is a folder, but a state-dict file is "
+            "expected. Pass the file written by torch.save(model.state_dict(), "
+            f"path).{_checkpoint_files_hint(path)}"
+        )
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {str(path)!r} not found. Check the path.")
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import shlex
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from torch import nn
 from repair_core import models
 from repair_core.data import DataSplit, ImageDataset, load_data
 from repair_core.devices import select_device
-from repair_core.errors import ConfigError, EmptyFailureSetError
+from repair_core.errors import ConfigError, EmptyFailureSetError, WorkspaceError
 from repair_core.failures import FailureSplit, split_failures
 from repair_core.inference import predict_logits
 from repair_core.noise import apply_scenario
@@ -376,9 +377,16 @@ def import_run(
     ``config.model`` is ``module:callable`` (or a built-in name) and
     ``checkpoint`` its state dict. The model is evaluated on the test set and
     its failures split exactly as for a trained run.
+
+    Raises:
+        CheckpointError: the checkpoint is missing, a folder or unreadable,
+            the factory fails, or the state dict does not fit the model.
     """
     started = time.perf_counter()
     device = select_device(config.device)
+    # Read the checkpoint first, so a bad path fails before the data loads.
+    checkpoint = Path(checkpoint).expanduser().resolve()
+    state = models.read_state_dict(checkpoint)
     data = _load_data(config)
     clean_train = data.train
     if config.scenario == "fgsm":
@@ -391,10 +399,8 @@ def import_run(
     )
     data = DataSplit(train=noisy.dataset, test=data.test, source=data.source)
 
-    checkpoint = Path(checkpoint).expanduser().resolve()
     factory_folder = checkpoint.parent
     model = _build_architecture(config, data, factory_folder)
-    state = models.read_state_dict(checkpoint)
     models.load_checked_state(model, state, source=f"checkpoint {str(checkpoint)!r}")
     models.check_output_size(model, data.test.images[:1], data.num_classes)
     model.to(device)
@@ -478,8 +484,32 @@ def check_failure_set_run(
 def load_failure_split(
     workspace: Workspace, run_id: str, failure_set_id: str
 ) -> FailureSplit:
+    """Read a stored failure split back.
+
+    Raises:
+        ConfigError: the failure set belongs to another run.
+        WorkspaceError: the failure set's file is missing, unreadable, or
+            does not contain a failure split.
+    """
     check_failure_set_run(workspace, run_id, failure_set_id)
-    values = workspace.load_tensor(run_id, f"failure_sets/{failure_set_id}.pt")
+    relative = f"failure_sets/{failure_set_id}.pt"
+    listing = shlex.join(
+        ["python", "-m", "repair_core", "runs"]
+        + ["--workspace", str(workspace.root), "--run", run_id]
+    )
+    remedy = (
+        "Restore the file from a backup of the workspace, or use another failure "
+        f"set of run {run_id!r}. Pass a stored one with --failure-set (list them "
+        f"with '{listing}'), or create a new one on the dashboard's Failures page "
+        "or with a --query-fraction that no stored failure set of the run uses."
+    )
+    values = workspace.load_tensor(run_id, relative, remedy=remedy)
+    fields = {f.name for f in dataclasses.fields(FailureSplit)}
+    if not isinstance(values, dict) or set(values) != fields:
+        raise WorkspaceError(
+            f"File {str(workspace.path(run_id, relative))!r} of failure set "
+            f"{failure_set_id!r} does not contain a failure split. {remedy}"
+        )
     return FailureSplit(**values)
 
 
@@ -1182,3 +1212,4 @@ def load_model_file(
     state = workspace.load_tensor(run.run_id, model_file)
     models.load_checked_state(model, state, source=source or repr(model_file))
     return model.to(run.device).eval()
+

@@ -287,14 +287,45 @@ class Workspace:
         atomic_torch_save(self.path(run_id, relative), obj)
         return relative
 
-    def load_tensor(self, run_id: str, relative: str) -> Any:
+    def load_tensor(
+        self, run_id: str, relative: str, *, remedy: str | None = None
+    ) -> Any:
+        """Load a file written by :meth:`save_tensor`.
+
+        Args:
+            remedy: the advice that ends the error message of a missing or
+                unreadable file. The default advises restoring the file or
+                creating the run again.
+
+        Raises:
+            WorkspaceError: the file is missing, cannot be read, or is not a
+                file that torch.load can read.
+        """
         path = self.path(run_id, relative)
+        remedy = remedy or (
+            "Restore the file from a backup of the workspace, or create the run again."
+        )
         if not path.is_file():
             raise WorkspaceError(
                 f"File {str(path)!r} of run {run_id!r} is missing. The workspace was "
-                "edited by hand or copied partly; create the run again."
+                f"edited by hand or copied partly. {remedy}"
             )
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except MemoryError:
+            raise
+        except OSError as error:
+            raise WorkspaceError(
+                f"File {str(path)!r} of run {run_id!r} could not be read: {error}. "
+                f"Check the file's permissions. {remedy}"
+            ) from error
+        except Exception as error:  # torch raises many types for corrupt files
+            # torch's own message is long and suggests settings that do not
+            # apply here, so only the exception type is shown.
+            raise WorkspaceError(
+                f"File {str(path)!r} of run {run_id!r} is corrupt: torch.load "
+                f"failed with {type(error).__name__}. {remedy}"
+            ) from error
 
     # Records -------------------------------------------------------------
 

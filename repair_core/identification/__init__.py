@@ -55,7 +55,13 @@ from repair_core.identification.sgd_influence import (
     score_sgd_influence,
 )
 from repair_core.identification.tracin import TracInConfig, score_tracin
-from repair_core.inference import check_finite_images, eval_mode, model_device
+from repair_core.inference import (
+    check_finite_images,
+    check_labels,
+    eval_mode,
+    model_device,
+    output_size,
+)
 from repair_core.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -175,6 +181,7 @@ def default_config(method: str) -> Any:
 
 
 def _check_data(
+    model: nn.Module,
     train_images: torch.Tensor,
     train_labels: torch.Tensor,
     query_images: torch.Tensor,
@@ -194,6 +201,9 @@ def _check_data(
         )
     check_finite_images(train_images, "Training image")
     check_finite_images(query_images, "Query image")
+    n_classes = output_size(model, train_images)
+    check_labels(train_labels, n_classes, "Training label")
+    check_labels(query_labels, n_classes, "Query label")
 
 
 def _config_json(config: Any) -> dict:
@@ -239,7 +249,9 @@ def identify(
         harmful, with the resolved config and timing.
 
     Raises:
-        ConfigError: an unknown method, a wrong config type, or missing context.
+        ConfigError: an unknown method, a wrong config type, missing
+            context, non-finite images, or a label outside 0..K-1 for a
+            model with K outputs.
         FloatingPointError: the method produced non-finite scores.
     """
     spec = _spec(method)
@@ -252,7 +264,7 @@ def identify(
             f"{type(config).__name__}. Start from default_config({method!r})."
         )
     context = context or IdentificationContext()
-    _check_data(train_images, train_labels, query_images, query_labels)
+    _check_data(model, train_images, train_labels, query_images, query_labels)
     seed = _seed_of(config)
     torch.manual_seed(seed)
     device = model_device(model)

@@ -1,0 +1,425 @@
+"""Bad input gives one RepairError that names the value, and changes nothing stored.
+
+Covers labels outside the model's classes, corrupt workspace files, user model
+factories that raise, and a folder passed as a checkpoint. The workspace tests
+share one imported run (an untrained linear model, so no training time) and
+copy its folder per test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from repair_core import models, pipeline
+from repair_core.cli import main
+from repair_core.errors import (
+    CheckpointError,
+    ConfigError,
+    RepairError,
+    WorkspaceError,
+)
+from repair_core.identification import identify
+from repair_core.treatments import apply_treatment, default_config, repair
+from repair_core.workspace import Workspace
+from tests.factories import tiny_cnn, tiny_images
+
+N_CLASSES = 3
+#: Labels outside 0..N_CLASSES-1. The loss raises IndexError on the first two
+#: and skips -100 (its ignore_index) without an error.
+BAD_LABELS = (N_CLASSES, -1, -100)
+IMPORT_DATA = ["--n-train", "100", "--n-test", "50", "--device", "cpu"]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tree_digests(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): _digest(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+# Labels outside the model's classes ------------------------------------------
+
+
+@pytest.fixture
+def labelled():
+    images, labels = tiny_images(24, n_classes=N_CLASSES)
+    return tiny_cnn(n_classes=N_CLASSES), images, labels
+
+
+@pytest.mark.parametrize("bad", BAD_LABELS)
+@pytest.mark.parametrize("method", ["training-loss", "random"])
+def test_identify_rejects_bad_training_label(labelled, method, bad):
+    model, images, labels = labelled
+    labels = labels.clone()
+    labels[5] = bad
+
+    with pytest.raises(ConfigError) as caught:
+        identify(method, model, images, labels, images[:4], labels[:4])
+
+    message = str(caught.value)
+    assert isinstance(caught.value, RepairError)
+    assert f"Training label {bad} at index 5" in message
+    assert "valid range 0..2" in message
+    assert "3 outputs" in message
+
+
+@pytest.mark.parametrize("bad", BAD_LABELS)
+def test_identify_rejects_bad_query_label(labelled, bad):
+    model, images, labels = labelled
+    query_labels = labels[:4].clone()
+    query_labels[2] = bad
+
+    with pytest.raises(ConfigError) as caught:
+        identify("training-loss", model, images, labels, images[:4], query_labels)
+
+    assert f"Query label {bad} at index 2" in str(caught.value)
+    assert "valid range 0..2" in str(caught.value)
+
+
+def test_identify_counts_further_bad_labels(labelled):
+    model, images, labels = labelled
+    labels = labels.clone()
+    labels[[3, 8, 9]] = 7
+
+    with pytest.raises(ConfigError) as caught:
+        identify("training-loss", model, images, labels, images[:4], labels[:4])
+
+    assert "Training label 7 at index 3" in str(caught.value)
+    assert "and so are 2 more" in str(caught.value)
+
+
+def test_identify_rejects_float_labels(labelled):
+    model, images, labels = labelled
+
+    with pytest.raises(ConfigError, match="Training labels have dtype torch.float32"):
+        identify("training-loss", model, images, labels.float(), images[:4], labels[:4])
+
+
+def test_identify_label_check_keeps_model_state():
+    images, labels = tiny_images(24, n_classes=N_CLASSES)
+    model = tiny_cnn(n_classes=N_CLASSES, batchnorm=True)
+    model.train()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+
+    result = identify("training-loss", model, images, labels, images[:4], labels[:4])
+
+    assert result.scores.shape == (24,)
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("bad", BAD_LABELS)
+def test_repair_rejects_bad_training_label(labelled, bad):
+    model, images, labels = labelled
+    labels = labels.clone()
+    labels[6] = bad
+
+    with pytest.raises(ConfigError) as caught:
+        repair("finetune", model, images, labels, [0, 1], images[:4], labels[:4])
+
+    assert f"Training label {bad} at index 6" in str(caught.value)
+    assert "valid range 0..2" in str(caught.value)
+
+
+def test_apply_treatment_rejects_bad_query_label(labelled):
+    model, images, labels = labelled
+    query_labels = labels[:4].clone()
+    query_labels[1] = 5
+
+    with pytest.raises(ConfigError, match="Query label 5 at index 1"):
+        apply_treatment(
+            "newton",
+            model,
+            images,
+            labels,
+            torch.tensor([0, 1]),
+            images[:4],
+            query_labels,
+            default_config("newton"),
+        )
+
+
+# Corrupt workspace files ------------------------------------------------------
+
+
+def _write_factory(folder: Path, name: str, body: str) -> None:
+    (folder / f"{name}.py").write_text(textwrap.dedent(body))
+
+
+@pytest.fixture
+def factory_folder(tmp_path, monkeypatch):
+    """A folder on sys.path for user factory modules, removed afterwards."""
+    folder = tmp_path / "factories"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    before = set(sys.modules)
+    yield folder
+    for name in set(sys.modules) - before:
+        if name.startswith("bad_input_"):
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def imported_run(tmp_path_factory):
+    """A workspace with one imported run of an untrained linear model."""
+    root = tmp_path_factory.mktemp("imported")
+    _write_factory(
+        root,
+        "bad_input_linear",
+        """
+        import torch.nn as nn
+
+        def build():
+            return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+        """,
+    )
+    sys.path.insert(0, str(root))
+    try:
+        import bad_input_linear
+
+        torch.manual_seed(0)
+        checkpoint = root / "linear.pt"
+        torch.save(bad_input_linear.build().state_dict(), checkpoint)
+        workspace = Workspace(root / "ws")
+        config = pipeline.RunConfig(
+            model="bad_input_linear:build", n_train=100, n_test=50, device="cpu"
+        )
+        summary = pipeline.import_run(workspace, config, checkpoint)
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.pop("bad_input_linear", None)
+    return root / "ws", summary["run_id"], summary["failure_set_id"]
+
+
+@pytest.fixture
+def workspace_copy(imported_run, tmp_path):
+    """A private copy of the imported run's workspace."""
+    source, run_id, failure_set_id = imported_run
+    root = tmp_path / "ws"
+    shutil.copytree(source, root)
+    return root, run_id, failure_set_id
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _overwrite_with_text(path: Path) -> None:
+    path.write_text("garbage\n")
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+CORRUPTIONS = {
+    "truncated": _truncate,
+    "text": _overwrite_with_text,
+    "empty": _empty,
+}
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
+def test_corrupt_failure_set_names_file(workspace_copy, corrupt):
+    root, run_id, failure_set_id = workspace_copy
+    workspace = Workspace(root)
+    path = workspace.path(run_id, f"failure_sets/{failure_set_id}.pt")
+    corrupt(path)
+
+    with pytest.raises(WorkspaceError) as caught:
+        pipeline.load_failure_split(workspace, run_id, failure_set_id)
+
+    message = str(caught.value)
+    assert f"File {str(path)!r} of run {run_id!r} is corrupt" in message
+    assert "--failure-set" in message
+    assert "--query-fraction" in message
+    assert "backup" in message
+
+
+def test_failure_set_of_wrong_content(workspace_copy):
+    root, run_id, failure_set_id = workspace_copy
+    workspace = Workspace(root)
+    relative = f"failure_sets/{failure_set_id}.pt"
+    workspace.save_tensor(run_id, relative, [1, 2])
+
+    with pytest.raises(WorkspaceError) as caught:
+        pipeline.load_failure_split(workspace, run_id, failure_set_id)
+
+    assert "does not contain a failure split" in str(caught.value)
+    assert str(workspace.path(run_id, relative)) in str(caught.value)
+
+
+def test_cli_corrupt_failure_set_changes_nothing(workspace_copy, capsys):
+    root, run_id, failure_set_id = workspace_copy
+    workspace = Workspace(root)
+    path = workspace.path(run_id, f"failure_sets/{failure_set_id}.pt")
+    _truncate(path)
+    files_before = _tree_digests(root / "runs")
+
+    code = main(
+        ["identify", "--workspace", str(root), "--run", run_id]
+        + ["--method", "training-loss", "--device", "cpu"]
+    )
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: File ")
+    assert str(path) in err
+    assert "Traceback" not in err
+    assert workspace.list_scores(run_id) == []
+    assert _tree_digests(root / "runs") == files_before
+
+
+def test_corrupt_run_file_names_file(workspace_copy):
+    root, run_id, _ = workspace_copy
+    workspace = Workspace(root)
+    path = workspace.path(run_id, "model.pt")
+    _truncate(path)
+
+    with pytest.raises(WorkspaceError) as caught:
+        pipeline.load_run(workspace, run_id, device="cpu")
+
+    message = str(caught.value)
+    assert f"File {str(path)!r} of run {run_id!r} is corrupt" in message
+    assert "create the run again" in message
+
+
+def test_unreadable_run_file_shows_os_error(workspace_copy, monkeypatch):
+    root, run_id, _ = workspace_copy
+    workspace = Workspace(root)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(torch, "load", refuse)
+
+    with pytest.raises(WorkspaceError) as caught:
+        workspace.load_tensor(run_id, "model.pt")
+
+    assert "could not be read: [Errno 13] Permission denied" in str(caught.value)
+    assert "permissions" in str(caught.value)
+
+
+# User model factories and checkpoints -----------------------------------------
+
+
+def test_factory_error_names_spec_and_error(factory_folder):
+    _write_factory(
+        factory_folder,
+        "bad_input_boom",
+        """
+        def build():
+            raise RuntimeError("boom")
+        """,
+    )
+
+    with pytest.raises(CheckpointError) as caught:
+        models.load_factory("bad_input_boom:build")
+
+    message = str(caught.value)
+    assert "Model factory 'bad_input_boom:build' raised RuntimeError: boom" in message
+    assert "bad_input_boom.py, line 3" in message
+    assert "Fix the factory" in message
+
+
+def test_factory_module_error_names_spec(factory_folder):
+    _write_factory(
+        factory_folder,
+        "bad_input_import",
+        """
+        SIZES = {}
+        WIDTH = SIZES["width"]
+        """,
+    )
+
+    with pytest.raises(CheckpointError) as caught:
+        models.load_factory("bad_input_import:build")
+
+    message = str(caught.value)
+    assert "Importing module 'bad_input_import'" in message
+    assert "'bad_input_import:build'" in message
+    assert "KeyError: 'width'" in message
+    assert "Fix the module" in message
+
+
+def test_factory_syntax_error_names_spec(factory_folder):
+    _write_factory(factory_folder, "bad_input_syntax", "def build(:\n")
+
+    with pytest.raises(CheckpointError) as caught:
+        models.load_factory("bad_input_syntax:build")
+
+    assert "raised SyntaxError" in str(caught.value)
+    assert "bad_input_syntax.py" in str(caught.value)
+
+
+def test_cli_import_factory_error(factory_folder, tmp_path, capsys):
+    _write_factory(
+        factory_folder,
+        "bad_input_cli_boom",
+        """
+        def build():
+            raise RuntimeError("boom")
+        """,
+    )
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"weight": torch.zeros(1)}, checkpoint)
+    workspace = tmp_path / "ws"
+
+    code = main(
+        ["import", "--workspace", str(workspace), "--model", "bad_input_cli_boom:build"]
+        + ["--checkpoint", str(checkpoint), *IMPORT_DATA]
+    )
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(
+        "error: Model factory 'bad_input_cli_boom:build' raised RuntimeError: boom"
+    )
+    assert "Traceback" not in err
+    assert Workspace(workspace).list_runs() == []
+
+
+def test_checkpoint_folder_is_named(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    torch.save({"weight": torch.zeros(1)}, folder / "model.pt")
+
+    with pytest.raises(CheckpointError) as caught:
+        models.read_state_dict(folder)
+
+    message = str(caught.value)
+    assert f"Checkpoint {str(folder)!r} is a folder" in message
+    assert "a state-dict file is expected" in message
+    assert "The folder contains 'model.pt'." in message
+
+
+def test_cli_import_checkpoint_folder(workspace_copy, tmp_path, capsys):
+    workspace = workspace_copy[0]
+    runs_before = Workspace(workspace).list_runs()
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+
+    code = main(
+        ["import", "--workspace", str(workspace), "--model", "mnist-cnn"]
+        + ["--checkpoint", str(folder), *IMPORT_DATA]
+    )
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: Checkpoint {str(folder)!r} is a folder")
+    assert "state-dict file" in err
+    assert "not found" not in err
+    assert Workspace(workspace).list_runs() == runs_before
