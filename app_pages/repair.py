@@ -16,7 +16,9 @@ from repair_core.evaluation import DEFAULT_STRENGTHS, SWEEPABLE
 from repair_core.treatments import TRAINING_TREATMENTS, TREATMENTS, default_config
 
 TREATMENT_HELP = {
-    "ewc-deletion": "Unlearn C under an EWC prior, early-stopped on F_q accuracy.",
+    "ewc-deletion": "Unlearn C under an EWC prior, early-stopped on F_q accuracy. "
+    "On the embedded MNIST benchmark it fixed fewer holdout failures than "
+    "fine-tuning or Newton removal at the same remaining accuracy.",
     "newton": "One Newton step that removes C (Guo et al. 2020).",
     "finetune": "Fine-tune the model on D without C.",
     "retrain": "Train a freshly initialised model on D without C.",
@@ -458,6 +460,8 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
         f"({summary['causes']}) with {summary['treatment']}, {seed_text}"
     )
     gain_metrics(summary)
+    for note in summary.get("notes") or []:
+        st.info(note)
 
     st.dataframe(comparison_table(summary), hide_index=True)
     left, right = st.columns([3, 2])

@@ -292,6 +292,17 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_workspace(runs)
     runs.add_argument("--run", default=None, help="run id whose stored records to list")
 
+    show = commands.add_parser(
+        "show",
+        help="print a stored run, failure set, scores, repair, sweep or curve again",
+        formatter_class=_HelpFormatter,
+        description="Print a stored record as the command that made it printed it. "
+        "The id's prefix names\nthe kind: run-, fs- (failure set), sc- (scores), rp- "
+        "(repair), sw- (sweep) or\nrc- (removal curve).",
+    )
+    _add_workspace(show)
+    show.add_argument("record_id", metavar="ID", help="id of the stored record")
+
     identify = commands.add_parser(
         "identify",
         help="rank the training examples by how much they caused the failures",
@@ -539,30 +550,55 @@ def _run_records(workspace: Workspace, run_id: str) -> dict[str, Any]:
     def brief(record: dict[str, Any], *keys: str) -> dict[str, Any]:
         return {"id": record["id"], **{key: record.get(key) for key in keys}}
 
+    def failure_set(record: dict[str, Any]) -> dict[str, Any]:
+        config, metrics = record["config"], record["metrics"]
+        return {
+            **brief(record, "created_at"),
+            "origin": config.get("origin"),
+            "query_fraction": config.get("query_fraction"),
+            "seed": config.get("seed"),
+            **{key: metrics.get(key) for key in ("n_failures", "n_query", "n_holdout")},
+        }
+
+    def scores(record: dict[str, Any]) -> dict[str, Any]:
+        detection = record["metrics"].get("detection") or {}
+        return {
+            **brief(record, "failure_set_id", "method", "created_at"),
+            "found_at_20pct": detection.get("found_at_20pct"),
+        }
+
+    def repair(record: dict[str, Any]) -> dict[str, Any]:
+        metrics = record["metrics"]
+        gain = (metrics.get("gain_over_nothing") or {}).get("mean") or {}
+        return {
+            **brief(record, "failure_set_id", "treatment", "created_at"),
+            "n_removed": metrics.get("n_removed"),
+            "holdout_acc": metrics.get("after", {}).get("holdout_acc"),
+            "holdout_gain": gain.get("holdout_acc"),
+        }
+
     return {
         "workspace": str(workspace.root),
         "run_id": run_id,
-        "failure_sets": [
-            {**brief(r, "created_at"), "origin": r["config"].get("origin")}
-            for r in workspace.list_failure_sets(run_id)
-        ],
-        "scores": [
-            brief(r, "failure_set_id", "method", "created_at")
-            for r in workspace.list_scores(run_id)
-        ],
-        "repairs": [
-            brief(r, "failure_set_id", "treatment", "created_at")
-            for r in workspace.list_repairs(run_id)
-        ],
+        "failure_sets": [failure_set(r) for r in workspace.list_failure_sets(run_id)],
+        "scores": [scores(r) for r in workspace.list_scores(run_id)],
+        "repairs": [repair(r) for r in workspace.list_repairs(run_id)],
         "sweeps": [
-            brief(r, "failure_set_id", "treatment", "created_at")
+            brief(r, "failure_set_id", "treatment", "n_removed", "created_at")
             for r in workspace.list_sweeps(run_id)
         ],
         "removal_curves": [
-            brief(r, "failure_set_id", "scores_id", "created_at")
+            brief(r, "failure_set_id", "scores_id", "ks", "created_at")
             for r in workspace.list_removal_curves(run_id)
         ],
     }
+
+
+def _command_show(args: argparse.Namespace) -> dict[str, Any]:
+    from repair_core.pipeline import stored_result
+
+    workspace = Workspace(args.workspace, create=False)
+    return stored_result(workspace, args.record_id)
 
 
 def _command_runs(args: argparse.Namespace) -> dict[str, Any]:
@@ -945,6 +981,7 @@ _COMMANDS = {
     "train": _command_train,
     "import": _command_import,
     "runs": _command_runs,
+    "show": _command_show,
     "identify": _command_identify,
     "repair": _command_repair,
     "sweep": _command_sweep,
@@ -962,22 +999,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
-
-
-def _print_summary(result: dict[str, Any], prefix: str = "") -> None:
-    """Print one line per value; a dict of plain values gets a line per key."""
-    for key, value in result.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and not any(
-            isinstance(v, list | dict) for v in value.values()
-        ):
-            _print_summary(value, prefix=f"{name}.")
-            continue
-        if isinstance(value, float):
-            value = f"{value:.4f}"
-        elif isinstance(value, list | dict):
-            value = json.dumps(_finite(value))
-        print(f"{name:>16}: {value}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1011,7 +1032,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "json", False):
         print(json.dumps(_finite(result)))
     else:
-        _print_summary(result)
+        from repair_core.cli_text import result_text
+
+        print(result_text(args.command, result))
     failed = result.get("failed_units")
     if failed:
         for key, error in failed.items():

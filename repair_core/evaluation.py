@@ -257,6 +257,8 @@ def repair_with_controls(
         repaired model of the first seed) and ``result`` (its RepairResult).
         ``gain_over_nothing`` is None without a nothing-removed arm, and
         ``controls_note`` says why a treatment ran without its controls.
+        Each ``per_seed`` record says in ``unchanged`` whether the run
+        returned θ̂ itself, and ``notes`` names the arms that did.
     """
     train_images, train_labels = train
     test_images, test_labels = test
@@ -309,7 +311,12 @@ def repair_with_controls(
         )
         comparison = compare(model, result.model, test_images, test_labels, split)
         record = _run_record(comparison, result.seconds)
-        record.update(seed=seed, n_removed=len(removed), removed=removed.tolist())
+        record.update(
+            seed=seed,
+            n_removed=len(removed),
+            removed=removed.tolist(),
+            unchanged=_same_parameters(model, result.model),
+        )
         if store_model is not None:
             record["model_file"] = store_model(f"{arm}-seed{seed}", result.model)
         per_arm[arm].append(record)
@@ -326,6 +333,7 @@ def repair_with_controls(
     return {
         "gain_over_nothing": _gain(per_arm) if "nothing" in per_arm else None,
         "controls_note": controls_note,
+        "notes": _unchanged_notes(per_arm),
         "treatment": treatment,
         "n_causes": len(checked),
         "seeds": seeds,
@@ -334,6 +342,36 @@ def repair_with_controls(
         "model": first_result.model,
         "result": first_result,
     }
+
+
+def _same_parameters(model: nn.Module, repaired: nn.Module) -> bool:
+    """Whether ``repaired`` holds exactly the parameters of ``model``."""
+    return all(
+        torch.equal(a.detach().cpu(), b.detach().cpu())
+        for a, b in zip(model.parameters(), repaired.parameters(), strict=True)
+    )
+
+
+def _unchanged_notes(per_arm: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Say which arms returned θ̂ itself, so equal figures are not a mystery.
+
+    EWC-deletion keeps the starting parameters when no step raises accuracy
+    on F_q before patience or the retained-accuracy guard ends the run; a
+    removed arm that did so measures the same as nothing removed.
+    """
+    notes = []
+    for arm, runs in per_arm.items():
+        kept = sum(bool(run["unchanged"]) for run in runs)
+        if arm == "nothing" or not kept:
+            continue
+        what = {"treatment": "The treatment", "random": "The random-removal control"}
+        notes.append(
+            f"{what.get(arm, f'The {arm} arm')} returned the original model unchanged "
+            f"in {kept} of {len(runs)} seeds: no step raised accuracy on the query "
+            "failures F_q before patience or the retained-accuracy guard ended the "
+            "run, so early stopping kept the starting parameters."
+        )
+    return notes
 
 
 def _gain(per_arm: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:

@@ -934,6 +934,7 @@ def _store_repair(
         "seconds": time.perf_counter() - started,
         "gain_over_nothing": outcome["gain_over_nothing"],
         "controls_note": outcome["controls_note"],
+        "notes": outcome["notes"],
         "before": {k: outcome["before"][k] for k in keys},
         "after": {k: arms["treatment"]["mean"][k] for k in keys},
         "spread": {k: arms["treatment"]["std"][k] for k in keys},
@@ -1213,3 +1214,75 @@ def load_model_file(
     models.load_checked_state(model, state, source=source or repr(model_file))
     return model.to(run.device).eval()
 
+
+RECORD_KINDS = {
+    "run": "a run",
+    "fs": "a failure set",
+    "sc": "scores",
+    "rp": "a repair",
+    "sw": "a sweep",
+    "rc": "a removal curve",
+}
+
+
+def stored_result(workspace: Workspace, record_id: str) -> dict[str, Any]:
+    """Return what the command that made ``record_id`` printed, from the workspace.
+
+    The id's prefix says the kind of record: ``run-``, ``fs-`` (failure set),
+    ``sc-`` (scores), ``rp-`` (repair), ``sw-`` (sweep) or ``rc-`` (removal
+    curve). A run also reports its configuration and training history, and
+    scores and repairs their resolved settings under ``config``.
+    """
+    prefix = record_id.split("-", 1)[0]
+    if prefix not in RECORD_KINDS or "-" not in record_id:
+        kinds = ", ".join(f"{key}- ({what})" for key, what in RECORD_KINDS.items())
+        raise ConfigError(
+            f"Record id {record_id!r} does not start with a known prefix. Ids start "
+            f"with {kinds}; 'python -m repair_core runs --run RUN_ID' lists them."
+        )
+    if prefix == "run":
+        record = workspace.get_run(record_id)
+        return {
+            "run_id": record["id"],
+            "created_at": record["created_at"],
+            "kind": record["kind"],
+            **record["metrics"],
+            "config": record["config"],
+        }
+    if prefix == "fs":
+        record = workspace.get_failure_set(record_id)
+        return {
+            "failure_set_id": record["id"],
+            "run_id": record["run_id"],
+            "created_at": record["created_at"],
+            **record["config"],
+            **record["metrics"],
+        }
+    if prefix in ("sc", "rp"):
+        getter = workspace.get_scores if prefix == "sc" else workspace.get_repair
+        record = getter(record_id)
+        return {
+            **record["metrics"],
+            "created_at": record["created_at"],
+            "config": record["config"],
+        }
+    if prefix == "sw":
+        record = workspace.get_sweep(record_id)
+        keys = ("run_id", "failure_set_id", "treatment", "causes", "n_removed")
+        return {
+            "sweep_id": record["id"],
+            **{key: record[key] for key in keys},
+            "created_at": record["created_at"],
+            "strengths": record["strengths"],
+            "config": record["config"],
+            "points": record["points"],
+        }
+    record = workspace.get_removal_curve(record_id)
+    return {
+        "removal_curve_id": record["id"],
+        **{key: record[key] for key in ("run_id", "failure_set_id", "scores_id")},
+        "created_at": record["created_at"],
+        "ks": record["ks"],
+        "seeds": record["seeds"],
+        "points": record["points"],
+    }

@@ -703,3 +703,40 @@ def test_failures_map_renders(workspace_env):
     charts = app.get("plotly_chart")
     assert len(charts) == 2
     assert workspace_env.run_id in app.session_state["map_runs"]
+
+
+def test_repair_says_when_an_arm_kept_the_original(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    scores_id = pipeline.run_identification(
+        workspace, run, "training-loss", failure_set_id=failure_set_id
+    )["scores_id"]
+    causes, origin = pipeline.resolve_causes(
+        workspace, run, failure_set_id=failure_set_id, scores_id=scores_id, top_k=5
+    )
+    # Steps of 1e-12 change no prediction, so early stopping keeps θ̂.
+    summary = pipeline.run_repair(
+        workspace,
+        run,
+        "ewc-deletion",
+        causes,
+        failure_set_id=failure_set_id,
+        scores_id=scores_id,
+        causes_origin=origin,
+        config={"lr": 1e-12, "max_steps": 10},
+        seeds=(0,),
+    )
+
+    app = page(
+        "repair",
+        run_id=workspace_env.run_id,
+        failure_set_id=failure_set_id,
+        scores_id=scores_id,
+        repair_id=summary["repair_id"],
+    ).run()
+
+    check_clean(app)
+    notes = [info.value for info in app.info]
+    assert summary["notes"] and all(note in notes for note in summary["notes"])
+    assert any(note.startswith("The random-removal control") for note in notes)

@@ -790,3 +790,134 @@ def test_seed_outside_generator_range(tmp_path, capsys, seed):
     assert stopped.value.code == 2
     assert f"seed {int(seed)} is outside 0..{2**63 - 1}" in capsys.readouterr().err
     assert not (tmp_path / "ws").exists()
+
+
+def _text(capsys, argv):
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+def test_show_prints_every_stored_record_again(tiny_run, capsys):
+    workspace, run = tiny_run
+    where = ["--workspace", workspace, "--run", run["run_id"]]
+    scores = _run_json(
+        capsys, ["identify", *where, "--method", "training-loss", "--json"]
+    )
+    causes = ["--scores", scores["scores_id"], "--top-k", "20"]
+    repair = _run_json(
+        capsys,
+        ["repair", *where, *causes, "--treatment", "finetune", "--seeds", "0,1"]
+        + ["--set", "max_epochs=1", "--json"],
+    )
+    sweep = _run_json(
+        capsys,
+        ["sweep", *where, *causes, "--treatment", "newton", "--strengths", "1,2"]
+        + ["--set", "depth=20", "--json"],
+    )
+    curve = _run_json(
+        capsys,
+        ["removal-curve", *where, "--scores", scores["scores_id"], "--ks", "10,20"]
+        + ["--seeds", "0", "--json"],
+    )
+
+    def show(record_id):
+        return _run_json(
+            capsys, ["show", "--workspace", workspace, record_id, "--json"]
+        )
+
+    shown = show(repair["repair_id"])
+    for key in ("after", "before", "spread", "controls", "gain_over_nothing"):
+        assert shown[key] == repair[key]
+    assert shown["config"]["max_epochs"] == 1
+    assert show(scores["scores_id"])["detection"] == scores["detection"]
+    assert show(sweep["sweep_id"])["points"] == sweep["points"]
+    assert show(curve["removal_curve_id"])["points"] == curve["curve"]
+    failure_set = show(run["failure_set_id"])
+    assert failure_set["query_fraction"] == 0.5
+    assert failure_set["n_query"] == run["n_query"]
+    assert show(run["run_id"])["test_accuracy"] == run["test_accuracy"]
+
+    # The text view of a repair is one table: a row per arm, a column per set.
+    text = _text(capsys, ["show", "--workspace", workspace, repair["repair_id"]])
+    lines = [line for line in text.splitlines() if line]
+    rows = {line.split("  ")[0]: line.split() for line in lines}
+    assert ["F_q", "F_h", "T\\F", "test"] in [line.split() for line in lines]
+    # Each cell reads "mean ± std", so F_h's mean and std are words 4 and 6.
+    assert rows["treatment"][4] == f"{repair['after']['holdout_acc']:.3f}"
+    assert rows["treatment"][6] == f"{repair['spread']['holdout_acc']:.3f}"
+    random_row = rows["random removed"][2:]
+    assert random_row[3] == f"{repair['controls']['random']['mean']['holdout_acc']:.3f}"
+    gain = repair["gain_over_nothing"]["mean"]["holdout_acc"]
+    assert rows["gain over nothing"][4] == f"{gain:+.3f}"
+    assert "{" not in text
+
+    text = _text(capsys, ["show", "--workspace", workspace, sweep["sweep_id"]])
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("strength"))
+    assert [line.split()[0] for line in lines[header + 1 :]] == ["1", "2"]
+    second = sweep["points"][1]
+    assert lines[header + 2].split()[2] == f"{second['holdout_acc']:.3f}"
+
+
+@pytest.mark.parametrize(
+    ("record_id", "message"),
+    [("xy-123", "does not start with a known prefix"), ("rp-absent", "not found")],
+)
+def test_show_unknown_id_is_clear_error(tiny_run, capsys, record_id, message):
+    workspace, _ = tiny_run
+
+    code = main(["show", "--workspace", workspace, record_id])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert record_id in err
+
+
+def test_runs_text_is_a_table_of_runs_and_records(tiny_run, capsys):
+    workspace, run = tiny_run
+
+    listing = _text(capsys, ["runs", "--workspace", workspace])
+    lines = listing.splitlines()
+    header = next(line for line in lines if line.startswith("run "))
+    assert header.split() == [
+        "run",
+        "created",
+        "data",
+        "scenario",
+        "model",
+        "test",
+        "acc",
+        "failures",
+    ]
+    row = next(line for line in lines if line.startswith(run["run_id"]))
+    assert row.split()[-2:] == [f"{run['test_accuracy']:.3f}", str(run["n_failures"])]
+
+    records = _text(capsys, ["runs", "--workspace", workspace, "--run", run["run_id"]])
+    lines = records.splitlines()
+    header = lines.index("failure sets:") + 1
+    assert "query_fraction" in lines[header].split()
+    row = lines[header + 1].split()
+    assert row[0] == run["failure_set_id"]
+    assert row[-3:] == [str(run[k]) for k in ("n_failures", "n_query", "n_holdout")]
+
+
+def test_text_cells_keep_small_values_and_align_numbers():
+    from repair_core.cli_text import generic_text, number, table
+
+    assert number(1e-5) == "1e-05"
+    assert number(0.0) == "0.000"
+    assert number(-0.25, signed=True) == "-0.250"
+    assert number(float("nan")) == "-"
+    assert number(None) == "-"
+
+    lines = table(["name", "acc"], [["a", "0.5"], ["longer", "10.250"]]).splitlines()
+    # Text is left-aligned and numbers right-aligned, so decimals line up.
+    assert lines[1].startswith("a ") and lines[1].endswith("   0.5")
+    assert lines[2].endswith("10.250")
+
+    text = generic_text({"config": {"lr": 1e-5, "fit": {"steps": 3}}, "points": []})
+    assert "config.lr: 1e-05" in text
+    assert "config.fit.steps: 3" in text

@@ -129,6 +129,43 @@ def test_repair_with_controls_finetune():
     assert report["model"] is report["result"].model
     assert report["result"].seed == 0
     assert progress[-1] == 1.0
+    # Fine-tuning always takes its best epoch, never θ̂ itself.
+    assert not any(run["unchanged"] for run in treated + random_runs)
+    assert report["notes"] == []
+
+
+@pytest.mark.parametrize(("early_stopping", "lr"), [(True, 1e-12), (False, 1e-3)])
+def test_controls_say_when_early_stopping_kept_the_original(early_stopping, lr):
+    problem = tiny_problem()
+
+    # Steps of 1e-12 cannot change a prediction, so F_q accuracy never rises
+    # and early stopping keeps θ̂; without early stopping the last step is kept.
+    report = repair_with_controls(
+        "ewc-deletion",
+        problem.model,
+        (problem.train_images, problem.train_labels),
+        problem.flipped,
+        (problem.test_images, problem.test_labels),
+        problem.split,
+        seeds=(0, 1),
+        config={"lr": lr, "max_steps": 20, "early_stopping": early_stopping},
+    )
+
+    unchanged = {
+        arm: [run["unchanged"] for run in values["per_seed"]]
+        for arm, values in report["arms"].items()
+    }
+    # Deleting nothing has no loss to follow, so that arm is always θ̂.
+    assert unchanged["nothing"] == [True, True]
+    if early_stopping:
+        assert unchanged["treatment"] == unchanged["random"] == [True, True]
+        assert len(report["notes"]) == 2
+        assert report["notes"][0].startswith("The treatment returned the original")
+        assert report["notes"][1].startswith("The random-removal control returned")
+        assert all("2 of 2 seeds" in note for note in report["notes"])
+    else:
+        assert unchanged["treatment"] == unchanged["random"] == [False, False]
+        assert report["notes"] == []
 
 
 def test_fit_and_delete_control_is_fit_alone():

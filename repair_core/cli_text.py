@@ -1,0 +1,264 @@
+"""Plain-text views of the command line's results, for reading in a terminal.
+
+``--json`` prints every field of a result. Without it, each command prints
+what a user reads first. A repair is one table of accuracies per arm, with
+the gain over the nothing-removed control. A sweep or removal curve is one
+row per point, and any other result is one ``name: value`` line per field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+# Accuracy fields of a model, with the short names the tables use.
+ACCURACY_COLUMNS = (
+    ("query_acc", "F_q"),
+    ("holdout_acc", "F_h"),
+    ("remaining_acc", "T\\F"),
+    ("test_acc", "test"),
+)
+
+
+def number(value: Any, signed: bool = False) -> str:
+    """Format one value for a table cell; missing and non-finite values read '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "-"
+        sign = "+" if signed else ""
+        if value == 0 or 1e-3 <= abs(value) < 1e6:
+            return f"{value:{sign}.3f}"
+        return f"{value:{sign}.3g}"
+    if isinstance(value, list | tuple):
+        return ", ".join(number(item) for item in value) or "-"
+    return str(value)
+
+
+_NUMERIC = re.compile(r"^[+-]?[\d.]+(e[+-]?\d+)?( ± [\d.]+(e[+-]?\d+)?)?$|^-$")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Align rows of cells under a header: numbers right, text left."""
+    widths = [
+        max(len(str(row[column])) for row in [header, *rows])
+        for column in range(len(header))
+    ]
+    numeric = [
+        all(_NUMERIC.match(str(row[column])) for row in rows)
+        for column in range(len(header))
+    ]
+    lines = []
+    for row in [header, *rows]:
+        cells = [
+            str(cell).rjust(width) if right else str(cell).ljust(width)
+            for cell, width, right in zip(row, widths, numeric, strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _cell(column: str, value: Any) -> str:
+    if column == "created_at" and isinstance(value, str):
+        # An ISO time to the second reads as "2026-12-05 06:30:14".
+        return value[:19].replace("T", " ")
+    return number(value)
+
+
+def _mean_std(mean: dict[str, Any], std: dict[str, Any] | None, key: str) -> str:
+    text = number(mean.get(key))
+    if std is not None and std.get(key) is not None and text != "-":
+        text += f" ± {number(std[key])}"
+    return text
+
+
+def repair_text(summary: dict[str, Any]) -> str:
+    """Describe one repair: what was removed, a table of arms, and the gain."""
+    seeds = summary.get("seeds") or []
+    lines = [
+        f"repair {summary['repair_id']}: {summary['treatment']} on run "
+        f"{summary['run_id']}, failure set {summary['failure_set_id']}",
+        f"causes: {summary.get('causes') or '-'} ({summary['n_removed']} removed); "
+        f"seeds {number(seeds)}; {summary.get('seconds', math.nan):.1f} s",
+        "",
+    ]
+    keys = [key for key, _ in ACCURACY_COLUMNS]
+    header = ["", *(name for _, name in ACCURACY_COLUMNS)]
+    rows = [["before", *(number(summary["before"].get(key)) for key in keys)]]
+    rows.append(
+        [
+            "treatment",
+            *(_mean_std(summary["after"], summary.get("spread"), k) for k in keys),
+        ]
+    )
+    for arm, values in (summary.get("controls") or {}).items():
+        label = {"nothing": "nothing removed", "random": "random removed"}.get(arm, arm)
+        rows.append(
+            [label, *(_mean_std(values["mean"], values.get("std"), k) for k in keys)]
+        )
+    gain = summary.get("gain_over_nothing")
+    if gain:
+        rows.append(
+            [
+                "gain over nothing",
+                *(number(gain["mean"].get(k), signed=True) for k in keys),
+            ]
+        )
+    lines.append(table(header, rows))
+
+    lines.append("")
+    lines.append(
+        "F_q: query failures, F_h: holdout failures, T\\F: the rest of the test "
+        f"set. Means over {_count(len(seeds), 'seed')} ± their standard deviation."
+    )
+    if summary.get("controls_note"):
+        lines.append(f"No controls: {summary['controls_note']}")
+    lines.extend(summary.get("notes") or [])
+    fixed = (gain or {}).get("mean", {}).get("holdout_fixed")
+    broken = (gain or {}).get("mean", {}).get("remaining_broken")
+    if fixed is not None and broken is not None:
+        lines.append(
+            f"Against the nothing-removed control: {fixed:+.1f} holdout failures "
+            f"fixed, {broken:+.1f} remaining examples broken (means over seeds)."
+        )
+    first = (summary.get("per_seed") or {}).get("treatment") or [{}]
+    if first[0].get("model_file"):
+        lines.append(
+            f"Repaired model: runs/{summary['run_id']}/{first[0]['model_file']} in the "
+            "workspace; --json lists every seed and arm."
+        )
+    return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def points_text(
+    title: str, first_column: str, key: str, points: list[dict[str, Any]]
+) -> str:
+    """Tabulate a sweep or removal curve, one row of accuracies per point."""
+    keys = [k for k, _ in ACCURACY_COLUMNS]
+    header = [first_column, *(name for _, name in ACCURACY_COLUMNS), "seconds"]
+    rows = []
+    for point in points:
+        mean, std = point.get("mean", point), point.get("std")
+        rows.append(
+            [
+                f"{point[key]:g}",
+                *(_mean_std(mean, std, k) for k in keys),
+                number(mean.get("seconds")),
+            ]
+        )
+    return f"{title}\n\n{table(header, rows)}"
+
+
+def sweep_text(summary: dict[str, Any]) -> str:
+    title = (
+        f"sweep {summary['sweep_id']}: {summary['treatment']} on run "
+        f"{summary['run_id']}, failure set {summary['failure_set_id']}\n"
+        f"causes: {summary.get('causes') or '-'} ({summary['n_removed']} removed)"
+    )
+    return points_text(title, "strength", "strength", summary["points"])
+
+
+def curve_text(summary: dict[str, Any]) -> str:
+    title = (
+        f"removal curve {summary['removal_curve_id']}: top k of "
+        f"{summary['scores_id']} removed, then fine-tuned, on run "
+        f"{summary['run_id']}\nseeds {number(summary.get('seeds'))}; means ± "
+        "standard deviation over seeds"
+    )
+    # The removal-curve command prints its points as "curve".
+    points = summary["points"] if "points" in summary else summary["curve"]
+    text = points_text(title, "k", "k", points)
+    if summary.get("skipped_ks"):
+        text += (
+            f"\nSkipped k {number(summary['skipped_ks'])}: "
+            "too few examples would remain."
+        )
+    return text
+
+
+def runs_text(result: dict[str, Any]) -> str:
+    """Tabulate the runs of a workspace, or the stored records of one run."""
+    if "runs" in result:
+        rows = [
+            [
+                run["run_id"],
+                run["created_at"][:19].replace("T", " "),
+                run["data"],
+                run["scenario"],
+                run["model"],
+                number(run.get("test_accuracy")),
+                number(run.get("n_failures")),
+            ]
+            for run in result["runs"]
+        ]
+        header = ["run", "created", "data", "scenario", "model", "test acc", "failures"]
+        if not rows:
+            return f"No runs in {result['workspace']} yet."
+        return f"workspace {result['workspace']}\n\n{table(header, rows)}"
+    sections = [f"run {result['run_id']} in {result['workspace']}"]
+    for name, records in result.items():
+        if not isinstance(records, list):
+            continue
+        title = name.replace("_", " ")
+        if not records:
+            sections.append(f"{title}: none")
+            continue
+        header = list(records[0])
+        rows = [
+            [_cell(column, record.get(column)) for column in header]
+            for record in records
+        ]
+        sections.append(f"{title}:\n{table(header, rows)}")
+    return "\n\n".join(sections)
+
+
+def _flat_record(value: Any) -> bool:
+    return isinstance(value, dict) and not any(
+        isinstance(v, dict | list) for v in value.values()
+    )
+
+
+def generic_text(result: dict[str, Any], prefix: str = "") -> str:
+    """Format one ``name: value`` line per field.
+
+    Nested fields get dotted names, and a list of flat records becomes a table.
+    """
+    lines = []
+    for key, value in result.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            lines.append(generic_text(value, prefix=f"{name}."))
+        elif isinstance(value, list) and value and all(map(_flat_record, value)):
+            header = list(dict.fromkeys(column for row in value for column in row))
+            rows = [
+                [_cell(column, row.get(column)) for column in header] for row in value
+            ]
+            lines.append(f"{name}:\n{table(header, rows)}")
+        elif isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+            lines.append(f"{name:>16}: {json.dumps(value)}")
+        else:
+            lines.append(f"{name:>16}: {number(value)}")
+    return "\n".join(lines)
+
+
+def result_text(command: str, result: dict[str, Any]) -> str:
+    """Return the text view of one command's result."""
+    if command == "repair" or "repair_id" in result:
+        return repair_text(result)
+    if command == "sweep" or "sweep_id" in result:
+        return sweep_text(result)
+    if command == "removal-curve" or "removal_curve_id" in result:
+        return curve_text(result)
+    if command == "runs":
+        return runs_text(result)
+    return generic_text(result)

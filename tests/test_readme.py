@@ -1,0 +1,29 @@
+"""The README's Python example runs as printed."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.mark.slow
+def test_python_example_runs(tmp_path, monkeypatch, capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+
+    namespace: dict = {}
+    exec(compile(blocks[0], str(README), "exec"), namespace)
+
+    gain = float(capsys.readouterr().out.strip().splitlines()[-1])
+    repair = namespace["repair"]
+    assert gain == pytest.approx(repair["gain_over_nothing"]["mean"]["holdout_acc"])
+    assert repair["n_removed"] == 60
+    assert isinstance(namespace["repaired"], torch.nn.Module)
+    stored = namespace["workspace"].get_repair(repair["repair_id"])
+    assert stored["metrics"]["after"] == repair["after"]
+    assert (tmp_path / "workspace" / "repair.sqlite").is_file()
