@@ -228,26 +228,38 @@ def _flat_record(value: Any) -> bool:
     )
 
 
-def generic_text(result: dict[str, Any], prefix: str = "") -> str:
-    """Format one ``name: value`` line per field.
-
-    Nested fields get dotted names, and a list of flat records becomes a table.
-    """
-    lines = []
+def _fields(result: dict[str, Any], prefix: str = "") -> list[tuple[str, str, bool]]:
+    """Flatten ``result`` into (name, text, is_table) entries, nested names dotted."""
+    entries = []
     for key, value in result.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            lines.append(generic_text(value, prefix=f"{name}."))
+            entries.extend(_fields(value, prefix=f"{name}."))
         elif isinstance(value, list) and value and all(map(_flat_record, value)):
             header = list(dict.fromkeys(column for row in value for column in row))
             rows = [
                 [_cell(column, row.get(column)) for column in header] for row in value
             ]
-            lines.append(f"{name}:\n{table(header, rows)}")
+            entries.append((name, table(header, rows), True))
         elif isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
-            lines.append(f"{name:>16}: {json.dumps(value)}")
+            entries.append((name, json.dumps(value), False))
         else:
-            lines.append(f"{name:>16}: {number(value)}")
+            entries.append((name, number(value), False))
+    return entries
+
+
+def generic_text(result: dict[str, Any]) -> str:
+    """Format one ``name: value`` line per field.
+
+    Nested fields get dotted names, and a list of flat records becomes a table
+    under its name. Names are right-aligned so that the values line up.
+    """
+    entries = _fields(result)
+    width = max((len(name) for name, _, is_table in entries if not is_table), default=0)
+    lines = [
+        f"{name}:\n{text}" if is_table else f"{name:>{width}}: {text}"
+        for name, text, is_table in entries
+    ]
     return "\n".join(lines)
 
 
