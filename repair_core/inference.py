@@ -71,6 +71,23 @@ def output_size(model: nn.Module, images: torch.Tensor) -> int:
     return predict_logits(model, images[:1]).shape[-1]
 
 
+def check_model_labels(
+    model: nn.Module,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_images: torch.Tensor,
+    query_labels: torch.Tensor,
+) -> None:
+    """Raise ConfigError naming the first training or query label that is not
+    one of ``model``'s classes; the class count comes from one forward pass."""
+    sample = train_images if len(train_images) else query_images
+    if len(sample) == 0:
+        return
+    n_classes = output_size(model, sample)
+    check_labels(train_labels, n_classes, "Training label")
+    check_labels(query_labels, n_classes, "Query label")
+
+
 def model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device

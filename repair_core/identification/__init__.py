@@ -57,10 +57,9 @@ from repair_core.identification.sgd_influence import (
 from repair_core.identification.tracin import TracInConfig, score_tracin
 from repair_core.inference import (
     check_finite_images,
-    check_labels,
+    check_model_labels,
     eval_mode,
     model_device,
-    output_size,
 )
 from repair_core.progress import Progress
 
@@ -201,9 +200,7 @@ def _check_data(
         )
     check_finite_images(train_images, "Training image")
     check_finite_images(query_images, "Query image")
-    n_classes = output_size(model, train_images)
-    check_labels(train_labels, n_classes, "Training label")
-    check_labels(query_labels, n_classes, "Query label")
+    check_model_labels(model, train_images, train_labels, query_images, query_labels)
 
 
 def _config_json(config: Any) -> dict:

@@ -24,7 +24,7 @@ from torch import nn
 
 from repair_core.errors import ConfigError
 from repair_core.fisher import diagonal_fisher
-from repair_core.inference import check_finite_images, check_labels, output_size
+from repair_core.inference import check_finite_images, check_model_labels
 from repair_core.progress import Progress
 from repair_core.training import TrainConfig
 from repair_core.treatments.base import (
@@ -160,7 +160,7 @@ def apply_treatment(
     """
     check_finite_images(train_images, "Training image")
     check_finite_images(query_images, "Query image")
-    _check_labels(model, train_images, train_labels, query_images, query_labels)
+    check_model_labels(model, train_images, train_labels, query_images, query_labels)
     causes = causes.long().cpu()
     n_train = len(train_labels)
     start = time.perf_counter()
@@ -254,21 +254,6 @@ def apply_treatment(
         seed=config.seed,
         extras=extras,
     )
-
-
-def _check_labels(
-    model: nn.Module,
-    train_images: torch.Tensor,
-    train_labels: torch.Tensor,
-    query_images: torch.Tensor,
-    query_labels: torch.Tensor,
-) -> None:
-    sample = train_images if len(train_images) else query_images
-    if len(sample) == 0:
-        return
-    n_classes = output_size(model, sample)
-    check_labels(train_labels, n_classes, "Training label")
-    check_labels(query_labels, n_classes, "Query label")
 
 
 def _fisher_batch_size(config: TreatmentConfig) -> int:
