@@ -212,7 +212,20 @@ def load_factory(spec: str, search_path: str | Path | None = None) -> nn.Module:
         )
     try:
         model = factory()
-    except Exception as error:  # any error in the user's callable
+    except TypeError as error:
+        if _user_frames(error):  # raised inside the user's callable
+            raise CheckpointError(
+                f"Model factory {spec!r} raised {_describe_user_error(error)}. Fix "
+                "the factory so that, called without arguments, it returns the model."
+            ) from error
+        # With no frame outside this module the call itself failed, usually
+        # because the callable has parameters without default values.
+        raise CheckpointError(
+            f"Calling model factory {spec!r} without arguments raised "
+            f"{_describe_user_error(error)}. Give each of its parameters a default "
+            "value, or name a callable that takes no arguments and returns the model."
+        ) from error
+    except Exception as error:  # any other error in the user's callable
         raise CheckpointError(
             f"Model factory {spec!r} raised {_describe_user_error(error)}. Fix the "
             "factory so that, called without arguments, it returns the model."
@@ -225,22 +238,31 @@ def load_factory(spec: str, search_path: str | Path | None = None) -> nn.Module:
     return model
 
 
+def _user_frames(error: Exception) -> list[traceback.FrameSummary]:
+    """Return the traceback frames of ``error`` outside this module and outside
+    frozen importlib code, outermost first."""
+    return [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if not frame.filename.startswith("<")
+        and frame.filename != _user_frames.__code__.co_filename
+    ]
+
+
 def _describe_user_error(error: Exception) -> str:
     """Return "Type: message (file, line N)" for an error raised in user code.
 
-    The location is the innermost frame of the traceback, which lies in a
-    library when the user's code called one with bad arguments.
+    The location is the innermost frame of the traceback outside this module,
+    which lies in a library when the user's code called one with bad arguments.
+    It is left out when no such frame exists, as for a TypeError raised by
+    calling the user's callable with the wrong number of arguments.
     """
     description = type(error).__name__
     if str(error):
         description += f": {error}"
     if isinstance(error, SyntaxError):
         return description  # its message already names the file and line
-    frames = [
-        frame
-        for frame in traceback.extract_tb(error.__traceback__)
-        if not frame.filename.startswith("<")  # skip frozen importlib frames
-    ]
+    frames = _user_frames(error)
     if frames:
         description += f" ({frames[-1].filename}, line {frames[-1].lineno})"
     return description
@@ -342,13 +364,35 @@ def check_output_size(model: nn.Module, sample: torch.Tensor, num_classes: int) 
         ) from error
     finally:
         model.train(was_training)
-    if logits.ndim != 2 or logits.shape[1] != num_classes:
+    if not isinstance(logits, torch.Tensor):
+        raise CheckpointError(
+            f"The model returned {_describe_type(logits)}, not a logits tensor of "
+            f"shape (batch, {num_classes}). Make its forward method return only "
+            "the logits."
+        )
+    if logits.ndim != 2:
+        raise CheckpointError(
+            f"The model outputs shape {tuple(logits.shape)}, but logits must be "
+            f"2-D with shape (batch, classes), which is (batch, {num_classes}) for "
+            "this data. Make its forward method return a tensor of that shape."
+        )
+    if logits.shape[1] != num_classes:
         last = _last_layer_name(model)
         raise CheckpointError(
             f"The model outputs shape {tuple(logits.shape)} but the data has "
             f"{num_classes} classes (layer {last!r}). Give the last layer "
             f"{num_classes} outputs."
         )
+
+
+def _describe_type(value: object) -> str:
+    """Return the type name of ``value``, with its item types for a short tuple
+    or list, for example "tuple (Tensor, int)"."""
+    name = type(value).__name__
+    if isinstance(value, tuple | list) and 0 < len(value) <= 4:
+        items = ", ".join(type(item).__name__ for item in value)
+        return f"{name} ({items})"
+    return name
 
 
 def _last_layer_name(model: nn.Module) -> str:

@@ -423,3 +423,50 @@ def test_cli_import_checkpoint_folder(workspace_copy, tmp_path, capsys):
     assert "state-dict file" in err
     assert "not found" not in err
     assert Workspace(workspace).list_runs() == runs_before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "def build(width):\n    raise AssertionError('not reached')\n",
+        "import torch.nn as nn\n\n"
+        "class build(nn.Module):\n"
+        "    def __init__(self, width):\n"
+        "        super().__init__()\n",
+    ],
+    ids=["function", "class"],
+)
+def test_factory_needing_arguments(factory_folder, body):
+    _write_factory(factory_folder, "bad_input_needs_width", body)
+
+    with pytest.raises(CheckpointError) as caught:
+        models.load_factory("bad_input_needs_width:build")
+
+    message = str(caught.value)
+    assert (
+        "Calling model factory 'bad_input_needs_width:build' without arguments "
+        "raised TypeError" in message
+    )
+    assert "missing 1 required positional argument: 'width'" in message
+    assert "models.py" not in message
+    assert ", line " not in message
+    assert "default value" in message
+
+
+def test_factory_type_error_keeps_location(factory_folder):
+    _write_factory(
+        factory_folder,
+        "bad_input_inner_type",
+        """
+        def build():
+            return len(5)
+        """,
+    )
+
+    with pytest.raises(CheckpointError) as caught:
+        models.load_factory("bad_input_inner_type:build")
+
+    message = str(caught.value)
+    assert "raised TypeError: object of type 'int' has no len()" in message
+    assert "bad_input_inner_type.py, line 3" in message
+    assert "Fix the factory" in message

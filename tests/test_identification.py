@@ -265,6 +265,33 @@ def test_oracle_ranks_mask_first(trained):
     assert context.corrupted_mask[top].all()
 
 
+@pytest.mark.parametrize("tie_break", [1e-6, 0.0])
+def test_oracle_positive_only_for_corrupted(trained, tie_break):
+    model, x, y, qx, qy, context = trained
+    config = default_config("oracle")
+    config.tie_break = tie_break
+
+    scores = identify("oracle", model, x, y, qx, qy, config, context=context).scores
+
+    mask = context.corrupted_mask
+    assert (scores[mask] > 0).all()
+    assert (scores[~mask] <= 0).all()
+    assert int((scores > 0).sum()) == int(mask.sum())
+
+
+def test_oracle_keeps_tie_break_order(trained):
+    model, x, y, qx, qy, context = trained
+    config = default_config("oracle")
+    config.tie_break = 1e-3
+    generator = torch.Generator().manual_seed(config.seed)
+    noise = torch.rand(len(y), generator=generator, dtype=torch.float64)
+    expected = torch.argsort(context.corrupted_mask.double() + 1e-3 * noise)
+
+    scores = identify("oracle", model, x, y, qx, qy, config, context=context).scores
+
+    assert torch.equal(torch.argsort(scores), expected)
+
+
 def test_unknown_method_and_wrong_config(trained):
     model, x, y, qx, qy, _ = trained
     with pytest.raises(ConfigError, match="Unknown identification method"):

@@ -107,6 +107,53 @@ def test_output_size_mismatch_names_layer(user_module):
         models.check_output_size(model, torch.rand(1, 1, 28, 28), num_classes=10)
 
 
+class _ReturnsExtra(nn.Module):
+    """A model whose forward returns the logits together with another value."""
+
+    def __init__(self, extra) -> None:
+        super().__init__()
+        self.linear = nn.Linear(784, 10)
+        self.extra = extra
+
+    def forward(self, x):
+        logits = self.linear(x.flatten(1))
+        if self.extra == "dict":
+            return {"logits": logits}
+        return logits, self.extra
+
+
+@pytest.mark.parametrize(
+    ("extra", "returned"), [(0, "tuple (Tensor, int)"), ("dict", "dict")]
+)
+def test_output_not_a_tensor(extra, returned):
+    model = _ReturnsExtra(extra)
+
+    with pytest.raises(CheckpointError) as caught:
+        models.check_output_size(model, torch.rand(1, 1, 28, 28), num_classes=10)
+
+    message = str(caught.value)
+    assert f"The model returned {returned}" in message
+    assert "not a logits tensor of shape (batch, 10)" in message
+    assert "return only the logits" in message
+
+
+@pytest.mark.parametrize(
+    ("last", "shape"),
+    [(nn.Unflatten(1, (1, 10)), (1, 1, 10)), (nn.Flatten(0), (10,))],
+)
+def test_output_not_2d_names_shape(last, shape):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), last)
+
+    with pytest.raises(CheckpointError) as caught:
+        models.check_output_size(model, torch.rand(1, 1, 28, 28), num_classes=10)
+
+    message = str(caught.value)
+    assert f"The model outputs shape {shape}" in message
+    assert "2-D" in message
+    assert "(batch, 10)" in message
+    assert "Give the last layer" not in message
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

@@ -518,6 +518,13 @@ def test_read_causes_file(tmp_path):
     assert read_causes_file(path, 10).tolist() == [2, 4]
 
 
+def test_read_causes_file_accepts_bom(tmp_path):
+    path = tmp_path / "causes.txt"
+    path.write_bytes("3\r\n7\r\n".encode("utf-8-sig"))
+
+    assert read_causes_file(path, 10).tolist() == [3, 7]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -100,7 +100,12 @@ def score_oracle(
     context: IdentificationContext,
     progress: Progress | None,
 ) -> tuple[torch.Tensor, dict]:
-    """Score 1 for each known corrupted example and 0 otherwise, plus tiny noise."""
+    """Score each known corrupted example in [1 - tie_break, 1) and each clean
+    one in [-tie_break, 0), so exactly the corrupted examples score above 0.
+
+    Seeded uniform noise of amplitude ``tie_break`` orders examples within
+    each group. With ``tie_break`` 0 every clean example scores exactly 0.
+    """
     mask = context.corrupted_mask
     if mask is None:
         raise ConfigError(
@@ -117,5 +122,7 @@ def score_oracle(
         )
     generator = torch.Generator().manual_seed(config.seed)
     noise = torch.rand(len(train_labels), generator=generator, dtype=torch.float64)
-    scores = mask.bool().double() + config.tie_break * noise
+    # noise - 1 lies in [-1, 0), so clean examples stay at or below 0 and the
+    # order within each group is the order of the noise.
+    scores = mask.bool().double() + config.tie_break * (noise - 1)
     return scores, {}

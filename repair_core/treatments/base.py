@@ -111,8 +111,8 @@ def validate_causes(causes: Any, n_train: int) -> torch.Tensor:
 def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
     """Read training indices from a text file, one per line.
 
-    Blank lines are ignored. The indices are then checked as in
-    :func:`validate_causes`.
+    Blank lines and a leading UTF-8 byte-order mark are ignored. The indices
+    are then checked as in :func:`validate_causes`.
 
     Raises:
         ConfigError: the file is missing, is a folder or is not UTF-8 text, a
@@ -129,7 +129,8 @@ def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
     if not path.is_file():
         raise ConfigError(f"Causes file {str(path)!r} not found. Check the path.")
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig drops the byte-order mark that some Windows editors write.
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError(
             f"Causes file {str(path)!r} is not UTF-8 text. Save it as plain text "
