@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
 import typing
 import warnings
@@ -1001,6 +1002,10 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code (0 success, 1 a benchmark
     unit failed, 2 bad input, 130 interrupted)."""
@@ -1011,6 +1016,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # A job scheduler or `kill` ends a command with SIGTERM. Raising an
+    # interrupt lets it delete the files of an unfinished result, as Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
@@ -1029,6 +1037,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # saves each finished step, so an interrupt leaves no partial record.
         print("Interrupted.", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if getattr(args, "json", False):
         print(json.dumps(_finite(result)))
     else:

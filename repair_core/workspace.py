@@ -162,6 +162,15 @@ def atomic_save_arrays(path: str | Path, **arrays: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _can_write(folder: Path) -> bool:
+    """Return whether a new file can be created in ``folder``."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 class Workspace:
     """A folder holding the database and files of every run.
 
@@ -199,6 +208,9 @@ class Workspace:
                 "a writable folder with --workspace."
             ) from error
         self.database_path = self.root / DATABASE_NAME
+        # A workspace on read-only storage can still be read: listing runs and
+        # printing stored results need no writes.
+        self.read_only = self.database_path.is_file() and not _can_write(self.root)
         self._initialise()
 
     def check_writable(self) -> None:
@@ -223,7 +235,13 @@ class Workspace:
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        connection = sqlite3.connect(self.database_path, timeout=30)
+        if self.read_only:
+            # Without a writable folder sqlite cannot create the WAL index, so
+            # the file is opened as immutable: read without locks or WAL.
+            uri = f"{self.database_path.as_uri()}?mode=ro&immutable=1"
+            connection = sqlite3.connect(uri, uri=True, timeout=30)
+        else:
+            connection = sqlite3.connect(self.database_path, timeout=30)
         connection.row_factory = sqlite3.Row
         connection.execute("PRAGMA foreign_keys = ON")
         try:
@@ -232,7 +250,7 @@ class Workspace:
         except sqlite3.DatabaseError as error:
             if isinstance(error, sqlite3.IntegrityError):
                 raise
-            if "readonly" in str(error):
+            if "readonly" in str(error) or self.read_only:
                 raise WorkspaceError(
                     f"The workspace database {str(self.database_path)!r} is "
                     f"read-only ({error}). Make the file and its folder writable, "
@@ -240,24 +258,26 @@ class Workspace:
                 ) from error
             raise WorkspaceError(
                 f"The workspace database {str(self.database_path)!r} could not be "
-                f"used: {error}. Point --workspace at another folder, or move this "
-                "file away to start a fresh workspace."
+                f"used: {error}. If the file is damaged, restore it from a backup; "
+                "otherwise point --workspace at another folder."
             ) from error
         finally:
             connection.close()
 
     def _initialise(self) -> None:
         with self._connect() as connection:
-            connection.execute("PRAGMA journal_mode = WAL")
-            connection.executescript(_SCHEMA)
+            if not self.read_only:
+                connection.execute("PRAGMA journal_mode = WAL")
+                connection.executescript(_SCHEMA)
             row = connection.execute(
                 "SELECT value FROM meta WHERE key = 'schema_version'"
             ).fetchone()
             if row is None:
-                connection.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
+                if not self.read_only:
+                    connection.execute(
+                        "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                        (str(SCHEMA_VERSION),),
+                    )
             elif int(row["value"]) > SCHEMA_VERSION:
                 raise WorkspaceError(
                     f"Workspace {str(self.root)!r} has schema version {row['value']}, "

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -761,18 +762,28 @@ def test_read_only_workspace_rejected_before_work(tiny_run, tmp_path):
     before = sorted(str(path) for path in copy.rglob("*"))
     for path in [copy, *copy.rglob("*")]:
         path.chmod(path.stat().st_mode & ~0o222)
-    try:
-        argv = ["identify", "--workspace", str(copy), "--run", run["run_id"]]
-        result = subprocess.run(
+
+    def command(*argv):
+        return subprocess.run(
             [*_without_root_override(), sys.executable, "-m", "repair_core", *argv]
-            + ["--method", "random"],
+            + ["--workspace", str(copy), "--json"],
             capture_output=True,
             text=True,
         )
+
+    try:
+        result = command("identify", "--run", run["run_id"], "--method", "random")
+        # Reading needs no writes, so listing and printing still work.
+        listing = command("runs")
+        shown = command("show", run["failure_set_id"])
     finally:
         for path in [copy, *copy.rglob("*")]:
             path.chmod(path.stat().st_mode | 0o200)
 
+    assert listing.returncode == 0, listing.stderr
+    assert [r["run_id"] for r in json.loads(listing.stdout)["runs"]] == [run["run_id"]]
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["n_query"] == run["n_query"]
     assert result.returncode == 2
     assert "is read-only" in result.stderr or "is not writable" in result.stderr
     assert "--workspace" in result.stderr
@@ -921,3 +932,45 @@ def test_text_cells_keep_small_values_and_align_numbers():
     text = generic_text({"config": {"lr": 1e-5, "fit": {"steps": 3}}, "points": []})
     assert "config.lr: 1e-05" in text
     assert "config.fit.steps: 3" in text
+
+
+def test_sigterm_mid_repair_stores_nothing(tiny_run):
+    workspace, run = tiny_run
+    run_folder = Path(workspace) / "runs" / run["run_id"]
+    scores = subprocess.run(
+        [sys.executable, "-m", "repair_core", "identify", "--workspace", workspace]
+        + ["--run", run["run_id"], "--method", "random", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    scores_id = json.loads(scores.stdout)["scores_id"]
+
+    def files():
+        return sorted(path for path in run_folder.rglob("*") if path.is_file())
+
+    files_before = files()
+    repairs_before = Workspace(workspace).list_repairs(run["run_id"])
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "repair_core", "repair", "--workspace", workspace]
+        + ["--run", run["run_id"], "--scores", scores_id, "--top-k", "20"]
+        + ["--treatment", "finetune", "--seeds", "0,1,2", "--set", "max_epochs=1"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        # By the second seed the first seed's model has been saved.
+        if "treatment arm, seed 1" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=120)
+    err = "".join(lines) + rest
+
+    assert process.returncode == 130, err
+    assert "Interrupted." in err
+    assert "Traceback" not in err
+    assert files() == files_before
+    assert Workspace(workspace).list_repairs(run["run_id"]) == repairs_before
