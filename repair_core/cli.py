@@ -8,6 +8,7 @@ progress and logs go to standard error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -205,7 +206,8 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=VALUE",
         help="override a setting of the method or treatment, for example "
-        "--set max_steps=300; repeatable",
+        "--set seed=1; repeatable. --set help lists the settings with their "
+        "defaults",
     )
 
 
@@ -697,18 +699,55 @@ def _setting_value(text: str, kind: Any, name: str, what: str) -> Any:
         ) from None
 
 
+def _settings_help(config: Any, what: str) -> str:
+    """List the settings of ``config`` with their defaults and help texts."""
+    from repair_core.cli_text import number, table
+
+    rows, nested = [], []
+    for entry in dataclasses.fields(config):
+        value = getattr(config, entry.name)
+        if not dataclasses.is_dataclass(value):
+            rows.append([entry.name, number(value), entry.metadata.get("help", "")])
+            continue
+        nested.append(entry.name)
+        for inner in dataclasses.fields(value):
+            rows.append(
+                [
+                    f"{entry.name}.{inner.name}",
+                    number(getattr(value, inner.name)),
+                    inner.metadata.get("help", ""),
+                ]
+            )
+    text = f"Settings of {what}:\n\n" + table(["name", "default", "meaning"], rows)
+    if nested:
+        text += (
+            f"\n\nA group such as {nested[0]!r} is set as one JSON object, for "
+            f"example --set {nested[0]}='{{\"seed\": 1}}'; the settings it omits "
+            "keep their defaults."
+        )
+    return text
+
+
 def _apply_settings(config: Any, settings: list[str], what: str) -> Any:
     """Return ``config`` with NAME=VALUE overrides read as each setting's type."""
     if not settings:
         return config
+    if "help" in settings:
+        print(_settings_help(config, what))
+        raise SystemExit(0)
     values = config.to_dict() if hasattr(config, "to_dict") else asdict(config)
     kinds = typing.get_type_hints(type(config))
     for item in settings:
         name, sep, text = item.partition("=")
-        if not sep or name not in values:
+        if not sep:
             raise RepairError(
-                f"Invalid setting {item!r} for {what}. Use NAME=VALUE with NAME one "
-                f"of: {', '.join(sorted(values))}."
+                f"Invalid setting {item!r} for {what}: expected NAME=VALUE. "
+                "'--set help' lists the settings."
+            )
+        if name not in values:
+            raise RepairError(
+                f"Unknown setting {name!r} for {what}. Use one of: "
+                f"{', '.join(sorted(values))}; '--set help' describes them."
             )
         values[name] = _setting_value(text.strip(), kinds.get(name), name, what)
     if hasattr(type(config), "from_dict"):
@@ -1003,6 +1042,7 @@ def _finite(value: Any) -> Any:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    """Raise KeyboardInterrupt, so SIGTERM ends a command as Ctrl-C does."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -81,27 +81,25 @@ def _mean_std(mean: dict[str, Any], std: dict[str, Any] | None, key: str) -> str
 def repair_text(summary: dict[str, Any]) -> str:
     """Describe one repair: what was removed, a table of arms, and the gain."""
     seeds = summary.get("seeds") or []
+    several = len(seeds) > 1
     lines = [
         f"repair {summary['repair_id']}: {summary['treatment']} on run "
         f"{summary['run_id']}, failure set {summary['failure_set_id']}",
         f"causes: {summary.get('causes') or '-'} ({summary['n_removed']} removed); "
-        f"seeds {number(seeds)}; {summary.get('seconds', math.nan):.1f} s",
+        f"{'seeds' if several else 'seed'} {number(seeds)}; "
+        f"{summary.get('seconds', math.nan):.1f} s",
         "",
     ]
     keys = [key for key, _ in ACCURACY_COLUMNS]
     header = ["", *(name for _, name in ACCURACY_COLUMNS)]
     rows = [["before", *(number(summary["before"].get(key)) for key in keys)]]
-    rows.append(
-        [
-            "treatment",
-            *(_mean_std(summary["after"], summary.get("spread"), k) for k in keys),
-        ]
-    )
+    # One seed has no spread to show.
+    spread = summary.get("spread") if several else None
+    rows.append(["treatment", *(_mean_std(summary["after"], spread, k) for k in keys)])
     for arm, values in (summary.get("controls") or {}).items():
         label = {"nothing": "nothing removed", "random": "random removed"}.get(arm, arm)
-        rows.append(
-            [label, *(_mean_std(values["mean"], values.get("std"), k) for k in keys)]
-        )
+        std = values.get("std") if several else None
+        rows.append([label, *(_mean_std(values["mean"], std, k) for k in keys)])
     gain = summary.get("gain_over_nothing")
     if gain:
         rows.append(
@@ -113,10 +111,12 @@ def repair_text(summary: dict[str, Any]) -> str:
     lines.append(table(header, rows))
 
     lines.append("")
-    lines.append(
-        "F_q: query failures, F_h: holdout failures, T\\F: the rest of the test "
-        f"set. Means over {_count(len(seeds), 'seed')} ± their standard deviation."
+    legend = (
+        "F_q: query failures, F_h: holdout failures, T\\F: the rest of the test set."
     )
+    if several:
+        legend += f" Means over {len(seeds)} seeds ± their standard deviation."
+    lines.append(legend)
     if summary.get("controls_note"):
         lines.append(f"No controls: {summary['controls_note']}")
     lines.extend(summary.get("notes") or [])
@@ -125,7 +125,8 @@ def repair_text(summary: dict[str, Any]) -> str:
     if fixed is not None and broken is not None:
         lines.append(
             f"Against the nothing-removed control: {fixed:+.1f} holdout failures "
-            f"fixed, {broken:+.1f} remaining examples broken (means over seeds)."
+            f"fixed, {broken:+.1f} remaining examples broken"
+            + (" (means over seeds)." if several else ".")
         )
     first = (summary.get("per_seed") or {}).get("treatment") or [{}]
     if first[0].get("model_file"):
@@ -136,19 +137,24 @@ def repair_text(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def points_text(
-    title: str, first_column: str, key: str, points: list[dict[str, Any]]
+    title: str,
+    first_column: str,
+    key: str,
+    points: list[dict[str, Any]],
+    spread: bool = True,
 ) -> str:
-    """Tabulate a sweep or removal curve, one row of accuracies per point."""
+    """Tabulate a sweep or removal curve, one row of accuracies per point.
+
+    A point with ``mean`` and ``std`` shows "mean ± std" unless ``spread`` is
+    False, as for a single seed.
+    """
     keys = [k for k, _ in ACCURACY_COLUMNS]
     header = [first_column, *(name for _, name in ACCURACY_COLUMNS), "seconds"]
     rows = []
     for point in points:
-        mean, std = point.get("mean", point), point.get("std")
+        mean = point.get("mean", point)
+        std = point.get("std") if spread else None
         rows.append(
             [
                 f"{point[key]:g}",
@@ -160,24 +166,42 @@ def points_text(
 
 
 def sweep_text(summary: dict[str, Any]) -> str:
+    """Tabulate a sweep, one row per value of the swept setting."""
+    from repair_core.evaluation import SWEEPABLE
+
+    field = SWEEPABLE.get(summary["treatment"], "strength")
     title = (
         f"sweep {summary['sweep_id']}: {summary['treatment']} on run "
         f"{summary['run_id']}, failure set {summary['failure_set_id']}\n"
         f"causes: {summary.get('causes') or '-'} ({summary['n_removed']} removed)"
     )
-    return points_text(title, "strength", "strength", summary["points"])
+    text = points_text(title, field, "strength", summary["points"])
+    unchanged = [p["strength"] for p in summary["points"] if p.get("unchanged")]
+    if unchanged:
+        values = ", ".join(f"{value:g}" for value in unchanged)
+        text += (
+            f"\nAt {field} {values} the model is the original one: no step raised "
+            "accuracy on F_q before the run stopped, so early stopping kept θ̂."
+        )
+    return text
 
 
 def curve_text(summary: dict[str, Any]) -> str:
+    seeds = summary.get("seeds") or []
+    several = len(seeds) > 1
     title = (
         f"removal curve {summary['removal_curve_id']}: top k of "
         f"{summary['scores_id']} removed, then fine-tuned, on run "
-        f"{summary['run_id']}\nseeds {number(summary.get('seeds'))}; means ± "
-        "standard deviation over seeds"
+        f"{summary['run_id']}\n"
+        + (
+            f"seeds {number(seeds)}; means ± standard deviation over seeds"
+            if several
+            else f"seed {number(seeds)}"
+        )
     )
     # The removal-curve command prints its points as "curve".
     points = summary["points"] if "points" in summary else summary["curve"]
-    text = points_text(title, "k", "k", points)
+    text = points_text(title, "k", "k", points, spread=several)
     if summary.get("skipped_ks"):
         text += (
             f"\nSkipped k {number(summary['skipped_ks'])}: "

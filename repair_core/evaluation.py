@@ -257,7 +257,7 @@ def repair_with_controls(
         repaired model of the first seed) and ``result`` (its RepairResult).
         ``gain_over_nothing`` is None without a nothing-removed arm, and
         ``controls_note`` says why a treatment ran without its controls.
-        Each ``per_seed`` record says in ``unchanged`` whether the run
+        Each ``per_seed`` record has ``unchanged``, True when the run
         returned θ̂ itself, and ``notes`` names the arms that did.
     """
     train_images, train_labels = train
@@ -345,7 +345,7 @@ def repair_with_controls(
 
 
 def _same_parameters(model: nn.Module, repaired: nn.Module) -> bool:
-    """Whether ``repaired`` holds exactly the parameters of ``model``."""
+    """Return whether ``repaired`` has exactly the parameters of ``model``."""
     return all(
         torch.equal(a.detach().cpu(), b.detach().cpu())
         for a, b in zip(model.parameters(), repaired.parameters(), strict=True)
@@ -356,8 +356,8 @@ def _unchanged_notes(per_arm: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Say which arms returned θ̂ itself, so equal figures are not a mystery.
 
     EWC-deletion keeps the starting parameters when no step raises accuracy
-    on F_q before patience or the retained-accuracy guard ends the run; a
-    removed arm that did so measures the same as nothing removed.
+    on F_q before patience or the retained-accuracy guard ends the run. A
+    removal arm that did so measures the same as nothing removed.
     """
     notes = []
     for arm, runs in per_arm.items():
@@ -422,7 +422,8 @@ def sweep(
     Returns:
         One point per strength, in the given order: ``strength``, every
         accuracy, ``holdout_fixed``, ``remaining_broken``,
-        ``test_log_likelihood`` and ``seconds``.
+        ``test_log_likelihood``, ``seconds``, and ``unchanged``: whether the
+        point's model is θ̂ itself.
 
     Raises:
         ConfigError: a treatment without a strength, or no strengths.
@@ -488,7 +489,11 @@ def sweep(
             )
             repaired, seconds = result.model, result.seconds
         comparison = compare(model, repaired, test_images, test_labels, split)
-        point = {"strength": value, **_run_record(comparison, seconds)}
+        point = {
+            "strength": value,
+            **_run_record(comparison, seconds),
+            "unchanged": _same_parameters(model, repaired),
+        }
         if store_model is not None:
             point["model_file"] = store_model(f"{field}-{value}", repaired)
         points.append(point)
@@ -546,7 +551,7 @@ def removal_curve(
     seeds = _check_seeds(seeds)
     for k in ks:
         if k < 1:
-            raise ConfigError(f"k {k} must be at least 1.")
+            raise ConfigError(f"k {k} in ks must be at least 1.")
     max_k = n_train - MIN_REMAINING
     kept_ks = [k for k in ks if k <= max_k]
     if not kept_ks:

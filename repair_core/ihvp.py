@@ -374,7 +374,7 @@ def lissa(
                     )
                 if progress is not None and step % 10 == 0:
                     done = repeat * depth + step
-                    progress(done / total_steps, f"LiSSA step {done}/{total_steps}")
+                    progress(done / total_steps, f"LiSSA: step {done}/{total_steps}")
             estimate += v / scale
     return (estimate / repeats).detach()
 
@@ -395,12 +395,14 @@ def find_lissa_scale(
     curvature: str = "hessian",
     log_likelihood: LogLikelihood | None = None,
     divergence_ratio: float = DIVERGENCE_RATIO,
+    progress: Progress | None = None,
 ) -> float:
     """Return the smallest scale on the grid start * factor^k that does not diverge.
 
     Each candidate runs ``probe_depth`` LiSSA steps. A scale that survives the
     probe can still diverge over a much longer run with rare minibatches, so
-    callers may add a margin (one more grid step).
+    callers may add a margin (one more grid step). ``progress`` hears of each
+    candidate before its probe, with the fraction of ``max_tries`` used.
 
     Raises:
         DivergenceError: every scale up to start * factor^(max_tries - 1) diverged.
@@ -412,7 +414,9 @@ def find_lissa_scale(
     if max_tries < 1 or probe_depth < 1:
         raise ConfigError("max_tries and probe_depth must be at least 1.")
     scale = start
-    for _ in range(max_tries):
+    for attempt in range(max_tries):
+        if progress is not None:
+            progress(attempt / max_tries, f"LiSSA scale search: trying scale {scale:g}")
         try:
             lissa(
                 model,
@@ -552,7 +556,7 @@ def gd_ihvp(
                     "the damping, lower lr, or use curvature='fisher'."
                 )
             if progress is not None and step % 10 == 0:
-                progress(step / steps, f"GD inverse-HVP step {step}/{steps}")
+                progress(step / steps, f"GD inverse-HVP: step {step}/{steps}")
     return x.detach()
 
 

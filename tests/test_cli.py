@@ -349,7 +349,7 @@ def test_identify_setting_override(tiny_run, capsys):
     )
 
     assert code == 2
-    assert "Invalid setting 'no_such_setting=3'" in capsys.readouterr().err
+    assert "Unknown setting 'no_such_setting' for random" in capsys.readouterr().err
 
 
 def test_repair_top_k_with_controls(tiny_run, capsys):
@@ -664,6 +664,14 @@ def test_progress_printer_throttles_each_stage(capsys):
             "Invalid value '1.5' for setting max_epochs of finetune: expected an "
             "integer.",
         ),
+        (
+            ["identify", "--method", "linear-influence-lissa", "--set", "depth=5"],
+            "Unknown setting 'depth' for linear-influence-lissa. Use one of: ",
+        ),
+        (
+            ["identify", "--method", "random", "--set", "seed"],
+            "Invalid setting 'seed' for random: expected NAME=VALUE.",
+        ),
     ],
 )
 def test_set_rejects_value_of_wrong_type(tiny_run, capsys, argv, message):
@@ -866,7 +874,8 @@ def test_show_prints_every_stored_record_again(tiny_run, capsys):
 
     text = _text(capsys, ["show", "--workspace", workspace, sweep["sweep_id"]])
     lines = text.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("strength"))
+    # Newton's sweep varies its step size gamma.
+    header = next(i for i, line in enumerate(lines) if line.startswith("gamma"))
     assert [line.split()[0] for line in lines[header + 1 :]] == ["1", "2"]
     second = sweep["points"][1]
     assert lines[header + 2].split()[2] == f"{second['holdout_acc']:.3f}"
@@ -974,3 +983,37 @@ def test_sigterm_mid_repair_stores_nothing(tiny_run):
     assert "Traceback" not in err
     assert files() == files_before
     assert Workspace(workspace).list_repairs(run["run_id"]) == repairs_before
+
+
+def test_set_help_lists_settings_and_runs_nothing(tiny_run, capsys):
+    workspace, run = tiny_run
+    where = ["--workspace", workspace, "--run", run["run_id"]]
+    scores_before = len(Workspace(workspace).list_scores(run["run_id"]))
+
+    with pytest.raises(SystemExit) as stopped:
+        main(
+            ["identify", *where, "--method", "linear-influence-lissa", "--set", "help"]
+        )
+
+    assert stopped.value.code == 0
+    rows = {
+        line.split()[0]: line.split()
+        for line in capsys.readouterr().out.split("\n")[2:]
+        if line
+    }
+    assert rows["lissa_depth"][1] == "1000"
+    assert rows["damping"][1] == "3.000"
+    assert len(Workspace(workspace).list_scores(run["run_id"])) == scores_before
+
+
+def test_set_group_keeps_omitted_defaults():
+    from repair_core.cli import _apply_settings, _settings_help
+    from repair_core.treatments import default_config
+
+    config = default_config("fit-failures+ewc-deletion")
+    changed = _apply_settings(config, ['deletion={"gamma": 0.5}'], "combined")
+
+    assert changed.deletion.gamma == 0.5
+    assert changed.deletion.lr == config.deletion.lr
+    assert changed.fit == config.fit
+    assert "deletion.gamma" in _settings_help(config, "combined")

@@ -275,6 +275,43 @@ def test_sweep_returns_point_per_strength(treatment, strengths, config):
             assert math.isfinite(point[key]), key
 
 
+def test_sweep_marks_points_that_kept_the_original():
+    from repair_core.cli_text import sweep_text
+
+    problem = tiny_problem()
+    common = {
+        "model": problem.model,
+        "train": (problem.train_images, problem.train_labels),
+        "causes": problem.flipped,
+        "test": (problem.test_images, problem.test_labels),
+        "split": problem.split,
+        "strengths": [0.01, 0.05],
+    }
+
+    # Steps of 1e-12 change no prediction, so early stopping keeps θ̂.
+    kept = sweep("ewc-deletion", config={"lr": 1e-12, "max_steps": 20}, **common)
+    moved = sweep(
+        "ewc-deletion",
+        config={"max_steps": 20, "lr": 1e-3, "early_stopping": False},
+        **common,
+    )
+
+    assert [point["unchanged"] for point in kept] == [True, True]
+    assert [point["unchanged"] for point in moved] == [False, False]
+    summary = {
+        "sweep_id": "sw-test",
+        "treatment": "ewc-deletion",
+        "run_id": "run-test",
+        "failure_set_id": "fs-test",
+        "n_removed": len(problem.flipped),
+        "points": kept,
+    }
+    text = sweep_text(summary)
+    assert text.splitlines()[3].split()[0] == "gamma"
+    assert "At gamma 0.01, 0.05 the model is the original one" in text
+    assert "original one" not in sweep_text({**summary, "points": moved})
+
+
 def test_sweep_newton_larger_step_moves_further():
     problem = tiny_problem()
     causes = problem.flipped

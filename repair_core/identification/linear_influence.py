@@ -203,6 +203,7 @@ def solve_ihvp(
             vector,
             damping=0.0,
             batch_size=config.lissa_batch_size,
+            progress=progress,
             seed=config.seed,
             **common,
         )

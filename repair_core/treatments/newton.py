@@ -154,6 +154,7 @@ def newton_direction(
                 batch_size=config.batch_size,
                 seed=config.seed,
                 curvature=config.curvature,
+                progress=progress,
                 log_likelihood=log_likelihood,
             )
             scale = 2.0 * stable
