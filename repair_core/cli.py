@@ -575,6 +575,7 @@ def _run_records(workspace: Workspace, run_id: str) -> dict[str, Any]:
         gain = (metrics.get("gain_over_nothing") or {}).get("mean") or {}
         return {
             **brief(record, "failure_set_id", "treatment", "created_at"),
+            "causes": metrics.get("causes"),
             "n_removed": metrics.get("n_removed"),
             "holdout_acc": metrics.get("after", {}).get("holdout_acc"),
             "holdout_gain": gain.get("holdout_acc"),

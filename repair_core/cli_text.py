@@ -225,7 +225,8 @@ def runs_text(result: dict[str, Any]) -> str:
             ]
             for run in result["runs"]
         ]
-        header = ["run", "created", "data", "scenario", "model", "test acc", "failures"]
+        header = ["run", "created_at", "data", "scenario", "model", "test_accuracy"]
+        header.append("failures")
         if not rows:
             return f"No runs in {result['workspace']} yet."
         return f"workspace {result['workspace']}\n\n{table(header, rows)}"

@@ -904,12 +904,11 @@ def test_runs_text_is_a_table_of_runs_and_records(tiny_run, capsys):
     header = next(line for line in lines if line.startswith("run "))
     assert header.split() == [
         "run",
-        "created",
+        "created_at",
         "data",
         "scenario",
         "model",
-        "test",
-        "acc",
+        "test_accuracy",
         "failures",
     ]
     row = next(line for line in lines if line.startswith(run["run_id"]))
