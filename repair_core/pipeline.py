@@ -1228,7 +1228,7 @@ RECORD_KINDS = {
 def stored_result(workspace: Workspace, record_id: str) -> dict[str, Any]:
     """Return what the command that made ``record_id`` printed, from the workspace.
 
-    The id's prefix says the kind of record: ``run-``, ``fs-`` (failure set),
+    The id's prefix gives the kind of record: ``run-``, ``fs-`` (failure set),
     ``sc-`` (scores), ``rp-`` (repair), ``sw-`` (sweep) or ``rc-`` (removal
     curve). A run also reports its configuration and training history, and
     scores and repairs their resolved settings under ``config``.
