@@ -567,6 +567,7 @@ def _run_records(workspace: Workspace, run_id: str) -> dict[str, Any]:
         detection = record["metrics"].get("detection") or {}
         return {
             **brief(record, "failure_set_id", "method", "created_at"),
+            "settings": _changed_settings(record["method"], record["config"]),
             "found_at_20pct": detection.get("found_at_20pct"),
         }
 
@@ -596,6 +597,23 @@ def _run_records(workspace: Workspace, run_id: str) -> dict[str, Any]:
             for r in workspace.list_removal_curves(run_id)
         ],
     }
+
+
+def _changed_settings(method: str, config: dict[str, Any]) -> str:
+    """Return the settings of a stored ranking that differ from the method's
+    defaults, as "name=value" pairs, or "defaults"."""
+    from repair_core.identification import default_config
+
+    try:
+        defaults = asdict(default_config(method))
+    except RepairError:
+        return "-"
+    changed = [
+        f"{name}={json.dumps(value)}"
+        for name, value in config.items()
+        if name in defaults and defaults[name] != value
+    ]
+    return " ".join(changed) or "defaults"
 
 
 def _command_show(args: argparse.Namespace) -> dict[str, Any]:

@@ -253,6 +253,17 @@ def _flat_record(value: Any) -> bool:
     )
 
 
+def _matrix(value: Any) -> bool:
+    """Return whether ``value`` is a list of equally long lists of numbers."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(row, list) and row for row in value)
+        and len({len(row) for row in value}) == 1
+        and all(isinstance(v, int | float) for row in value for v in row)
+    )
+
+
 def _fields(result: dict[str, Any], prefix: str = "") -> list[tuple[str, str, bool]]:
     """Flatten ``result`` into (name, text, is_table) entries, nested names dotted."""
     entries = []
@@ -265,6 +276,10 @@ def _fields(result: dict[str, Any], prefix: str = "") -> list[tuple[str, str, bo
             rows = [
                 [_cell(column, row.get(column)) for column in header] for row in value
             ]
+            entries.append((name, table(header, rows), True))
+        elif _matrix(value):
+            header = ["", *(str(column) for column in range(len(value[0])))]
+            rows = [[str(i), *map(number, row)] for i, row in enumerate(value)]
             entries.append((name, table(header, rows), True))
         elif isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
             entries.append((name, json.dumps(value), False))

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import shlex
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -817,8 +818,16 @@ def _leave_enough(
 def _repair_inputs(
     workspace: Workspace, run: LoadedRun, failure_set_id: str
 ) -> dict[str, Any]:
+    split = load_failure_split(workspace, run.run_id, failure_set_id)
+    if len(split.holdout) == 0:
+        warnings.warn(
+            f"Failure set {failure_set_id!r} has no holdout failures, so F_h "
+            "accuracy cannot show whether the repair fixes failures it was not "
+            "ranked on. Use a failure set with a query fraction below 1.",
+            stacklevel=3,
+        )
     return {
-        "split": load_failure_split(workspace, run.run_id, failure_set_id),
+        "split": split,
         "train": (run.data.train.images, run.data.train.labels),
         "test": (run.data.test.images, run.data.test.labels),
         "fisher": _load_optional(workspace, run.run_id, "fisher.pt"),

@@ -726,6 +726,7 @@ def test_runs_with_run_lists_its_records(tiny_run, capsys):
     assert scores["scores_id"] in [r["id"] for r in listed["scores"]]
     record = next(r for r in listed["scores"] if r["id"] == scores["scores_id"])
     assert record["method"] == "random"
+    assert record["settings"] == "defaults"
     assert set(listed) >= {"repairs", "sweeps", "removal_curves"}
 
     code = main(["runs", "--workspace", workspace, "--run", "run-absent"])
@@ -914,7 +915,18 @@ def test_runs_text_is_a_table_of_runs_and_records(tiny_run, capsys):
     row = next(line for line in lines if line.startswith(run["run_id"]))
     assert row.split()[-2:] == [f"{run['test_accuracy']:.3f}", str(run["n_failures"])]
 
+    changed = _run_json(
+        capsys,
+        ["identify", "--workspace", workspace, "--run", run["run_id"]]
+        + ["--method", "random", "--set", "seed=3", "--json"],
+    )
+
     records = _text(capsys, ["runs", "--workspace", workspace, "--run", run["run_id"]])
+    # Each ranking names the settings it changed from the method's defaults.
+    ranking = next(
+        line for line in records.splitlines() if changed["scores_id"] in line
+    )
+    assert "seed=3" in ranking.split()
     lines = records.splitlines()
     header = lines.index("failure sets:") + 1
     assert "query_fraction" in lines[header].split()
@@ -940,6 +952,13 @@ def test_text_cells_keep_small_values_and_align_numbers():
     text = generic_text({"config": {"lr": 1e-5, "fit": {"steps": 3}}, "points": []})
     assert "config.lr: 1e-05" in text
     assert "config.fit.steps: 3" in text
+
+    # A matrix, such as a label-flip matrix, prints as rows and columns.
+    lines = generic_text({"flips": [[0.0, 0.4], [0.3, 0.0]]}).splitlines()
+    assert lines[0] == "flips:"
+    assert lines[1].split() == ["0", "1"]
+    assert lines[2].split() == ["0", "0.000", "0.400"]
+    assert lines[3].split() == ["1", "0.300", "0.000"]
 
 
 def test_sigterm_mid_repair_stores_nothing(tiny_run):

@@ -8,6 +8,7 @@ records of one test never show up in another.
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import pytest
@@ -423,3 +424,31 @@ def test_implicated_matches_pair_loop(ranked):
     implicated = pipeline.implicated_by(run, split.query)
 
     assert implicated.tolist() == expected
+
+
+def test_repair_warns_without_holdout_failures(tiny):
+    root, run = tiny
+    workspace = Workspace(root)
+    failure_set_id, split = pipeline.create_failure_set(
+        workspace, run, query_fraction=1.0, seed=2
+    )
+    scores_id = pipeline.run_identification(
+        workspace, run, "training-loss", failure_set_id=failure_set_id
+    )["scores_id"]
+    causes, _ = pipeline.resolve_causes(
+        workspace, run, failure_set_id=failure_set_id, scores_id=scores_id, top_k=5
+    )
+
+    with pytest.warns(UserWarning, match="has no holdout failures"):
+        summary = pipeline.run_repair(
+            workspace,
+            run,
+            "newton",
+            causes,
+            failure_set_id=failure_set_id,
+            config={"depth": 10, "scale": 50.0},
+            seeds=(0,),
+        )
+
+    assert len(split.holdout) == 0
+    assert math.isnan(summary["after"]["holdout_acc"])
