@@ -674,9 +674,10 @@ def _parse_list(text: str, kind: Any, option: str) -> list:
     except argparse.ArgumentTypeError as error:
         raise RepairError(f"Invalid {option} {text!r}: {error}.") from error
     except ValueError as error:
+        noun = "number" if kind is float else "integer"
         raise RepairError(
-            f"Invalid {option} {text!r}: give {kind.__name__} values separated by "
-            "single commas, with nothing empty between them."
+            f"Invalid {option} {text!r}: give {noun} values separated by single "
+            "commas, with nothing empty between them."
         ) from error
     repeated = sorted({value for value in values if values.count(value) > 1})
     if repeated:
