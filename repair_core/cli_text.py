@@ -120,8 +120,9 @@ def repair_text(summary: dict[str, Any]) -> str:
     if summary.get("controls_note"):
         lines.append(f"No controls: {summary['controls_note']}")
     lines.extend(summary.get("notes") or [])
-    fixed = (gain or {}).get("mean", {}).get("holdout_fixed")
-    broken = (gain or {}).get("mean", {}).get("remaining_broken")
+    gain_mean = gain["mean"] if gain else {}
+    fixed = gain_mean.get("holdout_fixed")
+    broken = gain_mean.get("remaining_broken")
     if fixed is not None and broken is not None:
         lines.append(
             f"Against the nothing-removed control: {fixed:+.1f} holdout failures "
@@ -213,23 +214,21 @@ def curve_text(summary: dict[str, Any]) -> str:
 def runs_text(result: dict[str, Any]) -> str:
     """Tabulate the runs of a workspace, or the stored records of one run."""
     if "runs" in result:
-        rows = [
-            [
-                run["run_id"],
-                run["created_at"][:19].replace("T", " "),
-                run["data"],
-                run["scenario"],
-                run["model"],
-                number(run.get("test_accuracy")),
-                number(run.get("n_failures")),
-            ]
-            for run in result["runs"]
-        ]
-        header = ["run", "created_at", "data", "scenario", "model", "test_accuracy"]
-        header.append("failures")
-        if not rows:
+        if not result["runs"]:
             return f"No runs in {result['workspace']} yet."
-        return f"workspace {result['workspace']}\n\n{table(header, rows)}"
+        columns = {
+            "run_id": "run",
+            "created_at": "created_at",
+            "data": "data",
+            "scenario": "scenario",
+            "model": "model",
+            "test_accuracy": "test_accuracy",
+            "n_failures": "failures",
+        }
+        rows = [[_cell(key, run.get(key)) for key in columns] for run in result["runs"]]
+        return (
+            f"workspace {result['workspace']}\n\n{table(list(columns.values()), rows)}"
+        )
     sections = [f"run {result['run_id']} in {result['workspace']}"]
     for name, records in result.items():
         if not isinstance(records, list):
@@ -238,13 +237,15 @@ def runs_text(result: dict[str, Any]) -> str:
         if not records:
             sections.append(f"{title}: none")
             continue
-        header = list(records[0])
-        rows = [
-            [_cell(column, record.get(column)) for column in header]
-            for record in records
-        ]
-        sections.append(f"{title}:\n{table(header, rows)}")
+        sections.append(f"{title}:\n{_records_table(records)}")
     return "\n\n".join(sections)
+
+
+def _records_table(records: list[dict[str, Any]]) -> str:
+    """Tabulate records with a column per key that any of them has."""
+    header = list(dict.fromkeys(key for record in records for key in record))
+    rows = [[_cell(key, record.get(key)) for key in header] for record in records]
+    return table(header, rows)
 
 
 def _flat_record(value: Any) -> bool:
@@ -272,11 +273,7 @@ def _fields(result: dict[str, Any], prefix: str = "") -> list[tuple[str, str, bo
         if isinstance(value, dict) and value:
             entries.extend(_fields(value, prefix=f"{name}."))
         elif isinstance(value, list) and value and all(map(_flat_record, value)):
-            header = list(dict.fromkeys(column for row in value for column in row))
-            rows = [
-                [_cell(column, row.get(column)) for column in header] for row in value
-            ]
-            entries.append((name, table(header, rows), True))
+            entries.append((name, _records_table(value), True))
         elif _matrix(value):
             header = ["", *(str(column) for column in range(len(value[0])))]
             rows = [[str(i), *map(number, row)] for i, row in enumerate(value)]
@@ -305,11 +302,12 @@ def generic_text(result: dict[str, Any]) -> str:
 
 def result_text(command: str, result: dict[str, Any]) -> str:
     """Return the text view of one command's result."""
-    if command == "repair" or "repair_id" in result:
+    # A stored record printed by show has the same id key as its command's result.
+    if "repair_id" in result:
         return repair_text(result)
-    if command == "sweep" or "sweep_id" in result:
+    if "sweep_id" in result:
         return sweep_text(result)
-    if command == "removal-curve" or "removal_curve_id" in result:
+    if "removal_curve_id" in result:
         return curve_text(result)
     if command == "runs":
         return runs_text(result)

@@ -352,6 +352,10 @@ def _same_parameters(model: nn.Module, repaired: nn.Module) -> bool:
     )
 
 
+#: How the notes about unchanged models name each arm.
+ARM_NAMES = {"treatment": "The treatment", "random": "The random-removal control"}
+
+
 def _unchanged_notes(per_arm: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Say which arms returned θ̂ itself, so equal figures are not a mystery.
 
@@ -361,13 +365,13 @@ def _unchanged_notes(per_arm: dict[str, list[dict[str, Any]]]) -> list[str]:
     """
     notes = []
     for arm, runs in per_arm.items():
-        kept = sum(bool(run["unchanged"]) for run in runs)
-        if arm == "nothing" or not kept:
+        n_unchanged = sum(bool(run["unchanged"]) for run in runs)
+        if arm == "nothing" or not n_unchanged:
             continue
-        what = {"treatment": "The treatment", "random": "The random-removal control"}
+        name = ARM_NAMES.get(arm, f"The {arm} arm")
         notes.append(
-            f"{what.get(arm, f'The {arm} arm')} returned the original model unchanged "
-            f"in {kept} of {len(runs)} seeds: no step raised accuracy on the query "
+            f"{name} returned the original model unchanged in {n_unchanged} of "
+            f"{len(runs)} seeds: no step raised accuracy on the query "
             "failures F_q before patience or the retained-accuracy guard ended the "
             "run, so early stopping kept the starting parameters."
         )

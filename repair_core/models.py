@@ -212,20 +212,16 @@ def load_factory(spec: str, search_path: str | Path | None = None) -> nn.Module:
         )
     try:
         model = factory()
-    except TypeError as error:
-        if _user_frames(error):  # raised inside the user's callable
+    except Exception as error:  # any error in the user's callable
+        if isinstance(error, TypeError) and not _user_frames(error):
+            # With no frame outside this module the call itself failed, usually
+            # because the callable has parameters without default values.
             raise CheckpointError(
-                f"Model factory {spec!r} raised {_describe_user_error(error)}. Fix "
-                "the factory so that, called without arguments, it returns the model."
+                f"Calling model factory {spec!r} without arguments raised "
+                f"{_describe_user_error(error)}. Give each of its parameters a "
+                "default value, or name a callable that takes no arguments and "
+                "returns the model."
             ) from error
-        # With no frame outside this module the call itself failed, usually
-        # because the callable has parameters without default values.
-        raise CheckpointError(
-            f"Calling model factory {spec!r} without arguments raised "
-            f"{_describe_user_error(error)}. Give each of its parameters a default "
-            "value, or name a callable that takes no arguments and returns the model."
-        ) from error
-    except Exception as error:  # any other error in the user's callable
         raise CheckpointError(
             f"Model factory {spec!r} raised {_describe_user_error(error)}. Fix the "
             "factory so that, called without arguments, it returns the model."
@@ -244,8 +240,7 @@ def _user_frames(error: Exception) -> list[traceback.FrameSummary]:
     return [
         frame
         for frame in traceback.extract_tb(error.__traceback__)
-        if not frame.filename.startswith("<")
-        and frame.filename != _user_frames.__code__.co_filename
+        if not frame.filename.startswith("<") and frame.filename != __file__
     ]
 
 

@@ -1275,23 +1275,10 @@ def stored_result(workspace: Workspace, record_id: str) -> dict[str, Any]:
             "created_at": record["created_at"],
             "config": record["config"],
         }
+    # A sweep or curve record has its command's fields as its columns,
+    # except that its id column is named "id".
     if prefix == "sw":
-        record = workspace.get_sweep(record_id)
-        keys = ("run_id", "failure_set_id", "treatment", "causes", "n_removed")
-        return {
-            "sweep_id": record["id"],
-            **{key: record[key] for key in keys},
-            "created_at": record["created_at"],
-            "strengths": record["strengths"],
-            "config": record["config"],
-            "points": record["points"],
-        }
-    record = workspace.get_removal_curve(record_id)
-    return {
-        "removal_curve_id": record["id"],
-        **{key: record[key] for key in ("run_id", "failure_set_id", "scores_id")},
-        "created_at": record["created_at"],
-        "ks": record["ks"],
-        "seeds": record["seeds"],
-        "points": record["points"],
-    }
+        record, id_key = workspace.get_sweep(record_id), "sweep_id"
+    else:
+        record, id_key = workspace.get_removal_curve(record_id), "removal_curve_id"
+    return {id_key: record.pop("id"), **record}
