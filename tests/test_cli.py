@@ -784,15 +784,15 @@ def test_read_only_workspace_rejected_before_work(tiny_run, tmp_path):
         result = command("identify", "--run", run["run_id"], "--method", "random")
         # Reading needs no writes, so listing and printing still work.
         listing = command("runs")
-        shown = command("show", run["failure_set_id"])
+        failure_set = command("show", run["failure_set_id"])
     finally:
         for path in [copy, *copy.rglob("*")]:
             path.chmod(path.stat().st_mode | 0o200)
 
     assert listing.returncode == 0, listing.stderr
     assert [r["run_id"] for r in json.loads(listing.stdout)["runs"]] == [run["run_id"]]
-    assert shown.returncode == 0, shown.stderr
-    assert json.loads(shown.stdout)["n_query"] == run["n_query"]
+    assert failure_set.returncode == 0, failure_set.stderr
+    assert json.loads(failure_set.stdout)["n_query"] == run["n_query"]
     assert result.returncode == 2
     assert "is read-only" in result.stderr or "is not writable" in result.stderr
     assert "--workspace" in result.stderr
@@ -847,10 +847,10 @@ def test_show_prints_every_stored_record_again(tiny_run, capsys):
             capsys, ["show", "--workspace", workspace, record_id, "--json"]
         )
 
-    shown = show(repair["repair_id"])
+    stored_repair = show(repair["repair_id"])
     for key in ("after", "before", "spread", "controls", "gain_over_nothing"):
-        assert shown[key] == repair[key]
-    assert shown["config"]["max_epochs"] == 1
+        assert stored_repair[key] == repair[key]
+    assert stored_repair["config"]["max_epochs"] == 1
     assert show(scores["scores_id"])["detection"] == scores["detection"]
     assert show(sweep["sweep_id"])["points"] == sweep["points"]
     assert show(curve["removal_curve_id"])["points"] == curve["curve"]
@@ -893,11 +893,12 @@ def test_show_unknown_id_is_clear_error(tiny_run, capsys, record_id, message):
 
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err
+    assert err.startswith("error: ")
+    assert message in err
     assert record_id in err
 
 
-def test_runs_text_is_a_table_of_runs_and_records(tiny_run, capsys):
+def test_runs_text_tables(tiny_run, capsys):
     workspace, run = tiny_run
 
     listing = _text(capsys, ["runs", "--workspace", workspace])
@@ -946,7 +947,8 @@ def test_text_cells_keep_small_values_and_align_numbers():
 
     lines = table(["name", "acc"], [["a", "0.5"], ["longer", "10.250"]]).splitlines()
     # Text is left-aligned and numbers right-aligned, so decimals line up.
-    assert lines[1].startswith("a ") and lines[1].endswith("   0.5")
+    assert lines[1].startswith("a ")
+    assert lines[1].endswith("   0.5")
     assert lines[2].endswith("10.250")
 
     text = generic_text({"config": {"lr": 1e-5, "fit": {"steps": 3}}, "points": []})

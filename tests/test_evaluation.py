@@ -289,27 +289,27 @@ def test_sweep_marks_points_that_kept_the_original():
     }
 
     # Steps of 1e-12 change no prediction, so early stopping keeps θ̂.
-    kept = sweep("ewc-deletion", config={"lr": 1e-12, "max_steps": 20}, **common)
-    moved = sweep(
+    unchanged = sweep("ewc-deletion", config={"lr": 1e-12, "max_steps": 20}, **common)
+    changed = sweep(
         "ewc-deletion",
         config={"max_steps": 20, "lr": 1e-3, "early_stopping": False},
         **common,
     )
 
-    assert [point["unchanged"] for point in kept] == [True, True]
-    assert [point["unchanged"] for point in moved] == [False, False]
+    assert [point["unchanged"] for point in unchanged] == [True, True]
+    assert [point["unchanged"] for point in changed] == [False, False]
     summary = {
         "sweep_id": "sw-test",
         "treatment": "ewc-deletion",
         "run_id": "run-test",
         "failure_set_id": "fs-test",
         "n_removed": len(problem.flipped),
-        "points": kept,
+        "points": unchanged,
     }
     text = sweep_text(summary)
     assert text.splitlines()[3].split()[0] == "gamma"
     assert "At gamma 0.01, 0.05 the model is the original one" in text
-    assert "original one" not in sweep_text({**summary, "points": moved})
+    assert "original one" not in sweep_text({**summary, "points": changed})
 
 
 def test_sweep_newton_larger_step_moves_further():

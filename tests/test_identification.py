@@ -170,7 +170,7 @@ def test_found_scale_is_smallest_stable(trained):
     g = query_gradient(model, qx, qy)
     probe = {"damping": 0.01, "depth": 50, "batch_size": 16}
 
-    heard = []
+    messages = []
 
     scale = find_lissa_scale(
         model,
@@ -180,16 +180,16 @@ def test_found_scale_is_smallest_stable(trained):
         start=0.01,
         probe_depth=50,
         batch_size=16,
-        progress=lambda fraction, message: heard.append((fraction, message)),
+        progress=lambda fraction, message: messages.append((fraction, message)),
     )
 
     assert scale > 0.01
     with pytest.raises(DivergenceError):
         lissa(model, x, y, g, scale=scale / 2, **probe)
     # Each candidate is announced before its probe, the found one last.
-    assert heard[0] == (0.0, "LiSSA scale search: trying scale 0.01")
-    assert heard[-1][1] == f"LiSSA scale search: trying scale {scale:g}"
-    assert [fraction for fraction, _ in heard] == sorted({f for f, _ in heard})
+    assert messages[0] == (0.0, "LiSSA scale search: trying scale 0.01")
+    assert messages[-1][1] == f"LiSSA scale search: trying scale {scale:g}"
+    assert [fraction for fraction, _ in messages] == sorted({f for f, _ in messages})
 
 
 def test_lissa_keeps_no_graph(trained):
