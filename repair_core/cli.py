@@ -43,7 +43,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _add_workspace(parser: argparse.ArgumentParser) -> None:
+def _add_workspace(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
     parser.add_argument(
         "--workspace",
         default=DEFAULT_WORKSPACE,
@@ -52,6 +52,9 @@ def _add_workspace(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout"
     )
+    if not device:
+        # Listing and reprinting stored records computes nothing.
+        return
     parser.add_argument(
         "--device",
         default="auto",
@@ -292,7 +295,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="List the runs of a workspace. With --run, list that run's "
         "failure sets, scores, repairs,\nsweeps and removal curves instead.",
     )
-    _add_workspace(runs)
+    _add_workspace(runs, device=False)
     runs.add_argument("--run", default=None, help="run id whose stored records to list")
 
     show = commands.add_parser(
@@ -303,7 +306,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "The id's prefix names\nthe kind: run-, fs- (failure set), sc- (scores), rp- "
         "(repair), sw- (sweep) or\nrc- (removal curve).",
     )
-    _add_workspace(show)
+    _add_workspace(show, device=False)
     show.add_argument("record_id", metavar="ID", help="id of the stored record")
 
     identify = commands.add_parser(

@@ -279,6 +279,17 @@ def test_help_documents_options_with_defaults():
     assert "(default: workspace)" in result.stdout
 
 
+@pytest.mark.parametrize("command", ["runs", "show"])
+def test_reading_commands_offer_no_device(capsys, command):
+    argv = [command] + (["run-x"] if command == "show" else []) + ["--device", "cpu"]
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --device cpu" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A stored label-flip run on 300 training images, trained for 2 epochs."""
