@@ -775,11 +775,18 @@ def _apply_settings(config: Any, settings: list[str], what: str) -> Any:
         values[name] = _setting_value(text.strip(), kinds.get(name), name, what)
     if hasattr(type(config), "from_dict"):
         return type(config).from_dict(values)
-    return type(config)(**values)
+    from repair_core.identification.base import settings_from_dict
+
+    return settings_from_dict(type(config), values)
 
 
 def _open_run(args: argparse.Namespace):
-    from repair_core.pipeline import create_failure_set, load_run, scores_record
+    """Open the run and find the failure set the command works on.
+
+    The failure set id is None when the command asks for a split of all
+    failures that is not stored yet; ``_stored_failure_set`` stores it.
+    """
+    from repair_core.pipeline import load_run, scores_record
 
     if args.failure_set is not None and args.query_fraction is not None:
         raise RepairError(
@@ -810,28 +817,43 @@ def _open_run(args: argparse.Namespace):
                 "--query-fraction out, or score a failure set with that fraction."
             )
     if failure_set_id is None:
-        fraction = (
-            run.config.query_fraction
-            if args.query_fraction is None
-            else args.query_fraction
-        )
         for record in workspace.list_failure_sets(run.run_id):
             config = record["config"]
             if (
                 config.get("origin") == "all failures"
-                and config.get("query_fraction") == fraction
+                and config.get("query_fraction") == _query_fraction(args, run)
                 and config.get("seed") == run.config.seed
             ):
                 failure_set_id = record["id"]
-        if failure_set_id is None:
-            failure_set_id, _ = create_failure_set(
-                workspace,
-                run,
-                query_fraction=fraction,
-                seed=run.config.seed,
-                origin="all failures",
-            )
     return workspace, run, failure_set_id
+
+
+def _query_fraction(args: argparse.Namespace, run) -> float:
+    if args.query_fraction is None:
+        return run.config.query_fraction
+    return args.query_fraction
+
+
+def _stored_failure_set(
+    args: argparse.Namespace, workspace: Workspace, run, failure_set_id: str | None
+) -> str:
+    """Return ``failure_set_id``, or store the split of all failures it stands for.
+
+    Commands call this once their input has been checked, so a command that
+    fails on its input leaves no new failure set behind.
+    """
+    from repair_core.pipeline import create_failure_set
+
+    if failure_set_id is not None:
+        return failure_set_id
+    failure_set_id, _ = create_failure_set(
+        workspace,
+        run,
+        query_fraction=_query_fraction(args, run),
+        seed=run.config.seed,
+        origin="all failures",
+    )
+    return failure_set_id
 
 
 class _ProgressPrinter:
@@ -863,8 +885,9 @@ def _command_identify(args: argparse.Namespace) -> dict[str, Any]:
     from repair_core.identification import default_config
     from repair_core.pipeline import run_identification
 
-    workspace, run, failure_set_id = _open_run(args)
     config = _apply_settings(default_config(args.method), args.settings, args.method)
+    workspace, run, failure_set_id = _open_run(args)
+    failure_set_id = _stored_failure_set(args, workspace, run, failure_set_id)
     return run_identification(
         workspace,
         run,
@@ -890,15 +913,28 @@ def _causes(args: argparse.Namespace, workspace, run, failure_set_id):
     )
 
 
-def _command_repair(args: argparse.Namespace) -> dict[str, Any]:
-    from repair_core.pipeline import run_repair
+def _treatment_settings(args: argparse.Namespace) -> Any:
     from repair_core.treatments import default_config
 
-    workspace, run, failure_set_id = _open_run(args)
-    causes, origin = _causes(args, workspace, run, failure_set_id)
-    config = _apply_settings(
+    seeds = [item for item in args.settings if item.partition("=")[0] == "seed"]
+    if seeds and args.command in ("repair", "removal-curve"):
+        raise RepairError(
+            f"--set {seeds[0]} has no effect on {args.command}: each seed in "
+            "--seeds replaces it. Give the seeds with --seeds, for example "
+            "--seeds 1,2,3."
+        )
+    return _apply_settings(
         default_config(args.treatment), args.settings, args.treatment
     )
+
+
+def _command_repair(args: argparse.Namespace) -> dict[str, Any]:
+    from repair_core.pipeline import run_repair
+
+    config = _treatment_settings(args)
+    workspace, run, failure_set_id = _open_run(args)
+    causes, origin = _causes(args, workspace, run, failure_set_id)
+    failure_set_id = _stored_failure_set(args, workspace, run, failure_set_id)
     summary = run_repair(
         workspace,
         run,
@@ -920,13 +956,11 @@ def _command_repair(args: argparse.Namespace) -> dict[str, Any]:
 def _command_sweep(args: argparse.Namespace) -> dict[str, Any]:
     from repair_core.evaluation import DEFAULT_STRENGTHS
     from repair_core.pipeline import run_sweep
-    from repair_core.treatments import default_config
 
+    config = _treatment_settings(args)
     workspace, run, failure_set_id = _open_run(args)
     causes, origin = _causes(args, workspace, run, failure_set_id)
-    config = _apply_settings(
-        default_config(args.treatment), args.settings, args.treatment
-    )
+    failure_set_id = _stored_failure_set(args, workspace, run, failure_set_id)
     return run_sweep(
         workspace,
         run,
@@ -948,6 +982,7 @@ def _command_removal_curve(args: argparse.Namespace) -> dict[str, Any]:
     from repair_core.pipeline import run_removal_curve
 
     workspace, run, failure_set_id = _open_run(args)
+    failure_set_id = _stored_failure_set(args, workspace, run, failure_set_id)
     summary = run_removal_curve(
         workspace,
         run,

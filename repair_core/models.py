@@ -12,6 +12,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -192,7 +193,7 @@ def load_factory(spec: str, search_path: str | Path | None = None) -> nn.Module:
         if folder is not None and str(folder) not in sys.path:
             sys.path.insert(0, str(folder))
     try:
-        module = importlib.import_module(module_name)
+        module = _import_module(module_name, search_path)
     except ImportError as error:
         raise CheckpointError(
             f"Cannot import module {module_name!r} from model factory {spec!r}: "
@@ -232,6 +233,42 @@ def load_factory(spec: str, search_path: str | Path | None = None) -> nn.Module:
             "torch.nn.Module. Return the model instance from the callable."
         )
     return model
+
+
+def _import_module(name: str, folder: str | Path | None) -> ModuleType:
+    """Import ``name``, taking ``folder``'s own copy when a module of the same
+    name from another folder is already loaded.
+
+    Two runs may each have a ``models.py`` next to their checkpoint. Python
+    caches modules by name, so without this the second run would silently
+    get the first run's classes.
+    """
+    top = name.partition(".")[0]
+    loaded = {
+        key: module
+        for key, module in sys.modules.items()
+        if key == top or key.startswith(f"{top}.")
+    }
+    if folder is None or top not in loaded or not _provides(Path(folder), top):
+        return importlib.import_module(name)
+    location = getattr(loaded[top], "__file__", None)
+    if location and Path(location).resolve().is_relative_to(Path(folder).resolve()):
+        return importlib.import_module(name)
+    for key in loaded:
+        del sys.modules[key]
+    sys.path.remove(str(folder))
+    sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module(name)
+    finally:
+        # Put the earlier module back, so code that imported it keeps its classes.
+        for key in [k for k in sys.modules if k == top or k.startswith(f"{top}.")]:
+            del sys.modules[key]
+        sys.modules.update(loaded)
+
+
+def _provides(folder: Path, top: str) -> bool:
+    return (folder / f"{top}.py").is_file() or (folder / top).is_dir()
 
 
 def _user_frames(error: Exception) -> list[traceback.FrameSummary]:

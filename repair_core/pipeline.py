@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import shlex
 import time
@@ -24,7 +25,13 @@ from torch import nn
 from repair_core import models
 from repair_core.data import DataSplit, ImageDataset, load_data
 from repair_core.devices import select_device
-from repair_core.errors import ConfigError, EmptyFailureSetError, WorkspaceError
+from repair_core.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    EmptyFailureSetError,
+    WorkspaceError,
+)
 from repair_core.failures import FailureSplit, split_failures
 from repair_core.inference import predict_logits
 from repair_core.noise import apply_scenario
@@ -131,6 +138,52 @@ def _load_data(config: RunConfig) -> DataSplit:
     )
 
 
+def _data_fingerprint(data: DataSplit) -> dict[str, str]:
+    """Digests of the images and labels as loaded, before any noise scenario."""
+    digests = {}
+    for part, dataset in (("train", data.train), ("test", data.test)):
+        digest = hashlib.blake2b(digest_size=16)
+        for tensor in (dataset.images, dataset.labels):
+            digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digests[part] = digest.hexdigest()
+    return digests
+
+
+def _check_same_data(run_id: str, record: dict[str, Any], data: DataSplit) -> None:
+    """Stop when the run's data source no longer gives the images it was made on.
+
+    Stored labels, failure sets and scores are indexed by position, so an image
+    moved between class folders would silently shift every one of them.
+    """
+    config = record["config"]
+    stored = config.get("data_fingerprint")
+    counts = {part: record["metrics"].get(f"n_{part}") for part in ("train", "test")}
+    now = {"train": data.train, "test": data.test}
+    changed = []
+    for part in ("train", "test"):
+        if counts[part] is not None and counts[part] != len(now[part]):
+            changed.append(
+                f"the {part} part has {len(now[part])} images, "
+                f"{counts[part]} when the run was stored"
+            )
+    if not changed and stored:
+        fingerprint = _data_fingerprint(data)
+        changed = [
+            f"the {part} part holds other images or labels"
+            for part in ("train", "test")
+            if stored.get(part) not in (None, fingerprint[part])
+        ]
+    if changed:
+        source = config.get("root") or config.get("data")
+        raise DataError(
+            f"The data of run {run_id!r} ({source}) changed since the run was "
+            f"stored: {'; '.join(changed)}. Its labels, failure sets and scores "
+            "are indexed by image, so they would point at other images. Restore "
+            "the data as it was, or import or train the run again on the new data."
+        )
+
+
 def _train_mean(images: torch.Tensor) -> list[float]:
     return images.mean(dim=(0, 2, 3)).tolist()
 
@@ -201,6 +254,15 @@ def _store_run(
 ) -> dict[str, Any]:
     """Evaluate ``model``, split its failures and save the run; return its summary."""
     logits = predict_logits(model, data.test.images)
+    finite = torch.isfinite(logits).all(dim=1)
+    if not finite.all():
+        first = int(torch.nonzero(~finite)[0, 0])
+        raise CheckpointError(
+            f"The model gives NaN or infinite logits for {int((~finite).sum())} of "
+            f"the {len(logits)} test images (the first is test image {first}), so "
+            "its predictions are meaningless. Check the model's weights and "
+            "the forward method for NaN or infinite values."
+        )
     predictions = logits.argmax(1)
     test_accuracy = (predictions == data.test.labels).float().mean().item()
 
@@ -238,6 +300,9 @@ def _store_run(
         "scenario_params": scenario_params,
         "class_names": data.train.class_names,
         "description": data.train.description,
+        "data_fingerprint": _data_fingerprint(
+            DataSplit(train=clean_train, test=data.test, source=data.source)
+        ),
         **extra_config,
     }
     metrics["seconds"] = time.perf_counter() - started
@@ -432,6 +497,7 @@ def load_run(
     config = RunConfig.from_dict(record["config"])
     chosen_device = select_device(device or config.device)
     data = _load_data(config)
+    _check_same_data(run_id, record, data)
     train = data.train
     labels = workspace.load_tensor(run_id, "train_labels.pt")
     images = train.images
@@ -720,7 +786,7 @@ def resolve_causes(
     workspace: Workspace,
     run: LoadedRun,
     *,
-    failure_set_id: str,
+    failure_set_id: str | None,
     scores_id: str | None = None,
     top_k: int | None = None,
     positive: bool = False,
@@ -768,9 +834,14 @@ def resolve_causes(
         decisions = workspace.get_decisions(run.run_id, failure_set_id)
         indices = [i for i, d in decisions.items() if d == "confirmed"]
         if not indices:
+            where = (
+                f"failure set {failure_set_id!r}"
+                if failure_set_id is not None
+                else "this split of the failures, which no command has used yet"
+            )
             raise ConfigError(
-                f"No training example is confirmed for failure set {failure_set_id!r}. "
-                "Confirm culprits on the Causes page first, or use --top-k."
+                f"No training example is confirmed for {where}. Confirm culprits "
+                "on the Causes page first, or use --top-k."
             )
         causes = validate_causes(indices, n_train)
         return _leave_enough(causes, n_train, "confirmed in review")

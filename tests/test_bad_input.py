@@ -22,6 +22,7 @@ from repair_core.cli import main
 from repair_core.errors import (
     CheckpointError,
     ConfigError,
+    DataError,
     RepairError,
     WorkspaceError,
 )
@@ -470,3 +471,140 @@ def test_factory_type_error_keeps_location(factory_folder):
     assert "raised TypeError: object of type 'int' has no len()" in message
     assert "bad_input_inner_type.py, line 3" in message
     assert "Fix the factory" in message
+
+
+# Changed data and user models ----------------------------------------------------
+
+
+def _digits_folder(root: Path, per_class: int = 6) -> None:
+    """Write train/ and test/ ImageFolder trees of random 28x28 greyscale PNGs."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for part in ("train", "test"):
+        for name in ("a", "b"):
+            folder = root / part / name
+            folder.mkdir(parents=True)
+            for index in range(per_class):
+                pixels = torch.randint(0, 256, (28, 28), generator=generator)
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(
+                    folder / f"{index}.png"
+                )
+
+
+@pytest.fixture
+def folder_run(factory_folder, tmp_path):
+    """A run imported from an ImageFolder tree, with the tree's path."""
+    _write_factory(
+        factory_folder,
+        "bad_input_folder_linear",
+        """
+        import torch.nn as nn
+
+        def build():
+            return nn.Sequential(nn.Flatten(), nn.Linear(784, 2))
+        """,
+    )
+    import bad_input_folder_linear
+
+    data = tmp_path / "digits"
+    _digits_folder(data)
+    checkpoint = tmp_path / "linear.pt"
+    torch.save(bad_input_folder_linear.build().state_dict(), checkpoint)
+    workspace = Workspace(tmp_path / "ws")
+    config = pipeline.RunConfig(
+        data="imagefolder",
+        root=str(data),
+        model="bad_input_folder_linear:build",
+        device="cpu",
+    )
+    summary = pipeline.import_run(workspace, config, checkpoint)
+    return workspace, summary["run_id"], data
+
+
+@pytest.mark.parametrize("part", ["train", "test"])
+def test_moved_image_stops_loading_the_run(folder_run, part):
+    workspace, run_id, data = folder_run
+    assert len(pipeline.load_run(workspace, run_id).data.train) == 12
+    # Moving an image between class folders keeps the count but shifts every
+    # stored index after it.
+    (data / part / "a" / "5.png").rename(data / part / "b" / "9.png")
+
+    with pytest.raises(DataError) as caught:
+        pipeline.load_run(workspace, run_id)
+
+    message = str(caught.value)
+    assert f"The data of run {run_id!r}" in message
+    assert f"the {part} part holds other images or labels" in message
+    assert "Restore the data as it was" in message
+
+
+def test_added_image_is_named_as_changed_data(folder_run):
+    workspace, run_id, data = folder_run
+    shutil.copy(data / "train" / "a" / "0.png", data / "train" / "a" / "new.png")
+
+    with pytest.raises(DataError) as caught:
+        pipeline.load_run(workspace, run_id)
+
+    assert "the train part has 13 images, 12 when the run was stored" in str(
+        caught.value
+    )
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_import_rejects_non_finite_logits(factory_folder, tmp_path, bad):
+    _write_factory(
+        factory_folder,
+        "bad_input_nonfinite",
+        """
+        import torch.nn as nn
+
+        def build():
+            return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+        """,
+    )
+    import bad_input_nonfinite
+
+    state = bad_input_nonfinite.build().state_dict()
+    state["1.bias"][3] = bad
+    checkpoint = tmp_path / "broken.pt"
+    torch.save(state, checkpoint)
+    workspace = Workspace(tmp_path / "ws")
+    config = pipeline.RunConfig(
+        model="bad_input_nonfinite:build", n_train=100, n_test=50, device="cpu"
+    )
+
+    with pytest.raises(CheckpointError) as caught:
+        pipeline.import_run(workspace, config, checkpoint)
+
+    assert "NaN or infinite logits for 50 of the 50 test images" in str(caught.value)
+    assert workspace.list_runs() == []
+    assert list((tmp_path / "ws").rglob("*.pt")) == []
+
+
+def test_factories_of_same_name_in_two_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    folders = [tmp_path / "first", tmp_path / "second"]
+    for folder, width in zip(folders, (3, 5), strict=True):
+        folder.mkdir()
+        _write_factory(
+            folder,
+            "bad_input_same_name",
+            f"""
+            import torch.nn as nn
+
+            def build():
+                return nn.Linear(4, {width})
+            """,
+        )
+    try:
+        widths = [
+            models.load_factory("bad_input_same_name:build", folder).out_features
+            for folder in (*folders, folders[0])
+        ]
+    finally:
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+
+    assert widths == [3, 5, 3]

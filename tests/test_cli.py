@@ -1048,3 +1048,60 @@ def test_set_group_keeps_omitted_defaults():
     assert changed.deletion.lr == config.deletion.lr
     assert changed.fit == config.fit
     assert "deletion.gamma" in _settings_help(config, "combined")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["identify", "--method", "random"],
+        ["repair", "--treatment", "finetune"],
+        ["sweep", "--treatment", "ewc-deletion"],
+    ],
+)
+def test_set_help_needs_no_stored_run(tmp_path, capsys, argv):
+    command, *rest = argv
+    with pytest.raises(SystemExit) as stopped:
+        main(
+            [command, "--workspace", str(tmp_path), "--run", "run-absent", *rest]
+            + ["--set", "help"]
+        )
+
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.startswith("Settings of ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["identify", "--method", "random", "--set", "seed=abc"], "seed"),
+        (
+            ["identify", "--method", "random", "--set", f"seed={2**64}"],
+            f"seed {2**64} is outside 0..",
+        ),
+        (
+            ["repair", "--treatment", "finetune", "--top-k", "3", "--set", "seed=1"],
+            "--set seed=1 has no effect on repair",
+        ),
+        (
+            ["repair", "--treatment", "finetune", "--causes-file", "CAUSES"],
+            "training index 300 is out of range",
+        ),
+    ],
+)
+def test_failed_command_stores_no_failure_set(
+    tiny_run, tmp_path, capsys, argv, message
+):
+    workspace, run = tiny_run
+    causes = tmp_path / "causes.txt"
+    causes.write_text("3\n300\n")
+    argv = [str(causes) if item == "CAUSES" else item for item in argv]
+    stored = Workspace(workspace).list_failure_sets(run["run_id"])
+
+    code = main(
+        [argv[0], "--workspace", workspace, "--run", run["run_id"]]
+        + ["--query-fraction", "0.7", *argv[1:]]
+    )
+
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert Workspace(workspace).list_failure_sets(run["run_id"]) == stored

@@ -25,6 +25,7 @@ from repair_core.errors import ConfigError
 from repair_core.identification.base import (
     IdentificationContext,
     ScoreResult,
+    check_seed,
     settings_from_dict,
 )
 from repair_core.identification.baselines import (
@@ -210,7 +211,7 @@ def _config_json(config: Any) -> dict:
 
 
 def _seed_of(config: Any) -> int:
-    return int(getattr(config, "seed", 0))
+    return check_seed(getattr(config, "seed", 0))
 
 
 def identify(

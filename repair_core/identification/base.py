@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from repair_core.training import TrainConfig, Trajectory
 
 
+MAX_SEED = 2**63 - 1
+"""Largest seed torch.Generator.manual_seed accepts."""
+
+
 def option(default: Any, help: str) -> Any:
     """Declare a config dataclass field with help text in its metadata."""
     return field(default=default, metadata={"help": help})
@@ -43,7 +47,20 @@ def settings_from_dict(config_class: type, values: dict[str, Any]) -> Any:
             f"Unknown setting {unknown[0]!r} for {config_class.__name__}. Use one "
             f"of {', '.join(sorted(known))}."
         )
+    if "seed" in values:
+        check_seed(values["seed"])
     return config_class(**values)
+
+
+def check_seed(seed: Any) -> int:
+    """Return ``seed`` when torch's generators accept it, else raise ConfigError."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed {seed!r} is not an integer; give a whole number.")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(
+            f"seed {seed} is outside 0..{MAX_SEED}; choose a smaller one."
+        )
+    return seed
 
 
 @dataclass
