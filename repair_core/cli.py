@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import typing
@@ -1099,9 +1100,21 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    """Raise KeyboardInterrupt, so SIGTERM ends a command as Ctrl-C does."""
-    raise KeyboardInterrupt(f"signal {signum}")
+def _interrupt_handler() -> Any:
+    """Return a SIGTERM handler that makes the command end as Ctrl-C does.
+
+    Worker processes forked by libraries (cleanlab's multiprocessing pool)
+    inherit the handler and are ended with SIGTERM when their pool closes, so
+    in any process other than this one the handler just exits.
+    """
+    owner = os.getpid()
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:
+            os._exit(128 + signum)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return interrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1116,7 +1129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # A job scheduler or `kill` ends a command with SIGTERM. Raising an
     # interrupt lets it delete the files of an unfinished result, as Ctrl-C does.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt_handler())
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")

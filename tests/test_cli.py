@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,35 @@ def test_interrupt_exits_without_traceback(tmp_path):
     assert process.returncode == 130, err
     assert "Interrupted." in err
     assert "Traceback" not in err
+
+
+def _wait_for_sigterm(ready) -> None:
+    ready.set()
+    time.sleep(60)
+
+
+def test_sigterm_ends_forked_worker_quietly():
+    # Library worker pools fork with the command's SIGTERM handler in place and
+    # end their workers with SIGTERM when the pool closes.
+    import multiprocessing
+
+    from repair_core.cli import _interrupt_handler
+
+    context = multiprocessing.get_context("fork")
+    previous = signal.signal(signal.SIGTERM, _interrupt_handler())
+    try:
+        ready = context.Event()
+        worker = context.Process(target=_wait_for_sigterm, args=(ready,))
+        worker.start()
+        assert ready.wait(30)
+        worker.terminate()
+        worker.join(30)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    assert worker.exitcode == 128 + signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_handler()(signal.SIGTERM, None)
 
 
 def test_unknown_data_source_is_clear_error(capsys):
