@@ -200,8 +200,7 @@ def curve_text(summary: dict[str, Any]) -> str:
             else f"seed {number(seeds)}"
         )
     )
-    # The removal-curve command prints its points as "curve".
-    points = summary["points"] if "points" in summary else summary["curve"]
+    points = summary["curve"]
     text = points_text(title, "k", "k", points, spread=several)
     if summary.get("skipped_ks"):
         text += (

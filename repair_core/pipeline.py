@@ -1349,7 +1349,9 @@ def stored_result(workspace: Workspace, record_id: str) -> dict[str, Any]:
     # A sweep or curve record has its command's fields as its columns,
     # except that its id column is named "id".
     if prefix == "sw":
-        record, id_key = workspace.get_sweep(record_id), "sweep_id"
-    else:
-        record, id_key = workspace.get_removal_curve(record_id), "removal_curve_id"
-    return {id_key: record.pop("id"), **record}
+        record = workspace.get_sweep(record_id)
+        return {"sweep_id": record.pop("id"), **record}
+    record = workspace.get_removal_curve(record_id)
+    # The removal-curve command prints its points as "curve".
+    record["curve"] = record.pop("points")
+    return {"removal_curve_id": record.pop("id"), **record}

@@ -894,7 +894,7 @@ def test_show_prints_every_stored_record_again(tiny_run, capsys):
     assert stored_repair["config"]["max_epochs"] == 1
     assert show(scores["scores_id"])["detection"] == scores["detection"]
     assert show(sweep["sweep_id"])["points"] == sweep["points"]
-    assert show(curve["removal_curve_id"])["points"] == curve["curve"]
+    assert show(curve["removal_curve_id"])["curve"] == curve["curve"]
     failure_set = show(run["failure_set_id"])
     assert failure_set["query_fraction"] == 0.5
     assert failure_set["n_query"] == run["n_query"]

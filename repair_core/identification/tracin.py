@@ -91,8 +91,10 @@ def score_tracin(
 
     if not context.checkpoints:
         raise ConfigError(
-            "TracIn needs the checkpoints saved during training "
-            "(TrainResult.checkpoints) in IdentificationContext.checkpoints."
+            "TracIn needs the checkpoints saved during training. Runs made by "
+            "'python -m repair_core train' store them; an imported run has none. "
+            "From Python, pass the states in IdentificationContext.checkpoints "
+            "(train_model's TrainResult.checkpoints)."
         )
     states = [c[1] if isinstance(c, tuple) else c for c in context.checkpoints]
     lr = config.learning_rate
