@@ -106,17 +106,45 @@ class TrainResult:
     trajectory: Trajectory | None = None
 
 
+def validation_size(n: int, fraction: float) -> int:
+    """Return how many of ``n`` examples the validation split holds out, at least 1."""
+    return max(1, int(round(n * fraction)))
+
+
+def min_examples_to_split(fraction: float) -> int:
+    """Return the smallest n that :func:`split_validation` accepts at ``fraction``.
+
+    The result is 2 for fractions below 0.75 and grows as the fraction nears 1.
+    """
+    if not 0 < fraction < 1:
+        raise ConfigError(
+            f"Validation fraction {fraction} must lie strictly between 0 and 1."
+        )
+    # Below 0.5 / (1 - fraction) examples, rounding n * fraction gives n, so
+    # the search starts just under that bound.
+    n = max(2, int(0.5 / (1 - fraction)) - 1)
+    while validation_size(n, fraction) >= n:
+        n += 1
+    return n
+
+
 def split_validation(
     n: int, fraction: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (train positions, validation positions), a seeded random split."""
+    if n < 2:
+        raise ConfigError(
+            "Training needs at least 2 examples, one to train on and one for "
+            f"validation, but got {n}."
+        )
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator)
-    n_val = max(1, int(round(n * fraction)))
+    n_val = validation_size(n, fraction)
     if n_val >= n:
         raise ConfigError(
-            f"Cannot hold out {n_val} of {n} examples for validation. Use more "
-            "training examples or a smaller validation fraction."
+            f"Cannot hold out {n_val} of {n} examples for validation. Use at least "
+            f"{min_examples_to_split(fraction)} training examples or a smaller "
+            "validation fraction."
         )
     return order[n_val:].sort().values, order[:n_val].sort().values
 

@@ -107,3 +107,51 @@ def _trained_problem(n_train: int, n_test: int, flip_fraction: float) -> TinyPro
         split=split,
         train_config=TrainConfig(max_epochs=2, patience=2, batch_size=32, seed=0),
     )
+
+
+class FrozenStemNet(nn.Module):
+    """A classifier with a frozen pretrained-style stem and mode-dependent layers.
+
+    The input mean is a buffer. The stem (a linear layer and BatchNorm) has
+    ``requires_grad=False``, and Dropout sits before the trainable head.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("input_mean", torch.zeros(1, 1, SIDE, SIDE))
+        self.stem = nn.Sequential(nn.Linear(SIDE * SIDE, 16), nn.BatchNorm1d(16))
+        self.stem.requires_grad_(False)
+        self.dropout = nn.Dropout(0.3)
+        self.head = nn.Linear(16, N_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.stem((x - self.input_mean).flatten(1))
+        return self.head(self.dropout(torch.relu(features)))
+
+
+def frozen_stem_net(seed: int | None = None) -> FrozenStemNet:
+    """Return an untrained FrozenStemNet; None draws from torch's current seed."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return FrozenStemNet()
+
+
+def frozen_stem_problem() -> TinyProblem:
+    """Return the tiny problem with a trained FrozenStemNet in place of its model.
+
+    The stem is drawn with seed 100 and the input mean is the training-image
+    mean, so neither matches what a fresh FrozenStemNet holds. The failure
+    split is still the one of the tiny classifier.
+    """
+    return copy.deepcopy(_trained_frozen_stem_problem())
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_frozen_stem_problem() -> TinyProblem:
+    problem = tiny_problem()
+    model = frozen_stem_net(seed=100)
+    model.input_mean.copy_(problem.train_images.mean(0, keepdim=True))
+    config = TrainConfig(max_epochs=3, patience=3, batch_size=32, lr=1e-2, seed=0)
+    train_model(model, problem.train_images, problem.train_labels, config)
+    problem.model = model
+    return problem

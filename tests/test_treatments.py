@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -12,17 +13,23 @@ from torch import nn
 from repair_core.errors import ConfigError
 from repair_core.fisher import diagonal_fisher
 from repair_core.inference import log_likelihoods
-from repair_core.training import TrainConfig
+from repair_core.training import TrainConfig, split_validation, validation_size
 from repair_core.treatments import (
     TREATMENTS,
+    apply_treatment,
     default_config,
     read_causes_file,
     repair,
     validate_causes,
 )
+from repair_core.treatments.base import TreatmentConfig, check_remaining
 from repair_core.treatments.ewc_deletion import EWCDeletionConfig, ewc_delete
 from repair_core.treatments.newton import NewtonConfig, newton_remove
-from tests.factories_treatment import tiny_problem
+from tests.factories_treatment import (
+    frozen_stem_net,
+    frozen_stem_problem,
+    tiny_problem,
+)
 
 #: Relative error allowed between EWC-deletion and the Gaussian posterior mean.
 GAUSSIAN_POSTERIOR_RTOL = 1e-4
@@ -43,6 +50,10 @@ def _assert_same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 
 def _flat(model: nn.Module) -> torch.Tensor:
     return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+
+
+def _modes(model: nn.Module) -> dict[str, bool]:
+    return {name: module.training for name, module in model.named_modules()}
 
 
 # --- EWC-deletion -----------------------------------------------------------
@@ -428,6 +439,124 @@ def test_retrain_resets_parameters_without_factory():
     assert not torch.equal(_flat(first.model), _flat(second.model))
 
 
+@pytest.mark.parametrize("use_factory", [True, False])
+def test_retrain_keeps_frozen_stem_and_input_mean(use_factory):
+    problem = frozen_stem_problem()
+    trained = problem.model
+    built = []
+
+    def factory():
+        model = frozen_stem_net()
+        built.append(copy.deepcopy(model))
+        return model
+
+    result = repair(
+        "retrain",
+        trained,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped,
+        problem.query_images,
+        problem.query_labels,
+        {"seed": 3, "max_epochs": 2},
+        train_config=problem.train_config,
+        model_factory=factory if use_factory else None,
+    )
+    retrained = result.model
+
+    if use_factory:
+        assert len(built) == 1
+        assert not torch.equal(built[0].stem[0].weight, trained.stem[0].weight)
+        assert not torch.equal(built[0].input_mean, trained.input_mean)
+    for name, parameter in trained.stem.named_parameters():
+        copied = retrained.stem.get_parameter(name)
+        assert torch.equal(copied, parameter), f"stem.{name} differs"
+        assert not copied.requires_grad, f"stem.{name} is trainable"
+    assert torch.equal(retrained.input_mean, trained.input_mean)
+    assert not torch.equal(retrained.head.weight, trained.head.weight)
+    assert retrained.head.weight.requires_grad
+
+
+@pytest.mark.parametrize("use_factory", [True, False])
+def test_retrain_estimates_batchnorm_statistics_again(use_factory):
+    problem = frozen_stem_problem()
+    trained_norm = problem.model.stem[1]
+    train_config = dataclasses.replace(problem.train_config, batch_size=32)
+
+    result = repair(
+        "retrain",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped,
+        problem.query_images,
+        problem.query_labels,
+        {"seed": 3, "max_epochs": 2},
+        train_config=train_config,
+        model_factory=frozen_stem_net if use_factory else None,
+    )
+    norm = result.model.stem[1]
+    n_remaining = len(problem.train_labels) - len(problem.flipped)
+    n_fit = n_remaining - validation_size(n_remaining, train_config.val_fraction)
+    steps_per_epoch = -(-n_fit // train_config.batch_size)
+    best_epoch = result.extras["best_epoch"]
+
+    # Counting from θ̂'s count would add the batches of θ̂'s training run.
+    assert trained_norm.num_batches_tracked.item() > 0
+    assert norm.num_batches_tracked.item() == best_epoch * steps_per_epoch
+    assert not torch.equal(norm.running_mean, trained_norm.running_mean)
+    assert not torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
+    assert not torch.equal(norm.running_var, torch.ones_like(norm.running_var))
+
+
+def test_retrain_keeps_frozen_weight_beside_trainable_bias():
+    # reset_parameters of the linear layer redraws its weight and bias, so
+    # the frozen weight has to be restored after the reset.
+    problem = tiny_problem()
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 4))
+    model[1].weight.requires_grad_(False)
+
+    result = repair(
+        "retrain",
+        model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped,
+        problem.query_images,
+        problem.query_labels,
+        {"max_epochs": 1},
+        train_config=problem.train_config,
+    )
+
+    assert torch.equal(result.model[1].weight, model[1].weight)
+    assert not result.model[1].weight.requires_grad
+    assert not torch.equal(result.model[1].bias, model[1].bias)
+
+
+def test_retrain_rejects_factory_without_frozen_stem():
+    problem = frozen_stem_problem()
+
+    def factory():
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 4)
+        )
+
+    with pytest.raises(ConfigError, match="without the frozen parameter 'stem.0"):
+        repair(
+            "retrain",
+            problem.model,
+            problem.train_images,
+            problem.train_labels,
+            problem.flipped,
+            problem.query_images,
+            problem.query_labels,
+            {"max_epochs": 1},
+            train_config=problem.train_config,
+            model_factory=factory,
+        )
+
+
 # --- Fitting the failures ---------------------------------------------------
 
 
@@ -586,10 +715,7 @@ def test_repair_bad_causes_leave_model_unchanged(causes, message):
     _assert_same_state(problem.model, state)
 
 
-@pytest.mark.parametrize("treatment", TREATMENTS)
-def test_repair_never_modifies_input_model(treatment):
-    problem = tiny_problem()
-    state = _state(problem.model)
+def _short_config(treatment: str) -> TreatmentConfig:
     config = default_config(treatment)
     if treatment == "newton":
         config = dataclasses.replace(config, depth=20, scale=50.0)
@@ -603,6 +729,14 @@ def test_repair_never_modifies_input_model(treatment):
     if treatment == "fit-failures+ewc-deletion":
         short_deletion = dataclasses.replace(config.deletion, max_steps=20)
         config = dataclasses.replace(config, deletion=short_deletion)
+    return config
+
+
+@pytest.mark.parametrize("treatment", TREATMENTS)
+def test_repair_never_modifies_input_model(treatment):
+    problem = tiny_problem()
+    state = _state(problem.model)
+    config = _short_config(treatment)
 
     result = repair(
         treatment,
@@ -674,3 +808,117 @@ def test_finetune_honours_train_config():
     assert result.extras["train_config"]["seed"] == 2
     assert result.extras["train_config"]["batch_size"] == 16
     assert result.seed == 2
+
+
+def _eval_mode(model: nn.Module) -> None:
+    model.eval()
+
+
+def _train_mode_with_dropout_off(model: nn.Module) -> None:
+    model.train()
+    model.dropout.eval()
+
+
+@pytest.mark.parametrize("treatment", TREATMENTS)
+@pytest.mark.parametrize("set_modes", [_eval_mode, _train_mode_with_dropout_off])
+def test_repair_keeps_module_modes(treatment, set_modes):
+    problem = frozen_stem_problem()
+    set_modes(problem.model)
+    modes = _modes(problem.model)
+
+    result = repair(
+        treatment,
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped,
+        problem.query_images,
+        problem.query_labels,
+        _short_config(treatment),
+        train_config=problem.train_config,
+    )
+
+    assert _modes(result.model) == modes
+    assert _modes(problem.model) == modes
+
+
+@pytest.mark.parametrize("treatment", ["finetune", "retrain"])
+def test_repair_rejects_causes_leaving_one_example(treatment):
+    problem = tiny_problem()
+    state = _state(problem.model)
+    n_train = len(problem.train_labels)
+    seen = []
+
+    with pytest.raises(ConfigError) as raised:
+        repair(
+            treatment,
+            problem.model,
+            problem.train_images,
+            problem.train_labels,
+            range(n_train - 1),
+            problem.query_images,
+            problem.query_labels,
+            train_config=problem.train_config,
+            progress=lambda fraction, message: seen.append(message),
+        )
+    message = str(raised.value)
+
+    assert f"The causes name {n_train - 1} of the {n_train} training" in message
+    assert f"Name at most {n_train - 2} causes." in message
+    assert "smaller validation fraction" not in message
+    assert seen == []
+    _assert_same_state(problem.model, state)
+
+
+def test_finetune_accepts_causes_leaving_two_examples():
+    problem = tiny_problem()
+    n_train = len(problem.train_labels)
+
+    result = repair(
+        "finetune",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        range(n_train - 2),
+        problem.query_images,
+        problem.query_labels,
+        {"max_epochs": 1},
+        train_config=problem.train_config,
+    )
+
+    assert result.extras["n_trained_on"] == 2
+
+
+@pytest.mark.parametrize(
+    ("val_fraction", "max_causes"),
+    [(0.1, 98), (0.5, 98), (0.75, 97), (0.9, 95)],
+)
+def test_check_remaining_matches_validation_split(val_fraction, max_causes):
+    n_train = 100
+
+    check_remaining("finetune", max_causes, n_train, val_fraction)
+    split_validation(n_train - max_causes, val_fraction, seed=0)
+    with pytest.raises(ConfigError, match=f"Name at most {max_causes} causes"):
+        check_remaining("finetune", max_causes + 1, n_train, val_fraction)
+    with pytest.raises(ConfigError, match="Cannot hold out|at least 2 examples"):
+        split_validation(n_train - max_causes - 1, val_fraction, seed=0)
+
+
+def test_apply_treatment_rejects_too_small_training_set():
+    problem = tiny_problem()
+    train_config = dataclasses.replace(problem.train_config, val_fraction=0.9)
+
+    with pytest.raises(
+        ConfigError, match="The training set has 4 of the 5 examples needed"
+    ):
+        apply_treatment(
+            "retrain",
+            problem.model,
+            problem.train_images[:4],
+            problem.train_labels[:4],
+            torch.tensor([], dtype=torch.long),
+            problem.query_images,
+            problem.query_labels,
+            default_config("retrain"),
+            train_config=train_config,
+        )

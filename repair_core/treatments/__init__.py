@@ -1,7 +1,8 @@
 """Treatments (Step II): erase the influence of the causes C from a trained model.
 
 Every treatment starts from θ̂, changes only trainable parameters, is seeded,
-never modifies the model it is given, and returns a :class:`RepairResult`.
+never modifies the model it is given, and returns a :class:`RepairResult`
+whose model has each submodule's train or eval mode as θ̂.
 
 * ``ewc-deletion``: unlearn C under an EWC prior, early-stopped on F_q
   accuracy (Tanno et al. 2022).
@@ -30,6 +31,7 @@ from repair_core.training import TrainConfig
 from repair_core.treatments.base import (
     RepairResult,
     TreatmentConfig,
+    check_remaining,
     complement,
     read_causes_file,
     retain_sample,
@@ -92,6 +94,8 @@ CONFIG_CLASSES: dict[str, type[TreatmentConfig]] = {
 }
 
 _NEEDS_FISHER = ("ewc-deletion", "fit-failures", "fit-failures+ewc-deletion")
+#: Treatments that train on D\C with a validation split for early stopping.
+_TRAINS_ON_REMAINDER = ("finetune", "retrain")
 
 
 def _check_treatment(treatment: str) -> None:
@@ -153,11 +157,16 @@ def apply_treatment(
 
     Unlike :func:`repair`, ``causes`` may be empty: that is the
     nothing-removed control, which still fine-tunes or retrains on all of D.
+    The returned model has each submodule's train or eval mode as ``model``.
 
     Raises:
-        ConfigError: non-finite images, or a label outside 0..K-1 for a
-            model with K outputs.
+        ConfigError: non-finite images, a label outside 0..K-1 for a model
+            with K outputs, or, for fine-tuning and retraining, causes that
+            leave too few examples for the validation split.
     """
+    if treatment in _TRAINS_ON_REMAINDER:
+        val_fraction = (train_config or TrainConfig()).val_fraction
+        check_remaining(treatment, len(causes), len(train_labels), val_fraction)
     check_finite_images(train_images, "Training image")
     check_finite_images(query_images, "Query image")
     check_model_labels(model, train_images, train_labels, query_images, query_labels)
@@ -299,9 +308,11 @@ def repair(
 
     Returns:
         The repaired copy with its settings, causes, wall time and extras.
+        The copy has each submodule's train or eval mode as ``model``.
 
     Raises:
-        ConfigError: unknown treatment, bad settings or bad causes.
+        ConfigError: unknown treatment, bad settings or bad causes, including
+            causes that leave fine-tuning or retraining too few examples.
     """
     settings = resolve_config(treatment, config)
     checked = validate_causes(causes, len(train_labels))

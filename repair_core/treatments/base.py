@@ -22,6 +22,7 @@ from repair_core.fisher import LogLikelihood, categorical_log_likelihood
 from repair_core.identification.base import option, settings_from_dict
 from repair_core.inference import eval_mode, model_device
 from repair_core.progress import Progress
+from repair_core.training import min_examples_to_split, validation_size
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,11 @@ class TreatmentConfig:
 class RepairResult:
     """A repaired model and the record needed to reproduce it.
 
-    ``causes`` are the removed training indices, shape (|C|,), sorted int64.
-    ``extras`` holds treatment-specific diagnostics such as the step at which
-    early stopping kept the parameters.
+    ``model`` has each submodule's ``training`` flag as in the input model,
+    so an input in eval mode comes back in eval mode. ``causes`` are the
+    removed training indices, shape (|C|,), sorted int64. ``extras`` holds
+    treatment-specific diagnostics such as the step at which early stopping
+    kept the parameters.
     """
 
     model: nn.Module
@@ -106,6 +109,38 @@ def validate_causes(causes: Any, n_train: int) -> torch.Tensor:
             "remain to train on. Remove fewer examples."
         )
     return values
+
+
+def check_remaining(
+    treatment: str, n_causes: int, n_train: int, val_fraction: float
+) -> None:
+    """Check that removing the causes leaves enough examples to train on.
+
+    A treatment that trains on D\\C holds out a validation split for early
+    stopping, so D\\C needs ``min_examples_to_split(val_fraction)`` examples,
+    which is 2 at the default fraction 0.1.
+
+    Raises:
+        ConfigError: fewer examples would remain, naming the largest number
+            of causes allowed.
+    """
+    needed = min_examples_to_split(val_fraction)
+    n_validate = validation_size(needed, val_fraction)
+    needs = (
+        f"Treatment {treatment!r} needs at least {needed - n_validate} to train on "
+        f"and {n_validate} to validate on at validation fraction {val_fraction}."
+    )
+    if n_train < needed:
+        raise ConfigError(
+            f"The training set has {n_train} of the {needed} examples needed. "
+            f"{needs} Use more training examples or a smaller validation fraction."
+        )
+    if n_train - n_causes < needed:
+        raise ConfigError(
+            f"The causes name {n_causes} of the {n_train} training examples, so "
+            f"fewer than {needed} would remain. {needs} Name at most "
+            f"{n_train - needed} causes."
+        )
 
 
 def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
@@ -169,6 +204,17 @@ def complement(indices: torch.Tensor, n_train: int) -> torch.Tensor:
     keep = torch.ones(n_train, dtype=torch.bool)
     keep[indices.long().cpu()] = False
     return torch.nonzero(keep).flatten()
+
+
+def copy_training_flags(source: nn.Module, target: nn.Module) -> None:
+    """Set the ``training`` flag of each submodule of ``target`` as in ``source``.
+
+    Submodules are matched by qualified name. A submodule of ``target`` that
+    ``source`` lacks gets the flag of ``source`` itself.
+    """
+    flags = {name: module.training for name, module in source.named_modules()}
+    for name, module in target.named_modules():
+        module.training = flags.get(name, source.training)
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:

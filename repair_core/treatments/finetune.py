@@ -20,7 +20,12 @@ from repair_core.identification.base import option
 from repair_core.inference import model_device
 from repair_core.progress import Progress
 from repair_core.training import TrainConfig, TrainProgress, TrainResult, train_model
-from repair_core.treatments.base import TreatmentConfig, complement, report
+from repair_core.treatments.base import (
+    TreatmentConfig,
+    complement,
+    copy_training_flags,
+    report,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +137,8 @@ def finetune(
             ``TrainConfig`` when None.
 
     Returns:
-        The fine-tuned copy and a record with ``best_epoch``, ``epochs_run``,
+        The fine-tuned copy, with each submodule's train or eval mode as
+        ``model``, and a record with ``best_epoch``, ``epochs_run``,
         ``n_trained_on`` and the resolved ``train_config``; with
         ``record_trajectory`` set, also ``trajectory``.
     """
@@ -148,4 +154,6 @@ def finetune(
         name="Fine-tuning",
         progress=progress,
     )
+    # Training leaves every submodule in train mode.
+    copy_training_flags(model, tuned)
     return tuned, record
