@@ -451,8 +451,8 @@ def test_repair_top_k_with_controls(tiny_run, capsys):
     [
         ("3\nseven\n", "Line 2 of"),
         ("3\n999999\n", "999999"),
-        ("", "empty"),
-        ("".join(f"{index}\n" for index in range(300)), "cover all 300"),
+        ("", "lists no training index"),
+        ("".join(f"{index}\n" for index in range(300)), "lists all 300"),
         ("".join(f"{index}\n" for index in range(299)), "Name at most 298"),
     ],
 )

@@ -178,6 +178,10 @@ def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
         if not entry:
             continue
         try:
+            # int() would also read "5_0" as 50 and other scripts' digits.
+            digits = entry[1:] if entry[0] in "+-" else entry
+            if not (digits.isascii() and digits.isdigit()):
+                raise ValueError(entry)
             index = int(entry)
         except ValueError:
             raise ConfigError(
@@ -196,6 +200,16 @@ def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
             )
         first_line[index] = number
         indices.append(index)
+    if not indices:
+        raise ConfigError(
+            f"Causes file {str(path)!r} lists no training index. Write one index "
+            "per line."
+        )
+    if len(indices) >= n_train:
+        raise ConfigError(
+            f"Causes file {str(path)!r} lists all {n_train} training examples, so "
+            "nothing would remain to train on. Remove fewer examples."
+        )
     return validate_causes(indices, n_train)
 
 
