@@ -2,8 +2,10 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.stats import spearmanr
 
+from repair_core import ihvp
 from repair_core.errors import ConfigError, DivergenceError
 from repair_core.identification import (
     EWCInfluenceConfig,
@@ -12,7 +14,17 @@ from repair_core.identification import (
     identify,
 )
 from repair_core.identification.base import summed_log_likelihood_gradient
-from repair_core.ihvp import exact_ihvp, flatten, gd_ihvp, hvp_fn, lissa
+from repair_core.ihvp import (
+    EXACT_ACTIVATION_FACTOR,
+    EXACT_BLOCK_BYTES,
+    exact_block_shape,
+    exact_curvature,
+    exact_ihvp,
+    flatten,
+    gd_ihvp,
+    hvp_fn,
+    lissa,
+)
 from repair_core.inference import eval_mode
 from tests.convex import L2, fit_logistic, noisy_problem, query_log_likelihood
 from tests.factories import blobs, mlp
@@ -215,3 +227,219 @@ def test_iterative_defaults_handle_negative_curvature():
 def test_config_rejects_damping_above_lissa_scale():
     with pytest.raises(ConfigError, match="below lissa_scale"):
         LinearInfluenceConfig(damping=3.0, lissa_scale=2.0)
+
+
+def autograd_curvature(model, x, y, curvature):
+    """Build the curvature of the mean cross-entropy row by row with autograd."""
+    params = list(model.parameters())
+
+    def flat_gradient(loss, **options):
+        parts = torch.autograd.grad(loss, params, **options)
+        return torch.cat([part.reshape(-1) for part in parts])
+
+    if curvature == "hessian":
+        gradient = flat_gradient(F.cross_entropy(model(x), y), create_graph=True)
+        rows = [flat_gradient(entry, retain_graph=True) for entry in gradient]
+        return torch.stack(rows)
+    jacobian = torch.stack(
+        [
+            flat_gradient(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]))
+            for i in range(len(y))
+        ]
+    )
+    return jacobian.T @ jacobian / len(y)
+
+
+def small_float64_problem():
+    x, y = blobs(30, dtype=torch.float64)
+    model = mlp().double()
+    return model, x, y
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "fisher"])
+@pytest.mark.parametrize("block_columns", [None, 1, 5])
+def test_exact_curvature_matches_autograd(curvature, block_columns):
+    model, x, y = small_float64_problem()
+    expected = autograd_curvature(model, x, y, curvature)
+    size = expected.shape[0]
+    assert size % 5 != 0
+    assert len(y) % 7 != 0
+
+    # Blocks of seven of the 30 examples leave a partial last block, and so
+    # do blocks of five of the 67 columns.
+    actual = exact_curvature(
+        model,
+        x,
+        y,
+        curvature=curvature,
+        chunk_size=7,
+        block_columns=block_columns,
+    )
+
+    assert actual.shape == (size, size)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "fisher"])
+def test_exact_ihvp_solves_autograd_system(curvature):
+    model, x, y = small_float64_problem()
+    matrix = autograd_curvature(model, x, y, curvature)
+    g = torch.randn(matrix.shape[0], dtype=torch.float64)
+    damping = 0.1
+    symmetric = (matrix + matrix.T) / 2 + damping * torch.eye(len(g), dtype=g.dtype)
+    expected = torch.linalg.solve(symmetric, g)
+
+    actual = exact_ihvp(
+        model, x, y, g, damping=damping, curvature=curvature, block_columns=4
+    )
+
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("saved_bytes", "size", "chunk_size"),
+    [
+        # A two-convolution CNN with 4,594 parameters saves 126,556 bytes per
+        # 28 x 28 image.
+        (126_556, 4_594, 400),
+        (126_556, 4_356, 400),
+        (126_556, 20_000, 512),
+        (10_000, 67, 512),
+        (400, 67, 30),
+    ],
+)
+def test_exact_block_shape_fits_budget(saved_bytes, size, chunk_size):
+    itemsize = 4
+
+    examples, columns = exact_block_shape(saved_bytes, size, itemsize, chunk_size)
+
+    assert 1 <= examples <= chunk_size
+    assert 1 <= columns <= size
+    activations = EXACT_ACTIVATION_FACTOR * examples * saved_bytes * columns
+    assert activations <= EXACT_BLOCK_BYTES
+    per_example = EXACT_ACTIVATION_FACTOR * saved_bytes + size * itemsize
+    assert examples * per_example <= EXACT_BLOCK_BYTES
+
+
+def test_exact_block_shape_takes_small_model_whole():
+    examples, columns = exact_block_shape(400, 67, 8, 30)
+
+    assert examples == 30
+    assert columns == 67
+
+
+def test_exact_block_shape_single_large_example():
+    # One example saves more than the whole budget, so a block can only be
+    # one column of one example.
+    examples, columns = exact_block_shape(EXACT_BLOCK_BYTES, 20_000, 4, 512)
+
+    assert examples == 1
+    assert columns == 1
+
+
+def test_exact_rejects_matrix_beyond_memory(monkeypatch):
+    model, x, y = small_float64_problem()
+    g = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    monkeypatch.setattr(ihvp, "_available_bytes", lambda device: 1000)
+
+    with pytest.raises(ConfigError, match=r"2 dense 67 x 67 torch\.float64 matrices,"):
+        exact_ihvp(model, x, y, g)
+    with pytest.raises(ConfigError, match=r"1 dense 67 x 67 torch\.float64 matrix,"):
+        exact_curvature(model, x, y)
+
+
+def test_exact_rejects_too_many_parameters():
+    x, y = blobs(10, n_features=200)
+    model = mlp(n_in=200, hidden=100)
+
+    with pytest.raises(ConfigError, match="limited to 20000 trainable parameters"):
+        exact_curvature(model, x, y)
+
+
+def diverging_problem():
+    # An untrained MLP sits far from a minimum. Its Hessian has an eigenvalue
+    # between -3 and -0.01, as test_iterative_defaults_handle_negative_curvature
+    # checks, so LiSSA and GD with damping 0.01 diverge.
+    x, y = blobs(48)
+    model = mlp()
+    return model, x, y, x[:6], (y[:6] + 1) % 3
+
+
+def test_lissa_divergence_names_scale_search():
+    model, x, y, qx, qy = diverging_problem()
+    config = default_config("linear-influence-lissa")
+    config.damping = 0.01
+
+    with pytest.raises(DivergenceError) as caught:
+        identify("linear-influence-lissa", model, x, y, qx, qy, config)
+
+    message = str(caught.value)
+    assert "came from the automatic scale search" in message
+    assert "Set lissa_scale to a larger value, for example" in message
+    assert "set damping to a larger value (now 0.01)" in message
+    assert "curvature to 'fisher'" in message
+    assert "find_lissa_scale" not in message
+    assert "curvature='fisher'" not in message
+
+
+def test_lissa_divergence_names_fixed_scale():
+    model, x, y, qx, qy = diverging_problem()
+    config = default_config("linear-influence-lissa")
+    config.damping = 0.01
+    config.lissa_scale = 4.0
+
+    with pytest.raises(DivergenceError) as caught:
+        identify("linear-influence-lissa", model, x, y, qx, qy, config)
+
+    message = str(caught.value)
+    assert "LiSSA diverged with scale 4.0 at step" in message
+    assert "set lissa_scale to a larger value (now 4)" in message
+    assert "set damping to a larger value (now 0.01)" in message
+    assert "curvature to 'fisher'" in message
+    assert "automatic scale search" not in message
+
+
+def test_lissa_divergence_fisher_names_scale_only():
+    model, x, y, qx, qy = diverging_problem()
+    config = default_config("linear-influence-lissa")
+    config.curvature = "fisher"
+    config.damping = 0.0
+    config.lissa_scale = 0.001
+
+    with pytest.raises(DivergenceError) as caught:
+        identify("linear-influence-lissa", model, x, y, qx, qy, config)
+
+    message = str(caught.value)
+    assert "set lissa_scale to a larger value (now 0.001)" in message
+    assert "damping" not in message
+    assert "'fisher'" not in message
+
+
+def test_lissa_divergence_default_names_arguments():
+    model, x, y, qx, qy = diverging_problem()
+    with eval_mode(model):
+        g = flatten(summed_log_likelihood_gradient(model, qx, qy))
+
+    with pytest.raises(DivergenceError) as caught:
+        lissa(model, x, y, g, scale=4.0, damping=0.0025, depth=1000)
+
+    message = str(caught.value)
+    assert "set scale to a larger value" in message
+    assert "effective damping 0.01 (damping times scale)" in message
+    assert "set damping to a larger value (now 0.0025)" in message
+    assert "curvature='fisher'" not in message
+
+
+def test_gd_divergence_names_settings():
+    model, x, y, qx, qy = diverging_problem()
+    config = default_config("linear-influence-gd")
+    config.damping = 0.01
+
+    with pytest.raises(DivergenceError) as caught:
+        identify("linear-influence-gd", model, x, y, qx, qy, config)
+
+    message = str(caught.value)
+    assert "Set damping to a larger value (now 0.01)" in message
+    assert "gd_lr to a smaller value" in message
+    assert "curvature to 'fisher'" in message
+    assert "curvature='fisher'" not in message

@@ -1,4 +1,5 @@
 import copy
+import logging
 
 import pytest
 import torch
@@ -83,3 +84,58 @@ def test_adam_trajectory_runs():
     scores = identify("sgd-influence", model, x, y, x[:5], y[:5], context=context)
     assert scores.scores.shape == (64,)
     assert torch.isfinite(scores.scores).all()
+
+
+def replay_warnings(caplog, model, trajectory, x, y):
+    """Run SGD-influence and return the warnings it logged."""
+    context = IdentificationContext(trajectory=trajectory)
+    logger = "repair_core.identification.sgd_influence"
+    with caplog.at_level(logging.WARNING, logger=logger):
+        identify("sgd-influence", model, x, y, x[:5], y[:5], context=context)
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def train_with_dropout(dropout: float):
+    x, y = tiny_images(64)
+    model = tiny_cnn(dropout=dropout)
+    # identify seeds torch with 0 before the replay, and train_model seeds it
+    # with the training seed before the first epoch. Training seed 0 would
+    # make the replay of the first epoch draw the recorded masks again.
+    config = TrainConfig(
+        max_epochs=2, batch_size=8, lr=0.01, seed=1, record_trajectory=True
+    )
+    result = train_model(model, x, y, config)
+    return model, result.trajectory, x, y
+
+
+def test_replay_warning_names_dropout(caplog):
+    model, trajectory, x, y = train_with_dropout(0.5)
+
+    messages = replay_warnings(caplog, model, trajectory, x, y)
+
+    assert len(messages) == 1
+    assert messages[0].startswith("Replayed end state differs from the model")
+    assert "the model has Dropout modules (drop)" in messages[0]
+    assert "may have changed after recording" not in messages[0]
+
+
+def test_replay_without_dropout_matches(caplog):
+    # The same training with a dropout rate of 0 replays exactly.
+    model, trajectory, x, y = train_with_dropout(0.0)
+
+    messages = replay_warnings(caplog, model, trajectory, x, y)
+
+    assert messages == []
+
+
+def test_replay_warning_names_changed_model(recorded, caplog):
+    model, trajectory, x, y, _, _ = recorded
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.weight.add_(0.1)
+
+    messages = replay_warnings(caplog, changed, trajectory, x, y)
+
+    assert len(messages) == 1
+    assert "may have changed after recording" in messages[0]
+    assert "Dropout" not in messages[0]

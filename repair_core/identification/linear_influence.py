@@ -159,6 +159,46 @@ class LinearInfluenceConfig:
             raise ConfigError(f"gd_lr {self.gd_lr} must be positive.")
 
 
+def _lissa_divergence_advice(
+    config: LinearInfluenceConfig, scale: float, searched: bool
+) -> str:
+    """Return the hints of a LiSSA DivergenceError in the names of the settings,
+    which are the same in Python and in the CLI's --set NAME=VALUE."""
+    if searched:
+        scale_hint = (
+            f"The scale {scale:g} came from the automatic scale search, whose "
+            "short probe runs can miss a divergence that a longer run shows. "
+            f"Set lissa_scale to a larger value, for example {2 * scale:g}."
+        )
+    else:
+        scale_hint = (
+            "If the scale is below half the largest eigenvalue of the curvature, "
+            f"set lissa_scale to a larger value (now {scale:g}), or leave it unset "
+            "to search one."
+        )
+    if config.curvature == "fisher":
+        # The empirical Fisher is positive semi-definite, so only the scale
+        # can make the recursion diverge.
+        return scale_hint
+    return (
+        f"{scale_hint} If the curvature has an eigenvalue below minus the damping "
+        f"{config.damping:g}, as the Hessian of a non-convex network can, set "
+        f"damping to a larger value (now {config.damping:g}) or curvature to "
+        "'fisher'."
+    )
+
+
+def _gd_divergence_advice(config: LinearInfluenceConfig) -> str:
+    """Return the hints of a GD DivergenceError in the names of the settings."""
+    if config.curvature == "fisher":
+        return "The step size is too large. Set gd_lr to a smaller value."
+    return (
+        "The curvature has negative eigenvalues larger than the damping, or the "
+        "step size is too large. Set damping to a larger value (now "
+        f"{config.damping:g}), gd_lr to a smaller value, or curvature to 'fisher'."
+    )
+
+
 def solve_ihvp(
     model: nn.Module,
     train_images: torch.Tensor,
@@ -186,10 +226,12 @@ def solve_ihvp(
             lr=config.gd_lr,
             batch_size=config.gd_batch_size,
             seed=config.seed,
+            divergence_advice=_gd_divergence_advice(config),
             progress=progress,
             **common,
         ), {}
     scale = config.lissa_scale
+    searched = scale is None
     if scale is None:
         # The probe runs without a per-step shrink, because the final run's
         # shrink, damping / scale, depends on the scale under test, and a
@@ -223,6 +265,7 @@ def solve_ihvp(
         repeats=config.lissa_repeats,
         batch_size=config.lissa_batch_size,
         seed=config.seed,
+        divergence_advice=_lissa_divergence_advice(config, scale, searched),
         progress=progress,
         **common,
     )
@@ -270,6 +313,6 @@ def score_linear_influence(
     check_finite(
         scores,
         f"Linear influence ({config.solver})",
-        "Raise the damping, or use a larger LiSSA scale.",
+        "Set damping or lissa_scale to a larger value.",
     )
     return scores, {**extras, "ihvp": ihvp.cpu()}

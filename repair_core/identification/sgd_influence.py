@@ -50,13 +50,23 @@ logger = logging.getLogger(__name__)
 #: Relative parameter difference above which the replayed end state is
 #: reported as not matching the model.
 REPLAY_MISMATCH = 1e-3
+#: Module types that draw random masks in train mode, so a replay cannot
+#: repeat the recorded steps exactly.
+DROPOUT_TYPES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 
 MISSING_TRAJECTORY = (
     "SGD-influence needs the recorded training trajectory, but this model was "
     "trained without recording it. Train the run again with "
-    "train --record-trajectory. From Python, train with "
-    "TrainConfig(record_trajectory=True) and pass the result's trajectory as "
-    "IdentificationContext.trajectory."
+    "'python -m repair_core train --record-trajectory'; an imported run has no "
+    "trajectory. From Python, train with TrainConfig(record_trajectory=True) "
+    "and pass the result's trajectory as IdentificationContext.trajectory."
 )
 
 
@@ -129,6 +139,33 @@ def _run_steps(
             module.train(mode)
     work.zero_grad(set_to_none=True)
     return snapshots
+
+
+def _dropout_names(model: nn.Module) -> list[str]:
+    """Return the names of the model's dropout modules with a nonzero rate."""
+    return [
+        name or type(module).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, DROPOUT_TYPES) and module.p > 0
+    ]
+
+
+def _warn_replay_mismatch(model: nn.Module, relative: float) -> None:
+    dropout = _dropout_names(model)
+    if dropout:
+        logger.warning(
+            "Replayed end state differs from the model (relative %.2e), likely "
+            "because the model has Dropout modules (%s) and the replay draws new "
+            "dropout masks. The scores follow the replayed steps.",
+            relative,
+            ", ".join(dropout),
+        )
+    else:
+        logger.warning(
+            "Replayed end state differs from the model (relative %.2e); the "
+            "model may have changed after recording.",
+            relative,
+        )
 
 
 def _epoch_range(trajectory: Trajectory, epoch: int) -> tuple[int, int]:
@@ -299,11 +336,7 @@ def score_sgd_influence(
             diff = sum((end[k] - params_now[k]).norm() ** 2 for k in end) ** 0.5
             ref = sum(p.norm() ** 2 for p in params_now.values()) ** 0.5
             if diff > REPLAY_MISMATCH * max(ref.item(), 1e-12):
-                logger.warning(
-                    "Replayed end state differs from the model (relative %.2e); the "
-                    "model may have changed after recording.",
-                    (diff / ref).item(),
-                )
+                _warn_replay_mismatch(work, (diff / ref).item())
             checked_end = True
         with eval_mode(work):
             for offset in reversed(range(len(snapshots))):
