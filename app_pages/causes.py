@@ -234,19 +234,37 @@ def score_map(coordinates: np.ndarray, confirmed: list[int]) -> go.Figure:
     return figure
 
 
-def export_csv(confirmed: list[int]) -> bytes:
+def export_csv(confirmed: list[int], method: str) -> bytes:
+    """Return the confirmed culprits as CSV, best-ranked first. Rank and score
+    come from the ranking under review, which the method and scores_id
+    columns name."""
+    ranked = sorted(confirmed, key=lambda i: rank_of[i])
     table = pd.DataFrame(
         {
-            "train_index": confirmed,
-            "rank": [int(rank_of[i]) + 1 for i in confirmed],
-            "score": [float(scores[i]) for i in confirmed],
-            "given_label": [class_names[given_labels[i]] for i in confirmed],
-            "predicted_label": [class_names[predicted[i]] for i in confirmed],
+            "train_index": ranked,
+            "rank": [int(rank_of[i]) + 1 for i in ranked],
+            "score": [float(scores[i]) for i in ranked],
+            "method": method,
+            "scores_id": scores_id,
+            "given_label": [class_names[given_labels[i]] for i in ranked],
+            "predicted_label": [class_names[predicted[i]] for i in ranked],
         }
     )
     if mask is not None:
-        table["corrupted"] = [bool(mask[i]) for i in confirmed]
+        table["corrupted"] = [bool(mask[i]) for i in ranked]
     return table.to_csv(index=False).encode()
+
+
+def clear_decisions(indices: list[int]) -> None:
+    """Clear the review decisions of ``indices`` once the confirmation box is
+    ticked, and untick it."""
+    if not st.session_state.get("causes_clear_confirm"):
+        return
+    dashboard.run_safely(
+        "Clearing the decisions",
+        lambda: ws.set_decisions(run.run_id, failure_set_id, indices, None),
+    )
+    st.session_state["causes_clear_confirm"] = False
 
 
 records = ws.list_scores(run.run_id, failure_set_id=failure_set_id)
@@ -293,22 +311,41 @@ if mask is not None:
 k_column, confirm_column, clear_column, show_column = st.columns(
     [2, 2, 2, 4], vertical_alignment="bottom"
 )
-top_k = k_column.number_input(
-    "K", 1, len(order), min(20, len(order)), key="causes_k", help="Top-K size."
+top_k = dashboard.number_field(
+    "K",
+    min(20, len(order)),
+    key="causes_k",
+    minimum=1,
+    maximum=len(order),
+    reason=", the number of ranked training examples",
+    container=k_column,
+    help="Number of the highest-ranked training examples that Confirm top K "
+    "marks as culprits. Examples that already have a decision keep it.",
 )
-if confirm_column.button("Confirm top K", key="causes_confirm_top"):
-    chosen = [int(i) for i in order[: int(top_k)] if decisions.get(int(i)) is None]
+confirm_top = confirm_column.button(
+    "Confirm top K", key="causes_confirm_top", disabled=top_k is None
+)
+if confirm_top and top_k is not None:
+    chosen = [int(i) for i in order[:top_k] if decisions.get(int(i)) is None]
     dashboard.run_safely(
         "Saving the decisions",
         lambda: ws.set_decisions(run.run_id, failure_set_id, chosen, "confirmed"),
     )
     st.rerun()
-if clear_column.button("Clear decisions", key="causes_clear"):
-    dashboard.run_safely(
-        "Clearing the decisions",
-        lambda: ws.set_decisions(run.run_id, failure_set_id, list(decisions), None),
+with clear_column:
+    # Clearing cannot be undone, so the button needs a ticked box first.
+    confirm_clear = st.checkbox(
+        f"I want to clear {dashboard.count_text(len(decisions), 'decision')}",
+        key="causes_clear_confirm",
+        disabled=not decisions,
     )
-    st.rerun()
+    st.button(
+        "Clear decisions",
+        key="causes_clear",
+        disabled=not (decisions and confirm_clear),
+        on_click=clear_decisions,
+        args=(list(decisions),),
+    )
 show = show_column.segmented_control(
     "Show",
     ["all", "undecided", "confirmed", "rejected"],
@@ -340,8 +377,11 @@ with right:
     st.markdown("**Export**")
     st.download_button(
         f"Download {len(confirmed)} confirmed culprits (CSV)",
-        data=export_csv(confirmed),
-        file_name=f"culprits-{run.run_id}-{failure_set_id}.csv",
+        data=export_csv(confirmed, methods_by_id[scores_id]),
+        file_name=(
+            f"culprits-{run.run_id}-{failure_set_id}-{methods_by_id[scores_id]}-"
+            f"{scores_id}.csv"
+        ),
         mime="text/csv",
         key="causes_export",
         disabled=not confirmed,

@@ -10,11 +10,14 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from repair_core import dashboard, pipeline
+from repair_core.evaluation import MIN_REMAINING
 from repair_core.metrics import detection_curve
 
 #: Points drawn per detection curve; longer curves are thinned evenly.
 CURVE_POINTS = 400
 BASELINES = ("oracle", "random")
+#: Shown in the wall-time table for steps whose records store no device.
+UNKNOWN_DEVICE = "—"
 
 dashboard.init_state()
 ws, run = dashboard.require_run()
@@ -25,6 +28,7 @@ n_train = len(run.data.train)
 
 st.title("Compare")
 st.caption(f"Methods run on failure set `{failure_set_id}` of run `{run.run_id}`.")
+dashboard.warn_if_no_holdout(failure_set_id, split)
 
 
 def add_baselines(missing: list[str]) -> None:
@@ -89,12 +93,47 @@ def detection_section(latest: dict[str, dict[str, Any]]) -> None:
 
 
 def parse_ks(text: str) -> list[int] | None:
+    """Read the "k values" field, or show an error and return None.
+
+    Values that would leave fewer than MIN_REMAINING training examples are
+    kept, because the removal curve skips them and the page warns about them.
+    """
     try:
         ks = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        st.error(f"Invalid list of k {text!r}. Give integers separated by commas.")
+        st.error(f"Invalid k values {text!r}. Give whole numbers separated by commas.")
         return None
-    return ks or None
+    if not ks:
+        st.error("The k values field is empty. Give at least one whole number.")
+        return None
+    below = [k for k in ks if k < 1]
+    if below:
+        st.error(
+            f"The k values field contains {', '.join(map(str, below))}, but every "
+            "k must be at least 1. Remove the smaller values."
+        )
+        return None
+    max_k = n_train - MIN_REMAINING
+    if all(k > max_k for k in ks):
+        st.error(
+            f"Every one of the k values {', '.join(map(str, ks))} would leave fewer "
+            f"than {MIN_REMAINING} of the {n_train} training examples to fine-tune "
+            f"on. Give k values up to {max_k}."
+        )
+        return None
+    return ks
+
+
+def skipped_text(skipped: list[int]) -> str:
+    """Name the k values that a removal curve skips, and why."""
+    values = ", ".join(str(k) for k in skipped)
+    max_k = n_train - MIN_REMAINING
+    verb = "is" if len(skipped) == 1 else "are"
+    return (
+        f"k {values} {verb} skipped, so the curves have no point there: removing "
+        f"more than {max_k} of the {n_train} training examples would leave fewer "
+        f"than {MIN_REMAINING} to fine-tune on."
+    )
 
 
 def run_curves(scores_ids: list[str], ks: list[int], n_seeds: int) -> list[str]:
@@ -170,11 +209,24 @@ def removal_section(records: list[dict[str, Any]]) -> None:
     )
     left, middle, right = st.columns([3, 1, 1], vertical_alignment="bottom")
     default_ks = ", ".join(str(k) for k in (10, 30, 100, 300) if k < n_train)
-    ks = parse_ks(left.text_input("k values", default_ks, key="compare_ks"))
-    n_seeds = middle.number_input("Seeds", 1, 10, 1, key="compare_seeds")
+    ks_text = left.text_input(
+        "k values",
+        default_ks,
+        key="compare_ks",
+        help="Numbers of top-ranked training examples to remove, separated by commas.",
+    )
+    n_seeds = dashboard.number_field(
+        "Seeds", 1, key="compare_seeds", minimum=1, maximum=10, container=middle
+    )
+    ks = parse_ks(ks_text)
+    if ks is not None:
+        too_large = [k for k in ks if k > n_train - MIN_REMAINING]
+        if too_large:
+            st.warning(skipped_text(too_large))
     new_ids = []
-    if right.button("Compute", key="compare_run", disabled=not chosen or ks is None):
-        new_ids = run_curves(chosen, ks, int(n_seeds))
+    disabled = not chosen or ks is None or n_seeds is None
+    if right.button("Compute", key="compare_run", disabled=disabled):
+        new_ids = run_curves(chosen, ks, n_seeds)
 
     stored = ws.list_removal_curves(run.run_id, failure_set_id=failure_set_id)
     if not stored:
@@ -202,12 +254,14 @@ def removal_section(records: list[dict[str, Any]]) -> None:
 def timing_row(
     step: str, name: str, record_id: str, seconds: Any, device: Any = None
 ) -> dict[str, Any]:
+    """Return one row of the wall-time table. Only identification records
+    store their device, so the other rows show UNKNOWN_DEVICE."""
     return {
         "step": step,
         "name": name,
         "id": record_id,
         "seconds": seconds,
-        "device": device,
+        "device": device or UNKNOWN_DEVICE,
     }
 
 
@@ -281,7 +335,13 @@ def timing_section(records: list[dict[str, Any]]) -> None:
     st.dataframe(
         pd.DataFrame(rows),
         hide_index=True,
-        column_config={"seconds": st.column_config.NumberColumn(format="%.2f")},
+        column_config={
+            "seconds": st.column_config.NumberColumn(format="%.2f"),
+            "device": st.column_config.TextColumn(
+                help="Device the step ran on. Only identification records "
+                "store it, so the other steps show —."
+            ),
+        },
     )
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 import torch
 
 from repair_core import dashboard, pipeline
+from repair_core.failures import FailureSplit, split_failures
 
 PAGE_SIZE = 32
 
@@ -57,11 +61,17 @@ def show_failure_set_summary() -> None:
 
     def describe(failure_set_id: str) -> str:
         record = by_id[failure_set_id]
-        counts = record["metrics"]
-        return (
-            f"{failure_set_id} · {record['config'].get('origin', '')} · "
-            f"{counts['n_failures']} failures"
-        )
+        counts, config = record["metrics"], record["config"]
+        parts = [
+            failure_set_id,
+            config.get("origin", ""),
+            dashboard.count_text(counts["n_failures"], "failure"),
+        ]
+        if config.get("query_fraction") is not None:
+            parts.append(f"query share {config['query_fraction']:g}")
+        if config.get("seed") is not None:
+            parts.append(f"split seed {config['seed']}")
+        return " · ".join(parts)
 
     dashboard.sync_widget(
         "failures_set_select", st.session_state["failure_set_id"], ids
@@ -81,6 +91,56 @@ def show_failure_set_summary() -> None:
     columns[1].metric("F_q (query)", counts["n_query"])
     columns[2].metric("F_h (holdout)", counts["n_holdout"])
     columns[3].metric("T\\F (correct)", counts["n_remaining"])
+    if counts["n_holdout"] == 0:
+        st.warning(empty_holdout_text(counts["n_failures"]))
+
+
+def empty_holdout_text(n_failures: int) -> str:
+    failures_text = (
+        "the one failure" if n_failures == 1 else f"all {n_failures} failures"
+    )
+    return (
+        f"This split puts {failures_text} in the query set F_q, so the holdout set F_h "
+        "is empty and no repair can show whether it fixes failures it was not "
+        "ranked on. Lower the query share or choose more failures."
+    )
+
+
+def same_split(config: dict[str, Any], query_fraction: float, seed: int) -> bool:
+    stored_fraction = config.get("query_fraction")
+    return (
+        stored_fraction is not None
+        and math.isclose(stored_fraction, query_fraction)
+        and config.get("seed") == seed
+    )
+
+
+def identical_failure_set(split: FailureSplit) -> str | None:
+    """Return the id of a stored failure set of this run with the same
+    failures, query share and split seed, and so the same split, or None."""
+    for record in reversed(ws.list_failure_sets(run.run_id)):
+        counts = record["metrics"]
+        if counts["n_failures"] != len(split.failures) or not same_split(
+            record["config"], split.query_fraction, split.seed
+        ):
+            continue
+        stored = dashboard.run_safely(
+            "Reading a stored failure set",
+            lambda record=record: pipeline.load_failure_split(
+                ws, run.run_id, record["id"]
+            ),
+        )
+        if stored is not None and torch.equal(stored.failures, split.failures):
+            return record["id"]
+    return None
+
+
+def use_failure_set(failure_set_id: str, message: str) -> None:
+    st.session_state["failure_set_id"] = failure_set_id
+    st.session_state["scores_id"] = None
+    st.session_state["repair_id"] = None
+    st.session_state["failures_message"] = message
+    st.rerun()
 
 
 def map_figure(coordinates: np.ndarray) -> go.Figure:
@@ -190,10 +250,12 @@ if pred_names:
 picked = map_selection(map_key)
 if picked is not None:
     chosen = chosen[np.isin(chosen, picked)]
-    st.caption(f"The map selection keeps {len(picked)} failures.")
+    st.caption(
+        f"The map selection keeps {dashboard.count_text(len(picked), 'failure')}."
+    )
 chosen = chosen[np.argsort(-confidence[chosen], kind="stable")]
 
-st.subheader(f"{len(chosen)} of {len(failures)} failures")
+st.subheader(f"{len(chosen)} of {dashboard.count_text(len(failures), 'failure')}")
 if len(chosen):
     window = dashboard.page_window(len(chosen), PAGE_SIZE, "failures_page")
     images = dashboard.thumbnails(root, run.run_id, "test")
@@ -219,13 +281,44 @@ fraction_column, seed_column, button_column = st.columns(
 query_fraction = fraction_column.slider(
     "Query share", 0.1, 1.0, run.config.query_fraction, 0.05, key="failures_qf"
 )
-split_seed = seed_column.number_input("Split seed", 0, None, 0, key="failures_seed")
-if button_column.button(
-    f"Use these {len(chosen)} failures as F",
-    type="primary",
-    key="failures_create",
-    disabled=len(chosen) == 0,
-):
+split_seed = dashboard.number_field(
+    "Split seed", 0, key="failures_seed", minimum=0, container=seed_column
+)
+preview = None
+if len(chosen) and split_seed is not None:
+    preview = dashboard.run_safely(
+        "Splitting the failures",
+        lambda: split_failures(
+            run.test_predictions,
+            run.data.test.labels,
+            query_fraction=float(query_fraction),
+            seed=split_seed,
+            candidates=torch.as_tensor(chosen, dtype=torch.long),
+        ),
+    )
+if preview is not None:
+    query_text = dashboard.count_text(len(preview.query), "query failure")
+    holdout_text = dashboard.count_text(len(preview.holdout), "holdout failure")
+    st.caption(f"The split gives {query_text} F_q and {holdout_text} F_h.")
+    if len(preview.holdout) == 0:
+        st.warning(empty_holdout_text(len(preview.failures)))
+use_label = (
+    "Use this failure as F"
+    if len(chosen) == 1
+    else f"Use these {len(chosen)} failures as F"
+)
+create = button_column.button(
+    use_label, type="primary", key="failures_create", disabled=preview is None
+)
+if create and preview is not None:
+    existing = identical_failure_set(preview)
+    if existing is not None:
+        use_failure_set(
+            existing,
+            f"Failure set {existing} already holds these failures with query share "
+            f"{preview.query_fraction:g} and split seed {preview.seed}, so it is "
+            "now the current failure set. No new set was created.",
+        )
     parts = []
     if true_names:
         parts.append("true " + ", ".join(true_names))
@@ -247,11 +340,8 @@ if button_column.button(
     )
     if created is not None:
         failure_set_id, split = created
-        st.session_state["failure_set_id"] = failure_set_id
-        st.session_state["scores_id"] = None
-        st.session_state["repair_id"] = None
-        st.session_state["failures_message"] = (
+        use_failure_set(
+            failure_set_id,
             f"Created failure set {failure_set_id}: {len(split.query)} query and "
-            f"{len(split.holdout)} holdout failures."
+            f"{len(split.holdout)} holdout failures.",
         )
-        st.rerun()

@@ -12,7 +12,12 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from repair_core import dashboard, pipeline
-from repair_core.evaluation import DEFAULT_STRENGTHS, SWEEPABLE
+from repair_core.evaluation import (
+    DEFAULT_STRENGTHS,
+    MIN_REMAINING,
+    NO_CONTROLS,
+    SWEEPABLE,
+)
 from repair_core.treatments import TRAINING_TREATMENTS, TREATMENTS, default_config
 
 TREATMENT_HELP = {
@@ -62,6 +67,7 @@ n_train = len(run.data.train)
 new_sweeps: list[str] = []
 
 st.title("Repair")
+dashboard.warn_if_no_holdout(failure_set_id, split)
 
 
 def choose_repair() -> None:
@@ -103,9 +109,20 @@ def top_k_causes() -> tuple[Any, str, str] | None:
         key="repair_scores",
         format_func=lambda i: f"{methods[i]} · {i}",
     )
-    top_k = right.number_input(
-        "K", 1, max(1, n_train - 1), min(50, n_train - 1), key="repair_k"
+    max_k = n_train - MIN_REMAINING
+    top_k = dashboard.number_field(
+        "K",
+        max(1, min(50, max_k)),
+        key="repair_k",
+        minimum=1,
+        maximum=max_k,
+        reason=f", so that at least {MIN_REMAINING} of the {n_train} training "
+        "examples remain: one to train on and one to validate on",
+        container=right,
+        help="Number of the highest-ranked training examples to remove.",
     )
+    if top_k is None:
+        return None
 
     resolved = dashboard.run_safely(
         "Choosing the top K",
@@ -140,43 +157,59 @@ def causes_section() -> tuple[Any, str, str | None] | None:
     return top_k_causes()
 
 
-def strength_widget(treatment: str, config: Any) -> Any:
-    """Show the treatment's strength (γ or epochs) and return the config."""
+def strength_widget(treatment: str, config: Any) -> Any | None:
+    """Show the treatment's strength (γ or epochs) and return the config, or
+    None when the strength is out of range."""
     field = SWEEPABLE.get(treatment)
     if field == "gamma":
-        gamma = st.number_input(
+        gamma = dashboard.number_field(
             "Strength γ (larger removes more)",
-            min_value=1e-6,
-            value=float(config.gamma),
-            format="%g",
+            float(config.gamma),
             key=f"repair_gamma_{treatment}",
+            above=0.0,
+            name="Strength γ",
+            format="%g",
         )
-        return dataclasses.replace(config, gamma=float(gamma))
+        return None if gamma is None else dataclasses.replace(config, gamma=gamma)
     if field == "max_epochs":
-        epochs = st.number_input(
+        epochs = dashboard.number_field(
             "Fine-tuning epochs (0 = the run's training setting)",
-            min_value=0,
-            value=0,
+            0,
             key=f"repair_epochs_{treatment}",
+            minimum=0,
+            name="Fine-tuning epochs",
         )
-        return dataclasses.replace(config, max_epochs=int(epochs) or None)
+        if epochs is None:
+            return None
+        return dataclasses.replace(config, max_epochs=epochs or None)
     return config
 
 
 def settings_section(treatment: str, sweep: bool) -> Any | None:
-    """Show the treatment settings and return the config. A sweep sets the
-    strength itself, so its single value is not shown."""
+    """Show the treatment settings and return the config, or None while a
+    setting is invalid.
+
+    A sweep sets the strength itself, so its single value is not shown. A
+    single repair runs once per seed of the Seeds field, which replaces the
+    config's seed, so the seed is not shown either.
+    """
+    skip = [SWEEPABLE.get(treatment)]
+    if not sweep:
+        skip.append("seed")
     try:
         config = default_config(treatment)
         if not sweep:
             config = strength_widget(treatment, config)
         with st.expander("More settings"):
-            return dashboard.settings_editor(
-                config, f"repair_cfg_{treatment}", skip=(SWEEPABLE.get(treatment),)
+            edited = dashboard.settings_editor(
+                config or default_config(treatment),
+                f"repair_cfg_{treatment}",
+                skip=skip,
             )
     except dashboard.USER_ERRORS as error:
         st.error(f"Invalid {treatment} settings: {error}")
         return None
+    return None if config is None else edited
 
 
 def sweep_strengths(treatment: str) -> list[float] | None:
@@ -195,7 +228,9 @@ def sweep_strengths(treatment: str) -> list[float] | None:
 
 
 def run_single(treatment, config, causes, origin, scores_id, seeds, controls) -> None:
-    report = dashboard.progress_reporter(f"Repair with {treatment}")
+    report = dashboard.progress_reporter(
+        f"Repair with {treatment}", drop_prefix=f"{treatment}: "
+    )
     summary = dashboard.run_safely(
         "Repair",
         lambda: pipeline.run_repair(
@@ -218,7 +253,9 @@ def run_single(treatment, config, causes, origin, scores_id, seeds, controls) ->
 
 
 def run_sweep(treatment, config, causes, origin, strengths) -> None:
-    report = dashboard.progress_reporter(f"Sweep of {treatment}")
+    report = dashboard.progress_reporter(
+        f"Sweep of {treatment}", drop_prefix=f"{treatment}: "
+    )
     summary = dashboard.run_safely(
         "Sweep",
         lambda: pipeline.run_sweep(
@@ -235,6 +272,25 @@ def run_sweep(treatment, config, causes, origin, strengths) -> None:
     )
     if summary is not None:
         new_sweeps.append(summary["sweep_id"])
+
+
+def controls_widget(treatment: str) -> bool:
+    """Show the controls checkbox of a training treatment and return whether
+    the controls run. Other treatments get a note instead."""
+    if treatment not in TRAINING_TREATMENTS:
+        st.caption(
+            NO_CONTROLS.get(treatment)
+            or f"{treatment} runs without the nothing-removed and random-removal "
+            "controls."
+        )
+        return False
+    return st.checkbox(
+        "Run the nothing-removed and random-removal controls",
+        value=True,
+        key="repair_controls",
+        help="Only the training treatments "
+        f"({', '.join(TRAINING_TREATMENTS)}) run controls.",
+    )
 
 
 def action_section() -> None:
@@ -262,29 +318,24 @@ def action_section() -> None:
             strengths = sweep_strengths(treatment)
         else:
             mode = "single"
-            n_seeds = st.number_input(
+            n_seeds = dashboard.number_field(
                 "Seeds",
-                1,
-                10,
                 3,
                 key="repair_seeds",
+                minimum=1,
+                maximum=10,
                 help="Training treatments vary with the seed, so each runs once "
-                "per seed and the spread is reported.",
+                "per seed (0, 1, …) and the spread is reported.",
             )
-            with_controls = st.checkbox(
-                "Run the nothing-removed and random-removal controls",
-                value=True,
-                key="repair_controls",
-                disabled=treatment not in TRAINING_TREATMENTS,
-                help="Only the training treatments "
-                f"({', '.join(TRAINING_TREATMENTS)}) run controls.",
-            )
+            with_controls = controls_widget(treatment)
     with left:
         config = settings_section(treatment, sweep=mode == "sweep")
 
     ready = chosen is not None and config is not None
     if mode == "sweep":
         ready = ready and bool(strengths)
+    else:
+        ready = ready and n_seeds is not None
     if chosen is not None:
         st.caption(
             f"C: {dashboard.count_text(len(chosen[0]), 'training example')}, "
@@ -361,9 +412,25 @@ def comparison_figure(summary: dict[str, Any]) -> go.Figure:
     return figure
 
 
+def signed_percent(value: float) -> str:
+    """Format a difference of accuracies; NaN, as on an empty F_h, is "—"."""
+    return "—" if math.isnan(value) else f"{value:+.1%}"
+
+
+def accuracy_metric(column: Any, label: str, after: float, before: float) -> None:
+    """Show an accuracy with its change; an empty subset (NaN) shows "—"."""
+    if math.isnan(after) or math.isnan(before):
+        column.metric(label, percent_text(after))
+        return
+    column.metric(label, percent_text(after), delta=signed_percent(after - before))
+
+
 def gain_metrics(summary: dict[str, Any]) -> None:
     gain = summary.get("gain_over_nothing")
-    columns = st.columns(4)
+    random_arm = (summary.get("controls") or {}).get("random")
+    after, before = summary["after"], summary["before"]
+    # Two rows, because five metrics in one row cut their labels short.
+    columns = [*st.columns(3), *st.columns(3)]
     if gain:
         mean, spread = gain["paired_mean"], gain["paired_std"]
         several_seeds = len(summary["seeds"]) > 1
@@ -374,12 +441,12 @@ def gain_metrics(summary: dict[str, Any]) -> None:
             remaining_help = f"Spread ±{spread['remaining_acc']:.1%}."
         columns[0].metric(
             "Gain on F_h over nothing removed",
-            f"{mean['holdout_acc']:+.1%}",
+            signed_percent(mean["holdout_acc"]),
             help=holdout_help,
         )
-        columns[1].metric(
+        columns[2].metric(
             "Gain on T\\F over nothing removed",
-            f"{mean['remaining_acc']:+.1%}",
+            signed_percent(mean["remaining_acc"]),
             help=remaining_help,
         )
     else:
@@ -388,17 +455,28 @@ def gain_metrics(summary: dict[str, Any]) -> None:
             "no control",
             help=summary.get("controls_note") or "The controls were turned off.",
         )
-    after, before = summary["after"], summary["before"]
-    columns[2].metric(
-        "F_h accuracy after",
-        f"{after['holdout_acc']:.1%}",
-        delta=f"{after['holdout_acc'] - before['holdout_acc']:+.1%}",
+    if random_arm:
+        random_holdout = random_arm["mean"]["holdout_acc"]
+        columns[1].metric(
+            "Gain on F_h over random removal",
+            signed_percent(after["holdout_acc"] - random_holdout),
+            help="Treatment minus the removal of as many random training "
+            "examples, means over seeds.",
+        )
+    accuracy_metric(
+        columns[3], "F_h accuracy after", after["holdout_acc"], before["holdout_acc"]
     )
-    columns[3].metric(
-        "Test accuracy after",
-        f"{after['test_acc']:.1%}",
-        delta=f"{after['test_acc'] - before['test_acc']:+.1%}",
+    accuracy_metric(
+        columns[4], "Test accuracy after", after["test_acc"], before["test_acc"]
     )
+    if random_arm and random_arm["mean"]["holdout_acc"] > after["holdout_acc"]:
+        st.warning(
+            "Random removal did better on F_h than the treatment: "
+            f"{random_arm['mean']['holdout_acc']:.1%} against "
+            f"{after['holdout_acc']:.1%}. Removing as many random training "
+            "examples fixed more holdout failures than removing C, so C may not "
+            "be what causes them."
+        )
 
 
 def changed_images(
@@ -434,6 +512,65 @@ def changed_images(
         st.caption(f"Showing the first {GRID_LIMIT}.")
 
 
+def strength_text(treatment: str, config: dict[str, Any]) -> str | None:
+    """Describe the strength a stored repair used, or None for a treatment
+    without one."""
+    field = SWEEPABLE.get(treatment)
+    if field == "gamma" and config.get("gamma") is not None:
+        return f"γ {config['gamma']:g}"
+    if field == "max_epochs":
+        epochs = config.get("max_epochs")
+        if epochs is None:
+            return "max epochs of the run's training settings"
+        return f"max epochs {epochs}"
+    return None
+
+
+def changed_treatment_settings(treatment: str, config: dict[str, Any]) -> list[str]:
+    """Return the stored settings that differ from the treatment's defaults,
+    leaving out the seed (listed with the seeds) and the strength."""
+    try:
+        defaults = default_config(treatment).to_dict()
+    except dashboard.USER_ERRORS:
+        return []
+    skip = ("seed", SWEEPABLE.get(treatment, ""))
+    return dashboard.changed_settings(config, defaults, skip=skip)
+
+
+def repair_label(record: dict[str, Any]) -> str:
+    """Return the option text of a stored repair: treatment, settings, causes
+    and id."""
+    treatment, config = record["treatment"], record.get("config") or {}
+    strength = strength_text(treatment, config)
+    settings = [strength] if strength else []
+    settings += changed_treatment_settings(treatment, config)
+    name = f"{treatment} ({', '.join(settings)})" if settings else treatment
+    return f"{name} · {record['metrics'].get('causes', '')} · {record['id']}"
+
+
+def repair_caption(record: dict[str, Any]) -> str:
+    """Describe what a stored repair removed and the settings it ran with."""
+    summary = record["metrics"]
+    treatment, config = record["treatment"], record.get("config") or {}
+    strength = strength_text(treatment, config)
+    method = f"{treatment} ({strength})" if strength else treatment
+    seeds = summary["seeds"]
+    seconds = f"in {summary['seconds']:.0f} s"
+    if len(seeds) > 1:
+        seed_text = f"seeds {seeds}, {seconds}. Figures are means over seeds."
+    else:
+        seed_text = f"seed {seeds[0]}, {seconds}."
+    changed = changed_treatment_settings(treatment, config)
+    if changed:
+        settings_text = f"Settings changed from the defaults: {', '.join(changed)}."
+    else:
+        settings_text = "The other settings are the defaults."
+    return (
+        f"Removed {dashboard.count_text(summary['n_removed'], 'example')} "
+        f"({summary['causes']}) with {method}, {seed_text} {settings_text}"
+    )
+
+
 def results_section(repairs: list[dict[str, Any]]) -> None:
     ids = [record["id"] for record in reversed(repairs)]
     by_id = {record["id"]: record for record in repairs}
@@ -443,22 +580,12 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
         ids,
         key="repair_select",
         on_change=choose_repair,
-        format_func=lambda i: (
-            f"{by_id[i]['treatment']} · {by_id[i]['metrics'].get('causes', '')} · {i}"
-        ),
+        format_func=lambda i: repair_label(by_id[i]),
     )
 
     summary = by_id[repair_id]["metrics"]
     seeds = summary["seeds"]
-    seconds = f"in {summary['seconds']:.0f} s"
-    if len(seeds) > 1:
-        seed_text = f"seeds {seeds}, {seconds}. Figures are means over seeds."
-    else:
-        seed_text = f"seed {seeds[0]}, {seconds}."
-    st.caption(
-        f"Removed {dashboard.count_text(summary['n_removed'], 'example')} "
-        f"({summary['causes']}) with {summary['treatment']}, {seed_text}"
-    )
+    st.caption(repair_caption(by_id[repair_id]))
     gain_metrics(summary)
     for note in summary.get("notes") or []:
         st.info(note)

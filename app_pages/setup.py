@@ -68,7 +68,9 @@ def target_classes() -> list[str] | None:
     return names or None
 
 
-def scenario_widgets() -> tuple[str, dict[str, Any]]:
+def scenario_widgets() -> tuple[str, dict[str, Any] | None]:
+    """Show the noise scenario and its settings. Return the scenario and its
+    parameters, which are None while a number is out of range."""
     scenario = st.selectbox(
         "Noise scenario",
         SCENARIOS,
@@ -101,55 +103,89 @@ def scenario_widgets() -> tuple[str, dict[str, Any]]:
             key="setup_fraction",
         )
         if scenario == "input-noise":
-            amount = st.number_input(
+            amount = dashboard.number_field(
                 "Noise amount (0 = default for the image type)",
                 0.0,
-                1.0,
-                0.0,
-                0.01,
                 key="setup_amount",
+                minimum=0.0,
+                maximum=1.0,
+                name="Noise amount",
+                step=0.01,
                 help="Share of pixels set to 0 or 1 (greyscale), or the Gaussian "
                 "standard deviation in [0, 1] pixel units (colour).",
             )
+            if amount is None:
+                return scenario, None
             if amount > 0:
-                params["amount"] = float(amount)
+                params["amount"] = amount
         else:
-            epsilon = st.number_input(
+            epsilon = dashboard.number_field(
                 "FGSM step ε in pixel units (0 = default for the image type)",
                 0.0,
-                1.0,
-                0.0,
-                0.01,
                 key="setup_epsilon",
+                minimum=0.0,
+                maximum=1.0,
+                name="FGSM step ε",
+                step=0.01,
             )
+            if epsilon is None:
+                return scenario, None
             if epsilon > 0:
-                params["epsilon"] = float(epsilon)
+                params["epsilon"] = epsilon
     return scenario, params
 
 
-def advanced_widgets() -> tuple[dict[str, Any], dict[str, Any]]:
+def advanced_widgets() -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Show the advanced settings. Return the run and training settings, or
+    None while a number is out of range."""
     with st.expander("Advanced"):
         left, middle, right = st.columns(3)
-        n_train = left.number_input(
-            "Training images (0 = all)", 0, None, 0, 100, key="setup_n_train"
+        n_train = dashboard.number_field(
+            "Training images (0 = all)",
+            0,
+            key="setup_n_train",
+            minimum=0,
+            name="Training images",
+            step=100,
+            container=left,
         )
-        n_test = left.number_input(
-            "Test images (0 = all)", 0, None, 0, 100, key="setup_n_test"
+        n_test = dashboard.number_field(
+            "Test images (0 = all)",
+            0,
+            key="setup_n_test",
+            minimum=0,
+            name="Test images",
+            step=100,
+            container=left,
         )
-        data_seed = left.number_input("Data split seed", 0, None, 0, key="setup_ds")
-        max_epochs = middle.number_input(
+        data_seed = dashboard.number_field(
+            "Data split seed", 0, key="setup_ds", minimum=0, container=left
+        )
+        max_epochs = dashboard.number_field(
             "Max epochs",
-            1,
-            1000,
             100,
             key="setup_epochs",
+            minimum=1,
+            maximum=1000,
+            container=middle,
             help="Training stops earlier when the validation loss stops falling.",
         )
-        patience = middle.number_input(
-            "Early-stopping patience", 1, 100, 5, key="setup_patience"
+        patience = dashboard.number_field(
+            "Early-stopping patience",
+            5,
+            key="setup_patience",
+            minimum=1,
+            maximum=100,
+            container=middle,
         )
-        lr = middle.number_input(
-            "Learning rate", 1e-6, 1.0, 1e-3, format="%g", key="setup_lr"
+        lr = dashboard.number_field(
+            "Learning rate",
+            1e-3,
+            key="setup_lr",
+            minimum=1e-6,
+            maximum=1.0,
+            format="%g",
+            container=middle,
         )
         device = right.selectbox(
             "Device", ("auto", "cpu", "cuda", "mps"), key="setup_device"
@@ -170,17 +206,20 @@ def advanced_widgets() -> tuple[dict[str, Any], dict[str, Any]]:
             help="Store minibatches and optimiser states so that sgd-influence "
             "can replay training. Costs memory and disk.",
         )
+    numbers = (n_train, n_test, data_seed, max_epochs, patience, lr)
+    if any(number is None for number in numbers):
+        return None
     run_values = {
-        "n_train": int(n_train) or None,
-        "n_test": int(n_test) or None,
-        "data_seed": int(data_seed),
+        "n_train": n_train or None,
+        "n_test": n_test or None,
+        "data_seed": data_seed,
         "device": device,
         "query_fraction": float(query_fraction),
     }
     train_values = {
-        "max_epochs": int(max_epochs),
-        "patience": int(patience),
-        "lr": float(lr),
+        "max_epochs": max_epochs,
+        "patience": patience,
+        "lr": lr,
         "record_trajectory": bool(trajectory),
     }
     return run_values, train_values
@@ -255,17 +294,18 @@ def new_run_section() -> None:
     with left:
         data_values = data_widgets()
         model = st.selectbox("Model", MODEL_CHOICES, key="setup_model")
-        seed = st.number_input(
+        seed = dashboard.number_field(
             "Seed",
             0,
-            None,
-            0,
             key="setup_seed",
+            minimum=0,
             help="Seed of the noise, initialisation and training.",
         )
     with right:
         scenario, params = scenario_widgets()
-    run_values, train_values = advanced_widgets()
+    advanced = advanced_widgets()
+    invalid = seed is None or params is None or advanced is None
+    run_values, train_values = advanced or ({}, {})
 
     def build_config(model_name: str) -> pipeline.RunConfig:
         return pipeline.RunConfig(
@@ -274,14 +314,20 @@ def new_run_section() -> None:
             scenario=scenario,
             scenario_params=params,
             model=model_name,
-            seed=int(seed),
+            seed=seed,
             train=TrainConfig(**train_values),
         )
 
+    if invalid:
+        st.warning(
+            "A number above is out of range, so Train and Import are off until "
+            "it is corrected. Open the Advanced section if its error is not in "
+            "view."
+        )
     train_tab, import_tab = st.tabs(["Train a model", "Import a trained model"])
     with train_tab:
         st.caption("Trains the chosen model on the corrupted training set.")
-        if st.button("Train", type="primary", key="setup_train"):
+        if st.button("Train", type="primary", key="setup_train", disabled=invalid):
             config = dashboard.run_safely("Settings", lambda: build_config(model))
             if config is not None:
                 train(config)
@@ -302,7 +348,7 @@ def new_run_section() -> None:
             type=["pt", "pth", "ckpt"],
             key="setup_upload",
         )
-        if st.button("Import", key="setup_import"):
+        if st.button("Import", key="setup_import", disabled=invalid):
             config = dashboard.run_safely(
                 "Settings", lambda: build_config(factory or model)
             )

@@ -175,7 +175,11 @@ def workspace() -> Workspace:
     try:
         return open_workspace(root)
     except USER_ERRORS as error:
-        st.error(f"The workspace folder {root!r} cannot be used: {error}")
+        st.error(
+            f"The workspace folder {root!r} cannot be used: {error} On the "
+            "dashboard, enter another folder in the Workspace folder box of the "
+            "sidebar."
+        )
         st.stop()
 
 
@@ -275,14 +279,35 @@ def require_failure_set(
     return failure_set_id, split
 
 
-def progress_reporter(label: str) -> Progress:
-    """Create a progress bar and return a (fraction, message) callback for it."""
+def progress_reporter(label: str, drop_prefix: str = "") -> Progress:
+    """Create a progress bar and return a (fraction, message) callback for it.
+
+    The callback removes ``drop_prefix`` from the start of each message, such
+    as a treatment name that the label already contains.
+    """
     bar = st.progress(0.0, text=label)
 
     def report(fraction: float, message: str) -> None:
+        if drop_prefix:
+            message = message.removeprefix(drop_prefix)
         bar.progress(min(max(float(fraction), 0.0), 1.0), text=f"{label}: {message}")
 
     return report
+
+
+def warn_if_no_holdout(failure_set_id: str, split: FailureSplit) -> None:
+    """Show a warning when the failure set has no holdout failures F_h."""
+    if len(split.holdout):
+        return
+    n_failures = len(split.failures)
+    where = "its one failure is" if n_failures == 1 else f"all {n_failures} are"
+    st.warning(
+        f"Failure set {failure_set_id} has no holdout failures F_h: {where} in "
+        "the query set F_q. So F_h accuracy is undefined (shown as —) and cannot "
+        "show whether a repair fixes failures it was not ranked on. Create a "
+        "failure set with a lower query share or more failures on the "
+        "**Failures** page."
+    )
 
 
 # Cached arrays ---------------------------------------------------------------
@@ -595,6 +620,104 @@ def selected_points(event: Any) -> list[dict[str, Any]]:
 
 
 # Settings editors ------------------------------------------------------------
+
+
+def _number_text(number: float) -> str:
+    return f"{number:g}" if isinstance(number, float) else str(number)
+
+
+def range_text(
+    *,
+    integer: bool,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+) -> str:
+    """Describe the allowed values of a number field, e.g. "a whole number
+    from 1 to 10". ``above`` is an exclusive lower bound."""
+    kind = "a whole number" if integer else "a number"
+    if above is not None:
+        text = f"{kind} greater than {_number_text(above)}"
+        if maximum is not None:
+            text += f" and at most {_number_text(maximum)}"
+        return text
+    if minimum is not None and maximum is not None:
+        return f"{kind} from {_number_text(minimum)} to {_number_text(maximum)}"
+    if minimum is not None:
+        return f"{kind} of at least {_number_text(minimum)}"
+    if maximum is not None:
+        return f"{kind} of at most {_number_text(maximum)}"
+    return kind
+
+
+def number_field(
+    label: str,
+    value: float,
+    *,
+    key: str,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    name: str | None = None,
+    reason: str = "",
+    container: Any = None,
+    **options: Any,
+) -> Any:
+    """Show a number input and return its value, or show an error and return
+    None when the value is out of range.
+
+    ``st.number_input`` with ``min_value`` or ``max_value`` does not send an
+    out-of-range entry to the script (Streamlit 1.67): the box keeps the entry
+    and the script goes on with the last valid value. So this input has no
+    bounds, and the range is checked here, and callers disable their action
+    while the value is None.
+
+    Args:
+        value: the initial value; an int makes a whole-number input.
+        minimum, maximum: inclusive bounds; None for no bound.
+        above: exclusive lower bound, as for a strength that must be positive.
+        name: how the error names the field; the label by default.
+        reason: a clause appended to the error, such as ", so that ...".
+        container: where to draw, e.g. a column; the main area by default.
+        options: further ``st.number_input`` arguments (help, format, step).
+    """
+    container = st if container is None else container
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    number = container.number_input(label, value=value, key=key, **options)
+    number = int(number) if integer else float(number)
+    too_low = (minimum is not None and number < minimum) or (
+        above is not None and number <= above
+    )
+    too_high = maximum is not None and number > maximum
+    if too_low or too_high:
+        allowed = range_text(
+            integer=integer, minimum=minimum, maximum=maximum, above=above
+        )
+        container.error(
+            f"{name or label} = {_number_text(number)} is out of range. Enter "
+            f"{allowed}{reason}."
+        )
+        return None
+    return number
+
+
+def changed_settings(
+    config: dict[str, Any], defaults: dict[str, Any], skip: Iterable[str] = ()
+) -> list[str]:
+    """Return "name value" for each setting in ``config`` that differs from
+    ``defaults``, in the order of ``config``.
+
+    Settings missing from ``defaults`` and those named in ``skip`` are left
+    out.
+    """
+    skipped = set(skip)
+    changed = []
+    for name, value in config.items():
+        if name in skipped or name not in defaults or defaults[name] == value:
+            continue
+        text = _number_text(value) if isinstance(value, float) else value
+        changed.append(f"{name.replace('_', ' ')} {text}")
+    return changed
 
 
 def settings_editor(

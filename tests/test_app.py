@@ -8,6 +8,7 @@ not depend on each other's order.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from repair_core import pipeline
+from repair_core.metrics import ranking
 from repair_core.training import TrainConfig
 from repair_core.workspace import Workspace
 
@@ -439,7 +441,11 @@ def test_repair_one_cause_without_controls(workspace_env):
     captions = [caption.value for caption in app.caption]
     assert any(text.startswith("C: 1 training example,") for text in captions)
     assert any("Removed 1 example (" in text for text in captions)
-    assert any("with finetune, seed 0, in" in text for text in captions)
+    assert any(
+        "with finetune (max epochs of the run's training settings), seed 0, in" in text
+        for text in captions
+    )
+    assert any("The other settings are the defaults." in text for text in captions)
 
     compare = page("compare", **state).run()
     check_clean(compare)
@@ -740,3 +746,527 @@ def test_repair_says_when_an_arm_kept_the_original(workspace_env):
     notes = [info.value for info in app.info]
     assert summary["notes"] and all(note in notes for note in summary["notes"])
     assert any(note.startswith("The random-removal control") for note in notes)
+
+
+# Range checks of number inputs -----------------------------------------------
+
+
+def error_texts(app: AppTest) -> list[str]:
+    return [error.value for error in app.error]
+
+
+def page_texts(app: AppTest) -> list[str]:
+    """Return the text of every alert, caption and markdown element."""
+    elements = [*app.error, *app.warning, *app.info, *app.success]
+    elements += [*app.caption, *app.markdown]
+    return [element.value for element in elements]
+
+
+@pytest.mark.parametrize("gamma", [0.0, -1.0])
+def test_repair_gamma_out_of_range_blocks_run(workspace_env, gamma):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+        "scores_id": workspace_env.scores_id,
+    }
+    app = page("repair", **state).run()
+    app.selectbox(key="repair_treatment").set_value("ewc-deletion").run()
+    app.number_input(key="repair_gamma_ewc-deletion").set_value(gamma).run()
+    assert not app.exception
+    assert app.number_input(key="repair_gamma_ewc-deletion").value == gamma
+    errors = error_texts(app)
+    assert len(errors) == 1
+    assert f"Strength γ = {gamma:g} is out of range" in errors[0]
+    assert "greater than 0" in errors[0]
+    assert app.button(key="repair_run").disabled
+
+
+def test_repair_seeds_out_of_range_blocks_run(workspace_env):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+        "scores_id": workspace_env.scores_id,
+    }
+    app = page("repair", **state).run()
+    app.radio(key="repair_source").set_value("top-k").run()
+    assert not app.button(key="repair_run").disabled
+    app.number_input(key="repair_seeds").set_value(11).run()
+    errors = error_texts(app)
+    assert len(errors) == 1
+    assert "Seeds = 11 is out of range" in errors[0]
+    assert "from 1 to 10" in errors[0]
+    assert app.button(key="repair_run").disabled
+
+
+def test_repair_top_k_leaves_two_examples(workspace_env):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+        "scores_id": workspace_env.scores_id,
+    }
+    n_train = TINY["n_train"]
+    app = page("repair", **state).run()
+    app.radio(key="repair_source").set_value("top-k").run()
+    app.number_input(key="repair_k").set_value(n_train - 1).run()
+    assert not app.exception
+    errors = error_texts(app)
+    assert len(errors) == 1
+    assert f"K = {n_train - 1} is out of range" in errors[0]
+    assert f"from 1 to {n_train - 2}" in errors[0]
+    assert not any("--top-k" in text for text in page_texts(app))
+    assert app.button(key="repair_run").disabled
+
+    app.number_input(key="repair_k").set_value(n_train - 2).run()
+    check_clean(app)
+    captions = [caption.value for caption in app.caption]
+    assert any(f"C: {n_train - 2} training examples" in text for text in captions)
+    assert not app.button(key="repair_run").disabled
+
+
+@pytest.mark.parametrize("top_k", [5000, 0, -3])
+def test_causes_k_out_of_range_blocks_confirm(workspace_env, top_k):
+    failure_set_id = workspace_env.new_failure_set()
+    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+    pipeline.run_identification(
+        workspace_env.workspace, run, "training-loss", failure_set_id=failure_set_id
+    )
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+    app.number_input(key="causes_k").set_value(top_k).run()
+    assert not app.exception
+    errors = error_texts(app)
+    assert len(errors) == 1
+    assert f"K = {top_k} is out of range" in errors[0]
+    assert f"from 1 to {TINY['n_train']}" in errors[0]
+    assert app.button(key="causes_confirm_top").disabled
+
+
+def test_causes_k_help_says_what_it_does(workspace_env):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+    }
+    app = page("causes", **state).run()
+    check_clean(app)
+    help_text = app.number_input(key="causes_k").help
+    assert "Confirm top K" in help_text
+    assert "highest-ranked" in help_text
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("setup_epochs", 0, "Max epochs = 0 is out of range"),
+        ("setup_patience", 101, "Early-stopping patience = 101 is out of range"),
+        ("setup_lr", 0.0, "Learning rate = 0 is out of range"),
+        ("setup_n_train", -5, "Training images = -5 is out of range"),
+        ("setup_seed", -1, "Seed = -1 is out of range"),
+    ],
+)
+def test_setup_number_out_of_range_blocks_train(
+    tmp_path, monkeypatch, key, value, expected
+):
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(tmp_path))
+    app = page("setup").run()
+    assert not app.button(key="setup_train").disabled
+    app.number_input(key=key).set_value(value).run()
+    assert not app.exception
+    errors = error_texts(app)
+    assert len(errors) == 1
+    assert expected in errors[0]
+    assert app.button(key="setup_train").disabled
+    assert app.button(key="setup_import").disabled
+    assert "out of range" in app.warning[0].value
+
+
+def test_failures_negative_split_seed_blocks_create(workspace_env):
+    state = {"run_id": workspace_env.run_id, "failure_set_id": None}
+    app = page("failures", **state).run()
+    app.number_input(key="failures_seed").set_value(-1).run()
+    assert not app.exception
+    errors = error_texts(app)
+    assert len(errors) == 1
+    assert "Split seed = -1 is out of range" in errors[0]
+    assert app.button(key="failures_create").disabled
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0, 5", "The k values field contains 0"),
+        ("-3", "The k values field contains -3"),
+        ("5000", "Every one of the k values 5000"),
+        ("five", "Invalid k values 'five'"),
+    ],
+)
+def test_compare_invalid_k_values_block_compute(workspace_env, text, expected):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+    }
+    app = page("compare", **state).run()
+    app.text_input(key="compare_ks").set_value(text).run()
+    assert not app.exception
+    errors = error_texts(app)
+    assert len(errors) == 1
+    assert expected in errors[0]
+    assert not any(" in ks " in error for error in errors)
+    assert app.button(key="compare_run").disabled
+
+
+def test_compare_seeds_out_of_range_block_compute(workspace_env):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+    }
+    app = page("compare", **state).run()
+    assert not app.button(key="compare_run").disabled
+    app.number_input(key="compare_seeds").set_value(0).run()
+    errors = error_texts(app)
+    assert len(errors) == 1
+    assert "Seeds = 0 is out of range" in errors[0]
+    assert app.button(key="compare_run").disabled
+
+
+def test_compare_names_skipped_k_values(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+    pipeline.run_identification(
+        workspace_env.workspace, run, "training-loss", failure_set_id=failure_set_id
+    )
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("compare", **state).run()
+    app.text_input(key="compare_ks").set_value("5, 5000").run()
+    check_clean(app)
+    warnings = [warning.value for warning in app.warning]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("k 5000 is skipped")
+
+    with pytest.warns(UserWarning, match="Skipping k = 5000"):
+        app.button(key="compare_run").click().run()
+    check_clean(app)
+    curves = workspace_env.workspace.list_removal_curves(
+        workspace_env.run_id, failure_set_id=failure_set_id
+    )
+    assert len(curves) == 1
+    assert curves[0]["ks"] == [5]
+    assert [warning.value for warning in app.warning] == warnings
+
+
+# Stored results --------------------------------------------------------------
+
+
+def test_repair_result_names_strength_and_settings(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    workspace.set_decisions(run.run_id, failure_set_id, [0, 1, 2], "confirmed")
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("repair", **state).run()
+    app.selectbox(key="repair_treatment").set_value("ewc-deletion").run()
+    seed_key = "repair_cfg_ewc-deletion_seed"
+    # The Seeds field sets the seeds of a single repair.
+    assert seed_key not in [w.key for w in app.number_input]
+    app.number_input(key="repair_gamma_ewc-deletion").set_value(0.01)
+    app.number_input(key="repair_cfg_ewc-deletion_lr").set_value(1e-12)
+    app.number_input(key="repair_cfg_ewc-deletion_max_steps").set_value(10)
+    app.number_input(key="repair_seeds").set_value(1)
+    app.checkbox(key="repair_controls").uncheck()
+    app.button(key="repair_run").click().run()
+    check_clean(app)
+
+    repair_id = app.session_state["repair_id"]
+    record = workspace.get_repair(repair_id)
+    assert record["config"]["gamma"] == pytest.approx(0.01)
+    label = app.selectbox(key="repair_select").options[0]
+    assert label == (
+        f"ewc-deletion (γ 0.01, lr 1e-12, max steps 10) · confirmed in review · "
+        f"{repair_id}"
+    )
+    captions = [caption.value for caption in app.caption]
+    assert any(
+        "with ewc-deletion (γ 0.01), seed 0, in" in text
+        and "Settings changed from the defaults: lr 1e-12, max steps 10." in text
+        for text in captions
+    )
+
+    # A sweep runs once with the config's seed, so its seed stays editable.
+    app.segmented_control(key="repair_mode").set_value("sweep").run()
+    assert seed_key in [w.key for w in app.number_input]
+
+
+def add_repair_copy(workspace: Workspace, record: dict, metrics: dict) -> str:
+    """Store a copy of a repair record with other metrics, sharing its model."""
+    copy_id = f"{record['id']}-copy"
+    model = workspace.path(record["run_id"], f"repairs/{record['id']}.pt")
+    copy = workspace.path(record["run_id"], f"repairs/{copy_id}.pt")
+    copy.write_bytes(model.read_bytes())
+    workspace.add_repair(
+        copy_id,
+        record["run_id"],
+        record["failure_set_id"],
+        record["scores_id"],
+        record["treatment"],
+        record["config"],
+        {**metrics, "repair_id": copy_id},
+    )
+    return copy_id
+
+
+def quick_repair(workspace: Workspace, run, failure_set_id: str) -> dict:
+    """Run EWC-deletion steps too small to change the model, with controls."""
+    return pipeline.run_repair(
+        workspace,
+        run,
+        "ewc-deletion",
+        torch.arange(5),
+        failure_set_id=failure_set_id,
+        causes_origin="top 5",
+        config={"lr": 1e-12, "max_steps": 10},
+        seeds=(0,),
+    )
+
+
+def test_repair_warns_when_random_removal_wins(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    summary = quick_repair(workspace, run, failure_set_id)
+    record = workspace.get_repair(summary["repair_id"])
+    metrics = json.loads(json.dumps(record["metrics"]))
+    metrics["after"]["holdout_acc"] = 0.5
+    metrics["controls"]["random"]["mean"]["holdout_acc"] = 0.654
+    copy_id = add_repair_copy(workspace, record, metrics)
+
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": failure_set_id,
+        "repair_id": copy_id,
+    }
+    app = page("repair", **state).run()
+    check_clean(app)
+    values = metric_values(app)
+    assert values["Gain on F_h over random removal"] == "-15.4%"
+    assert "Gain on F_h over nothing removed" in values
+    warnings = [warning.value for warning in app.warning]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("Random removal did better on F_h")
+    assert "65.4% against 50.0%" in warnings[0]
+
+    app.selectbox(key="repair_select").set_value(summary["repair_id"]).run()
+    check_clean(app)
+    assert not any("Random removal" in warning.value for warning in app.warning)
+
+
+def test_empty_holdout_shows_dash_and_warning(workspace_env):
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    failure = int(torch.nonzero(run.test_predictions != run.data.test.labels)[0])
+    # One failure always goes to F_q, so F_h is empty.
+    failure_set_id, split = pipeline.create_failure_set(
+        workspace, run, candidates=torch.tensor([failure]), origin="one failure"
+    )
+    assert len(split.holdout) == 0
+    with pytest.warns(UserWarning, match="no holdout failures"):
+        summary = quick_repair(workspace, run, failure_set_id)
+
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": failure_set_id,
+        "repair_id": summary["repair_id"],
+    }
+    app = page("repair", **state).run()
+    check_clean(app)
+    metrics = {metric.label: metric for metric in app.metric}
+    assert metrics["F_h accuracy after"].value == "—"
+    assert not metrics["F_h accuracy after"].delta
+    assert metrics["Gain on F_h over nothing removed"].value == "—"
+    assert metrics["Test accuracy after"].value.endswith("%")
+    assert not any("nan" in metric.value for metric in app.metric)
+    assert any("no holdout failures F_h" in w.value for w in app.warning)
+
+    compare = page("compare", **state).run()
+    assert not compare.exception
+    assert any("no holdout failures F_h" in w.value for w in compare.warning)
+
+    failures = page("failures", run_id=workspace_env.run_id, failure_set_id=None)
+    failures.session_state["failure_set_id"] = failure_set_id
+    failures.run()
+    check_clean(failures)
+    option = next(
+        text
+        for text in failures.selectbox(key="failures_set_select").options
+        if text.startswith(failure_set_id)
+    )
+    assert "· 1 failure ·" in option
+    assert any("F_h is empty" in w.value for w in failures.warning)
+
+
+def test_failures_warns_before_empty_holdout(workspace_env):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+    }
+    app = page("failures", **state).run()
+    check_clean(app)
+    assert not any("F_h is empty" in w.value for w in app.warning)
+    app.slider(key="failures_qf").set_value(1.0).run()
+    check_clean(app)
+    assert any("F_h is empty" in w.value for w in app.warning)
+    assert any("0 holdout failures F_h" in c.value for c in app.caption)
+
+
+def test_failures_reuses_identical_set(workspace_env):
+    workspace = workspace_env.workspace
+    state = {"run_id": workspace_env.run_id, "failure_set_id": None}
+    app = page("failures", **state).run()
+    app.number_input(key="failures_seed").set_value(7).run()
+    app.button(key="failures_create").click().run()
+    check_clean(app)
+    first = app.session_state["failure_set_id"]
+    assert "Created failure set" in app.success[0].value
+    count = len(workspace.list_failure_sets(workspace_env.run_id))
+    option = app.selectbox(key="failures_set_select").options[0]
+    assert option.startswith(first)
+    assert option.endswith("· query share 0.5 · split seed 7")
+
+    app.session_state["failure_set_id"] = workspace_env.failure_set_id
+    app.button(key="failures_create").click().run()
+    check_clean(app)
+    assert len(workspace.list_failure_sets(workspace_env.run_id)) == count
+    assert app.session_state["failure_set_id"] == first
+    assert app.success[0].value.startswith(f"Failure set {first} already holds")
+
+
+def test_clear_decisions_needs_confirmation(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    pipeline.run_identification(
+        workspace, run, "training-loss", failure_set_id=failure_set_id
+    )
+    workspace.set_decisions(run.run_id, failure_set_id, [0, 1, 2], "confirmed")
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+    check_clean(app)
+    assert app.checkbox(key="causes_clear_confirm").label == (
+        "I want to clear 3 decisions"
+    )
+    assert app.button(key="causes_clear").disabled
+
+    app.checkbox(key="causes_clear_confirm").check().run()
+    assert not app.button(key="causes_clear").disabled
+    app.button(key="causes_clear").click().run()
+    check_clean(app)
+    assert workspace.get_decisions(run.run_id, failure_set_id) == {}
+    assert metric_values(app)["Confirmed culprits"] == "0"
+    assert not app.checkbox(key="causes_clear_confirm").value
+    assert app.checkbox(key="causes_clear_confirm").disabled
+
+
+def test_culprits_csv_names_ranking(workspace_env, monkeypatch):
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+    downloads: dict[str, bytes] = {}
+    original = MemoryMediaFileStorage.load_and_get_id
+
+    def record_download(self, path_or_data, mimetype, kind, filename=None):
+        if filename:
+            downloads[filename] = path_or_data
+        return original(self, path_or_data, mimetype, kind, filename)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record_download)
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    scores_id = pipeline.run_identification(
+        workspace, run, "training-loss", failure_set_id=failure_set_id
+    )["scores_id"]
+    top = ranking(pipeline.load_scores(workspace, scores_id))[:30].tolist()
+    chosen = [top[20], top[2], top[9]]
+    workspace.set_decisions(run.run_id, failure_set_id, chosen, "confirmed")
+
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+    check_clean(app)
+    name = (
+        f"culprits-{workspace_env.run_id}-{failure_set_id}-training-loss-"
+        f"{scores_id}.csv"
+    )
+    assert name in downloads
+    table = pd.read_csv(io.BytesIO(downloads[name]))
+    assert list(table["rank"]) == sorted(table["rank"])
+    assert list(table["train_index"]) == [top[2], top[9], top[20]]
+    assert set(table["method"]) == {"training-loss"}
+    assert set(table["scores_id"]) == {scores_id}
+
+
+def test_newton_hides_controls_checkbox(workspace_env):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+        "scores_id": workspace_env.scores_id,
+    }
+    app = page("repair", **state).run()
+    app.selectbox(key="repair_treatment").set_value("finetune").run()
+    assert "repair_controls" in [w.key for w in app.checkbox]
+    app.selectbox(key="repair_treatment").set_value("newton").run()
+    check_clean(app)
+    assert "repair_controls" not in [w.key for w in app.checkbox]
+    assert any("newton takes one step" in c.value for c in app.caption)
+
+
+def test_sweep_progress_names_treatment_once(workspace_env, monkeypatch):
+    calls = []
+
+    def fake_sweep(*args, progress, **kwargs):
+        calls.append(args)
+        progress(1.0, "finetune: sweep done")
+        raise pipeline.ConfigError("stopped after one progress message")
+
+    monkeypatch.setattr(pipeline, "run_sweep", fake_sweep)
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+        "scores_id": workspace_env.scores_id,
+    }
+    app = page("repair", **state).run()
+    app.radio(key="repair_source").set_value("top-k").run()
+    app.selectbox(key="repair_treatment").set_value("finetune").run()
+    app.segmented_control(key="repair_mode").set_value("sweep").run()
+    app.button(key="repair_run").click().run()
+    assert len(calls) == 1
+    bars = [element.proto.text for element in app.get("progress")]
+    assert bars == ["Sweep of finetune: sweep done"]
+
+
+def test_compare_wall_times_show_dash_device(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    pipeline.run_identification(
+        workspace, run, "training-loss", failure_set_id=failure_set_id
+    )
+    sweep_id = f"sw-device-{failure_set_id}"
+    points = [{"strength": 1.0, "seconds": 2.0}]
+    workspace.add_sweep(
+        sweep_id, run.run_id, failure_set_id, "finetune", "top 5", 5, [1.0], {}, points
+    )
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("compare", **state).run()
+    check_clean(app)
+    timings = app.dataframe[-1].value.set_index("id")
+    assert timings.loc[sweep_id, "device"] == "—"
+    identifications = timings[timings["step"] == "identification"]
+    assert set(identifications["device"]) == {"cpu"}
+
+
+def test_workspace_file_says_sidebar_box(tmp_path, monkeypatch):
+    path = tmp_path / "not-a-folder"
+    path.write_text("")
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(path))
+    app = page("setup").run()
+    assert not app.exception
+    assert len(app.error) == 1
+    assert "is a file, not a folder" in app.error[0].value
+    assert "Workspace folder box of the sidebar" in app.error[0].value

@@ -266,6 +266,11 @@ def walk(page, url: str, workspace: Path) -> None:
     page.get_by_text("Causes C to remove").wait_for()
     wait_until_idle(page)
     choose_option(page, "repair_treatment", "finetune")
+    # The browser sends an out-of-range number, and the page names it and
+    # turns the run off instead of using the last valid value.
+    fill_number(page, "repair_seeds", 0)
+    assert page.get_by_text("Seeds = 0 is out of range").count() == 1
+    assert page.locator(".st-key-repair_run button").is_disabled()
     fill_number(page, "repair_seeds", 1)
     click(page, "repair_run")
     page.get_by_text("Gain on F_h over nothing removed").wait_for()
