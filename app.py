@@ -14,6 +14,8 @@ from repair_core import dashboard
 # but fetches the favicon of a Material icon from fonts.gstatic.com.
 st.set_page_config(page_title="Model Repair Dashboard", page_icon="🩹", layout="wide")
 dashboard.init_state()
+dashboard.restore_from_url()
+dashboard.save_to_url()
 
 # The page scripts live in app_pages/ and not in pages/. Streamlit (1.67) treats
 # a pages/ folder beside the entrypoint as a legacy multipage app until some
@@ -29,3 +31,4 @@ pages = [
 navigation = st.navigation(pages)
 dashboard.workspace_sidebar()
 navigation.run()
+dashboard.save_to_url()

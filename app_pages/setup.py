@@ -276,8 +276,7 @@ def import_model(config: pipeline.RunConfig, path: str, upload: Any) -> None:
 
 
 def open_run(run_id: str) -> None:
-    sets = ws.list_failure_sets(run_id)
-    dashboard.select_run(run_id, sets[-1]["id"] if sets else None)
+    dashboard.select_run(run_id, dashboard.last_used_failure_set(ws, run_id))
 
 
 def run_label(record: dict[str, Any]) -> str:

@@ -103,6 +103,111 @@ def select_run(run_id: str | None, failure_set_id: str | None) -> None:
     st.session_state["repair_id"] = None
 
 
+#: URL query parameter for each piece of the working context, so a reload of
+#: the browser tab reopens the same run, failure set, ranking and repair.
+URL_KEYS = {
+    "run": "run_id",
+    "fs": "failure_set_id",
+    "scores": "scores_id",
+    "repair": "repair_id",
+}
+
+
+def restore_from_url() -> None:
+    """On a session's first script run, reopen what the URL names.
+
+    A browser reload starts a new session, so the session state is empty, but
+    the URL keeps the query parameters that :func:`save_to_url` wrote. An id
+    that the workspace does not hold, or that belongs to another run or
+    failure set, is ignored together with everything after it.
+    """
+    if st.session_state.get("_url_restored"):
+        return
+    st.session_state["_url_restored"] = True
+    params = st.query_params
+    root = params.get("workspace")
+    if root:
+        st.session_state["workspace_root"] = root
+    run_id = params.get("run")
+    if not run_id or st.session_state["run_id"]:
+        return
+    try:
+        ws = open_workspace(st.session_state["workspace_root"])
+        ws.get_run(run_id)
+    except USER_ERRORS:
+        return
+    st.session_state["run_id"] = run_id
+    failure_set_id = params.get("fs")
+    checks = (
+        ("failure_set_id", failure_set_id, ws.get_failure_set, {"run_id": run_id}),
+        (
+            "scores_id",
+            params.get("scores"),
+            ws.get_scores,
+            {"run_id": run_id, "failure_set_id": failure_set_id},
+        ),
+        (
+            "repair_id",
+            params.get("repair"),
+            ws.get_repair,
+            {"run_id": run_id, "failure_set_id": failure_set_id},
+        ),
+    )
+    for key, record_id, get, expected in checks:
+        if not record_id:
+            continue
+        try:
+            record = get(record_id)
+        except USER_ERRORS:
+            return
+        if any(record.get(name) != value for name, value in expected.items()):
+            return
+        st.session_state[key] = record_id
+
+
+def save_to_url() -> None:
+    """Write the working context into the URL's query parameters.
+
+    Streamlit clears query parameters when the user moves to another page, so
+    this runs on every script run. Only this dashboard's keys are touched.
+    """
+    wanted = {name: st.session_state.get(key) for name, key in URL_KEYS.items()}
+    root = st.session_state.get("workspace_root")
+    default_root = os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE
+    wanted["workspace"] = root if root != default_root else None
+    for name, value in wanted.items():
+        if value and st.query_params.get(name) != value:
+            st.query_params[name] = value
+        elif not value and name in st.query_params:
+            del st.query_params[name]
+
+
+def last_used_failure_set(ws: Workspace, run_id: str) -> str | None:
+    """Return the failure set of ``run_id`` with the newest stored result.
+
+    Rankings, repairs, sweeps and removal curves count as use; a failure set
+    without any counts from its own creation. None when the run has none.
+    """
+    sets = ws.list_failure_sets(run_id)
+    if not sets:
+        return None
+    latest = {record["id"]: record["created_at"] for record in sets}
+    for records in (
+        ws.list_scores(run_id),
+        ws.list_repairs(run_id),
+        ws.list_sweeps(run_id),
+        ws.list_removal_curves(run_id),
+    ):
+        for record in records:
+            failure_set_id = record.get("failure_set_id")
+            if failure_set_id in latest:
+                latest[failure_set_id] = max(
+                    latest[failure_set_id], record["created_at"]
+                )
+    # Ties keep the newest set, as list_failure_sets is oldest first.
+    return max(reversed(sets), key=lambda record: latest[record["id"]])["id"]
+
+
 def sync_widget(widget_key: str, value: Any, options: Sequence[Any]) -> None:
     """Point the widget ``widget_key`` at ``value`` when ``value`` changed since
     the last call, or when the widget has no state yet. Call before the widget

@@ -160,6 +160,86 @@ def test_new_session_uses_workspace_env(workspace_env, tmp_path, monkeypatch):
     )
 
 
+def _app() -> AppTest:
+    return AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
+
+
+def test_url_keeps_open_run_through_reload(workspace_env):
+    app = _app().run()
+    check_clean(app)
+    assert "run" not in app.query_params
+
+    app.session_state["run_id"] = workspace_env.run_id
+    app.session_state["failure_set_id"] = workspace_env.failure_set_id
+    app.session_state["scores_id"] = workspace_env.scores_id
+    app.switch_page("app_pages/causes.py").run()
+    check_clean(app)
+    assert app.query_params["run"] == workspace_env.run_id
+    assert app.query_params["fs"] == workspace_env.failure_set_id
+    assert app.query_params["scores"] == workspace_env.scores_id
+
+    # A reload opens a new session on the same URL.
+    reloaded = _app()
+    reloaded.query_params = dict(app.query_params)
+    reloaded.run()
+    check_clean(reloaded)
+    assert reloaded.session_state["run_id"] == workspace_env.run_id
+    assert reloaded.session_state["failure_set_id"] == workspace_env.failure_set_id
+    assert reloaded.session_state["scores_id"] == workspace_env.scores_id
+
+
+@pytest.mark.parametrize(
+    ("params", "kept"),
+    [
+        ({"run": "run-absent", "fs": "fs-absent"}, None),
+        ({"fs": "fs-absent", "scores": "sc-absent"}, "run"),
+        ({"fs": "FS", "scores": "sc-absent"}, "fs"),
+    ],
+)
+def test_url_with_unknown_ids_opens_what_exists(workspace_env, params, kept):
+    values = {"FS": workspace_env.failure_set_id}
+    app = _app()
+    app.query_params = {"run": workspace_env.run_id}
+    app.query_params.update({k: values.get(v, v) for k, v in params.items()})
+    app.run()
+
+    check_clean(app)
+    expected_run = workspace_env.run_id if kept else None
+    assert app.session_state["run_id"] == expected_run
+    expected_set = workspace_env.failure_set_id if kept == "fs" else None
+    assert app.session_state["failure_set_id"] == expected_set
+    assert app.session_state["scores_id"] is None
+
+
+def test_open_picks_failure_set_last_used(workspace_env, tmp_path, monkeypatch):
+    import shutil
+
+    from repair_core import dashboard
+
+    # A copy, since the records made here carry invented times: stored times
+    # have whole seconds, so each record gets a later one.
+    shutil.copytree(workspace_env.root, tmp_path / "ws")
+    workspace = Workspace(tmp_path / "ws")
+    seconds = iter(range(10))
+    monkeypatch.setattr(
+        "repair_core.workspace._now",
+        lambda: f"2999-01-01T00:00:{next(seconds):02d}+00:00",
+    )
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    newer, _ = pipeline.create_failure_set(workspace, run, seed=1)
+    assert workspace.list_failure_sets(run.run_id)[-1]["id"] == newer
+    assert dashboard.last_used_failure_set(workspace, run.run_id) == newer
+
+    pipeline.run_identification(
+        workspace, run, "random", failure_set_id=workspace_env.failure_set_id
+    )
+
+    assert (
+        dashboard.last_used_failure_set(workspace, run.run_id)
+        == workspace_env.failure_set_id
+    )
+
+
 @pytest.mark.parametrize("name", ["failures", "causes", "repair", "compare"])
 def test_page_without_run_says_setup(workspace_env, name):
     app = page(name).run()
