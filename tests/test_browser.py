@@ -280,6 +280,15 @@ def walk(page, url: str, workspace: Path) -> None:
     assert page.locator(".st-key-repair_bars .js-plotly-plot").count() == 1
     screenshot(page, "repair")
 
+    # A reload starts a new session, which reopens what the address names.
+    assert "run=run-" in page.url
+    page.reload()
+    page.get_by_text("Removed 5 examples (confirmed in review)").wait_for(
+        timeout=RUN_TIMEOUT * 1000
+    )
+    wait_until_idle(page)
+    assert page.get_by_text("No run open").count() == 0
+
 
 def check_second_session(page, url: str) -> None:
     """Check that a second tab, a new session, starts without the first tab's
