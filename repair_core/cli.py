@@ -784,7 +784,7 @@ def _apply_settings(config: Any, settings: list[str], what: str) -> Any:
 def _open_run(args: argparse.Namespace):
     """Open the run and find the failure set the command works on.
 
-    The failure set id is None when the command asks for a split of all
+    The failure set id is None when the command requests a split of all
     failures that is not stored yet; ``_stored_failure_set`` stores it.
     """
     from repair_core.pipeline import load_run, scores_record
@@ -838,7 +838,7 @@ def _query_fraction(args: argparse.Namespace, run) -> float:
 def _stored_failure_set(
     args: argparse.Namespace, workspace: Workspace, run, failure_set_id: str | None
 ) -> str:
-    """Return ``failure_set_id``, or store the split of all failures it stands for.
+    """Return ``failure_set_id``, or store the split of all failures it would name.
 
     Commands call this once their input has been checked, so a command that
     fails on its input leaves no new failure set behind.

@@ -151,7 +151,7 @@ def _data_fingerprint(data: DataSplit) -> dict[str, str]:
 
 
 def _check_same_data(run_id: str, record: dict[str, Any], data: DataSplit) -> None:
-    """Stop when the run's data source no longer gives the images it was made on.
+    """Raise DataError when the run's data source no longer gives its images.
 
     Stored labels, failure sets and scores are indexed by position, so an image
     moved between class folders would silently shift every one of them.
