@@ -13,6 +13,7 @@ from repair_core.identification import METHODS, default_config
 PAGE_SIZE = 24
 GRID_COLUMNS = 6
 DECISION_LABELS = {"confirmed": "✓ Culprit", "rejected": "✗ Not"}
+SHOW_CHOICES = ["all", "undecided", "confirmed", "rejected"]
 
 dashboard.init_state()
 ws, run = dashboard.require_run()
@@ -51,19 +52,20 @@ def run_methods(configs: dict[str, object]) -> None:
     finished = []
     for method, config in configs.items():
         report = dashboard.progress_reporter(method)
-        summary = dashboard.run_safely(
-            f"Identification with {method}",
-            lambda method=method, config=config, report=report: (
-                pipeline.run_identification(
-                    ws,
-                    run,
-                    method,
-                    failure_set_id=failure_set_id,
-                    config=config,
-                    progress=report,
-                )
-            ),
-        )
+        with dashboard.long_job("causes", f"identification with {method}"):
+            summary = dashboard.run_safely(
+                f"Identification with {method}",
+                lambda method=method, config=config, report=report: (
+                    pipeline.run_identification(
+                        ws,
+                        run,
+                        method,
+                        failure_set_id=failure_set_id,
+                        config=config,
+                        progress=report,
+                    )
+                ),
+            )
         if summary is not None:
             finished.append(f"{method} ({summary['seconds']:.1f} s)")
             st.session_state["scores_id"] = summary["scores_id"]
@@ -74,6 +76,7 @@ def run_methods(configs: dict[str, object]) -> None:
 
 def method_section(expanded: bool) -> None:
     with st.expander("Run identification methods", expanded=expanded):
+        dashboard.keep_widget_value("causes_methods", list(METHODS))
         methods = st.multiselect(
             "Methods",
             list(METHODS),
@@ -95,12 +98,14 @@ def method_section(expanded: bool) -> None:
                     except dashboard.USER_ERRORS as error:
                         st.error(f"Invalid {method} settings: {error}")
                         invalid = True
-        if st.button(
+        clicked = st.button(
             "Run identification",
             type="primary",
             key="causes_run",
             disabled=not methods or invalid,
-        ):
+        )
+        st.caption(dashboard.LONG_JOB_CAPTION)
+        if clicked:
             run_methods(configs)
 
 
@@ -271,6 +276,7 @@ records = ws.list_scores(run.run_id, failure_set_id=failure_set_id)
 message = st.session_state.pop("causes_message", None)
 if message:
     st.success(message)
+dashboard.show_interrupted_job("causes")
 method_section(expanded=not records)
 if not records:
     st.info("No ranking yet for this failure set. Run a method above.")
@@ -346,9 +352,10 @@ with clear_column:
         on_click=clear_decisions,
         args=(list(decisions),),
     )
+dashboard.keep_widget_value("causes_show", SHOW_CHOICES)
 show = show_column.segmented_control(
     "Show",
-    ["all", "undecided", "confirmed", "rejected"],
+    SHOW_CHOICES,
     default="all",
     key="causes_show",
 )

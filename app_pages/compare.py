@@ -18,6 +18,8 @@ CURVE_POINTS = 400
 BASELINES = ("oracle", "random")
 #: Shown in the wall-time table for steps whose records store no device.
 UNKNOWN_DEVICE = "—"
+#: Line dashes of successive removal curves of one method.
+CURVE_DASHES = ("solid", "dash", "dot", "dashdot")
 
 dashboard.init_state()
 ws, run = dashboard.require_run()
@@ -28,18 +30,20 @@ n_train = len(run.data.train)
 
 st.title("Compare")
 st.caption(f"Methods run on failure set `{failure_set_id}` of run `{run.run_id}`.")
+dashboard.show_interrupted_job("compare")
 dashboard.warn_if_no_holdout(failure_set_id, split)
 
 
 def add_baselines(missing: list[str]) -> None:
     for method in missing:
         report = dashboard.progress_reporter(method)
-        dashboard.run_safely(
-            f"Identification with {method}",
-            lambda method=method, report=report: pipeline.run_identification(
-                ws, run, method, failure_set_id=failure_set_id, progress=report
-            ),
-        )
+        with dashboard.long_job("compare", f"identification with {method}"):
+            dashboard.run_safely(
+                f"Identification with {method}",
+                lambda method=method, report=report: pipeline.run_identification(
+                    ws, run, method, failure_set_id=failure_set_id, progress=report
+                ),
+            )
     st.rerun()
 
 
@@ -57,14 +61,18 @@ def detection_figure(latest: dict[str, dict[str, Any]]) -> go.Figure:
             y=found[keep],
             mode="lines",
             name=method,
-            line={"dash": dash, "width": 2 if method in BASELINES else 3},
+            line={
+                "dash": dash,
+                "width": 2 if method in BASELINES else 3,
+                "color": dashboard.method_colour(method),
+            },
         )
     figure.update_layout(
         xaxis={"title": "share of D inspected", "tickformat": ".0%"},
         yaxis={"title": "share of corrupted found", "tickformat": ".0%"},
         height=420,
         margin={"t": 10, "b": 10},
-        legend={"orientation": "h"},
+        legend=dashboard.LEGEND_ABOVE,
     )
     return figure
 
@@ -84,6 +92,8 @@ def detection_section(latest: dict[str, dict[str, Any]]) -> None:
         f"Add the {' and '.join(missing)} baseline{plural}", key="compare_baselines"
     ):
         add_baselines(missing)
+    if missing:
+        st.caption(dashboard.LONG_JOB_CAPTION)
     if latest:
         st.plotly_chart(detection_figure(latest), key="compare_detection")
         st.caption(
@@ -141,18 +151,19 @@ def run_curves(scores_ids: list[str], ks: list[int], n_seeds: int) -> list[str]:
     new_ids = []
     for scores_id in scores_ids:
         report = dashboard.progress_reporter(f"Removal curve of {scores_id}")
-        summary = dashboard.run_safely(
-            "Removal curve",
-            lambda scores_id=scores_id, report=report: pipeline.run_removal_curve(
-                ws,
-                run,
-                scores_id,
-                failure_set_id=failure_set_id,
-                ks=tuple(ks),
-                seeds=tuple(range(n_seeds)),
-                progress=report,
-            ),
-        )
+        with dashboard.long_job("compare", f"removal curve of {scores_id}"):
+            summary = dashboard.run_safely(
+                "Removal curve",
+                lambda scores_id=scores_id, report=report: pipeline.run_removal_curve(
+                    ws,
+                    run,
+                    scores_id,
+                    failure_set_id=failure_set_id,
+                    ks=tuple(ks),
+                    seeds=tuple(range(n_seeds)),
+                    progress=report,
+                ),
+            )
         if summary is not None:
             new_ids.append(summary["removal_curve_id"])
     return new_ids
@@ -168,8 +179,13 @@ def removal_figure(
     curves: list[dict[str, Any]], methods: dict[str, str], key: str
 ) -> go.Figure:
     figure = go.Figure()
+    # Curves of one method share its colour and differ in dash.
+    drawn: dict[str, int] = {}
     for curve in curves:
         points = curve["points"]
+        method = methods.get(curve["scores_id"], "")
+        dash = CURVE_DASHES[drawn.get(method, 0) % len(CURVE_DASHES)]
+        drawn[method] = drawn.get(method, 0) + 1
         # One seed has no spread, so it gets no error bars.
         error_y = None
         if len(curve["seeds"]) > 1:
@@ -180,13 +196,22 @@ def removal_figure(
             error_y=error_y,
             mode="lines+markers",
             name=curve_label(curve, methods),
+            line={"color": dashboard.method_colour(method), "dash": dash},
         )
+    # Only the k values get ticks, because plotly labels the minor ticks of
+    # a log axis with their leading digit, so k = 30 and 300 both read "3".
+    ks = sorted({point["k"] for curve in curves for point in curve["points"]})
     figure.update_layout(
-        xaxis={"title": "training examples removed (k)", "type": "log"},
+        xaxis={
+            "title": "training examples removed (k)",
+            "type": "log",
+            "tickvals": ks,
+            "ticktext": [str(k) for k in ks],
+        },
         yaxis=dashboard.accuracy_axis("accuracy"),
         height=360,
         margin={"t": 10, "b": 10},
-        legend={"orientation": "h"},
+        legend=dashboard.LEGEND_ABOVE,
     )
     return figure
 
@@ -200,6 +225,7 @@ def removal_section(records: list[dict[str, Any]]) -> None:
 
     methods = {record["id"]: record["method"] for record in records}
     ids = [record["id"] for record in reversed(records)]
+    dashboard.keep_widget_value("compare_rankings", ids)
     chosen = st.multiselect(
         "Rankings",
         ids,
@@ -209,6 +235,7 @@ def removal_section(records: list[dict[str, Any]]) -> None:
     )
     left, middle, right = st.columns([3, 1, 1], vertical_alignment="bottom")
     default_ks = ", ".join(str(k) for k in (10, 30, 100, 300) if k < n_train)
+    dashboard.keep_widget_value("compare_ks")
     ks_text = left.text_input(
         "k values",
         default_ks,
@@ -225,7 +252,9 @@ def removal_section(records: list[dict[str, Any]]) -> None:
             st.warning(skipped_text(too_large))
     new_ids = []
     disabled = not chosen or ks is None or n_seeds is None
-    if right.button("Compute", key="compare_run", disabled=disabled):
+    clicked = right.button("Compute", key="compare_run", disabled=disabled)
+    st.caption(dashboard.LONG_JOB_CAPTION)
+    if clicked:
         new_ids = run_curves(chosen, ks, n_seeds)
 
     stored = ws.list_removal_curves(run.run_id, failure_set_id=failure_set_id)

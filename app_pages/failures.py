@@ -143,6 +143,12 @@ def use_failure_set(failure_set_id: str, message: str) -> None:
     st.rerun()
 
 
+def failure_groups() -> list[np.ndarray]:
+    """Return the test indices of the failures of each true class, in the
+    order of the map's failure traces (trace 1 onwards)."""
+    return [failures[labels[failures] == c] for c in np.unique(labels[failures])]
+
+
 def map_figure(coordinates: np.ndarray) -> go.Figure:
     correct = np.flatnonzero(predictions == labels)
     trace = dashboard.scatter_class(len(coordinates))
@@ -157,31 +163,34 @@ def map_figure(coordinates: np.ndarray) -> go.Figure:
             hoverinfo="skip",
         )
     )
-    figure.add_trace(
-        trace(
-            x=coordinates[failures, 0],
-            y=coordinates[failures, 1],
-            mode="markers",
-            marker={
-                "size": 7,
-                "color": labels[failures],
-                "colorscale": "Turbo",
-                "line": {"width": 0.5, "color": "#222"},
-            },
-            customdata=failures,
-            text=[
-                f"#{i}: true {class_names[labels[i]]} → {class_names[predictions[i]]}"
-                for i in failures
-            ],
-            hovertemplate="%{text}<extra></extra>",
-            name="failure (colour = true class)",
+    for group in failure_groups():
+        true_class = int(labels[group[0]])
+        figure.add_trace(
+            trace(
+                x=coordinates[group, 0],
+                y=coordinates[group, 1],
+                mode="markers",
+                marker={
+                    "size": 7,
+                    "color": dashboard.palette_colour(true_class),
+                    "line": {"width": 0.5, "color": "#222"},
+                },
+                customdata=group,
+                text=[
+                    f"#{i}: true {class_names[labels[i]]} → predicted "
+                    f"{class_names[predictions[i]]}"
+                    for i in group
+                ],
+                hovertemplate="%{text}<extra></extra>",
+                name=f"true {class_names[true_class]}",
+            )
         )
-    )
+    # The top margin keeps the legend title below plotly's toolbar.
     figure.update_layout(
         height=420,
-        margin={"l": 10, "r": 10, "t": 10, "b": 10},
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
         dragmode="lasso",
-        legend={"orientation": "h"},
+        legend={"title": {"text": "failures by true class"}},
         xaxis={"visible": False},
         yaxis={"visible": False},
     )
@@ -191,17 +200,46 @@ def map_figure(coordinates: np.ndarray) -> go.Figure:
 def map_selection(key: str) -> np.ndarray | None:
     """Test indices of the failures picked on the map, or None without a pick."""
     points = dashboard.selected_points(st.session_state.get(key))
-    picked = [
-        int(point["point_index"])
-        for point in points
-        if point.get("curve_number") == 1 and "point_index" in point
-    ]
-    return failures[picked] if picked else None
+    picked = dashboard.selected_in_traces(points, failure_groups())
+    return picked if len(picked) else None
+
+
+def split_tags() -> dict[int, str]:
+    """Return "query" or "holdout" for each failure of the current failure
+    set, keyed by test index, so the grid can show where each one went."""
+    failure_set_id = st.session_state["failure_set_id"]
+    if failure_set_id is None:
+        return {}
+    split = dashboard.run_safely(
+        "Reading the current failure set",
+        lambda: pipeline.load_failure_split(ws, run.run_id, failure_set_id),
+    )
+    if split is None:
+        return {}
+    tags = {int(i): "query" for i in split.query}
+    tags.update({int(i): "holdout" for i in split.holdout})
+    return tags
+
+
+def failure_card(index: int, image: str, tag: str | None) -> dashboard.Card:
+    return dashboard.Card(
+        image=image,
+        title=f"true {class_names[labels[index]]}",
+        lines=[
+            f"predicted {class_names[predictions[index]]}",
+            f"confidence {confidence[index]:.0%}",
+            f"test #{index}",
+        ],
+        tone="bad",
+        badge=tag,
+        badge_tone={"query": "info", "holdout": "warn"}.get(tag),
+    )
 
 
 if "failures_map_version" not in st.session_state:
     st.session_state["failures_map_version"] = 0
 for key in ("failures_true", "failures_pred"):
+    dashboard.keep_widget_value(key, class_names)
     if key not in st.session_state:
         st.session_state[key] = []
 
@@ -259,14 +297,15 @@ st.subheader(f"{len(chosen)} of {dashboard.count_text(len(failures), 'failure')}
 if len(chosen):
     window = dashboard.page_window(len(chosen), PAGE_SIZE, "failures_page")
     images = dashboard.thumbnails(root, run.run_id, "test")
-    dashboard.show_grid(
-        dashboard.Card(
-            image=images[i],
-            title=f"{class_names[labels[i]]} → {class_names[predictions[i]]}",
-            lines=[f"confidence {confidence[i]:.0%}", f"test #{i}"],
-            tone="bad",
+    tags = split_tags()
+    if tags:
+        st.caption(
+            "The tag on a card says where the current failure set put the "
+            "failure: query (F_q) or holdout (F_h). Untagged failures are not "
+            "in it."
         )
-        for i in chosen[window]
+    dashboard.show_grid(
+        failure_card(int(i), images[i], tags.get(int(i))) for i in chosen[window]
     )
 
 st.divider()
@@ -278,6 +317,7 @@ st.markdown(
 fraction_column, seed_column, button_column = st.columns(
     [3, 2, 2], vertical_alignment="bottom"
 )
+dashboard.keep_widget_value("failures_qf")
 query_fraction = fraction_column.slider(
     "Query share", 0.1, 1.0, run.config.query_fraction, 0.05, key="failures_qf"
 )

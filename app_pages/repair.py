@@ -55,6 +55,16 @@ ARM_COLOURS = {
     "random": "#2ca02c",
 }
 GRID_LIMIT = 48
+#: A sweep point nearer than this to a labelled point, in accuracy on the x
+#: and the y axis, gets no label, so that label texts do not overlap.
+#: NOTE: sized for labels of about 40 by 15 pixels on a chart about 700
+#: pixels wide, so labels on a much narrower chart can still touch.
+LABEL_GAP = (0.06, 0.05)
+#: Axis ranges of the sweep chart, wider than ACCURACY_RANGE so that the
+#: label of a point at 0% or 100% is not cut off by the edge of the plot.
+SWEEP_X_RANGE = [-0.07, 1.07]
+SWEEP_Y_RANGE = [-0.04, 1.1]
+SWEEP_TICKS = [0, 0.2, 0.4, 0.6, 0.8, 1.0]
 
 dashboard.init_state()
 ws, run = dashboard.require_run()
@@ -67,6 +77,7 @@ n_train = len(run.data.train)
 new_sweeps: list[str] = []
 
 st.title("Repair")
+dashboard.show_interrupted_job("repair")
 dashboard.warn_if_no_holdout(failure_set_id, split)
 
 
@@ -142,6 +153,7 @@ def causes_section() -> tuple[Any, str, str | None] | None:
     None when C is not available yet."""
     decisions = ws.get_decisions(run.run_id, failure_set_id)
     n_confirmed = sum(1 for d in decisions.values() if d == "confirmed")
+    dashboard.keep_widget_value("repair_source", ["confirmed", "top-k"])
     source = st.radio(
         "Causes C to remove",
         ["confirmed", "top-k"],
@@ -215,6 +227,7 @@ def settings_section(treatment: str, sweep: bool) -> Any | None:
 def sweep_strengths(treatment: str) -> list[float] | None:
     field = SWEEPABLE[treatment]
     default = ", ".join(f"{value:g}" for value in DEFAULT_STRENGTHS[treatment])
+    dashboard.keep_widget_value(f"repair_sweep_{treatment}")
     text = st.text_input(
         f"Values of {field} to sweep (comma-separated)",
         value=default,
@@ -231,22 +244,23 @@ def run_single(treatment, config, causes, origin, scores_id, seeds, controls) ->
     report = dashboard.progress_reporter(
         f"Repair with {treatment}", drop_prefix=f"{treatment}: "
     )
-    summary = dashboard.run_safely(
-        "Repair",
-        lambda: pipeline.run_repair(
-            ws,
-            run,
-            treatment,
-            causes,
-            failure_set_id=failure_set_id,
-            scores_id=scores_id,
-            causes_origin=origin,
-            config=config,
-            seeds=seeds,
-            controls=controls,
-            progress=report,
-        ),
-    )
+    with dashboard.long_job("repair", f"repair with {treatment}"):
+        summary = dashboard.run_safely(
+            "Repair",
+            lambda: pipeline.run_repair(
+                ws,
+                run,
+                treatment,
+                causes,
+                failure_set_id=failure_set_id,
+                scores_id=scores_id,
+                causes_origin=origin,
+                config=config,
+                seeds=seeds,
+                controls=controls,
+                progress=report,
+            ),
+        )
     if summary is not None:
         st.session_state["repair_id"] = summary["repair_id"]
         st.rerun()
@@ -256,20 +270,21 @@ def run_sweep(treatment, config, causes, origin, strengths) -> None:
     report = dashboard.progress_reporter(
         f"Sweep of {treatment}", drop_prefix=f"{treatment}: "
     )
-    summary = dashboard.run_safely(
-        "Sweep",
-        lambda: pipeline.run_sweep(
-            ws,
-            run,
-            treatment,
-            causes,
-            failure_set_id=failure_set_id,
-            strengths=strengths,
-            causes_origin=origin,
-            config=config,
-            progress=report,
-        ),
-    )
+    with dashboard.long_job("repair", f"sweep of {treatment}"):
+        summary = dashboard.run_safely(
+            "Sweep",
+            lambda: pipeline.run_sweep(
+                ws,
+                run,
+                treatment,
+                causes,
+                failure_set_id=failure_set_id,
+                strengths=strengths,
+                causes_origin=origin,
+                config=config,
+                progress=report,
+            ),
+        )
     if summary is not None:
         new_sweeps.append(summary["sweep_id"])
 
@@ -284,6 +299,7 @@ def controls_widget(treatment: str) -> bool:
             "controls."
         )
         return False
+    dashboard.keep_widget_value("repair_controls")
     return st.checkbox(
         "Run the nothing-removed and random-removal controls",
         value=True,
@@ -297,6 +313,7 @@ def action_section() -> None:
     chosen = causes_section()
 
     left, right = st.columns(2)
+    dashboard.keep_widget_value("repair_treatment", TREATMENTS)
     treatment = left.selectbox(
         "Treatment",
         TREATMENTS,
@@ -307,6 +324,7 @@ def action_section() -> None:
     # the left.
     with right:
         modes = ["single", "sweep"] if treatment in SWEEPABLE else ["single"]
+        dashboard.keep_widget_value("repair_mode", modes)
         mode = st.segmented_control(
             "Run",
             modes,
@@ -343,7 +361,9 @@ def action_section() -> None:
         )
 
     label = "Run sweep" if mode == "sweep" else "Repair"
-    if not st.button(label, type="primary", key="repair_run", disabled=not ready):
+    clicked = st.button(label, type="primary", key="repair_run", disabled=not ready)
+    st.caption(dashboard.LONG_JOB_CAPTION)
+    if not clicked:
         return
     causes, origin, scores_id = chosen
     if mode == "sweep":
@@ -642,19 +662,62 @@ def sweep_label(record: dict[str, Any]) -> str:
     return " · ".join(part for part in parts if part)
 
 
-def strength_labels(points: list[dict[str, Any]]) -> list[str]:
-    """Label each sweep point with its strength. Points with the same
-    accuracies share one label that lists their strengths, so that labels do
-    not overlap."""
-    strengths: dict[tuple[float, float], list[str]] = {}
-    for point in points:
-        position = (point["remaining_acc"], point["holdout_acc"])
-        strengths.setdefault(position, []).append(f"{point['strength']:g}")
+def strength_labels(sweeps: list[dict[str, Any]]) -> list[list[str]]:
+    """Label the points of each sweep with their strengths, so that labels do
+    not overlap.
+
+    Points of a sweep with the same accuracies share one label that lists
+    their strengths. A point within LABEL_GAP of a point labelled before it,
+    in any of the sweeps, gets an empty label.
+    """
+    labelled: list[tuple[float, float]] = []
     labels = []
-    for point in points:
-        position = (point["remaining_acc"], point["holdout_acc"])
-        labels.append(", ".join(strengths.pop(position, [])))
+    for sweep in sweeps:
+        strengths: dict[tuple[float, float], list[str]] = {}
+        for point in sweep["points"]:
+            position = (point["remaining_acc"], point["holdout_acc"])
+            strengths.setdefault(position, []).append(f"{point['strength']:g}")
+        sweep_labels = []
+        for point in sweep["points"]:
+            position = (point["remaining_acc"], point["holdout_acc"])
+            text = ", ".join(strengths.pop(position, []))
+            if text and any(near(position, other) for other in labelled):
+                text = ""
+            if text:
+                labelled.append(position)
+            sweep_labels.append(text)
+        labels.append(sweep_labels)
     return labels
+
+
+def near(first: tuple[float, float], second: tuple[float, float]) -> bool:
+    """Return whether two sweep points are within LABEL_GAP on both axes.
+    Points with a NaN accuracy, as on an empty F_h, are never near."""
+    return all(
+        abs(a - b) < gap for a, b, gap in zip(first, second, LABEL_GAP, strict=True)
+    )
+
+
+def sweep_axis(title: str, axis_range: list[float]) -> dict[str, Any]:
+    return {
+        "title": title,
+        "tickformat": ".0%",
+        "range": axis_range,
+        "tickvals": SWEEP_TICKS,
+    }
+
+
+def sweep_table(sweeps: list[dict[str, Any]]) -> pd.DataFrame:
+    """Return one row per sweep point with its strength and accuracies."""
+    rows = []
+    for sweep in sweeps:
+        for point in sweep["points"]:
+            row = {"sweep": sweep["id"], "strength": f"{point['strength']:g}"}
+            for key, subset in SHORT_SUBSETS.items():
+                if key in point:
+                    row[subset] = percent_text(point[key])
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def sweep_section(sweeps: list[dict[str, Any]]) -> None:
@@ -670,30 +733,36 @@ def sweep_section(sweeps: list[dict[str, Any]]) -> None:
     if not chosen:
         return
     figure = go.Figure()
-    for sweep in chosen:
+    labelled = zip(chosen, strength_labels(chosen), strict=True)
+    for number, (sweep, labels) in enumerate(labelled):
         points = sweep["points"]
         figure.add_scatter(
             x=[point["remaining_acc"] for point in points],
             y=[point["holdout_acc"] for point in points],
-            text=strength_labels(points),
+            text=labels,
             customdata=[point["strength"] for point in points],
             hovertemplate="strength %{customdata:g}<br>T\\F %{x:.1%}<br>F_h %{y:.1%}",
             mode="lines+markers+text",
             textposition="top center",
             name=sweep_label(sweep),
+            line={"color": dashboard.palette_colour(number)},
         )
     figure.update_layout(
-        xaxis=dashboard.accuracy_axis("accuracy on T\\F (kept)"),
-        yaxis=dashboard.accuracy_axis("accuracy on F_h (fixed)"),
+        xaxis=sweep_axis("accuracy on T\\F (kept)", SWEEP_X_RANGE),
+        yaxis=sweep_axis("accuracy on F_h (fixed)", SWEEP_Y_RANGE),
         height=400,
         margin={"t": 10, "b": 10},
-        legend={"orientation": "h"},
+        legend=dashboard.LEGEND_ABOVE,
     )
     st.plotly_chart(figure, key="repair_sweep_chart")
     st.caption(
         "Labels are the swept strength. Strengths with the same result share "
-        "one label. Up and to the right is better."
+        "one label. A point close to a labelled one has no label, so hover over "
+        "it or open Sweep points below to read its strength. Up and to the "
+        "right is better."
     )
+    with st.expander("Sweep points"):
+        st.dataframe(sweep_table(chosen), hide_index=True)
 
 
 with st.container(border=True):

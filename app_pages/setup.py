@@ -39,6 +39,7 @@ st.title("Setup")
 
 def data_widgets() -> dict[str, Any]:
     values: dict[str, Any] = {}
+    dashboard.keep_widget_value("setup_data", DATA_SOURCES)
     source = st.selectbox(
         "Data source",
         DATA_SOURCES,
@@ -47,10 +48,12 @@ def data_widgets() -> dict[str, Any]:
     )
     values["data"] = source
     if source != "mnist-embedded":
+        dashboard.keep_widget_value("setup_root")
         values["root"] = st.text_input(
             "Data folder", key="setup_root", help=SOURCE_HELP[source]
         ).strip()
         if source != "imagefolder":
+            dashboard.keep_widget_value("setup_download")
             values["download"] = st.checkbox(
                 "Download with torchvision when missing", key="setup_download"
             )
@@ -58,6 +61,7 @@ def data_widgets() -> dict[str, Any]:
 
 
 def target_classes() -> list[str] | None:
+    dashboard.keep_widget_value("setup_targets")
     text = st.text_input(
         "Target classes",
         key="setup_targets",
@@ -71,6 +75,7 @@ def target_classes() -> list[str] | None:
 def scenario_widgets() -> tuple[str, dict[str, Any] | None]:
     """Show the noise scenario and its settings. Return the scenario and its
     parameters, which are None while a number is out of range."""
+    dashboard.keep_widget_value("setup_scenario", SCENARIOS)
     scenario = st.selectbox(
         "Noise scenario",
         SCENARIOS,
@@ -82,6 +87,7 @@ def scenario_widgets() -> tuple[str, dict[str, Any] | None]:
     st.caption(SCENARIO_HELP[scenario])
     params: dict[str, Any] = {}
     if scenario == "label-flip":
+        dashboard.keep_widget_value("setup_matrix_file")
         matrix_file = st.text_input(
             "Flip matrix CSV (optional)",
             key="setup_matrix_file",
@@ -94,6 +100,7 @@ def scenario_widgets() -> tuple[str, dict[str, Any] | None]:
         classes = target_classes()
         if classes:
             params["target_classes"] = classes
+        dashboard.keep_widget_value("setup_fraction")
         params["fraction"] = st.slider(
             "Share of each target class corrupted",
             0.05,
@@ -187,9 +194,11 @@ def advanced_widgets() -> tuple[dict[str, Any], dict[str, Any]] | None:
             format="%g",
             container=middle,
         )
+        dashboard.keep_widget_value("setup_device")
         device = right.selectbox(
             "Device", ("auto", "cpu", "cuda", "mps"), key="setup_device"
         )
+        dashboard.keep_widget_value("setup_query_fraction")
         query_fraction = right.slider(
             "Query share of F",
             0.1,
@@ -200,6 +209,7 @@ def advanced_widgets() -> tuple[dict[str, Any], dict[str, Any]] | None:
             help="Share of the failures used to find causes (F_q); the rest "
             "(F_h) measures whether a repair generalises.",
         )
+        dashboard.keep_widget_value("setup_trajectory")
         trajectory = right.checkbox(
             "Record trajectory",
             key="setup_trajectory",
@@ -240,10 +250,11 @@ def train(config: pipeline.RunConfig) -> None:
             f"validation accuracy {val_accuracy:.1%}",
         )
 
-    summary = dashboard.run_safely(
-        "Training",
-        lambda: pipeline.train_run(ws, config, progress=on_epoch, status=on_status),
-    )
+    with dashboard.long_job("setup", "training"):
+        summary = dashboard.run_safely(
+            "Training",
+            lambda: pipeline.train_run(ws, config, progress=on_epoch, status=on_status),
+        )
     if summary is not None:
         dashboard.select_run(summary["run_id"], summary["failure_set_id"])
         st.session_state["setup_message"] = (
@@ -254,25 +265,34 @@ def train(config: pipeline.RunConfig) -> None:
 
 
 def import_model(config: pipeline.RunConfig, path: str, upload: Any) -> None:
+    uploaded = None
     if upload is not None:
         folder = ws.root / "uploads"
-        target = folder / f"{new_id('upload')}-{Path(upload.name).name}"
-        atomic_write_bytes(target, upload.getvalue())
-        path = str(target)
+        uploaded = folder / f"{new_id('upload')}-{Path(upload.name).name}"
+        atomic_write_bytes(uploaded, upload.getvalue())
+        path = str(uploaded)
     if not path:
         st.error("Give a checkpoint path or upload a checkpoint file.")
         return
-    with st.spinner("Evaluating the imported model…"):
-        summary = dashboard.run_safely(
-            "Import", lambda: pipeline.import_run(ws, config, path)
-        )
-    if summary is not None:
-        dashboard.select_run(summary["run_id"], summary["failure_set_id"])
-        st.session_state["setup_message"] = (
-            f"Imported run {summary['run_id']}: test accuracy "
-            f"{summary['test_accuracy']:.1%}."
-        )
-        st.rerun()
+    summary = None
+    try:
+        with st.spinner("Evaluating the imported model…"):
+            summary = dashboard.run_safely(
+                "Import", lambda: pipeline.import_run(ws, config, path)
+            )
+    finally:
+        # An import that failed or was stopped stores no run, so no run
+        # refers to the uploaded copy.
+        if summary is None and uploaded is not None:
+            uploaded.unlink(missing_ok=True)
+    if summary is None:
+        return
+    dashboard.select_run(summary["run_id"], summary["failure_set_id"])
+    st.session_state["setup_message"] = (
+        f"Imported run {summary['run_id']}: test accuracy "
+        f"{summary['test_accuracy']:.1%}."
+    )
+    st.rerun()
 
 
 def open_run(run_id: str) -> None:
@@ -292,6 +312,7 @@ def new_run_section() -> None:
     left, right = st.columns(2)
     with left:
         data_values = data_widgets()
+        dashboard.keep_widget_value("setup_model", MODEL_CHOICES)
         model = st.selectbox("Model", MODEL_CHOICES, key="setup_model")
         seed = dashboard.number_field(
             "Seed",
@@ -326,7 +347,11 @@ def new_run_section() -> None:
     train_tab, import_tab = st.tabs(["Train a model", "Import a trained model"])
     with train_tab:
         st.caption("Trains the chosen model on the corrupted training set.")
-        if st.button("Train", type="primary", key="setup_train", disabled=invalid):
+        train_clicked = st.button(
+            "Train", type="primary", key="setup_train", disabled=invalid
+        )
+        st.caption(dashboard.LONG_JOB_CAPTION)
+        if train_clicked:
             config = dashboard.run_safely("Settings", lambda: build_config(model))
             if config is not None:
                 train(config)
@@ -336,11 +361,13 @@ def new_run_section() -> None:
             "and returns the untrained network; its module must be importable "
             "from the dashboard's folder or the checkpoint's folder."
         )
+        dashboard.keep_widget_value("setup_factory")
         factory = st.text_input(
             "Model factory (module:callable)",
             key="setup_factory",
             placeholder="my_models:build_net",
         ).strip()
+        dashboard.keep_widget_value("setup_checkpoint")
         path = st.text_input("Checkpoint path", key="setup_checkpoint").strip()
         upload = st.file_uploader(
             "…or upload a checkpoint (state dict)",
@@ -389,13 +416,17 @@ def show_run(run: pipeline.LoadedRun) -> None:
             figure = go.Figure()
             epochs = [h["epoch"] for h in history]
             figure.add_scatter(
-                x=epochs, y=[h["loss"] for h in history], name="training loss"
+                x=epochs,
+                y=[h["loss"] for h in history],
+                name="training loss",
+                line={"color": dashboard.palette_colour(0)},
             )
             figure.add_scatter(
                 x=epochs,
                 y=[h["val_acc"] for h in history],
                 name="validation accuracy",
                 yaxis="y2",
+                line={"color": dashboard.palette_colour(1)},
             )
             figure.update_layout(
                 xaxis_title="epoch",
@@ -446,6 +477,7 @@ def show_run(run: pipeline.LoadedRun) -> None:
 message = st.session_state.pop("setup_message", None)
 if message:
     st.success(message)
+dashboard.show_interrupted_job("setup")
 
 runs = ws.list_runs()
 run_ids = [record["id"] for record in reversed(runs)]

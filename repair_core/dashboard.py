@@ -11,6 +11,9 @@ Session-state keys shared between pages (one copy per browser session):
 * ``run_id``, ``failure_set_id``, ``scores_id``, ``repair_id``: the run, the
   failure set F, the ranking under review and the repair on show.
 * ``map_runs``: run ids whose UMAP map this session asked to see.
+* ``_kept_<widget key>``: the last value of a widget, restored by
+  :func:`keep_widget_value` when a page draws the widget again.
+* ``_job_running_<page>``: the long job a page started and has not finished.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import dataclasses
 import html
 import io
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import plotly.colors
 import plotly.graph_objects as go
 import streamlit as st
 import torch
@@ -56,6 +60,47 @@ MIN_MAP_POINTS = 20
 #: Axis range of accuracy axes, a little wider than [0, 1] so that markers at
 #: 0% and 100% are drawn whole.
 ACCURACY_RANGE = [-0.02, 1.02]
+
+
+#: Plotly legend settings that put a horizontal legend above the plot area.
+#: Plotly's default place for a horizontal legend, below the plot, covers the
+#: x-axis title. Plotly widens the top margin to fit the legend.
+LEGEND_ABOVE = {
+    "orientation": "h",
+    "yanchor": "bottom",
+    "y": 1.02,
+    "xanchor": "left",
+    "x": 0,
+}
+
+_PALETTE = plotly.colors.qualitative.D3
+#: Line colour of each identification method, the same on every chart. The
+#: colours are the ten of plotly's D3 qualitative palette, so no two methods
+#: share a hue. Random is grey because it is the chance level.
+METHOD_COLOURS = {
+    "ewc-influence": _PALETTE[0],
+    "linear-influence-lissa": _PALETTE[1],
+    "linear-influence-gd": _PALETTE[2],
+    "linear-influence-exact": _PALETTE[4],
+    "sgd-influence": _PALETTE[5],
+    "tracin": _PALETTE[3],
+    "confident-learning": _PALETTE[6],
+    "training-loss": _PALETTE[8],
+    "random": _PALETTE[7],
+    "oracle": _PALETTE[9],
+}
+
+
+def method_colour(method: str) -> str:
+    """Return the chart colour of an identification method, or black for a
+    method missing from METHOD_COLOURS."""
+    return METHOD_COLOURS.get(method, "#000000")
+
+
+def palette_colour(index: int) -> str:
+    """Return colour ``index`` of the D3 palette, for the classes or the
+    series of a chart. The palette repeats after ten colours."""
+    return _PALETTE[index % len(_PALETTE)]
 
 
 def accuracy_axis(title: str) -> dict[str, Any]:
@@ -206,6 +251,38 @@ def last_used_failure_set(ws: Workspace, run_id: str) -> str | None:
                 )
     # Ties keep the newest set, as list_failure_sets is oldest first.
     return max(reversed(sets), key=lambda record: latest[record["id"]])["id"]
+
+
+#: Prefix of the session-state copies that keep widget values across pages.
+_KEPT_PREFIX = "_kept_"
+
+
+def keep_widget_value(key: str, options: Sequence[Any] | None = None) -> None:
+    """Keep the value of the widget ``key`` for the whole session.
+
+    Streamlit drops the state of a widget that a script run does not draw, as
+    on a visit to another page, so the widget would start from its default
+    again. This copies the value to a plain session-state key on every run
+    and writes it back when the widget state is gone. Call it just before the
+    widget is created. With ``options``, a kept value that is not among them
+    is dropped, and so is each such item of a kept list (a multiselect). A
+    kept list left empty by that is dropped, so the widget gets its default.
+    """
+    kept = _KEPT_PREFIX + key
+    if key in st.session_state:
+        st.session_state[kept] = st.session_state[key]
+        return
+    if kept not in st.session_state:
+        return
+    value = st.session_state[kept]
+    if options is not None:
+        if isinstance(value, list):
+            value = [item for item in value if item in options]
+            if not value and st.session_state[kept]:
+                return
+        elif value not in options:
+            return
+    st.session_state[key] = value
 
 
 def sync_widget(widget_key: str, value: Any, options: Sequence[Any]) -> None:
@@ -528,12 +605,18 @@ def map_coordinates(
     """
     requested: set[str] = st.session_state["map_runs"]
     if run_id not in requested:
-        st.caption(
-            "The map projects the model's penultimate features with UMAP. It is "
-            "computed once per run."
-        )
-        if not st.button("Compute the UMAP map", key=button_key):
+        # The caption and button are drawn in a placeholder, so that they can
+        # be removed before the map is drawn in the same script run.
+        request = st.empty()
+        with request.container():
+            st.caption(
+                "The map projects the model's penultimate features with UMAP. It "
+                "is computed once per run."
+            )
+            clicked = st.button("Compute the UMAP map", key=button_key)
+        if not clicked:
             return None
+        request.empty()
         requested.add(run_id)
     try:
         return umap_coordinates(root, run_id)
@@ -557,6 +640,8 @@ class Card:
     tone: str | None = None
     """Key of ``TONE_COLOURS``: bad, good, warn, info or None."""
     badge: str | None = None
+    badge_tone: str | None = None
+    """Key of ``TONE_COLOURS`` for the badge; None uses ``tone``."""
 
 
 _GRID_STYLE = """
@@ -584,8 +669,9 @@ def card_html(card: Card) -> str:
     )
     badge = ""
     if card.badge:
+        badge_colour = TONE_COLOURS.get(card.badge_tone or card.tone, colour)
         badge = (
-            f'<div class="badge" style="background:{colour}">'
+            f'<div class="badge" style="background:{badge_colour}">'
             f"{html.escape(card.badge)}</div>"
         )
     return (
@@ -724,6 +810,20 @@ def selected_points(event: Any) -> list[dict[str, Any]]:
     return list(points or getattr(selection, "points", []) or [])
 
 
+def selected_in_traces(
+    points: list[dict[str, Any]], traces: Sequence[np.ndarray], first_curve: int = 1
+) -> np.ndarray:
+    """Return the item of each selected point, where ``traces[i]`` contains
+    the items (such as dataset indices) of plotly trace ``first_curve + i`` in
+    point order. Points of other traces are skipped."""
+    picked = []
+    for point in points:
+        trace = point.get("curve_number", -1) - first_curve
+        if 0 <= trace < len(traces) and "point_index" in point:
+            picked.append(int(traces[trace][int(point["point_index"])]))
+    return np.array(picked, dtype=np.int64)
+
+
 # Settings editors ------------------------------------------------------------
 
 
@@ -777,6 +877,9 @@ def number_field(
     bounds, and the range is checked here, and callers disable their action
     while the value is None.
 
+    The entry is kept for the session, across visits to other pages (see
+    :func:`keep_widget_value`).
+
     Args:
         value: the initial value; an int makes a whole-number input.
         minimum, maximum: inclusive bounds; None for no bound.
@@ -788,6 +891,7 @@ def number_field(
     """
     container = st if container is None else container
     integer = isinstance(value, int) and not isinstance(value, bool)
+    keep_widget_value(key)
     number = container.number_input(label, value=value, key=key, **options)
     number = int(number) if integer else float(number)
     too_low = (minimum is not None and number < minimum) or (
@@ -831,7 +935,8 @@ def settings_editor(
     """Edit the numeric, boolean and text fields of a settings dataclass.
 
     Fields named in ``skip`` keep their value. Nested settings dataclasses are
-    edited recursively. Returns a new instance
+    edited recursively. Entries are kept for the session, across visits to
+    other pages. Returns a new instance
     built with ``dataclasses.replace``, which runs the class's own checks and
     may raise RepairError.
     """
@@ -846,7 +951,9 @@ def settings_editor(
         if dataclasses.is_dataclass(value):
             st.markdown(f"**{label}**")
             values[item.name] = settings_editor(value, key)
-        elif isinstance(value, bool):
+            continue
+        keep_widget_value(key)
+        if isinstance(value, bool):
             values[item.name] = st.checkbox(label, value=value, key=key, help=help_text)
         elif isinstance(value, int):
             values[item.name] = int(
@@ -863,6 +970,47 @@ def settings_editor(
                 label, value=value, key=key, help=help_text
             )
     return dataclasses.replace(config, **values)
+
+
+# Long jobs ------------------------------------------------------------------
+
+#: Caption beside the buttons that start a long job. Any widget change or page
+#: switch makes Streamlit stop the script run at its next Streamlit call, and
+#: the pipeline stores a record only when the job completes.
+LONG_JOB_CAPTION = (
+    "Leaving this page or changing any setting while the job runs stops it, "
+    "and nothing of it is kept."
+)
+_JOB_PREFIX = "_job_running_"
+
+
+@contextlib.contextmanager
+def long_job(page: str, name: str) -> Iterator[None]:
+    """Mark the job ``name`` of ``page`` as running while the block runs.
+
+    A stopped script run raises Streamlit's rerun or stop exception inside the
+    block, so the mark is cleared only when the block ends without an
+    exception and stays after an interrupted job, for
+    :func:`show_interrupted_job`. Call ``st.rerun`` after the block, not in it.
+
+    NOTE: session-state access is also a point where Streamlit stops a run. A
+    stop requested after the job's last progress update can therefore hit the
+    clearing of the mark, after the job stored its result, and the page then
+    wrongly reports that nothing was stored.
+    """
+    st.session_state[_JOB_PREFIX + page] = name
+    yield
+    st.session_state.pop(_JOB_PREFIX + page, None)
+
+
+def show_interrupted_job(page: str) -> None:
+    """Show once that the last long job of ``page`` did not finish."""
+    name = st.session_state.pop(_JOB_PREFIX + page, None)
+    if name:
+        st.warning(
+            f"The last {name} was stopped before it finished, so nothing of it "
+            "was stored."
+        )
 
 
 def describe_error(error: Exception) -> str:

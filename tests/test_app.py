@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -276,6 +278,7 @@ def test_setup_trains_tiny_run(tmp_path, monkeypatch):
     assert "Test accuracy" in metric_values(app)
     assert "Trained run" in app.success[0].value
     assert image_count(app) > 0
+    assert "_job_running_setup" not in app.session_state
 
 
 def test_setup_opens_existing_run(workspace_env):
@@ -571,8 +574,12 @@ def test_repair_sweep_draws_tradeoff(workspace_env):
     assert [h.value for h in app.subheader] == ["Trade-off from sweeps"]
     assert len(app.get("plotly_chart")) == charts_before + 1
     layout = chart_specs(app)[-1]["layout"]
-    assert layout["xaxis"]["range"] == [-0.02, 1.02]
-    assert layout["yaxis"]["range"] == [-0.02, 1.02]
+    # The ranges leave room for the label of a point at 0% or 100%.
+    assert layout["xaxis"]["range"][0] < -0.05
+    assert layout["xaxis"]["range"][1] > 1.05
+    assert layout["yaxis"]["range"][1] > 1.05
+    assert layout["legend"]["y"] > 1
+    assert "_job_running_repair" not in app.session_state
 
 
 def test_repair_sweep_labels_equal_points_once(workspace_env):
@@ -1350,3 +1357,355 @@ def test_workspace_file_says_sidebar_box(tmp_path, monkeypatch):
     assert len(app.error) == 1
     assert "is a file, not a folder" in app.error[0].value
     assert "Workspace folder box of the sidebar" in app.error[0].value
+
+
+# Choices kept across pages ---------------------------------------------------
+
+
+def open_page(app: AppTest, name: str) -> AppTest:
+    """Switch the app to a page and run it, as a click in the sidebar does."""
+    app.switch_page(f"app_pages/{name}.py").run()
+    check_clean(app)
+    return app
+
+
+def opened_app(prepared: Prepared, failure_set_id: str | None = None) -> AppTest:
+    app = _app()
+    app.session_state["run_id"] = prepared.run_id
+    app.session_state["failure_set_id"] = failure_set_id or prepared.failure_set_id
+    app.session_state["scores_id"] = prepared.scores_id
+    return app.run()
+
+
+def test_setup_choices_survive_page_switch(workspace_env):
+    app = opened_app(workspace_env)
+    check_clean(app)
+    app.number_input(key="setup_n_train").set_value(300)
+    app.number_input(key="setup_n_test").set_value(150)
+    app.number_input(key="setup_epochs").set_value(7)
+    app.number_input(key="setup_lr").set_value(0.01)
+    app.selectbox(key="setup_scenario").set_value("input-noise").run()
+    app.slider(key="setup_fraction").set_value(0.35)
+    app.checkbox(key="setup_trajectory").check()
+    app.slider(key="setup_query_fraction").set_value(0.7).run()
+
+    open_page(app, "failures")
+    assert "setup_n_train" not in app.session_state
+    open_page(app, "setup")
+
+    assert app.number_input(key="setup_n_train").value == 300
+    assert app.number_input(key="setup_n_test").value == 150
+    assert app.number_input(key="setup_epochs").value == 7
+    assert app.number_input(key="setup_lr").value == pytest.approx(0.01)
+    assert app.selectbox(key="setup_scenario").value == "input-noise"
+    assert app.slider(key="setup_fraction").value == pytest.approx(0.35)
+    assert app.checkbox(key="setup_trajectory").value is True
+    assert app.slider(key="setup_query_fraction").value == pytest.approx(0.7)
+
+
+def test_failures_filters_survive_page_switch(workspace_env):
+    app = opened_app(workspace_env)
+    open_page(app, "failures")
+    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+    wrong = run.test_predictions != run.data.test.labels
+    true_class = str(int(run.data.test.labels[wrong][0]))
+    predicted_class = str(int(run.test_predictions[wrong][0]))
+    app.multiselect(key="failures_true").set_value([true_class])
+    app.multiselect(key="failures_pred").set_value([predicted_class])
+    app.slider(key="failures_qf").set_value(0.8)
+    app.number_input(key="failures_seed").set_value(4).run()
+    heading = app.subheader[0].value
+
+    open_page(app, "setup")
+    open_page(app, "failures")
+
+    assert app.multiselect(key="failures_true").value == [true_class]
+    assert app.multiselect(key="failures_pred").value == [predicted_class]
+    assert app.slider(key="failures_qf").value == pytest.approx(0.8)
+    assert app.number_input(key="failures_seed").value == 4
+    assert app.subheader[0].value == heading
+
+
+def test_causes_choices_survive_page_switch(workspace_env):
+    app = opened_app(workspace_env)
+    open_page(app, "causes")
+    app.multiselect(key="causes_methods").set_value(["tracin", "random"]).run()
+    app.number_input(key="causes_k").set_value(7)
+    app.number_input(key="causes_cfg_tracin_batch_size").set_value(16).run()
+
+    open_page(app, "repair")
+    open_page(app, "causes")
+
+    assert app.multiselect(key="causes_methods").value == ["tracin", "random"]
+    assert app.number_input(key="causes_k").value == 7
+    assert app.number_input(key="causes_cfg_tracin_batch_size").value == 16
+
+
+def test_repair_choices_survive_page_switch(workspace_env):
+    app = opened_app(workspace_env)
+    open_page(app, "repair")
+    app.radio(key="repair_source").set_value("top-k").run()
+    app.selectbox(key="repair_treatment").set_value("ewc-deletion").run()
+    app.number_input(key="repair_gamma_ewc-deletion").set_value(2.5)
+    app.number_input(key="repair_seeds").set_value(2)
+    app.number_input(key="repair_k").set_value(12).run()
+
+    open_page(app, "setup")
+    open_page(app, "repair")
+
+    assert app.radio(key="repair_source").value == "top-k"
+    assert app.selectbox(key="repair_treatment").value == "ewc-deletion"
+    assert app.number_input(key="repair_gamma_ewc-deletion").value == 2.5
+    assert app.number_input(key="repair_seeds").value == 2
+    assert app.number_input(key="repair_k").value == 12
+
+
+def test_kept_filter_drops_unknown_classes(workspace_env):
+    app = opened_app(workspace_env)
+    app.session_state["_kept_failures_true"] = ["no-such-class"]
+    open_page(app, "failures")
+    assert app.multiselect(key="failures_true").value == []
+
+
+# Long jobs -------------------------------------------------------------------
+
+LONG_JOB_PAGES = {
+    "setup": ("setup_train", "training"),
+    "causes": ("causes_run", "identification with tracin"),
+    "repair": ("repair_run", "repair with finetune"),
+    "compare": ("compare_run", "removal curve of sc-1"),
+}
+
+
+@pytest.mark.parametrize("name", list(LONG_JOB_PAGES))
+def test_interrupted_job_noted_once(workspace_env, name):
+    button_key, job = LONG_JOB_PAGES[name]
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+        f"_job_running_{name}": job,
+    }
+    app = page(name, **state).run()
+    check_clean(app)
+    expected = (
+        f"The last {job} was stopped before it finished, so nothing of it was stored."
+    )
+    assert [w.value for w in app.warning].count(expected) == 1
+    assert any("Leaving this page" in c.value for c in app.caption)
+    assert app.button(key=button_key)
+
+    app.run()
+    assert expected not in [w.value for w in app.warning]
+
+
+def test_stopped_repair_leaves_note(workspace_env, monkeypatch):
+    import streamlit as st
+
+    def stopped_repair(*args, **kwargs):
+        # st.stop raises the exception that also ends a run the user left.
+        st.stop()
+
+    monkeypatch.setattr(pipeline, "run_repair", stopped_repair)
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+        "scores_id": workspace_env.scores_id,
+    }
+    app = page("repair", **state).run()
+    app.radio(key="repair_source").set_value("top-k").run()
+    app.selectbox(key="repair_treatment").set_value("finetune").run()
+    app.button(key="repair_run").click().run()
+    assert app.session_state["_job_running_repair"] == "repair with finetune"
+
+    app.run()
+    check_clean(app)
+    assert any("repair with finetune was stopped" in w.value for w in app.warning)
+    assert "_job_running_repair" not in app.session_state
+
+
+# Charts ----------------------------------------------------------------------
+
+
+def test_sweep_labels_skip_close_points(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    accuracies = [(0.904, 0.5), (0.899, 0.5), (0.6, 0.5), (0.601, 0.9)]
+    points = [
+        {"strength": strength, "remaining_acc": kept, "holdout_acc": fixed}
+        for strength, (kept, fixed) in zip(
+            (1e-5, 1e-4, 1e-3, 1e-2), accuracies, strict=True
+        )
+    ]
+    workspace_env.workspace.add_sweep(
+        f"sw-close-{failure_set_id}",
+        workspace_env.run_id,
+        failure_set_id,
+        "ewc-deletion",
+        "top 10",
+        10,
+        [point["strength"] for point in points],
+        {},
+        points,
+    )
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("repair", **state).run()
+    check_clean(app)
+    trace = chart_specs(app)[-1]["data"][0]
+    assert trace["text"] == ["1e-05", "", "0.001", "0.01"]
+    table = app.dataframe[-1].value
+    assert list(table["strength"]) == ["1e-05", "0.0001", "0.001", "0.01"]
+
+
+def test_compare_charts_colour_methods_and_tick_k(workspace_env):
+    from repair_core.dashboard import METHOD_COLOURS
+
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    for method in ("training-loss", "ewc-influence", "oracle", "random"):
+        scores_id = pipeline.run_identification(
+            workspace, run, method, failure_set_id=failure_set_id
+        )["scores_id"]
+    pipeline.run_removal_curve(
+        workspace, run, scores_id, failure_set_id=failure_set_id, ks=(3, 30), seeds=(0,)
+    )
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("compare", **state).run()
+    check_clean(app)
+    detection, holdout, _ = chart_specs(app)
+    colours = {trace["name"]: trace["line"]["color"] for trace in detection["data"]}
+    assert colours == {method: METHOD_COLOURS[method] for method in colours}
+    assert len(set(colours.values())) == 4
+    assert detection["layout"]["legend"]["y"] > 1
+    axis = holdout["layout"]["xaxis"]
+    assert axis["type"] == "log"
+    assert axis["tickvals"] == [3, 30]
+    assert axis["ticktext"] == ["3", "30"]
+    assert holdout["data"][0]["line"]["color"] == METHOD_COLOURS["random"]
+
+
+def test_method_colours_differ():
+    from repair_core.dashboard import METHOD_COLOURS
+    from repair_core.identification import METHODS
+
+    assert set(METHOD_COLOURS) == set(METHODS)
+    assert len(set(METHOD_COLOURS.values())) == len(METHOD_COLOURS)
+
+
+# Failures grid and map -------------------------------------------------------
+
+
+def run_class_name(prepared: Prepared, index: int, *, predicted: bool) -> str:
+    """Return the true or predicted class name of a test image of the run."""
+    run = pipeline.load_run(prepared.workspace, prepared.run_id)
+    labels = run.test_predictions if predicted else run.data.test.labels
+    return str(run.data.test.class_names[int(labels[index])])
+
+
+def test_failures_grid_tags_query_and_holdout(workspace_env):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+    }
+    app = page("failures", **state).run()
+    check_clean(app)
+    grid = "".join(html.value for html in app.html)
+    split = pipeline.load_failure_split(
+        workspace_env.workspace, workspace_env.run_id, workspace_env.failure_set_id
+    )
+    assert len(split.query) > 0
+    assert len(split.holdout) > 0
+    shown = [int(i) for i in re.findall(r"test #(\d+)", grid)]
+    query = set(split.query.tolist())
+    expected_query = sum(i in query for i in shown)
+    assert grid.count('">query</div>') == expected_query
+    assert grid.count('">holdout</div>') == len(shown) - expected_query
+    first = shown[0]
+    true_name = run_class_name(workspace_env, first, predicted=False)
+    predicted_name = run_class_name(workspace_env, first, predicted=True)
+    card = grid.split(f"test #{first}<")[0].rsplit('class="repair-card"', 1)[1]
+    assert f'class="title">true {true_name}<' in card
+    assert f'class="line">predicted {predicted_name}<' in card
+    assert any("query (F_q) or holdout (F_h)" in c.value for c in app.caption)
+
+
+def test_failures_grid_tags_only_set_members(workspace_env):
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    wrong = (run.test_predictions != run.data.test.labels).nonzero().flatten()
+    # The grid lists the most confident failures first.
+    confidence = torch.softmax(run.test_logits[wrong], dim=1).max(dim=1).values
+    first = wrong[confidence.argmax()].reshape(1)
+    failure_set_id, _ = pipeline.create_failure_set(
+        workspace, run, query_fraction=1.0, candidates=first
+    )
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("failures", **state).run()
+    check_clean(app)
+    grid = "".join(html.value for html in app.html)
+    assert image_count(app) > 1
+    assert grid.count('">query</div>') == 1
+    assert grid.count('">holdout</div>') == 0
+
+
+def fake_map(root: str, run_id: str) -> dict:
+    run = pipeline.load_run(Workspace(root), run_id)
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "train": torch.rand(len(run.data.train), 2, generator=generator).numpy(),
+        "test": torch.rand(len(run.data.test), 2, generator=generator).numpy(),
+    }
+
+
+def test_failures_map_hides_button_and_names_classes(workspace_env, monkeypatch):
+    from repair_core import dashboard
+
+    monkeypatch.setattr(dashboard, "umap_coordinates", fake_map)
+    state = {"run_id": workspace_env.run_id, "failure_set_id": None}
+    app = page("failures", **state).run()
+    assert app.button(key="failures_map_button")
+    app.button(key="failures_map_button").click().run()
+    check_clean(app)
+    assert "failures_map_button" not in [button.key for button in app.button]
+    assert not any("computed once per run" in c.value for c in app.caption)
+
+    figure = chart_specs(app)[-1]
+    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+    wrong = run.test_predictions != run.data.test.labels
+    classes = sorted({int(label) for label in run.data.test.labels[wrong]})
+    names = [trace["name"] for trace in figure["data"]]
+    assert names == ["correct"] + [f"true {c}" for c in classes]
+    colours = [trace["marker"]["color"] for trace in figure["data"][1:]]
+    assert len(set(colours)) == len(classes)
+    assert figure["layout"]["legend"]["title"]["text"] == "failures by true class"
+    assert figure["layout"].get("showlegend", True)
+
+
+def test_map_selection_maps_traces_to_indices():
+    from repair_core.dashboard import selected_in_traces
+
+    traces = [np.array([4, 9]), np.array([2, 7, 11])]
+    points = [
+        {"curve_number": 0, "point_index": 5},  # the grey "correct" trace
+        {"curve_number": 2, "point_index": 2},
+        {"curve_number": 1, "point_index": 1},
+        {"curve_number": 3, "point_index": 0},  # no such trace
+        {"curve_number": 1},
+    ]
+    assert selected_in_traces(points, traces).tolist() == [11, 9]
+    assert selected_in_traces([], traces).tolist() == []
+
+
+# Checkpoint upload -----------------------------------------------------------
+
+
+def test_failed_upload_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(tmp_path))
+    app = page("setup").run()
+    app.selectbox(key="setup_scenario").set_value("none").run()
+    app.get("file_uploader")[0].upload("bogus.pt", b"a,b\n1,2\n")
+    app.button(key="setup_import").click().run()
+    assert not app.exception
+    assert len(app.error) == 1
+    assert "Import failed" in app.error[0].value
+    assert list((tmp_path / "uploads").glob("*")) == []
+    assert Workspace(tmp_path).list_runs() == []

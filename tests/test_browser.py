@@ -210,6 +210,8 @@ def walk(page, url: str, workspace: Path) -> None:
     page.goto(url)
     page.get_by_text("Create a new run").wait_for(timeout=RUN_TIMEOUT * 1000)
     wait_until_idle(page)
+    # .streamlit/config.toml sets the minimal toolbar, which has no Deploy button.
+    assert page.get_by_role("button", name="Deploy").count() == 0
     page.get_by_text("Advanced", exact=True).click()
     fill_number(page, "setup_n_train", 200)
     fill_number(page, "setup_n_test", 100)
@@ -279,6 +281,20 @@ def walk(page, url: str, workspace: Path) -> None:
     assert page.locator(".st-key-repair_download button").count() == 1
     assert page.locator(".st-key-repair_bars .js-plotly-plot").count() == 1
     screenshot(page, "repair")
+
+    # Setup still shows the training settings entered before the other pages.
+    page.get_by_role("link", name="Setup").click()
+    page.get_by_text("Create a new run").wait_for()
+    wait_until_idle(page)
+    page.get_by_text("Create a new run").click()
+    page.get_by_text("Advanced", exact=True).click()
+    assert page.locator(".st-key-setup_n_train input").input_value() == "200"
+    assert page.locator(".st-key-setup_epochs input").input_value() == "1"
+    page.get_by_role("link", name="Repair").click()
+    page.get_by_text("Removed 5 examples (confirmed in review)").wait_for(
+        timeout=RUN_TIMEOUT * 1000
+    )
+    wait_until_idle(page)
 
     # A reload starts a new session, which reopens what the address names.
     assert "run=run-" in page.url
