@@ -341,9 +341,12 @@ if confirm_top and top_k is not None:
 with clear_column:
     # Clearing cannot be undone, so the button needs a ticked box first.
     confirm_clear = st.checkbox(
-        f"I want to clear {dashboard.count_text(len(decisions), 'decision')}",
+        f"Clear all {len(decisions)}",
         key="causes_clear_confirm",
         disabled=not decisions,
+        help=f"Tick to allow clearing the "
+        f"{dashboard.count_text(len(decisions), 'saved decision')} of this "
+        "failure set. Clearing cannot be undone.",
     )
     st.button(
         "Clear decisions",

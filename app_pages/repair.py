@@ -434,7 +434,10 @@ def comparison_figure(summary: dict[str, Any]) -> go.Figure:
 
 def signed_percent(value: float) -> str:
     """Format a difference of accuracies; NaN, as on an empty F_h, is "—"."""
-    return "—" if math.isnan(value) else f"{value:+.1%}"
+    if math.isnan(value):
+        return "—"
+    # A difference that rounds to zero shows as +0.0%, never -0.0%.
+    return f"{value:+.1%}" if round(value, 3) != 0 else "+0.0%"
 
 
 def accuracy_metric(column: Any, label: str, after: float, before: float) -> None:

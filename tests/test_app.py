@@ -1236,9 +1236,7 @@ def test_clear_decisions_needs_confirmation(workspace_env):
     state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
     app = page("causes", **state).run()
     check_clean(app)
-    assert app.checkbox(key="causes_clear_confirm").label == (
-        "I want to clear 3 decisions"
-    )
+    assert app.checkbox(key="causes_clear_confirm").label == ("Clear all 3")
     assert app.button(key="causes_clear").disabled
 
     app.checkbox(key="causes_clear_confirm").check().run()
