@@ -662,7 +662,7 @@ def _seed(text: str) -> int:
         ) from None
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(
-            f"seed {value} is outside 0..{MAX_SEED}; choose a smaller seed"
+            f"seed {value} is outside 0..{MAX_SEED}; choose a seed in that range"
         )
     return value
 
@@ -1100,6 +1100,10 @@ def _finite(value: Any) -> Any:
     return value
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt so that cleanup runs as for Ctrl-C."""
+
+
 def _interrupt_handler() -> Any:
     """Return a SIGTERM handler that makes the command end as Ctrl-C does.
 
@@ -1112,14 +1116,14 @@ def _interrupt_handler() -> Any:
     def interrupt(signum: int, frame: Any) -> None:
         if os.getpid() != owner:
             os._exit(128 + signum)
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise _Terminated(f"signal {signum}")
 
     return interrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code (0 success, 1 a benchmark
-    unit failed, 2 bad input, 130 interrupted)."""
+    unit failed, 2 bad input, 130 interrupted by Ctrl-C, 143 by SIGTERM)."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -1143,11 +1147,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RepairError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         # Records are written when a command finishes, and the benchmark
         # saves each finished step, so an interrupt leaves no partial record.
         print("Interrupted.", file=sys.stderr)
-        return 130
+        # Shells report death by signal N as 128 + N: 130 for SIGINT, 143 for
+        # SIGTERM.
+        return 128 + (signal.SIGTERM if isinstance(interrupt, _Terminated) else 2)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if getattr(args, "json", False):

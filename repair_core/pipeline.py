@@ -453,6 +453,14 @@ def import_run(
     # Read the checkpoint first, so a bad path fails before the data loads.
     checkpoint = Path(checkpoint).expanduser().resolve()
     state = models.read_state_dict(checkpoint)
+    for key, tensor in state.items():
+        # A parameter that the forward pass never uses escapes the logits
+        # check below, yet a NaN there still breaks every Fisher and fit.
+        if torch.is_floating_point(tensor) and not torch.isfinite(tensor).all():
+            raise CheckpointError(
+                f"Checkpoint {str(checkpoint)!r} has NaN or infinite values in "
+                f"{key!r}. Save the model's weights again from a finite state."
+            )
     data = _load_data(config)
     clean_train = data.train
     if config.scenario == "fgsm":

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from repair_core import models, pipeline
 from repair_core.cli import main
@@ -551,27 +552,29 @@ def test_added_image_is_named_as_changed_data(folder_run):
     )
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_import_rejects_non_finite_logits(factory_folder, tmp_path, bad):
+    # The weights are finite; the forward pass scales the logits by NaN or inf.
     _write_factory(
         factory_folder,
-        "bad_input_nonfinite",
-        """
+        f"bad_input_nonfinite_{bad}",
+        f"""
         import torch.nn as nn
 
+        class Scale(nn.Module):
+            def forward(self, x):
+                return x * float("{bad}")
+
         def build():
-            return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+            return nn.Sequential(nn.Flatten(), nn.Linear(784, 10), Scale())
         """,
     )
-    import bad_input_nonfinite
-
-    state = bad_input_nonfinite.build().state_dict()
-    state["1.bias"][3] = bad
+    state = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).state_dict()
     checkpoint = tmp_path / "broken.pt"
     torch.save(state, checkpoint)
     workspace = Workspace(tmp_path / "ws")
     config = pipeline.RunConfig(
-        model="bad_input_nonfinite:build", n_train=100, n_test=50, device="cpu"
+        model=f"bad_input_nonfinite_{bad}:build", n_train=100, n_test=50, device="cpu"
     )
 
     with pytest.raises(CheckpointError) as caught:
@@ -580,6 +583,44 @@ def test_import_rejects_non_finite_logits(factory_folder, tmp_path, bad):
     assert "NaN or infinite logits for 50 of the 50 test images" in str(caught.value)
     assert workspace.list_runs() == []
     assert list((tmp_path / "ws").rglob("*.pt")) == []
+
+
+def test_import_rejects_non_finite_unused_weight(factory_folder, tmp_path):
+    _write_factory(
+        factory_folder,
+        "bad_input_spare",
+        """
+        import torch.nn as nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.head = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+                self.spare = nn.Linear(2, 2)
+
+            def forward(self, x):
+                return self.head(x)
+
+        def build():
+            return Net()
+        """,
+    )
+    import bad_input_spare
+
+    state = bad_input_spare.build().state_dict()
+    state["spare.weight"][0, 0] = float("nan")
+    checkpoint = tmp_path / "spare.pt"
+    torch.save(state, checkpoint)
+    workspace = Workspace(tmp_path / "ws")
+    config = pipeline.RunConfig(
+        model="bad_input_spare:build", n_train=100, n_test=50, device="cpu"
+    )
+
+    with pytest.raises(CheckpointError) as caught:
+        pipeline.import_run(workspace, config, checkpoint)
+
+    assert "NaN or infinite values in 'spare.weight'" in str(caught.value)
+    assert workspace.list_runs() == []
 
 
 def test_factories_of_same_name_in_two_folders(tmp_path, monkeypatch):

@@ -1039,7 +1039,7 @@ def test_sigterm_mid_repair_stores_nothing(tiny_run):
     _, rest = process.communicate(timeout=120)
     err = "".join(lines) + rest
 
-    assert process.returncode == 130, err
+    assert process.returncode == 143, err
     assert "Interrupted." in err
     assert "Traceback" not in err
     assert files() == files_before

@@ -58,7 +58,7 @@ def check_seed(seed: Any) -> int:
         raise ConfigError(f"seed {seed!r} is not an integer; give a whole number.")
     if not 0 <= seed <= MAX_SEED:
         raise ConfigError(
-            f"seed {seed} is outside 0..{MAX_SEED}; choose a smaller one."
+            f"seed {seed} is outside 0..{MAX_SEED}; choose a seed in that range."
         )
     return seed
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from repair_core.errors import ConfigError
 from repair_core.identification.base import (
+    MAX_SEED,
     IdentificationContext,
     check_finite,
     option,
@@ -60,14 +61,22 @@ def _fresh_model(model: nn.Module, context: IdentificationContext) -> nn.Module:
     return fresh
 
 
+#: scikit-learn takes seeds in 0..2**32 - 1, so larger seeds are folded into it.
+SKLEARN_SEEDS = 2**32
+
+
 def _folds(labels: np.ndarray, n_folds: int, seed: int) -> list[np.ndarray]:
     from sklearn.model_selection import KFold, StratifiedKFold
 
     counts = np.bincount(labels)
     if counts[counts > 0].min() >= n_folds:
-        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        splitter = StratifiedKFold(
+            n_splits=n_folds, shuffle=True, random_state=seed % SKLEARN_SEEDS
+        )
     else:
-        splitter = KFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        splitter = KFold(
+            n_splits=n_folds, shuffle=True, random_state=seed % SKLEARN_SEEDS
+        )
     return [held for _, held in splitter.split(np.zeros(len(labels)), labels)]
 
 
@@ -99,7 +108,7 @@ def out_of_sample_probabilities(
         mask = torch.ones(len(labels), dtype=torch.bool)
         mask[held_t] = False
         fold_model = _fresh_model(model, context).to(device)
-        torch.manual_seed(config.seed + k)
+        torch.manual_seed((config.seed + k) % (MAX_SEED + 1))
         train_model(
             fold_model,
             images,
