@@ -854,7 +854,21 @@ def _stored_failure_set(
         seed=run.config.seed,
         origin="all failures",
     )
+    # main deletes it again if the command then fails.
+    args.new_failure_set = (workspace, run.run_id, failure_set_id)
     return failure_set_id
+
+
+def _take_back_failure_set(args: argparse.Namespace) -> None:
+    """Delete the failure set this command stored, unless a record uses it."""
+    stored = getattr(args, "new_failure_set", None)
+    if stored is None:
+        return
+    workspace, run_id, failure_set_id = stored
+    try:
+        workspace.delete_unused_failure_set(run_id, failure_set_id)
+    except RepairError as error:
+        logger.warning("Could not delete failure set %s: %s", failure_set_id, error)
 
 
 class _ProgressPrinter:
@@ -1139,6 +1153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("default")
             try:
                 result = _COMMANDS[args.command](args)
+            except BaseException:
+                _take_back_failure_set(args)
+                raise
             finally:
                 # Library warnings are printed as one line each, without the
                 # source line Python's default format adds.

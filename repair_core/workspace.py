@@ -430,6 +430,30 @@ class Workspace:
             },
         )
 
+    def delete_unused_failure_set(self, run_id: str, failure_set_id: str) -> bool:
+        """Delete a failure set and its file when no record refers to it.
+
+        Commands use this to take back a failure set they stored for work that
+        then failed. Returns whether the set was deleted.
+        """
+        with self._connect() as connection:
+            for table in ("scores", "repairs", "sweeps", "removal_curves", "decisions"):
+                used = connection.execute(
+                    f"SELECT 1 FROM {table} WHERE failure_set_id = ? LIMIT 1",
+                    (failure_set_id,),
+                ).fetchone()
+                if used:
+                    return False
+            deleted = connection.execute(
+                "DELETE FROM failure_sets WHERE id = ? AND run_id = ?",
+                (failure_set_id, run_id),
+            ).rowcount
+        if deleted:
+            self.path(run_id, f"failure_sets/{failure_set_id}.pt").unlink(
+                missing_ok=True
+            )
+        return bool(deleted)
+
     def get_failure_set(self, failure_set_id: str) -> dict[str, Any]:
         return self._get("failure_sets", failure_set_id, "Failure set")
 

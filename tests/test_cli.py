@@ -1116,6 +1116,8 @@ def test_set_help_needs_no_stored_run(tmp_path, capsys, argv):
             ["repair", "--treatment", "finetune", "--causes-file", "CAUSES"],
             "training index 300 is out of range",
         ),
+        # Fails after the failure set was stored, which then is deleted again.
+        (["identify", "--method", "sgd-influence"], "recorded training trajectory"),
     ],
 )
 def test_failed_command_stores_no_failure_set(

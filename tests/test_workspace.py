@@ -280,3 +280,19 @@ def test_kill_during_save_keeps_earlier_state(tmp_path):
     assert reopened.check_integrity() == "ok"
     leftovers = [p.name for p in reopened.run_dir("run-a").iterdir()]
     assert "big.npz" in leftovers
+
+
+def test_delete_unused_failure_set_keeps_used_one(tmp_path):
+    workspace = Workspace(tmp_path)
+    workspace.add_run("run-a", "train", {}, {})
+    for name in ("fs-free", "fs-used"):
+        workspace.save_tensor("run-a", f"failure_sets/{name}.pt", {"query": [1]})
+        workspace.add_failure_set(name, "run-a", {}, {})
+    workspace.set_decisions("run-a", "fs-used", [3], "confirmed")
+
+    assert workspace.delete_unused_failure_set("run-a", "fs-free")
+    assert not workspace.delete_unused_failure_set("run-a", "fs-used")
+
+    assert [r["id"] for r in workspace.list_failure_sets("run-a")] == ["fs-used"]
+    assert not workspace.path("run-a", "failure_sets/fs-free.pt").exists()
+    assert workspace.path("run-a", "failure_sets/fs-used.pt").is_file()
