@@ -235,36 +235,50 @@ def load_factory(spec: str, search_path: str | Path | None = None) -> nn.Module:
     return model
 
 
-def _import_module(name: str, folder: str | Path | None) -> ModuleType:
-    """Import ``name``, taking ``folder``'s own copy when a module of the same
-    name from another folder is already loaded.
+#: Folders that model factories were imported from, resolved.
+_FACTORY_FOLDERS: set[Path] = set()
 
-    Two runs may each have a ``models.py`` next to their checkpoint. Python
-    caches modules by name, so without this the second run would silently
-    get the first run's classes.
+
+def _import_module(name: str, folder: str | Path | None) -> ModuleType:
+    """Import ``name``, taking ``folder``'s own modules when modules of the same
+    names from another factory folder are already loaded.
+
+    Two runs may each have a ``models.py`` next to their checkpoint, and each
+    may import a helper such as ``layers.py``. Python caches modules by name,
+    so without this the second run would silently get the first run's classes.
     """
+    if folder is None:
+        return importlib.import_module(name)
+    folder = Path(folder).resolve()
+    _FACTORY_FOLDERS.add(folder)
     top = name.partition(".")[0]
-    loaded = {
+    cached = sys.modules.get(top)
+    if cached is not None and (_inside(cached, folder) or not _provides(folder, top)):
+        return importlib.import_module(name)
+    others = {
         key: module
         for key, module in sys.modules.items()
-        if key == top or key.startswith(f"{top}.")
+        if any(_inside(module, other) for other in _FACTORY_FOLDERS - {folder})
+        or (cached is not None and (key == top or key.startswith(f"{top}.")))
     }
-    if folder is None or top not in loaded or not _provides(Path(folder), top):
+    if not others:
         return importlib.import_module(name)
-    location = getattr(loaded[top], "__file__", None)
-    if location and Path(location).resolve().is_relative_to(Path(folder).resolve()):
-        return importlib.import_module(name)
-    for key in loaded:
+    for key in others:
         del sys.modules[key]
-    sys.path.remove(str(folder))
+    if str(folder) in sys.path:
+        sys.path.remove(str(folder))
     sys.path.insert(0, str(folder))
     try:
         return importlib.import_module(name)
     finally:
-        # Put the earlier module back, so code that imported it keeps its classes.
-        for key in [k for k in sys.modules if k == top or k.startswith(f"{top}.")]:
-            del sys.modules[key]
-        sys.modules.update(loaded)
+        # Put the other folders' modules back, so code that imported them keeps
+        # its classes; the module imported here keeps references to its own.
+        sys.modules.update(others)
+
+
+def _inside(module: ModuleType, folder: Path) -> bool:
+    location = getattr(module, "__file__", None)
+    return bool(location) and Path(location).resolve().is_relative_to(folder)
 
 
 def _provides(folder: Path, top: str) -> bool:

@@ -649,3 +649,42 @@ def test_factories_of_same_name_in_two_folders(tmp_path, monkeypatch):
             del sys.modules[name]
 
     assert widths == [3, 5, 3]
+
+
+def test_factory_helpers_of_same_name_in_two_folders(tmp_path, monkeypatch):
+    # Each factory imports its own helper module, and the helpers share a name.
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    folders = [tmp_path / "first", tmp_path / "second"]
+    for folder, width in zip(folders, (3, 5), strict=True):
+        folder.mkdir()
+        _write_factory(
+            folder,
+            "bad_input_helper",
+            f"""
+            import torch.nn as nn
+
+            def head():
+                return nn.Linear(4, {width})
+            """,
+        )
+        _write_factory(
+            folder,
+            "bad_input_nets",
+            """
+            from bad_input_helper import head
+
+            def build():
+                return head()
+            """,
+        )
+    try:
+        widths = [
+            models.load_factory("bad_input_nets:build", folder).out_features
+            for folder in (*folders, folders[0], folders[1])
+        ]
+    finally:
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+
+    assert widths == [3, 5, 3, 5]
