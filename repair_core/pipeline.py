@@ -531,6 +531,9 @@ def load_run(
         model, workspace.load_tensor(run_id, "model.pt"), source=f"run {run_id!r}"
     )
     model.to(chosen_device).eval()
+    test_logits = workspace.load_tensor(run_id, "test_logits.pt")
+    if ":" in config.model:
+        _check_same_predictions(run_id, config.model, model, data, test_logits)
     return LoadedRun(
         run_id=run_id,
         record=record,
@@ -540,7 +543,39 @@ def load_run(
         clean_train_labels=clean_labels if mask is not None else None,
         model=model,
         device=chosen_device,
-        test_logits=workspace.load_tensor(run_id, "test_logits.pt"),
+        test_logits=test_logits,
+    )
+
+
+def _check_same_predictions(
+    run_id: str,
+    factory: str,
+    model: nn.Module,
+    data: DataSplit,
+    stored: torch.Tensor,
+) -> None:
+    """Stop when a user factory no longer rebuilds the model the run stored.
+
+    The run keeps the factory's name, not its code, so an edit to the factory
+    or to a module it imports would change every later result silently. The
+    tolerance (1% of the largest stored logit) allows for another device.
+    """
+    logits = predict_logits(model, data.test.images)
+    if logits.shape != stored.shape:
+        changed, difference = len(stored), float("inf")
+    elif len(stored) == 0:
+        return
+    else:
+        difference = (logits - stored).abs().max().item()
+        if difference <= 0.01 * max(1.0, stored.abs().max().item()):
+            return
+        changed = int((logits.argmax(1) != stored.argmax(1)).sum())
+    raise CheckpointError(
+        f"Model factory {factory!r} no longer rebuilds the model of run "
+        f"{run_id!r}: its predictions differ on {changed} of the {len(stored)} "
+        f"test images (largest logit difference {difference:.3g}). The factory or "
+        "a module it imports changed since the run was imported. Restore that "
+        "code, or import the run again."
     )
 
 

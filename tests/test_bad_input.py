@@ -623,6 +623,34 @@ def test_import_rejects_non_finite_unused_weight(factory_folder, tmp_path):
     assert workspace.list_runs() == []
 
 
+def test_edited_factory_stops_loading_the_run(folder_run, factory_folder):
+    workspace, run_id, _ = folder_run
+    assert pipeline.load_run(workspace, run_id).model[1].out_features == 2
+    # The same layers, but the forward pass now flips the two logits.
+    _write_factory(
+        factory_folder,
+        "bad_input_folder_linear",
+        """
+        import torch.nn as nn
+
+        class Flip(nn.Module):
+            def forward(self, x):
+                return x.flip(1)
+
+        def build():
+            return nn.Sequential(nn.Flatten(), nn.Linear(784, 2), Flip())
+        """,
+    )
+    sys.modules.pop("bad_input_folder_linear")
+
+    with pytest.raises(CheckpointError) as caught:
+        pipeline.load_run(workspace, run_id)
+
+    message = str(caught.value)
+    assert "Model factory 'bad_input_folder_linear:build' no longer rebuilds" in message
+    assert "Restore that code, or import the run again." in message
+
+
 def test_factories_of_same_name_in_two_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
     before = set(sys.modules)
