@@ -168,10 +168,13 @@ def _curvature_operator(
         loss = -batch_log_likelihood(
             model, leaves, images, labels, log_likelihood
         ).mean()
-        gradient = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+        # A parameter that the forward pass never uses has no gradient.
+        gradient = torch.autograd.grad(
+            loss, list(leaves.values()), create_graph=True, allow_unused=True
+        )
     # A gradient entry that does not depend on the parameters has a zero
     # Hessian row block, and autograd cannot differentiate it again.
-    connected = [i for i, g in enumerate(gradient) if g.requires_grad]
+    connected = [i for i, g in enumerate(gradient) if g is not None and g.requires_grad]
     sizes = [p.numel() for p in leaves.values()]
 
     def apply(vector: torch.Tensor) -> torch.Tensor:

@@ -443,3 +443,36 @@ def test_gd_divergence_names_settings():
     assert "gd_lr to a smaller value" in message
     assert "curvature to 'fisher'" in message
     assert "curvature='fisher'" not in message
+
+
+class _WithUnusedLayer(torch.nn.Module):
+    """A model whose ``spare`` layer never takes part in the forward pass."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+        self.spare = torch.nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+@pytest.mark.parametrize("method", ["linear-influence-gd", "linear-influence-lissa"])
+def test_unused_parameter_leaves_scores_unchanged(method):
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    images, labels = torch.randn(40, 1, 4, 4), torch.randint(0, 3, (40,))
+    config = default_config(method)
+
+    bare = identify(method, head, images, labels, images[:5], labels[:5], config=config)
+    wrapped = identify(
+        method,
+        _WithUnusedLayer(head),
+        images,
+        labels,
+        images[:5],
+        labels[:5],
+        config=config,
+    )
+
+    torch.testing.assert_close(wrapped.scores, bare.scores, rtol=1e-4, atol=1e-6)
