@@ -651,9 +651,17 @@ def test_edited_factory_stops_loading_the_run(folder_run, factory_folder):
     assert "Restore that code, or import the run again." in message
 
 
-def test_factories_of_same_name_in_two_folders(tmp_path, monkeypatch):
+@pytest.fixture
+def isolated_imports(monkeypatch):
+    """Restore sys.path and forget modules imported by the test afterwards."""
     monkeypatch.setattr(sys, "path", list(sys.path))
     before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+def test_factories_of_same_name_in_two_folders(tmp_path, isolated_imports):
     folders = [tmp_path / "first", tmp_path / "second"]
     for folder, width in zip(folders, (3, 5), strict=True):
         folder.mkdir()
@@ -667,22 +675,16 @@ def test_factories_of_same_name_in_two_folders(tmp_path, monkeypatch):
                 return nn.Linear(4, {width})
             """,
         )
-    try:
-        widths = [
-            models.load_factory("bad_input_same_name:build", folder).out_features
-            for folder in (*folders, folders[0])
-        ]
-    finally:
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
+    widths = [
+        models.load_factory("bad_input_same_name:build", folder).out_features
+        for folder in (*folders, folders[0])
+    ]
 
     assert widths == [3, 5, 3]
 
 
-def test_factory_helpers_of_same_name_in_two_folders(tmp_path, monkeypatch):
+def test_factory_helpers_of_same_name_in_two_folders(tmp_path, isolated_imports):
     # Each factory imports its own helper module, and the helpers share a name.
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    before = set(sys.modules)
     folders = [tmp_path / "first", tmp_path / "second"]
     for folder, width in zip(folders, (3, 5), strict=True):
         folder.mkdir()
@@ -706,13 +708,9 @@ def test_factory_helpers_of_same_name_in_two_folders(tmp_path, monkeypatch):
                 return head()
             """,
         )
-    try:
-        widths = [
-            models.load_factory("bad_input_nets:build", folder).out_features
-            for folder in (*folders, folders[0], folders[1])
-        ]
-    finally:
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
+    widths = [
+        models.load_factory("bad_input_nets:build", folder).out_features
+        for folder in (*folders, folders[0], folders[1])
+    ]
 
     assert widths == [3, 5, 3, 5]
