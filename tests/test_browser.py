@@ -210,13 +210,16 @@ def walk(page, url: str, workspace: Path) -> None:
     page.goto(url)
     page.get_by_text("Create a new run").wait_for(timeout=RUN_TIMEOUT * 1000)
     wait_until_idle(page)
-    # .streamlit/config.toml sets the minimal toolbar, which has no Deploy button.
+    # .streamlit/config.toml sets the viewer toolbar, which has no Deploy button.
     assert page.get_by_role("button", name="Deploy").count() == 0
     page.get_by_text("Advanced", exact=True).click()
     fill_number(page, "setup_n_train", 200)
     fill_number(page, "setup_n_test", 100)
     fill_number(page, "setup_epochs", 1)
-    click(page, "setup_train")
+    page.locator(".st-key-setup_train button").first.click()
+    # wait_until_idle relies on the running indicator, which the toolbar shows.
+    page.get_by_test_id("stStatusWidgetRunningIcon").wait_for(timeout=30_000)
+    wait_until_idle(page)
     page.get_by_text("Trained run").wait_for(timeout=RUN_TIMEOUT * 1000)
     wait_until_idle(page)
     accuracy = page.get_by_test_id("stMetric").filter(has_text="Test accuracy")
