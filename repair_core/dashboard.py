@@ -216,11 +216,11 @@ def save_to_url() -> None:
     Streamlit clears query parameters when the user moves to another page, so
     this runs on every script run. Only this dashboard's keys are touched.
     """
-    wanted = {name: st.session_state.get(key) for name, key in URL_KEYS.items()}
+    target = {name: st.session_state.get(key) for name, key in URL_KEYS.items()}
     root = st.session_state.get("workspace_root")
     default_root = os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE
-    wanted["workspace"] = root if root != default_root else None
-    for name, value in wanted.items():
+    target["workspace"] = root if root != default_root else None
+    for name, value in target.items():
         if value and st.query_params.get(name) != value:
             st.query_params[name] = value
         elif not value and name in st.query_params:
@@ -268,17 +268,17 @@ def keep_widget_value(key: str, options: Sequence[Any] | None = None) -> None:
     is dropped, and so is each such item of a kept list (a multiselect). A
     kept list left empty by that is dropped, so the widget gets its default.
     """
-    kept = _KEPT_PREFIX + key
+    copy_key = _KEPT_PREFIX + key
     if key in st.session_state:
-        st.session_state[kept] = st.session_state[key]
+        st.session_state[copy_key] = st.session_state[key]
         return
-    if kept not in st.session_state:
+    if copy_key not in st.session_state:
         return
-    value = st.session_state[kept]
+    value = st.session_state[copy_key]
     if options is not None:
         if isinstance(value, list):
             value = [item for item in value if item in options]
-            if not value and st.session_state[kept]:
+            if not value and st.session_state[copy_key]:
                 return
         elif value not in options:
             return

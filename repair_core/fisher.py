@@ -45,7 +45,8 @@ def detached_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in trainable_parameters(model).items()}
 
 
-def _check_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+def checked_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return detached trainable parameters, raising ConfigError if there are none."""
     params = detached_parameters(model)
     if not params:
         raise ConfigError(
@@ -120,7 +121,7 @@ def per_example_gradients(
         trainable parameters only.
     """
     device = model_device(model)
-    params = _check_trainable(model)
+    params = checked_parameters(model)
     with eval_mode(model):
         return per_example_gradients_at(
             model,
@@ -163,7 +164,7 @@ def diagonal_fisher(
     if n == 0:
         raise ConfigError("Cannot compute a Fisher from zero training examples.")
     device = model_device(model)
-    params = _check_trainable(model)
+    params = checked_parameters(model)
     fisher = {name: torch.zeros_like(p) for name, p in params.items()}
     with eval_mode(model), torch.no_grad():
         for start in range(0, n, batch_size):

@@ -28,6 +28,7 @@ from repair_core.errors import ConfigError, DivergenceError
 from repair_core.fisher import (
     LogLikelihood,
     batch_log_likelihood,
+    checked_parameters,
     detached_parameters,
     per_example_gradients_at,
 )
@@ -280,7 +281,7 @@ def _full_batch_hvp(
 def _prepare(
     model: nn.Module, vector: torch.Tensor
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    params = _require_parameters(model)
+    params = checked_parameters(model)
     size = sum(p.numel() for p in params.values())
     if vector.ndim != 1 or vector.numel() != size:
         raise ConfigError(
@@ -621,15 +622,6 @@ def gd_ihvp(
     return x.detach()
 
 
-def _require_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    params = detached_parameters(model)
-    if not params:
-        raise ConfigError(
-            "The model has no trainable parameters to take products over."
-        )
-    return params
-
-
 def _saved_bytes_per_example(
     model: nn.Module,
     params: dict[str, torch.Tensor],
@@ -783,7 +775,7 @@ def exact_curvature(
         raise ConfigError(f"chunk_size {chunk_size} must be at least 1.")
     if block_columns is not None and block_columns < 1:
         raise ConfigError(f"block_columns {block_columns} must be at least 1.")
-    params = _require_parameters(model)
+    params = checked_parameters(model)
     first = next(iter(params.values()))
     device = first.device
     size = sum(p.numel() for p in params.values())

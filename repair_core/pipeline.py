@@ -554,7 +554,7 @@ def _check_same_predictions(
     data: DataSplit,
     stored: torch.Tensor,
 ) -> None:
-    """Stop when a user factory no longer rebuilds the model the run stored.
+    """Raise CheckpointError when a user factory no longer rebuilds the run's model.
 
     The run keeps the factory's name, not its code, so an edit to the factory
     or to a module it imports would change every later result silently. The

@@ -1612,12 +1612,12 @@ def test_failures_grid_tags_query_and_holdout(workspace_env):
     )
     assert len(split.query) > 0
     assert len(split.holdout) > 0
-    shown = [int(i) for i in re.findall(r"test #(\d+)", grid)]
+    cards = [int(i) for i in re.findall(r"test #(\d+)", grid)]
     query = set(split.query.tolist())
-    expected_query = sum(i in query for i in shown)
+    expected_query = sum(i in query for i in cards)
     assert grid.count('">query</div>') == expected_query
-    assert grid.count('">holdout</div>') == len(shown) - expected_query
-    first = shown[0]
+    assert grid.count('">holdout</div>') == len(cards) - expected_query
+    first = cards[0]
     true_name = run_class_name(workspace_env, first, predicted=False)
     predicted_name = run_class_name(workspace_env, first, predicted=True)
     card = grid.split(f"test #{first}<")[0].rsplit('class="repair-card"', 1)[1]
