@@ -661,7 +661,12 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
 
 
 def sweep_label(record: dict[str, Any]) -> str:
-    parts = (record["treatment"], record["causes"], record["id"])
+    """Return the option text of a stored sweep: treatment, changed settings,
+    causes and id."""
+    treatment = record["treatment"]
+    changed = changed_treatment_settings(treatment, record.get("config") or {})
+    name = f"{treatment} ({', '.join(changed)})" if changed else treatment
+    parts = (name, record["causes"], record["id"])
     return " · ".join(part for part in parts if part)
 
 

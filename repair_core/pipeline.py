@@ -1109,8 +1109,9 @@ def run_sweep(
     Returns:
         The stored sweep: ``sweep_id``, ``run_id``, ``failure_set_id``,
         ``treatment``, ``causes`` (``causes_origin``), ``n_removed``,
-        ``strengths``, ``config`` (the resolved treatment settings) and
-        ``points``, one per strength as from repair_core.evaluation.sweep.
+        ``strengths``, ``config`` (the resolved treatment settings, less the
+        swept one) and ``points``, one per strength as from
+        repair_core.evaluation.sweep.
         Each point's model is saved as ``sweeps/<sweep_id>/<setting>-<value>.pt``
         under the run folder and named in its ``model_file``.
     """
@@ -1160,8 +1161,13 @@ def _store_sweep(
     config: Any,
     points: list[dict[str, Any]],
 ) -> dict[str, Any]:
+    from repair_core.evaluation import SWEEPABLE
     from repair_core.treatments import resolve_config, validate_causes
 
+    # The swept setting takes each of the strengths in turn, so the settings
+    # record leaves it out rather than show its default.
+    settings = resolve_config(treatment, config).to_dict()
+    settings.pop(SWEEPABLE[treatment], None)
     summary = {
         "sweep_id": sweep_id,
         "run_id": run.run_id,
@@ -1170,7 +1176,7 @@ def _store_sweep(
         "causes": causes_origin,
         "n_removed": len(validate_causes(causes, len(run.data.train))),
         "strengths": [float(strength) for strength in strengths],
-        "config": resolve_config(treatment, config).to_dict(),
+        "config": settings,
         "points": points,
     }
     workspace.add_sweep(

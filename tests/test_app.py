@@ -1541,7 +1541,7 @@ def test_sweep_labels_skip_close_points(workspace_env):
         "top 10",
         10,
         [point["strength"] for point in points],
-        {},
+        {"l2": 0.5},
         points,
     )
     state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
@@ -1549,6 +1549,9 @@ def test_sweep_labels_skip_close_points(workspace_env):
     check_clean(app)
     trace = chart_specs(app)[-1]["data"][0]
     assert trace["text"] == ["1e-05", "", "0.001", "0.01"]
+    # The legend names the setting that differs from the defaults.
+    name = f"ewc-deletion (l2 0.5) · top 10 · sw-close-{failure_set_id}"
+    assert trace["name"] == name
     table = app.dataframe[-1].value
     assert list(table["strength"]) == ["1e-05", "0.0001", "0.001", "0.01"]
 

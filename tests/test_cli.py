@@ -655,6 +655,11 @@ def test_sweep_prints_trade_off_points(tiny_run, capsys):
     # is stored in the workspace.
     default = sweep("--set", "depth=20")
     assert [p["strength"] for p in default["points"]] == [0.5, 1, 2, 4, 8, 16]
+    # The settings name what was set and leave out γ, which each point varies.
+    assert default["config"]["depth"] == 20
+    assert "gamma" not in default["config"]
+    stored_sweep = Workspace(workspace).get_sweep(default["sweep_id"])
+    assert stored_sweep["config"] == default["config"]
     stored = Workspace(workspace).list_sweeps(run["run_id"])
     assert [s["id"] for s in stored] == [result["sweep_id"], default["sweep_id"]]
 
