@@ -16,7 +16,7 @@ from repair_core.metrics import detection_curve
 #: Points drawn per detection curve; longer curves are thinned evenly.
 CURVE_POINTS = 400
 BASELINES = ("oracle", "random")
-#: Shown in the wall-time table for steps whose records store no device.
+#: Shown in the wall-time table for records stored without their device.
 UNKNOWN_DEVICE = "—"
 #: Line dashes of successive removal curves of one method.
 CURVE_DASHES = ("solid", "dash", "dot", "dashdot")
@@ -283,8 +283,8 @@ def removal_section(records: list[dict[str, Any]]) -> None:
 def timing_row(
     step: str, name: str, record_id: str, seconds: Any, device: Any = None
 ) -> dict[str, Any]:
-    """Return one row of the wall-time table. Only identification records
-    store their device, so the other rows show UNKNOWN_DEVICE."""
+    """Return one row of the wall-time table. Records stored before devices
+    were recorded show UNKNOWN_DEVICE."""
     return {
         "step": step,
         "name": name,
@@ -339,6 +339,7 @@ def timing_section(records: list[dict[str, Any]]) -> None:
                 record["treatment"],
                 record["id"],
                 metrics.get("seconds"),
+                metrics.get("device"),
             )
         )
     for record in ws.list_sweeps(run.run_id, failure_set_id=failure_set_id):
@@ -349,6 +350,7 @@ def timing_section(records: list[dict[str, Any]]) -> None:
                 record["treatment"],
                 record["id"],
                 sweep_seconds(record),
+                record.get("device"),
             )
         )
     methods = {record["id"]: record["method"] for record in records}
@@ -359,6 +361,7 @@ def timing_section(records: list[dict[str, Any]]) -> None:
                 methods.get(record["scores_id"], record["scores_id"]),
                 record["id"],
                 removal_curve_seconds(record),
+                record.get("device"),
             )
         )
     st.dataframe(
@@ -367,8 +370,7 @@ def timing_section(records: list[dict[str, Any]]) -> None:
         column_config={
             "seconds": st.column_config.NumberColumn(format="%.2f"),
             "device": st.column_config.TextColumn(
-                help="Device the step ran on. Only identification records "
-                "store it, so the other steps show —."
+                help="Device the step ran on; — where the record was stored without it."
             ),
         },
     )

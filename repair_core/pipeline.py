@@ -972,7 +972,7 @@ def run_repair(
 
     Returns:
         The summary: ``repair_id``, ``treatment``, ``n_removed``, ``seconds``,
-        ``gain_over_nothing``, ``before`` and ``after`` (each with
+        ``device``, ``gain_over_nothing``, ``before`` and ``after`` (each with
         ``query_acc``, ``holdout_acc``, ``remaining_acc``, ``test_acc``;
         ``after`` is the mean over seeds), ``spread`` (their standard
         deviation), ``controls`` (mean and spread of each control arm),
@@ -1055,6 +1055,7 @@ def _store_repair(
         "n_removed": 0 if treatment == "fit-failures" else outcome["n_causes"],
         "seeds": list(outcome["seeds"]),
         "seconds": time.perf_counter() - started,
+        "device": str(run.device),
         "gain_over_nothing": outcome["gain_over_nothing"],
         "controls_note": outcome["controls_note"],
         "notes": outcome["notes"],
@@ -1110,8 +1111,8 @@ def run_sweep(
         The stored sweep: ``sweep_id``, ``run_id``, ``failure_set_id``,
         ``treatment``, ``causes`` (``causes_origin``), ``n_removed``,
         ``strengths``, ``config`` (the resolved treatment settings, less the
-        swept one) and ``points``, one per strength as from
-        repair_core.evaluation.sweep.
+        swept one), ``points``, one per strength as from
+        repair_core.evaluation.sweep, and ``device``.
         Each point's model is saved as ``sweeps/<sweep_id>/<setting>-<value>.pt``
         under the run folder and named in its ``model_file``.
     """
@@ -1178,6 +1179,7 @@ def _store_sweep(
         "strengths": [float(strength) for strength in strengths],
         "config": settings,
         "points": points,
+        "device": str(run.device),
     }
     workspace.add_sweep(
         summary["sweep_id"],
@@ -1189,6 +1191,7 @@ def _store_sweep(
         summary["strengths"],
         summary["config"],
         points,
+        device=summary["device"],
     )
     return summary
 
@@ -1209,8 +1212,9 @@ def run_removal_curve(
     Returns:
         The stored curve: ``removal_curve_id``, ``run_id``,
         ``failure_set_id``, ``scores_id``, ``ks`` (those that leave something
-        to train on), ``skipped_ks`` (the rest), ``seeds`` and ``points``,
-        one per k in ``ks``, as from repair_core.evaluation.removal_curve.
+        to train on), ``skipped_ks`` (the rest), ``seeds``, ``points``, one
+        per k in ``ks``, as from repair_core.evaluation.removal_curve, and
+        ``device``.
     """
     from repair_core.evaluation import removal_curve
 
@@ -1263,6 +1267,7 @@ def _store_removal_curve(
         "skipped_ks": [int(k) for k in ks if int(k) not in run_ks],
         "seeds": [int(seed) for seed in seeds],
         "points": points,
+        "device": str(run.device),
     }
     workspace.add_removal_curve(
         summary["removal_curve_id"],
@@ -1272,6 +1277,8 @@ def _store_removal_curve(
         summary["ks"],
         summary["seeds"],
         points,
+        skipped_ks=summary["skipped_ks"],
+        device=summary["device"],
     )
     return summary
 

@@ -35,9 +35,11 @@ from repair_core.errors import WorkspaceError
 
 logger = logging.getLogger(__name__)
 
-#: The version changes only when existing tables change. A table added later
-#: (sweeps, removal_curves) is created by CREATE TABLE IF NOT EXISTS when an
-#: older workspace is opened, and older versions of the tool ignore it.
+#: The version changes only when existing tables change incompatibly. A table
+#: added later (sweeps, removal_curves) is created by CREATE TABLE IF NOT
+#: EXISTS when an older workspace is opened, and a column added later, listed
+#: in _ADDED_COLUMNS, is added with its default; older versions of the tool
+#: ignore both.
 SCHEMA_VERSION = 1
 DATABASE_NAME = "repair.sqlite"
 DEFAULT_WORKSPACE = "workspace"
@@ -88,7 +90,8 @@ CREATE TABLE IF NOT EXISTS sweeps (
     strengths TEXT NOT NULL,
     created_at TEXT NOT NULL,
     config TEXT NOT NULL,
-    points TEXT NOT NULL
+    points TEXT NOT NULL,
+    device TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS removal_curves (
     id TEXT PRIMARY KEY,
@@ -98,7 +101,9 @@ CREATE TABLE IF NOT EXISTS removal_curves (
     ks TEXT NOT NULL,
     seeds TEXT NOT NULL,
     created_at TEXT NOT NULL,
-    points TEXT NOT NULL
+    points TEXT NOT NULL,
+    skipped_ks TEXT NOT NULL DEFAULT '[]',
+    device TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS decisions (
     run_id TEXT NOT NULL REFERENCES runs(id),
@@ -110,9 +115,26 @@ CREATE TABLE IF NOT EXISTS decisions (
 );
 """
 
+#: Columns added to a table after its first release, with their definitions.
+_ADDED_COLUMNS = {
+    "sweeps": {"device": "TEXT NOT NULL DEFAULT ''"},
+    "removal_curves": {
+        "skipped_ks": "TEXT NOT NULL DEFAULT '[]'",
+        "device": "TEXT NOT NULL DEFAULT ''",
+    },
+}
+
 _TABLES = ("runs", "failure_sets", "scores", "repairs", "sweeps", "removal_curves")
 #: Columns stored as JSON text and decoded when read.
-_JSON_COLUMNS = ("config", "metrics", "strengths", "ks", "seeds", "points")
+_JSON_COLUMNS = (
+    "config",
+    "metrics",
+    "strengths",
+    "ks",
+    "skipped_ks",
+    "seeds",
+    "points",
+)
 
 
 def _now() -> str:
@@ -269,6 +291,16 @@ class Workspace:
             if not self.read_only:
                 connection.execute("PRAGMA journal_mode = WAL")
                 connection.executescript(_SCHEMA)
+                for table, columns in _ADDED_COLUMNS.items():
+                    present = {
+                        row["name"]
+                        for row in connection.execute(f"PRAGMA table_info({table})")
+                    }
+                    for name, definition in columns.items():
+                        if name not in present:
+                            connection.execute(
+                                f"ALTER TABLE {table} ADD COLUMN {name} {definition}"
+                            )
             row = connection.execute(
                 "SELECT value FROM meta WHERE key = 'schema_version'"
             ).fetchone()
@@ -529,6 +561,8 @@ class Workspace:
         strengths: list[float],
         config: dict,
         points: list[dict[str, Any]],
+        *,
+        device: str = "",
     ) -> None:
         """Store the trade-off points of one treatment over several strengths.
 
@@ -539,6 +573,7 @@ class Workspace:
             config: the treatment settings. Each point replaces the swept
                 setting with its strength.
             points: one dict per strength, as from repair_core.evaluation.sweep.
+            device: the device the sweep ran on, such as "cpu".
         """
         self._insert(
             "sweeps",
@@ -553,6 +588,7 @@ class Workspace:
                 "created_at": _now(),
                 "config": config,
                 "points": points,
+                "device": device,
             },
         )
 
@@ -571,6 +607,9 @@ class Workspace:
         ks: list[int],
         seeds: list[int],
         points: list[dict[str, Any]],
+        *,
+        skipped_ks: list[int] = (),
+        device: str = "",
     ) -> None:
         """Store the accuracies after removing the top k of a ranking.
 
@@ -581,6 +620,8 @@ class Workspace:
             seeds: the fine-tuning seeds of every k.
             points: one dict per kept k, as from
                 repair_core.evaluation.removal_curve.
+            skipped_ks: the requested k that were skipped.
+            device: the device the curve ran on, such as "cpu".
         """
         self._insert(
             "removal_curves",
@@ -593,6 +634,8 @@ class Workspace:
                 "seeds": seeds,
                 "created_at": _now(),
                 "points": points,
+                "skipped_ks": [int(k) for k in skipped_ks],
+                "device": device,
             },
         )
 

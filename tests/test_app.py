@@ -1337,11 +1337,22 @@ def test_compare_wall_times_show_dash_device(workspace_env):
     workspace.add_sweep(
         sweep_id, run.run_id, failure_set_id, "finetune", "top 5", 5, [1.0], {}, points
     )
+    stored = pipeline.run_sweep(
+        workspace,
+        run,
+        "newton",
+        torch.arange(5),
+        failure_set_id=failure_set_id,
+        strengths=[1.0],
+        config={"depth": 5},
+    )
     state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
     app = page("compare", **state).run()
     check_clean(app)
     timings = app.dataframe[-1].value.set_index("id")
+    # A record stored without its device shows a dash.
     assert timings.loc[sweep_id, "device"] == "—"
+    assert timings.loc[stored["sweep_id"], "device"] == "cpu"
     identifications = timings[timings["step"] == "identification"]
     assert set(identifications["device"]) == {"cpu"}
 

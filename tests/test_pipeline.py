@@ -82,7 +82,10 @@ def test_run_sweep_stores_summary(ranked):
 
     assert [point["strength"] for point in summary["points"]] == [1, 2]
     assert summary["n_removed"] == 10
-    assert summary["config"] == default_config("finetune").to_dict()
+    # The swept setting, max_epochs, takes each strength in turn.
+    expected = default_config("finetune").to_dict()
+    del expected["max_epochs"]
+    assert summary["config"] == expected
     stored = Workspace(workspace.root).get_sweep(summary["sweep_id"])
     assert stored["run_id"] == run.run_id
     assert stored["failure_set_id"] == failure_set_id
@@ -91,6 +94,7 @@ def test_run_sweep_stores_summary(ranked):
     assert stored["n_removed"] == 10
     assert stored["strengths"] == [1.0, 2.0]
     assert stored["config"] == summary["config"]
+    assert stored["device"] == summary["device"] == str(run.device)
     assert _json(stored["points"]) == _json(summary["points"])
     listed = workspace.list_sweeps(run.run_id, failure_set_id=failure_set_id)
     assert [record["id"] for record in listed] == [summary["sweep_id"]]
@@ -155,6 +159,8 @@ def test_repair_keeps_every_arm_and_seed(ranked):
     )
 
     repair_id = summary["repair_id"]
+    stored = workspace.get_repair(repair_id)["metrics"]
+    assert stored["device"] == summary["device"] == str(run.device)
     assert list(summary["per_seed"]) == ["treatment", "nothing", "random"]
     for arm, records in summary["per_seed"].items():
         assert [record["seed"] for record in records] == [0, 1]
@@ -307,6 +313,8 @@ def test_run_removal_curve_stores_summary(ranked):
     assert stored["scores_id"] == scores_id
     assert stored["ks"] == [5]
     assert summary["skipped_ks"] == [500]
+    assert stored["skipped_ks"] == [500]
+    assert stored["device"] == summary["device"] == str(run.device)
     assert stored["seeds"] == [0]
     assert _json(stored["points"]) == _json(summary["points"])
     listed = workspace.list_removal_curves(run.run_id, failure_set_id=failure_set_id)

@@ -51,6 +51,7 @@ def _add_sweep(workspace, sweep_id, failure_set_id="fs-a"):
         [0.01, 0.05],
         {"gamma": 0.01},
         POINTS,
+        device="cpu",
     )
 
 
@@ -80,6 +81,7 @@ def test_sweep_round_trip_after_reopen(tmp_path):
     assert record["strengths"] == [0.01, 0.05]
     assert record["config"] == {"gamma": 0.01}
     assert record["points"] == POINTS
+    assert record["device"] == "cpu"
     assert record["created_at"]
     listed = reopened.list_sweeps("run-a", failure_set_id="fs-a")
     assert [r["id"] for r in listed] == ["sw-a", "sw-b"]
@@ -89,7 +91,9 @@ def test_sweep_round_trip_after_reopen(tmp_path):
 
 def test_removal_curve_round_trip_after_reopen(tmp_path):
     workspace = _workspace_with_records(tmp_path)
-    workspace.add_removal_curve("rc-a", "run-a", "fs-a", "sc-a", [10, 900], [0], CURVE)
+    workspace.add_removal_curve(
+        "rc-a", "run-a", "fs-a", "sc-a", [10, 900], [0], CURVE, skipped_ks=[3000]
+    )
 
     reopened = Workspace(tmp_path)
     record = reopened.get_removal_curve("rc-a")
@@ -100,9 +104,49 @@ def test_removal_curve_round_trip_after_reopen(tmp_path):
     assert record["ks"] == [10, 900]
     assert record["seeds"] == [0]
     assert record["points"] == CURVE
+    assert record["skipped_ks"] == [3000]
+    assert record["device"] == ""
     listed = reopened.list_removal_curves("run-a", failure_set_id="fs-a")
     assert [r["id"] for r in listed] == ["rc-a"]
     assert reopened.list_removal_curves("run-a", failure_set_id="fs-b") == []
+
+
+def test_opening_adds_later_columns_to_older_tables(tmp_path):
+    # The sweeps and removal_curves tables as first released, with one record
+    # each.
+    root = tmp_path / "ws"
+    _workspace_with_records(root)
+    connection = sqlite3.connect(root / "repair.sqlite")
+    with connection:
+        for table, columns in (
+            ("sweeps", ["device"]),
+            ("removal_curves", ["skipped_ks", "device"]),
+        ):
+            for column in columns:
+                connection.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        connection.execute(
+            "INSERT INTO sweeps (id, run_id, failure_set_id, treatment, causes, "
+            "n_removed, strengths, created_at, config, points) VALUES "
+            "('sw-old', 'run-a', 'fs-a', 'newton', 'top 20', 20, '[1.0]', 'now', "
+            "'{}', '[]')"
+        )
+        connection.execute(
+            "INSERT INTO removal_curves (id, run_id, failure_set_id, scores_id, ks, "
+            "seeds, created_at, points) VALUES ('rc-old', 'run-a', 'fs-a', 'sc-a', "
+            "'[10]', '[0]', 'now', '[]')"
+        )
+    connection.close()
+
+    reopened = Workspace(root)
+
+    assert reopened.get_sweep("sw-old")["device"] == ""
+    old_curve = reopened.get_removal_curve("rc-old")
+    assert old_curve["skipped_ks"] == []
+    assert old_curve["device"] == ""
+    reopened.add_removal_curve(
+        "rc-new", "run-a", "fs-a", "sc-a", [10], [0], CURVE, skipped_ks=[5000]
+    )
+    assert Workspace(root).get_removal_curve("rc-new")["skipped_ks"] == [5000]
 
 
 def test_nan_point_survives_round_trip(tmp_path):
