@@ -76,12 +76,15 @@ class ImageDataset:
         labels: int64 tensor of shape (N,) with values in [0, K).
         class_names: the K class names, indexed by label.
         description: what the data is, for logs and reports.
+        files: for data read from image files, each image's file path relative
+            to the data root, such as ``train/cat/1.png``; None otherwise.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     class_names: list[str]
     description: str
+    files: list[str] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != torch.float32:
@@ -100,6 +103,11 @@ class ImageDataset:
             raise DataError(
                 f"{self.description!r} has {len(self.images)} images but "
                 f"{len(self.labels)} labels. Give one label per image."
+            )
+        if self.files is not None and len(self.files) != len(self.labels):
+            raise DataError(
+                f"{self.description!r} has {len(self.labels)} images but "
+                f"{len(self.files)} file names. Give one file name per image."
             )
         if len(self.labels) and (
             self.labels.min() < 0 or self.labels.max() >= len(self.class_names)
@@ -138,11 +146,15 @@ class ImageDataset:
                 f"{self.description!r} with {len(self)} examples. Give positions "
                 f"in [0, {len(self)})."
             )
+        files = None
+        if self.files is not None:
+            files = [self.files[i] for i in index.tolist()]
         return ImageDataset(
             images=self.images[index],
             labels=self.labels[index],
             class_names=list(self.class_names),
             description=f"{self.description}, subset of {len(index)} images",
+            files=files,
         )
 
 
@@ -672,6 +684,7 @@ def _load_image_folder(root: Path) -> tuple[ImageDataset, ImageDataset, str]:
 
     pixels: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     labels: dict[str, list[int]] = {"train": [], "test": []}
+    names: dict[str, list[str]] = {"train": [], "test": []}
     first_file: Path | None = None
     first_size: tuple[int, int] | None = None
     greyscale = True
@@ -697,6 +710,7 @@ def _load_image_folder(root: Path) -> tuple[ImageDataset, ImageDataset, str]:
                     rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
                     pixels[part].append(rgb.transpose(2, 0, 1))
                 labels[part].append(label)
+                names[part].append(path.relative_to(root).as_posix())
 
     data_name = f"Image folder {root}"
     parts = []
@@ -711,6 +725,7 @@ def _load_image_folder(root: Path) -> tuple[ImageDataset, ImageDataset, str]:
                 labels=torch.tensor(labels[part], dtype=torch.long),
                 class_names=list(train_names),
                 description=data_name,
+                files=names[part],
             )
         )
     return parts[0], parts[1], data_name

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,6 +43,8 @@ from repair_core.workspace import Workspace, new_id
 logger = logging.getLogger(__name__)
 
 MAX_SAVED_CHECKPOINTS = 5
+#: Run file with per-image digests and file names of the data as stored.
+DATA_INDEX_FILE = "data_index.pt"
 VICTIM_SEED_OFFSET = 1000
 
 
@@ -150,11 +153,101 @@ def _data_fingerprint(data: DataSplit) -> dict[str, str]:
     return digests
 
 
-def _check_same_data(run_id: str, record: dict[str, Any], data: DataSplit) -> None:
+#: Rows of images digested at once by _image_digests.
+_DIGEST_CHUNK = 4096
+#: Examples named in a changed-data message, per kind of change.
+_NAMED_CHANGES = 3
+
+
+def _image_digests(dataset: ImageDataset) -> torch.Tensor:
+    """Return a 64-bit digest of each image and its label, shape (N,).
+
+    Each digest is a weighted sum, modulo 2^64, of the image's float32 bit
+    patterns and its label, with fixed pseudo-random odd weights: any change
+    to one pixel or to the label changes it.
+    """
+    flat = dataset.images.detach().cpu().contiguous().numpy().reshape(len(dataset), -1)
+    bits = flat.view(np.uint32)
+    weights = np.random.default_rng(0).integers(
+        0, 2**63, size=bits.shape[1] + 1, dtype=np.uint64
+    ) * np.uint64(2) + np.uint64(1)
+    labels = dataset.labels.cpu().numpy().astype(np.uint64)
+    digests = labels * weights[-1]
+    for start in range(0, len(bits), _DIGEST_CHUNK):
+        chunk = bits[start : start + _DIGEST_CHUNK].astype(np.uint64)
+        # uint64 products and sums wrap around modulo 2^64.
+        digests[start : start + _DIGEST_CHUNK] += (chunk * weights[:-1]).sum(axis=1)
+    return torch.from_numpy(digests.view(np.int64).copy())
+
+
+def _data_index(data: DataSplit) -> dict[str, Any]:
+    """Per-image digests and, for image files, the file names of both parts."""
+    return {
+        f"{part}_{key}": value
+        for part, dataset in (("train", data.train), ("test", data.test))
+        for key, value in (
+            ("digests", _image_digests(dataset)),
+            ("files", dataset.files),
+        )
+    }
+
+
+def _names_text(names: list[str]) -> str:
+    shown = ", ".join(names[:_NAMED_CHANGES])
+    more = len(names) - _NAMED_CHANGES
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _part_changes(
+    part: str, stored: dict[str, Any], dataset: ImageDataset
+) -> list[str]:
+    """Describe how one part differs from its stored index: files added,
+    removed or changed where file names are known, else positions changed."""
+    old_digests = stored[f"{part}_digests"]
+    new_digests = _image_digests(dataset)
+    old_files = stored.get(f"{part}_files")
+    if old_files is not None and dataset.files is not None:
+        old_at = dict(zip(old_files, old_digests.tolist(), strict=True))
+        new_at = dict(zip(dataset.files, new_digests.tolist(), strict=True))
+        kinds = (
+            ("added", [name for name in dataset.files if name not in old_at]),
+            ("removed", [name for name in old_files if name not in new_at]),
+            (
+                "changed",
+                [
+                    name
+                    for name in dataset.files
+                    if name in old_at and old_at[name] != new_at[name]
+                ],
+            ),
+        )
+        return [
+            f"{len(names)} {'file' if len(names) == 1 else 'files'} {kind} "
+            f"({_names_text(names)})"
+            for kind, names in kinds
+            if names
+        ]
+    if len(old_digests) != len(new_digests):
+        return []
+    positions = torch.nonzero(old_digests != new_digests).flatten().tolist()
+    if not positions:
+        return []
+    noun = "image" if len(positions) == 1 else "images"
+    return [
+        f"{len(positions)} {part} {noun} changed, at positions "
+        f"{_names_text([str(p) for p in positions])}"
+    ]
+
+
+def _check_same_data(
+    workspace: Workspace, run_id: str, record: dict[str, Any], data: DataSplit
+) -> None:
     """Raise DataError when the run's data source no longer gives its images.
 
     Stored labels, failure sets and scores are indexed by position, so an image
-    moved between class folders would silently shift every one of them.
+    moved between class folders would silently shift every one of them. The
+    message names the files added, removed or changed where the run stored
+    its data index.
     """
     config = record["config"]
     stored = config.get("data_fingerprint")
@@ -174,6 +267,14 @@ def _check_same_data(run_id: str, record: dict[str, Any], data: DataSplit) -> No
             for part in ("train", "test")
             if stored.get(part) not in (None, fingerprint[part])
         ]
+    if changed and workspace.path(run_id, DATA_INDEX_FILE).is_file():
+        index = workspace.load_tensor(run_id, DATA_INDEX_FILE)
+        details = [
+            change
+            for part in ("train", "test")
+            for change in _part_changes(part, index, now[part])
+        ]
+        changed += details
     if changed:
         source = config.get("root") or config.get("data")
         raise DataError(
@@ -273,6 +374,11 @@ def _store_run(
     if mask is not None:
         workspace.save_tensor(run_id, "corrupted_mask.pt", mask.clone())
     workspace.save_tensor(run_id, "test_logits.pt", logits)
+    workspace.save_tensor(
+        run_id,
+        DATA_INDEX_FILE,
+        _data_index(DataSplit(train=clean_train, test=data.test, source=data.source)),
+    )
 
     split = None
     try:
@@ -505,7 +611,7 @@ def load_run(
     config = RunConfig.from_dict(record["config"])
     chosen_device = select_device(device or config.device)
     data = _load_data(config)
-    _check_same_data(run_id, record, data)
+    _check_same_data(workspace, run_id, record, data)
     train = data.train
     labels = workspace.load_tensor(run_id, "train_labels.pt")
     images = train.images

@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -537,7 +538,51 @@ def test_moved_image_stops_loading_the_run(folder_run, part):
     message = str(caught.value)
     assert f"The data of run {run_id!r}" in message
     assert f"the {part} part holds other images or labels" in message
+    assert f"1 file added ({part}/b/9.png)" in message
+    assert f"1 file removed ({part}/a/5.png)" in message
+    assert "changed" not in message.split("stored: ")[1]
     assert "Restore the data as it was" in message
+
+
+def test_edited_pixels_name_the_file(folder_run):
+    from PIL import Image
+
+    workspace, run_id, data = folder_run
+    for name in ("1.png", "4.png"):
+        path = data / "test" / "b" / name
+        pixels = np.asarray(Image.open(path)).copy()
+        pixels[0, 0] = 255 - pixels[0, 0]
+        Image.fromarray(pixels).save(path)
+
+    with pytest.raises(DataError) as caught:
+        pipeline.load_run(workspace, run_id)
+
+    message = str(caught.value)
+    assert "the test part holds other images or labels" in message
+    assert "2 files changed (test/b/1.png, test/b/4.png)" in message
+    assert "added" not in message and "removed" not in message
+
+
+def test_changed_positions_are_named_without_file_names():
+    from repair_core.data import ImageDataset
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(6, 1, 4, 4, generator=generator)
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    before = ImageDataset(images, labels, ["a", "b"], "six images")
+    index = pipeline._data_index(
+        pipeline.DataSplit(train=before, test=before, source="test")
+    )
+    edited = images.clone()
+    edited[4, 0, 3, 3] += 1e-6
+    relabelled = labels.clone()
+    relabelled[1] = 0
+    after = ImageDataset(edited, relabelled, ["a", "b"], "six images")
+
+    changes = pipeline._part_changes("train", index, after)
+
+    assert changes == ["2 train images changed, at positions 1, 4"]
+    assert pipeline._part_changes("test", index, before) == []
 
 
 def test_added_image_is_named_as_changed_data(folder_run):
@@ -547,9 +592,9 @@ def test_added_image_is_named_as_changed_data(folder_run):
     with pytest.raises(DataError) as caught:
         pipeline.load_run(workspace, run_id)
 
-    assert "the train part has 13 images, 12 when the run was stored" in str(
-        caught.value
-    )
+    message = str(caught.value)
+    assert "the train part has 13 images, 12 when the run was stored" in message
+    assert "1 file added (train/a/new.png)" in message
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])
