@@ -11,7 +11,9 @@ from repair_core import dashboard, pipeline
 from repair_core.identification import METHODS, default_config
 
 PAGE_SIZE = 24
-GRID_COLUMNS = 6
+#: Choices of cards per grid row; fewer suit narrow windows.
+GRID_COLUMN_CHOICES = [2, 3, 4, 6]
+DEFAULT_GRID_COLUMNS = 4
 DECISION_LABELS = {"confirmed": "✓ Culprit", "rejected": "✗ Not"}
 SHOW_CHOICES = ["all", "undecided", "confirmed", "rejected"]
 
@@ -39,13 +41,61 @@ def choose_ranking() -> None:
     st.session_state["scores_id"] = st.session_state["causes_scores"]
 
 
-def save_decision(train_index: int, key: str) -> None:
-    dashboard.run_safely(
-        "Saving the decision",
-        lambda: ws.set_decisions(
-            run.run_id, failure_set_id, [train_index], st.session_state[key]
-        ),
+def set_decisions(
+    indices: list[int], decision: str | None, previous: dict[int, str | None], what: str
+) -> bool:
+    """Save ``decision`` for ``indices`` and remember how to undo it.
+
+    ``previous`` maps each index to its decision before this change; ``what``
+    names the change on the undo button. Returns whether the save succeeded.
+    """
+    saved = dashboard.run_safely(
+        "Saving the decisions" if len(indices) > 1 else "Saving the decision",
+        lambda: ws.set_decisions(run.run_id, failure_set_id, indices, decision) or True,
     )
+    if saved:
+        st.session_state["causes_undo"] = {
+            "failure_set_id": failure_set_id,
+            "previous": [[int(i), previous.get(int(i))] for i in indices],
+            "what": what,
+        }
+    return bool(saved)
+
+
+def save_decision(train_index: int, key: str, previous: str | None) -> None:
+    decision = st.session_state[key]
+    what = {"confirmed": "confirmed", "rejected": "rejected", None: "cleared"}
+    if set_decisions(
+        [train_index],
+        decision,
+        {train_index: previous},
+        f"train #{train_index} {what[decision]}",
+    ):
+        # In a filtered view the card stays where it is until the view is
+        # refreshed, so the cards after it do not move under the pointer.
+        st.session_state.setdefault("causes_kept", {"view": None, "indices": []})
+        st.session_state["causes_kept"]["indices"].append(train_index)
+
+
+def undo_last() -> None:
+    """Give each example of the last change the decision it had before."""
+    undo = st.session_state.pop("causes_undo", None)
+    if not undo or undo["failure_set_id"] != failure_set_id:
+        return
+    by_decision: dict[str | None, list[int]] = {}
+    for index, decision in undo["previous"]:
+        by_decision.setdefault(decision, []).append(index)
+    for decision, indices in by_decision.items():
+        dashboard.run_safely(
+            "Undoing the last change",
+            lambda decision=decision, indices=indices: ws.set_decisions(
+                run.run_id, failure_set_id, indices, decision
+            ),
+        )
+
+
+def refresh_view() -> None:
+    st.session_state.pop("causes_kept", None)
 
 
 def run_methods(configs: dict[str, object]) -> None:
@@ -165,12 +215,10 @@ def card_for(index: int, rank: int, score: float, predicted: int) -> dashboard.C
     )
 
 
-def review_grid(shown: np.ndarray, decisions: dict[int, str]) -> None:
-    for start in range(0, len(shown), GRID_COLUMNS):
-        columns = st.columns(GRID_COLUMNS)
-        for column, index in zip(
-            columns, shown[start : start + GRID_COLUMNS], strict=False
-        ):
+def review_grid(shown: np.ndarray, decisions: dict[int, str], per_row: int) -> None:
+    for start in range(0, len(shown), per_row):
+        columns = st.columns(per_row)
+        for column, index in zip(columns, shown[start : start + per_row], strict=False):
             index = int(index)
             key = f"review_{failure_set_id}_{index}"
             # The workspace is the source of truth, so decisions saved by
@@ -186,7 +234,7 @@ def review_grid(shown: np.ndarray, decisions: dict[int, str]) -> None:
                     format_func=DECISION_LABELS.get,
                     key=key,
                     on_change=save_decision,
-                    args=(index, key),
+                    args=(index, key, decisions.get(index)),
                     label_visibility="collapsed",
                 )
 
@@ -260,14 +308,16 @@ def export_csv(confirmed: list[int], method: str) -> bytes:
     return table.to_csv(index=False).encode()
 
 
-def clear_decisions(indices: list[int]) -> None:
-    """Clear the review decisions of ``indices`` once the confirmation box is
+def clear_decisions(previous: dict[int, str]) -> None:
+    """Clear the review decisions in ``previous`` once the confirmation box is
     ticked, and untick it."""
     if not st.session_state.get("causes_clear_confirm"):
         return
-    dashboard.run_safely(
-        "Clearing the decisions",
-        lambda: ws.set_decisions(run.run_id, failure_set_id, indices, None),
+    set_decisions(
+        list(previous),
+        None,
+        previous,
+        f"clearing {dashboard.count_text(len(previous), 'decision')}",
     )
     st.session_state["causes_clear_confirm"] = False
 
@@ -314,8 +364,8 @@ if mask is not None:
         "Corrupted among confirmed", int(mask[confirmed].sum()) if confirmed else 0
     )
 
-k_column, confirm_column, clear_column, show_column = st.columns(
-    [2, 2, 2, 4], vertical_alignment="bottom"
+k_column, confirm_column, clear_column, clear_button_column = st.columns(
+    4, vertical_alignment="bottom"
 )
 top_k = dashboard.number_field(
     "K",
@@ -333,28 +383,35 @@ confirm_top = confirm_column.button(
 )
 if confirm_top and top_k is not None:
     chosen = [int(i) for i in order[:top_k] if decisions.get(int(i)) is None]
-    dashboard.run_safely(
-        "Saving the decisions",
-        lambda: ws.set_decisions(run.run_id, failure_set_id, chosen, "confirmed"),
+    set_decisions(
+        chosen,
+        "confirmed",
+        {},
+        f"confirming {dashboard.count_text(len(chosen), 'example')} of the top {top_k}",
     )
     st.rerun()
-with clear_column:
-    # Clearing cannot be undone, so the button needs a ticked box first.
-    confirm_clear = st.checkbox(
-        f"Clear all {len(decisions)}",
-        key="causes_clear_confirm",
-        disabled=not decisions,
-        help=f"Tick to allow clearing the "
-        f"{dashboard.count_text(len(decisions), 'saved decision')} of this "
-        "failure set. Clearing cannot be undone.",
-    )
-    st.button(
-        "Clear decisions",
-        key="causes_clear",
-        disabled=not (decisions and confirm_clear),
-        on_click=clear_decisions,
-        args=(list(decisions),),
-    )
+# Clearing needs a ticked box first; the Undo button can restore it.
+confirm_clear = clear_column.checkbox(
+    f"Clear all {len(decisions)}",
+    key="causes_clear_confirm",
+    disabled=not decisions,
+    help=f"Tick to allow clearing the "
+    f"{dashboard.count_text(len(decisions), 'saved decision')} of this "
+    "failure set.",
+)
+clear_button_column.button(
+    "Clear decisions",
+    key="causes_clear",
+    disabled=not (decisions and confirm_clear),
+    on_click=clear_decisions,
+    args=(dict(decisions),),
+)
+
+# A new run or failure set starts from the whole ranking.
+if st.session_state.get("causes_show_for") != failure_set_id:
+    dashboard.forget_widget_value("causes_show")
+    st.session_state["causes_show_for"] = failure_set_id
+show_column, per_row_column = st.columns([3, 1], vertical_alignment="bottom")
 dashboard.keep_widget_value("causes_show", SHOW_CHOICES)
 show = show_column.segmented_control(
     "Show",
@@ -362,17 +419,51 @@ show = show_column.segmented_control(
     default="all",
     key="causes_show",
 )
+dashboard.keep_widget_value("causes_per_row", GRID_COLUMN_CHOICES)
+per_row = per_row_column.selectbox(
+    "Cards per row",
+    GRID_COLUMN_CHOICES,
+    index=GRID_COLUMN_CHOICES.index(DEFAULT_GRID_COLUMNS),
+    key="causes_per_row",
+    help="Fewer cards per row suit a narrow window.",
+)
 st.caption("Confirm top K keeps examples you rejected.")
 
-if show in ("confirmed", "rejected"):
-    listed = order[np.isin(order, confirmed if show == "confirmed" else rejected)]
-elif show == "undecided":
-    listed = order[~np.isin(order, list(decisions))]
-else:
+undo = st.session_state.get("causes_undo")
+if undo and undo["failure_set_id"] == failure_set_id:
+    st.button(f"Undo: {undo['what']}", key="causes_undo_button", on_click=undo_last)
+
+# Cards decided in a filtered view stay until the filter, the ranking or the
+# failure set changes, or the reviewer refreshes the view.
+view = [failure_set_id, scores_id, show]
+kept_state = st.session_state.get("causes_kept")
+if not kept_state or kept_state["view"] != view:
+    if kept_state and kept_state["view"] is not None:
+        # Another view starts on its first page.
+        st.session_state.pop("causes_page", None)
+    kept_state = {"view": view, "indices": []}
+    st.session_state["causes_kept"] = kept_state
+if show == "all":
     listed = order
+else:
+    wanted = {
+        "confirmed": set(confirmed),
+        "rejected": set(rejected),
+        "undecided": set(range(len(order))) - set(decisions),
+    }[show]
+    listed = order[np.isin(order, list(wanted | set(kept_state["indices"])))]
+    moved = [i for i in kept_state["indices"] if i not in wanted]
+    if moved:
+        note, refresh = st.columns([3, 1], vertical_alignment="center")
+        note.caption(
+            f"{dashboard.count_text(len(moved), 'decided example')} no longer "
+            f"{'matches' if len(moved) == 1 else 'match'} “{show}” but "
+            f"{'stays' if len(moved) == 1 else 'stay'} in place until you refresh."
+        )
+        refresh.button("Refresh the list", key="causes_refresh", on_click=refresh_view)
 if len(listed):
     window = dashboard.page_window(len(listed), PAGE_SIZE, "causes_page")
-    review_grid(listed[window], decisions)
+    review_grid(listed[window], decisions, per_row)
 else:
     st.info(f"No {show} examples.")
 

@@ -285,6 +285,13 @@ def keep_widget_value(key: str, options: Sequence[Any] | None = None) -> None:
     st.session_state[key] = value
 
 
+def forget_widget_value(key: str) -> None:
+    """Drop the widget ``key``'s value and its kept copy, so the widget starts
+    from its default when next drawn. Call it before the widget is created."""
+    st.session_state.pop(key, None)
+    st.session_state.pop(_KEPT_PREFIX + key, None)
+
+
 def sync_widget(widget_key: str, value: Any, options: Sequence[Any]) -> None:
     """Point the widget ``widget_key`` at ``value`` when ``value`` changed since
     the last call, or when the widget has no state yet. Call before the widget
@@ -653,8 +660,7 @@ _GRID_STYLE = """
 .repair-card img {width: 100%; image-rendering: pixelated; border-radius: 4px;
   background: #000;}
 .repair-card .title {font-weight: 600; margin-top: 3px;}
-.repair-card .line {opacity: 0.8; white-space: nowrap; overflow: hidden;
-  text-overflow: ellipsis;}
+.repair-card .line {opacity: 0.8; overflow-wrap: anywhere;}
 .repair-card .badge {display: inline-block; margin-top: 2px; padding: 0 6px;
   border-radius: 8px; color: #fff; font-size: 11px;}
 </style>

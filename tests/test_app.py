@@ -1249,6 +1249,99 @@ def test_clear_decisions_needs_confirmation(workspace_env):
     assert app.checkbox(key="causes_clear_confirm").disabled
 
 
+def _review_keys(app):
+    return [w.key for w in app.segmented_control if w.key.startswith("review_")]
+
+
+def test_filtered_review_keeps_cards_in_place(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+    pipeline.run_identification(
+        workspace_env.workspace, run, "training-loss", failure_set_id=failure_set_id
+    )
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+    app.segmented_control(key="causes_show").set_value("undecided").run()
+    before = _review_keys(app)
+
+    # Deciding cards one after another does not move the cards after them.
+    app.segmented_control(key=before[0]).set_value("confirmed").run()
+    app.segmented_control(key=before[1]).set_value("rejected").run()
+    check_clean(app)
+    assert _review_keys(app) == before
+    assert app.segmented_control(key=before[0]).value == "confirmed"
+    assert any(
+        "2 decided examples no longer match “undecided” but stay in place" in c.value
+        for c in app.caption
+    )
+
+    app.button(key="causes_refresh").click().run()
+    check_clean(app)
+    assert _review_keys(app)[:22] == before[2:]
+    assert "causes_refresh" not in [b.key for b in app.button]
+
+
+def test_undo_reverts_the_last_change(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    pipeline.run_identification(
+        workspace, run, "training-loss", failure_set_id=failure_set_id
+    )
+    workspace.set_decisions(run.run_id, failure_set_id, [0], "rejected")
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+    assert "causes_undo_button" not in [b.key for b in app.button]
+    keys = _review_keys(app)
+    first = int(keys[0].rsplit("_", 1)[1])
+    app.segmented_control(key=keys[0]).set_value("confirmed").run()
+    assert app.button(key="causes_undo_button").label == (
+        f"Undo: train #{first} confirmed"
+    )
+    app.button(key="causes_undo_button").click().run()
+    check_clean(app)
+    assert workspace.get_decisions(run.run_id, failure_set_id) == {0: "rejected"}
+    assert "causes_undo_button" not in [b.key for b in app.button]
+
+    # Clearing every decision can be undone too.
+    workspace.set_decisions(run.run_id, failure_set_id, [3, 4], "confirmed")
+    app.run()
+    app.checkbox(key="causes_clear_confirm").check().run()
+    app.button(key="causes_clear").click().run()
+    assert workspace.get_decisions(run.run_id, failure_set_id) == {}
+    assert app.button(key="causes_undo_button").label == "Undo: clearing 3 decisions"
+    app.button(key="causes_undo_button").click().run()
+    check_clean(app)
+    assert workspace.get_decisions(run.run_id, failure_set_id) == {
+        0: "rejected",
+        3: "confirmed",
+        4: "confirmed",
+    }
+
+
+def test_review_view_resets_for_other_failure_set(workspace_env):
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    first, second = workspace_env.new_failure_set(), workspace_env.new_failure_set()
+    for failure_set_id in (first, second):
+        pipeline.run_identification(
+            workspace, run, "training-loss", failure_set_id=failure_set_id
+        )
+    app = page("causes", run_id=workspace_env.run_id, failure_set_id=first).run()
+    app.segmented_control(key="causes_show").set_value("confirmed").run()
+    app.selectbox(key="causes_per_row").set_value(2).run()
+    assert any("No confirmed examples" in i.value for i in app.info)
+
+    app.session_state["failure_set_id"] = second
+    app.session_state["scores_id"] = None
+    app.run()
+    check_clean(app)
+    assert app.segmented_control(key="causes_show").value == "all"
+    assert len(_review_keys(app)) == 24
+    # The number of cards per row is a display choice and stays.
+    assert app.selectbox(key="causes_per_row").value == 2
+
+
 def test_culprits_csv_names_ranking(workspace_env, monkeypatch):
     from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 
