@@ -363,7 +363,22 @@ def action_section() -> None:
     label = "Run sweep" if mode == "sweep" else "Repair"
     clicked = st.button(label, type="primary", key="repair_run", disabled=not ready)
     st.caption(dashboard.LONG_JOB_CAPTION)
+    # Confirmed culprits can change in another tab or session between drawing
+    # the page and the click, so the click compares C with the C on show.
+    shown = st.session_state.get("repair_shown_causes")
+    current = None
+    if chosen is not None and chosen[2] is None:
+        current = [failure_set_id, sorted(int(i) for i in chosen[0])]
+    st.session_state["repair_shown_causes"] = current
     if not clicked:
+        return
+    if current is not None and shown is not None and shown != current:
+        st.warning(
+            "The confirmed culprits changed since this page was drawn: C now has "
+            f"{dashboard.count_text(len(current[1]), 'training example')}, not "
+            f"{len(shown[1])}. Nothing was run. Check C above and press "
+            f"{label} again."
+        )
         return
     causes, origin, scores_id = chosen
     if mode == "sweep":

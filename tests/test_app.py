@@ -668,6 +668,35 @@ def test_repair_without_confirmed_says_causes(workspace_env):
     assert app.button(key="repair_run").disabled
 
 
+def test_repair_stops_when_confirmed_culprits_changed(workspace_env, monkeypatch):
+    calls = []
+
+    def fake_repair(workspace, run, treatment, causes, **kwargs):
+        calls.append(sorted(int(i) for i in causes))
+        raise pipeline.ConfigError("stopped after recording the causes")
+
+    monkeypatch.setattr(pipeline, "run_repair", fake_repair)
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    workspace.set_decisions(workspace_env.run_id, failure_set_id, [1, 2], "confirmed")
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("repair", **state).run()
+    app.selectbox(key="repair_treatment").set_value("finetune").run()
+    assert any("C: 2 training examples" in c.value for c in app.caption)
+
+    # Another session confirms more culprits before this page's click.
+    workspace.set_decisions(workspace_env.run_id, failure_set_id, [5, 6], "confirmed")
+    app.button(key="repair_run").click().run()
+    assert calls == []
+    assert app.warning[0].value.startswith(
+        "The confirmed culprits changed since this page was drawn: C now has 4 "
+        "training examples, not 2. Nothing was run."
+    )
+
+    app.button(key="repair_run").click().run()
+    assert calls == [[1, 2, 5, 6]]
+
+
 # Compare ---------------------------------------------------------------------
 
 
