@@ -491,18 +491,39 @@ def gain_metrics(summary: dict[str, Any]) -> None:
         columns[0].metric(
             "Gain over nothing removed",
             "no control",
-            help=summary.get("controls_note") or "The controls were turned off.",
+            help=summary.get("controls_note")
+            or NO_CONTROLS.get(summary["treatment"])
+            or "The controls were turned off.",
         )
     if random_arm:
         random_holdout = random_arm["mean"]["holdout_acc"]
+        random_help = (
+            "Treatment minus the removal of as many random training examples, "
+            "means over seeds."
+        )
+        kept = [
+            record
+            for record in (summary.get("per_seed") or {}).get("random", [])
+            if record.get("unchanged")
+        ]
+        if kept:
+            random_help += (
+                f" Random removal returned the original model unchanged in "
+                f"{len(kept)} of {len(summary['seeds'])} seeds, so this is "
+                "mostly the gain over the original model."
+            )
         columns[1].metric(
             "Gain on F_h over random removal",
             signed_percent(after["holdout_acc"] - random_holdout),
-            help="Treatment minus the removal of as many random training "
-            "examples, means over seeds.",
+            help=random_help,
         )
-    accuracy_metric(
-        columns[3], "F_h accuracy after", after["holdout_acc"], before["holdout_acc"]
+    # F_h holds failures of the original model, so it starts at 0%; a delta
+    # would only repeat the value.
+    columns[3].metric(
+        "F_h accuracy after",
+        percent_text(after["holdout_acc"]),
+        help="The holdout failures F_h are the original model's mistakes, so "
+        "their accuracy before repair is 0%.",
     )
     accuracy_metric(
         columns[4], "Test accuracy after", after["test_acc"], before["test_acc"]

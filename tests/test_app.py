@@ -1174,6 +1174,60 @@ def test_repair_warns_when_random_removal_wins(workspace_env):
     assert not any("Random removal" in warning.value for warning in app.warning)
 
 
+def test_repair_metric_help_names_missing_and_unchanged_controls(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    summary = quick_repair(workspace, run, failure_set_id)
+    record = workspace.get_repair(summary["repair_id"])
+    metrics = json.loads(json.dumps(record["metrics"]))
+    for seed_record in metrics["per_seed"]["random"]:
+        seed_record["unchanged"] = True
+    unchanged_id = add_repair_copy(workspace, record, metrics)
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": failure_set_id,
+        "repair_id": unchanged_id,
+    }
+    app = page("repair", **state).run()
+    check_clean(app)
+    metrics_by_label = {metric.label: metric for metric in app.metric}
+    assert metrics_by_label["Gain on F_h over random removal"].help.endswith(
+        "Random removal returned the original model unchanged in 1 of 1 seeds, so "
+        "this is mostly the gain over the original model."
+    )
+    assert not metrics_by_label["F_h accuracy after"].delta
+
+    # Newton runs without controls by design, and the help says why.
+    newton_id = f"{record['id']}-newton"
+    model = workspace.path(record["run_id"], f"repairs/{record['id']}.pt")
+    workspace.path(record["run_id"], f"repairs/{newton_id}.pt").write_bytes(
+        model.read_bytes()
+    )
+    workspace.add_repair(
+        newton_id,
+        record["run_id"],
+        failure_set_id,
+        None,
+        "newton",
+        {},
+        {
+            **record["metrics"],
+            "repair_id": newton_id,
+            "treatment": "newton",
+            "controls": {},
+            "gain_over_nothing": None,
+            "controls_note": None,
+        },
+    )
+    app.session_state["repair_id"] = newton_id
+    app.run()
+    check_clean(app)
+    gain = {metric.label: metric for metric in app.metric}["Gain over nothing removed"]
+    assert gain.value == "no control"
+    assert gain.help.startswith("newton takes one step along a solved direction")
+
+
 def test_empty_holdout_shows_dash_and_warning(workspace_env):
     workspace = workspace_env.workspace
     run = pipeline.load_run(workspace, workspace_env.run_id)
