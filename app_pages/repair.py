@@ -17,6 +17,7 @@ from repair_core.evaluation import (
     MIN_REMAINING,
     NO_CONTROLS,
     SWEEPABLE,
+    unchanged_sweep_note,
 )
 from repair_core.treatments import TRAINING_TREATMENTS, TREATMENTS, default_config
 
@@ -787,7 +788,11 @@ def sweep_section(sweeps: list[dict[str, Any]]) -> None:
             customdata=[point["strength"] for point in points],
             hovertemplate="strength %{customdata:g}<br>T\\F %{x:.1%}<br>F_h %{y:.1%}",
             mode="lines+markers+text",
-            textposition="top center",
+            # Labels of points near the right edge go left, where they fit.
+            textposition=[
+                "top left" if point["remaining_acc"] > 0.9 else "top center"
+                for point in points
+            ],
             name=sweep_label(sweep),
             line={"color": dashboard.palette_colour(number)},
         )
@@ -805,6 +810,10 @@ def sweep_section(sweeps: list[dict[str, Any]]) -> None:
         "it or open Sweep points below to read its strength. Up and to the "
         "right is better."
     )
+    for sweep in chosen:
+        note = unchanged_sweep_note(sweep["treatment"], sweep["points"])
+        if note:
+            st.info(f"Sweep {sweep['id']}: {note}")
     with st.expander("Sweep points"):
         st.dataframe(sweep_table(chosen), hide_index=True)
 

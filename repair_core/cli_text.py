@@ -168,7 +168,7 @@ def points_text(
 
 def sweep_text(summary: dict[str, Any]) -> str:
     """Tabulate a sweep, one row per value of the swept setting."""
-    from repair_core.evaluation import SWEEPABLE
+    from repair_core.evaluation import SWEEPABLE, unchanged_sweep_note
 
     field = SWEEPABLE.get(summary["treatment"], "strength")
     title = (
@@ -177,14 +177,8 @@ def sweep_text(summary: dict[str, Any]) -> str:
         f"causes: {summary.get('causes') or '-'} ({summary['n_removed']} removed)"
     )
     text = points_text(title, field, "strength", summary["points"])
-    unchanged = [p["strength"] for p in summary["points"] if p.get("unchanged")]
-    if unchanged:
-        values = ", ".join(f"{value:g}" for value in unchanged)
-        text += (
-            f"\nAt {field} {values} the model is the original one: no step raised "
-            "accuracy on F_q before the run stopped, so early stopping kept θ̂."
-        )
-    return text
+    note = unchanged_sweep_note(summary["treatment"], summary["points"])
+    return f"{text}\n{note}" if note else text
 
 
 def curve_text(summary: dict[str, Any]) -> str:

@@ -352,6 +352,23 @@ def _same_parameters(model: nn.Module, repaired: nn.Module) -> bool:
     )
 
 
+def unchanged_sweep_note(treatment: str, points: list[dict[str, Any]]) -> str | None:
+    """Name the strengths of a sweep whose model is θ̂ itself, or return None.
+
+    Such points all sit where the original model is, so a chart of the sweep
+    alone would not show that the treatment did nothing there.
+    """
+    unchanged = [point["strength"] for point in points if point.get("unchanged")]
+    if not unchanged:
+        return None
+    field = SWEEPABLE.get(treatment, "strength")
+    values = ", ".join(f"{value:g}" for value in unchanged)
+    return (
+        f"At {field} {values} the model is the original one: no step raised "
+        "accuracy on F_q before the run stopped, so early stopping kept θ̂."
+    )
+
+
 #: How the notes about unchanged models name each arm.
 ARM_NAMES = {"treatment": "The treatment", "random": "The random-removal control"}
 

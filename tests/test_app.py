@@ -1715,7 +1715,12 @@ def test_sweep_labels_skip_close_points(workspace_env):
     failure_set_id = workspace_env.new_failure_set()
     accuracies = [(0.904, 0.5), (0.899, 0.5), (0.6, 0.5), (0.601, 0.9)]
     points = [
-        {"strength": strength, "remaining_acc": kept, "holdout_acc": fixed}
+        {
+            "strength": strength,
+            "remaining_acc": kept,
+            "holdout_acc": fixed,
+            "unchanged": strength == 1e-5,
+        }
         for strength, (kept, fixed) in zip(
             (1e-5, 1e-4, 1e-3, 1e-2), accuracies, strict=True
         )
@@ -1739,6 +1744,12 @@ def test_sweep_labels_skip_close_points(workspace_env):
     # The legend names the setting that differs from the defaults.
     name = f"ewc-deletion (l2 0.5) · top 10 · sw-close-{failure_set_id}"
     assert trace["name"] == name
+    # Labels of points near the right edge are drawn to their left.
+    assert trace["textposition"] == ["top left", "top center"] + ["top center"] * 2
+    assert app.info[-1].value.startswith(
+        f"Sweep sw-close-{failure_set_id}: At gamma 1e-05 the model is the "
+        "original one"
+    )
     table = app.dataframe[-1].value
     assert list(table["strength"]) == ["1e-05", "0.0001", "0.001", "0.01"]
 
