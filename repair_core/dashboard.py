@@ -26,6 +26,7 @@ import io
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ from repair_core.inference import eval_mode, model_device, predict_logits
 from repair_core.metrics import ranking
 from repair_core.models import embed
 from repair_core.progress import Progress
-from repair_core.workspace import DEFAULT_WORKSPACE, Workspace
+from repair_core.workspace import DATABASE_NAME, DEFAULT_WORKSPACE, Workspace
 
 WORKSPACE_ENV = "REPAIR_WORKSPACE"
 
@@ -171,8 +172,18 @@ def restore_from_url() -> None:
     st.session_state["_url_restored"] = True
     params = st.query_params
     root = params.get("workspace")
-    if root:
-        st.session_state["workspace_root"] = root
+    if root and root != st.session_state["workspace_root"]:
+        # An address is easy to mistype or to get from someone else, so it
+        # opens only a folder that already holds a workspace.
+        if holds_workspace(root):
+            st.session_state["workspace_root"] = root
+        else:
+            st.toast(
+                f"The address names the workspace folder {root!r}, which holds no "
+                f"workspace, so the dashboard uses "
+                f"{st.session_state['workspace_root']!r}."
+            )
+            return
     run_id = params.get("run")
     if not run_id or st.session_state["run_id"]:
         return
@@ -351,6 +362,28 @@ def choose_records(
 # Workspace and runs ----------------------------------------------------------
 
 
+def holds_workspace(root: str) -> bool:
+    """Return whether the folder ``root`` holds a workspace database."""
+    try:
+        return (Path(root).expanduser() / DATABASE_NAME).is_file()
+    except OSError:
+        return False
+
+
+#: Command-line advice in workspace errors, and what the dashboard says instead.
+_CLI_ADVICE = (
+    (" with --workspace", ""),
+    ("point --workspace at another folder", "choose another folder"),
+)
+
+
+def dashboard_advice(message: str) -> str:
+    """Drop the command line's --workspace advice from an error message."""
+    for cli, replacement in _CLI_ADVICE:
+        message = message.replace(cli, replacement)
+    return message
+
+
 @st.cache_resource(show_spinner=False)
 def open_workspace(root: str) -> Workspace:
     """Open the workspace at ``root`` once per process, creating it if missing."""
@@ -365,9 +398,9 @@ def workspace() -> Workspace:
         return open_workspace(root)
     except USER_ERRORS as error:
         st.error(
-            f"The workspace folder {root!r} cannot be used: {error} On the "
-            "dashboard, enter another folder in the Workspace folder box of the "
-            "sidebar."
+            f"The workspace folder {root!r} cannot be used: "
+            f"{dashboard_advice(str(error))} Enter another folder in the "
+            "Workspace folder box of the sidebar."
         )
         st.stop()
 
@@ -384,14 +417,25 @@ def workspace_sidebar() -> None:
 
     def change_workspace() -> None:
         root = st.session_state[key].strip()
+        st.session_state.pop("pending_workspace", None)
         if not root:
             st.toast(
                 "The workspace folder cannot be empty, so the dashboard still "
                 f"uses {st.session_state['workspace_root']}."
             )
-        elif root != st.session_state["workspace_root"]:
-            st.session_state["workspace_root"] = root
-            select_run(None, None)
+        elif root == st.session_state["workspace_root"]:
+            return
+        elif holds_workspace(root):
+            use_workspace(root)
+        else:
+            # A mistyped path would otherwise become a new, empty workspace.
+            st.session_state["pending_workspace"] = root
+
+    def use_workspace(root: str) -> None:
+        st.session_state.pop("pending_workspace", None)
+        st.session_state["workspace_root"] = root
+        st.session_state[key] = root
+        select_run(None, None)
 
     with st.sidebar:
         st.text_input(
@@ -401,6 +445,24 @@ def workspace_sidebar() -> None:
             help=f"Folder of the runs database. The default comes from the "
             f"{WORKSPACE_ENV} environment variable, else ./{DEFAULT_WORKSPACE}.",
         )
+        pending = st.session_state.get("pending_workspace")
+        if pending:
+            st.warning(
+                f"{pending!r} holds no workspace. Create a new, empty workspace "
+                "there, or correct the path."
+            )
+            create, cancel = st.columns(2)
+            create.button(
+                "Create it",
+                key="sidebar_workspace_create",
+                on_click=use_workspace,
+                args=(pending,),
+            )
+            cancel.button(
+                "Cancel",
+                key="sidebar_workspace_cancel",
+                on_click=lambda: st.session_state.pop("pending_workspace", None),
+            )
         run_id = st.session_state["run_id"]
         st.caption(f"Run: `{run_id}`" if run_id else "No run open")
         failure_set_id = st.session_state["failure_set_id"]

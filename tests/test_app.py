@@ -125,11 +125,66 @@ def test_app_sidebar_shows_workspace(workspace_env, tmp_path):
     assert box.value == str(workspace_env.root)
     assert app.title[0].value == "Setup"
 
+    # A folder without a workspace is created only when the user says so.
     app.session_state["run_id"] = workspace_env.run_id
-    box.set_value(str(tmp_path / "other")).run()
+    other = tmp_path / "other"
+    box.set_value(str(other)).run()
     check_clean(app)
-    assert app.session_state["workspace_root"] == str(tmp_path / "other")
+    assert app.session_state["workspace_root"] == str(workspace_env.root)
+    assert app.session_state["run_id"] == workspace_env.run_id
+    assert app.sidebar.warning[0].value.startswith(f"{str(other)!r} holds no workspace")
+    assert not other.exists()
+    app.sidebar.button(key="sidebar_workspace_cancel").click().run()
+    assert not app.sidebar.warning
+    assert app.session_state["workspace_root"] == str(workspace_env.root)
+
+    app.sidebar.text_input(key="sidebar_workspace").set_value(str(other)).run()
+    app.sidebar.button(key="sidebar_workspace_create").click().run()
+    check_clean(app)
+    assert app.session_state["workspace_root"] == str(other)
     assert app.session_state["run_id"] is None
+    assert (other / "repair.sqlite").is_file()
+
+    # An existing workspace opens at once.
+    app.sidebar.text_input(key="sidebar_workspace").set_value(
+        str(workspace_env.root)
+    ).run()
+    check_clean(app)
+    assert app.session_state["workspace_root"] == str(workspace_env.root)
+    assert not app.sidebar.warning
+
+
+def test_url_opens_only_existing_workspaces(workspace_env, tmp_path):
+    missing = tmp_path / "typo" / "deep"
+    app = _app()
+    app.query_params = {"workspace": str(missing), "run": workspace_env.run_id}
+    app.run()
+    check_clean(app)
+    assert not missing.exists() and not missing.parent.exists()
+    assert app.session_state["workspace_root"] == str(workspace_env.root)
+    assert "holds no workspace" in app.toast[0].value
+
+    other = tmp_path / "second"
+    Workspace(other)
+    app = _app()
+    app.query_params = {"workspace": str(other)}
+    app.run()
+    check_clean(app)
+    assert app.session_state["workspace_root"] == str(other)
+
+
+def test_workspace_error_gives_dashboard_advice(workspace_env, tmp_path):
+    path = tmp_path / "a-file"
+    path.write_text("not a folder")
+    app = _app().run()
+    app.session_state["pending_workspace"] = str(path)
+    app.run()
+    app.sidebar.button(key="sidebar_workspace_create").click().run()
+    assert "is a file, not a folder. Pass a folder path." in app.error[0].value
+    assert "--workspace" not in app.error[0].value
+    assert app.error[0].value.endswith(
+        "Enter another folder in the Workspace folder box of the sidebar."
+    )
 
 
 def test_new_session_uses_workspace_env(workspace_env, tmp_path, monkeypatch):
@@ -1747,8 +1802,7 @@ def test_sweep_labels_skip_close_points(workspace_env):
     # Labels of points near the right edge are drawn to their left.
     assert trace["textposition"] == ["top left", "top center"] + ["top center"] * 2
     assert app.info[-1].value.startswith(
-        f"Sweep sw-close-{failure_set_id}: At gamma 1e-05 the model is the "
-        "original one"
+        f"Sweep sw-close-{failure_set_id}: At gamma 1e-05 the model is the original one"
     )
     table = app.dataframe[-1].value
     assert list(table["strength"]) == ["1e-05", "0.0001", "0.001", "0.01"]
