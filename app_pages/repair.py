@@ -597,15 +597,89 @@ def changed_treatment_settings(treatment: str, config: dict[str, Any]) -> list[s
     return dashboard.changed_settings(config, defaults, skip=skip)
 
 
-def repair_label(record: dict[str, Any]) -> str:
-    """Return the option text of a stored repair: treatment, settings, causes
-    and id."""
+def repair_name(record: dict[str, Any]) -> str:
+    """Return a stored repair's treatment with its strength and changed
+    settings."""
     treatment, config = record["treatment"], record.get("config") or {}
     strength = strength_text(treatment, config)
     settings = [strength] if strength else []
     settings += changed_treatment_settings(treatment, config)
-    name = f"{treatment} ({', '.join(settings)})" if settings else treatment
-    return f"{name} · {record['metrics'].get('causes', '')} · {record['id']}"
+    return f"{treatment} ({', '.join(settings)})" if settings else treatment
+
+
+def repair_label(record: dict[str, Any]) -> str:
+    """Return the option text of a stored repair: treatment, settings, number
+    removed, causes and id."""
+    metrics = record["metrics"]
+    removed = f"{metrics.get('n_removed', 0)} removed"
+    causes = metrics.get("causes", "")
+    return f"{repair_name(record)} · {removed}, {causes} · {record['id']}"
+
+
+def repairs_table(repairs: list[dict[str, Any]]) -> pd.DataFrame:
+    """Return one row per stored repair, newest first: what it removed, its
+    accuracies after repair and its gains over the controls."""
+    rows = []
+    for record in reversed(repairs):
+        summary = record["metrics"]
+        gain = (summary.get("gain_over_nothing") or {}).get("paired_mean") or {}
+        random_arm = (summary.get("controls") or {}).get("random")
+        after = summary["after"]
+        row = {
+            "repair": record["id"],
+            "treatment": repair_name(record),
+            "causes": summary.get("causes", ""),
+            "removed": summary.get("n_removed"),
+            "F_h after": after["holdout_acc"],
+            "gain on F_h over nothing removed": gain.get("holdout_acc"),
+            "gain on F_h over random removal": (
+                after["holdout_acc"] - random_arm["mean"]["holdout_acc"]
+                if random_arm
+                else None
+            ),
+            "T\\F after": after["remaining_acc"],
+            "test after": after["test_acc"],
+            "seeds": len(summary["seeds"]),
+            "seconds": summary.get("seconds"),
+        }
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def all_repairs_section(repairs: list[dict[str, Any]]) -> None:
+    percent = st.column_config.NumberColumn(format="percent")
+    with st.expander(f"All repairs of this failure set ({len(repairs)})"):
+        st.dataframe(
+            repairs_table(repairs),
+            hide_index=True,
+            column_config={
+                "F_h after": percent,
+                "gain on F_h over nothing removed": percent,
+                "gain on F_h over random removal": percent,
+                "T\\F after": percent,
+                "test after": percent,
+                "seconds": st.column_config.NumberColumn(format="%.0f"),
+            },
+        )
+        st.caption(
+            "Accuracies are means over seeds. Newton and fit-failures run "
+            "without controls, so their gains are empty."
+        )
+
+
+def causes_csv(repair_id: str, causes: list[int]) -> bytes:
+    """Return the training examples C of a stored repair as CSV."""
+    labels = run.data.train.labels
+    table = pd.DataFrame(
+        {
+            "train_index": causes,
+            "given_label": [class_names[int(labels[i])] for i in causes],
+        }
+    )
+    if run.corrupted_mask is not None:
+        table["corrupted"] = [bool(run.corrupted_mask[i]) for i in causes]
+    table["repair_id"] = repair_id
+    return table.to_csv(index=False).encode()
 
 
 def repair_caption(record: dict[str, Any]) -> str:
@@ -646,6 +720,8 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
     summary = by_id[repair_id]["metrics"]
     seeds = summary["seeds"]
     st.caption(repair_caption(by_id[repair_id]))
+    if len(repairs) > 1:
+        all_repairs_section(repairs)
     gain_metrics(summary)
     for note in summary.get("notes") or []:
         st.info(note)
@@ -672,6 +748,17 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
                 file_name=f"{repair_id}.pt",
                 mime="application/octet-stream",
                 key="repair_download",
+            )
+        causes_file = f"repairs/{repair_id}_causes.pt"
+        if ws.path(run.run_id, causes_file).is_file():
+            causes = ws.load_tensor(run.run_id, causes_file).tolist()
+            st.download_button(
+                f"Download C, {dashboard.count_text(len(causes), 'training example')}"
+                " (CSV)",
+                data=causes_csv(repair_id, causes),
+                file_name=f"causes-{run.run_id}-{repair_id}.csv",
+                mime="text/csv",
+                key="repair_causes_download",
             )
 
     after = dashboard.run_safely(

@@ -1151,8 +1151,8 @@ def test_repair_result_names_strength_and_settings(workspace_env):
     assert record["config"]["gamma"] == pytest.approx(0.01)
     label = app.selectbox(key="repair_select").options[0]
     assert label == (
-        f"ewc-deletion (γ 0.01, lr 1e-12, max steps 10) · confirmed in review · "
-        f"{repair_id}"
+        f"ewc-deletion (γ 0.01, lr 1e-12, max steps 10) · 3 removed, confirmed in "
+        f"review · {repair_id}"
     )
     captions = [caption.value for caption in app.caption]
     assert any(
@@ -1480,7 +1480,8 @@ def test_review_view_resets_for_other_failure_set(workspace_env):
     assert app.selectbox(key="causes_per_row").value == 2
 
 
-def test_culprits_csv_names_ranking(workspace_env, monkeypatch):
+def record_downloads(monkeypatch) -> dict[str, bytes]:
+    """Collect the data of every download button drawn, by file name."""
     from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 
     downloads: dict[str, bytes] = {}
@@ -1492,6 +1493,60 @@ def test_culprits_csv_names_ranking(workspace_env, monkeypatch):
         return original(self, path_or_data, mimetype, kind, filename)
 
     monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record_download)
+    return downloads
+
+
+def test_repairs_table_and_causes_download(workspace_env, monkeypatch):
+    downloads = record_downloads(monkeypatch)
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    first = quick_repair(workspace, run, failure_set_id)
+    second = pipeline.run_repair(
+        workspace,
+        run,
+        "ewc-deletion",
+        torch.tensor([7, 3]),
+        failure_set_id=failure_set_id,
+        causes_origin="a causes file",
+        config={"lr": 1e-12, "max_steps": 10},
+        seeds=(0,),
+        controls=(),
+    )
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": failure_set_id,
+        "repair_id": second["repair_id"],
+    }
+    app = page("repair", **state).run()
+    check_clean(app)
+
+    table = app.dataframe[0].value.set_index("repair")
+    assert list(table.index) == [second["repair_id"], first["repair_id"]]
+    assert list(table["removed"]) == [2, 5]
+    assert list(table["causes"]) == ["a causes file", "top 5"]
+    assert table.loc[first["repair_id"], "F_h after"] == pytest.approx(
+        first["after"]["holdout_acc"]
+    )
+    assert table.loc[first["repair_id"], "gain on F_h over nothing removed"] == (
+        pytest.approx(first["gain_over_nothing"]["paired_mean"]["holdout_acc"])
+    )
+    assert pd.isna(table.loc[second["repair_id"], "gain on F_h over random removal"])
+
+    csv = downloads[f"causes-{workspace_env.run_id}-{second['repair_id']}.csv"]
+    causes = pd.read_csv(io.BytesIO(csv))
+    assert list(causes["train_index"]) == [7, 3]
+    labels = run.data.train.labels
+    names = run.data.train.class_names
+    assert list(causes["given_label"].astype(str)) == [
+        str(names[labels[7]]),
+        str(names[labels[3]]),
+    ]
+    assert set(causes["repair_id"]) == {second["repair_id"]}
+
+
+def test_culprits_csv_names_ranking(workspace_env, monkeypatch):
+    downloads = record_downloads(monkeypatch)
     failure_set_id = workspace_env.new_failure_set()
     workspace = workspace_env.workspace
     run = pipeline.load_run(workspace, workspace_env.run_id)
