@@ -229,7 +229,12 @@ def removal_section(records: list[dict[str, Any]]) -> None:
     chosen = st.multiselect(
         "Rankings",
         ids,
-        default=ids[:1],
+        # The ranking under review on the Causes page, else the newest.
+        default=(
+            [st.session_state["scores_id"]]
+            if st.session_state.get("scores_id") in ids
+            else ids[:1]
+        ),
         key="compare_rankings",
         format_func=lambda i: f"{methods[i]} · {i}",
     )

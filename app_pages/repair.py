@@ -120,6 +120,10 @@ def top_k_causes() -> tuple[Any, str, str] | None:
         ids,
         key="repair_scores",
         format_func=lambda i: f"{methods[i]} · {i}",
+        # The choice also becomes the ranking that Causes reviews.
+        on_change=lambda: st.session_state.update(
+            scores_id=st.session_state["repair_scores"]
+        ),
     )
     max_k = n_train - MIN_REMAINING
     top_k = dashboard.number_field(

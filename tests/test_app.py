@@ -752,6 +752,35 @@ def test_repair_stops_when_confirmed_culprits_changed(workspace_env, monkeypatch
     assert calls == [[1, 2, 5, 6]]
 
 
+def test_ranking_choice_is_shared_by_repair_and_compare(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    first, second = (
+        pipeline.run_identification(
+            workspace, run, method, failure_set_id=failure_set_id
+        )["scores_id"]
+        for method in ("training-loss", "random")
+    )
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": failure_set_id,
+        "scores_id": second,
+    }
+    app = page("repair", **state).run()
+    app.radio(key="repair_source").set_value("top-k").run()
+    assert app.selectbox(key="repair_scores").value == second
+    app.selectbox(key="repair_scores").set_value(first).run()
+    check_clean(app)
+    assert app.session_state["scores_id"] == first
+
+    # Compare's removal curves start from the ranking under review, not the
+    # newest one.
+    compare = page("compare", **{**state, "scores_id": first}).run()
+    check_clean(compare)
+    assert compare.multiselect(key="compare_rankings").value == [first]
+
+
 # Compare ---------------------------------------------------------------------
 
 
