@@ -347,8 +347,10 @@ def action_section() -> None:
                 key="repair_seeds",
                 minimum=1,
                 maximum=10,
-                help="Training treatments vary with the seed, so each runs once "
-                "per seed (0, 1, …) and the spread is reported.",
+                help="Training treatments vary with the seed, and so does Newton "
+                "removal, whose solver samples minibatches. Each seed (0, 1, …) "
+                "runs the whole treatment again and the spread is reported; one "
+                "seed is quickest.",
             )
             with_controls = controls_widget(treatment)
     with left:
