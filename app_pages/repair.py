@@ -474,8 +474,9 @@ def gain_metrics(summary: dict[str, Any]) -> None:
     gain = summary.get("gain_over_nothing")
     random_arm = (summary.get("controls") or {}).get("random")
     after, before = summary["after"], summary["before"]
-    # Two rows, because five metrics in one row cut their labels short.
-    columns = [*st.columns(3), *st.columns(3)]
+    # The two gains on F_h share the first row and the rest follow, because
+    # more metrics in a row cut their labels short in a narrow window.
+    columns = [*st.columns(2), *st.columns(3)]
     if gain:
         mean, spread = gain["paired_mean"], gain["paired_std"]
         several_seeds = len(summary["seeds"]) > 1
