@@ -166,6 +166,17 @@ IMPLICATED_HELP = (
 )
 
 
+DETECTION_HELP = {
+    "found in top 10%": "Share of all corrupted training examples that lie in "
+    "the top 10% of the ranking.",
+    "found in top 20%": "Share of all corrupted training examples that lie in "
+    "the top 20% of the ranking.",
+    "precision at 100": "Share of the 100 highest-ranked training examples "
+    "that are corrupted.",
+    "implicated in top 20%": IMPLICATED_HELP,
+}
+
+
 def rankings_table(records: list[dict]) -> None:
     rows = []
     for record in records:
@@ -182,18 +193,19 @@ def rankings_table(records: list[dict]) -> None:
         if "n_implicated" in detection:
             row["implicated in top 20%"] = detection.get("implicated_found_at_20pct")
         rows.append(row)
-    percent = st.column_config.NumberColumn(format="percent")
+    table = pd.DataFrame(rows)
+    if mask is None:
+        # Without a ground-truth corruption mask there is nothing to detect.
+        table = table.drop(columns=[c for c in DETECTION_HELP if c in table])
     st.dataframe(
-        pd.DataFrame(rows),
+        table,
         hide_index=True,
         column_config={
             "seconds": st.column_config.NumberColumn(format="%.1f"),
-            "found in top 10%": percent,
-            "found in top 20%": percent,
-            "precision at 100": percent,
-            "implicated in top 20%": st.column_config.NumberColumn(
-                format="percent", help=IMPLICATED_HELP
-            ),
+            **{
+                column: st.column_config.NumberColumn(format="percent", help=text)
+                for column, text in DETECTION_HELP.items()
+            },
         },
     )
 
