@@ -218,8 +218,9 @@ def card_for(index: int, rank: int, score: float, predicted: int) -> dashboard.C
         image=images[index],
         title=f"#{rank + 1} · score {score:.3g}",
         lines=[
-            f"given {class_names[given_labels[index]]} · "
-            f"predicted {class_names[predicted]}",
+            # No-break spaces keep each word with its label when lines wrap.
+            f"given\u00a0{class_names[given_labels[index]]} · "
+            f"predicted\u00a0{class_names[predicted]}",
             f"train #{index}",
         ],
         tone=tone,

@@ -558,9 +558,10 @@ def changed_images(
     before = run.test_predictions
 
     def change(i: int) -> str:
+        # No-break spaces keep the change on one line when the line wraps.
         text = f"predicted {class_names[before[i]]}"
         if after is not None:
-            text += f" → {class_names[after[i]]}"
+            text += f"\u00a0→\u00a0{class_names[after[i]]}"
         return text
 
     dashboard.show_grid(
