@@ -306,11 +306,12 @@ def controls_widget(treatment: str) -> bool:
         return False
     dashboard.keep_widget_value("repair_controls")
     return st.checkbox(
-        "Run the nothing-removed and random-removal controls",
+        "Run the controls",
         value=True,
         key="repair_controls",
-        help="Only the training treatments "
-        f"({', '.join(TRAINING_TREATMENTS)}) run controls.",
+        help="Run the same treatment with nothing removed and with as many "
+        "random examples removed, so the gain over each can be shown. Only the "
+        f"training treatments ({', '.join(TRAINING_TREATMENTS)}) run controls.",
     )
 
 
