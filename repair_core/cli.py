@@ -745,9 +745,10 @@ def _settings_help(config: Any, what: str) -> str:
     text = f"Settings of {what}:\n\n" + table(["name", "default", "meaning"], rows)
     if nested:
         text += (
-            f"\n\nA group such as {nested[0]!r} is set as one JSON object, for "
-            f"example --set {nested[0]}='{{\"seed\": 1}}'; the settings it omits "
-            "keep their defaults."
+            f"\n\nSet one setting of a group by its dotted name, such as --set "
+            f"{nested[0]}.seed=1, or a whole group as one JSON object, such as "
+            f"--set {nested[0]}='{{\"seed\": 1}}'; the settings it omits keep "
+            "their defaults."
         )
     return text
 
@@ -768,6 +769,27 @@ def _apply_settings(config: Any, settings: list[str], what: str) -> Any:
                 f"Invalid setting {item!r} for {what}: expected NAME=VALUE. "
                 "'--set help' lists the settings."
             )
+        group, dot, inner = name.partition(".")
+        if dot and dataclasses.is_dataclass(getattr(config, group, None)):
+            # A dotted name, as '--set help' lists them, sets one setting of a
+            # group.
+            group_config = getattr(config, group)
+            if not isinstance(values[group], dict):
+                raise RepairError(
+                    f"Setting {name!r} of {what} follows --set {group}= with a value "
+                    "that is not a JSON object. Set the group by dotted names only."
+                )
+            if inner not in values[group]:
+                raise RepairError(
+                    f"Unknown setting {name!r} for {what}. The group {group!r} has: "
+                    f"{', '.join(sorted(values[group]))}; '--set help' describes "
+                    "them."
+                )
+            inner_kinds = typing.get_type_hints(type(group_config))
+            values[group][inner] = _setting_value(
+                text.strip(), inner_kinds.get(inner), name, what
+            )
+            continue
         if name not in values:
             raise RepairError(
                 f"Unknown setting {name!r} for {what}. Use one of: "

@@ -1084,6 +1084,53 @@ def test_set_group_keeps_omitted_defaults():
     assert changed.fit == config.fit
     assert "deletion.gamma" in _settings_help(config, "combined")
 
+    # The dotted names that the help lists set one setting of a group.
+    dotted = _apply_settings(
+        config,
+        ["deletion.gamma=0.25", "fit.max_steps=700", "fit_first=yes"],
+        "combined",
+    )
+    assert dotted.deletion.gamma == 0.25
+    assert dotted.fit.max_steps == 700
+    assert dotted.fit_first is True
+    assert dotted.deletion.lr == config.deletion.lr
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("deletion=0.1", "Setting 'deletion' of FitAndDeleteConfig is 0.1. Give"),
+        ("deletion=null", "Setting 'deletion' of FitAndDeleteConfig is None."),
+        ("deletion=[1]", "Setting 'deletion' of FitAndDeleteConfig is [1]."),
+        (
+            'deletion={"gamma": "abc"}',
+            "In the group 'deletion': Setting 'gamma' of EWCDeletionConfig is 'abc', "
+            "not a number.",
+        ),
+        (
+            'deletion={"max_steps": 2.5}',
+            "Setting 'max_steps' of EWCDeletionConfig is 2.5, not an integer.",
+        ),
+        (
+            'deletion={"early_stopping": "false"}',
+            "Setting 'early_stopping' of EWCDeletionConfig is 'false', not true or "
+            "false.",
+        ),
+        ("deletion.max_steps=2.5", "Invalid value '2.5' for setting deletion.max"),
+        ("deletion.nope=1", "Unknown setting 'deletion.nope' for combined. The group"),
+    ],
+)
+def test_set_group_values_are_checked(setting, message):
+    from repair_core.cli import _apply_settings
+    from repair_core.errors import RepairError
+    from repair_core.treatments import default_config
+
+    config = default_config("fit-failures+ewc-deletion")
+    with pytest.raises(RepairError) as caught:
+        _apply_settings(config, [setting], "combined")
+
+    assert message in str(caught.value)
+
 
 @pytest.mark.parametrize(
     "argv",

@@ -8,8 +8,10 @@ raise log p(F_q | theta).
 from __future__ import annotations
 
 import math
+import types
+import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,8 +40,54 @@ def option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+#: What each plain setting type accepts, as said in an error message.
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
+def _checked_setting(config_class: type, name: str, value: Any, kind: Any) -> Any:
+    """Return ``value`` as a setting of type ``kind``, or raise ConfigError.
+
+    Values from JSON or a dict get the checks that typed command-line values
+    get: an int for an int setting, true or false for a flag, a number for a
+    float (an int becomes a float), a dict or the class itself for a group.
+    Types other than these are passed through.
+    """
+    options = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if value is None and type(None) in options:
+            return None
+        plain = [option for option in options if option is not type(None)]
+        if len(plain) != 1:
+            return value
+        kind = plain[0]
+    if is_dataclass(kind):
+        if isinstance(value, kind):
+            return value
+        if isinstance(value, dict):
+            try:
+                return settings_from_dict(kind, value)
+            except ConfigError as error:
+                raise ConfigError(f"In the group {name!r}: {error}") from None
+        raise ConfigError(
+            f"Setting {name!r} of {config_class.__name__} is {value!r}. Give a "
+            f'JSON object of {kind.__name__} settings, such as {{"seed": 1}}.'
+        )
+    if kind not in _EXPECTED:
+        return value
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is float and number:
+        return float(value)
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    raise ConfigError(
+        f"Setting {name!r} of {config_class.__name__} is {value!r}, not "
+        f"{_EXPECTED[kind]}."
+    )
+
+
 def settings_from_dict(config_class: type, values: dict[str, Any]) -> Any:
-    """Build ``config_class`` from a dict, rejecting an unknown key by name."""
+    """Build ``config_class`` from a dict, rejecting an unknown key by name and
+    a value of the wrong type."""
     known = {entry.name for entry in fields(config_class)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -49,7 +97,12 @@ def settings_from_dict(config_class: type, values: dict[str, Any]) -> Any:
         )
     if "seed" in values:
         check_seed(values["seed"])
-    return config_class(**values)
+    kinds = typing.get_type_hints(config_class)
+    checked = {
+        name: _checked_setting(config_class, name, value, kinds.get(name))
+        for name, value in values.items()
+    }
+    return config_class(**checked)
 
 
 def check_seed(seed: Any) -> int:
