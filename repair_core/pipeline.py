@@ -668,7 +668,9 @@ def _check_same_predictions(
     """
     logits = predict_logits(model, data.test.images)
     if logits.shape != stored.shape:
-        changed, difference = len(stored), float("inf")
+        how = (
+            f"it gives logits of shape {tuple(logits.shape)}, not {tuple(stored.shape)}"
+        )
     elif len(stored) == 0:
         return
     else:
@@ -676,12 +678,16 @@ def _check_same_predictions(
         if difference <= 0.01 * max(1.0, stored.abs().max().item()):
             return
         changed = int((logits.argmax(1) != stored.argmax(1)).sum())
+        how = f"its test logits differ by up to {difference:.3g}"
+        if changed:
+            how += (
+                f", and its predicted class differs on {changed} of the "
+                f"{len(stored)} test images"
+            )
     raise CheckpointError(
         f"Model factory {factory!r} no longer rebuilds the model of run "
-        f"{run_id!r}: its predictions differ on {changed} of the {len(stored)} "
-        f"test images (largest logit difference {difference:.3g}). The factory or "
-        "a module it imports changed since the run was imported. Restore that "
-        "code, or import the run again."
+        f"{run_id!r}: {how}. The factory or a module it imports changed since "
+        "the run was imported. Restore that code, or import the run again."
     )
 
 

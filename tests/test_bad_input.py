@@ -693,7 +693,38 @@ def test_edited_factory_stops_loading_the_run(folder_run, factory_folder):
 
     message = str(caught.value)
     assert "Model factory 'bad_input_folder_linear:build' no longer rebuilds" in message
+    assert "its test logits differ by up to" in message
+    assert "its predicted class differs on " in message
     assert "Restore that code, or import the run again." in message
+
+
+def test_factory_edit_that_keeps_predictions_is_still_caught(
+    folder_run, factory_folder
+):
+    workspace, run_id, _ = folder_run
+    # Doubling the logits keeps every predicted class but not the scores.
+    _write_factory(
+        factory_folder,
+        "bad_input_folder_linear",
+        """
+        import torch.nn as nn
+
+        class Double(nn.Module):
+            def forward(self, x):
+                return 2 * x
+
+        def build():
+            return nn.Sequential(nn.Flatten(), nn.Linear(784, 2), Double())
+        """,
+    )
+    sys.modules.pop("bad_input_folder_linear")
+
+    with pytest.raises(CheckpointError) as caught:
+        pipeline.load_run(workspace, run_id)
+
+    message = str(caught.value)
+    assert "its test logits differ by up to" in message
+    assert "predicted class" not in message
 
 
 @pytest.fixture
