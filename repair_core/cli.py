@@ -951,6 +951,7 @@ def _causes(args: argparse.Namespace, workspace, run, failure_set_id):
 
 
 def _treatment_settings(args: argparse.Namespace) -> Any:
+    from repair_core.evaluation import SWEEPABLE
     from repair_core.treatments import default_config
 
     seeds = [item for item in args.settings if item.partition("=")[0] == "seed"]
@@ -959,6 +960,14 @@ def _treatment_settings(args: argparse.Namespace) -> Any:
             f"--set {seeds[0]} has no effect on {args.command}: each seed in "
             "--seeds replaces it. Give the seeds with --seeds, for example "
             "--seeds 1,2,3."
+        )
+    swept = SWEEPABLE.get(args.treatment)
+    strengths = [item for item in args.settings if item.partition("=")[0] == swept]
+    if strengths and args.command == "sweep":
+        raise RepairError(
+            f"--set {strengths[0]} has no effect on sweep: each value in "
+            f"--strengths replaces {swept}. Give the values with --strengths, "
+            "for example --strengths 0.001,0.01."
         )
     return _apply_settings(
         default_config(args.treatment), args.settings, args.treatment

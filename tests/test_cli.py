@@ -1168,6 +1168,17 @@ def test_set_help_needs_no_stored_run(tmp_path, capsys, argv):
             ["repair", "--treatment", "finetune", "--causes-file", "CAUSES"],
             "training index 300 is out of range",
         ),
+        (
+            ["sweep", "--treatment", "ewc-deletion", "--top-k", "3"]
+            + ["--set", "gamma=0.1", "--strengths", "0.001,0.5"],
+            "--set gamma=0.1 has no effect on sweep: each value in --strengths "
+            "replaces gamma.",
+        ),
+        (
+            ["sweep", "--treatment", "finetune", "--top-k", "3"]
+            + ["--set", "max_epochs=7", "--strengths", "1"],
+            "--set max_epochs=7 has no effect on sweep",
+        ),
         # Fails after the failure set was stored, which then is deleted again.
         (["identify", "--method", "sgd-influence"], "recorded training trajectory"),
     ],
