@@ -1168,7 +1168,8 @@ def _interrupt_handler() -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code (0 success, 1 a benchmark
-    unit failed, 2 bad input, 130 interrupted by Ctrl-C, 143 by SIGTERM)."""
+    unit failed, 2 bad input, 130 interrupted by Ctrl-C, 141 output pipe closed
+    early, 143 by SIGTERM)."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -1204,12 +1205,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + (signal.SIGTERM if isinstance(interrupt, _Terminated) else 2)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if getattr(args, "json", False):
-        print(json.dumps(_finite(result)))
-    else:
-        from repair_core.cli_text import result_text
+    try:
+        if getattr(args, "json", False):
+            print(json.dumps(_finite(result)))
+        else:
+            from repair_core.cli_text import result_text
 
-        print(result_text(args.command, result))
+            print(result_text(args.command, result))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader of a pipe, such as `| head`, stopped early. The result is
+        # already stored; pointing stdout at /dev/null keeps Python's final
+        # flush from raising again. 141 is 128 + SIGPIPE, as shells report.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     failed = result.get("failed_units")
     if failed:
         for key, error in failed.items():

@@ -241,7 +241,14 @@ class Workspace:
         Commands that store results call this before they start work, so a
         read-only workspace is reported before minutes of computation.
         """
-        for folder in (self.root, self.root / "runs"):
+        runs = self.root / "runs"
+        if runs.exists() and not runs.is_dir():
+            raise WorkspaceError(
+                f"Workspace entry {str(runs)!r} is a file, but it must be the "
+                "folder of the runs' files. Move the file away, or choose another "
+                "folder with --workspace."
+            )
+        for folder in (self.root, runs):
             if not folder.is_dir():
                 continue
             try:
@@ -310,6 +317,13 @@ class Workspace:
                         "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
                         (str(SCHEMA_VERSION),),
                     )
+            elif not str(row["value"]).isdigit():
+                raise WorkspaceError(
+                    f"Workspace {str(self.root)!r} has schema version "
+                    f"{row['value']!r}, which is not a version number, so its "
+                    "database is damaged. Restore it from a backup, or use another "
+                    "workspace."
+                )
             elif int(row["value"]) > SCHEMA_VERSION:
                 raise WorkspaceError(
                     f"Workspace {str(self.root)!r} has schema version {row['value']}, "

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -284,6 +285,24 @@ def test_import_rejects_wrong_output_size(tmp_path, capsys, user_model):
 
     assert code == 2
     assert "Layer '1.weight' has shape (3, 784)" in capsys.readouterr().err
+
+
+def test_closed_output_pipe_exits_without_traceback(tmp_path):
+    workspace = tmp_path / "ws"
+    Workspace(workspace)
+    # `true` exits without reading, so the command's output meets a closed pipe.
+    command = (
+        f"{shlex.quote(sys.executable)} -m repair_core runs --workspace "
+        f"{shlex.quote(str(workspace))} | true; echo ${{PIPESTATUS[0]}}"
+    )
+
+    result = subprocess.run(
+        command, shell=True, executable="/bin/bash", capture_output=True, text=True
+    )
+
+    assert "Traceback" not in result.stderr
+    assert "BrokenPipeError" not in result.stderr
+    assert result.stdout.strip() == "141"
 
 
 def test_help_documents_options_with_defaults():

@@ -250,6 +250,23 @@ def test_newer_schema_rejected(tmp_path):
         Workspace(tmp_path)
 
 
+def test_damaged_schema_version_rejected(tmp_path):
+    Workspace(tmp_path)
+    with sqlite3.connect(tmp_path / "repair.sqlite") as connection:
+        connection.execute("UPDATE meta SET value = 'abc' WHERE key = 'schema_version'")
+
+    with pytest.raises(WorkspaceError, match="schema version 'abc', which is not a"):
+        Workspace(tmp_path)
+
+
+def test_runs_entry_that_is_a_file_is_caught_before_work(tmp_path):
+    workspace = Workspace(tmp_path)
+    (tmp_path / "runs").write_text("not a folder")
+
+    with pytest.raises(WorkspaceError, match="runs' is a file, but it must be"):
+        workspace.check_writable()
+
+
 def test_workspace_path_is_file(tmp_path):
     path = tmp_path / "file.txt"
     path.write_text("x")
