@@ -854,10 +854,24 @@ def run_identification(
         summary["detection"] = detection_summary(
             result.scores, run.corrupted_mask, implicated_by(run, split.query)
         )
-    workspace.add_scores(
-        scores_id, run.run_id, failure_set_id, method, result.config, summary
-    )
+    with _removed_on_failure(workspace, run.run_id, f"scores/{scores_id}.pt"):
+        workspace.add_scores(
+            scores_id, run.run_id, failure_set_id, method, result.config, summary
+        )
     return summary
+
+
+@contextlib.contextmanager
+def _removed_on_failure(
+    workspace: Workspace, run_id: str, relative: str
+) -> Iterator[None]:
+    """Delete the run file ``relative`` if the body raises, as when the record
+    that names it cannot be written, so no file is left without its record."""
+    try:
+        yield
+    except BaseException:
+        workspace.path(run_id, relative).unlink(missing_ok=True)
+        raise
 
 
 def implicated_by(run: LoadedRun, failures: torch.Tensor) -> torch.Tensor | None:
@@ -1189,18 +1203,18 @@ def _store_repair(
         "holdout_fixed_idx": comparison["holdout_fixed_idx"],
         "remaining_broken_idx": comparison["remaining_broken_idx"],
     }
-    workspace.save_tensor(
-        run.run_id, f"repairs/{repair_id}_causes.pt", causes.clone().cpu()
-    )
-    workspace.add_repair(
-        repair_id,
-        run.run_id,
-        failure_set_id,
-        scores_id,
-        treatment,
-        outcome["result"].config,
-        summary,
-    )
+    causes_file = f"repairs/{repair_id}_causes.pt"
+    workspace.save_tensor(run.run_id, causes_file, causes.clone().cpu())
+    with _removed_on_failure(workspace, run.run_id, causes_file):
+        workspace.add_repair(
+            repair_id,
+            run.run_id,
+            failure_set_id,
+            scores_id,
+            treatment,
+            outcome["result"].config,
+            summary,
+        )
     return summary
 
 

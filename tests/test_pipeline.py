@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from repair_core import pipeline
-from repair_core.errors import ConfigError
+from repair_core.errors import ConfigError, WorkspaceError
 from repair_core.evaluation import evaluate_model
 from repair_core.training import TrainConfig
 from repair_core.treatments import default_config
@@ -270,6 +270,37 @@ def test_interrupted_repair_leaves_no_files(ranked):
 
     assert _files(workspace, run, "repairs") == before
     assert workspace.list_repairs(run.run_id, failure_set_id=failure_set_id) == []
+
+
+@pytest.mark.parametrize("kind", ["scores", "repair"])
+def test_record_that_cannot_be_written_leaves_no_file(ranked, monkeypatch, kind):
+    workspace, run, failure_set_id, scores_id = ranked
+    folder = "scores" if kind == "scores" else "repairs"
+    before = _files(workspace, run, folder)
+
+    def refuse(*args, **kwargs):
+        raise WorkspaceError("The workspace database is read-only.")
+
+    monkeypatch.setattr(workspace, f"add_{kind}", refuse)
+    with pytest.raises(WorkspaceError, match="read-only"):
+        if kind == "scores":
+            pipeline.run_identification(
+                workspace, run, "random", failure_set_id=failure_set_id
+            )
+        else:
+            pipeline.run_repair(
+                workspace,
+                run,
+                "finetune",
+                _top_ten(ranked),
+                failure_set_id=failure_set_id,
+                scores_id=scores_id,
+                seeds=(0,),
+                controls=(),
+                config={"max_epochs": 1},
+            )
+
+    assert _files(workspace, run, folder) == before
 
 
 def test_failed_sweep_stores_nothing(ranked):
