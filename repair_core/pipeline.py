@@ -1029,6 +1029,11 @@ def resolve_causes(
         indices = torch.nonzero(scores > 0).flatten()
         causes = validate_causes(indices, n_train)
         return _leave_enough(causes, n_train, f"positive scores of {scores_id}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise ConfigError(
+            f"--top-k {top_k!r} is not a whole number. Give the number of "
+            "highest-ranked training examples to remove, such as 300."
+        )
     if top_k < 1 or top_k > n_train - MIN_REMAINING:
         raise ConfigError(
             f"--top-k {top_k} must lie between 1 and {n_train - MIN_REMAINING}, so "
@@ -1079,7 +1084,7 @@ def run_repair(
     workspace: Workspace,
     run: LoadedRun,
     treatment: str,
-    causes: torch.Tensor,
+    causes: Any,
     *,
     failure_set_id: str,
     scores_id: str | None = None,
@@ -1091,6 +1096,8 @@ def run_repair(
 ) -> dict[str, Any]:
     """Repair the run's model, beside the controls, and store the result.
 
+    ``causes`` are training indices in any integer sequence or tensor, checked
+    with repair_core.treatments.validate_causes (sorted, duplicates dropped).
     The repaired model of the first seed is saved as
     ``runs/<run_id>/repairs/<repair_id>.pt``, and every other model, of each
     seed and control arm, as ``repairs/<repair_id>/<arm>-seed<seed>.pt``.
@@ -1106,8 +1113,10 @@ def run_repair(
         ``remaining_broken_idx`` of the first treated model.
     """
     from repair_core.evaluation import repair_with_controls
+    from repair_core.treatments import validate_causes
 
     started = time.perf_counter()
+    causes = validate_causes(causes, len(run.data.train))
     inputs = _repair_inputs(workspace, run, failure_set_id)
     split = inputs["split"]
     repair_id = new_id("rp")

@@ -272,6 +272,41 @@ def test_interrupted_repair_leaves_no_files(ranked):
     assert workspace.list_repairs(run.run_id, failure_set_id=failure_set_id) == []
 
 
+def test_repair_takes_causes_as_a_plain_list(ranked):
+    workspace, run, failure_set_id, scores_id = ranked
+
+    summary = pipeline.run_repair(
+        workspace,
+        run,
+        "ewc-deletion",
+        [12, 3, 12],
+        failure_set_id=failure_set_id,
+        seeds=(0,),
+        controls=(),
+        config={"lr": 1e-12, "max_steps": 2},
+    )
+
+    assert summary["n_removed"] == 2
+    stored = workspace.load_tensor(
+        run.run_id, f"repairs/{summary['repair_id']}_causes.pt"
+    )
+    assert stored.tolist() == [3, 12]
+
+
+@pytest.mark.parametrize("top_k", [True, 5.5])
+def test_top_k_must_be_a_whole_number(ranked, top_k):
+    workspace, run, failure_set_id, scores_id = ranked
+
+    with pytest.raises(ConfigError, match="is not a whole number"):
+        pipeline.resolve_causes(
+            workspace,
+            run,
+            failure_set_id=failure_set_id,
+            scores_id=scores_id,
+            top_k=top_k,
+        )
+
+
 @pytest.mark.parametrize("kind", ["scores", "repair"])
 def test_record_that_cannot_be_written_leaves_no_file(ranked, monkeypatch, kind):
     workspace, run, failure_set_id, scores_id = ranked
