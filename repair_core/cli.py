@@ -386,6 +386,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "removal-curve",
         help="remove the top k by score, fine-tune, and record accuracies",
         formatter_class=_HelpFormatter,
+        description="For each k, remove the k highest-scoring training examples, "
+        "fine-tune the run's model\non the rest once per seed, and print the "
+        "accuracies on F_q, F_h, T\\F and the whole\ntest set. A k that would "
+        "leave fewer than two examples to train on is skipped.",
     )
     _add_workspace(curve)
     _add_failure_options(curve)
