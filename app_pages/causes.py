@@ -459,13 +459,13 @@ if not kept_state or kept_state["view"] != view:
 if show == "all":
     listed = order
 else:
-    wanted = {
+    matching = {
         "confirmed": set(confirmed),
         "rejected": set(rejected),
         "undecided": set(range(len(order))) - set(decisions),
     }[show]
-    listed = order[np.isin(order, list(wanted | set(kept_state["indices"])))]
-    moved = [i for i in kept_state["indices"] if i not in wanted]
+    listed = order[np.isin(order, list(matching | set(kept_state["indices"])))]
+    moved = [i for i in kept_state["indices"] if i not in matching]
     if moved:
         note, refresh = st.columns([3, 1], vertical_alignment="center")
         note.caption(

@@ -373,18 +373,18 @@ def action_section() -> None:
     st.caption(dashboard.LONG_JOB_CAPTION)
     # Confirmed culprits can change in another tab or session between drawing
     # the page and the click, so the click compares C with the C on show.
-    shown = st.session_state.get("repair_shown_causes")
+    shown_causes = st.session_state.get("repair_shown_causes")
     current = None
     if chosen is not None and chosen[2] is None:
         current = [failure_set_id, sorted(int(i) for i in chosen[0])]
     st.session_state["repair_shown_causes"] = current
     if not clicked:
         return
-    if current is not None and shown is not None and shown != current:
+    if current is not None and shown_causes is not None and shown_causes != current:
         st.warning(
             "The confirmed culprits changed since this page was drawn: C now has "
             f"{dashboard.count_text(len(current[1]), 'training example')}, not "
-            f"{len(shown[1])}. Nothing was run. Check C above and press "
+            f"{len(shown_causes[1])}. Nothing was run. Check C above and press "
             f"{label} again."
         )
         return
@@ -510,15 +510,15 @@ def gain_metrics(summary: dict[str, Any]) -> None:
             "Treatment minus the removal of as many random training examples, "
             "means over seeds."
         )
-        kept = [
+        unchanged_seeds = [
             record
             for record in (summary.get("per_seed") or {}).get("random", [])
             if record.get("unchanged")
         ]
-        if kept:
+        if unchanged_seeds:
             random_help += (
                 f" Random removal returned the original model unchanged in "
-                f"{len(kept)} of {len(summary['seeds'])} seeds, so this is "
+                f"{len(unchanged_seeds)} of {len(summary['seeds'])} seeds, so this is "
                 "mostly the gain over the original model."
             )
         columns[1].metric(
@@ -526,8 +526,8 @@ def gain_metrics(summary: dict[str, Any]) -> None:
             signed_percent(after["holdout_acc"] - random_holdout),
             help=random_help,
         )
-    # F_h holds failures of the original model, so it starts at 0%; a delta
-    # would only repeat the value.
+    # F_h contains the original model's failures, so its accuracy starts at 0%
+    # and a change arrow would only repeat the value.
     columns[3].metric(
         "F_h accuracy after",
         percent_text(after["holdout_acc"]),

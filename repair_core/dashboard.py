@@ -174,7 +174,7 @@ def restore_from_url() -> None:
     root = params.get("workspace")
     if root and root != st.session_state["workspace_root"]:
         # An address is easy to mistype or to get from someone else, so it
-        # opens only a folder that already holds a workspace.
+        # opens only a folder that already contains a workspace.
         if holds_workspace(root):
             st.session_state["workspace_root"] = root
         else:
@@ -363,14 +363,14 @@ def choose_records(
 
 
 def holds_workspace(root: str) -> bool:
-    """Return whether the folder ``root`` holds a workspace database."""
+    """Return whether the folder ``root`` contains a workspace database."""
     try:
         return (Path(root).expanduser() / DATABASE_NAME).is_file()
     except OSError:
         return False
 
 
-#: Command-line advice in workspace errors, and what the dashboard says instead.
+#: Command-line advice in workspace errors, and its replacement on the dashboard.
 _CLI_ADVICE = (
     (" with --workspace", ""),
     ("point --workspace at another folder", "choose another folder"),

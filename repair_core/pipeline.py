@@ -193,9 +193,9 @@ def _data_index(data: DataSplit) -> dict[str, Any]:
 
 
 def _names_text(names: list[str]) -> str:
-    shown = ", ".join(names[:_NAMED_CHANGES])
+    listed = ", ".join(names[:_NAMED_CHANGES])
     more = len(names) - _NAMED_CHANGES
-    return f"{shown} and {more} more" if more > 0 else shown
+    return f"{listed} and {more} more" if more > 0 else listed
 
 
 def _part_changes(
@@ -668,7 +668,7 @@ def _check_same_predictions(
     """
     logits = predict_logits(model, data.test.images)
     if logits.shape != stored.shape:
-        how = (
+        change = (
             f"it gives logits of shape {tuple(logits.shape)}, not {tuple(stored.shape)}"
         )
     elif len(stored) == 0:
@@ -678,15 +678,15 @@ def _check_same_predictions(
         if difference <= 0.01 * max(1.0, stored.abs().max().item()):
             return
         changed = int((logits.argmax(1) != stored.argmax(1)).sum())
-        how = f"its test logits differ by up to {difference:.3g}"
+        change = f"its test logits differ by up to {difference:.3g}"
         if changed:
-            how += (
+            change += (
                 f", and its predicted class differs on {changed} of the "
                 f"{len(stored)} test images"
             )
     raise CheckpointError(
         f"Model factory {factory!r} no longer rebuilds the model of run "
-        f"{run_id!r}: {how}. The factory or a module it imports changed since "
+        f"{run_id!r}: {change}. The factory or a module it imports changed since "
         "the run was imported. Restore that code, or import the run again."
     )
 

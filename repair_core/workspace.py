@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 #: The version changes only when existing tables change incompatibly. A table
 #: added later (sweeps, removal_curves) is created by CREATE TABLE IF NOT
-#: EXISTS when an older workspace is opened, and a column added later, listed
-#: in _ADDED_COLUMNS, is added with its default; older versions of the tool
+#: EXISTS when an older workspace is opened. A column added later, listed in
+#: _ADDED_COLUMNS, is added with its default. Older versions of the tool
 #: ignore both.
 SCHEMA_VERSION = 1
 DATABASE_NAME = "repair.sqlite"
