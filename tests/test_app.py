@@ -1420,14 +1420,18 @@ def _review_keys(app):
     return [w.key for w in app.segmented_control if w.key.startswith("review_")]
 
 
-def test_filtered_review_keeps_cards_in_place(workspace_env):
+def ranked_failure_set(workspace_env) -> dict[str, str]:
+    """Store a new failure set ranked by training loss; return the page state."""
     failure_set_id = workspace_env.new_failure_set()
     run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
     pipeline.run_identification(
         workspace_env.workspace, run, "training-loss", failure_set_id=failure_set_id
     )
-    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
-    app = page("causes", **state).run()
+    return {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+
+
+def test_filtered_review_keeps_cards_in_place(workspace_env):
+    app = page("causes", **ranked_failure_set(workspace_env)).run()
     app.segmented_control(key="causes_show").set_value("undecided").run()
     before = _review_keys(app)
 
@@ -1449,14 +1453,11 @@ def test_filtered_review_keeps_cards_in_place(workspace_env):
 
 
 def test_undo_reverts_the_last_change(workspace_env):
-    failure_set_id = workspace_env.new_failure_set()
     workspace = workspace_env.workspace
+    state = ranked_failure_set(workspace_env)
     run = pipeline.load_run(workspace, workspace_env.run_id)
-    pipeline.run_identification(
-        workspace, run, "training-loss", failure_set_id=failure_set_id
-    )
+    failure_set_id = state["failure_set_id"]
     workspace.set_decisions(run.run_id, failure_set_id, [0], "rejected")
-    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
     app = page("causes", **state).run()
     assert "causes_undo_button" not in [b.key for b in app.button]
     keys = _review_keys(app)
