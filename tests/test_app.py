@@ -1565,12 +1565,13 @@ def test_repairs_table_and_causes_download(workspace_env, monkeypatch):
 
     csv = downloads[f"causes-{workspace_env.run_id}-{second['repair_id']}.csv"]
     causes = pd.read_csv(io.BytesIO(csv))
-    assert list(causes["train_index"]) == [7, 3]
+    # The causes are stored sorted.
+    assert list(causes["train_index"]) == [3, 7]
     labels = run.data.train.labels
     names = run.data.train.class_names
     assert list(causes["given_label"].astype(str)) == [
-        str(names[labels[7]]),
         str(names[labels[3]]),
+        str(names[labels[7]]),
     ]
     assert set(causes["repair_id"]) == {second["repair_id"]}
 
