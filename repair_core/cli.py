@@ -727,22 +727,50 @@ def _setting_value(text: str, kind: Any, name: str, what: str) -> Any:
         ) from None
 
 
+def _write_stdout(text: str) -> bool:
+    """Print ``text``; return False when the reader of the output pipe, such as
+    `| head`, stopped early.
+
+    stdout then points at /dev/null, so Python's final flush does not raise
+    again. A command that stops for this exits with 141, 128 + SIGPIPE, as
+    shells report for a writer killed by a closed pipe.
+    """
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+    return True
+
+
+def _default_text(value: Any) -> str:
+    """Format a setting's default as --set takes it: true or false for a flag."""
+    from repair_core.cli_text import number
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return number(value)
+
+
 def _settings_help(config: Any, what: str) -> str:
     """List the settings of ``config`` with their defaults and help texts."""
-    from repair_core.cli_text import number, table
+    from repair_core.cli_text import table
 
     rows, nested = [], []
     for entry in dataclasses.fields(config):
         value = getattr(config, entry.name)
         if not dataclasses.is_dataclass(value):
-            rows.append([entry.name, number(value), entry.metadata.get("help", "")])
+            rows.append(
+                [entry.name, _default_text(value), entry.metadata.get("help", "")]
+            )
             continue
         nested.append(entry.name)
         for inner in dataclasses.fields(value):
             rows.append(
                 [
                     f"{entry.name}.{inner.name}",
-                    number(getattr(value, inner.name)),
+                    _default_text(getattr(value, inner.name)),
                     inner.metadata.get("help", ""),
                 ]
             )
@@ -762,8 +790,7 @@ def _apply_settings(config: Any, settings: list[str], what: str) -> Any:
     if not settings:
         return config
     if "help" in settings:
-        print(_settings_help(config, what))
-        raise SystemExit(0)
+        raise SystemExit(0 if _write_stdout(_settings_help(config, what)) else 141)
     values = config.to_dict() if hasattr(config, "to_dict") else asdict(config)
     kinds = typing.get_type_hints(type(config))
     for item in settings:
@@ -778,16 +805,17 @@ def _apply_settings(config: Any, settings: list[str], what: str) -> Any:
             # A dotted name, as '--set help' lists them, sets one setting of a
             # group.
             group_config = getattr(config, group)
+            inner_names = [entry.name for entry in dataclasses.fields(group_config)]
+            if inner not in inner_names:
+                raise RepairError(
+                    f"Unknown setting {name!r} for {what}. The group {group!r} has: "
+                    f"{', '.join(sorted(inner_names))}; '--set help' describes "
+                    "them."
+                )
             if not isinstance(values[group], dict):
                 raise RepairError(
                     f"Setting {name!r} of {what} follows --set {group}= with a value "
                     "that is not a JSON object. Set the group by dotted names only."
-                )
-            if inner not in values[group]:
-                raise RepairError(
-                    f"Unknown setting {name!r} for {what}. The group {group!r} has: "
-                    f"{', '.join(sorted(values[group]))}; '--set help' describes "
-                    "them."
                 )
             inner_kinds = typing.get_type_hints(type(group_config))
             values[group][inner] = _setting_value(
@@ -799,7 +827,13 @@ def _apply_settings(config: Any, settings: list[str], what: str) -> Any:
                 f"Unknown setting {name!r} for {what}. Use one of: "
                 f"{', '.join(sorted(values))}; '--set help' describes them."
             )
-        values[name] = _setting_value(text.strip(), kinds.get(name), name, what)
+        value = _setting_value(text.strip(), kinds.get(name), name, what)
+        if isinstance(value, dict) and isinstance(values[name], dict):
+            # A JSON object sets only the settings of the group it names, so
+            # it merges with the defaults and with dotted settings given
+            # before it.
+            value = {**values[name], **value}
+        values[name] = value
     if hasattr(type(config), "from_dict"):
         return type(config).from_dict(values)
     from repair_core.identification.base import settings_from_dict
@@ -968,10 +1002,11 @@ def _treatment_settings(args: argparse.Namespace) -> Any:
     swept = SWEEPABLE.get(args.treatment)
     strengths = [item for item in args.settings if item.partition("=")[0] == swept]
     if strengths and args.command == "sweep":
+        example = "1,2,5" if swept == "max_epochs" else "0.001,0.01"
         raise RepairError(
             f"--set {strengths[0]} has no effect on sweep: each value in "
             f"--strengths replaces {swept}. Give the values with --strengths, "
-            "for example --strengths 0.001,0.01."
+            f"for example --strengths {example}."
         )
     return _apply_settings(
         default_config(args.treatment), args.settings, args.treatment
@@ -1209,19 +1244,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + (signal.SIGTERM if isinstance(interrupt, _Terminated) else 2)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    try:
-        if getattr(args, "json", False):
-            print(json.dumps(_finite(result)))
-        else:
-            from repair_core.cli_text import result_text
+    if getattr(args, "json", False):
+        text = json.dumps(_finite(result))
+    else:
+        from repair_core.cli_text import result_text
 
-            print(result_text(args.command, result))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # The reader of a pipe, such as `| head`, stopped early. The result is
-        # already stored; pointing stdout at /dev/null keeps Python's final
-        # flush from raising again. 141 is 128 + SIGPIPE, as shells report.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        text = result_text(args.command, result)
+    if not _write_stdout(text):
+        # The result is stored already; only its printout was cut short.
         return 141
     failed = result.get("failed_units")
     if failed:

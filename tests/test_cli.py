@@ -287,22 +287,44 @@ def test_import_rejects_wrong_output_size(tmp_path, capsys, user_model):
     assert "Layer '1.weight' has shape (3, 784)" in capsys.readouterr().err
 
 
-def test_closed_output_pipe_exits_without_traceback(tmp_path):
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["runs"],
+        ["repair", "--run", "run-absent", "--treatment", "finetune", "--set", "help"],
+    ],
+)
+def test_closed_output_pipe_exits_without_traceback(tmp_path, argv):
     workspace = tmp_path / "ws"
     Workspace(workspace)
     # `true` exits without reading, so the command's output meets a closed pipe.
-    command = (
-        f"{shlex.quote(sys.executable)} -m repair_core runs --workspace "
-        f"{shlex.quote(str(workspace))} | true; echo ${{PIPESTATUS[0]}}"
+    command = shlex.join(
+        [sys.executable, "-m", "repair_core", argv[0], "--workspace", str(workspace)]
+        + argv[1:]
     )
 
     result = subprocess.run(
-        command, shell=True, executable="/bin/bash", capture_output=True, text=True
+        f"{command} | true; echo ${{PIPESTATUS[0]}}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
     )
 
     assert "Traceback" not in result.stderr
     assert "BrokenPipeError" not in result.stderr
     assert result.stdout.strip() == "141"
+
+
+def test_set_help_gives_flags_as_true_or_false():
+    from repair_core.cli import _settings_help
+    from repair_core.treatments import default_config
+
+    text = _settings_help(default_config("fit-failures+ewc-deletion"), "combined")
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line}
+
+    assert rows["deletion.early_stopping"][1] == "true"
+    assert rows["fit_first"][1] == "false"
 
 
 def test_help_documents_options_with_defaults():
@@ -1113,6 +1135,17 @@ def test_set_group_keeps_omitted_defaults():
     assert dotted.fit.max_steps == 700
     assert dotted.fit_first is True
     assert dotted.deletion.lr == config.deletion.lr
+
+    # Both forms set the same group, in either order, and keep each other's
+    # settings.
+    for settings in (
+        ["deletion.gamma=0.01", 'deletion={"max_steps": 20}'],
+        ['deletion={"max_steps": 20}', "deletion.gamma=0.01"],
+    ):
+        mixed = _apply_settings(config, settings, "combined")
+        assert mixed.deletion.gamma == 0.01
+        assert mixed.deletion.max_steps == 20
+        assert mixed.deletion.lr == config.deletion.lr
 
 
 @pytest.mark.parametrize(
