@@ -14,7 +14,8 @@ PAGE_SIZE = 24
 #: Choices of cards per grid row; fewer suit narrow windows.
 GRID_COLUMN_CHOICES = [2, 3, 4, 6]
 DEFAULT_GRID_COLUMNS = 4
-DECISION_LABELS = {"confirmed": "✓ Culprit", "rejected": "✗ Not"}
+#: Symbols only, so that both options fit under a card at six cards per row.
+DECISION_LABELS = {"confirmed": "✓", "rejected": "✗"}
 SHOW_CHOICES = ["all", "undecided", "confirmed", "rejected"]
 
 dashboard.init_state()
@@ -65,16 +66,12 @@ def set_decisions(
 def save_decision(train_index: int, key: str, previous: str | None) -> None:
     decision = st.session_state[key]
     what = {"confirmed": "confirmed", "rejected": "rejected", None: "cleared"}
-    if set_decisions(
+    set_decisions(
         [train_index],
         decision,
         {train_index: previous},
         f"train #{train_index} {what[decision]}",
-    ):
-        # In a filtered view the card stays where it is until the view is
-        # refreshed, so the cards after it do not move under the pointer.
-        st.session_state.setdefault("causes_kept", {"view": None, "indices": []})
-        st.session_state["causes_kept"]["indices"].append(train_index)
+    )
 
 
 def undo_last() -> None:
@@ -95,7 +92,7 @@ def undo_last() -> None:
 
 
 def refresh_view() -> None:
-    st.session_state.pop("causes_kept", None)
+    st.session_state.pop("causes_view", None)
 
 
 def run_methods(configs: dict[str, object]) -> None:
@@ -377,9 +374,7 @@ if mask is not None:
         "Corrupted among confirmed", int(mask[confirmed].sum()) if confirmed else 0
     )
 
-k_column, confirm_column, clear_column, clear_button_column = st.columns(
-    4, vertical_alignment="bottom"
-)
+k_column, confirm_column = st.columns(2, vertical_alignment="bottom")
 top_k = dashboard.number_field(
     "K",
     min(20, len(order)),
@@ -404,6 +399,7 @@ if confirm_top and top_k is not None:
     )
     st.rerun()
 # Clearing needs a ticked box first; the Undo button can restore it.
+clear_column, clear_button_column = st.columns(2, vertical_alignment="center")
 confirm_clear = clear_column.checkbox(
     f"Clear all {len(decisions)}",
     key="causes_clear_confirm",
@@ -440,32 +436,40 @@ per_row = per_row_column.selectbox(
     key="causes_per_row",
     help="Fewer cards per row suit a narrow window.",
 )
-st.caption("Confirm top K keeps examples you rejected.")
+st.caption(
+    "Under each card, ✓ confirms the example as a culprit and ✗ rejects it; "
+    "clicking the chosen one again clears it. Confirm top K keeps examples you "
+    "rejected."
+)
 
 undo = st.session_state.get("causes_undo")
 if undo and undo["failure_set_id"] == failure_set_id:
     st.button(f"Undo: {undo['what']}", key="causes_undo_button", on_click=undo_last)
 
-# Cards decided in a filtered view stay until the filter, the ranking or the
-# failure set changes, or the reviewer refreshes the view.
+# A filtered view lists the examples that matched the filter when the view
+# opened, so deciding a card, here or in another session, moves no card under
+# the pointer. The list is taken again when the filter, the ranking or the
+# failure set changes, or when the reviewer refreshes it.
 view = [failure_set_id, scores_id, show]
-kept_state = st.session_state.get("causes_kept")
-if not kept_state or kept_state["view"] != view:
-    if kept_state and kept_state["view"] is not None:
+view_state = st.session_state.get("causes_view")
+if not view_state or view_state["view"] != view:
+    if view_state:
         # Another view starts on its first page.
         st.session_state.pop("causes_page", None)
-    kept_state = {"view": view, "indices": []}
-    st.session_state["causes_kept"] = kept_state
+    view_state = {"view": view, "decisions": dict(decisions)}
+    st.session_state["causes_view"] = view_state
+
+
+def matches_filter(decision: str | None) -> bool:
+    return decision is None if show == "undecided" else decision == show
+
+
 if show == "all":
     listed = order
 else:
-    matching = {
-        "confirmed": set(confirmed),
-        "rejected": set(rejected),
-        "undecided": set(range(len(order))) - set(decisions),
-    }[show]
-    listed = order[np.isin(order, list(matching | set(kept_state["indices"])))]
-    moved = [i for i in kept_state["indices"] if i not in matching]
+    opened_with = view_state["decisions"]
+    listed = order[[matches_filter(opened_with.get(int(i))) for i in order]]
+    moved = [int(i) for i in listed if not matches_filter(decisions.get(int(i)))]
     if moved:
         note, refresh = st.columns([3, 1], vertical_alignment="center")
         note.caption(

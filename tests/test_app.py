@@ -1445,10 +1445,18 @@ def test_filtered_review_keeps_cards_in_place(workspace_env):
         "2 decided examples no longer match “undecided” but stay in place" in c.value
         for c in app.caption
     )
+    # A decision saved by another session moves no card either.
+    third = int(before[2].rsplit("_", 1)[1])
+    workspace_env.workspace.set_decisions(
+        workspace_env.run_id, app.session_state["failure_set_id"], [third], "rejected"
+    )
+    app.run()
+    assert _review_keys(app) == before
+    assert any("3 decided examples no longer match" in c.value for c in app.caption)
 
     app.button(key="causes_refresh").click().run()
     check_clean(app)
-    assert _review_keys(app)[:22] == before[2:]
+    assert _review_keys(app)[:21] == before[3:]
     assert "causes_refresh" not in [b.key for b in app.button]
 
 
