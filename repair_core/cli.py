@@ -575,7 +575,9 @@ def _run_records(workspace: Workspace, run_id: str) -> dict[str, Any]:
         detection = record["metrics"].get("detection") or {}
         return {
             **brief(record, "failure_set_id", "method", "created_at"),
-            "settings": _changed_settings(record["method"], record["config"]),
+            "settings": _changed_settings(
+                record["config"], _default_settings("identify", record["method"])
+            ),
             "found_at_20pct": detection.get("found_at_20pct"),
         }
 
@@ -584,6 +586,9 @@ def _run_records(workspace: Workspace, run_id: str) -> dict[str, Any]:
         gain = (metrics.get("gain_over_nothing") or {}).get("mean") or {}
         return {
             **brief(record, "failure_set_id", "treatment", "created_at"),
+            "settings": _changed_settings(
+                record["config"], _default_settings("repair", record["treatment"])
+            ),
             "causes": metrics.get("causes"),
             "n_removed": metrics.get("n_removed"),
             "holdout_acc": metrics.get("after", {}).get("holdout_acc"),
@@ -607,21 +612,34 @@ def _run_records(workspace: Workspace, run_id: str) -> dict[str, Any]:
     }
 
 
-def _changed_settings(method: str, config: dict[str, Any]) -> str:
-    """Return the settings of a stored ranking that differ from the method's
-    defaults, as "name=value" pairs, or "defaults"."""
-    from repair_core.identification import default_config
+def _default_settings(step: str, name: str) -> dict[str, Any] | None:
+    """Return the default settings of an identification method ("identify")
+    or a treatment ("repair") as a dict, or None for an unknown name."""
+    from repair_core import identification, treatments
 
+    module = identification if step == "identify" else treatments
     try:
-        defaults = asdict(default_config(method))
+        return asdict(module.default_config(name))
     except RepairError:
+        return None
+
+
+def _changed_settings(config: dict[str, Any], defaults: dict[str, Any] | None) -> str:
+    """Return the stored settings that differ from ``defaults`` as "name=value"
+    pairs, a group's settings under dotted names, or "defaults"."""
+    if defaults is None:
         return "-"
-    changed = [
-        f"{name}={json.dumps(value)}"
-        for name, value in config.items()
-        if name in defaults and defaults[name] != value
-    ]
-    return " ".join(changed) or "defaults"
+
+    def changed(values: dict[str, Any], base: dict[str, Any], prefix: str):
+        for name, value in values.items():
+            if name not in base or base[name] == value:
+                continue
+            if isinstance(value, dict) and isinstance(base[name], dict):
+                yield from changed(value, base[name], f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}={json.dumps(value)}"
+
+    return " ".join(changed(config, defaults, "")) or "defaults"
 
 
 def _command_show(args: argparse.Namespace) -> dict[str, Any]:

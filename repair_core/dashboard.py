@@ -982,7 +982,8 @@ def changed_settings(
     config: dict[str, Any], defaults: dict[str, Any], skip: Iterable[str] = ()
 ) -> list[str]:
     """Return "name value" for each setting in ``config`` that differs from
-    ``defaults``, in the order of ``config``.
+    ``defaults``, in the order of ``config``. A group of settings (a dict)
+    gives "group.name value" for each of its changed settings.
 
     Settings missing from ``defaults`` and those named in ``skip`` are left
     out.
@@ -991,6 +992,13 @@ def changed_settings(
     changed = []
     for name, value in config.items():
         if name in skipped or name not in defaults or defaults[name] == value:
+            continue
+        if isinstance(value, dict) and isinstance(defaults[name], dict):
+            # A group of settings lists its own changes under dotted names.
+            changed += [
+                f"{name}.{inner}"
+                for inner in changed_settings(value, defaults[name], skip=skip)
+            ]
             continue
         text = _number_text(value) if isinstance(value, float) else value
         changed.append(f"{name.replace('_', ' ')} {text}")

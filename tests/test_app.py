@@ -752,6 +752,19 @@ def test_repair_stops_when_confirmed_culprits_changed(workspace_env, monkeypatch
     assert calls == [[1, 2, 5, 6]]
 
 
+def test_changed_settings_list_group_members():
+    from repair_core.dashboard import changed_settings
+
+    defaults = {"seed": 0, "deletion": {"seed": 0, "gamma": 0.03, "lr": 1e-3}}
+    config = {"seed": 0, "deletion": {"seed": 4, "gamma": 0.02, "lr": 1e-3}}
+
+    assert changed_settings(config, defaults, skip=["seed"]) == ["deletion.gamma 0.02"]
+    assert changed_settings(config, defaults) == [
+        "deletion.seed 4",
+        "deletion.gamma 0.02",
+    ]
+
+
 def test_ranking_choice_is_shared_by_repair_and_compare(workspace_env):
     failure_set_id = workspace_env.new_failure_set()
     workspace = workspace_env.workspace

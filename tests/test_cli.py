@@ -1023,6 +1023,24 @@ def test_runs_text_tables(tiny_run, capsys):
     assert row[-3:] == [str(run[k]) for k in ("n_failures", "n_query", "n_holdout")]
 
 
+def test_changed_settings_name_group_members():
+    from repair_core.cli import _changed_settings, _default_settings
+
+    defaults = _default_settings("repair", "fit-failures+ewc-deletion")
+    config = {
+        **defaults,
+        "deletion": {**defaults["deletion"], "gamma": 0.02, "max_steps": 20},
+        "fit_first": True,
+    }
+
+    assert _changed_settings(config, defaults) == (
+        "deletion.gamma=0.02 deletion.max_steps=20 fit_first=true"
+    )
+    assert _changed_settings(defaults, defaults) == "defaults"
+    assert _default_settings("repair", "no-such-treatment") is None
+    assert _changed_settings(config, None) == "-"
+
+
 def test_text_cells_keep_small_values_and_align_numbers():
     from repair_core.cli_text import generic_text, number, table
 
