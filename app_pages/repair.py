@@ -671,8 +671,9 @@ def all_repairs_section(repairs: list[dict[str, Any]]) -> None:
             },
         )
         st.caption(
-            "Accuracies are means over seeds. Newton and fit-failures run "
-            "without controls, so their gains are empty."
+            "Accuracies are means over seeds. A repair run without controls "
+            "(Newton, fit-failures, or with the controls turned off) has no "
+            "gains."
         )
 
 

@@ -427,6 +427,11 @@ def workspace_sidebar() -> None:
             return
         elif holds_workspace(root):
             use_workspace(root)
+        elif Path(root).expanduser().is_file():
+            st.toast(
+                f"{root!r} is a file, not a folder, so the dashboard still uses "
+                f"{st.session_state['workspace_root']!r}. Enter a folder path."
+            )
         else:
             # A mistyped path would otherwise become a new, empty workspace.
             st.session_state["pending_workspace"] = root

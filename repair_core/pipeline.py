@@ -1105,9 +1105,10 @@ def run_repair(
 
     Returns:
         The summary: ``repair_id``, ``treatment``, ``n_removed``, ``seconds``,
-        ``device``, ``gain_over_nothing``, ``before`` and ``after`` (each with
-        ``query_acc``, ``holdout_acc``, ``remaining_acc``, ``test_acc``;
-        ``after`` is the mean over seeds), ``spread`` (their standard
+        ``device``, ``config`` (the settings used), ``gain_over_nothing``,
+        ``before`` and ``after`` (each with ``query_acc``, ``holdout_acc``,
+        ``remaining_acc``, ``test_acc``; ``after`` is the mean over seeds),
+        ``spread`` (their standard
         deviation), ``controls`` (mean and spread of each control arm),
         ``per_seed`` records per arm, and ``holdout_fixed_idx`` and
         ``remaining_broken_idx`` of the first treated model.
@@ -1191,6 +1192,7 @@ def _store_repair(
         "seeds": list(outcome["seeds"]),
         "seconds": time.perf_counter() - started,
         "device": str(run.device),
+        "config": outcome["result"].config,
         "gain_over_nothing": outcome["gain_over_nothing"],
         "controls_note": outcome["controls_note"],
         "notes": outcome["notes"],

@@ -145,6 +145,14 @@ def test_app_sidebar_shows_workspace(workspace_env, tmp_path):
     assert app.session_state["run_id"] is None
     assert (other / "repair.sqlite").is_file()
 
+    # A file is rejected at once, with nothing to create.
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    app.sidebar.text_input(key="sidebar_workspace").set_value(str(a_file)).run()
+    assert "is a file, not a folder" in app.toast[0].value
+    assert not app.sidebar.warning
+    assert app.session_state["workspace_root"] == str(other)
+
     # An existing workspace opens at once.
     app.sidebar.text_input(key="sidebar_workspace").set_value(
         str(workspace_env.root)

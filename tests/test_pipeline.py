@@ -161,6 +161,7 @@ def test_repair_keeps_every_arm_and_seed(ranked):
     repair_id = summary["repair_id"]
     stored = workspace.get_repair(repair_id)["metrics"]
     assert stored["device"] == summary["device"] == str(run.device)
+    assert summary["config"] == workspace.get_repair(repair_id)["config"]
     assert list(summary["per_seed"]) == ["treatment", "nothing", "random"]
     for arm, records in summary["per_seed"].items():
         assert [record["seed"] for record in records] == [0, 1]
