@@ -181,12 +181,14 @@ def _image_digests(dataset: ImageDataset) -> torch.Tensor:
 
 
 def _data_index(data: DataSplit) -> dict[str, Any]:
-    """Per-image digests and, for image files, the file names of both parts."""
+    """Per-image digests, the image shape and, for image files, the file names
+    of both parts."""
     return {
         f"{part}_{key}": value
         for part, dataset in (("train", data.train), ("test", data.test))
         for key, value in (
             ("digests", _image_digests(dataset)),
+            ("shape", list(dataset.images.shape[1:])),
             ("files", dataset.files),
         )
     }
@@ -203,6 +205,15 @@ def _part_changes(
 ) -> list[str]:
     """Describe how one part differs from its stored index: files added,
     removed or changed where file names are known, else positions changed."""
+    old_shape = stored.get(f"{part}_shape")
+    new_shape = list(dataset.images.shape[1:])
+    if old_shape is not None and old_shape != new_shape:
+        # Every digest differs then, so naming files would name all of them.
+        return [
+            f"the {part} images are now {'×'.join(map(str, new_shape))} (channels × "
+            f"height × width), not {'×'.join(map(str, old_shape))}; an image "
+            "folder is read as RGB as soon as one of its files is in colour"
+        ]
     old_digests = stored[f"{part}_digests"]
     new_digests = _image_digests(dataset)
     old_files = stored.get(f"{part}_files")

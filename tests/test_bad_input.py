@@ -563,6 +563,24 @@ def test_edited_pixels_name_the_file(folder_run):
     assert "added" not in message and "removed" not in message
 
 
+def test_colour_image_names_the_new_shape(folder_run):
+    from PIL import Image
+
+    workspace, run_id, data = folder_run
+    path = data / "train" / "b" / "2.png"
+    Image.open(path).convert("RGB").save(path)
+
+    with pytest.raises(DataError) as caught:
+        pipeline.load_run(workspace, run_id)
+
+    message = str(caught.value)
+    assert "the train images are now 3×28×28 (channels × height × width), not " in (
+        message
+    )
+    assert "1×28×28" in message
+    assert "files changed" not in message
+
+
 def test_changed_positions_are_named_without_file_names():
     from repair_core.data import ImageDataset
 
