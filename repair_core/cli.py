@@ -627,19 +627,14 @@ def _default_settings(step: str, name: str) -> dict[str, Any] | None:
 def _changed_settings(config: dict[str, Any], defaults: dict[str, Any] | None) -> str:
     """Return the stored settings that differ from ``defaults`` as "name=value"
     pairs, a group's settings under dotted names, or "defaults"."""
+    from repair_core.identification.base import changed_settings
+
     if defaults is None:
         return "-"
-
-    def changed(values: dict[str, Any], base: dict[str, Any], prefix: str):
-        for name, value in values.items():
-            if name not in base or base[name] == value:
-                continue
-            if isinstance(value, dict) and isinstance(base[name], dict):
-                yield from changed(value, base[name], f"{prefix}{name}.")
-            else:
-                yield f"{prefix}{name}={json.dumps(value)}"
-
-    return " ".join(changed(config, defaults, "")) or "defaults"
+    pairs = changed_settings(config, defaults)
+    return " ".join(f"{name}={json.dumps(value)}" for name, value in pairs) or (
+        "defaults"
+    )
 
 
 def _command_show(args: argparse.Namespace) -> dict[str, Any]:

@@ -987,27 +987,16 @@ def changed_settings(
     config: dict[str, Any], defaults: dict[str, Any], skip: Iterable[str] = ()
 ) -> list[str]:
     """Return "name value" for each setting in ``config`` that differs from
-    ``defaults``, in the order of ``config``. A group of settings (a dict)
-    gives "group.name value" for each of its changed settings.
-
-    Settings missing from ``defaults`` and those named in ``skip`` are left
-    out.
+    ``defaults``, as listed by repair_core.identification.base.changed_settings
+    (a group's settings under dotted names).
     """
-    skipped = set(skip)
-    changed = []
-    for name, value in config.items():
-        if name in skipped or name not in defaults or defaults[name] == value:
-            continue
-        if isinstance(value, dict) and isinstance(defaults[name], dict):
-            # A group of settings lists its own changes under dotted names.
-            changed += [
-                f"{name}.{inner}"
-                for inner in changed_settings(value, defaults[name], skip=skip)
-            ]
-            continue
-        text = _number_text(value) if isinstance(value, float) else value
-        changed.append(f"{name.replace('_', ' ')} {text}")
-    return changed
+    from repair_core.identification.base import changed_settings as changed
+
+    return [
+        f"{name.replace('_', ' ')} "
+        f"{_number_text(value) if isinstance(value, float) else value}"
+        for name, value in changed(config, defaults, skip)
+    ]
 
 
 def settings_editor(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +103,31 @@ def settings_from_dict(config_class: type, values: dict[str, Any]) -> Any:
         for name, value in values.items()
     }
     return config_class(**checked)
+
+
+def changed_settings(
+    config: dict[str, Any], defaults: dict[str, Any], skip: Iterable[str] = ()
+) -> list[tuple[str, Any]]:
+    """List (name, value) for each setting in ``config`` that differs from
+    ``defaults``, in the order of ``config``.
+
+    A group of settings (a dict) lists its changed settings under dotted
+    names such as ``deletion.gamma``. Settings missing from ``defaults`` and
+    those named in ``skip``, at any depth, are left out.
+    """
+    skipped = set(skip)
+    changed = []
+    for name, value in config.items():
+        if name in skipped or name not in defaults or defaults[name] == value:
+            continue
+        if isinstance(value, dict) and isinstance(defaults[name], dict):
+            changed += [
+                (f"{name}.{inner}", inner_value)
+                for inner, inner_value in changed_settings(value, defaults[name], skip)
+            ]
+        else:
+            changed.append((name, value))
+    return changed
 
 
 def check_seed(seed: Any) -> int:
