@@ -44,7 +44,7 @@ from repair_core.inference import eval_mode, model_device, predict_logits
 from repair_core.metrics import ranking
 from repair_core.models import embed
 from repair_core.progress import Progress
-from repair_core.workspace import DATABASE_NAME, DEFAULT_WORKSPACE, Workspace
+from repair_core.workspace import DEFAULT_WORKSPACE, Workspace, contains_workspace
 
 WORKSPACE_ENV = "REPAIR_WORKSPACE"
 
@@ -175,7 +175,7 @@ def restore_from_url() -> None:
     if root and root != st.session_state["workspace_root"]:
         # An address is easy to mistype or to get from someone else, so it
         # opens only a folder that already contains a workspace.
-        if holds_workspace(root):
+        if contains_workspace(root):
             st.session_state["workspace_root"] = root
         else:
             st.toast(
@@ -362,14 +362,6 @@ def choose_records(
 # Workspace and runs ----------------------------------------------------------
 
 
-def holds_workspace(root: str) -> bool:
-    """Return whether the folder ``root`` contains a workspace database."""
-    try:
-        return (Path(root).expanduser() / DATABASE_NAME).is_file()
-    except OSError:
-        return False
-
-
 #: Command-line advice in workspace errors, and its replacement on the dashboard.
 _CLI_ADVICE = (
     (" with --workspace", ""),
@@ -425,7 +417,7 @@ def workspace_sidebar() -> None:
             )
         elif root == st.session_state["workspace_root"]:
             return
-        elif holds_workspace(root):
+        elif contains_workspace(root):
             use_workspace(root)
         elif Path(root).expanduser().is_file():
             st.toast(

@@ -184,6 +184,14 @@ def atomic_save_arrays(path: str | Path, **arrays: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def contains_workspace(root: str | Path) -> bool:
+    """Return whether the folder ``root`` contains a workspace database."""
+    try:
+        return (Path(root).expanduser() / DATABASE_NAME).is_file()
+    except OSError:
+        return False
+
+
 def _can_write(folder: Path) -> bool:
     """Return whether a new file can be created in ``folder``."""
     try:
@@ -215,7 +223,7 @@ class Workspace:
                 f"Workspace path {str(self.root)!r} is a file, not a folder. Pass a "
                 "folder path with --workspace."
             )
-        if not create and not (self.root / DATABASE_NAME).is_file():
+        if not create and not contains_workspace(self.root):
             raise WorkspaceError(
                 f"No workspace at {str(self.root)!r}: the folder contains no "
                 f"{DATABASE_NAME}. Pass the folder you trained in with --workspace, "
