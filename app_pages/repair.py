@@ -471,6 +471,15 @@ def accuracy_metric(column: Any, label: str, after: float, before: float) -> Non
     column.metric(label, percent_text(after), delta=signed_percent(after - before))
 
 
+def gain_over_random(summary: dict[str, Any]) -> float | None:
+    """Return the treatment's F_h accuracy minus that of the random-removal
+    control, means over seeds, or None for a repair without that control."""
+    random_arm = (summary.get("controls") or {}).get("random")
+    if not random_arm:
+        return None
+    return summary["after"]["holdout_acc"] - random_arm["mean"]["holdout_acc"]
+
+
 def gain_metrics(summary: dict[str, Any]) -> None:
     gain = summary.get("gain_over_nothing")
     random_arm = (summary.get("controls") or {}).get("random")
@@ -505,7 +514,6 @@ def gain_metrics(summary: dict[str, Any]) -> None:
             or "The controls were turned off.",
         )
     if random_arm:
-        random_holdout = random_arm["mean"]["holdout_acc"]
         random_help = (
             "Treatment minus the removal of as many random training examples, "
             "means over seeds."
@@ -523,7 +531,7 @@ def gain_metrics(summary: dict[str, Any]) -> None:
             )
         columns[1].metric(
             "Gain on F_h over random removal",
-            signed_percent(after["holdout_acc"] - random_holdout),
+            signed_percent(gain_over_random(summary)),
             help=random_help,
         )
     # F_h contains the original model's failures, so its accuracy starts at 0%
@@ -632,7 +640,6 @@ def repairs_table(repairs: list[dict[str, Any]]) -> pd.DataFrame:
     for record in reversed(repairs):
         summary = record["metrics"]
         gain = (summary.get("gain_over_nothing") or {}).get("paired_mean") or {}
-        random_arm = (summary.get("controls") or {}).get("random")
         after = summary["after"]
         row = {
             "repair": record["id"],
@@ -641,11 +648,7 @@ def repairs_table(repairs: list[dict[str, Any]]) -> pd.DataFrame:
             "removed": summary.get("n_removed"),
             "F_h after": after["holdout_acc"],
             "gain on F_h over nothing removed": gain.get("holdout_acc"),
-            "gain on F_h over random removal": (
-                after["holdout_acc"] - random_arm["mean"]["holdout_acc"]
-                if random_arm
-                else None
-            ),
+            "gain on F_h over random removal": gain_over_random(summary),
             "T\\F after": after["remaining_acc"],
             "test after": after["test_acc"],
             "seeds": len(summary["seeds"]),
