@@ -203,41 +203,23 @@ def _names_text(names: list[str]) -> str:
 def _part_changes(
     part: str, stored: dict[str, Any], dataset: ImageDataset
 ) -> list[str]:
-    """Describe how one part differs from its stored index: files added,
-    removed or changed where file names are known, else positions changed."""
+    """Describe how one part differs from its stored index: its image shape,
+    else the files added, removed or changed where file names are known, else
+    the positions changed."""
     old_shape = stored.get(f"{part}_shape")
     new_shape = list(dataset.images.shape[1:])
     if old_shape is not None and old_shape != new_shape:
         # Every digest differs then, so naming files would name all of them.
         return [
             f"the {part} images are now {'×'.join(map(str, new_shape))} (channels × "
-            f"height × width), not {'×'.join(map(str, old_shape))}; an image "
-            "folder is read as RGB as soon as one of its files is in colour"
+            f"height × width), not {'×'.join(map(str, old_shape))} (an image "
+            "folder is read as RGB as soon as one of its files is in colour)"
         ]
     old_digests = stored[f"{part}_digests"]
     new_digests = _image_digests(dataset)
     old_files = stored.get(f"{part}_files")
     if old_files is not None and dataset.files is not None:
-        old_at = dict(zip(old_files, old_digests.tolist(), strict=True))
-        new_at = dict(zip(dataset.files, new_digests.tolist(), strict=True))
-        kinds = (
-            ("added", [name for name in dataset.files if name not in old_at]),
-            ("removed", [name for name in old_files if name not in new_at]),
-            (
-                "changed",
-                [
-                    name
-                    for name in dataset.files
-                    if name in old_at and old_at[name] != new_at[name]
-                ],
-            ),
-        )
-        return [
-            f"{len(names)} {'file' if len(names) == 1 else 'files'} {kind} "
-            f"({_names_text(names)})"
-            for kind, names in kinds
-            if names
-        ]
+        return _file_changes(old_files, old_digests, dataset.files, new_digests)
     if len(old_digests) != len(new_digests):
         return []
     positions = torch.nonzero(old_digests != new_digests).flatten().tolist()
@@ -247,6 +229,30 @@ def _part_changes(
     return [
         f"{len(positions)} {part} {noun} changed, at positions "
         f"{_names_text([str(p) for p in positions])}"
+    ]
+
+
+def _file_changes(
+    old_files: list[str],
+    old_digests: torch.Tensor,
+    new_files: list[str],
+    new_digests: torch.Tensor,
+) -> list[str]:
+    """Name the files added, removed or changed between two file lists, each
+    with one digest per file."""
+    old_at = dict(zip(old_files, old_digests.tolist(), strict=True))
+    new_at = dict(zip(new_files, new_digests.tolist(), strict=True))
+    added = [name for name in new_files if name not in old_at]
+    removed = [name for name in old_files if name not in new_at]
+    changed = [
+        name for name in new_files if name in old_at and old_at[name] != new_at[name]
+    ]
+    kinds = {"added": added, "removed": removed, "changed": changed}
+    return [
+        f"{len(names)} {'file' if len(names) == 1 else 'files'} {kind} "
+        f"({_names_text(names)})"
+        for kind, names in kinds.items()
+        if names
     ]
 
 
