@@ -43,12 +43,16 @@ def choose_ranking() -> None:
 
 
 def set_decisions(
-    indices: list[int], decision: str | None, previous: dict[int, str | None], what: str
+    indices: list[int],
+    decision: str | None,
+    previous: dict[int, str | None],
+    description: str,
 ) -> bool:
     """Save ``decision`` for ``indices`` and remember how to undo it.
 
-    ``previous`` maps each index to its decision before this change; ``what``
-    names the change on the undo button. Returns whether the save succeeded.
+    ``previous`` maps each index to its decision before this change, and
+    ``description`` names the change on the undo button. Returns whether the
+    save succeeded.
     """
     saved = dashboard.run_safely(
         "Saving the decisions" if len(indices) > 1 else "Saving the decision",
@@ -58,19 +62,19 @@ def set_decisions(
         st.session_state["causes_undo"] = {
             "failure_set_id": failure_set_id,
             "previous": [[int(i), previous.get(int(i))] for i in indices],
-            "what": what,
+            "description": description,
         }
     return bool(saved)
 
 
 def save_decision(train_index: int, key: str, previous: str | None) -> None:
     decision = st.session_state[key]
-    what = {"confirmed": "confirmed", "rejected": "rejected", None: "cleared"}
+    verbs = {"confirmed": "confirmed", "rejected": "rejected", None: "cleared"}
     set_decisions(
         [train_index],
         decision,
         {train_index: previous},
-        f"train #{train_index} {what[decision]}",
+        f"train #{train_index} {verbs[decision]}",
     )
 
 
@@ -444,7 +448,9 @@ st.caption(
 
 undo = st.session_state.get("causes_undo")
 if undo and undo["failure_set_id"] == failure_set_id:
-    st.button(f"Undo: {undo['what']}", key="causes_undo_button", on_click=undo_last)
+    st.button(
+        f"Undo: {undo['description']}", key="causes_undo_button", on_click=undo_last
+    )
 
 # A filtered view lists the examples that matched the filter when the view
 # opened, so deciding a card, here or in another session, moves no card under

@@ -168,7 +168,8 @@ def test_url_opens_only_existing_workspaces(workspace_env, tmp_path):
     app.query_params = {"workspace": str(missing), "run": workspace_env.run_id}
     app.run()
     check_clean(app)
-    assert not missing.exists() and not missing.parent.exists()
+    assert not missing.exists()
+    assert not missing.parent.exists()
     assert app.session_state["workspace_root"] == str(workspace_env.root)
     assert "holds no workspace" in app.toast[0].value
 
@@ -1216,9 +1217,17 @@ def test_repair_result_names_strength_and_settings(workspace_env):
     assert seed_key in [w.key for w in app.number_input]
 
 
-def add_repair_copy(workspace: Workspace, record: dict, metrics: dict) -> str:
-    """Store a copy of a repair record with other metrics, sharing its model."""
-    copy_id = f"{record['id']}-copy"
+def add_repair_copy(
+    workspace: Workspace,
+    record: dict,
+    metrics: dict,
+    *,
+    suffix: str = "copy",
+    treatment: str | None = None,
+) -> str:
+    """Store a copy of a repair record with other metrics, and optionally
+    another treatment, sharing its model."""
+    copy_id = f"{record['id']}-{suffix}"
     model = workspace.path(record["run_id"], f"repairs/{record['id']}.pt")
     copy = workspace.path(record["run_id"], f"repairs/{copy_id}.pt")
     copy.write_bytes(model.read_bytes())
@@ -1227,8 +1236,8 @@ def add_repair_copy(workspace: Workspace, record: dict, metrics: dict) -> str:
         record["run_id"],
         record["failure_set_id"],
         record["scores_id"],
-        record["treatment"],
-        record["config"],
+        treatment or record["treatment"],
+        record["config"] if treatment is None else {},
         {**metrics, "repair_id": copy_id},
     )
     return copy_id
@@ -1303,27 +1312,16 @@ def test_repair_metric_help_names_missing_and_unchanged_controls(workspace_env):
     )
     assert not metrics_by_label["F_h accuracy after"].delta
 
-    # Newton runs without controls by design, and the help says why.
-    newton_id = f"{record['id']}-newton"
-    model = workspace.path(record["run_id"], f"repairs/{record['id']}.pt")
-    workspace.path(record["run_id"], f"repairs/{newton_id}.pt").write_bytes(
-        model.read_bytes()
-    )
-    workspace.add_repair(
-        newton_id,
-        record["run_id"],
-        failure_set_id,
-        None,
-        "newton",
-        {},
-        {
-            **record["metrics"],
-            "repair_id": newton_id,
-            "treatment": "newton",
-            "controls": {},
-            "gain_over_nothing": None,
-            "controls_note": None,
-        },
+    # Newton runs without controls by design, and the help explains why.
+    newton_metrics = {
+        **record["metrics"],
+        "treatment": "newton",
+        "controls": {},
+        "gain_over_nothing": None,
+        "controls_note": None,
+    }
+    newton_id = add_repair_copy(
+        workspace, record, newton_metrics, suffix="newton", treatment="newton"
     )
     app.session_state["repair_id"] = newton_id
     app.run()

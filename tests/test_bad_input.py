@@ -560,7 +560,8 @@ def test_edited_pixels_name_the_file(folder_run):
     message = str(caught.value)
     assert "the test part holds other images or labels" in message
     assert "2 files changed (test/b/1.png, test/b/4.png)" in message
-    assert "added" not in message and "removed" not in message
+    assert "added" not in message
+    assert "removed" not in message
 
 
 def test_colour_image_names_the_new_shape(folder_run):

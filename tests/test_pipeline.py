@@ -314,10 +314,10 @@ def test_record_that_cannot_be_written_leaves_no_file(ranked, monkeypatch, kind)
     folder = "scores" if kind == "scores" else "repairs"
     before = _files(workspace, run, folder)
 
-    def refuse(*args, **kwargs):
+    def reject_write(*args, **kwargs):
         raise WorkspaceError("The workspace database is read-only.")
 
-    monkeypatch.setattr(workspace, f"add_{kind}", refuse)
+    monkeypatch.setattr(workspace, f"add_{kind}", reject_write)
     with pytest.raises(WorkspaceError, match="read-only"):
         if kind == "scores":
             pipeline.run_identification(

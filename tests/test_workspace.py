@@ -259,7 +259,7 @@ def test_damaged_schema_version_rejected(tmp_path):
         Workspace(tmp_path)
 
 
-def test_runs_entry_that_is_a_file_is_caught_before_work(tmp_path):
+def test_runs_file_caught_before_work(tmp_path):
     workspace = Workspace(tmp_path)
     (tmp_path / "runs").write_text("not a folder")
 

@@ -40,7 +40,7 @@ def option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-#: What each plain setting type accepts, as named in error messages.
+#: Description of the values each plain setting type accepts, for error messages.
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
 
 
