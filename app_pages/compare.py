@@ -375,7 +375,8 @@ def timing_section(records: list[dict[str, Any]]) -> None:
         column_config={
             "seconds": st.column_config.NumberColumn(format="%.2f"),
             "device": st.column_config.TextColumn(
-                help="Device the step ran on; — where the record was stored without it."
+                help="Device the step ran on, or — where the record was stored "
+                "without it."
             ),
         },
     )

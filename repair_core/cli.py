@@ -1264,7 +1264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         text = result_text(args.command, result)
     if not _write_stdout(text):
-        # The result is stored already; only its printout was cut short.
+        # The result is stored already. Only its printout was cut short.
         return 141
     failed = result.get("failed_units")
     if failed:
