@@ -1218,12 +1218,38 @@ def _interrupt_handler() -> Any:
     return interrupt
 
 
+# Options that take a comma-separated list. argparse reads a following value
+# such as "-1,0.1" as an unknown option, not as the list.
+_LIST_OPTIONS = ("--strengths", "--ks", "--seeds")
+
+
+def _attach_list_values(argv: Sequence[str]) -> list[str]:
+    """Write ``--strengths -1,2`` as ``--strengths=-1,2`` so the value reaches
+    the list parser, which names what is wrong with it."""
+    joined: list[str] = []
+    pending = None
+    for item in argv:
+        if pending is not None:
+            if item.startswith("-") and not item.startswith("--"):
+                joined[-1] = f"{pending}={item}"
+            else:
+                joined.append(item)
+            pending = None
+            continue
+        joined.append(item)
+        if item in _LIST_OPTIONS:
+            pending = item
+    return joined
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code (0 success, 1 a benchmark
     unit failed, 2 bad input, 130 interrupted by Ctrl-C, 141 output pipe closed
     early, 143 by SIGTERM)."""
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(
+        _attach_list_values(sys.argv[1:] if argv is None else argv)
+    )
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

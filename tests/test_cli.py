@@ -1249,6 +1249,18 @@ def test_set_help_needs_no_stored_run(tmp_path, capsys, argv):
             + ["--set", "max_epochs=7", "--strengths", "1"],
             "--set max_epochs=7 has no effect on sweep",
         ),
+        # A list that starts with a minus sign reaches the list check instead of
+        # argparse, which would take it for an unknown option.
+        (
+            ["sweep", "--treatment", "newton", "--causes-file", "GOOD_CAUSES"]
+            + ["--strengths", "-1,0.1"],
+            "Sweep strength -1.0 of newton must be a finite positive",
+        ),
+        (
+            ["repair", "--treatment", "finetune", "--causes-file", "GOOD_CAUSES"]
+            + ["--seeds", "-1,2"],
+            "Invalid --seeds '-1,2'",
+        ),
         # Fails after the failure set was stored, which then is deleted again.
         (["identify", "--method", "sgd-influence"], "recorded training trajectory"),
     ],
@@ -1259,7 +1271,10 @@ def test_failed_command_stores_no_failure_set(
     workspace, run = tiny_run
     causes = tmp_path / "causes.txt"
     causes.write_text("3\n300\n")
-    argv = [str(causes) if item == "CAUSES" else item for item in argv]
+    good_causes = tmp_path / "good_causes.txt"
+    good_causes.write_text("3\n4\n")
+    files = {"CAUSES": str(causes), "GOOD_CAUSES": str(good_causes)}
+    argv = [files.get(item, item) for item in argv]
     stored = Workspace(workspace).list_failure_sets(run["run_id"])
 
     code = main(
