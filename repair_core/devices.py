@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from repair_core.errors import ConfigError
@@ -44,3 +47,29 @@ def select_device(preference: str | torch.device | None = "auto") -> torch.devic
             "machine. Use --device auto or --device cpu."
         )
     return torch.device(preference)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global generators for the block, then put back the states
+    they had, so a seeded method leaves the caller's random stream as it was.
+
+    The CPU generator is always restored; CUDA and MPS generators are restored
+    when that backend is already in use.
+    """
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    mps = (
+        torch.mps.get_rng_state()
+        if torch.backends.mps.is_available() and torch.backends.mps.is_built()
+        else None
+    )
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        if mps is not None:
+            torch.mps.set_rng_state(mps)

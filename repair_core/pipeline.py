@@ -25,7 +25,7 @@ from torch import nn
 
 from repair_core import models
 from repair_core.data import DataSplit, ImageDataset, load_data
-from repair_core.devices import select_device
+from repair_core.devices import seeded, select_device
 from repair_core.errors import (
     CheckpointError,
     ConfigError,
@@ -328,8 +328,8 @@ def _victim_trainer(config: RunConfig, data: DataSplit, device: torch.device):
 
     def train_victim(clean: ImageDataset) -> nn.Module:
         victim_seed = config.seed + VICTIM_SEED_OFFSET
-        torch.manual_seed(victim_seed)
-        victim = _build_architecture(config, data)
+        with seeded(victim_seed):
+            victim = _build_architecture(config, data)
         victim_config = dataclasses.replace(
             config.train, seed=victim_seed, record_trajectory=False
         )
@@ -514,8 +514,8 @@ def train_run(
     data = DataSplit(train=noisy.dataset, test=data.test, source=data.source)
 
     report(0.1, "Training")
-    torch.manual_seed(config.seed)
-    model = _build_architecture(config, data)
+    with seeded(config.seed):
+        model = _build_architecture(config, data)
     train_config = dataclasses.replace(config.train, seed=config.seed)
     result = train_model(
         model,
@@ -875,7 +875,7 @@ def run_identification(
         workspace.add_scores(
             scores_id, run.run_id, failure_set_id, method, result.config, summary
         )
-    return summary
+    return {**summary, "config": result.config}
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from repair_core.devices import seeded
 from repair_core.errors import ConfigError
 from repair_core.inference import eval_mode
 
@@ -57,8 +58,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        if not self.lr > 0:
-            raise ConfigError(f"Learning rate {self.lr} must be positive.")
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr)) or (
+            self.lr <= 0
+        ):
+            raise ConfigError(
+                f"Learning rate {self.lr} must be a finite positive number, for "
+                "example 1e-3."
+            )
         if self.batch_size < 1:
             raise ConfigError(f"Batch size {self.batch_size} must be at least 1.")
         if self.max_epochs < 1:
@@ -170,6 +176,17 @@ def _evaluate(model, images, labels, device, batch_size=512) -> tuple[float, flo
     return total_loss / len(labels), correct / len(labels)
 
 
+def _thin_checkpoints(
+    checkpoints: list[tuple[int, dict]], best_epoch: int
+) -> list[tuple[int, dict]]:
+    """Halve the kept checkpoints. Every other one is dropped, counting back
+    from the best epoch, whose checkpoint stays, so the checkpoints up to the
+    best epoch, which training returns, stay spread over the run."""
+    up_to_best = [c for c in checkpoints if c[0] <= best_epoch]
+    after_best = [c for c in checkpoints if c[0] > best_epoch]
+    return up_to_best[::-2][::-1] + after_best[1::2]
+
+
 def train_model(
     model: nn.Module,
     images: torch.Tensor,
@@ -204,9 +221,32 @@ def train_model(
         len(indices), config.val_fraction, config.seed
     )
     train_idx, val_idx = indices[train_pos], indices[val_pos]
-    val_images, val_labels = images[val_idx], labels[val_idx]
 
-    torch.manual_seed(config.seed)
+    with seeded(config.seed):
+        return _train(
+            model,
+            images,
+            labels,
+            config,
+            train_idx,
+            val_idx,
+            device=device,
+            progress=progress,
+        )
+
+
+def _train(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    train_idx: torch.Tensor,
+    val_idx: torch.Tensor,
+    *,
+    device: torch.device,
+    progress: TrainProgress | None,
+) -> TrainResult:
+    val_images, val_labels = images[val_idx], labels[val_idx]
     generator = torch.Generator().manual_seed(config.seed + 1)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
@@ -258,12 +298,13 @@ def train_model(
         )
         if progress is not None:
             progress(epoch, running / seen, val_acc)
+        improved = val_loss < best_loss
+        if improved:
+            best_loss, best_epoch, best_state = val_loss, epoch, _cpu_state(model)
         checkpoints.append((epoch, _cpu_state(model)))
         if len(checkpoints) > MAX_KEPT_CHECKPOINTS:
-            checkpoints = checkpoints[1::2]
-        if val_loss < best_loss:
-            best_loss, best_epoch, best_state = val_loss, epoch, _cpu_state(model)
-        elif epoch - best_epoch >= config.patience:
+            checkpoints = _thin_checkpoints(checkpoints, best_epoch)
+        if not improved and epoch - best_epoch >= config.patience:
             break
 
     model.load_state_dict(best_state)

@@ -5,7 +5,12 @@ import torch
 from conftest import make_blobs, make_mlp
 
 from repair_core.errors import ConfigError
-from repair_core.training import TrainConfig, train_model
+from repair_core.training import (
+    MAX_KEPT_CHECKPOINTS,
+    TrainConfig,
+    _thin_checkpoints,
+    train_model,
+)
 
 SMALL = {"batch_size": 32, "max_epochs": 6, "patience": 2}
 
@@ -103,10 +108,47 @@ def test_checkpoints_end_at_best_epoch(blobs):
     assert epochs == sorted(epochs)
 
 
+def test_thinning_keeps_the_best_epoch():
+    checkpoints = [(epoch, {}) for epoch in range(1, 12)]
+
+    kept = _thin_checkpoints(checkpoints, best_epoch=5)
+
+    assert [epoch for epoch, _ in kept] == [1, 3, 5, 7, 9, 11]
+
+
+def test_checkpoints_survive_long_run_past_best_epoch():
+    images, _ = make_blobs(120)
+    # Random labels: the validation loss is lowest early and then rises
+    # while training goes on for the whole patience.
+    labels = torch.randint(0, 3, (120,), generator=torch.Generator().manual_seed(1))
+    config = TrainConfig(lr=1e-2, batch_size=16, max_epochs=30, patience=30)
+
+    result = train_model(make_mlp(), images, labels, config)
+
+    epochs = [epoch for epoch, _ in result.checkpoints]
+    assert result.epochs_run == 30
+    assert result.best_epoch <= 10
+    assert epochs[-1] == result.best_epoch
+    assert len(epochs) <= MAX_KEPT_CHECKPOINTS
+
+
+def test_training_restores_the_callers_random_stream(blobs):
+    images, labels = blobs
+    model = make_mlp()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+
+    torch.manual_seed(5)
+    train_model(model, images, labels, TrainConfig(seed=3, **SMALL))
+
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"lr": 0.0}, "Learning rate 0.0 must be positive"),
+        ({"lr": 0.0}, "Learning rate 0.0 must be a finite positive number"),
+        ({"lr": float("inf")}, "Learning rate inf must be a finite positive number"),
         ({"batch_size": 0}, "Batch size 0 must be at least 1"),
         ({"val_fraction": 1.0}, "Validation fraction 1.0 must lie strictly"),
         ({"patience": 0}, "Patience 0 must be at least 1"),

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from repair_core.devices import seeded
 from repair_core.errors import ConfigError
 from repair_core.identification.base import option
 from repair_core.inference import model_device
@@ -68,11 +69,11 @@ def fresh_model(
             a frozen parameter or buffer of ``model`` or has it in another
             shape.
     """
-    torch.manual_seed(seed)
-    if model_factory is not None:
-        fresh = model_factory().to(model_device(model))
-    else:
-        fresh = _reset_copy(model)
+    with seeded(seed):
+        if model_factory is not None:
+            fresh = model_factory().to(model_device(model))
+        else:
+            fresh = _reset_copy(model)
     for module in fresh.modules():
         if _has_running_stats(module):
             module.reset_running_stats()
