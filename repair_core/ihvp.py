@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -866,8 +867,22 @@ def exact_ihvp(
         block_columns=block_columns,
     )
     # At most two P x P matrices exist at a time: the curvature and the sum,
-    # then the sum and the LU factors that torch.linalg.solve makes.
+    # then the sum and its Cholesky factor (or the LU factors).
     symmetric = hessian + hessian.T
     del hessian
     symmetric.mul_(0.5).diagonal().add_(damping)
+    factor, info = torch.linalg.cholesky_ex(symmetric)
+    if info.item() == 0:
+        del symmetric
+        return torch.cholesky_solve(g.unsqueeze(1), factor).squeeze(1)
+    del factor
+    warnings.warn(
+        f"The damped {curvature} (damping {damping:g}) is not positive definite: "
+        f"the {curvature} has an eigenvalue at or below -{damping:g}, as away from a "
+        "minimum, so the solve mixes directions of rising and falling loss and "
+        "the influence scores can change sign. Raise the damping or use "
+        "curvature='fisher'.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
     return torch.linalg.solve(symmetric, g)

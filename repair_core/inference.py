@@ -48,10 +48,10 @@ def check_labels(labels: torch.Tensor, n_classes: int, name: str) -> None:
     ``name`` names the set in the message, such as "Training label". The loss
     would otherwise raise an IndexError, or skip the label -100 without an error.
     """
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    if labels.dtype != torch.long:
         raise ConfigError(
-            f"{name}s have dtype {labels.dtype}, not an integer type. Pass class "
-            "indices as an integer tensor, for example labels.long()."
+            f"{name}s have dtype {labels.dtype}, not torch.int64, which the loss "
+            "needs. Pass class indices as labels.long()."
         )
     bad = torch.nonzero((labels < 0) | (labels >= n_classes)).flatten()
     if len(bad):
@@ -67,8 +67,33 @@ def check_labels(labels: torch.Tensor, n_classes: int, name: str) -> None:
 
 def output_size(model: nn.Module, images: torch.Tensor) -> int:
     """Return the number of logits per example, from one forward pass on the
-    first of ``images`` in eval mode."""
-    return predict_logits(model, images[:1]).shape[-1]
+    first of ``images`` in eval mode.
+
+    Raises:
+        ConfigError: the images have another floating dtype than the model's
+            parameters, or the model cannot take them, naming their shape.
+    """
+    weights = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    if weights and images.is_floating_point() and images.dtype != weights[0]:
+        raise ConfigError(
+            f"The images are {images.dtype} but the model's parameters are "
+            f"{weights[0]}. Convert one to the other, for example "
+            f"images.to({weights[0]}) or model.to({images.dtype})."
+        )
+    try:
+        logits = predict_logits(model, images[:1])
+    except RuntimeError as error:
+        raise ConfigError(
+            f"The model cannot take images of shape {tuple(images.shape[1:])} "
+            f"and dtype {images.dtype}: {str(error).rstrip('.')}. Pass images of "
+            "the shape the model was built for."
+        ) from error
+    if logits.dim() != 2:
+        raise ConfigError(
+            f"The model returns outputs of shape {tuple(logits.shape)} for one "
+            "image; it must return one row of class logits per image, shape (B, K)."
+        )
+    return logits.shape[-1]
 
 
 def check_model_labels(

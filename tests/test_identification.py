@@ -1,8 +1,10 @@
 import copy
+import dataclasses
 import weakref
 
 import pytest
 import torch
+from torch import nn
 
 from repair_core.errors import ConfigError, DivergenceError
 from repair_core.identification import (
@@ -19,6 +21,12 @@ from repair_core.training import TrainConfig, train_model
 from tests.factories import blobs, mlp, tiny_cnn, tiny_images, train_briefly
 
 FAST_METHODS = ("ewc-influence", "linear-influence-exact", "training-loss", "random")
+
+# The briefly trained CNN sits away from a minimum, so the exact solve warns
+# that its damped Hessian is indefinite; the tests here check other things.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The damped hessian .* is not positive definite"
+)
 
 
 def small_config(method):
@@ -346,3 +354,123 @@ def test_progress_reaches_one(trained):
     )
     assert seen[-1] == 1.0
     assert all(0.0 <= f <= 1.0 for f in seen)
+
+
+def test_config_dict_overrides_the_method_defaults(trained):
+    model, x, y, qx, qy, _ = trained
+
+    result = identify("linear-influence-gd", model, x, y, qx, qy, {"gd_steps": 5})
+
+    expected = default_config("linear-influence-gd")
+    expected.gd_steps = 5
+    assert result.config["solver"] == "gd"
+    assert result.config == dataclasses.asdict(expected)
+
+
+@pytest.mark.parametrize(
+    "method", [m for m, spec in METHODS.items() if spec.uses_query]
+)
+def test_empty_query_is_rejected(trained, method):
+    model, x, y, qx, qy, context = trained
+
+    with pytest.raises(ConfigError, match=f"F_q is empty, so {method} has no"):
+        identify(
+            method, model, x, y, qx[:0], qy[:0], small_config(method), context=context
+        )
+
+
+@pytest.mark.parametrize("method", ["training-loss", "random", "oracle"])
+def test_methods_without_query_rank_without_failures(trained, method):
+    model, x, y, qx, qy, context = trained
+
+    result = identify(method, model, x, y, qx[:0], qy[:0], context=context)
+
+    assert result.scores.shape == (48,)
+
+
+@pytest.mark.parametrize(
+    "method", [m for m, spec in METHODS.items() if spec.uses_gradients]
+)
+def test_frozen_model_is_rejected_by_name(trained, method):
+    model, x, y, qx, qy, context = trained
+    frozen = copy.deepcopy(model).requires_grad_(False)
+
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        identify(method, frozen, x, y, qx, qy, small_config(method), context=context)
+
+
+def test_labels_must_be_int64(trained):
+    model, x, y, qx, qy, _ = trained
+
+    with pytest.raises(ConfigError, match="Training labels have dtype torch.int32"):
+        identify("training-loss", model, x, y.int(), qx, qy)
+
+
+def test_images_the_model_cannot_take_are_named(trained):
+    model, x, y, qx, qy, _ = trained
+
+    with pytest.raises(ConfigError, match="images are torch.float64 but the model"):
+        identify("training-loss", model, x.double(), y, qx.double(), qy)
+    with pytest.raises(ConfigError, match=r"cannot take images of shape \(2, 8, 8\)"):
+        identify("training-loss", model, x.repeat(1, 2, 1, 1), y, qx, qy)
+
+
+def test_identify_restores_the_callers_random_stream(trained):
+    model, x, y, qx, qy, _ = trained
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+
+    torch.manual_seed(5)
+    identify("random", model, x, y, qx, qy, {"seed": 9})
+
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_seed_is_none_for_method_without_one(trained):
+    model, x, y, qx, qy, _ = trained
+
+    assert identify("training-loss", model, x, y, qx, qy).seed is None
+    assert identify("random", model, x, y, qx, qy, {"seed": 3}).seed == 3
+
+
+def test_overshooting_ewc_fit_raises(trained):
+    model, x, y, qx, qy, _ = trained
+    settings = {"lr": 1e6, "max_steps": 20, "min_steps": 10}
+
+    with pytest.raises(DivergenceError, match="Adam at lr 1e\\+06 overshot"):
+        identify("ewc-influence", model, x, y, qx, qy, settings)
+
+
+class _HeadFirst(nn.Module):
+    """The TinyCNN with an unused linear layer registered after its head."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.spare = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_tracin_uses_the_layer_that_gives_the_logits(trained):
+    model, x, y, qx, qy, context = trained
+    wrapped = _HeadFirst(copy.deepcopy(model))
+    spare = wrapped.spare.state_dict()
+    wrapped_context = dataclasses.replace(
+        context,
+        checkpoints=[
+            {
+                **{f"net.{k}": v for k, v in state.items()},
+                **{f"spare.{k}": v for k, v in spare.items()},
+            }
+            for state in context.checkpoints
+        ],
+    )
+
+    plain = identify("tracin", model, x, y, qx, qy, context=context)
+    result = identify("tracin", wrapped, x, y, qx, qy, context=wrapped_context)
+
+    assert plain.extras["layer"] == "head"
+    assert result.extras["layer"] == "net.head"
+    torch.testing.assert_close(result.scores, plain.scores)

@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -289,11 +290,25 @@ def test_exact_ihvp_solves_autograd_system(curvature):
     symmetric = (matrix + matrix.T) / 2 + damping * torch.eye(len(g), dtype=g.dtype)
     expected = torch.linalg.solve(symmetric, g)
 
-    actual = exact_ihvp(
-        model, x, y, g, damping=damping, curvature=curvature, block_columns=4
-    )
+    indefinite = torch.linalg.eigvalsh(symmetric).min() < 0
+    # The untrained MLP's Hessian is indefinite, the Fisher never is.
+    assert indefinite == (curvature == "hessian")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual = exact_ihvp(
+            model, x, y, g, damping=damping, curvature=curvature, block_columns=4
+        )
 
     torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
+    messages = [str(warning.message) for warning in caught]
+    if indefinite:
+        assert len(messages) == 1
+        assert (
+            "The damped hessian (damping 0.1) is not positive definite" in (messages[0])
+        )
+    else:
+        assert messages == []
 
 
 @pytest.mark.parametrize(

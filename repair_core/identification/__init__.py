@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from repair_core.devices import seeded
 from repair_core.errors import ConfigError
+from repair_core.fisher import checked_parameters
 from repair_core.identification.base import (
     IdentificationContext,
     ScoreResult,
@@ -98,6 +100,10 @@ class MethodSpec:
     score: ScoreFunction
     description: str
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: The method explains the failures in F_q, so it needs at least one.
+    uses_query: bool = True
+    #: The method differentiates the model, so it needs a trainable parameter.
+    uses_gradients: bool = True
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -147,19 +153,32 @@ METHODS: dict[str, MethodSpec] = {
             ConfidentLearningConfig,
             score_confident_learning,
             "cleanlab label quality from K-fold probabilities; ignores F_q.",
+            uses_query=False,
+            uses_gradients=False,
         ),
         MethodSpec(
             "training-loss",
             TrainingLossConfig,
             score_training_loss,
             "Loss of each training example; ignores F_q.",
+            uses_query=False,
+            uses_gradients=False,
         ),
-        MethodSpec("random", RandomConfig, score_random, "Seeded random order."),
+        MethodSpec(
+            "random",
+            RandomConfig,
+            score_random,
+            "Seeded random order.",
+            uses_query=False,
+            uses_gradients=False,
+        ),
         MethodSpec(
             "oracle",
             OracleConfig,
             score_oracle,
             "Known corrupted examples first (synthetic corruption only).",
+            uses_query=False,
+            uses_gradients=False,
         ),
     )
 }
@@ -181,12 +200,21 @@ def default_config(method: str) -> Any:
 
 
 def _check_data(
+    spec: MethodSpec,
     model: nn.Module,
     train_images: torch.Tensor,
     train_labels: torch.Tensor,
     query_images: torch.Tensor,
     query_labels: torch.Tensor,
 ) -> None:
+    if spec.uses_gradients:
+        checked_parameters(model)
+    if spec.uses_query and len(query_labels) == 0:
+        without = ", ".join(name for name, m in METHODS.items() if not m.uses_query)
+        raise ConfigError(
+            f"The query failure set F_q is empty, so {spec.name} has no failures "
+            f"to explain. Pass at least one failure; {without} rank without them."
+        )
     if len(train_labels) == 0:
         raise ConfigError("The training set is empty, so there is nothing to rank.")
     if len(train_images) != len(train_labels):
@@ -210,8 +238,11 @@ def _config_json(config: Any) -> dict:
     return resolved
 
 
-def _seed_of(config: Any) -> int:
-    return check_seed(getattr(config, "seed", 0))
+def _seed_of(config: Any) -> int | None:
+    """Return the config's seed, or None for a method without one."""
+    if not any(entry.name == "seed" for entry in dataclasses.fields(config)):
+        return None
+    return check_seed(config.seed)
 
 
 def identify(
@@ -236,8 +267,8 @@ def identify(
         train_labels: training labels as trained on, shape (N,).
         query_images: the failures F_q, shape (M, C, H, W).
         query_labels: their true labels, shape (M,).
-        config: the method's config dataclass, a dict of its settings, or
-            None for ``default_config(method)``.
+        config: the method's config dataclass, a dict of settings that
+            override ``default_config(method)``, or None for those defaults.
         context: checkpoints, trajectory, ground truth and so on that some
             methods need.
         progress: called with (fraction done, message).
@@ -248,23 +279,24 @@ def identify(
 
     Raises:
         ConfigError: an unknown method, a wrong config type, missing
-            context, non-finite images, or a label outside 0..K-1 for a
-            model with K outputs.
+            context, an empty F_q for a method that explains it, a model
+            without trainable parameters for a method that differentiates it,
+            non-finite images, images the model cannot take, or labels that
+            are not int64 class indices in 0..K-1 for a model with K outputs.
         FloatingPointError: the method produced non-finite scores.
     """
     spec = _spec(method)
     config = default_config(method) if config is None else config
     if isinstance(config, dict):
-        config = settings_from_dict(spec.config_class, config)
+        config = settings_from_dict(spec.config_class, {**spec.defaults, **config})
     if not isinstance(config, spec.config_class):
         raise ConfigError(
             f"Method {method!r} takes a {spec.config_class.__name__}, not "
             f"{type(config).__name__}. Start from default_config({method!r})."
         )
     context = context or IdentificationContext()
-    _check_data(model, train_images, train_labels, query_images, query_labels)
+    _check_data(spec, model, train_images, train_labels, query_images, query_labels)
     seed = _seed_of(config)
-    torch.manual_seed(seed)
     device = model_device(model)
     logger.info(
         "Identifying causes with %s on %d training examples and %d failures",
@@ -273,7 +305,7 @@ def identify(
         len(query_labels),
     )
     started = time.perf_counter()
-    with eval_mode(model):
+    with seeded(seed or 0), eval_mode(model):
         scores, extras = spec.score(
             model,
             train_images,

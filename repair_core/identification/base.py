@@ -172,7 +172,8 @@ class ScoreResult:
     method: str
     config: dict
     """The resolved config, JSON-serialisable."""
-    seed: int
+    seed: int | None
+    """The config's seed; None for a method without randomness."""
     device: str
     seconds: float
     extras: dict = field(default_factory=dict)

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from repair_core.errors import ConfigError
+from repair_core.errors import ConfigError, DivergenceError
 from repair_core.ewc import EWCPenalty
 from repair_core.fisher import (
     LogLikelihood,
@@ -221,25 +221,36 @@ def fit_failures_with_record(
     weight = 1.0 / len(fit_y) if config.reduction == "mean" else 1.0
     optimizer = torch.optim.Adam(params.values(), lr=config.lr)
 
+    def penalised_loss(backward: bool) -> float:
+        """-weight * log p(fit part of F_q) plus the penalty, with gradients
+        accumulated into the parameters when ``backward``."""
+        total = 0.0
+        with torch.set_grad_enabled(backward):
+            for start in range(0, len(fit_y), config.chunk_size):
+                x = fit_x[start : start + config.chunk_size].to(device)
+                y = fit_y[start : start + config.chunk_size].to(device)
+                loss = (
+                    -weight
+                    * batch_log_likelihood(fitted, params, x, y, log_likelihood).sum()
+                )
+                if backward:
+                    loss.backward()
+                total += loss.item()
+            reg = penalty(fitted)
+            if backward:
+                reg.backward()
+        return total + reg.item()
+
     best_score, best_step = -math.inf, 0
     best_state = {name: p.detach().clone() for name, p in params.items()}
     history: list[dict[str, float]] = []
     step = 0
+    start_objective = math.nan
     for step in range(1, config.max_steps + 1):
         optimizer.zero_grad(set_to_none=True)
-        fit_term = 0.0
-        for start in range(0, len(fit_y), config.chunk_size):
-            x = fit_x[start : start + config.chunk_size].to(device)
-            y = fit_y[start : start + config.chunk_size].to(device)
-            loss = (
-                -weight
-                * batch_log_likelihood(fitted, params, x, y, log_likelihood).sum()
-            )
-            loss.backward()
-            fit_term += loss.item()
-        reg = penalty(fitted)
-        reg.backward()
-        objective = fit_term + reg.item()
+        objective = penalised_loss(backward=True)
+        if step == 1:
+            start_objective = objective
         if not math.isfinite(objective):
             raise FloatingPointError(
                 f"EWC-influence fit objective became {objective} at step {step}. "
@@ -267,6 +278,16 @@ def fit_failures_with_record(
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(best_state[name])
+    # The penalty is zero at theta-hat, so a fit that ends with a higher
+    # penalised loss than it started with has overshot, not fitted F_q.
+    end_objective = penalised_loss(backward=False)
+    if not end_objective <= start_objective + 1e-6 * abs(start_objective):
+        raise DivergenceError(
+            f"The EWC fit of the failures ended with a penalised loss of "
+            f"{end_objective:.4g}, above the {start_objective:.4g} it started "
+            f"from at theta-hat: Adam at lr {config.lr:g} overshot. Lower the lr "
+            "of the fit (--set lr=...)."
+        )
     for name, module in fitted.named_modules():
         module.train(modes[name])
     fitted.zero_grad(set_to_none=True)

@@ -6,9 +6,11 @@ proponent, whose training step lowered the loss on x with its label. The
 failures carry their true labels, so the examples that oppose them are the
 harmful ones: the score is minus the influence summed over F_q.
 
-By default only the last linear layer's gradients are used
-(``TracInCPFast``); ``final_layer_only=False`` uses every module with
-trainable parameters (``TracInCP``). TracIn always uses softmax
+By default only the gradients of the output layer are used
+(``TracInCPFast``): the trainable ``nn.Linear`` whose output the model
+returns as its logits. ``final_layer_only=False``, or a model whose logits
+come from no such layer, uses every module with trainable parameters that
+the forward pass calls (``TracInCP``). TracIn always uses softmax
 cross-entropy, whatever log-likelihood the context names.
 """
 
@@ -39,7 +41,8 @@ class TracInConfig:
     """Settings of TracIn."""
 
     final_layer_only: bool = option(
-        True, "Use only the last linear layer (TracInCPFast); False uses all."
+        True,
+        "Use only the output layer (TracInCPFast); False uses every trainable layer.",
     )
     learning_rate: float | None = option(
         None,
@@ -58,22 +61,47 @@ class TracInConfig:
             )
 
 
-def _last_trainable_linear(model: nn.Module) -> str | None:
-    names = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and all(p.requires_grad for p in module.parameters(recurse=False))
-    ]
-    return names[-1] if names else None
+def _called_layers(
+    model: nn.Module, sample: torch.Tensor
+) -> tuple[list[str], str | None]:
+    """Run ``model`` on ``sample`` and return the names of the submodules with
+    trainable parameters of their own, in the order the forward pass called
+    them, and the name of the trainable ``nn.Linear`` whose output is the
+    model's output (None when no such layer produces the logits)."""
+    called: list[str] = []
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not name or not any(p.requires_grad for p in own):
+            continue
 
+        def record(module, inputs, output, name=name):
+            if name not in outputs:
+                called.append(name)
+            outputs[name] = output
 
-def _trainable_layers(model: nn.Module) -> list[str]:
-    return [
-        name
-        for name, module in model.named_modules()
-        if name and any(p.requires_grad for p in module.parameters(recurse=False))
-    ]
+        handles.append(module.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            logits = model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    modules = dict(model.named_modules())
+    output_layer = None
+    for name in reversed(called):
+        module, output = modules[name], outputs[name]
+        if (
+            isinstance(module, nn.Linear)
+            and all(p.requires_grad for p in module.parameters(recurse=False))
+            and isinstance(output, torch.Tensor)
+            and output.shape == logits.shape
+            and torch.equal(output, logits)
+        ):
+            output_layer = name
+            break
+    return called, output_layer
 
 
 def score_tracin(
@@ -118,8 +146,9 @@ def score_tracin(
         collate_fn=to_device,
     )
     loss = nn.CrossEntropyLoss(reduction="sum")
-    layer = _last_trainable_linear(work) if config.final_layer_only else None
     with eval_mode(work):
+        called, output_layer = _called_layers(work, train_images[:1].to(device))
+        layer = output_layer if config.final_layer_only else None
         if layer is not None:
             tracer = TracInCPFast(
                 work,
@@ -133,14 +162,15 @@ def score_tracin(
         else:
             if config.final_layer_only:
                 logger.warning(
-                    "No trainable nn.Linear layer; TracIn uses all trainable layers."
+                    "No trainable nn.Linear layer gives the model's output; TracIn "
+                    "uses all trainable layers."
                 )
             tracer = TracInCP(
                 work,
                 loader,
                 list(range(len(states))),
                 checkpoints_load_func=load,
-                layers=_trainable_layers(work),
+                layers=called,
                 loss_fn=loss,
                 batch_size=config.batch_size,
                 sample_wise_grads_per_batch=True,
