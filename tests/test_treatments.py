@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repair_core.errors import ConfigError
+from repair_core.errors import ConfigError, DivergenceError
 from repair_core.fisher import diagonal_fisher
 from repair_core.inference import log_likelihoods
 from repair_core.training import TrainConfig, split_validation, validation_size
@@ -927,3 +927,206 @@ def test_apply_treatment_rejects_too_small_training_set():
             default_config("retrain"),
             train_config=train_config,
         )
+
+
+@pytest.mark.parametrize(
+    ("causes", "message"),
+    [
+        (torch.tensor([-1]), "Training index -1 is out of range"),
+        (torch.tensor([1.0, 2.0]), "integer training indices, got dtype"),
+        ("all", "cover all"),
+    ],
+)
+def test_apply_treatment_checks_causes(causes, message):
+    problem = tiny_problem()
+    if isinstance(causes, str):
+        causes = torch.arange(len(problem.train_labels))
+
+    with pytest.raises(ConfigError, match=message):
+        apply_treatment(
+            "newton",
+            problem.model,
+            problem.train_images,
+            problem.train_labels,
+            causes,
+            problem.query_images,
+            problem.query_labels,
+            _short_config("newton"),
+        )
+
+
+def test_apply_treatment_counts_each_cause_once():
+    problem = tiny_problem()
+    config = _short_config("ewc-deletion")
+    args = (problem.query_images, problem.query_labels, config)
+
+    repeated = apply_treatment(
+        "ewc-deletion",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        torch.tensor([7, 3, 3, 3]),
+        *args,
+    )
+    once = apply_treatment(
+        "ewc-deletion",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        torch.tensor([3, 7]),
+        *args,
+    )
+
+    assert repeated.causes.tolist() == [3, 7]
+    _assert_same_state(repeated.model, _state(once.model))
+
+
+def test_repair_reports_device_and_accuracies():
+    problem = tiny_problem()
+    causes = problem.flipped[:5]
+
+    result = repair(
+        "newton",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        causes.tolist(),
+        problem.query_images,
+        problem.query_labels,
+        _short_config("newton"),
+    )
+
+    def accuracy(model, images, labels):
+        with torch.no_grad():
+            return (model(images).argmax(1) == labels).double().mean().item()
+
+    assert result.device == "cpu"
+    for name, images, labels in [
+        ("query_acc", problem.query_images, problem.query_labels),
+        ("causes_acc", problem.train_images[causes], problem.train_labels[causes]),
+    ]:
+        expected_before = accuracy(problem.model, images, labels)
+        expected_after = accuracy(result.model, images, labels)
+        assert result.metrics[name]["before"] == pytest.approx(expected_before)
+        assert result.metrics[name]["after"] == pytest.approx(expected_after)
+
+
+def test_nothing_removed_control_has_no_causes_accuracy():
+    problem = tiny_problem()
+
+    result = apply_treatment(
+        "finetune",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        [],
+        problem.query_images,
+        problem.query_labels,
+        _short_config("finetune"),
+        train_config=problem.train_config,
+    )
+
+    assert result.causes.tolist() == []
+    assert result.metrics["causes_acc"] is None
+    assert 0 <= result.metrics["query_acc"]["after"] <= 1
+
+
+class _WithUnusedLayer(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.unused = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_newton_ignores_parameter_outside_forward():
+    problem = tiny_problem()
+    model = _WithUnusedLayer(copy.deepcopy(problem.model))
+    reference = repair(
+        "newton",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped.tolist(),
+        problem.query_images,
+        problem.query_labels,
+        _short_config("newton"),
+    )
+
+    result = repair(
+        "newton",
+        model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped.tolist(),
+        problem.query_images,
+        problem.query_labels,
+        _short_config("newton"),
+    )
+
+    unused = dict(model.unused.named_parameters())
+    for name, value in result.model.unused.named_parameters():
+        torch.testing.assert_close(value, unused[name])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            result.model(problem.query_images), reference.model(problem.query_images)
+        )
+
+
+def test_newton_step_to_non_finite_parameters_raises():
+    problem = tiny_problem()
+    config = dataclasses.replace(_short_config("newton"), gamma=1e300)
+
+    with pytest.raises(DivergenceError, match="The newton repair gave non-finite"):
+        repair(
+            "newton",
+            problem.model,
+            problem.train_images,
+            problem.train_labels,
+            problem.flipped.tolist(),
+            problem.query_images,
+            problem.query_labels,
+            config,
+        )
+
+
+@pytest.mark.parametrize("treatment", TREATMENTS)
+def test_frozen_model_is_rejected_by_name(treatment):
+    problem = tiny_problem()
+    model = copy.deepcopy(problem.model).requires_grad_(False)
+
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        repair(
+            treatment,
+            model,
+            problem.train_images,
+            problem.train_labels,
+            problem.flipped.tolist(),
+            problem.query_images,
+            problem.query_labels,
+            _short_config(treatment),
+            train_config=problem.train_config,
+        )
+
+
+def test_repair_restores_the_callers_random_stream():
+    problem = tiny_problem()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+
+    torch.manual_seed(5)
+    repair(
+        "finetune",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped.tolist(),
+        problem.query_images,
+        problem.query_labels,
+        _short_config("finetune"),
+        train_config=problem.train_config,
+    )
+
+    torch.testing.assert_close(torch.rand(3), expected)

@@ -23,9 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from repair_core.errors import ConfigError
-from repair_core.fisher import diagonal_fisher
-from repair_core.inference import check_finite_images, check_model_labels
+from repair_core.devices import seeded
+from repair_core.errors import ConfigError, DivergenceError
+from repair_core.fisher import checked_parameters, diagonal_fisher
+from repair_core.inference import (
+    accuracy,
+    check_finite_images,
+    check_model_labels,
+    model_device,
+)
 from repair_core.progress import Progress
 from repair_core.training import TrainConfig
 from repair_core.treatments.base import (
@@ -143,34 +149,101 @@ def apply_treatment(
     model: nn.Module,
     train_images: torch.Tensor,
     train_labels: torch.Tensor,
-    causes: torch.Tensor,
+    causes: Any,
     query_images: torch.Tensor,
     query_labels: torch.Tensor,
-    config: TreatmentConfig,
+    config: TreatmentConfig | dict[str, Any] | None = None,
     *,
     fisher: dict[str, torch.Tensor] | None = None,
     train_config: TrainConfig | None = None,
     model_factory: Callable[[], nn.Module] | None = None,
     progress: Progress | None = None,
 ) -> RepairResult:
-    """Run a treatment on causes that are already validated.
+    """Run a treatment; like :func:`repair`, except that ``causes`` may be empty.
 
-    Unlike :func:`repair`, ``causes`` may be empty: that is the
-    nothing-removed control, which still fine-tunes or retrains on all of D.
-    The returned model has each submodule's train or eval mode as ``model``.
+    Empty causes are the nothing-removed control, which still fine-tunes or
+    retrains on all of D. The returned model has each submodule's train or
+    eval mode as ``model``.
 
     Raises:
-        ConfigError: non-finite images, a label outside 0..K-1 for a model
-            with K outputs, or, for fine-tuning and retraining, causes that
-            leave too few examples for the validation split.
+        ConfigError: unknown treatment, bad settings, causes that are not
+            distinct training indices (see :func:`validate_causes`), a model
+            without trainable parameters, non-finite images, labels that are
+            not int64 class indices in 0..K-1 for a model with K outputs, or,
+            for fine-tuning and retraining, causes that leave too few examples
+            for the validation split.
+        DivergenceError: the repaired model has non-finite parameters.
     """
+    config = resolve_config(treatment, config)
+    causes = validate_causes(causes, len(train_labels), allow_empty=True)
     if treatment in _TRAINS_ON_REMAINDER:
         val_fraction = (train_config or TrainConfig()).val_fraction
         check_remaining(treatment, len(causes), len(train_labels), val_fraction)
+    if not (treatment == "retrain" and model_factory is not None):
+        checked_parameters(model)
     check_finite_images(train_images, "Training image")
     check_finite_images(query_images, "Query image")
     check_model_labels(model, train_images, train_labels, query_images, query_labels)
-    causes = causes.long().cpu()
+    with seeded(config.seed):
+        result = _apply(
+            treatment,
+            model,
+            train_images,
+            train_labels,
+            causes,
+            query_images,
+            query_labels,
+            config,
+            fisher=fisher,
+            train_config=train_config,
+            model_factory=model_factory,
+            progress=progress,
+        )
+    _check_finite_model(result.model, treatment)
+    result.metrics = {
+        "query_acc": _before_after(model, result.model, query_images, query_labels),
+        "causes_acc": _before_after(
+            model, result.model, train_images[causes], train_labels[causes]
+        ),
+    }
+    return result
+
+
+def _before_after(
+    model: nn.Module, repaired: nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> dict[str, float] | None:
+    if len(labels) == 0:
+        return None
+    return {
+        "before": accuracy(model, images, labels),
+        "after": accuracy(repaired, images, labels),
+    }
+
+
+def _check_finite_model(model: nn.Module, treatment: str) -> None:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise DivergenceError(
+                f"The {treatment} repair gave non-finite values in {name}. Lower "
+                "its strength (gamma) or learning rate, and check the inputs."
+            )
+
+
+def _apply(
+    treatment: str,
+    model: nn.Module,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    causes: torch.Tensor,
+    query_images: torch.Tensor,
+    query_labels: torch.Tensor,
+    config: TreatmentConfig,
+    *,
+    fisher: dict[str, torch.Tensor] | None,
+    train_config: TrainConfig | None,
+    model_factory: Callable[[], nn.Module] | None,
+    progress: Progress | None,
+) -> RepairResult:
     n_train = len(train_labels)
     start = time.perf_counter()
     logger.info(
@@ -261,6 +334,7 @@ def apply_treatment(
         causes=causes,
         seconds=seconds,
         seed=config.seed,
+        device=str(model_device(repaired)),
         extras=extras,
     )
 

@@ -50,9 +50,12 @@ class RepairResult:
 
     ``model`` has each submodule's ``training`` flag as in the input model,
     so an input in eval mode comes back in eval mode. ``causes`` are the
-    removed training indices, shape (|C|,), sorted int64. ``extras`` holds
-    treatment-specific diagnostics such as the step at which early stopping
-    kept the parameters.
+    removed training indices, shape (|C|,), sorted int64. ``metrics`` gives
+    accuracy before and after the repair on the query failures F_q
+    (``query_acc``) and on the causes with their training labels
+    (``causes_acc``, None when C is empty), each as ``{"before", "after"}``.
+    ``extras`` holds treatment-specific diagnostics such as the step at which
+    early stopping kept the parameters.
     """
 
     model: nn.Module
@@ -61,23 +64,29 @@ class RepairResult:
     causes: torch.Tensor
     seconds: float
     seed: int
+    device: str = "cpu"
+    metrics: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def validate_causes(causes: Any, n_train: int) -> torch.Tensor:
+def validate_causes(
+    causes: Any, n_train: int, *, allow_empty: bool = False
+) -> torch.Tensor:
     """Check a list of training indices and return them sorted and unique.
 
     Args:
         causes: training-set indices, any sequence or tensor of integers.
             Duplicates are dropped.
         n_train: size N of the training set.
+        allow_empty: accept an empty list, as the nothing-removed control does.
 
     Returns:
         Sorted unique indices, int64, shape (|C|,).
 
     Raises:
-        ConfigError: the list is empty, an index is outside 0..N-1, a value is
-            not an integer, or the causes cover all of D.
+        ConfigError: the list is empty (unless ``allow_empty``), an index is
+            outside 0..N-1, a value is not an integer, or the causes cover all
+            of D.
     """
     try:
         values = torch.as_tensor(causes)
@@ -86,6 +95,8 @@ def validate_causes(causes: Any, n_train: int) -> torch.Tensor:
             f"Causes must be a list of integer training indices ({error})."
         ) from error
     values = values.flatten()
+    if len(values) == 0 and allow_empty:
+        return torch.zeros(0, dtype=torch.long)
     if len(values) == 0:
         raise ConfigError(
             "The list of causes is empty, so there is nothing to remove. Choose at "
@@ -96,7 +107,7 @@ def validate_causes(causes: Any, n_train: int) -> torch.Tensor:
             f"Causes must be integer training indices, got dtype {values.dtype}. "
             "Pass indices such as [12, 40, 311], not a mask or scores."
         )
-    values = values.long().unique()
+    values = values.cpu().long().unique()
     bad = values[(values < 0) | (values >= n_train)]
     if len(bad):
         raise ConfigError(
@@ -261,9 +272,11 @@ def summed_log_likelihood_gradient(
             x = images[start : start + batch_size].to(device)
             y = labels[start : start + batch_size].to(device)
             objective = log_likelihood(model(x), y).sum()
-            grads = torch.autograd.grad(objective, params)
+            # A parameter the forward pass never uses has gradient zero.
+            grads = torch.autograd.grad(objective, params, allow_unused=True)
             for accumulated, grad in zip(total, grads, strict=True):
-                accumulated.add_(grad)
+                if grad is not None:
+                    accumulated.add_(grad)
     return torch.nn.utils.parameters_to_vector(total)
 
 
