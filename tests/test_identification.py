@@ -356,7 +356,7 @@ def test_progress_reaches_one(trained):
     assert all(0.0 <= f <= 1.0 for f in seen)
 
 
-def test_config_dict_overrides_the_method_defaults(trained):
+def test_config_dict_keeps_method_defaults(trained):
     model, x, y, qx, qy, _ = trained
 
     result = identify("linear-influence-gd", model, x, y, qx, qy, {"gd_steps": 5})
@@ -380,7 +380,7 @@ def test_empty_query_is_rejected(trained, method):
 
 
 @pytest.mark.parametrize("method", ["training-loss", "random", "oracle"])
-def test_methods_without_query_rank_without_failures(trained, method):
+def test_query_free_methods_accept_empty_query(trained, method):
     model, x, y, qx, qy, context = trained
 
     result = identify(method, model, x, y, qx[:0], qy[:0], context=context)
@@ -415,7 +415,7 @@ def test_images_the_model_cannot_take_are_named(trained):
         identify("training-loss", model, x.repeat(1, 2, 1, 1), y, qx, qy)
 
 
-def test_identify_restores_the_callers_random_stream(trained):
+def test_identify_restores_random_stream(trained):
     model, x, y, qx, qy, _ = trained
     torch.manual_seed(5)
     expected = torch.rand(3)
@@ -453,7 +453,7 @@ class _HeadFirst(nn.Module):
         return self.net(x)
 
 
-def test_tracin_uses_the_layer_that_gives_the_logits(trained):
+def test_tracin_uses_logits_layer(trained):
     model, x, y, qx, qy, context = trained
     wrapped = _HeadFirst(copy.deepcopy(model))
     spare = wrapped.spare.state_dict()

@@ -116,7 +116,7 @@ def test_thinning_keeps_the_best_epoch():
     assert [epoch for epoch, _ in kept] == [1, 3, 5, 7, 9, 11]
 
 
-def test_checkpoints_survive_long_run_past_best_epoch():
+def test_checkpoints_kept_past_best_epoch():
     images, _ = make_blobs(120)
     # Random labels: the validation loss is lowest early and then rises
     # while training goes on for the whole patience.
@@ -132,7 +132,7 @@ def test_checkpoints_survive_long_run_past_best_epoch():
     assert len(epochs) <= MAX_KEPT_CHECKPOINTS
 
 
-def test_training_restores_the_callers_random_stream(blobs):
+def test_training_restores_random_stream(blobs):
     images, labels = blobs
     model = make_mlp()
     torch.manual_seed(5)

@@ -1011,7 +1011,7 @@ def test_repair_reports_device_and_accuracies():
         assert result.metrics[name]["after"] == pytest.approx(expected_after)
 
 
-def test_nothing_removed_control_has_no_causes_accuracy():
+def test_empty_causes_no_causes_accuracy():
     problem = tiny_problem()
 
     result = apply_treatment(
@@ -1041,7 +1041,7 @@ class _WithUnusedLayer(nn.Module):
         return self.net(x)
 
 
-def test_newton_ignores_parameter_outside_forward():
+def test_newton_ignores_unused_parameter():
     problem = tiny_problem()
     model = _WithUnusedLayer(copy.deepcopy(problem.model))
     reference = repair(
@@ -1075,7 +1075,7 @@ def test_newton_ignores_parameter_outside_forward():
         )
 
 
-def test_newton_step_to_non_finite_parameters_raises():
+def test_newton_non_finite_step_raises():
     problem = tiny_problem()
     config = dataclasses.replace(_short_config("newton"), gamma=1e300)
 
@@ -1111,7 +1111,7 @@ def test_frozen_model_is_rejected_by_name(treatment):
         )
 
 
-def test_repair_restores_the_callers_random_stream():
+def test_repair_restores_random_stream():
     problem = tiny_problem()
     torch.manual_seed(5)
     expected = torch.rand(3)
