@@ -395,17 +395,18 @@ confirm_top = confirm_column.button(
 )
 if confirm_top and top_k is not None:
     chosen = [int(i) for i in order[:top_k] if decisions.get(int(i)) is None]
-    set_decisions(
+    # A failed save shows its error, which a rerun would wipe at once.
+    if set_decisions(
         chosen,
         "confirmed",
         {},
         f"confirming {dashboard.count_text(len(chosen), 'example')} of the top {top_k}",
-    )
-    st.rerun()
+    ):
+        st.rerun()
 # Clearing needs a ticked box first; the Undo button can restore it.
 clear_column, clear_button_column = st.columns(2, vertical_alignment="center")
 confirm_clear = clear_column.checkbox(
-    f"Clear all {len(decisions)}",
+    f"Allow clearing {dashboard.count_text(len(decisions), 'decision')}",
     key="causes_clear_confirm",
     disabled=not decisions,
     help=f"Tick to allow clearing the "

@@ -343,7 +343,7 @@ def action_section() -> None:
         else:
             mode = "single"
             n_seeds = dashboard.number_field(
-                "Seeds",
+                "Number of seeds",
                 3,
                 key="repair_seeds",
                 minimum=1,
@@ -651,7 +651,7 @@ def repairs_table(repairs: list[dict[str, Any]]) -> pd.DataFrame:
             "gain on F_h over random removal": gain_over_random(summary),
             "T\\F after": after["remaining_acc"],
             "test after": after["test_acc"],
-            "seeds": len(summary["seeds"]),
+            "number of seeds": len(summary["seeds"]),
             "seconds": summary.get("seconds"),
         }
         rows.append(row)
@@ -704,7 +704,10 @@ def repair_caption(record: dict[str, Any]) -> str:
     seeds = summary["seeds"]
     seconds = f"in {summary['seconds']:.0f} s"
     if len(seeds) > 1:
-        seed_text = f"seeds {seeds}, {seconds}. Figures are means over seeds."
+        seed_text = (
+            f"seeds {', '.join(str(seed) for seed in seeds)}, {seconds}. Figures "
+            "are means over seeds."
+        )
     else:
         seed_text = f"seed {seeds[0]}, {seconds}."
     changed = changed_treatment_settings(treatment, config)

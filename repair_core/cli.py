@@ -539,7 +539,6 @@ def _command_train(args: argparse.Namespace) -> dict[str, Any]:
         record_trajectory=args.record_trajectory,
     )
     workspace = Workspace(args.workspace)
-    workspace.check_writable()
     summary = train_run(workspace, config, progress=_print_epoch)
     summary.pop("history", None)
     return summary
@@ -550,7 +549,6 @@ def _command_import(args: argparse.Namespace) -> dict[str, Any]:
 
     config = _run_config(args)
     workspace = Workspace(args.workspace)
-    workspace.check_writable()
     return import_run(workspace, config, args.checkpoint)
 
 

@@ -123,11 +123,13 @@ def repair_text(summary: dict[str, Any]) -> str:
     gain_mean = gain["mean"] if gain else {}
     fixed = gain_mean.get("holdout_fixed")
     broken = gain_mean.get("remaining_broken")
+    holdout = summary["before"].get("holdout_acc")
+    has_holdout = isinstance(holdout, float) and math.isfinite(holdout)
     if fixed is not None and broken is not None:
+        fixed_text = f"{fixed:+.1f} holdout failures fixed, " if has_holdout else ""
         lines.append(
-            f"Against the nothing-removed control: {fixed:+.1f} holdout failures "
-            f"fixed, {broken:+.1f} remaining examples broken"
-            + (" (means over seeds)." if several else ".")
+            f"Against the nothing-removed control: {fixed_text}{broken:+.1f} "
+            "remaining examples broken" + (" (means over seeds)." if several else ".")
         )
     first = (summary.get("per_seed") or {}).get("treatment") or [{}]
     if first[0].get("model_file"):

@@ -165,7 +165,8 @@ def restore_from_url() -> None:
     A browser reload starts a new session, so the session state is empty, but
     the URL keeps the query parameters that :func:`save_to_url` wrote. An id
     that the workspace does not hold, or that belongs to another run or
-    failure set, is ignored together with everything after it.
+    failure set, is ignored together with everything after it, and a toast
+    names it.
     """
     if st.session_state.get("_url_restored"):
         return
@@ -191,34 +192,53 @@ def restore_from_url() -> None:
         ws = open_workspace(st.session_state["workspace_root"])
         ws.get_run(run_id)
     except USER_ERRORS:
+        _toast_not_opened("run", run_id, "")
         return
     st.session_state["run_id"] = run_id
     failure_set_id = params.get("fs")
     checks = (
-        ("failure_set_id", failure_set_id, ws.get_failure_set, {"run_id": run_id}),
+        (
+            "failure_set_id",
+            "failure set",
+            failure_set_id,
+            ws.get_failure_set,
+            {"run_id": run_id},
+        ),
         (
             "scores_id",
+            "ranking",
             params.get("scores"),
             ws.get_scores,
             {"run_id": run_id, "failure_set_id": failure_set_id},
         ),
         (
             "repair_id",
+            "repair",
             params.get("repair"),
             ws.get_repair,
             {"run_id": run_id, "failure_set_id": failure_set_id},
         ),
     )
-    for key, record_id, get, expected in checks:
+    for key, what, record_id, get, expected in checks:
         if not record_id:
             continue
         try:
             record = get(record_id)
         except USER_ERRORS:
+            _toast_not_opened(what, record_id, "")
             return
         if any(record.get(name) != value for name, value in expected.items()):
+            _toast_not_opened(what, record_id, " for the failure set it names")
             return
         st.session_state[key] = record_id
+
+
+def _toast_not_opened(what: str, record_id: str, where: str) -> None:
+    """Say that the URL's ``record_id`` was not found, so it was not opened."""
+    st.toast(
+        f"The address names the {what} {record_id!r}, which was not found in "
+        f"this workspace{where}, so it was not opened."
+    )
 
 
 def save_to_url() -> None:
@@ -1079,7 +1099,7 @@ def describe_error(error: Exception) -> str:
     """Return a one-line message for an error shown with ``st.error``."""
     if isinstance(error, FloatingPointError):
         return f"The computation produced non-finite values: {error}"
-    return str(error)
+    return dashboard_advice(str(error))
 
 
 def run_safely(action: str, function: Callable[[], Any]) -> Any:

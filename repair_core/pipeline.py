@@ -490,6 +490,7 @@ def train_run(
         ``n_train``, ``n_test``, ``test_accuracy``, ``n_failures``, ``n_query``,
         ``n_holdout``, ``n_corrupted``, ``best_epoch``, ``seconds``.
     """
+    workspace.check_writable()
     started = time.perf_counter()
     device = select_device(config.device)
     report = status or (lambda fraction, message: None)
@@ -571,6 +572,7 @@ def import_run(
         CheckpointError: the checkpoint is missing, a folder or unreadable,
             the factory fails, or the state dict does not fit the model.
     """
+    workspace.check_writable()
     started = time.perf_counter()
     device = select_device(config.device)
     # Read the checkpoint first, so a bad path fails before the data loads.
@@ -830,6 +832,7 @@ def run_identification(
         ``n_implicated`` and ``implicated_found_at_20pct`` (see
         ``implicated_by``).
     """
+    workspace.check_writable()
     from repair_core.identification import identify
     from repair_core.metrics import detection_summary
 
@@ -1130,6 +1133,7 @@ def run_repair(
         ``per_seed`` records per arm, and ``holdout_fixed_idx`` and
         ``remaining_broken_idx`` of the first treated model.
     """
+    workspace.check_writable()
     from repair_core.evaluation import repair_with_controls
     from repair_core.treatments import validate_causes
 
@@ -1270,6 +1274,7 @@ def run_sweep(
         Each point's model is saved as ``sweeps/<sweep_id>/<setting>-<value>.pt``
         under the run folder and named in its ``model_file``.
     """
+    workspace.check_writable()
     from repair_core.evaluation import sweep
 
     inputs = _repair_inputs(workspace, run, failure_set_id)
@@ -1370,6 +1375,7 @@ def run_removal_curve(
         per k in ``ks``, as from repair_core.evaluation.removal_curve, and
         ``device``.
     """
+    workspace.check_writable()
     from repair_core.evaluation import removal_curve
 
     inputs = _repair_inputs(workspace, run, failure_set_id)

@@ -21,6 +21,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from repair_core import pipeline
+from repair_core.errors import WorkspaceError
 from repair_core.metrics import ranking
 from repair_core.training import TrainConfig
 from repair_core.workspace import Workspace
@@ -255,14 +256,18 @@ def test_url_keeps_open_run_through_reload(workspace_env):
 
 
 @pytest.mark.parametrize(
-    ("params", "kept"),
+    ("params", "kept", "toast"),
     [
-        ({"run": "run-absent", "fs": "fs-absent"}, None),
-        ({"fs": "fs-absent", "scores": "sc-absent"}, "run"),
-        ({"fs": "FS", "scores": "sc-absent"}, "fs"),
+        ({"run": "run-absent", "fs": "fs-absent"}, None, "the run 'run-absent'"),
+        (
+            {"fs": "fs-absent", "scores": "sc-absent"},
+            "run",
+            "the failure set 'fs-absent'",
+        ),
+        ({"fs": "FS", "scores": "sc-absent"}, "fs", "the ranking 'sc-absent'"),
     ],
 )
-def test_url_with_unknown_ids_opens_what_exists(workspace_env, params, kept):
+def test_url_with_unknown_ids_opens_what_exists(workspace_env, params, kept, toast):
     values = {"FS": workspace_env.failure_set_id}
     app = _app()
     app.query_params = {"run": workspace_env.run_id}
@@ -275,6 +280,8 @@ def test_url_with_unknown_ids_opens_what_exists(workspace_env, params, kept):
     expected_set = workspace_env.failure_set_id if kept == "fs" else None
     assert app.session_state["failure_set_id"] == expected_set
     assert app.session_state["scores_id"] is None
+    assert len(app.toast) == 1
+    assert f"The address names {toast}, which was not found" in app.toast[0].value
 
 
 def test_open_picks_failure_set_last_used(workspace_env, tmp_path, monkeypatch):
@@ -354,6 +361,31 @@ def test_setup_opens_existing_run(workspace_env):
     values = metric_values(app)
     assert values["Training images"] == str(TINY["n_train"])
     assert values["Test accuracy"].endswith("%")
+
+
+def test_setup_read_only_workspace_stops_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(tmp_path))
+
+    def read_only(self):
+        raise WorkspaceError(
+            f"Workspace folder {str(tmp_path)!r} is not writable (read-only file "
+            "system). Make it writable, or choose another folder with --workspace."
+        )
+
+    def must_not_load(config):
+        raise AssertionError("data loaded for a workspace that cannot store the run")
+
+    monkeypatch.setattr(Workspace, "check_writable", read_only)
+    monkeypatch.setattr(pipeline, "_load_data", must_not_load)
+    app = page("setup").run()
+    app.button(key="setup_train").click().run()
+
+    assert not app.exception
+    assert len(app.error) == 1
+    message = app.error[0].value
+    assert message.startswith("Training failed: Workspace folder")
+    assert "--workspace" not in message
+    assert message.endswith("Make it writable, or choose another folder.")
 
 
 def test_setup_bad_folder_shows_error(tmp_path, monkeypatch):
@@ -518,6 +550,29 @@ def test_confirm_top_k_keeps_rejections(workspace_env):
     assert values["Rejected"] == "1"
     download = app.get("download_button")[0]
     assert download.proto.label == "Download 4 confirmed culprits (CSV)"
+
+
+def test_confirm_top_k_shows_failed_save(workspace_env, monkeypatch):
+    failure_set_id = workspace_env.new_failure_set()
+    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+    pipeline.run_identification(
+        workspace_env.workspace, run, "training-loss", failure_set_id=failure_set_id
+    )
+
+    def locked(self, *args, **kwargs):
+        raise WorkspaceError("The workspace database is locked.")
+
+    monkeypatch.setattr(Workspace, "set_decisions", locked)
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+    app.number_input(key="causes_k").set_value(5)
+    app.button(key="causes_confirm_top").click().run()
+
+    assert not app.exception
+    assert [error.value for error in app.error] == [
+        "Saving the decisions failed: The workspace database is locked."
+    ]
+    assert metric_values(app)["Confirmed culprits"] == "0"
 
 
 # Repair ----------------------------------------------------------------------
@@ -1422,7 +1477,9 @@ def test_clear_decisions_needs_confirmation(workspace_env):
     state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
     app = page("causes", **state).run()
     check_clean(app)
-    assert app.checkbox(key="causes_clear_confirm").label == ("Clear all 3")
+    assert (
+        app.checkbox(key="causes_clear_confirm").label == "Allow clearing 3 decisions"
+    )
     assert app.button(key="causes_clear").disabled
 
     app.checkbox(key="causes_clear_confirm").check().run()

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from repair_core.cli import main
+from repair_core.cli_text import repair_text
 from repair_core.workspace import Workspace
 
 TINY = ["--n-train", "200", "--n-test", "100", "--epochs", "2", "--device", "cpu"]
@@ -1285,3 +1286,27 @@ def test_failed_command_stores_no_failure_set(
     assert code == 2
     assert message in capsys.readouterr().err
     assert Workspace(workspace).list_failure_sets(run["run_id"]) == stored
+
+
+@pytest.mark.parametrize(("holdout_before", "fixed_text"), [(0.0, True), (None, False)])
+def test_repair_text_counts_fixed_only_with_holdout(holdout_before, fixed_text):
+    accuracies = {"query_acc": 0.5, "remaining_acc": 0.9, "test_acc": 0.8}
+    summary = {
+        "repair_id": "rp-1",
+        "treatment": "finetune",
+        "run_id": "run-1",
+        "failure_set_id": "fs-1",
+        "causes": "top 3",
+        "n_removed": 3,
+        "seconds": 1.0,
+        "seeds": [0],
+        "before": {**accuracies, "holdout_acc": holdout_before},
+        "after": {**accuracies, "holdout_acc": holdout_before},
+        "controls": {},
+        "gain_over_nothing": {"mean": {"holdout_fixed": 0.0, "remaining_broken": 2.0}},
+    }
+
+    text = repair_text(summary)
+
+    assert "remaining examples broken" in text
+    assert ("holdout failures fixed" in text) == fixed_text
