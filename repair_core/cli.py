@@ -402,6 +402,9 @@ def _build_parser() -> argparse.ArgumentParser:
     curve.add_argument(
         "--seeds", default="0,1,2", help="comma-separated fine-tuning seeds"
     )
+    # Each k is removed and fine-tuned, so --set takes fine-tuning's settings.
+    curve.set_defaults(treatment="finetune")
+    _add_settings(curve)
     _add_bench_parser(commands)
     return parser
 
@@ -475,6 +478,35 @@ def _add_bench_parser(commands) -> None:
     )
 
 
+#: The option of ``train`` that sets each noise scenario parameter.
+_SCENARIO_OPTIONS = {
+    "matrix_file": "--flip-matrix",
+    "fraction": "--noise-fraction",
+    "amount": "--noise-amount",
+    "epsilon": "--epsilon",
+    "target_classes": "--target-classes",
+}
+
+
+def _check_scenario_options(scenario: str, params: dict[str, Any]) -> None:
+    """Raise RepairError naming an option that ``scenario`` does not take."""
+    from repair_core.noise import SCENARIO_PARAMS
+
+    allowed = SCENARIO_PARAMS.get(scenario)
+    if allowed is None:
+        return
+    for key in params:
+        if key not in allowed:
+            takes = ", ".join(
+                _SCENARIO_OPTIONS[name] for name in allowed if name in _SCENARIO_OPTIONS
+            )
+            raise RepairError(
+                f"{_SCENARIO_OPTIONS[key]} does not apply to --scenario {scenario}, "
+                + (f"which takes {takes}." if takes else "which takes no options.")
+                + f" Leave out {_SCENARIO_OPTIONS[key]} or choose another scenario."
+            )
+
+
 def _scenario_params(args: argparse.Namespace) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if args.flip_matrix is not None:
@@ -495,6 +527,7 @@ def _scenario_params(args: argparse.Namespace) -> dict[str, Any]:
                 f"Invalid --target-classes {args.target_classes!r}: use class "
                 "indices separated by commas, for example 1,7,6,9."
             ) from error
+    _check_scenario_options(args.scenario, params)
     return params
 
 
@@ -604,7 +637,12 @@ def _run_records(workspace: Workspace, run_id: str) -> dict[str, Any]:
             for r in workspace.list_sweeps(run_id)
         ],
         "removal_curves": [
-            brief(r, "failure_set_id", "scores_id", "ks", "created_at")
+            {
+                **brief(r, "failure_set_id", "scores_id", "ks", "created_at"),
+                "settings": _changed_settings(
+                    r["config"], _default_settings("repair", "finetune")
+                ),
+            }
             for r in workspace.list_removal_curves(run_id)
         ],
     }
@@ -804,6 +842,7 @@ def _apply_settings(config: Any, settings: list[str], what: str) -> Any:
         raise SystemExit(0 if _write_stdout(_settings_help(config, what)) else 141)
     values = config.to_dict() if hasattr(config, "to_dict") else asdict(config)
     kinds = typing.get_type_hints(type(config))
+    given: dict[str, str] = {}
     for item in settings:
         name, sep, text = item.partition("=")
         if not sep:
@@ -811,6 +850,12 @@ def _apply_settings(config: Any, settings: list[str], what: str) -> Any:
                 f"Invalid setting {item!r} for {what}: expected NAME=VALUE. "
                 "'--set help' lists the settings."
             )
+        if name in given:
+            raise RepairError(
+                f"--set {given[name]} and --set {item} both set {name} for "
+                f"{what}. Give each setting once."
+            )
+        given[name] = item
         group, dot, inner = name.partition(".")
         if dot and dataclasses.is_dataclass(getattr(config, group, None)):
             # A dotted name, as '--set help' lists them, sets one setting of a
@@ -1077,6 +1122,7 @@ def _command_sweep(args: argparse.Namespace) -> dict[str, Any]:
 def _command_removal_curve(args: argparse.Namespace) -> dict[str, Any]:
     from repair_core.pipeline import run_removal_curve
 
+    config = _treatment_settings(args)
     workspace, run, failure_set_id = _open_run(args)
     failure_set_id = _stored_failure_set(args, workspace, run, failure_set_id)
     summary = run_removal_curve(
@@ -1086,6 +1132,7 @@ def _command_removal_curve(args: argparse.Namespace) -> dict[str, Any]:
         failure_set_id=failure_set_id,
         ks=tuple(_parse_list(args.ks, int, "--ks")),
         seeds=tuple(_parse_list(args.seeds, _seed, "--seeds")),
+        config=config,
         progress=_ProgressPrinter(),
     )
     summary["curve"] = summary.pop("points")

@@ -532,6 +532,7 @@ def removal_curve(
     *,
     ks: Sequence[int] = (10, 30, 100, 300, 600, 1000),
     seeds: Sequence[int] = (0, 1, 2),
+    config: FinetuneConfig | None = None,
     train_config: TrainConfig | None = None,
     store_model: StoreModel | None = None,
     progress: Progress | None = None,
@@ -548,8 +549,9 @@ def removal_curve(
         ks: numbers of removed examples. A k above N - ``MIN_REMAINING`` is
             skipped with a warning, since fine-tuning needs one example to
             train on and one to validate on.
-        seeds: fine-tuning seeds per k.
-        train_config: fine-tuning settings.
+        seeds: fine-tuning seeds per k; each replaces the seed of ``config``.
+        config: the fine-tuning treatment's settings; the defaults when None.
+        train_config: optimiser settings of fine-tuning.
         store_model: called with a name such as ``"k300-seed0"`` and each
             fine-tuned model; what it returns is recorded as that run's
             ``model_file``.
@@ -608,7 +610,7 @@ def removal_curve(
                 removed,
                 query_images,
                 query_labels,
-                FinetuneConfig(seed=seed),
+                dataclasses.replace(config or FinetuneConfig(), seed=seed),
                 train_config=train_config,
             )
             comparison = compare(model, result.model, test_images, test_labels, split)

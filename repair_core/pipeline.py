@@ -130,6 +130,18 @@ class LoadedRun:
         return Path(folder) if folder else None
 
 
+def _load_new_data(config: RunConfig) -> DataSplit:
+    """Load the data of a new run, which needs a training image of each class."""
+    data = _load_data(config)
+    if len(data.train) < data.num_classes:
+        raise ConfigError(
+            f"The training set has {len(data.train)} images, fewer than its "
+            f"{data.num_classes} classes, so some classes would have no training "
+            f"image. Ask for at least {data.num_classes} training images."
+        )
+    return data
+
+
 def _load_data(config: RunConfig) -> DataSplit:
     return load_data(
         config.data,
@@ -502,7 +514,7 @@ def train_run(
         )
 
     report(0.0, "Loading data")
-    data = _load_data(config)
+    data = _load_new_data(config)
     clean_train = data.train
     report(0.05, f"Applying the {config.scenario} scenario")
     noisy = apply_scenario(
@@ -586,7 +598,7 @@ def import_run(
                 f"Checkpoint {str(checkpoint)!r} has NaN or infinite values in "
                 f"{key!r}. Save the model's weights again from a finite state."
             )
-    data = _load_data(config)
+    data = _load_new_data(config)
     clean_train = data.train
     if config.scenario == "fgsm":
         raise ConfigError(
@@ -1363,20 +1375,27 @@ def run_removal_curve(
     failure_set_id: str,
     ks: tuple[int, ...] = (10, 30, 100, 300, 600, 1000),
     seeds: tuple[int, ...] = (0, 1, 2),
+    config: Any = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Remove the top k by the stored scores, fine-tune, record the accuracies
     and store them as a removal curve.
 
+    ``config`` holds the fine-tuning settings (a ``FinetuneConfig``, a dict or
+    None for the defaults); each of ``seeds`` replaces its seed.
+
     Returns:
         The stored curve: ``removal_curve_id``, ``run_id``,
         ``failure_set_id``, ``scores_id``, ``ks`` (those that leave something
-        to train on), ``skipped_ks`` (the rest), ``seeds``, ``points``, one
-        per k in ``ks``, as from repair_core.evaluation.removal_curve, and
-        ``device``.
+        to train on), ``skipped_ks`` (the rest), ``seeds``, ``config`` (the
+        settings without the seed), ``points``, one per k in ``ks``, as from
+        repair_core.evaluation.removal_curve, and ``device``.
     """
     workspace.check_writable()
     from repair_core.evaluation import removal_curve
+    from repair_core.treatments import resolve_config
+
+    settings = resolve_config("finetune", config)
 
     inputs = _repair_inputs(workspace, run, failure_set_id)
     scores = scores_of_run(workspace, run, scores_id, failure_set_id)
@@ -1390,10 +1409,13 @@ def run_removal_curve(
             inputs["split"],
             ks=ks,
             seeds=seeds,
+            config=settings,
             train_config=inputs["train_config"],
             store_model=store,
             progress=progress,
         )
+        stored_settings = settings.to_dict()
+        stored_settings.pop("seed")
         return _store_removal_curve(
             workspace,
             run,
@@ -1402,6 +1424,7 @@ def run_removal_curve(
             failure_set_id=failure_set_id,
             ks=ks,
             seeds=seeds,
+            config=stored_settings,
             points=points,
         )
 
@@ -1415,6 +1438,7 @@ def _store_removal_curve(
     failure_set_id: str,
     ks: tuple[int, ...],
     seeds: tuple[int, ...],
+    config: dict[str, Any],
     points: list[dict[str, Any]],
 ) -> dict[str, Any]:
     run_ks = [int(point["k"]) for point in points]
@@ -1426,6 +1450,7 @@ def _store_removal_curve(
         "ks": run_ks,
         "skipped_ks": [int(k) for k in ks if int(k) not in run_ks],
         "seeds": [int(seed) for seed in seeds],
+        "config": config,
         "points": points,
         "device": str(run.device),
     }
@@ -1439,6 +1464,7 @@ def _store_removal_curve(
         points,
         skipped_ks=summary["skipped_ks"],
         device=summary["device"],
+        config=config,
     )
     return summary
 

@@ -103,7 +103,8 @@ CREATE TABLE IF NOT EXISTS removal_curves (
     created_at TEXT NOT NULL,
     points TEXT NOT NULL,
     skipped_ks TEXT NOT NULL DEFAULT '[]',
-    device TEXT NOT NULL DEFAULT ''
+    device TEXT NOT NULL DEFAULT '',
+    config TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS decisions (
     run_id TEXT NOT NULL REFERENCES runs(id),
@@ -121,6 +122,7 @@ _ADDED_COLUMNS = {
     "removal_curves": {
         "skipped_ks": "TEXT NOT NULL DEFAULT '[]'",
         "device": "TEXT NOT NULL DEFAULT ''",
+        "config": "TEXT NOT NULL DEFAULT '{}'",
     },
 }
 
@@ -632,6 +634,7 @@ class Workspace:
         *,
         skipped_ks: list[int] = (),
         device: str = "",
+        config: dict[str, Any] | None = None,
     ) -> None:
         """Store the accuracies after removing the top k of a ranking.
 
@@ -644,6 +647,8 @@ class Workspace:
                 repair_core.evaluation.removal_curve.
             skipped_ks: the requested k that were skipped.
             device: the device the curve ran on, such as "cpu".
+            config: the fine-tuning settings, without the seed, which
+                ``seeds`` gives.
         """
         self._insert(
             "removal_curves",
@@ -658,6 +663,7 @@ class Workspace:
                 "points": points,
                 "skipped_ks": [int(k) for k in skipped_ks],
                 "device": device,
+                "config": config or {},
             },
         )
 

@@ -718,6 +718,39 @@ def test_bad_query_fraction_fails_before_training(tmp_path, capsys):
     assert not (workspace / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--scenario", "none", "--epsilon", "0.1"],
+            "--epsilon does not apply to --scenario none, which takes no options.",
+        ),
+        (
+            ["--scenario", "label-flip", "--noise-amount", "0.2"],
+            "--noise-amount does not apply to --scenario label-flip, which takes "
+            "--flip-matrix.",
+        ),
+    ],
+)
+def test_scenario_option_names_the_flag(tmp_path, capsys, options, message):
+    code = main(["train", "--workspace", str(tmp_path / "ws"), *options])
+
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_fewer_training_images_than_classes_rejected(tmp_path, capsys):
+    workspace = tmp_path / "ws"
+
+    code = main(["train", "--workspace", str(workspace), "--n-train", "5"])
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "The training set has 5 images, fewer than its 10 classes" in captured.err
+    assert "epoch" not in captured.err
+    assert Workspace(workspace).list_runs() == []
+
+
 def test_progress_printer_throttles_each_stage(capsys):
     from repair_core.cli import _ProgressPrinter
 
@@ -1250,6 +1283,11 @@ def test_set_help_needs_no_stored_run(tmp_path, capsys, argv):
             + ["--set", "max_epochs=7", "--strengths", "1"],
             "--set max_epochs=7 has no effect on sweep",
         ),
+        (
+            ["repair", "--treatment", "finetune", "--causes-file", "GOOD_CAUSES"]
+            + ["--set", "max_epochs=1", "--set", "max_epochs=2"],
+            "--set max_epochs=1 and --set max_epochs=2 both set max_epochs",
+        ),
         # A list that starts with a minus sign reaches the list check instead of
         # argparse, which would take it for an unknown option.
         (
@@ -1310,3 +1348,37 @@ def test_repair_text_counts_fixed_only_with_holdout(holdout_before, fixed_text):
 
     assert "remaining examples broken" in text
     assert ("holdout failures fixed" in text) == fixed_text
+
+
+def test_removal_curve_takes_finetune_settings(tiny_run, capsys, monkeypatch):
+    from repair_core import evaluation
+
+    workspace, run = tiny_run
+    where = ["--workspace", workspace, "--run", run["run_id"]]
+    scores = _run_json(capsys, ["identify", *where, "--method", "random", "--json"])
+    used = []
+    real_apply = evaluation.apply_treatment
+
+    def recording_apply(treatment, *args, **kwargs):
+        used.append(args[6])
+        return real_apply(treatment, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "apply_treatment", recording_apply)
+    curve = _run_json(
+        capsys,
+        ["removal-curve", *where, "--scores", scores["scores_id"], "--ks", "5,10"]
+        + ["--seeds", "3", "--set", "max_epochs=1", "--json"],
+    )
+
+    assert [(config.seed, config.max_epochs) for config in used] == [(3, 1), (3, 1)]
+    assert curve["config"] == {"max_epochs": 1}
+    listed = _run_json(capsys, ["runs", *where, "--json"])["removal_curves"]
+    assert {"id": curve["removal_curve_id"], "settings": "max_epochs=1"}.items() <= (
+        next(r for r in listed if r["id"] == curve["removal_curve_id"]).items()
+    )
+
+    code = main(
+        ["removal-curve", *where, "--scores", scores["scores_id"]] + ["--set", "seed=2"]
+    )
+    assert code == 2
+    assert "--set seed=2 has no effect on removal-curve" in capsys.readouterr().err

@@ -659,6 +659,11 @@ def test_read_causes_file_accepts_bom(tmp_path):
     [
         (b"4\n2\n4\n", r"Line 3 of .* repeats training index 4 from line 1"),
         (b"4\n" + b"9" * 23 + b"\n", r"Line 2 of .* 9{23} is out of range 0\.\.9"),
+        (
+            b"4\n" + b"9" * 5000 + b"\n",
+            r"Line 2 of .* index 9{40}… \(5000 characters\) is out of range 0\.\.9",
+        ),
+        (b"x" * 100 + b"\n", r"Line 1 of .* is 'x{40}… \(100 characters\)', not an"),
         (b"\xff\xfe4\x00\n", "is not UTF-8 text"),
         (b"4\n5_0\n", r"Line 2 of .* is '5_0', not an integer"),
         ("4\n\u0663\n".encode(), r"Line 2 of .* is '\u0663', not an integer"),

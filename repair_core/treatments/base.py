@@ -154,6 +154,19 @@ def check_remaining(
         )
 
 
+#: Digits read from one line of a causes file; longer numbers are out of range.
+MAX_INDEX_DIGITS = 30
+#: Characters of a bad line quoted in an error message.
+QUOTED_CHARACTERS = 40
+
+
+def _shortened(text: str) -> str:
+    """Return ``text`` cut to ``QUOTED_CHARACTERS``, with its length if cut."""
+    if len(text) <= QUOTED_CHARACTERS:
+        return text
+    return f"{text[:QUOTED_CHARACTERS]}… ({len(text)} characters)"
+
+
 def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
     """Read training indices from a text file, one per line.
 
@@ -188,21 +201,21 @@ def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
         entry = line.strip()
         if not entry:
             continue
-        try:
-            # int() would also read "5_0" as 50 and other scripts' digits.
-            digits = entry[1:] if entry[0] in "+-" else entry
-            if not (digits.isascii() and digits.isdigit()):
-                raise ValueError(entry)
-            index = int(entry)
-        except ValueError:
+        # int() would also read "5_0" as 50 and other scripts' digits.
+        digits = entry[1:] if entry[0] in "+-" else entry
+        if not (digits.isascii() and digits.isdigit()):
             raise ConfigError(
-                f"Line {number} of {str(path)!r} is {entry!r}, not an integer "
-                "training index. Write one index per line."
-            ) from None
-        if not 0 <= index < n_train:
+                f"Line {number} of {str(path)!r} is {_shortened(entry)!r}, not an "
+                "integer training index. Write one index per line."
+            )
+        # Python refuses to convert more than 4300 digits, and an index that
+        # long is out of range anyway.
+        index = int(entry) if len(digits) <= MAX_INDEX_DIGITS else None
+        if index is None or not 0 <= index < n_train:
             raise ConfigError(
-                f"Line {number} of {str(path)!r}: training index {entry} is out of "
-                f"range 0..{n_train - 1}. Choose causes from this training set."
+                f"Line {number} of {str(path)!r}: training index "
+                f"{_shortened(entry)} is out of range 0..{n_train - 1}. Choose "
+                "causes from this training set."
             )
         if index in first_line:
             raise ConfigError(
