@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -178,6 +180,16 @@ DETECTION_HELP = {
 }
 
 
+def ranking_settings(record: dict) -> list[str]:
+    """Return the settings of a stored ranking that differ from its method's
+    defaults, so two rankings by one method can be told apart."""
+    try:
+        defaults = dataclasses.asdict(default_config(record["method"]))
+    except dashboard.USER_ERRORS:
+        return []
+    return dashboard.changed_settings(record["config"], defaults)
+
+
 def rankings_table(records: list[dict]) -> None:
     rows = []
     for record in records:
@@ -186,6 +198,7 @@ def rankings_table(records: list[dict]) -> None:
         row = {
             "method": record["method"],
             "scores": record["id"],
+            "settings": ", ".join(ranking_settings(record)) or "defaults",
             "seconds": metrics.get("seconds"),
             "found in top 10%": detection.get("found_at_10pct"),
             "found in top 20%": detection.get("found_at_20pct"),
@@ -349,12 +362,15 @@ if not records:
 rankings_table(records)
 record_ids = [record["id"] for record in reversed(records)]
 methods_by_id = {record["id"]: record["method"] for record in records}
+records_by_id = {record["id"]: record for record in records}
 dashboard.sync_widget("causes_scores", st.session_state["scores_id"], record_ids)
 scores_id = st.selectbox(
     "Ranking to review",
     record_ids,
     key="causes_scores",
-    format_func=lambda i: f"{methods_by_id[i]} · {i}",
+    format_func=lambda i: " · ".join(
+        [methods_by_id[i], *ranking_settings(records_by_id[i]), i]
+    ),
     on_change=choose_ranking,
 )
 st.session_state["scores_id"] = scores_id
@@ -370,12 +386,19 @@ confirmed = sorted(i for i, d in decisions.items() if d == "confirmed")
 rejected = sorted(i for i, d in decisions.items() if d == "rejected")
 
 columns = st.columns(4)
-columns[0].metric("Confirmed culprits", len(confirmed))
+# Short labels stay whole in a quarter of a narrow window; the help says more.
+columns[0].metric(
+    "Confirmed",
+    len(confirmed),
+    help="Training examples confirmed as culprits, which Repair removes.",
+)
 columns[1].metric("Rejected", len(rejected))
 columns[2].metric("Undecided", len(order) - len(confirmed) - len(rejected))
 if mask is not None:
     columns[3].metric(
-        "Corrupted among confirmed", int(mask[confirmed].sum()) if confirmed else 0
+        "Corrupted",
+        int(mask[confirmed].sum()) if confirmed else 0,
+        help="Confirmed examples that the noise scenario corrupted.",
     )
 
 k_column, confirm_column = st.columns(2, vertical_alignment="bottom")

@@ -758,7 +758,8 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
         path = ws.path(run.run_id, f"repairs/{repair_id}.pt")
         if path.is_file():
             st.download_button(
-                "Download the repaired checkpoint",
+                "Download the model",
+                help="The repaired checkpoint of the first seed, a state dict.",
                 # A callable defers reading the file until the user clicks.
                 data=path.read_bytes,
                 file_name=f"{repair_id}.pt",
@@ -769,8 +770,9 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
         if ws.path(run.run_id, causes_file).is_file():
             causes = ws.load_tensor(run.run_id, causes_file).tolist()
             st.download_button(
-                f"Download C, {dashboard.count_text(len(causes), 'training example')}"
-                " (CSV)",
+                "Download C (CSV)",
+                help=f"The {dashboard.count_text(len(causes), 'training example')} "
+                "removed by this repair, one index per row.",
                 data=causes_csv(repair_id, causes),
                 file_name=f"causes-{run.run_id}-{repair_id}.csv",
                 mime="text/csv",

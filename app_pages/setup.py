@@ -386,15 +386,16 @@ def show_run(run: pipeline.LoadedRun) -> None:
     record, metrics = run.record, run.record["metrics"]
     st.subheader(f"Run `{run.run_id}`")
     st.caption(record["config"].get("description", ""))
-    columns = st.columns(5)
-    columns[0].metric("Test accuracy", f"{metrics['test_accuracy']:.1%}")
-    columns[1].metric("Test failures", metrics["n_failures"])
-    columns[2].metric("Training images", metrics["n_train"])
+    # Two rows of three, so the figures stay whole on a narrow window.
+    first, second = st.columns(3), st.columns(3)
+    first[0].metric("Test accuracy", f"{metrics['test_accuracy']:.1%}")
+    first[1].metric("Test failures", metrics["n_failures"])
+    first[2].metric("Epochs", metrics.get("epochs_run", "—"))
+    second[0].metric("Training images", metrics["n_train"])
     corrupted = metrics.get("n_corrupted")
-    columns[3].metric(
+    second[1].metric(
         "Corrupted by the scenario", "unknown" if corrupted is None else corrupted
     )
-    columns[4].metric("Epochs", metrics.get("epochs_run", "—"))
 
     root = str(ws.root)
     class_names = run.data.test.class_names

@@ -498,7 +498,7 @@ def test_review_decision_persists_across_sessions(workspace_env):
     check_clean(second)
     assert second.segmented_control(key=reviews[0].key).value == "confirmed"
     assert second.segmented_control(key=reviews[1].key).value == "rejected"
-    assert metric_values(second)["Confirmed culprits"] == "1"
+    assert metric_values(second)["Confirmed"] == "1"
     # The first session's unsaved view filter stays in the first session.
     assert second.segmented_control(key="causes_show").value == "all"
 
@@ -546,10 +546,36 @@ def test_confirm_top_k_keeps_rejections(workspace_env):
     app.button(key="causes_confirm_top").click().run()
     check_clean(app)
     values = metric_values(app)
-    assert values["Confirmed culprits"] == "4"
+    assert values["Confirmed"] == "4"
     assert values["Rejected"] == "1"
     download = app.get("download_button")[0]
     assert download.proto.label == "Download 4 confirmed culprits (CSV)"
+
+
+def test_rankings_by_one_method_show_settings(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+    ids = [
+        pipeline.run_identification(
+            workspace_env.workspace,
+            run,
+            "random",
+            failure_set_id=failure_set_id,
+            config=config,
+        )["scores_id"]
+        for config in (None, {"seed": 3})
+    ]
+
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+
+    check_clean(app)
+    table = app.dataframe[0].value.set_index("scores")
+    assert table.loc[ids[0], "settings"] == "defaults"
+    assert table.loc[ids[1], "settings"] == "seed 3"
+    choice = app.selectbox(key="causes_scores")
+    assert choice.format_func(ids[1]) == f"random · seed 3 · {ids[1]}"
+    assert choice.format_func(ids[0]) == f"random · {ids[0]}"
 
 
 def test_confirm_top_k_shows_failed_save(workspace_env, monkeypatch):
@@ -572,7 +598,7 @@ def test_confirm_top_k_shows_failed_save(workspace_env, monkeypatch):
     assert [error.value for error in app.error] == [
         "Saving the decisions failed: The workspace database is locked."
     ]
-    assert metric_values(app)["Confirmed culprits"] == "0"
+    assert metric_values(app)["Confirmed"] == "0"
 
 
 # Repair ----------------------------------------------------------------------
@@ -618,7 +644,7 @@ def test_repair_top_k_with_controls(workspace_env):
     )
     assert any("Removed 10 examples (" in caption.value for caption in app.caption)
     download = app.get("download_button")[0]
-    assert download.proto.label == "Download the repaired checkpoint"
+    assert download.proto.label == "Download the model"
 
 
 def test_repair_one_cause_without_controls(workspace_env):
@@ -1070,7 +1096,7 @@ def test_repair_seeds_out_of_range_blocks_run(workspace_env):
     app.number_input(key="repair_seeds").set_value(11).run()
     errors = error_texts(app)
     assert len(errors) == 1
-    assert "Seeds = 11 is out of range" in errors[0]
+    assert "Number of seeds = 11 is out of range" in errors[0]
     assert "from 1 to 10" in errors[0]
     assert app.button(key="repair_run").disabled
 
@@ -1487,7 +1513,7 @@ def test_clear_decisions_needs_confirmation(workspace_env):
     app.button(key="causes_clear").click().run()
     check_clean(app)
     assert workspace.get_decisions(run.run_id, failure_set_id) == {}
-    assert metric_values(app)["Confirmed culprits"] == "0"
+    assert metric_values(app)["Confirmed"] == "0"
     assert not app.checkbox(key="causes_clear_confirm").value
     assert app.checkbox(key="causes_clear_confirm").disabled
 

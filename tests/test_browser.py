@@ -262,7 +262,7 @@ def walk(page, url: str, workspace: Path) -> None:
     assert grid_images(page) == 24
     fill_number(page, "causes_k", 5)
     click(page, "causes_confirm_top")
-    confirmed = page.get_by_test_id("stMetric").filter(has_text="Confirmed culprits")
+    confirmed = page.get_by_test_id("stMetric").filter(has_text="Confirmed")
     assert confirmed.get_by_test_id("stMetricValue").inner_text() == "5"
     screenshot(page, "causes")
 
@@ -274,14 +274,15 @@ def walk(page, url: str, workspace: Path) -> None:
     # The browser sends an out-of-range number, and the page names it and
     # turns the run off instead of using the last valid value.
     fill_number(page, "repair_seeds", 0)
-    assert page.get_by_text("Seeds = 0 is out of range").count() == 1
+    assert page.get_by_text("Number of seeds = 0 is out of range").count() == 1
     assert page.locator(".st-key-repair_run button").is_disabled()
     fill_number(page, "repair_seeds", 1)
     click(page, "repair_run")
     page.get_by_text("Gain on F_h over nothing removed").wait_for()
     wait_until_idle(page)
     assert page.get_by_text("Removed 5 examples (confirmed in review)").count() == 1
-    assert page.locator(".st-key-repair_download button").count() == 1
+    download = page.locator(".st-key-repair_download")
+    assert download.get_by_role("button", name="Download the model").count() == 1
     assert page.locator(".st-key-repair_bars .js-plotly-plot").count() == 1
     screenshot(page, "repair")
 
@@ -320,5 +321,5 @@ def check_second_session(page, url: str) -> None:
     page.get_by_role("link", name="Causes").click()
     page.get_by_text("Ranking to review").wait_for(timeout=RUN_TIMEOUT * 1000)
     wait_until_idle(page)
-    confirmed = page.get_by_test_id("stMetric").filter(has_text="Confirmed culprits")
+    confirmed = page.get_by_test_id("stMetric").filter(has_text="Confirmed")
     assert confirmed.get_by_test_id("stMetricValue").inner_text() == "5"
