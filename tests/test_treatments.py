@@ -934,6 +934,28 @@ def test_apply_treatment_rejects_too_small_training_set():
         )
 
 
+def _repair(problem, treatment, model, causes, config=None, *, entry=repair, **options):
+    """Repair ``model`` on the tiny problem's data and query failures with
+    ``entry``: repair, or apply_treatment, which also takes empty causes."""
+    return entry(
+        treatment,
+        model,
+        problem.train_images,
+        problem.train_labels,
+        causes,
+        problem.query_images,
+        problem.query_labels,
+        config,
+        **options,
+    )
+
+
+def _apply(problem, treatment, model, causes, config=None, **options):
+    return _repair(
+        problem, treatment, model, causes, config, entry=apply_treatment, **options
+    )
+
+
 @pytest.mark.parametrize(
     ("causes", "message"),
     [
@@ -948,39 +970,17 @@ def test_apply_treatment_checks_causes(causes, message):
         causes = torch.arange(len(problem.train_labels))
 
     with pytest.raises(ConfigError, match=message):
-        apply_treatment(
-            "newton",
-            problem.model,
-            problem.train_images,
-            problem.train_labels,
-            causes,
-            problem.query_images,
-            problem.query_labels,
-            _short_config("newton"),
-        )
+        _apply(problem, "newton", problem.model, causes, _short_config("newton"))
 
 
 def test_apply_treatment_counts_each_cause_once():
     problem = tiny_problem()
     config = _short_config("ewc-deletion")
-    args = (problem.query_images, problem.query_labels, config)
 
-    repeated = apply_treatment(
-        "ewc-deletion",
-        problem.model,
-        problem.train_images,
-        problem.train_labels,
-        torch.tensor([7, 3, 3, 3]),
-        *args,
+    repeated = _apply(
+        problem, "ewc-deletion", problem.model, torch.tensor([7, 3, 3, 3]), config
     )
-    once = apply_treatment(
-        "ewc-deletion",
-        problem.model,
-        problem.train_images,
-        problem.train_labels,
-        torch.tensor([3, 7]),
-        *args,
-    )
+    once = _apply(problem, "ewc-deletion", problem.model, torch.tensor([3, 7]), config)
 
     assert repeated.causes.tolist() == [3, 7]
     _assert_same_state(repeated.model, _state(once.model))
@@ -990,15 +990,8 @@ def test_repair_reports_device_and_accuracies():
     problem = tiny_problem()
     causes = problem.flipped[:5]
 
-    result = repair(
-        "newton",
-        problem.model,
-        problem.train_images,
-        problem.train_labels,
-        causes.tolist(),
-        problem.query_images,
-        problem.query_labels,
-        _short_config("newton"),
+    result = _repair(
+        problem, "newton", problem.model, causes.tolist(), _short_config("newton")
     )
 
     def accuracy(model, images, labels):
@@ -1019,14 +1012,11 @@ def test_repair_reports_device_and_accuracies():
 def test_empty_causes_no_causes_accuracy():
     problem = tiny_problem()
 
-    result = apply_treatment(
+    result = _apply(
+        problem,
         "finetune",
         problem.model,
-        problem.train_images,
-        problem.train_labels,
         [],
-        problem.query_images,
-        problem.query_labels,
         _short_config("finetune"),
         train_config=problem.train_config,
     )
@@ -1049,26 +1039,16 @@ class _WithUnusedLayer(nn.Module):
 def test_newton_ignores_unused_parameter():
     problem = tiny_problem()
     model = _WithUnusedLayer(copy.deepcopy(problem.model))
-    reference = repair(
+    reference = _repair(
+        problem,
         "newton",
         problem.model,
-        problem.train_images,
-        problem.train_labels,
         problem.flipped.tolist(),
-        problem.query_images,
-        problem.query_labels,
         _short_config("newton"),
     )
 
-    result = repair(
-        "newton",
-        model,
-        problem.train_images,
-        problem.train_labels,
-        problem.flipped.tolist(),
-        problem.query_images,
-        problem.query_labels,
-        _short_config("newton"),
+    result = _repair(
+        problem, "newton", model, problem.flipped.tolist(), _short_config("newton")
     )
 
     unused = dict(model.unused.named_parameters())
@@ -1085,16 +1065,7 @@ def test_newton_non_finite_step_raises():
     config = dataclasses.replace(_short_config("newton"), gamma=1e300)
 
     with pytest.raises(DivergenceError, match="The newton repair gave non-finite"):
-        repair(
-            "newton",
-            problem.model,
-            problem.train_images,
-            problem.train_labels,
-            problem.flipped.tolist(),
-            problem.query_images,
-            problem.query_labels,
-            config,
-        )
+        _repair(problem, "newton", problem.model, problem.flipped.tolist(), config)
 
 
 @pytest.mark.parametrize("treatment", TREATMENTS)
@@ -1103,14 +1074,11 @@ def test_frozen_model_is_rejected_by_name(treatment):
     model = copy.deepcopy(problem.model).requires_grad_(False)
 
     with pytest.raises(ConfigError, match="no trainable parameters"):
-        repair(
+        _repair(
+            problem,
             treatment,
             model,
-            problem.train_images,
-            problem.train_labels,
             problem.flipped.tolist(),
-            problem.query_images,
-            problem.query_labels,
             _short_config(treatment),
             train_config=problem.train_config,
         )
@@ -1122,14 +1090,11 @@ def test_repair_restores_random_stream():
     expected = torch.rand(3)
 
     torch.manual_seed(5)
-    repair(
+    _repair(
+        problem,
         "finetune",
         problem.model,
-        problem.train_images,
-        problem.train_labels,
         problem.flipped.tolist(),
-        problem.query_images,
-        problem.query_labels,
         _short_config("finetune"),
         train_config=problem.train_config,
     )
