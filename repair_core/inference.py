@@ -48,6 +48,11 @@ def check_labels(labels: torch.Tensor, n_classes: int, name: str) -> None:
     ``name`` names the set in the message, such as "Training label". The loss
     would otherwise raise an IndexError, or skip the label -100 without an error.
     """
+    if labels.dim() != 1:
+        raise ConfigError(
+            f"{name}s have shape {tuple(labels.shape)}. Pass one class index per "
+            "example, shape (N,)."
+        )
     if labels.dtype != torch.long:
         raise ConfigError(
             f"{name}s have dtype {labels.dtype}, not torch.int64, which the loss "
@@ -104,7 +109,20 @@ def check_model_labels(
     query_labels: torch.Tensor,
 ) -> None:
     """Raise ConfigError naming the first training or query label that is not
-    one of ``model``'s classes; the class count comes from one forward pass."""
+    one of ``model``'s classes, or query images shaped or typed unlike the
+    training images. The class count comes from one forward pass."""
+    if len(train_images) and len(query_images):
+        if query_images.shape[1:] != train_images.shape[1:]:
+            raise ConfigError(
+                f"Query images have shape {tuple(query_images.shape[1:])} but "
+                f"training images {tuple(train_images.shape[1:])}. Pass failures "
+                "from data shaped like the training set."
+            )
+        if query_images.dtype != train_images.dtype:
+            raise ConfigError(
+                f"Query images are {query_images.dtype} but training images "
+                f"{train_images.dtype}. Convert both to the model's dtype."
+            )
     sample = train_images if len(train_images) else query_images
     if len(sample) == 0:
         return

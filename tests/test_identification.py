@@ -412,7 +412,19 @@ def test_images_the_model_cannot_take_are_named(trained):
     with pytest.raises(ConfigError, match="images are torch.float64 but the model"):
         identify("training-loss", model, x.double(), y, qx.double(), qy)
     with pytest.raises(ConfigError, match=r"cannot take images of shape \(2, 8, 8\)"):
-        identify("training-loss", model, x.repeat(1, 2, 1, 1), y, qx, qy)
+        identify("training-loss", model, x.repeat(1, 2, 1, 1), y, qx[:0], qy[:0])
+    # The pooled CNN takes any image size, so only the comparison catches it.
+    with pytest.raises(ConfigError, match=r"Query images have shape \(1, 6, 6\)"):
+        identify("ewc-influence", model, x, y, qx[:, :, :6, :6], qy)
+    with pytest.raises(ConfigError, match="Query images are torch.float64 but"):
+        identify("ewc-influence", model, x, y, qx.double(), qy)
+
+
+def test_labels_must_be_one_dimensional(trained):
+    model, x, y, qx, qy, _ = trained
+
+    with pytest.raises(ConfigError, match=r"Training labels have shape \(48, 1\)"):
+        identify("training-loss", model, x, y[:, None], qx, qy)
 
 
 def test_identify_restores_random_stream(trained):
@@ -439,6 +451,9 @@ def test_overshooting_ewc_fit_raises(trained):
 
     with pytest.raises(DivergenceError, match="Adam at lr 1e\\+06 overshot"):
         identify("ewc-influence", model, x, y, qx, qy, settings)
+    # Larger steps make the objective non-finite, which raises the same class.
+    with pytest.raises(DivergenceError, match="fit objective became"):
+        identify("ewc-influence", model, x, y, qx, qy, {**settings, "lr": 1e30})
 
 
 class _HeadFirst(nn.Module):

@@ -252,7 +252,7 @@ def fit_failures_with_record(
         if step == 1:
             start_objective = objective
         if not math.isfinite(objective):
-            raise FloatingPointError(
+            raise DivergenceError(
                 f"EWC-influence fit objective became {objective} at step {step}. "
                 "Lower the lr of the fit."
             )
@@ -286,7 +286,7 @@ def fit_failures_with_record(
             f"The EWC fit of the failures ended with a penalised loss of "
             f"{end_objective:.4g}, above the {start_objective:.4g} it started "
             f"from at theta-hat: Adam at lr {config.lr:g} overshot. Lower the lr "
-            "of the fit (--set lr=...)."
+            "of the fit."
         )
     for name, module in fitted.named_modules():
         module.train(modes[name])
