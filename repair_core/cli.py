@@ -202,7 +202,7 @@ def _add_causes_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_settings(parser: argparse.ArgumentParser) -> None:
+def _add_settings(parser: argparse.ArgumentParser, example: str) -> None:
     parser.add_argument(
         "--set",
         dest="settings",
@@ -210,7 +210,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=VALUE",
         help="override a setting of the method or treatment, for example "
-        "--set seed=1; repeatable. --set help lists the settings with their "
+        f"--set {example}; repeatable. --set help lists the settings with their "
         "defaults",
     )
 
@@ -326,7 +326,7 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=_method_choices(),
         help="identification method",
     )
-    _add_settings(identify)
+    _add_settings(identify, "seed=1")
 
     repair = commands.add_parser(
         "repair",
@@ -355,7 +355,7 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the nothing-removed and random-removal controls",
     )
-    _add_settings(repair)
+    _add_settings(repair, "gamma=0.01")
 
     sweep = commands.add_parser(
         "sweep",
@@ -380,7 +380,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "(default: 1e-5,1e-4,1e-3,1e-2,0.1 for ewc-deletion, 0.5,1,2,4,8,16 for "
         "newton, 1,2,5,10 for finetune)",
     )
-    _add_settings(sweep)
+    _add_settings(sweep, "max_steps=500")
 
     curve = commands.add_parser(
         "removal-curve",
@@ -404,7 +404,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     # Each k is removed and fine-tuned, so --set takes fine-tuning's settings.
     curve.set_defaults(treatment="finetune")
-    _add_settings(curve)
+    _add_settings(curve, "max_epochs=5")
     _add_bench_parser(commands)
     return parser
 
@@ -802,12 +802,16 @@ def _default_text(value: Any) -> str:
     return number(value)
 
 
-def _settings_help(config: Any, what: str) -> str:
-    """List the settings of ``config`` with their defaults and help texts."""
+def _settings_help(config: Any, what: str, fixed: dict[str, str] | None = None) -> str:
+    """List the settings of ``config`` with their defaults and help texts,
+    except those in ``fixed``, which maps each to the option that sets it."""
     from repair_core.cli_text import table
 
+    fixed = fixed or {}
     rows, nested = [], []
     for entry in dataclasses.fields(config):
+        if entry.name in fixed:
+            continue
         value = getattr(config, entry.name)
         if not dataclasses.is_dataclass(value):
             rows.append(
@@ -831,15 +835,24 @@ def _settings_help(config: Any, what: str) -> str:
             f"--set {nested[0]}='{{\"seed\": 1}}'; the settings it omits keep "
             "their defaults."
         )
+    for name, option in fixed.items():
+        text += f"\n\n{name} is not listed: {option} sets it."
     return text
 
 
-def _apply_settings(config: Any, settings: list[str], what: str) -> Any:
-    """Return ``config`` with NAME=VALUE overrides read as each setting's type."""
+def _apply_settings(
+    config: Any, settings: list[str], what: str, fixed: dict[str, str] | None = None
+) -> Any:
+    """Return ``config`` with NAME=VALUE overrides read as each setting's type.
+
+    ``fixed`` maps the settings that the command sets from its own options to
+    those options; ``--set help`` leaves them out.
+    """
     if not settings:
         return config
     if "help" in settings:
-        raise SystemExit(0 if _write_stdout(_settings_help(config, what)) else 141)
+        text = _settings_help(config, what, fixed)
+        raise SystemExit(0 if _write_stdout(text) else 141)
     values = config.to_dict() if hasattr(config, "to_dict") else asdict(config)
     kinds = typing.get_type_hints(type(config))
     given: dict[str, str] = {}
@@ -1064,8 +1077,9 @@ def _treatment_settings(args: argparse.Namespace) -> Any:
             f"--strengths replaces {swept}. Give the values with --strengths, "
             f"for example --strengths {example}."
         )
+    fixed = {"seed": "--seeds"} if args.command != "sweep" else {swept: "--strengths"}
     return _apply_settings(
-        default_config(args.treatment), args.settings, args.treatment
+        default_config(args.treatment), args.settings, args.treatment, fixed
     )
 
 

@@ -184,6 +184,7 @@ def sweep_text(summary: dict[str, Any]) -> str:
 
 
 def curve_text(summary: dict[str, Any]) -> str:
+    """Tabulate a removal curve, one row per k, under its changed settings."""
     seeds = summary.get("seeds") or []
     several = len(seeds) > 1
     title = (
@@ -196,6 +197,15 @@ def curve_text(summary: dict[str, Any]) -> str:
             else f"seed {number(seeds)}"
         )
     )
+    from repair_core.identification.base import changed_settings
+    from repair_core.treatments import default_config
+
+    changed = changed_settings(
+        summary.get("config") or {}, default_config("finetune").to_dict()
+    )
+    if changed:
+        pairs = ", ".join(f"{name}={value}" for name, value in changed)
+        title += f"\nfine-tuning settings: {pairs}"
     points = summary["curve"]
     text = points_text(title, "k", "k", points, spread=several)
     if summary.get("skipped_ks"):

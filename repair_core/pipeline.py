@@ -37,7 +37,12 @@ from repair_core.failures import FailureSplit, split_failures
 from repair_core.inference import predict_logits
 from repair_core.noise import apply_scenario
 from repair_core.progress import Progress
-from repair_core.training import TrainConfig, TrainProgress, train_model
+from repair_core.training import (
+    TrainConfig,
+    TrainProgress,
+    train_model,
+    validation_size,
+)
 from repair_core.workspace import Workspace, new_id
 
 logger = logging.getLogger(__name__)
@@ -130,14 +135,27 @@ class LoadedRun:
         return Path(folder) if folder else None
 
 
-def _load_new_data(config: RunConfig) -> DataSplit:
-    """Load the data of a new run, which needs a training image of each class."""
+def _load_new_data(config: RunConfig, *, trains: bool) -> DataSplit:
+    """Load the data of a new run, which needs a training image of each class,
+    outside the validation split when the run ``trains``."""
     data = _load_data(config)
-    if len(data.train) < data.num_classes:
+    n_train = len(data.train)
+    n_fit = n_train
+    if trains:
+        n_fit -= validation_size(n_train, config.train.val_fraction)
+    if n_fit < data.num_classes:
+        if trains:
+            counted = (
+                f"Training would fit {n_fit} images ({n_train} minus "
+                f"{n_train - n_fit} held out for validation)"
+            )
+            advice = "more training images or a smaller validation fraction"
+        else:
+            counted = f"The training set has {n_train} images"
+            advice = "more training images"
         raise ConfigError(
-            f"The training set has {len(data.train)} images, fewer than its "
-            f"{data.num_classes} classes, so some classes would have no training "
-            f"image. Ask for at least {data.num_classes} training images."
+            f"{counted}, fewer than the {data.num_classes} classes, so some classes "
+            f"would have no image to train on. Ask for {advice}."
         )
     return data
 
@@ -514,7 +532,7 @@ def train_run(
         )
 
     report(0.0, "Loading data")
-    data = _load_new_data(config)
+    data = _load_new_data(config, trains=True)
     clean_train = data.train
     report(0.05, f"Applying the {config.scenario} scenario")
     noisy = apply_scenario(
@@ -598,7 +616,7 @@ def import_run(
                 f"Checkpoint {str(checkpoint)!r} has NaN or infinite values in "
                 f"{key!r}. Save the model's weights again from a finite state."
             )
-    data = _load_new_data(config)
+    data = _load_new_data(config, trains=False)
     clean_train = data.train
     if config.scenario == "fgsm":
         raise ConfigError(

@@ -742,11 +742,14 @@ def test_scenario_option_names_the_flag(tmp_path, capsys, options, message):
 def test_fewer_training_images_than_classes_rejected(tmp_path, capsys):
     workspace = tmp_path / "ws"
 
-    code = main(["train", "--workspace", str(workspace), "--n-train", "5"])
+    code = main(["train", "--workspace", str(workspace), "--n-train", "10"])
 
     captured = capsys.readouterr()
     assert code == 2
-    assert "The training set has 5 images, fewer than its 10 classes" in captured.err
+    assert (
+        "Training would fit 9 images (10 minus 1 held out for validation), fewer "
+        "than the 10 classes"
+    ) in captured.err
     assert "epoch" not in captured.err
     assert Workspace(workspace).list_runs() == []
 
@@ -1165,6 +1168,32 @@ def test_set_help_lists_settings_and_runs_nothing(tiny_run, capsys):
     assert len(Workspace(workspace).list_scores(run["run_id"])) == scores_before
 
 
+@pytest.mark.parametrize(
+    ("argv", "hidden", "note"),
+    [
+        (["repair", "--treatment", "finetune"], "seed", "seed is not listed: --seeds"),
+        (["removal-curve", "--scores", "sc-1"], "seed", "--seeds sets it"),
+        (["sweep", "--treatment", "finetune"], "max_epochs", "--strengths sets it"),
+    ],
+)
+def test_set_help_leaves_out_fixed_settings(tiny_run, capsys, argv, hidden, note):
+    workspace, run = tiny_run
+
+    with pytest.raises(SystemExit) as stopped:
+        main(
+            [argv[0], "--workspace", workspace, "--run", run["run_id"], *argv[1:]]
+            + ["--set", "help"]
+        )
+
+    assert stopped.value.code == 0
+    out = capsys.readouterr().out
+    lines = out.split("\n")
+    # The table's rows run from below its header to the next blank line.
+    names = [line.split()[0] for line in lines[3 : lines.index("", 3)]]
+    assert hidden not in names
+    assert note in out
+
+
 def test_set_group_keeps_omitted_defaults():
     from repair_core.cli import _apply_settings, _settings_help
     from repair_core.treatments import default_config
@@ -1376,6 +1405,9 @@ def test_removal_curve_takes_finetune_settings(tiny_run, capsys, monkeypatch):
     assert {"id": curve["removal_curve_id"], "settings": "max_epochs=1"}.items() <= (
         next(r for r in listed if r["id"] == curve["removal_curve_id"]).items()
     )
+
+    shown = _text(capsys, ["show", "--workspace", workspace, curve["removal_curve_id"]])
+    assert "fine-tuning settings: max_epochs=1" in shown
 
     code = main(
         ["removal-curve", *where, "--scores", scores["scores_id"]] + ["--set", "seed=2"]
