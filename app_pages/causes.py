@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -180,16 +178,6 @@ DETECTION_HELP = {
 }
 
 
-def ranking_settings(record: dict) -> list[str]:
-    """Return the settings of a stored ranking that differ from its method's
-    defaults, so two rankings by one method can be told apart."""
-    try:
-        defaults = dataclasses.asdict(default_config(record["method"]))
-    except dashboard.USER_ERRORS:
-        return []
-    return dashboard.changed_settings(record["config"], defaults)
-
-
 def rankings_table(records: list[dict]) -> None:
     rows = []
     for record in records:
@@ -198,7 +186,7 @@ def rankings_table(records: list[dict]) -> None:
         row = {
             "method": record["method"],
             "scores": record["id"],
-            "settings": ", ".join(ranking_settings(record)) or "defaults",
+            "settings": ", ".join(dashboard.ranking_settings(record)) or "defaults",
             "seconds": metrics.get("seconds"),
             "found in top 10%": detection.get("found_at_10pct"),
             "found in top 20%": detection.get("found_at_20pct"),
@@ -361,16 +349,13 @@ if not records:
 
 rankings_table(records)
 record_ids = [record["id"] for record in reversed(records)]
-methods_by_id = {record["id"]: record["method"] for record in records}
 records_by_id = {record["id"]: record for record in records}
 dashboard.sync_widget("causes_scores", st.session_state["scores_id"], record_ids)
 scores_id = st.selectbox(
     "Ranking to review",
     record_ids,
     key="causes_scores",
-    format_func=lambda i: " · ".join(
-        [methods_by_id[i], *ranking_settings(records_by_id[i]), i]
-    ),
+    format_func=lambda i: dashboard.ranking_label(records_by_id[i]),
     on_change=choose_ranking,
 )
 st.session_state["scores_id"] = scores_id
@@ -523,13 +508,11 @@ with left:
         st.plotly_chart(score_map(coordinates["train"], confirmed), key="causes_map")
 with right:
     st.markdown("**Export**")
+    method = records_by_id[scores_id]["method"]
     st.download_button(
         f"Download {len(confirmed)} confirmed culprits (CSV)",
-        data=export_csv(confirmed, methods_by_id[scores_id]),
-        file_name=(
-            f"culprits-{run.run_id}-{failure_set_id}-{methods_by_id[scores_id]}-"
-            f"{scores_id}.csv"
-        ),
+        data=export_csv(confirmed, method),
+        file_name=f"culprits-{run.run_id}-{failure_set_id}-{method}-{scores_id}.csv",
         mime="text/csv",
         key="causes_export",
         disabled=not confirmed,

@@ -224,6 +224,7 @@ def removal_section(records: list[dict[str, Any]]) -> None:
     )
 
     methods = {record["id"]: record["method"] for record in records}
+    by_id = {record["id"]: record for record in records}
     ids = [record["id"] for record in reversed(records)]
     dashboard.keep_widget_value("compare_rankings", ids)
     chosen = st.multiselect(
@@ -236,7 +237,7 @@ def removal_section(records: list[dict[str, Any]]) -> None:
             else ids[:1]
         ),
         key="compare_rankings",
-        format_func=lambda i: f"{methods[i]} · {i}",
+        format_func=lambda i: dashboard.ranking_label(by_id[i]),
     )
     left, middle, right = st.columns([3, 1, 1], vertical_alignment="bottom")
     default_ks = ", ".join(str(k) for k in (10, 30, 100, 300) if k < n_train)

@@ -112,14 +112,14 @@ def top_k_causes() -> tuple[Any, str, str] | None:
         return None
 
     ids = [record["id"] for record in reversed(rankings)]
-    methods = {record["id"]: record["method"] for record in rankings}
+    by_id = {record["id"]: record for record in rankings}
     dashboard.sync_widget("repair_scores", st.session_state["scores_id"], ids)
     left, right = st.columns([3, 1])
     scores_id = left.selectbox(
         "Ranking",
         ids,
         key="repair_scores",
-        format_func=lambda i: f"{methods[i]} · {i}",
+        format_func=lambda i: dashboard.ranking_label(by_id[i]),
         # The choice also becomes the ranking that Causes reviews.
         on_change=lambda: st.session_state.update(
             scores_id=st.session_state["repair_scores"]
@@ -491,17 +491,21 @@ def gain_metrics(summary: dict[str, Any]) -> None:
         mean, spread = gain["paired_mean"], gain["paired_std"]
         several_seeds = len(summary["seeds"]) > 1
         holdout_help = "Treatment minus nothing removed, paired by seed."
-        remaining_help = None
+        remaining_help = (
+            "Accuracy on the rest of the test set, treatment minus nothing "
+            "removed, paired by seed."
+        )
         if several_seeds:
             holdout_help += f" Spread ±{spread['holdout_acc']:.1%}."
-            remaining_help = f"Spread ±{spread['remaining_acc']:.1%}."
+            remaining_help += f" Spread ±{spread['remaining_acc']:.1%}."
         columns[0].metric(
             "Gain on F_h over nothing removed",
             signed_percent(mean["holdout_acc"]),
             help=holdout_help,
         )
         columns[2].metric(
-            "Gain on T\\F over nothing removed",
+            # Short, as the row has three metrics; the help names the control.
+            "Gain on T\\F",
             signed_percent(mean["remaining_acc"]),
             help=remaining_help,
         )

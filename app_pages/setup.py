@@ -394,7 +394,9 @@ def show_run(run: pipeline.LoadedRun) -> None:
     second[0].metric("Training images", metrics["n_train"])
     corrupted = metrics.get("n_corrupted")
     second[1].metric(
-        "Corrupted by the scenario", "unknown" if corrupted is None else corrupted
+        "Corrupted",
+        "unknown" if corrupted is None else corrupted,
+        help="Training examples whose label or image the noise scenario changed.",
     )
 
     root = str(ws.root)

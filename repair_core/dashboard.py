@@ -192,7 +192,7 @@ def restore_from_url() -> None:
         ws = open_workspace(st.session_state["workspace_root"])
         ws.get_run(run_id)
     except USER_ERRORS:
-        _toast_not_opened("run", run_id, "")
+        _toast_not_opened("run", run_id, "was not found in this workspace")
         return
     st.session_state["run_id"] = run_id
     failure_set_id = params.get("fs")
@@ -225,19 +225,20 @@ def restore_from_url() -> None:
         try:
             record = get(record_id)
         except USER_ERRORS:
-            _toast_not_opened(what, record_id, "")
+            _toast_not_opened(what, record_id, "was not found in this workspace")
             return
         if any(record.get(name) != value for name, value in expected.items()):
-            _toast_not_opened(what, record_id, " for the failure set it names")
+            _toast_not_opened(what, record_id, "belongs to another run or failure set")
             return
         st.session_state[key] = record_id
 
 
-def _toast_not_opened(what: str, record_id: str, where: str) -> None:
-    """Say that the URL's ``record_id`` was not found, so it was not opened."""
+def _toast_not_opened(what: str, record_id: str, reason: str) -> None:
+    """Say why the URL's ``record_id`` was not opened."""
+    # A code span shows the id as typed, without rendering Markdown in it.
+    shown = record_id.replace("`", "")
     st.toast(
-        f"The address names the {what} {record_id!r}, which was not found in "
-        f"this workspace{where}, so it was not opened."
+        f"The address names the {what} `{shown}`, which {reason}, so it was not opened."
     )
 
 
@@ -1009,6 +1010,23 @@ def changed_settings(
         f"{_number_text(value) if isinstance(value, float) else value}"
         for name, value in changed(config, defaults, skip)
     ]
+
+
+def ranking_settings(record: dict[str, Any]) -> list[str]:
+    """Return the settings of a stored ranking that differ from its method's
+    defaults, so two rankings by one method can be told apart."""
+    from repair_core.identification import default_config
+
+    try:
+        defaults = dataclasses.asdict(default_config(record["method"]))
+    except USER_ERRORS:
+        return []
+    return changed_settings(record["config"], defaults)
+
+
+def ranking_label(record: dict[str, Any]) -> str:
+    """Return "method · changed settings · id" for a ranking's choice box."""
+    return " · ".join([record["method"], *ranking_settings(record), record["id"]])
 
 
 def settings_editor(

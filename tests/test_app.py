@@ -258,13 +258,13 @@ def test_url_keeps_open_run_through_reload(workspace_env):
 @pytest.mark.parametrize(
     ("params", "kept", "toast"),
     [
-        ({"run": "run-absent", "fs": "fs-absent"}, None, "the run 'run-absent'"),
+        ({"run": "run-absent", "fs": "fs-absent"}, None, "the run `run-absent`"),
         (
             {"fs": "fs-absent", "scores": "sc-absent"},
             "run",
-            "the failure set 'fs-absent'",
+            "the failure set `fs-absent`",
         ),
-        ({"fs": "FS", "scores": "sc-absent"}, "fs", "the ranking 'sc-absent'"),
+        ({"fs": "FS", "scores": "sc-absent"}, "fs", "the ranking `sc-absent`"),
     ],
 )
 def test_url_with_unknown_ids_opens_what_exists(workspace_env, params, kept, toast):
@@ -282,6 +282,28 @@ def test_url_with_unknown_ids_opens_what_exists(workspace_env, params, kept, toa
     assert app.session_state["scores_id"] is None
     assert len(app.toast) == 1
     assert f"The address names {toast}, which was not found" in app.toast[0].value
+
+
+def test_url_ranking_of_other_failure_set_is_named(workspace_env):
+    other = workspace_env.new_failure_set()
+    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+    scores_id = pipeline.run_identification(
+        workspace_env.workspace, run, "random", failure_set_id=other
+    )["scores_id"]
+    app = _app()
+    app.query_params = {
+        "run": workspace_env.run_id,
+        "fs": workspace_env.failure_set_id,
+        "scores": scores_id,
+    }
+    app.run()
+
+    check_clean(app)
+    assert app.session_state["scores_id"] is None
+    assert app.toast[0].value == (
+        f"The address names the ranking `{scores_id}`, which belongs to another run "
+        "or failure set, so it was not opened."
+    )
 
 
 def test_open_picks_failure_set_last_used(workspace_env, tmp_path, monkeypatch):
@@ -994,7 +1016,7 @@ def test_imported_run_has_no_ground_truth(workspace_env):
     check_clean(app)
     run_id = app.session_state["run_id"]
     assert workspace_env.workspace.get_run(run_id)["kind"] == "import"
-    assert metric_values(app)["Corrupted by the scenario"] == "unknown"
+    assert metric_values(app)["Corrupted"] == "unknown"
 
     state = {"run_id": run_id, "failure_set_id": app.session_state["failure_set_id"]}
     compare = page("compare", **state).run()
