@@ -371,7 +371,7 @@ confirmed = sorted(i for i, d in decisions.items() if d == "confirmed")
 rejected = sorted(i for i, d in decisions.items() if d == "rejected")
 
 columns = st.columns(4)
-# Short labels stay whole in a quarter of a narrow window; the help says more.
+# Short labels fit a quarter of a narrow window, and help texts give the detail.
 columns[0].metric(
     "Confirmed",
     len(confirmed),

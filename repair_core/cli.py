@@ -855,7 +855,7 @@ def _apply_settings(
         raise SystemExit(0 if _write_stdout(text) else 141)
     values = config.to_dict() if hasattr(config, "to_dict") else asdict(config)
     kinds = typing.get_type_hints(type(config))
-    given: dict[str, str] = {}
+    first_items: dict[str, str] = {}
     for item in settings:
         name, sep, text = item.partition("=")
         if not sep:
@@ -863,12 +863,12 @@ def _apply_settings(
                 f"Invalid setting {item!r} for {what}: expected NAME=VALUE. "
                 "'--set help' lists the settings."
             )
-        if name in given:
+        if name in first_items:
             raise RepairError(
-                f"--set {given[name]} and --set {item} both set {name} for "
+                f"--set {first_items[name]} and --set {item} both set {name} for "
                 f"{what}. Give each setting once."
             )
-        given[name] = item
+        first_items[name] = item
         group, dot, inner = name.partition(".")
         if dot and dataclasses.is_dataclass(getattr(config, group, None)):
             # A dotted name, as '--set help' lists them, sets one setting of a

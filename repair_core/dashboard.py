@@ -219,26 +219,27 @@ def restore_from_url() -> None:
             {"run_id": run_id, "failure_set_id": failure_set_id},
         ),
     )
-    for key, what, record_id, get, expected in checks:
+    for key, kind, record_id, get, expected in checks:
         if not record_id:
             continue
         try:
             record = get(record_id)
         except USER_ERRORS:
-            _toast_not_opened(what, record_id, "was not found in this workspace")
+            _toast_not_opened(kind, record_id, "was not found in this workspace")
             return
         if any(record.get(name) != value for name, value in expected.items()):
-            _toast_not_opened(what, record_id, "belongs to another run or failure set")
+            _toast_not_opened(kind, record_id, "belongs to another run or failure set")
             return
         st.session_state[key] = record_id
 
 
-def _toast_not_opened(what: str, record_id: str, reason: str) -> None:
+def _toast_not_opened(kind: str, record_id: str, reason: str) -> None:
     """Say why the URL's ``record_id`` was not opened."""
     # A code span shows the id as typed, without rendering Markdown in it.
-    shown = record_id.replace("`", "")
+    display_id = record_id.replace("`", "")
     st.toast(
-        f"The address names the {what} `{shown}`, which {reason}, so it was not opened."
+        f"The address names the {kind} `{display_id}`, which {reason}, so it was not "
+        "opened."
     )
 
 
@@ -1014,7 +1015,7 @@ def changed_settings(
 
 def ranking_settings(record: dict[str, Any]) -> list[str]:
     """Return the settings of a stored ranking that differ from its method's
-    defaults, so two rankings by one method can be told apart."""
+    defaults, so that two rankings by one method can be distinguished."""
     from repair_core.identification import default_config
 
     try:

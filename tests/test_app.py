@@ -601,17 +601,12 @@ def test_rankings_by_one_method_show_settings(workspace_env):
 
 
 def test_confirm_top_k_shows_failed_save(workspace_env, monkeypatch):
-    failure_set_id = workspace_env.new_failure_set()
-    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
-    pipeline.run_identification(
-        workspace_env.workspace, run, "training-loss", failure_set_id=failure_set_id
-    )
+    state = ranked_failure_set(workspace_env)
 
     def locked(self, *args, **kwargs):
         raise WorkspaceError("The workspace database is locked.")
 
     monkeypatch.setattr(Workspace, "set_decisions", locked)
-    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
     app = page("causes", **state).run()
     app.number_input(key="causes_k").set_value(5)
     app.button(key="causes_confirm_top").click().run()

@@ -1406,8 +1406,10 @@ def test_removal_curve_takes_finetune_settings(tiny_run, capsys, monkeypatch):
         next(r for r in listed if r["id"] == curve["removal_curve_id"]).items()
     )
 
-    shown = _text(capsys, ["show", "--workspace", workspace, curve["removal_curve_id"]])
-    assert "fine-tuning settings: max_epochs=1" in shown
+    show_text = _text(
+        capsys, ["show", "--workspace", workspace, curve["removal_curve_id"]]
+    )
+    assert "fine-tuning settings: max_epochs=1" in show_text
 
     code = main(
         ["removal-curve", *where, "--scores", scores["scores_id"]] + ["--set", "seed=2"]

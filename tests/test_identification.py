@@ -22,8 +22,8 @@ from tests.factories import blobs, mlp, tiny_cnn, tiny_images, train_briefly
 
 FAST_METHODS = ("ewc-influence", "linear-influence-exact", "training-loss", "random")
 
-# The briefly trained CNN sits away from a minimum, so the exact solve warns
-# that its damped Hessian is indefinite; the tests here check other things.
+# The briefly trained CNN is away from a minimum, so the exact solve warns that
+# its damped Hessian is indefinite. The tests in this file check other things.
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The damped hessian .* is not positive definite"
 )

@@ -111,9 +111,9 @@ def test_checkpoints_end_at_best_epoch(blobs):
 def test_thinning_keeps_the_best_epoch():
     checkpoints = [(epoch, {}) for epoch in range(1, 12)]
 
-    kept = _thin_checkpoints(checkpoints, best_epoch=5)
+    thinned = _thin_checkpoints(checkpoints, best_epoch=5)
 
-    assert [epoch for epoch, _ in kept] == [1, 3, 5, 7, 9, 11]
+    assert [epoch for epoch, _ in thinned] == [1, 3, 5, 7, 9, 11]
 
 
 def test_checkpoints_kept_past_best_epoch():

@@ -278,11 +278,12 @@ def identify(
         harmful, with the resolved config and timing.
 
     Raises:
-        ConfigError: an unknown method, a wrong config type, missing
-            context, an empty F_q for a method that explains it, a model
-            without trainable parameters for a method that differentiates it,
-            non-finite images, images the model cannot take, or labels that
-            are not int64 class indices in 0..K-1 for a model with K outputs.
+        ConfigError: an unknown method, a wrong config type or missing
+            context. Also an empty F_q for a method that explains it, or a
+            model without trainable parameters for a method that
+            differentiates it. Also non-finite images, images the model cannot
+            take, or labels that are not int64 class indices in 0..K-1 for a
+            model with K outputs.
         FloatingPointError: the method produced non-finite scores.
     """
     spec = _spec(method)

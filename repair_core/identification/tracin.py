@@ -64,10 +64,11 @@ class TracInConfig:
 def _called_layers(
     model: nn.Module, sample: torch.Tensor
 ) -> tuple[list[str], str | None]:
-    """Run ``model`` on ``sample`` and return the names of the submodules with
-    trainable parameters of their own, in the order the forward pass called
-    them, and the name of the trainable ``nn.Linear`` whose output is the
-    model's output (None when no such layer produces the logits)."""
+    """Run ``model`` on ``sample`` and return two things. The first is the
+    names of the submodules with trainable parameters of their own, in the
+    order the forward pass called them. The second is the name of the
+    trainable ``nn.Linear`` whose output is the model's output, or None when
+    no such layer produces the logits."""
     called: list[str] = []
     outputs: dict[str, torch.Tensor] = {}
     handles = []
