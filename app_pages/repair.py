@@ -455,12 +455,13 @@ def comparison_figure(summary: dict[str, Any]) -> go.Figure:
     return figure
 
 
-def signed_percent(value: float) -> str:
-    """Format a difference of accuracies; NaN, as on an empty F_h, is "—"."""
+def signed_points(value: float) -> str:
+    """Format a difference of accuracies in percentage points, as "+28.3 pts",
+    so it does not read as a relative change; NaN, as on an empty F_h, is "—"."""
     if math.isnan(value):
         return "—"
-    # A difference that rounds to zero shows as +0.0%, never -0.0%.
-    return f"{value:+.1%}" if round(value, 3) != 0 else "+0.0%"
+    # A difference that rounds to zero shows as +0.0, never -0.0.
+    return f"{100 * value:+.1f} pts" if round(value, 3) != 0 else "+0.0 pts"
 
 
 def accuracy_metric(column: Any, label: str, after: float, before: float) -> None:
@@ -468,7 +469,7 @@ def accuracy_metric(column: Any, label: str, after: float, before: float) -> Non
     if math.isnan(after) or math.isnan(before):
         column.metric(label, percent_text(after))
         return
-    column.metric(label, percent_text(after), delta=signed_percent(after - before))
+    column.metric(label, percent_text(after), delta=signed_points(after - before))
 
 
 def gain_over_random(summary: dict[str, Any]) -> float | None:
@@ -490,23 +491,26 @@ def gain_metrics(summary: dict[str, Any]) -> None:
     if gain:
         mean, spread = gain["paired_mean"], gain["paired_std"]
         several_seeds = len(summary["seeds"]) > 1
-        holdout_help = "Treatment minus nothing removed, paired by seed."
+        holdout_help = (
+            "Accuracy on F_h, treatment minus nothing removed, in percentage "
+            "points, paired by seed."
+        )
         remaining_help = (
             "Accuracy on the rest of the test set, treatment minus nothing "
-            "removed, paired by seed."
+            "removed, in percentage points, paired by seed."
         )
         if several_seeds:
-            holdout_help += f" Spread ±{spread['holdout_acc']:.1%}."
-            remaining_help += f" Spread ±{spread['remaining_acc']:.1%}."
+            holdout_help += f" Spread ±{100 * spread['holdout_acc']:.1f} points."
+            remaining_help += f" Spread ±{100 * spread['remaining_acc']:.1f} points."
         columns[0].metric(
             "Gain on F_h over nothing removed",
-            signed_percent(mean["holdout_acc"]),
+            signed_points(mean["holdout_acc"]),
             help=holdout_help,
         )
         columns[2].metric(
             # Short, as the row has three metrics; the help names the control.
             "Gain on T\\F",
-            signed_percent(mean["remaining_acc"]),
+            signed_points(mean["remaining_acc"]),
             help=remaining_help,
         )
     else:
@@ -535,7 +539,7 @@ def gain_metrics(summary: dict[str, Any]) -> None:
             )
         columns[1].metric(
             "Gain on F_h over random removal",
-            signed_percent(gain_over_random(summary)),
+            signed_points(gain_over_random(summary)),
             help=random_help,
         )
     # F_h contains the original model's failures, so its accuracy starts at 0%
@@ -754,10 +758,15 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
             accuracy_text = "Accuracy, mean ± standard deviation over seeds."
         else:
             accuracy_text = "Accuracy of the one seed."
+        controls_text = (
+            " The controls run the same treatment with nothing removed and with "
+            "as many random examples removed."
+            if summary.get("controls")
+            else ""
+        )
         st.caption(
-            f"{accuracy_text} The controls run the same treatment with nothing "
-            "removed and with as many random examples removed. Fixed and broken "
-            "examples below are those of the treated model of the first seed."
+            f"{accuracy_text}{controls_text} Fixed and broken examples below are "
+            "those of the treated model of the first seed."
         )
         path = ws.path(run.run_id, f"repairs/{repair_id}.pt")
         if path.is_file():

@@ -183,8 +183,13 @@ def _add_failure_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_causes_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scores",
+        default=None,
+        help="scores id from identify; needed by --top-k and --causes positive, "
+        "and with the other two only recorded as the ranking the causes came from",
+    )
     group = parser.add_argument_group("causes C (give exactly one)")
-    group.add_argument("--scores", default=None, help="scores id from identify")
     group.add_argument(
         "--top-k", type=int, default=None, help="remove the k highest scores"
     )
@@ -198,7 +203,8 @@ def _add_causes_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--causes-file",
         default=None,
-        help="text file with one training index per line",
+        help="text file with one training index per line, or a CSV file with a "
+        "train_index column, such as the dashboard's exports",
     )
 
 

@@ -174,16 +174,23 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Return the mean, std, min and max over runs of every metric.
 
     The std is the sample standard deviation, and 0 for a single run. NaN
-    values (an empty F_h, for example) stay NaN.
+    values (an empty F_h, for example) give NaN for every statistic.
     """
     summary: dict[str, dict[str, float]] = {"mean": {}, "std": {}, "min": {}, "max": {}}
     for key in METRIC_KEYS:
         values = torch.tensor([float(run[key]) for run in runs], dtype=torch.float64)
         summary["mean"][key] = values.mean().item()
-        summary["std"][key] = values.std().item() if len(values) > 1 else 0.0
+        summary["std"][key] = _spread(values)
         summary["min"][key] = values.min().item()
         summary["max"][key] = values.max().item()
     return summary
+
+
+def _spread(values: torch.Tensor) -> float:
+    """Sample std of ``values``: 0 for one finite value, NaN if any is NaN."""
+    if len(values) > 1:
+        return values.std().item()
+    return 0.0 if torch.isfinite(values).all() else math.nan
 
 
 def _random_causes(n_train: int, size: int, seed: int) -> torch.Tensor:
@@ -413,7 +420,7 @@ def _gain(per_arm: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float
             dtype=torch.float64,
         )
         gain["paired_mean"][key] = paired.mean().item()
-        gain["paired_std"][key] = paired.std().item() if len(paired) > 1 else 0.0
+        gain["paired_std"][key] = _spread(paired)
     return gain
 
 

@@ -700,14 +700,21 @@ def _available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def _check_dense_size(size: int, like: torch.Tensor, matrices: int) -> None:
+#: What the size errors of the exact solve suggest instead, unless told otherwise.
+ITERATIVE_SOLVERS = "the 'lissa' or 'gd' solver"
+
+
+def _check_dense_size(
+    size: int, like: torch.Tensor, matrices: int, alternative: str = ITERATIVE_SOLVERS
+) -> None:
     """Raise ConfigError when ``matrices`` dense (size, size) matrices of
-    ``like``'s dtype do not fit in the free memory of its device."""
+    ``like``'s dtype do not fit in the free memory of its device; the message
+    suggests ``alternative``."""
     if size > MAX_EXACT_PARAMETERS:
         raise ConfigError(
             f"The exact solve needs a {size} x {size} matrix, so it is limited to "
-            f"{MAX_EXACT_PARAMETERS} trainable parameters. Use the 'lissa' or 'gd' "
-            "solver for this model."
+            f"{MAX_EXACT_PARAMETERS} trainable parameters. Use {alternative} for "
+            "this model."
         )
     needed = matrices * size * size * like.element_size()
     available = _available_bytes(like.device)
@@ -716,8 +723,8 @@ def _check_dense_size(size: int, like: torch.Tensor, matrices: int) -> None:
         raise ConfigError(
             f"The exact solve needs {needed / 2**30:.2f} GiB for {matrices} dense "
             f"{size} x {size} {like.dtype} {noun}, but {like.device} has "
-            f"{available / 2**30:.2f} GiB available. Use the 'lissa' or 'gd' solver "
-            "for this model, or free memory."
+            f"{available / 2**30:.2f} GiB available. Use {alternative} for this "
+            "model, or free memory."
         )
 
 
@@ -841,13 +848,15 @@ def exact_ihvp(
     log_likelihood: LogLikelihood | None = None,
     chunk_size: int = 512,
     block_columns: int | None = None,
+    alternative: str = ITERATIVE_SOLVERS,
 ) -> torch.Tensor:
     """Solve (H + damping I) x = g with a dense matrix; for small models only.
 
     H is the curvature of the mean loss over all N examples from
     ``exact_curvature``, made exactly symmetric, and the system is solved with
     ``torch.linalg.solve``. ``chunk_size`` and ``block_columns`` are passed
-    to ``exact_curvature``.
+    to ``exact_curvature``; ``alternative`` is what the errors about the
+    model's size suggest instead.
 
     Raises:
         ConfigError: the model has more than ``MAX_EXACT_PARAMETERS`` trainable
@@ -856,7 +865,7 @@ def exact_ihvp(
     """
     _check_curvature(curvature)
     _, g = _prepare(model, vector)
-    _check_dense_size(g.numel(), g, matrices=2)
+    _check_dense_size(g.numel(), g, matrices=2, alternative=alternative)
     hessian = exact_curvature(
         model,
         images,

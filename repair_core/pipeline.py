@@ -1015,8 +1015,9 @@ def resolve_causes(
     """Turn one way of naming the causes C into training indices.
 
     Exactly one of ``top_k`` (the k highest scores), ``positive`` (every
-    positive score), ``causes_file`` (one training index per line) or
-    ``confirmed`` (the examples confirmed in review) must be given.
+    positive score), ``causes_file`` (one training index per line, or a CSV
+    file with a ``train_index`` column) or ``confirmed`` (the examples
+    confirmed in review) must be given.
 
     Returns:
         (sorted int64 indices, a short description of where they came from)

@@ -219,6 +219,12 @@ class Workspace:
     """
 
     def __init__(self, root: str | Path = DEFAULT_WORKSPACE, *, create: bool = True):
+        if not str(root).strip():
+            # Path("") is the current folder, which is seldom what was meant.
+            raise WorkspaceError(
+                "The workspace path is empty. Pass a folder path with --workspace, "
+                f"such as ./{DEFAULT_WORKSPACE}."
+            )
         self.root = Path(root).expanduser().resolve()
         if self.root.exists() and not self.root.is_dir():
             raise WorkspaceError(

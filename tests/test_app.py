@@ -24,6 +24,7 @@ from repair_core import pipeline
 from repair_core.errors import WorkspaceError
 from repair_core.metrics import ranking
 from repair_core.training import TrainConfig
+from repair_core.treatments import read_causes_file
 from repair_core.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1374,7 +1375,7 @@ def test_repair_warns_when_random_removal_wins(workspace_env):
     app = page("repair", **state).run()
     check_clean(app)
     values = metric_values(app)
-    assert values["Gain on F_h over random removal"] == "-15.4%"
+    assert values["Gain on F_h over random removal"] == "-15.4 pts"
     assert "Gain on F_h over nothing removed" in values
     warnings = [warning.value for warning in app.warning]
     assert len(warnings) == 1
@@ -1653,7 +1654,7 @@ def record_downloads(monkeypatch) -> dict[str, bytes]:
     return downloads
 
 
-def test_repairs_table_and_causes_download(workspace_env, monkeypatch):
+def test_repairs_table_and_causes_download(workspace_env, monkeypatch, tmp_path):
     downloads = record_downloads(monkeypatch)
     failure_set_id = workspace_env.new_failure_set()
     workspace = workspace_env.workspace
@@ -1677,6 +1678,10 @@ def test_repairs_table_and_causes_download(workspace_env, monkeypatch):
     }
     app = page("repair", **state).run()
     check_clean(app)
+    # The repair on show ran without controls, so no caption describes them.
+    captions = [caption.value for caption in app.caption]
+    assert any(text.startswith("Accuracy of the one seed.") for text in captions)
+    assert not any("The controls run" in text for text in captions)
 
     table = app.dataframe[0].value.set_index("repair")
     assert list(table.index) == [second["repair_id"], first["repair_id"]]
@@ -1701,9 +1706,13 @@ def test_repairs_table_and_causes_download(workspace_env, monkeypatch):
         str(names[labels[7]]),
     ]
     assert set(causes["repair_id"]) == {second["repair_id"]}
+    # The export is accepted back as a causes file.
+    exported = tmp_path / "causes.csv"
+    exported.write_bytes(csv)
+    assert read_causes_file(exported, len(labels)).tolist() == [3, 7]
 
 
-def test_culprits_csv_names_ranking(workspace_env, monkeypatch):
+def test_culprits_csv_names_ranking(workspace_env, monkeypatch, tmp_path):
     downloads = record_downloads(monkeypatch)
     failure_set_id = workspace_env.new_failure_set()
     workspace = workspace_env.workspace
@@ -1728,6 +1737,9 @@ def test_culprits_csv_names_ranking(workspace_env, monkeypatch):
     assert list(table["train_index"]) == [top[2], top[9], top[20]]
     assert set(table["method"]) == {"training-loss"}
     assert set(table["scores_id"]) == {scores_id}
+    exported = tmp_path / "culprits.csv"
+    exported.write_bytes(downloads[name])
+    assert read_causes_file(exported, len(run.data.train)).tolist() == sorted(chosen)
 
 
 def test_newton_hides_controls_checkbox(workspace_env):

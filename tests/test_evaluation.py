@@ -16,6 +16,7 @@ from repair_core.evaluation import (
     evaluate_model,
     removal_curve,
     repair_with_controls,
+    summarise,
     sweep,
 )
 from tests.factories_treatment import N_CLASSES, tiny_problem
@@ -84,6 +85,27 @@ def test_compare_same_model_changes_nothing():
 
     assert result["holdout_fixed"] == 0
     assert result["remaining_broken"] == 0
+
+
+def _runs(**columns: list[float]) -> list[dict[str, float]]:
+    n_runs = len(next(iter(columns.values())))
+    return [
+        {key: columns.get(key, [0.5] * n_runs)[i] for key in METRIC_KEYS}
+        for i in range(n_runs)
+    ]
+
+
+def test_summarise_spreads():
+    two = summarise(_runs(query_acc=[0.25, 0.75], holdout_acc=[math.nan, math.nan]))
+    one = summarise(_runs(query_acc=[0.25], holdout_acc=[math.nan]))
+
+    assert two["mean"]["query_acc"] == 0.5
+    assert two["std"]["query_acc"] == pytest.approx(math.sqrt(0.125))
+    assert one["std"]["query_acc"] == 0.0
+    # An empty F_h has no accuracy, so its spread is undefined as well.
+    for summary in (one, two):
+        assert math.isnan(summary["mean"]["holdout_acc"])
+        assert math.isnan(summary["std"]["holdout_acc"])
 
 
 def test_repair_with_controls_finetune():

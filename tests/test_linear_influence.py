@@ -369,6 +369,12 @@ def test_exact_rejects_too_many_parameters():
 
     with pytest.raises(ConfigError, match="limited to 20000 trainable parameters"):
         exact_curvature(model, x, y)
+    # The method names what to run instead, not a solver setting it lacks.
+    with pytest.raises(
+        ConfigError,
+        match="Use the method linear-influence-lissa or linear-influence-gd for",
+    ):
+        identify("linear-influence-exact", model, x, y, x[:2], y[:2])
 
 
 def diverging_problem():

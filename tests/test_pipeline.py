@@ -527,3 +527,6 @@ def test_repair_warns_without_holdout_failures(tiny):
 
     assert len(split.holdout) == 0
     assert math.isnan(summary["after"]["holdout_acc"])
+    # A spread of an undefined accuracy is undefined too, not 0.
+    assert math.isnan(summary["spread"]["holdout_acc"])
+    assert summary["spread"]["remaining_acc"] == 0.0

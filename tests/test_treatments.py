@@ -680,6 +680,37 @@ def test_read_causes_file_rejects_bad_content(tmp_path, content, message):
         read_causes_file(path, 10)
 
 
+def test_read_causes_file_reads_csv_export(tmp_path):
+    path = tmp_path / "culprits.csv"
+    path.write_text(
+        "train_index,rank,given_label,corrupted\n"
+        '7,1,"seven, handwritten",True\n'
+        "\n"
+        "2,2,two,False\n"
+    )
+
+    assert read_causes_file(path, 10).tolist() == [2, 7]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("rank,train_index\n1,4\n2\n", r"Line 3 of .* has 1 fields, so no"),
+        ("rank,train_index\n1,4\n2,x\n", r"Line 3 of .* is 'x', not an integer"),
+        ("train_index,rank\n4,1\n4,2\n", r"Line 3 of .* repeats training index 4"),
+        ("train_index,rank\n", r"lists no training index"),
+        # Without a train_index column, a comma is not an index.
+        ("index,rank\n4,1\n", r"Line 1 of .* is 'index,rank', not an integer"),
+    ],
+)
+def test_read_causes_file_rejects_bad_csv(tmp_path, content, message):
+    path = tmp_path / "causes.csv"
+    path.write_text(content)
+
+    with pytest.raises(ConfigError, match=message):
+        read_causes_file(path, 10)
+
+
 def test_read_causes_file_rejects_folder(tmp_path):
     with pytest.raises(ConfigError, match="is a folder"):
         read_causes_file(tmp_path, 10)
@@ -1100,3 +1131,12 @@ def test_repair_restores_random_stream():
     )
 
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_newton_exact_too_large_names_lissa_solver():
+    x = torch.randn(10, 200)
+    y = torch.arange(10) % 3
+    model = nn.Sequential(nn.Linear(200, 100), nn.ReLU(), nn.Linear(100, 3))
+
+    with pytest.raises(ConfigError, match=r"Use the 'lissa' solver \(solver=lissa\)"):
+        repair("newton", model, x, y, [0, 1], x[:2], y[:2], {"solver": "exact"})

@@ -275,6 +275,16 @@ def test_workspace_path_is_file(tmp_path):
         Workspace(path)
 
 
+@pytest.mark.parametrize("root", ["", "  "])
+def test_workspace_path_is_empty(tmp_path, monkeypatch, root):
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(WorkspaceError, match="The workspace path is empty"):
+        Workspace(root)
+    # Nothing was created in the current folder.
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_corrupt_database_message(tmp_path):
     (tmp_path / "repair.sqlite").write_bytes(b"this is not sqlite" * 100)
 

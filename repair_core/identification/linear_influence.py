@@ -213,7 +213,13 @@ def solve_ihvp(
     common = {"curvature": config.curvature, "log_likelihood": log_likelihood}
     if config.solver == "exact":
         return exact_ihvp(
-            model, train_images, train_labels, vector, damping=config.damping, **common
+            model,
+            train_images,
+            train_labels,
+            vector,
+            damping=config.damping,
+            alternative="the method linear-influence-lissa or linear-influence-gd",
+            **common,
         ), {}
     if config.solver == "gd":
         return gd_ihvp(

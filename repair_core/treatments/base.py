@@ -8,6 +8,7 @@ model that approximates training on D\\C. Only parameters with
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -167,11 +168,48 @@ def _shortened(text: str) -> str:
     return f"{text[:QUOTED_CHARACTERS]}… ({len(text)} characters)"
 
 
-def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
-    """Read training indices from a text file, one per line.
+#: Column of the dashboard's CSV exports that holds the training indices.
+INDEX_COLUMN = "train_index"
 
-    Blank lines and a leading UTF-8 byte-order mark are ignored. The indices
-    are then checked as in :func:`validate_causes`.
+
+def _entries(text: str, path: Path) -> list[tuple[int, str]]:
+    """Return (line number, index text) for each non-blank line of a causes file.
+
+    A first line that names the ``train_index`` column marks a CSV file, such
+    as the dashboard's exports of confirmed culprits and of a repair's causes;
+    its ``train_index`` column is read and the other columns are ignored.
+    """
+    lines = [
+        (number, line.strip())
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip()
+    ]
+    if not lines or "," not in lines[0][1]:
+        return lines
+    header = [name.strip() for name in next(csv.reader([lines[0][1]]))]
+    if INDEX_COLUMN not in header:
+        return lines
+    column = header.index(INDEX_COLUMN)
+    entries = []
+    for number, line in lines[1:]:
+        fields = next(csv.reader([line]))
+        if len(fields) <= column:
+            raise ConfigError(
+                f"Line {number} of {str(path)!r} has {len(fields)} fields, so no "
+                f"{INDEX_COLUMN!r} (field {column + 1} of the header). Give every "
+                "row the header's columns."
+            )
+        entries.append((number, fields[column].strip()))
+    return entries
+
+
+def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
+    """Read training indices from a text file, one per line, or from a CSV file.
+
+    Blank lines and a leading UTF-8 byte-order mark are ignored. A file whose
+    first line is a CSV header with a ``train_index`` column, as the
+    dashboard's exports have, is read from that column. The indices are then
+    checked as in :func:`validate_causes`.
 
     Raises:
         ConfigError: the file is missing, is a folder or is not UTF-8 text, a
@@ -197,16 +235,14 @@ def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
         ) from None
     indices: list[int] = []
     first_line: dict[int, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        entry = line.strip()
-        if not entry:
-            continue
+    for number, entry in _entries(text, path):
         # int() would also read "5_0" as 50 and other scripts' digits.
-        digits = entry[1:] if entry[0] in "+-" else entry
+        digits = entry[1:] if entry[:1] in ("+", "-") else entry
         if not (digits.isascii() and digits.isdigit()):
             raise ConfigError(
                 f"Line {number} of {str(path)!r} is {_shortened(entry)!r}, not an "
-                "integer training index. Write one index per line."
+                "integer training index. Write one index per line, or export a "
+                f"CSV file with a {INDEX_COLUMN!r} column."
             )
         # Python refuses to convert more than 4300 digits, and an index that
         # long is out of range anyway.

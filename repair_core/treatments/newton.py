@@ -138,6 +138,7 @@ def newton_direction(
             damping=config.damping,
             curvature=config.curvature,
             log_likelihood=log_likelihood,
+            alternative="the 'lissa' solver (solver=lissa)",
         )
     else:
         scale = config.scale
