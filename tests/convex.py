@@ -102,3 +102,16 @@ def noisy_problem(n_train=150, n_test=300, seed=0, n_flips=15):
 def query_log_likelihood(model, qx, qy) -> float:
     with torch.no_grad():
         return -F.cross_entropy(model(qx), qy, reduction="sum").item()
+
+
+def fitted_slope(predicted, actual) -> float:
+    """Least-squares slope of ``actual`` on ``predicted`` (with an intercept).
+
+    Rank correlation ignores the scale of scores; the slope checks it, since
+    a score that estimates a change in log-likelihood should match that change
+    one for one.
+    """
+    predicted = torch.as_tensor(predicted, dtype=torch.float64)
+    actual = torch.as_tensor(actual, dtype=torch.float64)
+    centred = predicted - predicted.mean()
+    return float((centred * (actual - actual.mean())).sum() / centred.pow(2).sum())

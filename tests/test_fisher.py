@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from repair_core.fisher import (
     diagonal_fisher,
@@ -53,6 +54,47 @@ def test_per_example_gradients_skip_frozen():
     grads = per_example_gradients(model, x, y)
     assert "0.weight" not in grads
     assert grads["2.weight"].shape == (10, *model[2].weight.shape)
+
+
+def test_fisher_leaves_out_frozen_parameters():
+    x, y = blobs(20, dtype=torch.float64)
+    model = mlp().double()
+    model[0].weight.requires_grad_(False)
+
+    fisher = diagonal_fisher(model, x, y, batch_size=8)
+
+    assert "0.weight" not in fisher
+    assert set(fisher) == {"0.bias", "2.weight", "2.bias"}
+    expected = loop_fisher(model, x, y)
+    for name in fisher:
+        torch.testing.assert_close(fisher[name], expected[name], rtol=0, atol=1e-10)
+
+
+def test_fisher_of_train_mode_model_uses_eval_statistics():
+    # In train mode BatchNorm would normalise with each batch's statistics
+    # (and update its running ones) and Dropout would drop units, so the
+    # Fisher must be that of the model in eval mode, whatever its mode.
+    x, y = blobs(40, dtype=torch.float64)
+    model = nn.Sequential(
+        nn.Linear(x.shape[1], 8),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(8, 3),
+    ).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    running = {k: v.clone() for k, v in model[1].state_dict().items()}
+    expected = loop_fisher(model.eval(), x, y)
+
+    fisher = diagonal_fisher(model.train(), x, y, batch_size=16)
+
+    for name in expected:
+        torch.testing.assert_close(fisher[name], expected[name], rtol=0, atol=1e-10)
+    for key, value in model[1].state_dict().items():
+        torch.testing.assert_close(value, running[key])
+    assert all(module.training for module in model.modules())
 
 
 def test_fisher_restores_train_mode():

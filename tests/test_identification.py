@@ -489,3 +489,34 @@ def test_tracin_uses_logits_layer(trained):
     assert plain.extras["layer"] == "head"
     assert result.extras["layer"] == "net.head"
     torch.testing.assert_close(result.scores, plain.scores)
+
+
+def test_tracin_matches_hand_computed_influence():
+    # For a model that is one linear layer W x + b with softmax cross-entropy,
+    # the loss gradient in W is the outer product of (softmax - one-hot) and x,
+    # so <grad_W l(z), grad_W l(q)> = (x_z . x_q)(delta_z . delta_q).
+    # TracInCPFast uses the weights of that layer, not its bias, and the score
+    # is minus lr times that product summed over checkpoints and failures.
+    torch.manual_seed(0)
+    x, y = blobs(20)
+    first = nn.Linear(x.shape[1], 3)
+    second = copy.deepcopy(first)
+    with torch.no_grad():
+        second.weight.mul_(2.0)
+    qx, qy = x[:4], (y[:4] + 1) % 3
+    context = IdentificationContext(
+        checkpoints=[first.state_dict(), second.state_dict()]
+    )
+
+    result = identify(
+        "tracin", second, x, y, qx, qy, {"learning_rate": 0.5}, context=context
+    )
+
+    expected = torch.zeros(len(y), dtype=torch.float64)
+    for net in (first, second):
+        with torch.no_grad():
+            delta = net(x).softmax(1) - nn.functional.one_hot(y, 3)
+            delta_q = net(qx).softmax(1) - nn.functional.one_hot(qy, 3)
+        expected -= 0.5 * ((x @ qx.T) * (delta @ delta_q.T)).sum(1).double()
+    torch.testing.assert_close(result.scores, expected, rtol=1e-4, atol=1e-5)
+    assert result.extras["layer"] == ""

@@ -27,10 +27,19 @@ from repair_core.ihvp import (
     lissa,
 )
 from repair_core.inference import eval_mode
-from tests.convex import L2, fit_logistic, noisy_problem, query_log_likelihood
+from tests.convex import (
+    L2,
+    fit_logistic,
+    fitted_slope,
+    noisy_problem,
+    query_log_likelihood,
+)
 from tests.factories import blobs, mlp
 
 MIN_LOO_SPEARMAN = 0.8
+#: The scores estimate the change in log p(F_q) when an example is left out,
+#: so the actual changes should follow them about one for one.
+LOO_SLOPE_RANGE = (0.8, 1.25)
 MAX_SOLVER_RELATIVE_ERROR = 0.03
 MIN_SOLVER_SPEARMAN = 0.99
 TOP_K = 10
@@ -65,6 +74,8 @@ def test_exact_tracks_leave_one_out(problem):
         actual.append(query_log_likelihood(refit, qx, qy) - base)
     rho = spearmanr(scores.scores.numpy(), actual).statistic
     assert rho >= MIN_LOO_SPEARMAN
+    low, high = LOO_SLOPE_RANGE
+    assert low <= fitted_slope(scores.scores, actual) <= high
 
 
 def test_iterative_solvers_match_exact(problem):

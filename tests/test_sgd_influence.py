@@ -14,10 +14,14 @@ from repair_core.identification import (
     replay_sgd,
 )
 from repair_core.training import TrainConfig, train_model
-from tests.convex import query_log_likelihood
+from tests.convex import fitted_slope, query_log_likelihood
 from tests.factories import blobs, tiny_cnn, tiny_images
 
 MIN_REPLAY_SPEARMAN = 0.9
+#: The estimates are changes in log p(F_q), so the replayed changes should
+#: follow them about one for one; a step credited with the wrong learning rate
+#: or batch size scales them, and a step order error bends them.
+REPLAY_SLOPE_RANGE = (0.9, 1.15)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +61,8 @@ def test_scores_track_replay_without_example(recorded):
     ]
     rho = spearmanr(scores.numpy(), actual).statistic
     assert rho >= MIN_REPLAY_SPEARMAN
+    low, high = REPLAY_SLOPE_RANGE
+    assert low <= fitted_slope(scores, actual) <= high
 
 
 def test_removing_top_ranked_raises_query_likelihood(recorded):

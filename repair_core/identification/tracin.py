@@ -61,6 +61,25 @@ class TracInConfig:
             )
 
 
+class _Holder(nn.Module):
+    """Holds the model as a named submodule. Captum addresses layers by name,
+    and a model that is itself one layer, such as ``nn.Linear``, has none."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _model_name(name: str | None) -> str | None:
+    """Return a layer's name in the held model ("" for the model itself)."""
+    if name is None:
+        return None
+    return name.removeprefix("model").removeprefix(".")
+
+
 def _called_layers(
     model: nn.Module, sample: torch.Tensor
 ) -> tuple[list[str], str | None]:
@@ -130,10 +149,10 @@ def score_tracin(
     if lr is None:
         lr = context.train_config.lr if context.train_config is not None else 1.0
     device = model_device(model)
-    work = copy.deepcopy(model)
+    work = _Holder(copy.deepcopy(model))
 
     def load(net: nn.Module, index: int) -> float:
-        net.load_state_dict(states[index])
+        net.model.load_state_dict(states[index])
         return lr
 
     def to_device(batch):
@@ -189,4 +208,8 @@ def score_tracin(
     scores = check_finite(
         -total, "TracIn", "Check the checkpoints for non-finite weights."
     )
-    return scores, {"n_checkpoints": len(states), "learning_rate": lr, "layer": layer}
+    return scores, {
+        "n_checkpoints": len(states),
+        "learning_rate": lr,
+        "layer": _model_name(layer),
+    }
