@@ -189,7 +189,9 @@ def _add_causes_options(parser: argparse.ArgumentParser) -> None:
         help="scores id from identify; needed by --top-k and --causes positive, "
         "and with the other two only recorded as the ranking the causes came from",
     )
-    group = parser.add_argument_group("causes C (give exactly one)")
+    group = parser.add_argument_group(
+        "causes C (give exactly one; fit-failures takes none or records them)"
+    )
     group.add_argument(
         "--top-k", type=int, default=None, help="remove the k highest scores"
     )
@@ -1049,8 +1051,14 @@ def _command_identify(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _causes(args: argparse.Namespace, workspace, run, failure_set_id):
-    from repair_core.pipeline import resolve_causes
+    import torch
 
+    from repair_core.pipeline import resolve_causes
+    from repair_core.treatments import CAUSES_OPTIONAL
+
+    named = (args.top_k, args.causes, args.causes_file)
+    if getattr(args, "treatment", None) in CAUSES_OPTIONAL and named == (None,) * 3:
+        return torch.zeros(0, dtype=torch.long), "none"
     return resolve_causes(
         workspace,
         run,

@@ -34,6 +34,7 @@ from repair_core.inference import predict_logits
 from repair_core.progress import Progress
 from repair_core.training import TrainConfig
 from repair_core.treatments import (
+    CAUSES_OPTIONAL,
     TRAINING_TREATMENTS,
     apply_treatment,
     resolve_config,
@@ -270,7 +271,9 @@ def repair_with_controls(
     train_images, train_labels = train
     test_images, test_labels = test
     settings = resolve_config(treatment, config)
-    checked = validate_causes(causes, len(train_labels))
+    checked = validate_causes(
+        causes, len(train_labels), allow_empty=treatment in CAUSES_OPTIONAL
+    )
     seeds = _check_seeds(seeds)
     unknown = [name for name in controls if name not in CONTROLS]
     if unknown:

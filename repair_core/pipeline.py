@@ -1166,10 +1166,12 @@ def run_repair(
     """
     workspace.check_writable()
     from repair_core.evaluation import repair_with_controls
-    from repair_core.treatments import validate_causes
+    from repair_core.treatments import CAUSES_OPTIONAL, validate_causes
 
     started = time.perf_counter()
-    causes = validate_causes(causes, len(run.data.train))
+    causes = validate_causes(
+        causes, len(run.data.train), allow_empty=treatment in CAUSES_OPTIONAL
+    )
     inputs = _repair_inputs(workspace, run, failure_set_id)
     split = inputs["split"]
     repair_id = new_id("rp")

@@ -1416,3 +1416,25 @@ def test_removal_curve_takes_finetune_settings(tiny_run, capsys, monkeypatch):
     )
     assert code == 2
     assert "--set seed=2 has no effect on removal-curve" in capsys.readouterr().err
+
+
+def test_repair_fit_failures_needs_no_causes(tiny_run, capsys):
+    workspace, run = tiny_run
+    args = ["repair", "--workspace", workspace, "--run", run["run_id"]]
+    settings = ["--set", "fit.max_steps=5", "--set", "fit.min_steps=0", "--seeds", "0"]
+
+    summary = _run_json(
+        capsys, [*args, "--treatment", "fit-failures", *settings, "--json"]
+    )
+
+    assert summary["treatment"] == "fit-failures"
+    assert summary["causes"] == "none"
+    assert summary["n_removed"] == 0
+    stored = _run_json(
+        capsys, ["show", "--workspace", workspace, summary["repair_id"], "--json"]
+    )
+    assert stored["causes"] == "none"
+    assert stored["n_removed"] == 0
+    # Every other treatment removes something, so it still needs causes.
+    assert main([*args, "--treatment", "finetune", "--seeds", "0"]) == 2
+    assert "Name the causes in exactly one way" in capsys.readouterr().err

@@ -57,6 +57,7 @@ from repair_core.treatments.retrain import RetrainConfig, retrain
 __all__ = [
     "CONFIG_CLASSES",
     "TRAINING_TREATMENTS",
+    "CAUSES_OPTIONAL",
     "TREATMENTS",
     "RepairResult",
     "apply_treatment",
@@ -89,6 +90,10 @@ TRAINING_TREATMENTS = (
     "retrain",
     "fit-failures+ewc-deletion",
 )
+
+#: Treatments that remove nothing: causes may be given, and are recorded, but
+#: an empty list is accepted too.
+CAUSES_OPTIONAL = ("fit-failures",)
 
 CONFIG_CLASSES: dict[str, type[TreatmentConfig]] = {
     "ewc-deletion": EWCDeletionConfig,
