@@ -500,20 +500,19 @@ else:
     st.info(f"No {show} examples.")
 
 st.divider()
-left, right = st.columns([2, 1])
-with left:
-    st.markdown("**Training set map, coloured by score**")
-    coordinates = dashboard.map_coordinates(root, run.run_id, "causes_map_button")
-    if coordinates is not None:
-        st.plotly_chart(score_map(coordinates["train"], confirmed), key="causes_map")
-with right:
-    st.markdown("**Export**")
-    method = records_by_id[scores_id]["method"]
-    st.download_button(
-        f"Download {len(confirmed)} confirmed culprits (CSV)",
-        data=export_csv(confirmed, method),
-        file_name=f"culprits-{run.run_id}-{failure_set_id}-{method}-{scores_id}.csv",
-        mime="text/csv",
-        key="causes_export",
-        disabled=not confirmed,
-    )
+# The export sits in the full width, as a narrow column cut its label short.
+method = records_by_id[scores_id]["method"]
+st.download_button(
+    f"Download {len(confirmed)} confirmed culprits (CSV)",
+    data=export_csv(confirmed, method),
+    file_name=f"culprits-{run.run_id}-{failure_set_id}-{method}-{scores_id}.csv",
+    mime="text/csv",
+    key="causes_export",
+    disabled=not confirmed,
+    help="One row per confirmed culprit with its rank and score in this ranking. "
+    "The file is also accepted by 'repair --causes-file'.",
+)
+st.markdown("**Training set map, coloured by score**")
+coordinates = dashboard.map_coordinates(root, run.run_id, "causes_map_button")
+if coordinates is not None:
+    st.plotly_chart(score_map(coordinates["train"], confirmed), key="causes_map")

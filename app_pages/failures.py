@@ -271,12 +271,18 @@ with right:
             selection_mode=("lasso", "box"),
         )
 
-filter_true, filter_pred, clear = st.columns([3, 3, 1], vertical_alignment="bottom")
+# The button's column is wide enough for its label in an 800 px window.
+filter_true, filter_pred, clear = st.columns([5, 5, 2], vertical_alignment="bottom")
 true_names = filter_true.multiselect("True class", class_names, key="failures_true")
 pred_names = filter_pred.multiselect(
     "Predicted class", class_names, key="failures_pred"
 )
-clear.button("Clear filters", key="failures_clear", on_click=clear_filters)
+clear.button(
+    "Clear",
+    key="failures_clear",
+    on_click=clear_filters,
+    help="Clear both class filters and any selection on the map.",
+)
 
 chosen = failures
 if true_names:
@@ -314,9 +320,7 @@ st.markdown(
     "F_q, used to find causes, and a holdout set F_h, used only to check that "
     "a repair generalises."
 )
-fraction_column, seed_column, button_column = st.columns(
-    [3, 2, 2], vertical_alignment="bottom"
-)
+fraction_column, seed_column = st.columns([3, 2], vertical_alignment="bottom")
 dashboard.keep_widget_value("failures_qf")
 query_fraction = fraction_column.slider(
     "Query share", 0.1, 1.0, run.config.query_fraction, 0.05, key="failures_qf"
@@ -347,7 +351,7 @@ use_label = (
     if len(chosen) == 1
     else f"Use these {len(chosen)} failures as F"
 )
-create = button_column.button(
+create = st.button(
     use_label, type="primary", key="failures_create", disabled=preview is None
 )
 if create and preview is not None:

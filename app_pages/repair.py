@@ -785,7 +785,8 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
             st.download_button(
                 "Download C (CSV)",
                 help=f"The {dashboard.count_text(len(causes), 'training example')} "
-                "removed by this repair, one index per row.",
+                "removed by this repair, one index per row; 'repair "
+                "--causes-file' reads the file as it is.",
                 data=causes_csv(repair_id, causes),
                 file_name=f"causes-{run.run_id}-{repair_id}.csv",
                 mime="text/csv",

@@ -10,8 +10,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
+import os
 import shlex
+import shutil
+import socket
 import time
 import warnings
 from collections.abc import Iterator
@@ -43,7 +47,12 @@ from repair_core.training import (
     train_model,
     validation_size,
 )
-from repair_core.workspace import Workspace, new_id
+from repair_core.workspace import (
+    RECORD_TABLES,
+    Workspace,
+    atomic_write_bytes,
+    new_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -472,6 +481,10 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+#: Suffix of the marker that names the files of a result still being written.
+PENDING_SUFFIX = ".pending"
+
+
 @contextlib.contextmanager
 def _stored_models(
     workspace: Workspace,
@@ -480,14 +493,28 @@ def _stored_models(
     *,
     main_name: str | None = None,
     main_file: str | None = None,
+    extra_files: tuple[str, ...] = (),
 ) -> Iterator[Any]:
     """Yield a function that saves each model as ``<folder>/<name>.pt``.
 
-    The model named ``main_name`` goes to ``main_file`` instead. If the body
-    raises, every file saved so far is deleted, so a failed or interrupted
-    repair leaves nothing behind.
+    ``folder`` is ``<table>/<record id>``, such as ``repairs/rp-1a2b3c4d``, and
+    the body adds that record. The model named ``main_name`` goes to
+    ``main_file`` instead; ``extra_files`` are other files the body writes.
+    If the body raises, every file saved so far is deleted, so a failed or
+    interrupted result leaves nothing behind. A process killed outright runs
+    no cleanup, so a marker file beside the folder names the files and the
+    process until the body has finished; ``remove_abandoned_files`` deletes
+    them once that process has gone without adding the record.
     """
     written: list[str] = []
+    marker = workspace.path(run_id, folder + PENDING_SUFFIX)
+    paths = [folder, *([main_file] if main_file else []), *extra_files]
+    atomic_write_bytes(
+        marker,
+        json.dumps(
+            {"pid": os.getpid(), "host": socket.gethostname(), "paths": paths}
+        ).encode(),
+    )
 
     def store(name: str, model: nn.Module) -> str:
         relative = main_file if name == main_name else f"{folder}/{name}.pt"
@@ -503,7 +530,66 @@ def _stored_models(
         directory = workspace.path(run_id, folder)
         if directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()
+        marker.unlink(missing_ok=True)
         raise
+    marker.unlink(missing_ok=True)
+
+
+def _process_gone(pid: Any) -> bool:
+    """Return whether no process with id ``pid`` runs on this machine."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        # The process exists but belongs to another user.
+        return False
+    return False
+
+
+def remove_abandoned_files(workspace: Workspace) -> list[str]:
+    """Delete the files of results whose writing process was killed outright.
+
+    Each marker left by ``_stored_models`` names a process on a machine. When
+    that machine is this one and the process no longer runs, the files it
+    names are deleted, unless the record was added after all, and then the
+    marker goes. A marker of a running process, of another machine or that
+    cannot be read is left alone.
+
+    Returns:
+        The ids of the results whose files were deleted.
+    """
+    removed: list[str] = []
+    runs = workspace.root / "runs"
+    if not runs.is_dir():
+        return removed
+    host = socket.gethostname()
+    for marker in sorted(runs.glob(f"*/*/*{PENDING_SUFFIX}")):
+        table, run_dir = marker.parent.name, marker.parent.parent
+        record_id = marker.name.removesuffix(PENDING_SUFFIX)
+        try:
+            pending = json.loads(marker.read_text())
+            base = run_dir.resolve()
+            paths = [(run_dir / relative).resolve() for relative in pending["paths"]]
+            owner_gone = pending["host"] == host and _process_gone(pending["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not owner_gone or table not in RECORD_TABLES:
+            continue
+        if not workspace.has_record(table, record_id):
+            for path in paths:
+                if base not in path.parents:
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            removed.append(record_id)
+            logger.info("Removed the files of %s, whose run was killed", record_id)
+        marker.unlink(missing_ok=True)
+    return removed
 
 
 def train_run(
@@ -1165,6 +1251,7 @@ def run_repair(
         ``remaining_broken_idx`` of the first treated model.
     """
     workspace.check_writable()
+    remove_abandoned_files(workspace)
     from repair_core.evaluation import repair_with_controls
     from repair_core.treatments import CAUSES_OPTIONAL, validate_causes
 
@@ -1182,6 +1269,7 @@ def run_repair(
         f"repairs/{repair_id}",
         main_name=f"treatment-seed{first_seed}",
         main_file=f"repairs/{repair_id}.pt",
+        extra_files=(f"repairs/{repair_id}_causes.pt",),
     ) as store:
         outcome = repair_with_controls(
             treatment,
@@ -1308,6 +1396,7 @@ def run_sweep(
         under the run folder and named in its ``model_file``.
     """
     workspace.check_writable()
+    remove_abandoned_files(workspace)
     from repair_core.evaluation import sweep
 
     inputs = _repair_inputs(workspace, run, failure_set_id)
@@ -1413,6 +1502,7 @@ def run_removal_curve(
         repair_core.evaluation.removal_curve, and ``device``.
     """
     workspace.check_writable()
+    remove_abandoned_files(workspace)
     from repair_core.evaluation import removal_curve
     from repair_core.treatments import resolve_config
 

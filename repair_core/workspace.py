@@ -143,6 +143,17 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+#: Tables whose records have an ``id`` column.
+RECORD_TABLES = (
+    "runs",
+    "failure_sets",
+    "scores",
+    "repairs",
+    "sweeps",
+    "removal_curves",
+)
+
+
 def new_id(prefix: str) -> str:
     """Return a short unique id such as ``run-3f9a1c2e``."""
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
@@ -450,6 +461,16 @@ class Workspace:
                 "RUN_ID' (a run's records)."
             )
         return self._decode(row)
+
+    def has_record(self, table: str, record_id: str) -> bool:
+        """Return whether ``table`` holds a record with id ``record_id``."""
+        if table not in RECORD_TABLES:
+            raise ValueError(f"Unknown table {table!r}.")
+        with self._connect() as connection:
+            row = connection.execute(
+                f"SELECT 1 FROM {table} WHERE id = ?", (record_id,)
+            ).fetchone()
+        return row is not None
 
     def _list(self, table: str, **where: Any) -> list[dict[str, Any]]:
         clauses = " AND ".join(f"{key} = ?" for key in where)

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -530,3 +535,111 @@ def test_repair_warns_without_holdout_failures(tiny):
     # A spread of an undefined accuracy is undefined too, not 0.
     assert math.isnan(summary["spread"]["holdout_acc"])
     assert summary["spread"]["remaining_acc"] == 0.0
+
+
+_KILLED_MID_REPAIR = """
+import os, signal, sys
+import torch
+from repair_core import pipeline
+from repair_core.workspace import Workspace
+
+workspace = Workspace(sys.argv[1])
+run_id, repair_id = sys.argv[2], sys.argv[3]
+with pipeline._stored_models(
+    workspace,
+    run_id,
+    f"repairs/{repair_id}",
+    main_name="treatment-seed0",
+    main_file=f"repairs/{repair_id}.pt",
+    extra_files=(f"repairs/{repair_id}_causes.pt",),
+) as store:
+    model = torch.nn.Linear(2, 2)
+    store("treatment-seed0", model)
+    store("nothing-seed0", model)
+    workspace.save_tensor(run_id, f"repairs/{repair_id}_causes.pt", torch.arange(3))
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _killed_repair_files(root, run_id: str, repair_id: str) -> list[pathlib.Path]:
+    """Start a process that saves a repair's models and is killed outright
+    before it adds the record; return the files it left."""
+    code = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_REPAIR, str(root), run_id, repair_id],
+        cwd=pathlib.Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        check=False,
+    ).returncode
+    assert code == -signal.SIGKILL
+    repairs = pathlib.Path(root) / "runs" / run_id / "repairs"
+    left = sorted(path for path in repairs.rglob("*") if repair_id in str(path))
+    # The marker, the first model, the causes, and the folder with the other model.
+    assert len(left) == 5
+    return left
+
+
+def test_killed_repair_files_are_removed_by_the_next_repair(tiny):
+    root, run = tiny
+    workspace = Workspace(root)
+    left = _killed_repair_files(root, run.run_id, "rp-killed01")
+    failure_set_id, _ = pipeline.create_failure_set(workspace, run, seed=4)
+    stored_before = len(workspace.list_repairs(run.run_id))
+
+    summary = pipeline.run_repair(
+        workspace,
+        run,
+        "newton",
+        torch.arange(3),
+        failure_set_id=failure_set_id,
+        config={"depth": 10, "scale": 50.0},
+        seeds=(0,),
+    )
+
+    assert not any(path.exists() for path in left)
+    assert len(workspace.list_repairs(run.run_id)) == stored_before + 1
+    repairs = workspace.run_dir(run.run_id) / "repairs"
+    assert (repairs / f"{summary['repair_id']}.pt").is_file()
+    assert not list(repairs.glob(f"*{pipeline.PENDING_SUFFIX}"))
+
+
+def test_abandoned_files_of_live_or_recorded_results_stay(tiny):
+    root, run = tiny
+    workspace = Workspace(root)
+    repairs = workspace.run_dir(run.run_id) / "repairs"
+    # A repair this live process is still writing.
+    live = repairs / f"rp-live0001{pipeline.PENDING_SUFFIX}"
+    live_model = repairs / "rp-live0001.pt"
+    live_model.write_bytes(b"model")
+    paths = ["repairs/rp-live0001", "repairs/rp-live0001.pt"]
+    live.write_text(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "paths": paths})
+    )
+    # A repair whose process was killed after its record was added.
+    recorded_id = pipeline.run_repair(
+        workspace,
+        run,
+        "newton",
+        torch.arange(3),
+        failure_set_id=pipeline.create_failure_set(workspace, run, seed=5)[0],
+        config={"depth": 10, "scale": 50.0},
+        seeds=(0,),
+    )["repair_id"]
+    killed = _killed_repair_files(root, run.run_id, "rp-killed02")
+    marker = repairs / f"{recorded_id}{pipeline.PENDING_SUFFIX}"
+    marker.write_text(
+        (repairs / f"rp-killed02{pipeline.PENDING_SUFFIX}")
+        .read_text()
+        .replace("rp-killed02", recorded_id)
+    )
+    # A marker that cannot be read.
+    (repairs / f"rp-broken01{pipeline.PENDING_SUFFIX}").write_text("{not json")
+
+    removed = pipeline.remove_abandoned_files(workspace)
+
+    assert removed == ["rp-killed02"]
+    assert not any(path.exists() for path in killed)
+    assert live.is_file() and live_model.is_file()
+    assert not marker.exists()
+    assert (repairs / f"{recorded_id}.pt").is_file()
+    assert pipeline.load_repaired_model(workspace, run, recorded_id) is not None
+    assert (repairs / f"rp-broken01{pipeline.PENDING_SUFFIX}").is_file()
