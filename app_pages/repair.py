@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+import torch
 
 from repair_core import dashboard, pipeline
 from repair_core.evaluation import (
@@ -19,7 +20,12 @@ from repair_core.evaluation import (
     SWEEPABLE,
     unchanged_sweep_note,
 )
-from repair_core.treatments import TRAINING_TREATMENTS, TREATMENTS, default_config
+from repair_core.treatments import (
+    CAUSES_OPTIONAL,
+    TRAINING_TREATMENTS,
+    TREATMENTS,
+    default_config,
+)
 
 TREATMENT_HELP = {
     "ewc-deletion": "Unlearn C under an EWC prior, early-stopped on F_q accuracy. "
@@ -356,6 +362,9 @@ def action_section() -> None:
             with_controls = controls_widget(treatment)
     with left:
         config = settings_section(treatment, sweep=mode == "sweep")
+    if chosen is None and treatment in CAUSES_OPTIONAL:
+        # This treatment removes nothing, so it runs without causes as well.
+        chosen = (torch.zeros(0, dtype=torch.long), "none", None)
 
     ready = chosen is not None and config is not None
     if mode == "sweep":

@@ -1742,6 +1742,29 @@ def test_culprits_csv_names_ranking(workspace_env, monkeypatch, tmp_path):
     assert read_causes_file(exported, len(run.data.train)).tolist() == sorted(chosen)
 
 
+def test_fit_failures_runs_without_causes(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("repair", **state).run()
+    assert app.button(key="repair_run").disabled
+    app.selectbox(key="repair_treatment").set_value("fit-failures").run()
+    app.number_input(key="repair_seeds").set_value(1).run()
+    check_clean(app)
+    assert any(c.value == "C: 0 training examples, none." for c in app.caption)
+    assert not app.button(key="repair_run").disabled
+
+    app.button(key="repair_run").click().run()
+    check_clean(app)
+
+    repairs = workspace_env.workspace.list_repairs(
+        workspace_env.run_id, failure_set_id=failure_set_id
+    )
+    assert len(repairs) == 1
+    assert repairs[0]["treatment"] == "fit-failures"
+    assert repairs[0]["metrics"]["causes"] == "none"
+    assert repairs[0]["metrics"]["n_removed"] == 0
+
+
 def test_newton_hides_controls_checkbox(workspace_env):
     state = {
         "run_id": workspace_env.run_id,
