@@ -21,7 +21,7 @@ from repair_core.evaluation import (
     unchanged_sweep_note,
 )
 from repair_core.treatments import (
-    CAUSES_OPTIONAL,
+    REMOVES_NOTHING,
     TRAINING_TREATMENTS,
     TREATMENTS,
     default_config,
@@ -362,7 +362,7 @@ def action_section() -> None:
             with_controls = controls_widget(treatment)
     with left:
         config = settings_section(treatment, sweep=mode == "sweep")
-    if chosen is None and treatment in CAUSES_OPTIONAL:
+    if chosen is None and treatment in REMOVES_NOTHING:
         # This treatment removes nothing, so it runs without causes as well.
         chosen = (torch.zeros(0, dtype=torch.long), "none", None)
 
@@ -732,10 +732,16 @@ def repair_caption(record: dict[str, Any]) -> str:
         settings_text = f"Settings changed from the defaults: {', '.join(changed)}."
     else:
         settings_text = "The other settings are the defaults."
-    return (
-        f"Removed {dashboard.count_text(summary['n_removed'], 'example')} "
-        f"({summary['causes']}) with {method}, {seed_text} {settings_text}"
-    )
+    if treatment in REMOVES_NOTHING:
+        removed_text = f"Removed nothing with {method}"
+        if summary["causes"] != "none":
+            removed_text += f" (C recorded: {summary['causes']})"
+    else:
+        removed_text = (
+            f"Removed {dashboard.count_text(summary['n_removed'], 'example')} "
+            f"({summary['causes']}) with {method}"
+        )
+    return f"{removed_text}, {seed_text} {settings_text}"
 
 
 def results_section(repairs: list[dict[str, Any]]) -> None:
@@ -789,13 +795,20 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
                 key="repair_download",
             )
         causes_file = f"repairs/{repair_id}_causes.pt"
+        causes = []
         if ws.path(run.run_id, causes_file).is_file():
             causes = ws.load_tensor(run.run_id, causes_file).tolist()
+        if causes:
+            done = (
+                "recorded, though not removed,"
+                if by_id[repair_id]["treatment"] in REMOVES_NOTHING
+                else "removed"
+            )
             st.download_button(
                 "Download C (CSV)",
                 help=f"The {dashboard.count_text(len(causes), 'training example')} "
-                "removed by this repair, one index per row; 'repair "
-                "--causes-file' reads the file as it is.",
+                f"{done} by this repair, one index per row; 'repair --causes-file' "
+                "reads the file as it is.",
                 data=causes_csv(repair_id, causes),
                 file_name=f"causes-{run.run_id}-{repair_id}.csv",
                 mime="text/csv",

@@ -1054,10 +1054,10 @@ def _causes(args: argparse.Namespace, workspace, run, failure_set_id):
     import torch
 
     from repair_core.pipeline import resolve_causes
-    from repair_core.treatments import CAUSES_OPTIONAL
+    from repair_core.treatments import REMOVES_NOTHING
 
     named = (args.top_k, args.causes, args.causes_file)
-    if getattr(args, "treatment", None) in CAUSES_OPTIONAL and named == (None,) * 3:
+    if getattr(args, "treatment", None) in REMOVES_NOTHING and named == (None,) * 3:
         return torch.zeros(0, dtype=torch.long), "none"
     return resolve_causes(
         workspace,

@@ -34,7 +34,7 @@ from repair_core.inference import predict_logits
 from repair_core.progress import Progress
 from repair_core.training import TrainConfig
 from repair_core.treatments import (
-    CAUSES_OPTIONAL,
+    REMOVES_NOTHING,
     TRAINING_TREATMENTS,
     apply_treatment,
     resolve_config,
@@ -272,7 +272,7 @@ def repair_with_controls(
     test_images, test_labels = test
     settings = resolve_config(treatment, config)
     checked = validate_causes(
-        causes, len(train_labels), allow_empty=treatment in CAUSES_OPTIONAL
+        causes, len(train_labels), allow_empty=treatment in REMOVES_NOTHING
     )
     seeds = _check_seeds(seeds)
     unknown = [name for name in controls if name not in CONTROLS]
@@ -323,7 +323,7 @@ def repair_with_controls(
         record = _run_record(comparison, result.seconds)
         record.update(
             seed=seed,
-            n_removed=len(removed),
+            n_removed=0 if treatment in REMOVES_NOTHING else len(removed),
             removed=removed.tolist(),
             unchanged=_same_parameters(model, result.model),
         )

@@ -493,28 +493,22 @@ def _stored_models(
     *,
     main_name: str | None = None,
     main_file: str | None = None,
-    extra_files: tuple[str, ...] = (),
 ) -> Iterator[Any]:
     """Yield a function that saves each model as ``<folder>/<name>.pt``.
 
     ``folder`` is ``<table>/<record id>``, such as ``repairs/rp-1a2b3c4d``, and
     the body adds that record. The model named ``main_name`` goes to
-    ``main_file`` instead; ``extra_files`` are other files the body writes.
-    If the body raises, every file saved so far is deleted, so a failed or
-    interrupted result leaves nothing behind. A process killed outright runs
-    no cleanup, so a marker file beside the folder names the files and the
-    process until the body has finished; ``remove_abandoned_files`` deletes
-    them once that process has gone without adding the record.
+    ``main_file`` instead. If the body raises, every file saved so far is
+    deleted, so a failed or interrupted result leaves nothing behind. A
+    process killed outright runs no cleanup, so until the body has finished
+    a marker beside the folder names the process; ``remove_abandoned_files``
+    deletes the result's files once that process has gone without adding the
+    record.
     """
     written: list[str] = []
     marker = workspace.path(run_id, folder + PENDING_SUFFIX)
-    paths = [folder, *([main_file] if main_file else []), *extra_files]
-    atomic_write_bytes(
-        marker,
-        json.dumps(
-            {"pid": os.getpid(), "host": socket.gethostname(), "paths": paths}
-        ).encode(),
-    )
+    owner = {"pid": os.getpid(), "host": socket.gethostname()}
+    atomic_write_bytes(marker, json.dumps(owner).encode())
 
     def store(name: str, model: nn.Module) -> str:
         relative = main_file if name == main_name else f"{folder}/{name}.pt"
@@ -549,12 +543,27 @@ def _process_gone(pid: Any) -> bool:
     return False
 
 
+def _files_of(folder: Path, record_id: str) -> list[Path]:
+    """Return the entries of ``folder`` that belong to the result ``record_id``.
+
+    These are its folder of models, its files ``<id>.pt`` and ``<id>_causes.pt``
+    and the temporary files of writes that never finished (``.<id>…``). Ids
+    end in eight hex digits, so no other id starts with ``<id>.`` or ``<id>_``.
+    """
+    return [
+        path
+        for path in folder.iterdir()
+        if path.name == record_id
+        or path.name.startswith((f"{record_id}.", f"{record_id}_", f".{record_id}"))
+    ]
+
+
 def remove_abandoned_files(workspace: Workspace) -> list[str]:
     """Delete the files of results whose writing process was killed outright.
 
     Each marker left by ``_stored_models`` names a process on a machine. When
-    that machine is this one and the process no longer runs, the files it
-    names are deleted, unless the record was added after all, and then the
+    that machine is this one and the process no longer runs, the result's
+    files are deleted, unless its record was added after all, and then the
     marker goes. A marker of a running process, of another machine or that
     cannot be read is left alone.
 
@@ -567,27 +576,29 @@ def remove_abandoned_files(workspace: Workspace) -> list[str]:
         return removed
     host = socket.gethostname()
     for marker in sorted(runs.glob(f"*/*/*{PENDING_SUFFIX}")):
-        table, run_dir = marker.parent.name, marker.parent.parent
+        table = marker.parent.name
         record_id = marker.name.removesuffix(PENDING_SUFFIX)
         try:
-            pending = json.loads(marker.read_text())
-            base = run_dir.resolve()
-            paths = [(run_dir / relative).resolve() for relative in pending["paths"]]
-            owner_gone = pending["host"] == host and _process_gone(pending["pid"])
+            owner = json.loads(marker.read_text())
+            owner_gone = owner["host"] == host and _process_gone(owner["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if not owner_gone or table not in RECORD_TABLES:
             continue
         if not workspace.has_record(table, record_id):
-            for path in paths:
-                if base not in path.parents:
+            for path in _files_of(marker.parent, record_id):
+                if path == marker:
                     continue
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
             removed.append(record_id)
-            logger.info("Removed the files of %s, whose run was killed", record_id)
+            logger.warning(
+                "Deleted the saved models of %s, whose process was killed before "
+                "it stored the record.",
+                record_id,
+            )
         marker.unlink(missing_ok=True)
     return removed
 
@@ -1253,11 +1264,11 @@ def run_repair(
     workspace.check_writable()
     remove_abandoned_files(workspace)
     from repair_core.evaluation import repair_with_controls
-    from repair_core.treatments import CAUSES_OPTIONAL, validate_causes
+    from repair_core.treatments import REMOVES_NOTHING, validate_causes
 
     started = time.perf_counter()
     causes = validate_causes(
-        causes, len(run.data.train), allow_empty=treatment in CAUSES_OPTIONAL
+        causes, len(run.data.train), allow_empty=treatment in REMOVES_NOTHING
     )
     inputs = _repair_inputs(workspace, run, failure_set_id)
     split = inputs["split"]
@@ -1269,7 +1280,6 @@ def run_repair(
         f"repairs/{repair_id}",
         main_name=f"treatment-seed{first_seed}",
         main_file=f"repairs/{repair_id}.pt",
-        extra_files=(f"repairs/{repair_id}_causes.pt",),
     ) as store:
         outcome = repair_with_controls(
             treatment,
@@ -1316,6 +1326,7 @@ def _store_repair(
 ) -> dict[str, Any]:
     """Summarise a finished repair, save its causes and add its record."""
     from repair_core.evaluation import compare
+    from repair_core.treatments import REMOVES_NOTHING
 
     split = inputs["split"]
     treatment = outcome["treatment"]
@@ -1330,7 +1341,7 @@ def _store_repair(
         "treatment": treatment,
         "causes": causes_origin,
         # fit-failures records C but fits F_q without removing anything.
-        "n_removed": 0 if treatment == "fit-failures" else outcome["n_causes"],
+        "n_removed": 0 if treatment in REMOVES_NOTHING else outcome["n_causes"],
         "seeds": list(outcome["seeds"]),
         "seconds": time.perf_counter() - started,
         "device": str(run.device),

@@ -1763,6 +1763,11 @@ def test_fit_failures_runs_without_causes(workspace_env):
     assert repairs[0]["treatment"] == "fit-failures"
     assert repairs[0]["metrics"]["causes"] == "none"
     assert repairs[0]["metrics"]["n_removed"] == 0
+    assert any(
+        c.value.startswith("Removed nothing with fit-failures,") for c in app.caption
+    )
+    # There is no C to download.
+    assert "repair_causes_download" not in [b.key for b in app.get("download_button")]
 
 
 def test_newton_hides_controls_checkbox(workspace_env):

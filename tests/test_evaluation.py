@@ -230,6 +230,32 @@ def test_fit_and_delete_control_is_fit_alone():
     original = torch.nn.utils.parameters_to_vector(problem.model.parameters())
     assert not torch.equal(combined["nothing-seed0"], original)
     assert report["arms"]["nothing"]["per_seed"][0]["model_file"] == "nothing-seed0"
+    # fit-failures records C but removes none of it.
+    assert fitted["n_causes"] == len(problem.flipped)
+    assert fitted["arms"]["treatment"]["per_seed"][0]["n_removed"] == 0
+    assert report["arms"]["treatment"]["per_seed"][0]["n_removed"] == len(
+        problem.flipped
+    )
+
+
+def test_fit_failures_accepts_no_causes():
+    problem = tiny_problem()
+    common = {
+        "train": (problem.train_images, problem.train_labels),
+        "test": (problem.test_images, problem.test_labels),
+        "split": problem.split,
+        "seeds": (0,),
+    }
+    fit = {"fit": {"max_steps": 5, "min_steps": 0}}
+
+    report = repair_with_controls(
+        "fit-failures", problem.model, causes=[], config=fit, **common
+    )
+
+    assert report["n_causes"] == 0
+    assert report["arms"]["treatment"]["per_seed"][0]["n_removed"] == 0
+    with pytest.raises(ConfigError, match="list of causes is empty"):
+        repair_with_controls("finetune", problem.model, causes=[], **common)
 
 
 def test_repair_with_controls_newton_has_no_controls():

@@ -551,12 +551,13 @@ with pipeline._stored_models(
     f"repairs/{repair_id}",
     main_name="treatment-seed0",
     main_file=f"repairs/{repair_id}.pt",
-    extra_files=(f"repairs/{repair_id}_causes.pt",),
 ) as store:
     model = torch.nn.Linear(2, 2)
     store("treatment-seed0", model)
     store("nothing-seed0", model)
     workspace.save_tensor(run_id, f"repairs/{repair_id}_causes.pt", torch.arange(3))
+    # What a write cut short by the kill leaves: its temporary file.
+    workspace.path(run_id, f"repairs/.{repair_id}.pt.x1y2z3").write_bytes(b"part")
     os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -573,8 +574,9 @@ def _killed_repair_files(root, run_id: str, repair_id: str) -> list[pathlib.Path
     assert code == -signal.SIGKILL
     repairs = pathlib.Path(root) / "runs" / run_id / "repairs"
     left = sorted(path for path in repairs.rglob("*") if repair_id in str(path))
-    # The marker, the first model, the causes, and the folder with the other model.
-    assert len(left) == 5
+    # The marker, the first model, the causes, a temporary file, and the
+    # folder with the other model.
+    assert len(left) == 6
     return left
 
 
@@ -625,12 +627,13 @@ def test_abandoned_files_of_live_or_recorded_results_stay(tiny):
         seeds=(0,),
     )["repair_id"]
     killed = _killed_repair_files(root, run.run_id, "rp-killed02")
+    killed_marker = repairs / f"rp-killed02{pipeline.PENDING_SUFFIX}"
     marker = repairs / f"{recorded_id}{pipeline.PENDING_SUFFIX}"
-    marker.write_text(
-        (repairs / f"rp-killed02{pipeline.PENDING_SUFFIX}")
-        .read_text()
-        .replace("rp-killed02", recorded_id)
-    )
+    marker.write_text(killed_marker.read_text())
+    # A marker deletes only the files of its own id, whatever it lists.
+    owner = json.loads(killed_marker.read_text())
+    owner["paths"] = [f"repairs/{recorded_id}", f"repairs/{recorded_id}.pt"]
+    killed_marker.write_text(json.dumps(owner))
     # A marker that cannot be read.
     (repairs / f"rp-broken01{pipeline.PENDING_SUFFIX}").write_text("{not json")
 

@@ -693,12 +693,38 @@ def test_read_causes_file_reads_csv_export(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "content",
+    [
+        "train_index\n5\n7\n",
+        '"train_index"\r\n"5"\r\n"7"\r\n',
+        # A quoted field may hold a line break; the rows still count.
+        'label,train_index\n"multi\nline",5\n"x\u2028y",7\n',
+    ],
+)
+def test_read_causes_file_reads_other_csv(tmp_path, content):
+    path = tmp_path / "causes.csv"
+    path.write_bytes(content.encode())
+
+    assert read_causes_file(path, 10).tolist() == [5, 7]
+
+
+def test_read_causes_file_names_csv_row_line(tmp_path):
+    path = tmp_path / "causes.csv"
+    path.write_text('train_index,label\n5,"two\nlines"\nx,y\n')
+
+    with pytest.raises(ConfigError, match=r"Line 4 of .* is 'x', not an integer"):
+        read_causes_file(path, 10)
+
+
+@pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("rank,train_index\n1,4\n2\n", r"Line 3 of .* has 1 fields, so no"),
+        ("rank,train_index\n1,4\n2\n", r"Line 3 of .* has no 'train_index' value"),
         ("rank,train_index\n1,4\n2,x\n", r"Line 3 of .* is 'x', not an integer"),
         ("train_index,rank\n4,1\n4,2\n", r"Line 3 of .* repeats training index 4"),
-        ("train_index,rank\n", r"lists no training index"),
+        ("train_index,rank\n", r"has a 'train_index' header but no rows"),
+        ("train_index,train_index\n4,4\n", r"names 'train_index' 2 times"),
+        ('train_index,label\n4,"open\n', r"Line 2 of .* is not valid CSV"),
         # Without a train_index column, a comma is not an index.
         ("index,rank\n4,1\n", r"Line 1 of .* is 'index,rank', not an integer"),
     ],

@@ -57,7 +57,7 @@ from repair_core.treatments.retrain import RetrainConfig, retrain
 __all__ = [
     "CONFIG_CLASSES",
     "TRAINING_TREATMENTS",
-    "CAUSES_OPTIONAL",
+    "REMOVES_NOTHING",
     "TREATMENTS",
     "RepairResult",
     "apply_treatment",
@@ -91,9 +91,9 @@ TRAINING_TREATMENTS = (
     "fit-failures+ewc-deletion",
 )
 
-#: Treatments that remove nothing: causes may be given, and are recorded, but
-#: an empty list is accepted too.
-CAUSES_OPTIONAL = ("fit-failures",)
+#: Treatments that remove nothing. Causes given to them are recorded, and an
+#: empty list of causes is accepted.
+REMOVES_NOTHING = ("fit-failures",)
 
 CONFIG_CLASSES: dict[str, type[TreatmentConfig]] = {
     "ewc-deletion": EWCDeletionConfig,

@@ -9,6 +9,7 @@ model that approximates training on D\\C. Only parameters with
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -172,6 +173,59 @@ def _shortened(text: str) -> str:
 INDEX_COLUMN = "train_index"
 
 
+def _has_index_header(line: str) -> bool:
+    """Return whether ``line`` is a CSV header that names ``train_index``."""
+    try:
+        names = next(csv.reader([line]))
+    except csv.Error:
+        return False
+    return INDEX_COLUMN in (name.strip() for name in names)
+
+
+def _csv_entries(text: str, path: Path) -> list[tuple[int, str]]:
+    """Return (line number, index text) for each row below the CSV header.
+
+    A row's line number is that of the line it starts on; a quoted field may
+    span several lines.
+    """
+    reader = csv.reader(io.StringIO(text), strict=True)
+    column = None
+    entries: list[tuple[int, str]] = []
+    first_line = 1
+    try:
+        for row in reader:
+            number, first_line = first_line, reader.line_num + 1
+            if not any(field.strip() for field in row):
+                continue
+            if column is None:
+                names = [name.strip() for name in row]
+                if names.count(INDEX_COLUMN) > 1:
+                    raise ConfigError(
+                        f"The header of {str(path)!r} names {INDEX_COLUMN!r} "
+                        f"{names.count(INDEX_COLUMN)} times. Keep one such column."
+                    )
+                column = names.index(INDEX_COLUMN)
+                continue
+            if len(row) <= column:
+                raise ConfigError(
+                    f"Line {number} of {str(path)!r} has no {INDEX_COLUMN!r} value: "
+                    f"the header puts it in field {column + 1}, and the row has "
+                    f"{len(row)}. Give every row the header's columns."
+                )
+            entries.append((number, row[column].strip()))
+    except csv.Error as error:
+        raise ConfigError(
+            f"Line {reader.line_num} of {str(path)!r} is not valid CSV ({error}). "
+            "Check its quotes, or write one training index per line."
+        ) from None
+    if not entries:
+        raise ConfigError(
+            f"Causes file {str(path)!r} has a {INDEX_COLUMN!r} header but no rows "
+            "below it. Export at least one training example."
+        )
+    return entries
+
+
 def _entries(text: str, path: Path) -> list[tuple[int, str]]:
     """Return (line number, index text) for each non-blank line of a causes file.
 
@@ -184,23 +238,9 @@ def _entries(text: str, path: Path) -> list[tuple[int, str]]:
         for number, line in enumerate(text.splitlines(), start=1)
         if line.strip()
     ]
-    if not lines or "," not in lines[0][1]:
-        return lines
-    header = [name.strip() for name in next(csv.reader([lines[0][1]]))]
-    if INDEX_COLUMN not in header:
-        return lines
-    column = header.index(INDEX_COLUMN)
-    entries = []
-    for number, line in lines[1:]:
-        fields = next(csv.reader([line]))
-        if len(fields) <= column:
-            raise ConfigError(
-                f"Line {number} of {str(path)!r} has {len(fields)} fields, so no "
-                f"{INDEX_COLUMN!r} (field {column + 1} of the header). Give every "
-                "row the header's columns."
-            )
-        entries.append((number, fields[column].strip()))
-    return entries
+    if lines and _has_index_header(lines[0][1]):
+        return _csv_entries(text, path)
+    return lines
 
 
 def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
