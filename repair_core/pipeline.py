@@ -500,10 +500,10 @@ def _stored_models(
     the body adds that record. The model named ``main_name`` goes to
     ``main_file`` instead. If the body raises, every file saved so far is
     deleted, so a failed or interrupted result leaves nothing behind. A
-    process killed outright runs no cleanup, so until the body has finished
-    a marker beside the folder names the process; ``remove_abandoned_files``
-    deletes the result's files once that process has gone without adding the
-    record.
+    process killed outright runs no cleanup, so a marker beside the folder
+    names the process until the body has finished. Once that process has
+    gone without adding the record, ``remove_abandoned_files`` deletes the
+    result's files.
     """
     written: list[str] = []
     marker = workspace.path(run_id, folder + PENDING_SUFFIX)

@@ -463,7 +463,7 @@ class Workspace:
         return self._decode(row)
 
     def has_record(self, table: str, record_id: str) -> bool:
-        """Return whether ``table`` holds a record with id ``record_id``."""
+        """Return whether ``table`` contains a record with id ``record_id``."""
         if table not in RECORD_TABLES:
             raise ValueError(f"Unknown table {table!r}.")
         with self._connect() as connection:

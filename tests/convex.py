@@ -107,8 +107,8 @@ def query_log_likelihood(model, qx, qy) -> float:
 def fitted_slope(predicted, actual) -> float:
     """Least-squares slope of ``actual`` on ``predicted`` (with an intercept).
 
-    Rank correlation ignores the scale of scores; the slope checks it, since
-    a score that estimates a change in log-likelihood should match that change
+    Rank correlation ignores the scale of scores, and the slope checks it. A
+    score that estimates a change in log-likelihood should match that change
     one for one.
     """
     predicted = torch.as_tensor(predicted, dtype=torch.float64)

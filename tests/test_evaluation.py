@@ -96,14 +96,16 @@ def _runs(**columns: list[float]) -> list[dict[str, float]]:
 
 
 def test_summarise_spreads():
-    two = summarise(_runs(query_acc=[0.25, 0.75], holdout_acc=[math.nan, math.nan]))
-    one = summarise(_runs(query_acc=[0.25], holdout_acc=[math.nan]))
+    two_runs = summarise(
+        _runs(query_acc=[0.25, 0.75], holdout_acc=[math.nan, math.nan])
+    )
+    one_run = summarise(_runs(query_acc=[0.25], holdout_acc=[math.nan]))
 
-    assert two["mean"]["query_acc"] == 0.5
-    assert two["std"]["query_acc"] == pytest.approx(math.sqrt(0.125))
-    assert one["std"]["query_acc"] == 0.0
+    assert two_runs["mean"]["query_acc"] == 0.5
+    assert two_runs["std"]["query_acc"] == pytest.approx(math.sqrt(0.125))
+    assert one_run["std"]["query_acc"] == 0.0
     # An empty F_h has no accuracy, so its spread is undefined as well.
-    for summary in (one, two):
+    for summary in (one_run, two_runs):
         assert math.isnan(summary["mean"]["holdout_acc"])
         assert math.isnan(summary["std"]["holdout_acc"])
 

@@ -580,7 +580,7 @@ def _killed_repair_files(root, run_id: str, repair_id: str) -> list[pathlib.Path
     return left
 
 
-def test_killed_repair_files_are_removed_by_the_next_repair(tiny):
+def test_next_repair_removes_killed_files(tiny):
     root, run = tiny
     workspace = Workspace(root)
     left = _killed_repair_files(root, run.run_id, "rp-killed01")
@@ -641,7 +641,8 @@ def test_abandoned_files_of_live_or_recorded_results_stay(tiny):
 
     assert removed == ["rp-killed02"]
     assert not any(path.exists() for path in killed)
-    assert live.is_file() and live_model.is_file()
+    assert live.is_file()
+    assert live_model.is_file()
     assert not marker.exists()
     assert (repairs / f"{recorded_id}.pt").is_file()
     assert pipeline.load_repaired_model(workspace, run, recorded_id) is not None

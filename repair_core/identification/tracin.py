@@ -62,8 +62,9 @@ class TracInConfig:
 
 
 class _Holder(nn.Module):
-    """Holds the model as a named submodule. Captum addresses layers by name,
-    and a model that is itself one layer, such as ``nn.Linear``, has none."""
+    """Wrapper that makes the model a named submodule. Captum addresses layers
+    by name, and a model that is itself one layer, such as ``nn.Linear``, has
+    no name of its own."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

@@ -169,7 +169,7 @@ def _shortened(text: str) -> str:
     return f"{text[:QUOTED_CHARACTERS]}… ({len(text)} characters)"
 
 
-#: Column of the dashboard's CSV exports that holds the training indices.
+#: Column of the dashboard's CSV exports that contains the training indices.
 INDEX_COLUMN = "train_index"
 
 
@@ -230,8 +230,8 @@ def _entries(text: str, path: Path) -> list[tuple[int, str]]:
     """Return (line number, index text) for each non-blank line of a causes file.
 
     A first line that names the ``train_index`` column marks a CSV file, such
-    as the dashboard's exports of confirmed culprits and of a repair's causes;
-    its ``train_index`` column is read and the other columns are ignored.
+    as the dashboard's exports of confirmed culprits and of a repair's causes.
+    Only the ``train_index`` column of such a file is read.
     """
     lines = [
         (number, line.strip())
