@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -483,6 +484,8 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 #: Suffix of the marker that names the files of a result still being written.
 PENDING_SUFFIX = ".pending"
+#: The form of the ids that ``new_id`` makes, such as ``rp-1a2b3c4d``.
+RECORD_ID = re.compile(r"[a-z]+-[0-9a-f]{8}")
 
 
 @contextlib.contextmanager
@@ -547,14 +550,17 @@ def _files_of(folder: Path, record_id: str) -> list[Path]:
     """Return the entries of ``folder`` that belong to the result ``record_id``.
 
     These are its folder of models, its files ``<id>.pt`` and ``<id>_causes.pt``
-    and the temporary files of writes that never finished (``.<id>…``). Ids
-    end in eight hex digits, so no other id starts with ``<id>.`` or ``<id>_``.
+    and the temporary files of writes that never finished (``.<id>.…`` and
+    ``.<id>_…``). Ids end in eight hex digits (see ``RECORD_ID``), so no other
+    id starts with ``<id>.`` or ``<id>_``.
     """
+    prefixes = tuple(
+        f"{dot}{record_id}{separator}" for dot in ("", ".") for separator in "._"
+    )
     return [
         path
         for path in folder.iterdir()
-        if path.name == record_id
-        or path.name.startswith((f"{record_id}.", f"{record_id}_", f".{record_id}"))
+        if path.name == record_id or path.name.startswith(prefixes)
     ]
 
 
@@ -578,6 +584,9 @@ def remove_abandoned_files(workspace: Workspace) -> list[str]:
     for marker in sorted(runs.glob(f"*/*/*{PENDING_SUFFIX}")):
         table = marker.parent.name
         record_id = marker.name.removesuffix(PENDING_SUFFIX)
+        if not RECORD_ID.fullmatch(record_id):
+            # Not a marker that _stored_models writes.
+            continue
         try:
             owner = json.loads(marker.read_text())
             owner_gone = owner["host"] == host and _process_gone(owner["pid"])

@@ -583,7 +583,7 @@ def _killed_repair_files(root, run_id: str, repair_id: str) -> list[pathlib.Path
 def test_next_repair_removes_killed_files(tiny):
     root, run = tiny
     workspace = Workspace(root)
-    left = _killed_repair_files(root, run.run_id, "rp-killed01")
+    left = _killed_repair_files(root, run.run_id, "rp-dead0001")
     failure_set_id, _ = pipeline.create_failure_set(workspace, run, seed=4)
     stored_before = len(workspace.list_repairs(run.run_id))
 
@@ -609,10 +609,10 @@ def test_abandoned_files_of_live_or_recorded_results_stay(tiny):
     workspace = Workspace(root)
     repairs = workspace.run_dir(run.run_id) / "repairs"
     # A repair this live process is still writing.
-    live = repairs / f"rp-live0001{pipeline.PENDING_SUFFIX}"
-    live_model = repairs / "rp-live0001.pt"
+    live = repairs / f"rp-a1ce0001{pipeline.PENDING_SUFFIX}"
+    live_model = repairs / "rp-a1ce0001.pt"
     live_model.write_bytes(b"model")
-    paths = ["repairs/rp-live0001", "repairs/rp-live0001.pt"]
+    paths = ["repairs/rp-a1ce0001", "repairs/rp-a1ce0001.pt"]
     live.write_text(
         json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "paths": paths})
     )
@@ -626,8 +626,8 @@ def test_abandoned_files_of_live_or_recorded_results_stay(tiny):
         config={"depth": 10, "scale": 50.0},
         seeds=(0,),
     )["repair_id"]
-    killed = _killed_repair_files(root, run.run_id, "rp-killed02")
-    killed_marker = repairs / f"rp-killed02{pipeline.PENDING_SUFFIX}"
+    killed = _killed_repair_files(root, run.run_id, "rp-dead0002")
+    killed_marker = repairs / f"rp-dead0002{pipeline.PENDING_SUFFIX}"
     marker = repairs / f"{recorded_id}{pipeline.PENDING_SUFFIX}"
     marker.write_text(killed_marker.read_text())
     # A marker deletes only the files of its own id, whatever it lists.
@@ -635,15 +635,24 @@ def test_abandoned_files_of_live_or_recorded_results_stay(tiny):
     owner["paths"] = [f"repairs/{recorded_id}", f"repairs/{recorded_id}.pt"]
     killed_marker.write_text(json.dumps(owner))
     # A marker that cannot be read.
-    (repairs / f"rp-broken01{pipeline.PENDING_SUFFIX}").write_text("{not json")
+    (repairs / f"rp-bad00001{pipeline.PENDING_SUFFIX}").write_text("{not json")
+    # Markers whose names are not ids, which _stored_models never writes.
+    odd_names = [f"{recorded_id}.pt", f"{recorded_id}_causes", "", "rp-1"]
+    for name in odd_names:
+        (repairs / f"{name}{pipeline.PENDING_SUFFIX}").write_text(json.dumps(owner))
+    causes_file = repairs / f"{recorded_id}_causes.pt"
+    assert causes_file.is_file()
 
     removed = pipeline.remove_abandoned_files(workspace)
 
-    assert removed == ["rp-killed02"]
+    assert removed == ["rp-dead0002"]
     assert not any(path.exists() for path in killed)
     assert live.is_file()
     assert live_model.is_file()
     assert not marker.exists()
     assert (repairs / f"{recorded_id}.pt").is_file()
     assert pipeline.load_repaired_model(workspace, run, recorded_id) is not None
-    assert (repairs / f"rp-broken01{pipeline.PENDING_SUFFIX}").is_file()
+    assert (repairs / f"rp-bad00001{pipeline.PENDING_SUFFIX}").is_file()
+    assert causes_file.is_file()
+    for name in odd_names:
+        assert (repairs / f"{name}{pipeline.PENDING_SUFFIX}").is_file()

@@ -712,7 +712,7 @@ def test_read_causes_file_names_csv_row_line(tmp_path):
     path = tmp_path / "causes.csv"
     path.write_text('train_index,label\n5,"two\nlines"\nx,y\n')
 
-    with pytest.raises(ConfigError, match=r"Line 4 of .* is 'x', not an integer"):
+    with pytest.raises(ConfigError, match=r"Line 4 of .* has train_index 'x', not"):
         read_causes_file(path, 10)
 
 
@@ -720,11 +720,16 @@ def test_read_causes_file_names_csv_row_line(tmp_path):
     ("content", "message"),
     [
         ("rank,train_index\n1,4\n2\n", r"Line 3 of .* has no 'train_index' value"),
-        ("rank,train_index\n1,4\n2,x\n", r"Line 3 of .* is 'x', not an integer"),
+        ("rank,train_index\n1,4\n2,x\n", r"Line 3 of .* has train_index 'x', not"),
         ("train_index,rank\n4,1\n4,2\n", r"Line 3 of .* repeats training index 4"),
         ("train_index,rank\n", r"has a 'train_index' header but no rows"),
         ("train_index,train_index\n4,4\n", r"names 'train_index' 2 times"),
-        ('train_index,label\n4,"open\n', r"Line 2 of .* is not valid CSV"),
+        (
+            'train_index,label\n4,"open\n5,x\n6,y\n',
+            r"Line 2 of .* starts a row that is not valid CSV",
+        ),
+        ("train_index,label\n ,a\n3,b\n", r"Line 2 of .* has an empty 'train_index'"),
+        ('label,train_index\n"a\nb",x\n', r"Line 2 of .* has train_index 'x', not an"),
         # Without a train_index column, a comma is not an index.
         ("index,rank\n4,1\n", r"Line 1 of .* is 'index,rank', not an integer"),
     ],
@@ -734,6 +739,19 @@ def test_read_causes_file_rejects_bad_csv(tmp_path, content, message):
     path.write_text(content)
 
     with pytest.raises(ConfigError, match=message):
+        read_causes_file(path, 10)
+
+
+def test_read_causes_file_counts_lines_as_editors(tmp_path):
+    # A form feed is not a line break, so the bad line is line 4, and "2\f3"
+    # is not read as two indices.
+    path = tmp_path / "causes.txt"
+    path.write_text("1\n2\f3\n4\nx\n")
+
+    with pytest.raises(ConfigError, match=r"Line 2 of .* is '2\\x0c3', not an"):
+        read_causes_file(path, 10)
+    path.write_text("1\n2\f\n4\nx\n")
+    with pytest.raises(ConfigError, match=r"Line 4 of .* is 'x', not an"):
         read_causes_file(path, 10)
 
 

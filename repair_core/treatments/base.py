@@ -212,11 +212,18 @@ def _csv_entries(text: str, path: Path) -> list[tuple[int, str]]:
                     f"the header puts it in field {column + 1}, and the row has "
                     f"{len(row)}. Give every row the header's columns."
                 )
+            if not row[column].strip():
+                raise ConfigError(
+                    f"Line {number} of {str(path)!r} has an empty {INDEX_COLUMN!r} "
+                    "value. Give every row a training index."
+                )
             entries.append((number, row[column].strip()))
     except csv.Error as error:
+        # ``first_line`` is where the row that failed starts, such as the line
+        # that opens a quote the file never closes.
         raise ConfigError(
-            f"Line {reader.line_num} of {str(path)!r} is not valid CSV ({error}). "
-            "Check its quotes, or write one training index per line."
+            f"Line {first_line} of {str(path)!r} starts a row that is not valid CSV "
+            f"({error}). Check its quotes, or write one training index per line."
         ) from None
     if not entries:
         raise ConfigError(
@@ -226,21 +233,24 @@ def _csv_entries(text: str, path: Path) -> list[tuple[int, str]]:
     return entries
 
 
-def _entries(text: str, path: Path) -> list[tuple[int, str]]:
-    """Return (line number, index text) for each non-blank line of a causes file.
+def _entries(text: str, path: Path) -> tuple[list[tuple[int, str]], bool]:
+    """Return (line number, index text) for each non-blank line of a causes
+    file, and whether the file is CSV.
 
     A first line that names the ``train_index`` column marks a CSV file, such
     as the dashboard's exports of confirmed culprits and of a repair's causes.
     Only the ``train_index`` column of such a file is read.
     """
+    # The text has "\n" line ends (universal newlines). str.splitlines would
+    # also split at form feeds and other separators that editors do not count.
     lines = [
         (number, line.strip())
-        for number, line in enumerate(text.splitlines(), start=1)
+        for number, line in enumerate(text.split("\n"), start=1)
         if line.strip()
     ]
     if lines and _has_index_header(lines[0][1]):
-        return _csv_entries(text, path)
-    return lines
+        return _csv_entries(text, path), True
+    return lines, False
 
 
 def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
@@ -275,9 +285,15 @@ def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
         ) from None
     indices: list[int] = []
     first_line: dict[int, int] = {}
-    for number, entry in _entries(text, path):
+    entries, is_csv = _entries(text, path)
+    for number, entry in entries:
         # int() would also read "5_0" as 50 and other scripts' digits.
         digits = entry[1:] if entry[:1] in ("+", "-") else entry
+        if not (digits.isascii() and digits.isdigit()) and is_csv:
+            raise ConfigError(
+                f"Line {number} of {str(path)!r} has {INDEX_COLUMN} "
+                f"{_shortened(entry)!r}, not an integer training index."
+            )
         if not (digits.isascii() and digits.isdigit()):
             raise ConfigError(
                 f"Line {number} of {str(path)!r} is {_shortened(entry)!r}, not an "
