@@ -350,7 +350,11 @@ if not records:
 rankings_table(records)
 record_ids = [record["id"] for record in reversed(records)]
 records_by_id = {record["id"]: record for record in records}
-dashboard.sync_widget("causes_scores", st.session_state["scores_id"], record_ids)
+dashboard.sync_widget(
+    "causes_scores",
+    dashboard.ranking_to_open(st.session_state["scores_id"], records),
+    record_ids,
+)
 scores_id = st.selectbox(
     "Ranking to review",
     record_ids,

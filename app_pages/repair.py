@@ -119,7 +119,11 @@ def top_k_causes() -> tuple[Any, str, str] | None:
 
     ids = [record["id"] for record in reversed(rankings)]
     by_id = {record["id"]: record for record in rankings}
-    dashboard.sync_widget("repair_scores", st.session_state["scores_id"], ids)
+    dashboard.sync_widget(
+        "repair_scores",
+        dashboard.ranking_to_open(st.session_state["scores_id"], rankings),
+        ids,
+    )
     left, right = st.columns([3, 1])
     scores_id = left.selectbox(
         "Ranking",

@@ -1025,6 +1025,23 @@ def ranking_settings(record: dict[str, Any]) -> list[str]:
     return changed_settings(record["config"], defaults)
 
 
+def ranking_to_open(scores_id: str | None, records: Sequence[dict[str, Any]]) -> str:
+    """Return the id of the ranking a page opens among ``records`` (oldest first).
+
+    That is ``scores_id`` when it is one of them. Otherwise it is the newest
+    ranking that is not random, since a random ranking is a reference to
+    compare with, not a list of suspects to review, and the newest ranking
+    when all are random.
+    """
+    ids = [record["id"] for record in records]
+    if scores_id in ids:
+        return scores_id
+    for record in reversed(records):
+        if record["method"] != "random":
+            return record["id"]
+    return ids[-1]
+
+
 def ranking_label(record: dict[str, Any]) -> str:
     """Return "method · changed settings · id" for a ranking's choice box."""
     return " · ".join([record["method"], *ranking_settings(record), record["id"]])

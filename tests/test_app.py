@@ -873,6 +873,34 @@ def test_changed_settings_list_group_members():
     ]
 
 
+def test_pages_open_newest_ranking_that_is_not_random(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+
+    def rank(method):
+        return pipeline.run_identification(
+            workspace, run, method, failure_set_id=failure_set_id
+        )["scores_id"]
+
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    only_random = rank("random")
+    causes = page("causes", **state).run()
+    check_clean(causes)
+    assert causes.selectbox(key="causes_scores").value == only_random
+
+    loss = rank("training-loss")
+    rank("random")
+    causes = page("causes", **state).run()
+    check_clean(causes)
+    assert causes.selectbox(key="causes_scores").value == loss
+    assert causes.session_state["scores_id"] == loss
+    repair = page("repair", **state).run()
+    repair.radio(key="repair_source").set_value("top-k").run()
+    check_clean(repair)
+    assert repair.selectbox(key="repair_scores").value == loss
+
+
 def test_ranking_choice_is_shared_by_repair_and_compare(workspace_env):
     failure_set_id = workspace_env.new_failure_set()
     workspace = workspace_env.workspace
