@@ -803,7 +803,7 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
         if ws.path(run.run_id, causes_file).is_file():
             causes = ws.load_tensor(run.run_id, causes_file).tolist()
         if causes:
-            done = (
+            action = (
                 "recorded, though not removed,"
                 if by_id[repair_id]["treatment"] in REMOVES_NOTHING
                 else "removed"
@@ -811,7 +811,7 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
             st.download_button(
                 "Download C (CSV)",
                 help=f"The {dashboard.count_text(len(causes), 'training example')} "
-                f"{done} by this repair, one index per row; 'repair --causes-file' "
+                f"{action} by this repair, one index per row; 'repair --causes-file' "
                 "reads the file as it is.",
                 data=causes_csv(repair_id, causes),
                 file_name=f"causes-{run.run_id}-{repair_id}.csv",

@@ -700,7 +700,7 @@ def _available_bytes(device: torch.device) -> int | None:
     return None
 
 
-#: What the size errors of the exact solve suggest instead by default.
+#: Default alternative that the size errors of the exact solve suggest.
 ITERATIVE_SOLVERS = "the 'lissa' or 'gd' solver"
 
 

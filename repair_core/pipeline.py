@@ -506,8 +506,9 @@ def _stored_models(
     process killed outright runs no cleanup, so a marker beside the folder
     names the process until the body has finished. Once that process has
     gone without adding the record, ``remove_abandoned_files`` deletes the
-    result's files.
+    result's files, and every call here runs it first.
     """
+    remove_abandoned_files(workspace)
     written: list[str] = []
     marker = workspace.path(run_id, folder + PENDING_SUFFIX)
     owner = {"pid": os.getpid(), "host": socket.gethostname()}
@@ -1271,7 +1272,6 @@ def run_repair(
         ``remaining_broken_idx`` of the first treated model.
     """
     workspace.check_writable()
-    remove_abandoned_files(workspace)
     from repair_core.evaluation import repair_with_controls
     from repair_core.treatments import REMOVES_NOTHING, validate_causes
 
@@ -1416,7 +1416,6 @@ def run_sweep(
         under the run folder and named in its ``model_file``.
     """
     workspace.check_writable()
-    remove_abandoned_files(workspace)
     from repair_core.evaluation import sweep
 
     inputs = _repair_inputs(workspace, run, failure_set_id)
@@ -1522,7 +1521,6 @@ def run_removal_curve(
         repair_core.evaluation.removal_curve, and ``device``.
     """
     workspace.check_writable()
-    remove_abandoned_files(workspace)
     from repair_core.evaluation import removal_curve
     from repair_core.treatments import resolve_config
 

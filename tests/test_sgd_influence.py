@@ -19,7 +19,7 @@ from tests.factories import blobs, tiny_cnn, tiny_images
 
 MIN_REPLAY_SPEARMAN = 0.9
 #: The estimates are changes in log p(F_q), so the replayed changes should
-#: follow them about one for one; a step credited with the wrong learning rate
+#: follow them about one for one. A step credited with the wrong learning rate
 #: or batch size scales them, and a step order error bends them.
 REPLAY_SLOPE_RANGE = (0.9, 1.15)
 

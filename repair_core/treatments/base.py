@@ -289,12 +289,12 @@ def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
     for number, entry in entries:
         # int() would also read "5_0" as 50 and other scripts' digits.
         digits = entry[1:] if entry[:1] in ("+", "-") else entry
-        if not (digits.isascii() and digits.isdigit()) and is_csv:
-            raise ConfigError(
-                f"Line {number} of {str(path)!r} has {INDEX_COLUMN} "
-                f"{_shortened(entry)!r}, not an integer training index."
-            )
         if not (digits.isascii() and digits.isdigit()):
+            if is_csv:
+                raise ConfigError(
+                    f"Line {number} of {str(path)!r} has {INDEX_COLUMN} "
+                    f"{_shortened(entry)!r}, not an integer training index."
+                )
             raise ConfigError(
                 f"Line {number} of {str(path)!r} is {_shortened(entry)!r}, not an "
                 "integer training index. Write one index per line, or export a "
