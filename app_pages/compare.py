@@ -73,6 +73,7 @@ def detection_figure(latest: dict[str, dict[str, Any]]) -> go.Figure:
         height=420,
         margin={"t": 10, "b": 10},
         legend=dashboard.LEGEND_ABOVE,
+        showlegend=True,
     )
     return figure
 
@@ -212,6 +213,7 @@ def removal_figure(
         height=360,
         margin={"t": 10, "b": 10},
         legend=dashboard.LEGEND_ABOVE,
+        showlegend=True,
     )
     return figure
 

@@ -947,6 +947,7 @@ def sweep_section(sweeps: list[dict[str, Any]]) -> None:
         height=400,
         margin={"t": 10, "b": 10},
         legend=dashboard.LEGEND_ABOVE,
+        showlegend=True,
     )
     st.plotly_chart(figure, key="repair_sweep_chart")
     st.caption(

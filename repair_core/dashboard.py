@@ -65,7 +65,9 @@ ACCURACY_RANGE = [-0.02, 1.02]
 
 #: Plotly legend settings that put a horizontal legend above the plot area.
 #: Plotly's default place for a horizontal legend, below the plot, covers the
-#: x-axis title. Plotly widens the top margin to fit the legend.
+#: x-axis title. Plotly widens the top margin to fit the legend. Plotly hides
+#: the legend of a chart with one line, so charts also set ``showlegend``:
+#: otherwise a lone curve would not say which method drew it.
 LEGEND_ABOVE = {
     "orientation": "h",
     "yanchor": "bottom",

@@ -742,6 +742,8 @@ def test_repair_sweep_draws_tradeoff(workspace_env):
     assert layout["xaxis"]["range"][1] > 1.05
     assert layout["yaxis"]["range"][1] > 1.05
     assert layout["legend"]["y"] > 1
+    # A single sweep still names itself in the legend.
+    assert layout["showlegend"] is True
     assert "_job_running_repair" not in app.session_state
 
 
@@ -2115,6 +2117,28 @@ def test_compare_charts_colour_methods_and_tick_k(workspace_env):
     assert axis["tickvals"] == [3, 30]
     assert axis["ticktext"] == ["3", "30"]
     assert holdout["data"][0]["line"]["color"] == METHOD_COLOURS["random"]
+
+
+def test_compare_names_a_lone_curve(workspace_env):
+    # Plotly leaves out the legend of a chart with a single line.
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    scores_id = pipeline.run_identification(
+        workspace, run, "training-loss", failure_set_id=failure_set_id
+    )["scores_id"]
+    pipeline.run_removal_curve(
+        workspace, run, scores_id, failure_set_id=failure_set_id, ks=(3,), seeds=(0,)
+    )
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("compare", **state).run()
+    check_clean(app)
+    detection, holdout, _ = chart_specs(app)
+    for chart in (detection, holdout):
+        assert len(chart["data"]) == 1
+        assert chart["layout"]["showlegend"] is True
+    assert detection["data"][0]["name"] == "training-loss"
+    assert holdout["data"][0]["name"].startswith("training-loss")
 
 
 def test_method_colours_differ():
