@@ -1131,7 +1131,7 @@ def resolve_causes(
     """
     from repair_core.evaluation import MIN_REMAINING
     from repair_core.metrics import ranking
-    from repair_core.treatments import read_causes_file, validate_causes
+    from repair_core.treatments import read_causes_table, validate_causes
 
     chosen = [
         name
@@ -1155,8 +1155,11 @@ def resolve_causes(
         # the repair records these scores as where its causes came from.
         scores = scores_of_run(workspace, run, scores_id, failure_set_id)
     if causes_file is not None:
-        causes = read_causes_file(causes_file, n_train)
-        return _leave_enough(causes, n_train, f"file {causes_file}")
+        causes, sources = read_causes_table(causes_file, n_train)
+        _check_file_sources(workspace, run, causes_file, sources)
+        # The absolute path still names the file when the record is read
+        # from another folder.
+        return _leave_enough(causes, n_train, f"file {Path(causes_file).resolve()}")
     if confirmed:
         decisions = workspace.get_decisions(run.run_id, failure_set_id)
         indices = [i for i, d in decisions.items() if d == "confirmed"]
@@ -1201,6 +1204,42 @@ def resolve_causes(
     return validate_causes(ranking(scores)[:top_k], n_train), (
         f"top {top_k} of {scores_id}"
     )
+
+
+def _check_file_sources(
+    workspace: Workspace,
+    run: LoadedRun,
+    path: str | Path,
+    sources: dict[str, dict[str, int]],
+) -> None:
+    """Raise unless every ranking and repair a CSV export names is of ``run``.
+
+    Runs of one data set have the same index range, so an export taken from
+    another run would otherwise remove unrelated examples without a word.
+    """
+    getters = {"scores_id": workspace.get_scores, "repair_id": workspace.get_repair}
+    kinds = {"scores_id": "ranking", "repair_id": "repair"}
+    for column, ids in sources.items():
+        for record_id, line in ids.items():
+            where = (
+                f"Line {line} of causes file {str(path)!r} names the {kinds[column]} "
+                f"{record_id!r} in its {column} column"
+            )
+            fix = (
+                f"Export the causes from run {run.run_id!r}, or delete the {column} "
+                "column to use the indices as they are."
+            )
+            try:
+                owner = getters[column](record_id)["run_id"]
+            except WorkspaceError:
+                raise ConfigError(
+                    f"{where}, which this workspace does not hold. {fix}"
+                ) from None
+            if owner != run.run_id:
+                raise ConfigError(
+                    f"{where}, which belongs to run {owner!r}, not {run.run_id!r}. "
+                    f"{fix}"
+                )
 
 
 def _leave_enough(

@@ -454,6 +454,33 @@ def test_causes_reject_other_runs_scores(ranked, tmp_path):
             scores_id=scores_id,
             causes_file=causes_file,
         )
+    # A CSV export names the ranking it came from. Both runs have 200
+    # training images, so only that id tells an export of the first run apart.
+    export = tmp_path / "culprits.csv"
+    export.write_text(f"train_index,scores_id\n1,{scores_id}\n2,{scores_id}\n")
+    with pytest.raises(
+        ConfigError,
+        match=(
+            rf"Line 2 of causes file .* names the ranking {scores_id!r} in its "
+            rf"scores_id column, which belongs to run {run.run_id!r}, not "
+            rf"{other.run_id!r}\. Export the causes from run {other.run_id!r}, or "
+            "delete the scores_id column"
+        ),
+    ):
+        pipeline.resolve_causes(
+            workspace, other, failure_set_id=other_set, causes_file=export
+        )
+    unknown = tmp_path / "repair_causes.csv"
+    unknown.write_text("train_index,repair_id\n1,rp-00000000\n")
+    with pytest.raises(ConfigError, match="'rp-00000000' .* does not hold"):
+        pipeline.resolve_causes(
+            workspace, other, failure_set_id=other_set, causes_file=unknown
+        )
+    causes, origin = pipeline.resolve_causes(
+        workspace, run, failure_set_id=failure_set_id, causes_file=export
+    )
+    assert causes.tolist() == [1, 2]
+    assert origin == f"file {export.resolve()}"
 
 
 def test_top_k_leaves_two_examples(ranked):

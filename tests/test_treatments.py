@@ -19,6 +19,7 @@ from repair_core.treatments import (
     apply_treatment,
     default_config,
     read_causes_file,
+    read_causes_table,
     repair,
     validate_causes,
 )
@@ -665,6 +666,10 @@ def test_read_causes_file_accepts_bom(tmp_path):
         ),
         (b"x" * 100 + b"\n", r"Line 1 of .* is 'x{40}… \(100 characters\)', not an"),
         (b"\xff\xfe4\x00\n", "is not UTF-8 text"),
+        (
+            "train_index,given_label\n4,s\u00e9ptima\n".encode("latin-1"),
+            "is not UTF-8 text. Save it with UTF-8 encoding, .* or as CSV with a",
+        ),
         (b"4\n5_0\n", r"Line 2 of .* is '5_0', not an integer"),
         ("4\n\u0663\n".encode(), r"Line 2 of .* is '\u0663', not an integer"),
         (b"4\n-3\n", r"Line 2 of .* training index -3 is out of range 0\.\.9"),
@@ -713,6 +718,10 @@ def test_read_causes_file_reads_csv_export(tmp_path):
         '"train_index"\r\n"5"\r\n"7"\r\n',
         # A quoted field may hold a line break; the rows still count.
         'label,train_index\n"multi\nline",5\n"x\u2028y",7\n',
+        # Spreadsheets in locales with a decimal comma separate fields with
+        # semicolons, or with tabs when copied.
+        "train_index;score\n5;0,25\n7;0,5\n",
+        "score\ttrain_index\n0.25\t5\n0.5\t7\n",
     ],
 )
 def test_read_causes_file_reads_other_csv(tmp_path, content):
@@ -720,6 +729,27 @@ def test_read_causes_file_reads_other_csv(tmp_path, content):
     path.write_bytes(content.encode())
 
     assert read_causes_file(path, 10).tolist() == [5, 7]
+
+
+def test_read_causes_table_returns_source_ids(tmp_path):
+    path = tmp_path / "culprits.csv"
+    path.write_text(
+        "train_index,scores_id,repair_id,method\n"
+        "5,sc-00000001,,ewc-influence\n"
+        "7,sc-00000001,,ewc-influence\n"
+        "2,sc-00000002,rp-00000003,ewc-influence\n"
+    )
+
+    indices, sources = read_causes_table(path, 10)
+
+    assert indices.tolist() == [2, 5, 7]
+    assert sources == {
+        "scores_id": {"sc-00000001": 2, "sc-00000002": 4},
+        "repair_id": {"rp-00000003": 4},
+    }
+    plain = tmp_path / "causes.txt"
+    plain.write_text("5\n7\n")
+    assert read_causes_table(plain, 10)[1] == {}
 
 
 def test_read_causes_file_names_csv_row_line(tmp_path):

@@ -40,6 +40,7 @@ from repair_core.treatments.base import (
     check_remaining,
     complement,
     read_causes_file,
+    read_causes_table,
     retain_sample,
     validate_causes,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "complement",
     "default_config",
     "read_causes_file",
+    "read_causes_table",
     "repair",
     "resolve_config",
     "validate_causes",

@@ -171,26 +171,48 @@ def _shortened(text: str) -> str:
 
 #: Column of the dashboard's CSV exports that contains the training indices.
 INDEX_COLUMN = "train_index"
+#: Columns of the dashboard's CSV exports that name the ranking or the repair
+#: the indices were taken from.
+SOURCE_COLUMNS = ("scores_id", "repair_id")
+#: Field separators of CSV files: the comma, and the semicolon and tab that
+#: spreadsheets write in locales where the comma is the decimal mark.
+CSV_DELIMITERS = (",", ";", "\t")
 
 
-def _has_index_header(line: str) -> bool:
-    """Return whether ``line`` is a CSV header that names ``train_index``."""
-    try:
-        names = next(csv.reader([line]))
-    except csv.Error:
-        return False
-    return INDEX_COLUMN in (name.strip() for name in names)
+def _index_header_delimiter(line: str) -> str | None:
+    """Return the separator of ``line`` as a CSV header naming ``train_index``,
+    or None when it is no such header."""
+    for delimiter in CSV_DELIMITERS:
+        try:
+            names = next(csv.reader([line], delimiter=delimiter))
+        except csv.Error:
+            continue
+        if INDEX_COLUMN in (name.strip() for name in names):
+            return delimiter
+    return None
 
 
-def _csv_entries(text: str, path: Path) -> list[tuple[int, str]]:
-    """Return (line number, index text) for each row below the CSV header.
+@dataclass
+class CausesFile:
+    """What a causes file lists."""
+
+    entries: list[tuple[int, str]]
+    """(line number, index text) of each training index."""
+    is_csv: bool
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
+    """For each of ``SOURCE_COLUMNS`` in a CSV header: {id: first line}."""
+
+
+def _csv_entries(text: str, path: Path, delimiter: str) -> CausesFile:
+    """Read the ``train_index`` column, and the source ids, below the header.
 
     A row's line number is that of the line it starts on; a quoted field may
     span several lines.
     """
-    reader = csv.reader(io.StringIO(text), strict=True)
+    reader = csv.reader(io.StringIO(text), strict=True, delimiter=delimiter)
     column = None
-    entries: list[tuple[int, str]] = []
+    source_columns: dict[str, int] = {}
+    result = CausesFile(entries=[], is_csv=True)
     first_line = 1
     try:
         for row in reader:
@@ -205,6 +227,10 @@ def _csv_entries(text: str, path: Path) -> list[tuple[int, str]]:
                         f"{names.count(INDEX_COLUMN)} times. Keep one such column."
                     )
                 column = names.index(INDEX_COLUMN)
+                source_columns = {
+                    name: names.index(name) for name in SOURCE_COLUMNS if name in names
+                }
+                result.sources = {name: {} for name in source_columns}
                 continue
             if len(row) <= column:
                 raise ConfigError(
@@ -217,7 +243,11 @@ def _csv_entries(text: str, path: Path) -> list[tuple[int, str]]:
                     f"Line {number} of {str(path)!r} has an empty {INDEX_COLUMN!r} "
                     "value. Give every row a training index."
                 )
-            entries.append((number, row[column].strip()))
+            result.entries.append((number, row[column].strip()))
+            for name, position in source_columns.items():
+                value = row[position].strip() if position < len(row) else ""
+                if value:
+                    result.sources[name].setdefault(value, number)
     except csv.Error as error:
         # ``first_line`` is where the row that failed starts, such as the line
         # that opens a quote the file never closes.
@@ -225,21 +255,21 @@ def _csv_entries(text: str, path: Path) -> list[tuple[int, str]]:
             f"Line {first_line} of {str(path)!r} starts a row that is not valid CSV "
             f"({error}). Check its quotes, or write one training index per line."
         ) from None
-    if not entries:
+    if not result.entries:
         raise ConfigError(
             f"Causes file {str(path)!r} has a {INDEX_COLUMN!r} header but no rows "
             "below it. Export at least one training example."
         )
-    return entries
+    return result
 
 
-def _entries(text: str, path: Path) -> tuple[list[tuple[int, str]], bool]:
-    """Return (line number, index text) for each non-blank line of a causes
-    file, and whether the file is CSV.
+def _entries(text: str, path: Path) -> CausesFile:
+    """Return the index text of each non-blank line of a causes file.
 
-    A first line that names the ``train_index`` column marks a CSV file, such
-    as the dashboard's exports of confirmed culprits and of a repair's causes.
-    Only the ``train_index`` column of such a file is read.
+    A first line that names the ``train_index`` column, separated by commas,
+    semicolons or tabs, marks a CSV file, such as the dashboard's exports of
+    confirmed culprits and of a repair's causes. Only the ``train_index``
+    column and the ids in ``SOURCE_COLUMNS`` of such a file are read.
     """
     # The text has "\n" line ends (universal newlines). str.splitlines would
     # also split at form feeds and other separators that editors do not count.
@@ -248,9 +278,10 @@ def _entries(text: str, path: Path) -> tuple[list[tuple[int, str]], bool]:
         for number, line in enumerate(text.split("\n"), start=1)
         if line.strip()
     ]
-    if lines and _has_index_header(lines[0][1]):
-        return _csv_entries(text, path), True
-    return lines, False
+    delimiter = _index_header_delimiter(lines[0][1]) if lines else None
+    if delimiter is not None:
+        return _csv_entries(text, path, delimiter)
+    return CausesFile(entries=lines, is_csv=False)
 
 
 def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
@@ -261,11 +292,26 @@ def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
     dashboard's exports have, is read from that column. The indices are then
     checked as in :func:`validate_causes`.
 
+    :func:`read_causes_table` also returns the ranking and repair ids that a
+    CSV export names.
+
     Raises:
         ConfigError: the file is missing, is a folder or is not UTF-8 text, a
             line is not an integer or is out of range (naming the line number
             and its text), an index is listed twice, or an index fails
             validation.
+    """
+    return read_causes_table(path, n_train)[0]
+
+
+def read_causes_table(
+    path: str | Path, n_train: int
+) -> tuple[torch.Tensor, dict[str, dict[str, int]]]:
+    """Read a causes file as :func:`read_causes_file` does.
+
+    Returns:
+        (the indices, {column: {id: first line}} for each column of
+        ``SOURCE_COLUMNS`` that a CSV header names; empty for plain text)
     """
     path = Path(path)
     if path.is_dir():
@@ -280,13 +326,15 @@ def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError(
-            f"Causes file {str(path)!r} is not UTF-8 text. Save it as plain text "
-            "with one training index per line."
+            f"Causes file {str(path)!r} is not UTF-8 text. Save it with UTF-8 "
+            "encoding, as plain text with one training index per line or as CSV "
+            f"with a {INDEX_COLUMN!r} column."
         ) from None
     indices: list[int] = []
     first_line: dict[int, int] = {}
-    entries, is_csv = _entries(text, path)
-    for number, entry in entries:
+    table = _entries(text, path)
+    is_csv = table.is_csv
+    for number, entry in table.entries:
         # int() would also read "5_0" as 50 and other scripts' digits.
         digits = entry[1:] if entry[:1] in ("+", "-") else entry
         if not (digits.isascii() and digits.isdigit()):
@@ -326,7 +374,7 @@ def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
             f"Causes file {str(path)!r} lists all {n_train} training examples, so "
             "nothing would remain to train on. Remove fewer examples."
         )
-    return validate_causes(indices, n_train)
+    return validate_causes(indices, n_train), table.sources
 
 
 def complement(indices: torch.Tensor, n_train: int) -> torch.Tensor:
