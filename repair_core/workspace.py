@@ -205,6 +205,26 @@ def contains_workspace(root: str | Path) -> bool:
         return False
 
 
+def _has_tables(database: Path) -> bool:
+    """Return whether the SQLite file ``database`` exists and holds tables."""
+    try:
+        if database.stat().st_size == 0:
+            return False
+    except OSError:
+        return False
+    # The file is opened read-only, so a check creates nothing.
+    uri = f"{database.as_uri()}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as connection:
+            return (
+                connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone()
+                is not None
+            )
+    except sqlite3.Error:
+        # A damaged file is reported by the first query that reads it.
+        return True
+
+
 def _can_write(folder: Path) -> bool:
     """Return whether a new file can be created in ``folder``."""
     try:
@@ -257,10 +277,38 @@ class Workspace:
                 "a writable folder with --workspace."
             ) from error
         self.database_path = self.root / DATABASE_NAME
+        self._check_records_exist()
         # A workspace on read-only storage can still be read: listing runs and
         # printing stored results need no writes.
         self.read_only = self.database_path.is_file() and not _can_write(self.root)
         self._initialise()
+
+    def _check_records_exist(self) -> None:
+        """Raise WorkspaceError if run folders exist but the database is gone.
+
+        An empty or missing database would otherwise be taken for a new
+        workspace: the runs would be listed as none, and writing a fresh
+        schema would leave their files without records.
+        """
+        runs = self.root / "runs"
+        try:
+            folders = sorted(
+                entry.name
+                for entry in runs.iterdir()
+                if entry.is_dir() and entry.name.startswith("run-")
+            )
+        except OSError:
+            return
+        if not folders or _has_tables(self.database_path):
+            return
+        state = "is empty" if self.database_path.is_file() else "is missing"
+        more = f" and {len(folders) - 3} more" if len(folders) > 3 else ""
+        raise WorkspaceError(
+            f"Workspace {str(self.root)!r} holds run folders ({', '.join(folders[:3])}"
+            f"{more}) but its database {DATABASE_NAME} {state}, so their records are "
+            f"lost. Restore {DATABASE_NAME} from a backup, or move the runs folder "
+            "away to start a new workspace here."
+        )
 
     def check_writable(self) -> None:
         """Raise WorkspaceError unless new files can be written in the folder.

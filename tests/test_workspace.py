@@ -292,6 +292,41 @@ def test_corrupt_database_message(tmp_path):
         Workspace(tmp_path)
 
 
+@pytest.mark.parametrize("state", ["empty", "missing"])
+def test_lost_database_with_run_folders_is_refused(tmp_path, state):
+    Workspace(tmp_path).add_run("run-a", "train", {}, {})
+    for name in ("run-aaaaaaaa", "run-bbbbbbbb"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    database = tmp_path / "repair.sqlite"
+    for extra in ("-wal", "-shm"):
+        database.with_name(database.name + extra).unlink(missing_ok=True)
+    if state == "empty":
+        database.write_bytes(b"")
+    else:
+        database.unlink()
+
+    with pytest.raises(
+        WorkspaceError,
+        match=(
+            rf"holds run folders \(run-aaaaaaaa, run-bbbbbbbb\) but its database "
+            rf"repair.sqlite is {state}, so their records are lost\. Restore"
+        ),
+    ):
+        Workspace(tmp_path)
+    # Nothing was written: an empty database stays empty, a missing one missing.
+    assert database.is_file() == (state == "empty")
+    if state == "empty":
+        assert database.stat().st_size == 0
+
+
+def test_database_with_tables_and_run_folders_opens(tmp_path):
+    workspace = Workspace(tmp_path)
+    workspace.add_run("run-a", "train", {}, {})
+    (tmp_path / "runs" / "run-aaaaaaaa").mkdir(parents=True)
+
+    assert [run["id"] for run in Workspace(tmp_path).list_runs()] == ["run-a"]
+
+
 def test_duplicate_id_keeps_first_record(tmp_path):
     workspace = Workspace(tmp_path)
     workspace.add_run("run-a", "train", {"first": True}, {})
