@@ -87,14 +87,14 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--n-train",
-        type=int,
+        type=_count,
         default=None,
         help="use a seeded class-balanced subset of this many training images "
         "(default: all)",
     )
     group.add_argument(
         "--n-test",
-        type=int,
+        type=_count,
         default=None,
         help="use a seeded class-balanced subset of this many test images "
         "(default: all)",
@@ -253,16 +253,16 @@ def _build_parser() -> argparse.ArgumentParser:
         "--model", default="mnist-cnn", choices=MODEL_CHOICES, help="architecture"
     )
     group.add_argument(
-        "--epochs", type=int, default=100, help="maximum number of epochs"
+        "--epochs", type=_count, default=100, help="maximum number of epochs"
     )
     group.add_argument(
         "--patience",
-        type=int,
+        type=_count,
         default=5,
         help="epochs without a lower validation loss before stopping",
     )
     group.add_argument(
-        "--batch-size", type=int, default=64, help="examples per Adam step"
+        "--batch-size", type=_count, default=64, help="examples per Adam step"
     )
     group.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     group.add_argument(
@@ -725,6 +725,19 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"seed {value} is outside 0..{MAX_SEED}; choose a seed in that range"
         )
+    return value
+
+
+def _count(text: str) -> int:
+    """Read a whole number of at least 1, such as a number of epochs or images."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number; give one such as 10"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
 
 
@@ -1315,6 +1328,17 @@ def _attach_list_values(argv: Sequence[str]) -> list[str]:
     return joined
 
 
+#: What an interrupted command leaves, by command.
+_INTERRUPTED = {
+    "bench": "Steps that finished are kept in the results file; the rest were not run.",
+    **dict.fromkeys(
+        ("train", "import", "identify", "repair", "sweep", "removal-curve"),
+        "Nothing of this command was stored, and the files it had written were "
+        "deleted.",
+    ),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code (0 success, 1 a benchmark
     unit failed, 2 bad input, 130 interrupted by Ctrl-C, 141 output pipe closed
@@ -1350,7 +1374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:
         # Records are written when a command finishes, and the benchmark
         # saves each finished step, so an interrupt leaves no partial record.
-        print("Interrupted.", file=sys.stderr)
+        print(
+            f"Interrupted. {_INTERRUPTED.get(args.command, '')}".strip(),
+            file=sys.stderr,
+        )
         # Shells report death by signal N as 128 + N: 130 for SIGINT, 143 for
         # SIGTERM.
         return 128 + (signal.SIGTERM if isinstance(interrupt, _Terminated) else 2)

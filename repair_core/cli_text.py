@@ -132,12 +132,35 @@ def repair_text(summary: dict[str, Any]) -> str:
             "remaining examples broken" + (" (means over seeds)." if several else ".")
         )
     first = (summary.get("per_seed") or {}).get("treatment") or [{}]
-    if first[0].get("model_file"):
+    model_file = first[0].get("model_file")
+    if model_file and model_file not in summary.get("missing_model_files", ()):
         lines.append(
-            f"Repaired model: runs/{summary['run_id']}/{first[0]['model_file']} in the "
+            f"Repaired model: runs/{summary['run_id']}/{model_file} in the "
             "workspace; --json lists every seed and arm."
         )
     return "\n".join(lines)
+
+
+#: Missing model files named one by one before the rest are counted.
+MISSING_FILES_SHOWN = 3
+
+
+def missing_files_text(result: dict[str, Any]) -> str:
+    """Name the model files of a stored result that are no longer on disk."""
+    missing = result.get("missing_model_files") or []
+    if not missing:
+        return ""
+    names = ", ".join(
+        f"runs/{result['run_id']}/{name}" for name in missing[:MISSING_FILES_SHOWN]
+    )
+    more = len(missing) - MISSING_FILES_SHOWN
+    if more > 0:
+        names += f" and {more} more"
+    return (
+        f"Missing: {len(missing)} model file(s) of this record were moved or "
+        f"deleted from the workspace ({names}). The figures above were measured "
+        "before; the models cannot be loaded."
+    )
 
 
 def points_text(
@@ -308,12 +331,14 @@ def generic_text(result: dict[str, Any]) -> str:
 def result_text(command: str, result: dict[str, Any]) -> str:
     """Return the text view of one command's result."""
     # A stored record printed by show has the same id key as its command's result.
-    if "repair_id" in result:
-        return repair_text(result)
-    if "sweep_id" in result:
-        return sweep_text(result)
-    if "removal_curve_id" in result:
-        return curve_text(result)
+    for key, render in (
+        ("repair_id", repair_text),
+        ("sweep_id", sweep_text),
+        ("removal_curve_id", curve_text),
+    ):
+        if key in result:
+            missing = missing_files_text(result)
+            return render(result) + (f"\n{missing}" if missing else "")
     if command == "runs":
         return runs_text(result)
     return generic_text(result)

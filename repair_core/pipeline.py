@@ -1748,20 +1748,47 @@ def stored_result(workspace: Workspace, record_id: str) -> dict[str, Any]:
             **record["config"],
             **record["metrics"],
         }
-    if prefix in ("sc", "rp"):
-        getter = workspace.get_scores if prefix == "sc" else workspace.get_repair
-        record = getter(record_id)
+    if prefix == "sc":
+        record = workspace.get_scores(record_id)
         return {
             **record["metrics"],
             "created_at": record["created_at"],
             "config": record["config"],
         }
-    # A sweep or curve record has its command's fields as its columns,
-    # except that its id column is named "id".
-    if prefix == "sw":
+    if prefix == "rp":
+        record = workspace.get_repair(record_id)
+        result = {
+            **record["metrics"],
+            "created_at": record["created_at"],
+            "config": record["config"],
+        }
+    elif prefix == "sw":
+        # A sweep or curve record has its command's fields as its columns,
+        # except that its id column is named "id".
         record = workspace.get_sweep(record_id)
-        return {"sweep_id": record.pop("id"), **record}
-    record = workspace.get_removal_curve(record_id)
-    # The removal-curve command prints its points as "curve".
-    record["curve"] = record.pop("points")
-    return {"removal_curve_id": record.pop("id"), **record}
+        result = {"sweep_id": record.pop("id"), **record}
+    else:
+        record = workspace.get_removal_curve(record_id)
+        # The removal-curve command prints its points as "curve".
+        record["curve"] = record.pop("points")
+        result = {"removal_curve_id": record.pop("id"), **record}
+    missing = [
+        name
+        for name in _model_files(result)
+        if not workspace.path(result["run_id"], name).is_file()
+    ]
+    if missing:
+        result["missing_model_files"] = missing
+    return result
+
+
+def _model_files(value: Any) -> list[str]:
+    """Return every ``model_file`` named anywhere in a stored record."""
+    if isinstance(value, dict):
+        found = (
+            [value["model_file"]] if isinstance(value.get("model_file"), str) else []
+        )
+        return found + [name for item in value.values() for name in _model_files(item)]
+    if isinstance(value, list):
+        return [name for item in value for name in _model_files(item)]
+    return []

@@ -115,6 +115,27 @@ def test_reading_commands_create_no_workspace(tmp_path, capsys, argv):
 @pytest.mark.parametrize(
     "argv, message",
     [
+        (["--epochs", "0"], "argument --epochs: 0 must be at least 1"),
+        (["--patience", "0"], "argument --patience: 0 must be at least 1"),
+        (["--batch-size", "-3"], "argument --batch-size: -3 must be at least 1"),
+        (["--n-train", "0"], "argument --n-train: 0 must be at least 1"),
+        (["--n-test", "x"], "argument --n-test: 'x' is not a whole number"),
+    ],
+)
+def test_train_names_the_flag_of_a_bad_count(tmp_path, capsys, argv, message):
+    workspace = tmp_path / "ws"
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--workspace", str(workspace), *argv])
+
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not workspace.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
         (["--threads", "0"], "--threads 0 must be at least 1"),
         (["--experiments", "2,,3"], "Invalid --experiments '2,,3'"),
         (["--render-only"], "Run the benchmark first, or pass the --out folder"),
@@ -170,7 +191,7 @@ def test_interrupt_exits_without_traceback(tmp_path):
     err = "".join(lines) + rest
 
     assert process.returncode == 130, err
-    assert "Interrupted." in err
+    assert "Interrupted. Steps that finished are kept in the results file" in err
     assert "Traceback" not in err
 
 
@@ -1004,6 +1025,21 @@ def test_show_prints_every_stored_record_again(tiny_run, capsys):
     assert [line.split()[0] for line in lines[header + 1 :]] == ["1", "2"]
     second = sweep["points"][1]
     assert lines[header + 2].split()[2] == f"{second['holdout_acc']:.3f}"
+    assert "missing_model_files" not in stored_repair
+    assert "Missing" not in text
+
+    # A model file deleted since: show says so instead of pointing at it.
+    model_file = repair["per_seed"]["treatment"][0]["model_file"]
+    run_folder = Path(workspace, "runs", run["run_id"])
+    (run_folder / model_file).unlink()
+    assert show(repair["repair_id"])["missing_model_files"] == [model_file]
+    text = _text(capsys, ["show", "--workspace", workspace, repair["repair_id"]])
+    assert "Repaired model:" not in text
+    assert (
+        f"Missing: 1 model file(s) of this record were moved or deleted from the "
+        f"workspace (runs/{run['run_id']}/{model_file})"
+    ) in text
+    assert "missing_model_files" not in show(sweep["sweep_id"])
 
 
 @pytest.mark.parametrize(
@@ -1141,7 +1177,10 @@ def test_sigterm_mid_repair_stores_nothing(tiny_run):
     err = "".join(lines) + rest
 
     assert process.returncode == 143, err
-    assert "Interrupted." in err
+    assert (
+        "Interrupted. Nothing of this command was stored, and the files it had "
+        "written were deleted."
+    ) in err
     assert "Traceback" not in err
     assert files() == files_before
     assert Workspace(workspace).list_repairs(run["run_id"]) == repairs_before
