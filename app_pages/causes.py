@@ -33,8 +33,8 @@ if run.corrupted_mask is not None and bool(run.corrupted_mask.any()):
 st.title("Causes")
 st.caption(
     f"Failure set `{failure_set_id}`: the methods rank all {len(given_labels)} "
-    f"training examples by how much they caused the {len(split.query)} query "
-    f"failures F_q."
+    "training examples by how much they caused the "
+    f"{dashboard.count_text(len(split.query), 'query failure')} F_q."
 )
 
 
@@ -243,8 +243,9 @@ def review_grid(shown: np.ndarray, decisions: dict[int, str], per_row: int) -> N
                 dashboard.show_card(
                     card_for(index, rank_of[index], scores[index], predicted[index])
                 )
+                # The label names the card for screen readers and stays hidden.
                 st.segmented_control(
-                    "Decision",
+                    f"Decision on train #{index}",
                     list(DECISION_LABELS),
                     format_func=DECISION_LABELS.get,
                     key=key,

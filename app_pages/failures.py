@@ -344,7 +344,11 @@ if preview is not None:
     query_text = dashboard.count_text(len(preview.query), "query failure")
     holdout_text = dashboard.count_text(len(preview.holdout), "holdout failure")
     st.caption(f"The split gives {query_text} F_q and {holdout_text} F_h.")
-    if len(preview.holdout) == 0:
+    # The summary above already warns when this split is the current set.
+    if (
+        len(preview.holdout) == 0
+        and identical_failure_set(preview) != st.session_state["failure_set_id"]
+    ):
         st.warning(empty_holdout_text(len(preview.failures)))
 use_label = (
     "Use this failure as F"

@@ -324,25 +324,30 @@ def new_run_section() -> None:
     with right:
         scenario, params = scenario_widgets()
     advanced = advanced_widgets()
-    invalid = seed is None or params is None or advanced is None
+    # An import uses the training labels as they are, as the CLI's import
+    # does, so the scenario settings neither apply to it nor block it.
+    import_invalid = seed is None or advanced is None
+    invalid = import_invalid or params is None
     run_values, train_values = advanced or ({}, {})
 
-    def build_config(model_name: str) -> pipeline.RunConfig:
+    def build_config(
+        model_name: str, scenario: str, params: dict[str, Any] | None
+    ) -> pipeline.RunConfig:
         return pipeline.RunConfig(
             **data_values,
             **run_values,
             scenario=scenario,
-            scenario_params=params,
+            scenario_params=params or {},
             model=model_name,
             seed=seed,
             train=TrainConfig(**train_values),
         )
 
     if invalid:
+        blocked = "Train and Import are" if import_invalid else "Train is"
         st.warning(
-            "A number above is out of range, so Train and Import are off until "
-            "it is corrected. Open the Advanced section if its error is not in "
-            "view."
+            f"A number above is out of range, so {blocked} off until it is "
+            "corrected. Open the Advanced section if its error is not in view."
         )
     train_tab, import_tab = st.tabs(["Train a model", "Import a trained model"])
     with train_tab:
@@ -352,14 +357,18 @@ def new_run_section() -> None:
         )
         st.caption(dashboard.LONG_JOB_CAPTION)
         if train_clicked:
-            config = dashboard.run_safely("Settings", lambda: build_config(model))
+            config = dashboard.run_safely(
+                "Settings", lambda: build_config(model, scenario, params)
+            )
             if config is not None:
                 train(config)
     with import_tab:
         st.caption(
             "Registers a model trained elsewhere. The callable takes no arguments "
             "and returns the untrained network; its module must be importable "
-            "from the dashboard's folder or the checkpoint's folder."
+            "from the dashboard's folder or the checkpoint's folder. The "
+            "training labels are used as they are, because the noise scenario "
+            "above applies only to training."
         )
         dashboard.keep_widget_value("setup_factory")
         factory = st.text_input(
@@ -374,9 +383,9 @@ def new_run_section() -> None:
             type=["pt", "pth", "ckpt"],
             key="setup_upload",
         )
-        if st.button("Import", key="setup_import", disabled=invalid):
+        if st.button("Import", key="setup_import", disabled=import_invalid):
             config = dashboard.run_safely(
-                "Settings", lambda: build_config(factory or model)
+                "Settings", lambda: build_config(factory or model, "none", None)
             )
             if config is not None:
                 import_model(config, path, upload)
@@ -444,7 +453,8 @@ def show_run(run: pipeline.LoadedRun) -> None:
                 },
                 height=360,
                 margin={"t": 30, "b": 10},
-                legend={"orientation": "h", "x": 0, "y": 1.12},
+                legend=dashboard.LEGEND_ABOVE,
+                showlegend=True,
             )
             st.plotly_chart(figure, key="setup_history")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import html
 import io
 import os
@@ -58,6 +59,8 @@ EMBED_BATCH_SIZE = 512
 WEBGL_MIN_POINTS = 5000
 #: UMAP needs more points than its neighbourhood size (15 by default).
 MIN_MAP_POINTS = 20
+#: Confusion matrices with at most this many classes label every class.
+LABELLED_CLASSES = 20
 #: Axis range of accuracy axes, a little wider than [0, 1] so that markers at
 #: 0% and 100% are drawn whole.
 ACCURACY_RANGE = [-0.02, 1.02]
@@ -168,7 +171,8 @@ def restore_from_url() -> None:
     the URL keeps the query parameters that :func:`save_to_url` wrote. An id
     that the workspace does not hold, or that belongs to another run or
     failure set, is ignored together with everything after it, and a toast
-    names it.
+    names it. Without a failure set in the URL, the run opens with the failure
+    set of the URL's ranking or repair, else with the one Setup's Open picks.
     """
     if st.session_state.get("_url_restored"):
         return
@@ -192,42 +196,41 @@ def restore_from_url() -> None:
         return
     try:
         ws = open_workspace(st.session_state["workspace_root"])
-        ws.get_run(run_id)
     except USER_ERRORS:
-        _toast_not_opened("run", run_id, "was not found in this workspace")
+        # The page shows the workspace error.
+        return
+    if _url_record(ws, "runs", "run", run_id) is None:
         return
     st.session_state["run_id"] = run_id
-    failure_set_id = params.get("fs")
+    failure_set_id = params.get("fs") or _url_failure_set(ws, run_id, params)
     checks = (
         (
             "failure_set_id",
+            "failure_sets",
             "failure set",
             failure_set_id,
-            ws.get_failure_set,
             {"run_id": run_id},
         ),
         (
             "scores_id",
+            "scores",
             "ranking",
             params.get("scores"),
-            ws.get_scores,
             {"run_id": run_id, "failure_set_id": failure_set_id},
         ),
         (
             "repair_id",
+            "repairs",
             "repair",
             params.get("repair"),
-            ws.get_repair,
             {"run_id": run_id, "failure_set_id": failure_set_id},
         ),
     )
-    for key, kind, record_id, get, expected in checks:
+    for key, table, kind, record_id, expected in checks:
         if not record_id:
             continue
-        try:
-            record = get(record_id)
-        except USER_ERRORS:
-            _toast_not_opened(kind, record_id, "was not found in this workspace")
+        record = _url_record(ws, table, kind, record_id)
+        if record is None:
             return
         if any(record.get(name) != value for name, value in expected.items()):
             _toast_not_opened(kind, record_id, "belongs to another run or failure set")
@@ -235,10 +238,59 @@ def restore_from_url() -> None:
         st.session_state[key] = record_id
 
 
+#: Workspace method that reads one record of each table the URL can name.
+_URL_GETTERS = {
+    "runs": Workspace.get_run,
+    "failure_sets": Workspace.get_failure_set,
+    "scores": Workspace.get_scores,
+    "repairs": Workspace.get_repair,
+}
+
+
+def _url_record(
+    ws: Workspace, table: str, kind: str, record_id: str
+) -> dict[str, Any] | None:
+    """Return the record ``record_id`` of ``table``, or toast why it was not
+    opened and return None."""
+    try:
+        if not ws.has_record(table, record_id):
+            _toast_not_opened(kind, record_id, "was not found in this workspace")
+            return None
+        return _URL_GETTERS[table](ws, record_id)
+    except USER_ERRORS:
+        # A database error is no sign that the record is missing, so the
+        # toast says only that it could not be read.
+        _toast_not_opened(kind, record_id, "could not be read from this workspace")
+        return None
+
+
+def _url_failure_set(ws: Workspace, run_id: str, params: Any) -> str | None:
+    """Return the failure set for a URL that names none: that of the URL's
+    ranking or repair when it belongs to ``run_id``, else the one Setup's Open
+    picks. Records that cannot be read are named later by :func:`_url_record`.
+    """
+    try:
+        for table, name in (("scores", "scores"), ("repairs", "repair")):
+            record_id = params.get(name)
+            if record_id and ws.has_record(table, record_id):
+                record = _URL_GETTERS[table](ws, record_id)
+                if record.get("run_id") == run_id:
+                    return record.get("failure_set_id")
+        return last_used_failure_set(ws, run_id)
+    except USER_ERRORS:
+        return None
+
+
+#: Max characters of an id in a toast. A longer id is cut and ends in "…".
+_TOAST_ID_CHARS = 40
+
+
 def _toast_not_opened(kind: str, record_id: str, reason: str) -> None:
     """Say why the URL's ``record_id`` was not opened."""
     # A code span shows the id as typed, without rendering Markdown in it.
     display_id = record_id.replace("`", "")
+    if len(display_id) > _TOAST_ID_CHARS:
+        display_id = display_id[:_TOAST_ID_CHARS] + "…"
     st.toast(
         f"The address names the {kind} `{display_id}`, which {reason}, so it was not "
         "opened."
@@ -491,14 +543,67 @@ def workspace_sidebar() -> None:
             st.caption(f"Failure set F: `{failure_set_id}`")
 
 
-@st.cache_resource(show_spinner="Loading the run…", max_entries=4)
 def load_run(root: str, run_id: str) -> pipeline.LoadedRun:
-    """Load a run once per process. Every session shares the read-only result.
+    """Return the run, loaded once per process and state of its data files.
+
+    A change under the run's data folder loads the run again, so that
+    pipeline.load_run checks the data anew and raises its DataError when the
+    images differ from those the run was stored with.
+    """
+    config = open_workspace(root).get_run(run_id)["config"]
+    return _load_run_cached(root, run_id, data_stamp(config))
+
+
+@st.cache_resource(show_spinner="Loading the run…", max_entries=4)
+def _load_run_cached(root: str, run_id: str, stamp: str) -> pipeline.LoadedRun:
+    """Load a run once per process and data ``stamp``. Every session shares
+    the read-only result.
 
     Identification and treatments never modify ``LoadedRun.model``, so the
     cached model can serve concurrent sessions.
     """
     return pipeline.load_run(open_workspace(root), run_id)
+
+
+def data_stamp(config: dict[str, Any]) -> str:
+    """Return a digest of the relative path, size and modification time of
+    every file under the data folder of a run's ``config``.
+
+    The digest reads directory entries only, never file contents. It is ""
+    for the embedded data, which has no folder.
+    """
+    root = config.get("root")
+    if config.get("data") == "mnist-embedded" or not root:
+        return ""
+    top = Path(root).expanduser()
+    files = []
+    folders = [top]
+    # Folder identities, so that a symbolic link to a parent folder is not
+    # walked forever.
+    seen: set[tuple[int, int]] = set()
+    while folders:
+        try:
+            scan = os.scandir(folders.pop())
+        except OSError:
+            # Loading the data reports a missing or unreadable folder.
+            continue
+        with scan:
+            for entry in scan:
+                path = os.path.relpath(entry.path, top)
+                try:
+                    info = entry.stat()
+                    is_folder = entry.is_dir()
+                except OSError:
+                    files.append((path, -1, -1))
+                    continue
+                if not is_folder:
+                    files.append((path, info.st_size, info.st_mtime_ns))
+                elif (info.st_dev, info.st_ino) not in seen:
+                    seen.add((info.st_dev, info.st_ino))
+                    folders.append(Path(entry.path))
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr(sorted(files)).encode())
+    return digest.hexdigest()
 
 
 def count_text(count: int, noun: str) -> str:
@@ -859,9 +964,24 @@ def confusion_figure(
             showlegend=False,
         )
     )
+    # Plotly thins category ticks to fit a narrow chart, so up to
+    # LABELLED_CLASSES classes get a tick each.
+    ticks: dict[str, Any] = {}
+    if len(names) <= LABELLED_CLASSES:
+        ticks = {"tickmode": "array", "tickvals": names, "ticktext": names}
     figure.update_layout(
-        xaxis={"title": "predicted class", "type": "category", "side": "bottom"},
-        yaxis={"title": "true class", "type": "category", "autorange": "reversed"},
+        xaxis={
+            "title": "predicted class",
+            "type": "category",
+            "side": "bottom",
+            **ticks,
+        },
+        yaxis={
+            "title": "true class",
+            "type": "category",
+            "autorange": "reversed",
+            **ticks,
+        },
         margin={"l": 10, "r": 10, "t": 10, "b": 10},
         height=max(320, 34 * len(names) + 80),
         clickmode="event+select",
@@ -1096,10 +1216,11 @@ def settings_editor(
 
 #: Caption beside the buttons that start a long job. Any widget change or page
 #: switch makes Streamlit stop the script run at its next Streamlit call, and
-#: the pipeline stores a record only when the job completes.
+#: so does a reload or close of the tab, which ends the browser session. The
+#: pipeline stores a record only when the job completes.
 LONG_JOB_CAPTION = (
-    "Leaving this page or changing any setting while the job runs stops it, "
-    "and nothing of it is kept."
+    "Leaving this page, reloading or closing the browser tab, or changing any "
+    "setting while the job runs stops it, and nothing of it is kept."
 )
 _JOB_PREFIX = "_job_running_"
 

@@ -307,6 +307,72 @@ def test_url_ranking_of_other_failure_set_is_named(workspace_env):
     )
 
 
+def test_url_without_failure_set_takes_record_set(workspace_env):
+    from repair_core import dashboard
+
+    ranked_set = workspace_env.new_failure_set()
+    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+    scores_id = pipeline.run_identification(
+        workspace_env.workspace, run, "random", failure_set_id=ranked_set
+    )["scores_id"]
+    newest_set = workspace_env.new_failure_set()
+    assert (
+        dashboard.last_used_failure_set(workspace_env.workspace, run.run_id)
+        == newest_set
+    )
+
+    app = _app()
+    app.query_params = {"run": workspace_env.run_id, "scores": scores_id}
+    app.run()
+    check_clean(app)
+    assert not app.toast
+    assert app.session_state["failure_set_id"] == ranked_set
+    assert app.session_state["scores_id"] == scores_id
+
+    app = _app()
+    app.query_params = {"run": workspace_env.run_id}
+    app.run()
+    check_clean(app)
+    assert not app.toast
+    assert app.session_state["failure_set_id"] == newest_set
+
+
+def test_url_toast_shortens_long_id(workspace_env):
+    long_id = "run-" + "x" * 4996
+    app = _app()
+    app.query_params = {"run": long_id}
+    app.run()
+
+    check_clean(app)
+    assert app.session_state["run_id"] is None
+    assert len(app.toast) == 1
+    assert app.toast[0].value == (
+        f"The address names the run `{long_id[:40]}…`, which was not found in "
+        "this workspace, so it was not opened."
+    )
+
+
+def test_url_damaged_database_no_missing_toast(workspace_env, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "ws"
+    shutil.copytree(workspace_env.root, damaged)
+    database = damaged / "repair.sqlite"
+    for suffix in ("-wal", "-shm"):
+        Path(f"{database}{suffix}").unlink(missing_ok=True)
+    database.write_bytes(database.read_bytes()[: database.stat().st_size // 2])
+    app = _app()
+    app.query_params = {"workspace": str(damaged), "run": workspace_env.run_id}
+    app.run()
+
+    assert not app.exception
+    errors = error_texts(app)
+    assert len(errors) == 1
+    assert "database disk image is malformed" in errors[0]
+    # The error above reports the database failure, and the run exists.
+    assert not any("not found" in toast.value for toast in app.toast)
+
+
 def test_open_picks_failure_set_last_used(workspace_env, tmp_path, monkeypatch):
     import shutil
 
@@ -1050,6 +1116,78 @@ def test_imported_run_has_no_ground_truth(workspace_env):
     assert "no ground truth" in compare.info[0].value
 
 
+def test_import_ignores_train_scenario(workspace_env, tmp_path):
+    checkpoint = workspace_env.workspace.path(workspace_env.run_id, "model.pt")
+    flip_matrix = tmp_path / "flip.csv"
+    flip_matrix.write_text("1,0,0\n0,1,0\n0,0,1\n")
+    app = page("setup").run()
+    app.selectbox(key="setup_scenario").set_value("label-flip").run()
+    # A matrix that does not fit MNIST's 10 classes would fail a training run.
+    app.text_input(key="setup_matrix_file").set_value(str(flip_matrix))
+    app.number_input(key="setup_n_train").set_value(TINY["n_train"])
+    app.number_input(key="setup_n_test").set_value(TINY["n_test"])
+    app.text_input(key="setup_checkpoint").set_value(str(checkpoint))
+    app.button(key="setup_import").click().run()
+    check_clean(app)
+
+    run_id = app.session_state["run_id"]
+    record = workspace_env.workspace.get_run(run_id)
+    assert record["kind"] == "import"
+    assert record["config"]["scenario"] == "none"
+    assert "matrix_file" not in record["config"]["scenario_params"]
+    assert not workspace_env.workspace.path(run_id, "corrupted_mask.pt").exists()
+    assert metric_values(app)["Corrupted"] == "unknown"
+    assert any("used as they are" in c.value for c in app.caption)
+
+
+def write_digit_folder(root: Path, per_class: int = 6) -> None:
+    """Write train/ and test/ ImageFolder trees of random 28x28 greyscale PNGs
+    in the classes a and b."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for part in ("train", "test"):
+        for name in ("a", "b"):
+            folder = root / part / name
+            folder.mkdir(parents=True)
+            for index in range(per_class):
+                pixels = torch.randint(0, 256, (28, 28), generator=generator)
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(
+                    folder / f"{index}.png"
+                )
+
+
+def test_changed_data_folder_stops_run_page(tmp_path, monkeypatch):
+    from repair_core import models
+
+    data = tmp_path / "digits"
+    write_digit_folder(data)
+    checkpoint = tmp_path / "cnn.pt"
+    model = models.build_model("mnist-cnn", in_channels=1, num_classes=2)
+    torch.save(model.state_dict(), checkpoint)
+    workspace = Workspace(tmp_path / "ws")
+    config = pipeline.RunConfig(data="imagefolder", root=str(data), device="cpu")
+    summary = pipeline.import_run(workspace, config, checkpoint)
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(workspace.root))
+    state = {
+        "run_id": summary["run_id"],
+        "failure_set_id": summary["failure_set_id"],
+    }
+    app = page("failures", **state).run()
+    check_clean(app)
+
+    (data / "train" / "a" / "6.png").write_bytes(
+        (data / "train" / "a" / "0.png").read_bytes()
+    )
+    app.run()
+
+    assert not app.exception
+    errors = error_texts(app)
+    assert len(errors) == 1
+    assert errors[0].startswith(f"Run {summary['run_id']!r} could not be loaded")
+    assert "1 file added (train/a/6.png)" in errors[0]
+
+
 @pytest.mark.slow
 def test_failures_map_renders(workspace_env):
     # The first UMAP fit in a process compiles umap-learn's numba code.
@@ -1518,6 +1656,24 @@ def test_failures_warns_before_empty_holdout(workspace_env):
     assert any("0 holdout failures F_h" in c.value for c in app.caption)
 
 
+def test_failures_warns_once_for_current_set(workspace_env):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+    }
+    app = page("failures", **state).run()
+    app.slider(key="failures_qf").set_value(1.0).run()
+    app.button(key="failures_create").click().run()
+    check_clean(app)
+
+    record = workspace_env.workspace.get_failure_set(
+        app.session_state["failure_set_id"]
+    )
+    assert record["metrics"]["n_holdout"] == 0
+    warnings = [w.value for w in app.warning if "F_h is empty" in w.value]
+    assert len(warnings) == 1
+
+
 def test_failures_reuses_identical_set(workspace_env):
     workspace = workspace_env.workspace
     state = {"run_id": workspace_env.run_id, "failure_set_id": None}
@@ -1578,6 +1734,41 @@ def ranked_failure_set(workspace_env) -> dict[str, str]:
         workspace_env.workspace, run, "training-loss", failure_set_id=failure_set_id
     )
     return {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+
+
+def test_review_controls_name_their_card(workspace_env):
+    app = page("causes", **ranked_failure_set(workspace_env)).run()
+    check_clean(app)
+    controls = [w for w in app.segmented_control if w.key.startswith("review_")]
+    assert controls
+    for control in controls:
+        index = control.key.rsplit("_", 1)[1]
+        assert control.label == f"Decision on train #{index}"
+        assert control.proto.label_visibility.value == (
+            control.proto.label_visibility.COLLAPSED
+        )
+
+
+def test_causes_caption_counts_one_failure(workspace_env):
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    failure = int(torch.nonzero(run.test_predictions != run.data.test.labels)[0])
+    failure_set_id, _ = pipeline.create_failure_set(
+        workspace, run, candidates=torch.tensor([failure]), origin="one failure"
+    )
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+    assert not app.exception
+    assert app.caption[0].value.endswith("caused the 1 query failure F_q.")
+
+    app = page("causes", **ranked_failure_set(workspace_env)).run()
+    split = pipeline.load_failure_split(
+        workspace, workspace_env.run_id, app.session_state["failure_set_id"]
+    )
+    assert len(split.query) > 1
+    assert app.caption[0].value.endswith(
+        f"caused the {len(split.query)} query failures F_q."
+    )
 
 
 def test_filtered_review_keeps_cards_in_place(workspace_env):
@@ -2014,7 +2205,9 @@ def test_interrupted_job_noted_once(workspace_env, name):
         f"The last {job} was stopped before it finished, so nothing of it was stored."
     )
     assert [w.value for w in app.warning].count(expected) == 1
-    assert any("Leaving this page" in c.value for c in app.caption)
+    captions = [c.value for c in app.caption]
+    assert any("Leaving this page" in caption for caption in captions)
+    assert any("reloading or closing the browser tab" in c for c in captions)
     assert app.button(key=button_key)
 
     app.run()
@@ -2139,6 +2332,43 @@ def test_compare_names_a_lone_curve(workspace_env):
         assert chart["layout"]["showlegend"] is True
     assert detection["data"][0]["name"] == "training-loss"
     assert holdout["data"][0]["name"].startswith("training-loss")
+
+
+def test_confusion_matrix_labels_every_class(workspace_env):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+    }
+    for name in ("failures", "setup"):
+        app = page(name, **state).run()
+        check_clean(app)
+        heatmaps = [
+            spec
+            for spec in chart_specs(app)
+            if spec["data"][0].get("type") == "heatmap"
+        ]
+        assert len(heatmaps) == 1, name
+        layout = heatmaps[0]["layout"]
+        classes = [str(c) for c in range(10)]
+        for axis in ("xaxis", "yaxis"):
+            assert layout[axis]["tickmode"] == "array", (name, axis)
+            assert layout[axis]["tickvals"] == classes, (name, axis)
+            assert layout[axis]["ticktext"] == classes, (name, axis)
+
+
+def test_training_history_legend_above_plot(workspace_env):
+    from repair_core import dashboard
+
+    app = page("setup", run_id=workspace_env.run_id).run()
+    check_clean(app)
+    history = next(
+        spec
+        for spec in chart_specs(app)
+        if "validation accuracy" in [trace.get("name") for trace in spec["data"]]
+    )
+    assert history["layout"]["showlegend"] is True
+    for setting, value in dashboard.LEGEND_ABOVE.items():
+        assert history["layout"]["legend"][setting] == value
 
 
 def test_method_colours_differ():
