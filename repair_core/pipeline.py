@@ -670,26 +670,27 @@ def train_run(
         "device": str(device),
     }
     run_id = new_id("run")
-    chosen = result.checkpoints[-MAX_SAVED_CHECKPOINTS:]
-    workspace.save_tensor(run_id, "checkpoints.pt", chosen)
-    if result.trajectory is not None:
-        workspace.save_tensor(
-            run_id, "trajectory.pt", dataclasses.asdict(result.trajectory)
+    with _run_removed_on_failure(workspace, run_id):
+        chosen = result.checkpoints[-MAX_SAVED_CHECKPOINTS:]
+        workspace.save_tensor(run_id, "checkpoints.pt", chosen)
+        if result.trajectory is not None:
+            workspace.save_tensor(
+                run_id, "trajectory.pt", dataclasses.asdict(result.trajectory)
+            )
+        summary = _store_run(
+            workspace,
+            run_id,
+            kind="train",
+            config=config,
+            data=data,
+            clean_train=clean_train,
+            mask=noisy.mask if config.scenario != "none" else None,
+            model=model,
+            scenario_params=noisy.params,
+            extra_config={},
+            extra_metrics=run_metrics,
+            started=started,
         )
-    summary = _store_run(
-        workspace,
-        run_id,
-        kind="train",
-        config=config,
-        data=data,
-        clean_train=clean_train,
-        mask=noisy.mask if config.scenario != "none" else None,
-        model=model,
-        scenario_params=noisy.params,
-        extra_config={},
-        extra_metrics=run_metrics,
-        started=started,
-    )
     report(1.0, "Done")
     return summary
 
@@ -740,23 +741,25 @@ def import_run(
     models.load_checked_state(model, state, source=f"checkpoint {str(checkpoint)!r}")
     models.check_output_size(model, data.test.images[:1], data.num_classes)
     model.to(device)
-    return _store_run(
-        workspace,
-        new_id("run"),
-        kind="import",
-        config=config,
-        data=data,
-        clean_train=clean_train,
-        mask=noisy.mask if config.scenario != "none" else None,
-        model=model,
-        scenario_params=noisy.params,
-        extra_config={
-            "checkpoint": str(checkpoint),
-            "factory_folder": str(factory_folder),
-        },
-        extra_metrics={"device": str(device)},
-        started=started,
-    )
+    run_id = new_id("run")
+    with _run_removed_on_failure(workspace, run_id):
+        return _store_run(
+            workspace,
+            run_id,
+            kind="import",
+            config=config,
+            data=data,
+            clean_train=clean_train,
+            mask=noisy.mask if config.scenario != "none" else None,
+            model=model,
+            scenario_params=noisy.params,
+            extra_config={
+                "checkpoint": str(checkpoint),
+                "factory_folder": str(factory_folder),
+            },
+            extra_metrics={"device": str(device)},
+            started=started,
+        )
 
 
 def load_run(
@@ -989,12 +992,10 @@ def run_identification(
         progress=progress,
     )
     scores_id = new_id("sc")
-    workspace.save_tensor(run.run_id, f"scores/{scores_id}.pt", result.scores)
+    written = [f"scores/{scores_id}.pt"]
     fisher = result.extras.get("fisher")
     if fisher is not None and context.fisher is None:
-        workspace.save_tensor(
-            run.run_id, "fisher.pt", {k: v.cpu() for k, v in fisher.items()}
-        )
+        written.append("fisher.pt")
     summary: dict[str, Any] = {
         "scores_id": scores_id,
         "run_id": run.run_id,
@@ -1011,7 +1012,12 @@ def run_identification(
         summary["detection"] = detection_summary(
             result.scores, run.corrupted_mask, implicated_by(run, split.query)
         )
-    with _removed_on_failure(workspace, run.run_id, f"scores/{scores_id}.pt"):
+    with _removed_on_failure(workspace, run.run_id, *written):
+        workspace.save_tensor(run.run_id, written[0], result.scores)
+        if len(written) > 1:
+            workspace.save_tensor(
+                run.run_id, "fisher.pt", {k: v.cpu() for k, v in fisher.items()}
+            )
         workspace.add_scores(
             scores_id, run.run_id, failure_set_id, method, result.config, summary
         )
@@ -1020,14 +1026,32 @@ def run_identification(
 
 @contextlib.contextmanager
 def _removed_on_failure(
-    workspace: Workspace, run_id: str, relative: str
+    workspace: Workspace, run_id: str, *relatives: str
 ) -> Iterator[None]:
-    """Delete the run file ``relative`` if the body raises, as when the record
-    that names it cannot be written, so no file is left without its record."""
+    """Delete the run files ``relatives`` if the body raises, as when the
+    record that names them cannot be written or Ctrl-C arrives before it is,
+    so no file is left without its record."""
     try:
         yield
     except BaseException:
-        workspace.path(run_id, relative).unlink(missing_ok=True)
+        for relative in relatives:
+            workspace.path(run_id, relative).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _run_removed_on_failure(workspace: Workspace, run_id: str) -> Iterator[None]:
+    """Delete the folder of ``run_id`` if the body raises before the run's
+    record is stored, so an interrupted train or import leaves no files."""
+    try:
+        yield
+    except BaseException:
+        try:
+            recorded = workspace.has_record("runs", run_id)
+        except WorkspaceError:
+            recorded = True
+        if not recorded:
+            shutil.rmtree(workspace.run_dir(run_id), ignore_errors=True)
         raise
 
 

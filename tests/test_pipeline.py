@@ -7,6 +7,7 @@ records of one test never show up in another.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -342,6 +343,54 @@ def test_record_that_cannot_be_written_leaves_no_file(ranked, monkeypatch, kind)
             )
 
     assert _files(workspace, run, folder) == before
+
+
+def test_interrupt_before_the_record_leaves_no_file(tmp_path, monkeypatch):
+    # Ctrl-C between the last file and the record must take the files back.
+    workspace = Workspace(tmp_path / "ws")
+    config = pipeline.RunConfig(
+        n_train=100,
+        n_test=60,
+        scenario="label-flip",
+        device="cpu",
+        train=TrainConfig(max_epochs=1, lr=5e-3),
+    )
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(workspace, "add_run", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.train_run(workspace, config)
+    runs = tmp_path / "ws" / "runs"
+    assert not runs.exists() or list(runs.iterdir()) == []
+
+    run_id = pipeline.train_run(workspace, config)["run_id"]
+    run = pipeline.load_run(workspace, run_id)
+    checkpoint = tmp_path / "model.pt"
+    torch.save(run.model.state_dict(), checkpoint)
+    folder = runs / run_id
+    before = sorted(path for path in folder.rglob("*") if path.is_file())
+    assert not (folder / "fisher.pt").exists()
+    with monkeypatch.context() as patch:
+        patch.setattr(workspace, "add_scores", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_identification(
+                workspace, run, "ewc-influence", config={"max_steps": 2, "min_steps": 1}
+            )
+    # Neither the scores nor the Fisher computed on the way stay behind.
+    assert sorted(path for path in folder.rglob("*") if path.is_file()) == before
+
+    with monkeypatch.context() as patch:
+        patch.setattr(workspace, "add_run", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.import_run(
+                workspace,
+                dataclasses.replace(config, scenario="none", model="mnist-cnn"),
+                checkpoint,
+            )
+    assert [path.name for path in runs.iterdir()] == [run_id]
 
 
 def test_failed_sweep_stores_nothing(ranked):
