@@ -159,7 +159,7 @@ def missing_files_text(result: dict[str, Any]) -> str:
     return (
         f"Missing: {len(missing)} model file(s) of this record were moved or "
         f"deleted from the workspace ({names}). The figures above were measured "
-        "before; the models cannot be loaded."
+        "before; these models cannot be loaded."
     )
 
 

@@ -1179,8 +1179,13 @@ def resolve_causes(
         # the repair records these scores as where its causes came from.
         scores = scores_of_run(workspace, run, scores_id, failure_set_id)
     if causes_file is not None:
-        causes, sources = read_causes_table(causes_file, n_train)
-        _check_file_sources(workspace, run, causes_file, sources)
+        causes, _ = read_causes_table(
+            causes_file,
+            n_train,
+            check_sources=lambda sources: _check_file_sources(
+                workspace, run, causes_file, sources, failure_set_id, scores_id
+            ),
+        )
         # The absolute path still names the file when the record is read
         # from another folder.
         return _leave_enough(causes, n_train, f"file {Path(causes_file).resolve()}")
@@ -1235,35 +1240,70 @@ def _check_file_sources(
     run: LoadedRun,
     path: str | Path,
     sources: dict[str, dict[str, int]],
+    failure_set_id: str | None,
+    scores_id: str | None,
 ) -> None:
-    """Raise unless every ranking and repair a CSV export names is of ``run``.
+    """Raise unless every ranking and repair a CSV export names fits the repair.
 
-    Runs of one data set have the same index range, so an export taken from
-    another run would otherwise remove unrelated examples without a word.
+    Each must be a result of ``run``, on the failure set ``failure_set_id``
+    that the repair is judged on, and a ranking must be ``scores_id`` when
+    that is given. Runs of one data set share their index range, so an export
+    of another run would otherwise remove unrelated examples without a word,
+    and causes found from another failure set may come from this set's
+    holdout failures.
     """
     getters = {"scores_id": workspace.get_scores, "repair_id": workspace.get_repair}
     kinds = {"scores_id": "ranking", "repair_id": "repair"}
     for column, ids in sources.items():
         for record_id, line in ids.items():
+            shown = _shortened_id(record_id)
             where = (
                 f"Line {line} of causes file {str(path)!r} names the {kinds[column]} "
-                f"{record_id!r} in its {column} column"
-            )
-            fix = (
-                f"Export the causes from run {run.run_id!r}, or delete the {column} "
-                "column to use the indices as they are."
+                f"{shown!r} in its {column} column"
             )
             try:
-                owner = getters[column](record_id)["run_id"]
+                record = getters[column](record_id)
             except WorkspaceError:
                 raise ConfigError(
-                    f"{where}, which this workspace does not hold. {fix}"
+                    f"{where}, which this workspace does not hold. Export the "
+                    f"causes of run {run.run_id!r} from this workspace's Causes or "
+                    "Repair page, or, for a file made by hand, delete the "
+                    f"{column} column."
                 ) from None
-            if owner != run.run_id:
+            if record["run_id"] != run.run_id:
                 raise ConfigError(
-                    f"{where}, which belongs to run {owner!r}, not {run.run_id!r}. "
-                    f"{fix}"
+                    f"{where}, which belongs to run {record['run_id']!r}, not "
+                    f"{run.run_id!r}. Export the causes of run {run.run_id!r}."
                 )
+            if record["failure_set_id"] != failure_set_id:
+                judged = (
+                    f"failure set {failure_set_id!r}"
+                    if failure_set_id is not None
+                    else "a new split of the failures"
+                )
+                raise ConfigError(
+                    f"{where}, which was made on failure set "
+                    f"{record['failure_set_id']!r}, but this repair is judged on "
+                    f"{judged}, whose holdout failures may have helped find these "
+                    f"causes. Add --failure-set {record['failure_set_id']}."
+                )
+            if column == "scores_id" and scores_id not in (None, record_id):
+                raise ConfigError(
+                    f"{where}, but --scores names {scores_id!r}, and the repair "
+                    "would record the wrong ranking as its source. Pass --scores "
+                    f"{shown}, or leave --scores out."
+                )
+
+
+#: Characters of an id from a file that an error message quotes.
+SHOWN_ID_CHARACTERS = 40
+
+
+def _shortened_id(record_id: str) -> str:
+    """Return ``record_id`` cut to ``SHOWN_ID_CHARACTERS`` with "…" if longer."""
+    if len(record_id) <= SHOWN_ID_CHARACTERS:
+        return record_id
+    return record_id[:SHOWN_ID_CHARACTERS] + "…"
 
 
 def _leave_enough(

@@ -262,6 +262,8 @@ class Workspace:
                 f"Workspace path {str(self.root)!r} is a file, not a folder. Pass a "
                 "folder path with --workspace."
             )
+        self.database_path = self.root / DATABASE_NAME
+        self._check_records_exist()
         if not create and not contains_workspace(self.root):
             raise WorkspaceError(
                 f"No workspace at {str(self.root)!r}: the folder contains no "
@@ -276,8 +278,6 @@ class Workspace:
                 f"Cannot create workspace folder {str(self.root)!r}: {error}. Choose "
                 "a writable folder with --workspace."
             ) from error
-        self.database_path = self.root / DATABASE_NAME
-        self._check_records_exist()
         # A workspace on read-only storage can still be read: listing runs and
         # printing stored results need no writes.
         self.read_only = self.database_path.is_file() and not _can_write(self.root)

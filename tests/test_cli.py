@@ -112,6 +112,19 @@ def test_reading_commands_create_no_workspace(tmp_path, capsys, argv):
     assert not missing.exists()
 
 
+@pytest.mark.parametrize("argv", [["runs"], ["show", "run-aaaaaaaa"]])
+def test_reading_commands_name_run_folders_without_database(tmp_path, capsys, argv):
+    (tmp_path / "runs" / "run-aaaaaaaa").mkdir(parents=True)
+
+    code = main([*argv, "--workspace", str(tmp_path)])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "holds run folders (run-aaaaaaaa) but its database repair.sqlite is " in err
+    assert "missing" in err
+    assert not (tmp_path / "repair.sqlite").exists()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

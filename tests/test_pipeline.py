@@ -512,12 +512,18 @@ def test_causes_reject_other_runs_scores(ranked, tmp_path):
         match=(
             rf"Line 2 of causes file .* names the ranking {scores_id!r} in its "
             rf"scores_id column, which belongs to run {run.run_id!r}, not "
-            rf"{other.run_id!r}\. Export the causes from run {other.run_id!r}, or "
-            "delete the scores_id column"
+            rf"{other.run_id!r}\. Export the causes of run {other.run_id!r}\.$"
         ),
     ):
         pipeline.resolve_causes(
             workspace, other, failure_set_id=other_set, causes_file=export
+        )
+    # The run is named even where the other run's index is out of range here.
+    larger = tmp_path / "larger_run.csv"
+    larger.write_text(f"train_index,scores_id\n500,{scores_id}\n")
+    with pytest.raises(ConfigError, match=f"which belongs to run {run.run_id!r}"):
+        pipeline.resolve_causes(
+            workspace, other, failure_set_id=other_set, causes_file=larger
         )
     unknown = tmp_path / "repair_causes.csv"
     unknown.write_text("train_index,repair_id\n1,rp-00000000\n")
@@ -530,6 +536,41 @@ def test_causes_reject_other_runs_scores(ranked, tmp_path):
     )
     assert causes.tolist() == [1, 2]
     assert origin == f"file {export.resolve()}"
+    # The ranking in the file was made on failure_set_id, whose query half may
+    # hold the holdout failures of another split.
+    second_set, _ = pipeline.create_failure_set(workspace, run, seed=7)
+    with pytest.raises(
+        ConfigError,
+        match=(
+            rf"which was made on failure set {failure_set_id!r}, but this repair is "
+            rf"judged on failure set {second_set!r}, .* Add --failure-set "
+            rf"{failure_set_id}\."
+        ),
+    ):
+        pipeline.resolve_causes(
+            workspace, run, failure_set_id=second_set, causes_file=export
+        )
+    other_ranking = pipeline.run_identification(
+        workspace, run, "random", failure_set_id=failure_set_id
+    )["scores_id"]
+    with pytest.raises(
+        ConfigError, match=rf"but --scores names {other_ranking!r}, and the repair"
+    ):
+        pipeline.resolve_causes(
+            workspace,
+            run,
+            failure_set_id=failure_set_id,
+            scores_id=other_ranking,
+            causes_file=export,
+        )
+    long_id = tmp_path / "long_id.csv"
+    long_id.write_text("train_index,scores_id\n1,sc-" + "a" * 5000 + "\n")
+    with pytest.raises(ConfigError) as error:
+        pipeline.resolve_causes(
+            workspace, run, failure_set_id=failure_set_id, causes_file=long_id
+        )
+    assert f"'sc-{'a' * 37}…'" in str(error.value)
+    assert len(str(error.value)) < 500
 
 
 def test_top_k_leaves_two_examples(ranked):

@@ -681,6 +681,7 @@ def test_read_causes_file_accepts_bom(tmp_path):
         (b"train_index,rank\n4,1\n4,2\n", r"Line 3 of .* repeats training index 4"),
         (b"train_index,rank\n", r"has a 'train_index' header but no rows"),
         (b"train_index,train_index\n4,4\n", r"names 'train_index' 2 times"),
+        (b"train_index,scores_id,scores_id\n4,a,b\n", r"names 'scores_id' 2 times"),
         (
             b'train_index,label\n4,"open\n5,x\n6,y\n',
             r"Line 2 of .* starts a row that is not valid CSV",

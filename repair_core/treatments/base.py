@@ -12,6 +12,7 @@ import csv
 import io
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,11 +222,12 @@ def _csv_entries(text: str, path: Path, delimiter: str) -> CausesFile:
                 continue
             if column is None:
                 names = [name.strip() for name in row]
-                if names.count(INDEX_COLUMN) > 1:
-                    raise ConfigError(
-                        f"The header of {str(path)!r} names {INDEX_COLUMN!r} "
-                        f"{names.count(INDEX_COLUMN)} times. Keep one such column."
-                    )
+                for name in (INDEX_COLUMN, *SOURCE_COLUMNS):
+                    if names.count(name) > 1:
+                        raise ConfigError(
+                            f"The header of {str(path)!r} names {name!r} "
+                            f"{names.count(name)} times. Keep one such column."
+                        )
                 column = names.index(INDEX_COLUMN)
                 source_columns = {
                     name: names.index(name) for name in SOURCE_COLUMNS if name in names
@@ -305,9 +307,15 @@ def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
 
 
 def read_causes_table(
-    path: str | Path, n_train: int
+    path: str | Path,
+    n_train: int,
+    check_sources: Callable[[dict[str, dict[str, int]]], None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, dict[str, int]]]:
     """Read a causes file as :func:`read_causes_file` does.
+
+    ``check_sources``, when given, is called with the source ids before the
+    indices are checked, so that an export of another run is named as such
+    rather than by an index that run does not have.
 
     Returns:
         (the indices, {column: {id: first line}} for each column of
@@ -333,6 +341,8 @@ def read_causes_table(
     indices: list[int] = []
     first_line: dict[int, int] = {}
     table = _entries(text, path)
+    if check_sources is not None:
+        check_sources(table.sources)
     is_csv = table.is_csv
     for number, entry in table.entries:
         # int() would also read "5_0" as 50 and other scripts' digits.
