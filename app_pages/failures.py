@@ -135,6 +135,23 @@ def identical_failure_set(split: FailureSplit) -> str | None:
     return None
 
 
+def same_query_as_current(split: FailureSplit) -> bool:
+    """Return whether ``split`` has the query and holdout sets of the current
+    failure set."""
+    failure_set_id = st.session_state["failure_set_id"]
+    if failure_set_id is None:
+        return False
+    current = dashboard.run_safely(
+        "Reading the current failure set",
+        lambda: pipeline.load_failure_split(ws, run.run_id, failure_set_id),
+    )
+    return (
+        current is not None
+        and set(current.query.tolist()) == set(split.query.tolist())
+        and set(current.holdout.tolist()) == set(split.holdout.tolist())
+    )
+
+
 def use_failure_set(failure_set_id: str, message: str) -> None:
     st.session_state["failure_set_id"] = failure_set_id
     st.session_state["scores_id"] = None
@@ -344,11 +361,9 @@ if preview is not None:
     query_text = dashboard.count_text(len(preview.query), "query failure")
     holdout_text = dashboard.count_text(len(preview.holdout), "holdout failure")
     st.caption(f"The split gives {query_text} F_q and {holdout_text} F_h.")
-    # The summary above already warns when this split is the current set.
-    if (
-        len(preview.holdout) == 0
-        and identical_failure_set(preview) != st.session_state["failure_set_id"]
-    ):
+    # The summary above already warns when this split puts the same failures
+    # in F_q as the current set, whatever its query share or seed.
+    if len(preview.holdout) == 0 and not same_query_as_current(preview):
         st.warning(empty_holdout_text(len(preview.failures)))
 use_label = (
     "Use this failure as F"

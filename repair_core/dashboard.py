@@ -257,10 +257,12 @@ def _url_record(
             _toast_not_opened(kind, record_id, "was not found in this workspace")
             return None
         return _URL_GETTERS[table](ws, record_id)
-    except USER_ERRORS:
+    except USER_ERRORS as error:
         # A database error is no sign that the record is missing, so the
-        # toast says only that it could not be read.
-        _toast_not_opened(kind, record_id, "could not be read from this workspace")
+        # toast says that it could not be read, and why.
+        _toast_not_opened(
+            kind, record_id, f"could not be read from this workspace ({error})"
+        )
         return None
 
 

@@ -481,12 +481,19 @@ class Workspace:
                 f"INSERT INTO {table} ({columns}) VALUES ({marks})", values
             )
 
-    @staticmethod
-    def _decode(row: sqlite3.Row) -> dict[str, Any]:
+    def _decode(self, row: sqlite3.Row) -> dict[str, Any]:
         record = dict(row)
         for key in _JSON_COLUMNS:
             if key in record:
-                record[key] = json.loads(record[key])
+                try:
+                    record[key] = json.loads(record[key])
+                except (TypeError, ValueError) as error:
+                    raise WorkspaceError(
+                        f"Record {record.get('id')!r} in workspace "
+                        f"{str(self.root)!r} is damaged: its {key} is not valid "
+                        f"JSON ({error}). Restore {DATABASE_NAME} from a backup, "
+                        "or use another workspace."
+                    ) from None
         return record
 
     def _get(self, table: str, record_id: str, what: str) -> dict[str, Any]:

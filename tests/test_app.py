@@ -373,6 +373,39 @@ def test_url_damaged_database_no_missing_toast(workspace_env, tmp_path):
     assert not any("not found" in toast.value for toast in app.toast)
 
 
+def test_url_damaged_record_toast_says_why(workspace_env, tmp_path):
+    import shutil
+    import sqlite3
+
+    damaged = tmp_path / "ws"
+    shutil.copytree(workspace_env.root, damaged)
+    with sqlite3.connect(damaged / "repair.sqlite") as connection:
+        connection.execute(
+            "UPDATE scores SET metrics = '{bad' WHERE id = ?",
+            (workspace_env.scores_id,),
+        )
+    app = _app()
+    app.query_params = {
+        "workspace": str(damaged),
+        "run": workspace_env.run_id,
+        "fs": workspace_env.failure_set_id,
+        "scores": workspace_env.scores_id,
+    }
+    app.run()
+
+    assert not app.exception
+    toasts = [toast.value for toast in app.toast]
+    assert any(
+        f"ranking `{workspace_env.scores_id}`, which could not be read from this "
+        f"workspace (Record '{workspace_env.scores_id}'"
+        in toast
+        and "is damaged: its metrics is not valid JSON" in toast
+        for toast in toasts
+    ), toasts
+    assert app.session_state["run_id"] == workspace_env.run_id
+    assert app.session_state["failure_set_id"] == workspace_env.failure_set_id
+
+
 def test_open_picks_failure_set_last_used(workspace_env, tmp_path, monkeypatch):
     import shutil
 
@@ -1670,6 +1703,11 @@ def test_failures_warns_once_for_current_set(workspace_env):
         app.session_state["failure_set_id"]
     )
     assert record["metrics"]["n_holdout"] == 0
+    warnings = [w.value for w in app.warning if "F_h is empty" in w.value]
+    assert len(warnings) == 1
+    # At query share 1 another seed makes the same split.
+    app.number_input(key="failures_seed").set_value(3).run()
+    check_clean(app)
     warnings = [w.value for w in app.warning if "F_h is empty" in w.value]
     assert len(warnings) == 1
 

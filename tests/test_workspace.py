@@ -327,6 +327,19 @@ def test_database_with_tables_and_run_folders_opens(tmp_path):
     assert [run["id"] for run in Workspace(tmp_path).list_runs()] == ["run-a"]
 
 
+def test_damaged_record_names_itself(tmp_path):
+    Workspace(tmp_path).add_run("run-a", "train", {"seed": 1}, {})
+    with sqlite3.connect(tmp_path / "repair.sqlite") as connection:
+        connection.execute("UPDATE runs SET config = '{bad' WHERE id = 'run-a'")
+
+    with pytest.raises(
+        WorkspaceError, match="Record 'run-a' in workspace .* is damaged: its config"
+    ):
+        Workspace(tmp_path).get_run("run-a")
+    with pytest.raises(WorkspaceError, match="is damaged"):
+        Workspace(tmp_path).list_runs()
+
+
 def test_duplicate_id_keeps_first_record(tmp_path):
     workspace = Workspace(tmp_path)
     workspace.add_run("run-a", "train", {"first": True}, {})
