@@ -206,7 +206,7 @@ def contains_workspace(root: str | Path) -> bool:
 
 
 def _has_tables(database: Path) -> bool:
-    """Return whether the SQLite file ``database`` exists and holds tables."""
+    """Return whether the SQLite file ``database`` exists and contains tables."""
     try:
         if database.stat().st_size == 0:
             return False
@@ -303,9 +303,10 @@ class Workspace:
             return
         state = "is empty" if self.database_path.is_file() else "is missing"
         more = f" and {len(folders) - 3} more" if len(folders) > 3 else ""
+        named = ", ".join(folders[:3])
         raise WorkspaceError(
-            f"Workspace {str(self.root)!r} holds run folders ({', '.join(folders[:3])}"
-            f"{more}) but its database {DATABASE_NAME} {state}, so their records are "
+            f"Workspace {str(self.root)!r} contains run folders ({named}{more}) "
+            f"but its database {DATABASE_NAME} {state}, so their records are "
             f"lost. Restore {DATABASE_NAME} from a backup, or move the runs folder "
             "away to start a new workspace here."
         )

@@ -120,7 +120,9 @@ def test_reading_commands_name_run_folders_without_database(tmp_path, capsys, ar
 
     assert code == 2
     err = capsys.readouterr().err
-    assert "holds run folders (run-aaaaaaaa) but its database repair.sqlite is " in err
+    assert (
+        "contains run folders (run-aaaaaaaa) but its database repair.sqlite is " in err
+    )
     assert "missing" in err
     assert not (tmp_path / "repair.sqlite").exists()
 

@@ -293,7 +293,7 @@ def test_corrupt_database_message(tmp_path):
 
 
 @pytest.mark.parametrize("state", ["empty", "missing"])
-def test_lost_database_with_run_folders_is_refused(tmp_path, state):
+def test_lost_database_with_run_folders_rejected(tmp_path, state):
     Workspace(tmp_path).add_run("run-a", "train", {}, {})
     for name in ("run-aaaaaaaa", "run-bbbbbbbb"):
         (tmp_path / "runs" / name).mkdir(parents=True)
@@ -308,7 +308,7 @@ def test_lost_database_with_run_folders_is_refused(tmp_path, state):
     with pytest.raises(
         WorkspaceError,
         match=(
-            rf"holds run folders \(run-aaaaaaaa, run-bbbbbbbb\) but its database "
+            rf"contains run folders \(run-aaaaaaaa, run-bbbbbbbb\) but its database "
             rf"repair.sqlite is {state}, so their records are lost\. Restore"
         ),
     ):
