@@ -478,6 +478,16 @@ def sweep(
                 f"Sweep strength {strength} of finetune is a number of epochs and "
                 "must be a whole number. Nothing was run."
             )
+    # Each point's model is stored under its value, so a repeated value would
+    # make two points name one file.
+    values = [int(s) if field == "max_epochs" else float(s) for s in strengths]
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        raise ConfigError(
+            f"Sweep strength {repeated[0]:g} of {treatment} is given "
+            f"{values.count(repeated[0])} times. Give each strength once. Nothing "
+            "was run."
+        )
     train_images, train_labels = train
     test_images, test_labels = test
     settings = resolve_config(treatment, config)
@@ -567,8 +577,9 @@ def removal_curve(
             ``model_file``.
 
     Returns:
-        One entry per kept k: ``k``, ``mean``, ``std``, ``min`` and ``max`` of
-        every metric over seeds, and ``per_seed`` records.
+        One entry per kept k, by increasing k: ``k``, ``mean``, ``std``,
+        ``min`` and ``max`` of every metric over seeds, and ``per_seed``
+        records.
     """
     train_images, train_labels = train
     test_images, test_labels = test
@@ -585,8 +596,17 @@ def removal_curve(
     for k in ks:
         if k < 1:
             raise ConfigError(f"k {k} in ks must be at least 1.")
+    repeated = sorted({k for k in ks if list(ks).count(k) > 1})
+    if repeated:
+        # Each k's models are stored under k, so a repeated k would make two
+        # points name one file.
+        raise ConfigError(
+            f"k {repeated[0]} appears {list(ks).count(repeated[0])} times in ks "
+            f"{list(ks)}. Give each k once."
+        )
     max_k = n_train - MIN_REMAINING
-    kept_ks = [k for k in ks if k <= max_k]
+    # A curve is read from left to right, so its points go by increasing k.
+    kept_ks = sorted(k for k in ks if k <= max_k)
     if not kept_ks:
         raise ConfigError(
             f"Every k in {list(ks)} would leave fewer than {MIN_REMAINING} of the "

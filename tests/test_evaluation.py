@@ -402,6 +402,9 @@ def test_sweep_rejects_treatment_without_strength():
         ("newton", [1.0, float("nan")], "Sweep strength nan of newton must be"),
         ("ewc-deletion", [0.0], "Sweep strength 0.0 of ewc-deletion must be"),
         ("finetune", [1.5, 1], "Sweep strength 1.5 of finetune is a number of"),
+        # Two points would name one model file.
+        ("newton", [1e-3, 0.001], "Sweep strength 0.001 of newton is given 2 times"),
+        ("finetune", [2, 2.0, 1], "Sweep strength 2 of finetune is given 2 times"),
     ],
 )
 def test_sweep_rejects_bad_strength_before_running(treatment, strengths, message):
@@ -445,6 +448,25 @@ def test_removal_curve_skips_too_large_k():
         assert len(point["per_seed"]) == 2
         assert math.isfinite(point["mean"]["holdout_acc"])
         assert math.isfinite(point["std"]["remaining_acc"])
+
+
+def test_removal_curve_orders_ks_and_rejects_repeats():
+    problem = tiny_problem()
+    scores = torch.zeros(len(problem.train_labels))
+    scores[problem.flipped] = 1.0
+    data = (
+        problem.model,
+        (problem.train_images, problem.train_labels),
+        (problem.test_images, problem.test_labels),
+        problem.split,
+    )
+
+    with pytest.raises(ConfigError, match=r"k 10 appears 2 times in ks \[20, 10, 10\]"):
+        removal_curve(scores, *data, ks=(20, 10, 10), seeds=(0,))
+    curve = removal_curve(
+        scores, *data, ks=(20, 10), seeds=(0,), train_config=problem.train_config
+    )
+    assert [point["k"] for point in curve] == [10, 20]
 
 
 def test_removal_curve_rejects_wrong_score_count():
