@@ -1328,7 +1328,7 @@ def _attach_list_values(argv: Sequence[str]) -> list[str]:
     return joined
 
 
-#: What an interrupted command leaves, by command.
+#: Text printed after "Interrupted." for each command: what it left behind.
 _INTERRUPTED = {
     "bench": "Steps that finished are kept in the results file; the rest were not run.",
     **dict.fromkeys(

@@ -158,8 +158,8 @@ def missing_files_text(result: dict[str, Any]) -> str:
         names += f" and {more} more"
     return (
         f"Missing: {len(missing)} model file(s) of this record were moved or "
-        f"deleted from the workspace ({names}). The figures above were measured "
-        "before; these models cannot be loaded."
+        f"deleted from the workspace ({names}). The figures above stand, but "
+        "these models cannot be loaded."
     )
 
 

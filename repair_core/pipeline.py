@@ -992,10 +992,11 @@ def run_identification(
         progress=progress,
     )
     scores_id = new_id("sc")
-    written = [f"scores/{scores_id}.pt"]
+    scores_file = f"scores/{scores_id}.pt"
     fisher = result.extras.get("fisher")
-    if fisher is not None and context.fisher is None:
-        written.append("fisher.pt")
+    # A Fisher computed here is kept for later methods and treatments.
+    new_fisher = fisher is not None and context.fisher is None
+    written = [scores_file, "fisher.pt"] if new_fisher else [scores_file]
     summary: dict[str, Any] = {
         "scores_id": scores_id,
         "run_id": run.run_id,
@@ -1013,8 +1014,8 @@ def run_identification(
             result.scores, run.corrupted_mask, implicated_by(run, split.query)
         )
     with _removed_on_failure(workspace, run.run_id, *written):
-        workspace.save_tensor(run.run_id, written[0], result.scores)
-        if len(written) > 1:
+        workspace.save_tensor(run.run_id, scores_file, result.scores)
+        if new_fisher:
             workspace.save_tensor(
                 run.run_id, "fisher.pt", {k: v.cpu() for k, v in fisher.items()}
             )
@@ -1256,10 +1257,10 @@ def _check_file_sources(
     kinds = {"scores_id": "ranking", "repair_id": "repair"}
     for column, ids in sources.items():
         for record_id, line in ids.items():
-            shown = _shortened_id(record_id)
+            display_id = shortened_id(record_id)
             where = (
                 f"Line {line} of causes file {str(path)!r} names the {kinds[column]} "
-                f"{shown!r} in its {column} column"
+                f"{display_id!r} in its {column} column"
             )
             try:
                 record = getters[column](record_id)
@@ -1291,15 +1292,15 @@ def _check_file_sources(
                 raise ConfigError(
                     f"{where}, but --scores names {scores_id!r}, and the repair "
                     "would record the wrong ranking as its source. Pass --scores "
-                    f"{shown}, or leave --scores out."
+                    f"{display_id}, or leave --scores out."
                 )
 
 
-#: Characters of an id from a file that an error message quotes.
+#: Characters of an id from a file or an address that a message quotes.
 SHOWN_ID_CHARACTERS = 40
 
 
-def _shortened_id(record_id: str) -> str:
+def shortened_id(record_id: str) -> str:
     """Return ``record_id`` cut to ``SHOWN_ID_CHARACTERS`` with "…" if longer."""
     if len(record_id) <= SHOWN_ID_CHARACTERS:
         return record_id

@@ -1043,7 +1043,7 @@ def test_show_prints_every_stored_record_again(tiny_run, capsys):
     assert "missing_model_files" not in stored_repair
     assert "Missing" not in text
 
-    # A model file deleted since: show says so instead of pointing at it.
+    # After a model file is deleted, show lists it as missing instead of naming it.
     model_file = repair["per_seed"]["treatment"][0]["model_file"]
     run_folder = Path(workspace, "runs", run["run_id"])
     (run_folder / model_file).unlink()

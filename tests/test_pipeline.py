@@ -504,7 +504,7 @@ def test_causes_reject_other_runs_scores(ranked, tmp_path):
             causes_file=causes_file,
         )
     # A CSV export names the ranking it came from. Both runs have 200
-    # training images, so only that id tells an export of the first run apart.
+    # training images, so only that id distinguishes an export of the first run.
     export = tmp_path / "culprits.csv"
     export.write_text(f"train_index,scores_id\n1,{scores_id}\n2,{scores_id}\n")
     with pytest.raises(

@@ -195,7 +195,7 @@ def _index_header_delimiter(line: str) -> str | None:
 
 @dataclass
 class CausesFile:
-    """What a causes file lists."""
+    """The training indices and source ids read from a causes file."""
 
     entries: list[tuple[int, str]]
     """(line number, index text) of each training index."""
