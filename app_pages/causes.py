@@ -42,6 +42,21 @@ def choose_ranking() -> None:
     st.session_state["scores_id"] = st.session_state["causes_scores"]
 
 
+def note_kept(kept: list[int]) -> None:
+    """Say which decisions another tab or session changed, so a change here
+    left them as saved."""
+    if not kept:
+        return
+    named = ", ".join(f"#{i}" for i in kept[:5]) + (", …" if len(kept) > 5 else "")
+    one = len(kept) == 1
+    keeps = "it keeps its saved decision" if one else "they keep their saved decisions"
+    st.session_state["causes_kept"] = (
+        f"Train {named} {'was' if one else 'were'} changed in another tab or "
+        f"session since this page was drawn, so {keeps}. The cards now show the "
+        "saved decisions."
+    )
+
+
 def set_decisions(
     indices: list[int],
     decision: str | None,
@@ -50,21 +65,32 @@ def set_decisions(
 ) -> bool:
     """Save ``decision`` for ``indices`` and remember how to undo it.
 
-    ``previous`` maps each index to its decision before this change, and
-    ``description`` names the change on the undo button. Returns whether the
-    save succeeded.
+    ``previous`` maps each index to its decision as this page drew it; an
+    index whose saved decision has changed since keeps it. ``description``
+    names the change on the undo button. Returns whether the save succeeded.
     """
+    expected = {int(i): previous.get(int(i)) for i in indices}
     saved = dashboard.run_safely(
         "Saving the decisions" if len(indices) > 1 else "Saving the decision",
-        lambda: ws.set_decisions(run.run_id, failure_set_id, indices, decision) or True,
+        lambda: (
+            ws.set_decisions(
+                run.run_id, failure_set_id, indices, decision, expected=expected
+            ),
+        ),
     )
-    if saved:
+    if saved is None:
+        return False
+    kept = saved[0]
+    note_kept(kept)
+    changed = [i for i in expected if i not in kept]
+    if changed:
         st.session_state["causes_undo"] = {
             "failure_set_id": failure_set_id,
-            "previous": [[int(i), previous.get(int(i))] for i in indices],
+            "previous": [[i, expected[i]] for i in changed],
+            "decision": decision,
             "description": description,
         }
-    return bool(saved)
+    return True
 
 
 def save_decision(train_index: int, key: str, previous: str | None) -> None:
@@ -86,13 +112,18 @@ def undo_last() -> None:
     by_decision: dict[str | None, list[int]] = {}
     for index, decision in undo["previous"]:
         by_decision.setdefault(decision, []).append(index)
+    # Only decisions that still hold what the change set go back.
+    expected = {index: undo["decision"] for index, _ in undo["previous"]}
+    kept: list[int] = []
     for decision, indices in by_decision.items():
-        dashboard.run_safely(
+        result = dashboard.run_safely(
             "Undoing the last change",
             lambda decision=decision, indices=indices: ws.set_decisions(
-                run.run_id, failure_set_id, indices, decision
+                run.run_id, failure_set_id, indices, decision, expected=expected
             ),
         )
+        kept += result or []
+    note_kept(sorted(kept))
 
 
 def refresh_view() -> None:
@@ -460,6 +491,9 @@ st.caption(
     "rejected."
 )
 
+kept_note = st.session_state.pop("causes_kept", None)
+if kept_note:
+    st.warning(kept_note)
 undo = st.session_state.get("causes_undo")
 if undo and undo["failure_set_id"] == failure_set_id:
     st.button(

@@ -53,6 +53,9 @@ WORKSPACE_ENV = "REPAIR_WORKSPACE"
 #: state (RepairError, a ValueError) and non-finite numbers from a solver.
 USER_ERRORS = (RepairError, FloatingPointError)
 
+#: Rankings that are references to compare with, not suspects to review.
+REFERENCE_METHODS = ("random", "oracle")
+
 #: Examples per batch when computing penultimate features for the map.
 EMBED_BATCH_SIZE = 512
 #: Maps with more points than this are drawn with WebGL (plotly Scattergl).
@@ -540,20 +543,23 @@ def workspace_sidebar() -> None:
 
 
 def load_run(root: str, run_id: str) -> pipeline.LoadedRun:
-    """Return the run, loaded once per process and state of its data files.
+    """Return the run, loaded once per process and state of its files.
 
-    A change under the run's data folder loads the run again, so that
-    pipeline.load_run checks the data anew and raises its DataError when the
-    images differ from those the run was stored with.
+    A change under the run's data folder or to the files of its run folder
+    loads the run again, so that pipeline.load_run checks them anew: it
+    raises its DataError when the images differ from those the run was
+    stored with, and its WorkspaceError when the model file is gone.
     """
-    config = open_workspace(root).get_run(run_id)["config"]
-    return _load_run_cached(root, run_id, data_stamp(config))
+    ws = open_workspace(root)
+    config = ws.get_run(run_id)["config"]
+    stamp = data_stamp(config) + pipeline.run_files_stamp(ws, run_id)
+    return _load_run_cached(root, run_id, stamp)
 
 
 @st.cache_resource(show_spinner="Loading the run…", max_entries=4)
 def _load_run_cached(root: str, run_id: str, stamp: str) -> pipeline.LoadedRun:
-    """Load a run once per process and data ``stamp``. Every session shares
-    the read-only result.
+    """Load a run once per process and ``stamp`` of its files. Every session
+    shares the read-only result.
 
     Identification and treatments never modify ``LoadedRun.model``, so the
     cached model can serve concurrent sessions.
@@ -1148,15 +1154,15 @@ def ranking_to_open(scores_id: str | None, records: Sequence[dict[str, Any]]) ->
     """Return the id of the ranking a page opens among ``records`` (oldest first).
 
     That is ``scores_id`` when it is one of them. Otherwise it is the newest
-    ranking that is not random, since a random ranking is a reference to
-    compare with, not a list of suspects to review, and the newest ranking
-    when all are random.
+    ranking that is neither random nor the oracle, since those are references
+    to compare with, not lists of suspects to review, and the newest ranking
+    when all are references.
     """
     ids = [record["id"] for record in records]
     if scores_id in ids:
         return scores_id
     for record in reversed(records):
-        if record["method"] != "random":
+        if record["method"] not in REFERENCE_METHODS:
             return record["id"]
     return ids[-1]
 

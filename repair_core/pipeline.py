@@ -762,6 +762,31 @@ def import_run(
         )
 
 
+#: Files a run folder may hold, each read by :func:`load_run` when present.
+RUN_FILES = (
+    "model.pt",
+    "train_labels.pt",
+    "train_images.pt",
+    "corrupted_mask.pt",
+    "test_logits.pt",
+    DATA_INDEX_FILE,
+)
+
+
+def run_files_stamp(workspace: Workspace, run_id: str) -> str:
+    """Return a digest of the size and modification time of each of the run's
+    ``RUN_FILES``, so a cache of :func:`load_run` can tell that one was
+    deleted, replaced or restored."""
+    entries = []
+    for name in RUN_FILES:
+        try:
+            info = workspace.path(run_id, name).stat()
+            entries.append((name, info.st_size, info.st_mtime_ns))
+        except OSError:
+            entries.append((name, -1, -1))
+    return hashlib.blake2b(repr(entries).encode(), digest_size=16).hexdigest()
+
+
 def load_run(
     workspace: Workspace, run_id: str, *, device: str | None = None
 ) -> LoadedRun:
@@ -1216,10 +1241,15 @@ def resolve_causes(
             f"Scores {scores_id!r} cover {len(scores)} examples but run "
             f"{run.run_id!r} has {n_train}. Use scores of this run."
         )
+    # The method tells a reader whether C holds suspects or a reference such
+    # as the oracle.
+    method = workspace.get_scores(scores_id)["method"]
     if positive:
         indices = torch.nonzero(scores > 0).flatten()
         causes = validate_causes(indices, n_train)
-        return _leave_enough(causes, n_train, f"positive scores of {scores_id}")
+        return _leave_enough(
+            causes, n_train, f"positive scores of {method} ranking {scores_id}"
+        )
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise ConfigError(
             f"--top-k {top_k!r} is not a whole number. Give the number of "
@@ -1232,7 +1262,7 @@ def resolve_causes(
             "on and one to validate on."
         )
     return validate_causes(ranking(scores)[:top_k], n_train), (
-        f"top {top_k} of {scores_id}"
+        f"top {top_k} of {method} ranking {scores_id}"
     )
 
 

@@ -23,7 +23,7 @@ import shlex
 import sqlite3
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -764,10 +764,19 @@ class Workspace:
         failure_set_id: str,
         train_indices: list[int],
         decision: str | None,
-    ) -> None:
+        *,
+        expected: Mapping[int, str | None] | None = None,
+    ) -> list[int]:
         """Record ``decision`` for each training index, in one transaction.
 
-        ``decision`` is "confirmed", "rejected", or None to clear it.
+        ``decision`` is "confirmed", "rejected", or None to clear it. With
+        ``expected``, {training index: decision or None} as the caller last
+        read them, an index whose stored decision differs from its expected
+        one keeps it, since another session changed it in the meantime.
+
+        Returns:
+            The indices left unchanged for that reason, ascending; empty
+            without ``expected``.
         """
         if decision is not None and decision not in DECISIONS:
             raise WorkspaceError(
@@ -775,7 +784,23 @@ class Workspace:
                 f"{', '.join(DECISIONS)} or None to clear."
             )
         indices = [int(i) for i in train_indices]
+        kept: list[int] = []
         with self._connect() as connection:
+            if expected is not None:
+                # Reading and writing in one write transaction, so that no
+                # other session changes a decision in between.
+                connection.execute("BEGIN IMMEDIATE")
+                stored = {
+                    row["train_index"]: row["decision"]
+                    for row in connection.execute(
+                        "SELECT train_index, decision FROM decisions WHERE "
+                        "run_id = ? AND failure_set_id = ?",
+                        (run_id, failure_set_id),
+                    )
+                }
+                changed = {i for i in indices if stored.get(i) != expected.get(i)}
+                kept = sorted(changed)
+                indices = [i for i in indices if i not in changed]
             if decision is None:
                 connection.executemany(
                     "DELETE FROM decisions WHERE run_id = ? AND failure_set_id = ? "
@@ -789,6 +814,7 @@ class Workspace:
                     "decision = excluded.decision, updated_at = excluded.updated_at",
                     [(run_id, failure_set_id, i, decision, _now()) for i in indices],
                 )
+        return kept
 
     def get_decisions(self, run_id: str, failure_set_id: str) -> dict[int, str]:
         """Return {training index: decision} for one failure set."""

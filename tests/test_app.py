@@ -974,7 +974,7 @@ def test_changed_settings_list_group_members():
     ]
 
 
-def test_pages_open_newest_ranking_that_is_not_random(workspace_env):
+def test_pages_open_newest_ranking_that_is_no_reference(workspace_env):
     failure_set_id = workspace_env.new_failure_set()
     workspace = workspace_env.workspace
     run = pipeline.load_run(workspace, workspace_env.run_id)
@@ -992,6 +992,7 @@ def test_pages_open_newest_ranking_that_is_not_random(workspace_env):
 
     loss = rank("training-loss")
     rank("random")
+    oracle = rank("oracle")
     causes = page("causes", **state).run()
     check_clean(causes)
     assert causes.selectbox(key="causes_scores").value == loss
@@ -1000,6 +1001,12 @@ def test_pages_open_newest_ranking_that_is_not_random(workspace_env):
     repair.radio(key="repair_source").set_value("top-k").run()
     check_clean(repair)
     assert repair.selectbox(key="repair_scores").value == loss
+    repair.selectbox(key="repair_scores").set_value(oracle).run()
+    check_clean(repair)
+    assert any(
+        f"top 50 of oracle ranking {oracle}" in caption.value
+        for caption in repair.caption
+    )
 
 
 def test_ranking_choice_is_shared_by_repair_and_compare(workspace_env):
@@ -1219,6 +1226,33 @@ def test_changed_data_folder_stops_run_page(tmp_path, monkeypatch):
     assert len(errors) == 1
     assert errors[0].startswith(f"Run {summary['run_id']!r} could not be loaded")
     assert "1 file added (train/a/6.png)" in errors[0]
+
+
+def test_deleted_model_file_stops_run_page(tmp_path, monkeypatch):
+    workspace = Workspace(tmp_path / "ws")
+    config = pipeline.RunConfig(
+        **TINY, scenario="none", device="cpu", train=TrainConfig(max_epochs=1)
+    )
+    summary = pipeline.train_run(workspace, config)
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(workspace.root))
+    state = {
+        "run_id": summary["run_id"],
+        "failure_set_id": summary["failure_set_id"],
+    }
+    app = page("causes", **state).run()
+    check_clean(app)
+    assert app.button(key="causes_run")
+
+    model_file = workspace.path(summary["run_id"], "model.pt")
+    model_file.unlink()
+    app.run()
+
+    assert not app.exception
+    errors = error_texts(app)
+    assert len(errors) == 1
+    assert str(model_file) in errors[0] and "missing" in errors[0]
+    # No button is left that would store a result for the broken run.
+    assert not [button for button in app.button if button.key == "causes_run"]
 
 
 @pytest.mark.slow
@@ -1837,6 +1871,55 @@ def test_filtered_review_keeps_cards_in_place(workspace_env):
     check_clean(app)
     assert _review_keys(app)[:21] == before[3:]
     assert "causes_refresh" not in [b.key for b in app.button]
+
+
+def test_stale_review_click_keeps_other_tabs_decision(workspace_env):
+    workspace = workspace_env.workspace
+    state = ranked_failure_set(workspace_env)
+    run_id, failure_set_id = state["run_id"], state["failure_set_id"]
+    first = page("causes", **state).run()
+    key = _review_keys(first)[0]
+    index = int(key.rsplit("_", 1)[1])
+    workspace.set_decisions(run_id, failure_set_id, [index], "confirmed")
+    first.run()
+    second = page("causes", **state).run()
+    assert second.segmented_control(key=key).value == "confirmed"
+
+    first.segmented_control(key=key).set_value("rejected").run()
+    # The second tab still shows the card confirmed; clicking ✓ again would
+    # clear it.
+    second.segmented_control(key=key).set_value(None).run()
+
+    check_clean(second)
+    assert workspace.get_decisions(run_id, failure_set_id) == {index: "rejected"}
+    assert second.segmented_control(key=key).value == "rejected"
+    assert [w.value for w in second.warning] == [
+        f"Train #{index} was changed in another tab or session since this page "
+        "was drawn, so it keeps its saved decision. The cards now show the saved "
+        "decisions."
+    ]
+    assert "causes_undo_button" not in [b.key for b in second.button]
+    second.run()
+    assert not second.warning
+
+
+def test_undo_keeps_decisions_changed_elsewhere(workspace_env):
+    workspace = workspace_env.workspace
+    state = ranked_failure_set(workspace_env)
+    run_id, failure_set_id = state["run_id"], state["failure_set_id"]
+    app = page("causes", **state).run()
+    app.number_input(key="causes_k").set_value(3).run()
+    app.button(key="causes_confirm_top").click().run()
+    top = sorted(workspace.get_decisions(run_id, failure_set_id))
+    assert len(top) == 3
+    workspace.set_decisions(run_id, failure_set_id, [top[1]], "rejected")
+
+    app.button(key="causes_undo_button").click().run()
+
+    check_clean(app)
+    assert workspace.get_decisions(run_id, failure_set_id) == {top[1]: "rejected"}
+    assert "keeps its saved decision" in app.warning[0].value
+    assert f"Train #{top[1]} was changed" in app.warning[0].value
 
 
 def test_undo_reverts_the_last_change(workspace_env):

@@ -616,7 +616,9 @@ def test_repair_causes_positive(tiny_run, capsys):
     assert 0 < len(expected) < len(values)
     assert summary["n_removed"] == scores["n_positive"] == len(expected)
     assert torch.equal(causes, expected)
-    assert summary["causes"] == f"positive scores of {scores['scores_id']}"
+    assert summary["causes"] == (
+        f"positive scores of ewc-influence ranking {scores['scores_id']}"
+    )
 
 
 def _count_repairs(workspace, run_id):

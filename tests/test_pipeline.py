@@ -96,7 +96,7 @@ def test_run_sweep_stores_summary(ranked):
     assert stored["run_id"] == run.run_id
     assert stored["failure_set_id"] == failure_set_id
     assert stored["treatment"] == "finetune"
-    assert stored["causes"] == f"top 10 of {scores_id}"
+    assert stored["causes"] == f"top 10 of training-loss ranking {scores_id}"
     assert stored["n_removed"] == 10
     assert stored["strengths"] == [1.0, 2.0]
     assert stored["config"] == summary["config"]

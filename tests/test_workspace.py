@@ -227,6 +227,29 @@ def test_decisions_persist_and_update(tmp_path):
     }
 
 
+def test_decisions_changed_since_read_are_kept(tmp_path):
+    workspace = Workspace(tmp_path)
+    workspace.add_run("run-a", "train", {}, {})
+    workspace.add_failure_set("fs-a", "run-a", {}, {})
+    workspace.set_decisions("run-a", "fs-a", [1, 2], "confirmed")
+    read = workspace.get_decisions("run-a", "fs-a")
+    # Another session rejects 2 and confirms 3 after this one read.
+    workspace.set_decisions("run-a", "fs-a", [2], "rejected")
+    workspace.set_decisions("run-a", "fs-a", [3], "confirmed")
+
+    kept = workspace.set_decisions(
+        "run-a",
+        "fs-a",
+        [4, 3, 2, 1],
+        None,
+        expected={i: read.get(i) for i in (1, 2, 3, 4)},
+    )
+
+    assert kept == [2, 3]
+    assert workspace.get_decisions("run-a", "fs-a") == {2: "rejected", 3: "confirmed"}
+    assert workspace.set_decisions("run-a", "fs-a", [2], "confirmed") == []
+
+
 def test_unknown_decision_rejected(tmp_path):
     workspace = Workspace(tmp_path)
 
