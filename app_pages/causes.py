@@ -149,8 +149,10 @@ def run_methods(configs: dict[str, object]) -> None:
                 ),
             )
         if summary is not None:
+            if not finished:
+                # The first method chosen is the one opened for review.
+                st.session_state["scores_id"] = summary["scores_id"]
             finished.append(f"{method} ({summary['seconds']:.1f} s)")
-            st.session_state["scores_id"] = summary["scores_id"]
     if finished:
         st.session_state["causes_message"] = "Ranked with " + ", ".join(finished)
         st.rerun()

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import html
 import io
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from repair_core.models import embed
 from repair_core.progress import Progress
 from repair_core.workspace import DEFAULT_WORKSPACE, Workspace, contains_workspace
 
+logger = logging.getLogger(__name__)
+
 WORKSPACE_ENV = "REPAIR_WORKSPACE"
 
 #: Errors a page shows with ``st.error`` instead of crashing: bad input or
@@ -60,6 +63,8 @@ REFERENCE_METHODS = ("random", "oracle")
 EMBED_BATCH_SIZE = 512
 #: Maps with more points than this are drawn with WebGL (plotly Scattergl).
 WEBGL_MIN_POINTS = 5000
+#: File of a run folder that keeps the run's UMAP map.
+MAP_FILE = "umap.pt"
 #: UMAP needs more points than its neighbourhood size (15 by default).
 MIN_MAP_POINTS = 20
 #: Confusion matrices with at most this many classes label every class.
@@ -777,6 +782,12 @@ def umap_coordinates(root: str, run_id: str) -> dict[str, np.ndarray]:
     """
     import umap
 
+    ws = open_workspace(root)
+    if ws.path(run_id, MAP_FILE).is_file():
+        with contextlib.suppress(RepairError):
+            stored = ws.load_tensor(run_id, MAP_FILE)
+            if isinstance(stored, dict) and set(stored) == {"train", "test"}:
+                return {part: np.asarray(values) for part, values in stored.items()}
     run = load_run(root, run_id)
     train = _features(run.model, run.data.train.images)
     test = _features(run.model, run.data.test.images)
@@ -790,7 +801,12 @@ def umap_coordinates(root: str, run_id: str) -> dict[str, np.ndarray]:
     # 200 at every size keeps the map of a small run quick.
     reducer = umap.UMAP(n_components=2, n_epochs=200, random_state=0, n_jobs=1)
     coordinates = reducer.fit_transform(features)
-    return {"train": coordinates[: len(train)], "test": coordinates[len(train) :]}
+    result = {"train": coordinates[: len(train)], "test": coordinates[len(train) :]}
+    # Kept in the run folder for later sessions and servers; a workspace that
+    # cannot be written to only loses that.
+    with contextlib.suppress(RepairError, OSError):
+        ws.save_tensor(run_id, MAP_FILE, result)
+    return result
 
 
 def map_coordinates(
@@ -798,18 +814,21 @@ def map_coordinates(
 ) -> dict[str, np.ndarray] | None:
     """Return the run's UMAP map once the user asked for it, else show a button.
 
-    The map is computed on the first request and cached per run, so later
-    pages and reruns reuse it.
+    The map is computed on the first request and stored in the run folder,
+    so later pages, sessions and servers reuse it without asking.
     """
     requested: set[str] = st.session_state["map_runs"]
-    if run_id not in requested:
+    if (
+        run_id not in requested
+        and not open_workspace(root).path(run_id, MAP_FILE).is_file()
+    ):
         # The caption and button are drawn in a placeholder, so that they can
         # be removed before the map is drawn in the same script run.
         request = st.empty()
         with request.container():
             st.caption(
                 "The map projects the model's penultimate features with UMAP. It "
-                "is computed once per run."
+                "is computed once per run and kept in the run's folder."
             )
             clicked = st.button("Compute the UMAP map", key=button_key)
         if not clicked:
@@ -1265,9 +1284,11 @@ def describe_error(error: Exception) -> str:
 
 
 def run_safely(action: str, function: Callable[[], Any]) -> Any:
-    """Call ``function``; show a user error with ``st.error`` and return None."""
+    """Call ``function``; show a user error with ``st.error``, log it in the
+    server's output and return None."""
     try:
         return function()
     except USER_ERRORS as error:
+        logger.warning("%s failed: %s", action, error)
         st.error(f"{action} failed: {describe_error(error)}")
         return None

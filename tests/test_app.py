@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -584,7 +585,9 @@ def test_causes_runs_method_and_shows_grid(workspace_env):
         workspace_env.run_id, failure_set_id=failure_set_id
     )
     assert [record["method"] for record in records] == ["training-loss", "oracle"]
-    assert app.session_state["scores_id"] == records[-1]["id"]
+    # The first method chosen opens for review.
+    assert app.session_state["scores_id"] == records[0]["id"]
+    assert app.selectbox(key="causes_scores").value == records[0]["id"]
     table = app.dataframe[0].value
     assert list(table["method"]) == ["training-loss", "oracle"]
     implicated = records[-1]["metrics"]["detection"]["implicated_found_at_20pct"]
@@ -625,7 +628,7 @@ def test_review_decision_persists_across_sessions(workspace_env):
     assert second.segmented_control(key="causes_show").value == "all"
 
 
-def test_causes_nan_scores_show_error(workspace_env, monkeypatch):
+def test_causes_nan_scores_show_error(workspace_env, monkeypatch, caplog):
     def fail(*args, **kwargs):
         raise FloatingPointError("training-loss produced NaN scores")
 
@@ -638,6 +641,12 @@ def test_causes_nan_scores_show_error(workspace_env, monkeypatch):
     assert not app.exception
     assert len(app.error) == 1
     assert "NaN scores" in app.error[0].value
+    # The server's output keeps the failure too.
+    assert (
+        "repair_core.dashboard",
+        logging.WARNING,
+        "Identification with training-loss failed: training-loss produced NaN scores",
+    ) in caplog.record_tuples
     assert "No ranking yet" in app.info[0].value
     workspace = workspace_env.workspace
     assert (
@@ -1265,6 +1274,21 @@ def test_failures_map_renders(workspace_env):
     charts = app.get("plotly_chart")
     assert len(charts) == 2
     assert workspace_env.run_id in app.session_state["map_runs"]
+
+    # The map is kept in the run folder, so a new session shows it at once.
+    from repair_core.dashboard import MAP_FILE
+
+    stored = workspace_env.workspace.path(workspace_env.run_id, MAP_FILE)
+    try:
+        kept = torch.load(stored, weights_only=False)
+        run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+        assert kept["train"].shape == (len(run.data.train), 2)
+        again = page("failures", **state).run()
+        check_clean(again)
+        assert "failures_map_button" not in [button.key for button in again.button]
+        assert len(again.get("plotly_chart")) == 2
+    finally:
+        stored.unlink()
 
 
 def test_repair_says_when_an_arm_kept_the_original(workspace_env):
