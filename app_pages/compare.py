@@ -60,7 +60,8 @@ def detection_figure(latest: dict[str, dict[str, Any]]) -> go.Figure:
             x=inspected[keep],
             y=found[keep],
             mode="lines",
-            name=method,
+            # The id tells which of several rankings by one method is drawn.
+            name=dashboard.ranking_label(record),
             line={
                 "dash": dash,
                 "width": 2 if method in BASELINES else 3,
@@ -68,7 +69,12 @@ def detection_figure(latest: dict[str, dict[str, Any]]) -> go.Figure:
             },
         )
     figure.update_layout(
-        xaxis={"title": "share of D inspected", "tickformat": ".0%"},
+        xaxis={
+            "title": "share of D inspected",
+            "tickformat": ".0%",
+            "range": [0, 1.01],
+            "dtick": 0.2,
+        },
         yaxis={"title": "share of corrupted found", "tickformat": ".0%"},
         height=420,
         margin={"t": 10, "b": 10},

@@ -1228,9 +1228,10 @@ def settings_editor(
                 )
             )
         elif isinstance(value, str):
+            # Spaces around a typed word are no part of the setting.
             values[item.name] = st.text_input(
                 label, value=value, key=key, help=help_text
-            )
+            ).strip()
     return dataclasses.replace(config, **values)
 
 

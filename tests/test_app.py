@@ -597,6 +597,24 @@ def test_causes_runs_method_and_shows_grid(workspace_env):
     assert metric_values(app)["Undecided"] == str(TINY["n_train"])
 
 
+def test_text_settings_ignore_surrounding_spaces(workspace_env):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+    }
+    app = page("causes", **state).run()
+    app.multiselect(key="causes_methods").set_value(["ewc-influence"]).run()
+    app.text_input(key="causes_cfg_ewc-influence_reduction").set_value(" mean ").run()
+    check_clean(app)
+    assert not app.button(key="causes_run").disabled
+
+    app.text_input(key="causes_cfg_ewc-influence_reduction").set_value("median").run()
+    assert [e.value for e in app.error] == [
+        "Invalid ewc-influence settings: Unknown reduction 'median'. Use 'sum' "
+        "or 'mean'."
+    ]
+
+
 def test_review_decision_persists_across_sessions(workspace_env):
     failure_set_id = workspace_env.new_failure_set()
     run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
@@ -1119,6 +1137,10 @@ def test_compare_shows_stored_curves_in_new_session(workspace_env):
     newest = f"training-loss · 1 seed · {ids[1]}"
     # The detection chart, then F_h and T\F of the chosen removal curve.
     assert chart_trace_names(app)[1:] == [[newest], [newest]]
+    # The detection legend names the ranking drawn, as one method may have
+    # several.
+    assert f"training-loss · {scores_id}" in chart_trace_names(app)[0]
+    assert chart_specs(app)[0]["layout"]["xaxis"]["dtick"] == 0.2
 
     figure = chart_specs(app)[1]
     assert figure["layout"]["yaxis"]["range"] == [-0.02, 1.02]
@@ -2446,7 +2468,10 @@ def test_compare_charts_colour_methods_and_tick_k(workspace_env):
     app = page("compare", **state).run()
     check_clean(app)
     detection, holdout, _ = chart_specs(app)
-    colours = {trace["name"]: trace["line"]["color"] for trace in detection["data"]}
+    colours = {
+        trace["name"].split(" · ")[0]: trace["line"]["color"]
+        for trace in detection["data"]
+    }
     assert colours == {method: METHOD_COLOURS[method] for method in colours}
     assert len(set(colours.values())) == 4
     assert detection["layout"]["legend"]["y"] > 1
@@ -2475,7 +2500,7 @@ def test_compare_names_a_lone_curve(workspace_env):
     for chart in (detection, holdout):
         assert len(chart["data"]) == 1
         assert chart["layout"]["showlegend"] is True
-    assert detection["data"][0]["name"] == "training-loss"
+    assert detection["data"][0]["name"] == f"training-loss · {scores_id}"
     assert holdout["data"][0]["name"].startswith("training-loss")
 
 
