@@ -372,9 +372,13 @@ def clear_decisions(previous: dict[int, str]) -> None:
 
 
 records = ws.list_scores(run.run_id, failure_set_id=failure_set_id)
+# Messages that come and go sit in containers that every run draws, so that
+# the elements after them keep their place: otherwise the browser draws the
+# review grid anew and the keyboard focus leaves the control just used.
 message = st.session_state.pop("causes_message", None)
-if message:
-    st.success(message)
+with st.container():
+    if message:
+        st.success(message)
 dashboard.show_interrupted_job("causes")
 method_section(expanded=not records)
 if not records:
@@ -494,13 +498,16 @@ st.caption(
 )
 
 kept_note = st.session_state.pop("causes_kept", None)
-if kept_note:
-    st.warning(kept_note)
 undo = st.session_state.get("causes_undo")
-if undo and undo["failure_set_id"] == failure_set_id:
-    st.button(
-        f"Undo: {undo['description']}", key="causes_undo_button", on_click=undo_last
-    )
+with st.container():
+    if kept_note:
+        st.warning(kept_note)
+    if undo and undo["failure_set_id"] == failure_set_id:
+        st.button(
+            f"Undo: {undo['description']}",
+            key="causes_undo_button",
+            on_click=undo_last,
+        )
 
 # A filtered view lists the examples that matched the filter when the view
 # opened, so deciding a card, here or in another session, moves no card under
@@ -526,8 +533,9 @@ else:
     opened_with = view_state["decisions"]
     listed = order[[matches_filter(opened_with.get(int(i))) for i in order]]
     moved = [int(i) for i in listed if not matches_filter(decisions.get(int(i)))]
+    moved_slot = st.container()
     if moved:
-        note, refresh = st.columns([3, 1], vertical_alignment="center")
+        note, refresh = moved_slot.columns([3, 1], vertical_alignment="center")
         note.caption(
             f"{dashboard.count_text(len(moved), 'decided example')} no longer "
             f"{'matches' if len(moved) == 1 else 'match'} “{show}” but "

@@ -260,6 +260,7 @@ def walk(page, url: str, workspace: Path) -> None:
     page.get_by_text("Ranked with training-loss").wait_for()
     wait_until_idle(page)
     assert grid_images(page) == 24
+    check_review_keeps_focus(page)
     fill_number(page, "causes_k", 5)
     click(page, "causes_confirm_top")
     confirmed = page.get_by_test_id("stMetric").filter(has_text="Confirmed")
@@ -308,6 +309,32 @@ def walk(page, url: str, workspace: Path) -> None:
     )
     wait_until_idle(page)
     assert page.get_by_text("No run open").count() == 0
+
+
+def check_review_keeps_focus(page) -> None:
+    """Confirm the top card from the keyboard and check that the focus stays
+    on the card's control, so the reviewer can tab on to the next card. This
+    first decision after ranking removes the ranking's message and adds the
+    Undo button above the grid."""
+    control = page.locator('[class*="st-key-review_"]').first
+    key = next(
+        name
+        for name in control.get_attribute("class").split()
+        if name.startswith("st-key-review_")
+    )
+    control.locator("button").first.focus()
+    page.keyboard.press("Space")
+    wait_until_idle(page)
+    confirmed = page.get_by_test_id("stMetric").filter(has_text="Confirmed")
+    assert confirmed.get_by_test_id("stMetricValue").inner_text() == "1"
+    assert page.locator(".st-key-causes_undo_button").count() == 1
+    focused = page.evaluate(
+        """() => {
+            const box = document.activeElement.closest('[class*="st-key-review_"]');
+            return box ? box.className : document.activeElement.tagName;
+        }"""
+    )
+    assert key in focused.split(), focused
 
 
 def check_second_session(page, url: str) -> None:
