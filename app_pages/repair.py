@@ -13,11 +13,13 @@ import streamlit as st
 import torch
 
 from repair_core import dashboard, pipeline
+from repair_core.errors import ConfigError
 from repair_core.evaluation import (
     DEFAULT_STRENGTHS,
     MIN_REMAINING,
     NO_CONTROLS,
     SWEEPABLE,
+    check_strengths,
     unchanged_sweep_note,
 )
 from repair_core.treatments import (
@@ -249,9 +251,15 @@ def sweep_strengths(treatment: str) -> list[float] | None:
         key=f"repair_sweep_{treatment}",
     )
     try:
-        return [float(part) for part in text.split(",") if part.strip()]
+        values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         st.error(f"Invalid sweep values {text!r}. Give numbers separated by commas.")
+        return None
+    # Checked as typed, so that the Run button stays off until they are valid.
+    try:
+        return check_strengths(treatment, values)
+    except ConfigError as error:
+        st.error(str(error).removesuffix(" Nothing was run."))
         return None
 
 

@@ -427,6 +427,47 @@ def _gain(per_arm: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float
     return gain
 
 
+def check_strengths(treatment: str, strengths: Sequence[float]) -> list[float]:
+    """Return a sweep's strengths as values of the swept setting: whole
+    epochs for fine-tuning, floats otherwise.
+
+    Raises:
+        ConfigError: a treatment without a strength, no strengths, a value
+            that is not finite and positive, a fraction of an epoch, or a
+            repeated value.
+    """
+    if treatment not in SWEEPABLE:
+        raise ConfigError(
+            f"Treatment {treatment!r} has no strength to sweep. Sweep one of "
+            f"{', '.join(SWEEPABLE)}."
+        )
+    if len(strengths) == 0:
+        raise ConfigError("The sweep needs at least one strength.")
+    field = SWEEPABLE[treatment]
+    for strength in strengths:
+        if not (math.isfinite(float(strength)) and float(strength) > 0):
+            raise ConfigError(
+                f"Sweep strength {strength} of {treatment} must be a finite "
+                "positive number. Nothing was run."
+            )
+        if field == "max_epochs" and float(strength) != int(strength):
+            raise ConfigError(
+                f"Sweep strength {strength} of finetune is a number of epochs and "
+                "must be a whole number. Nothing was run."
+            )
+    # Each point's model is stored under its value, so a repeated value would
+    # make two points name one file.
+    values = [int(s) if field == "max_epochs" else float(s) for s in strengths]
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        raise ConfigError(
+            f"Sweep strength {repeated[0]:g} of {treatment} is given "
+            f"{values.count(repeated[0])} times. Give each strength once. Nothing "
+            "was run."
+        )
+    return values
+
+
 def sweep(
     treatment: str,
     model: nn.Module,
@@ -459,35 +500,8 @@ def sweep(
     Raises:
         ConfigError: a treatment without a strength, or no strengths.
     """
-    if treatment not in SWEEPABLE:
-        raise ConfigError(
-            f"Treatment {treatment!r} has no strength to sweep. Sweep one of "
-            f"{', '.join(SWEEPABLE)}."
-        )
-    if len(strengths) == 0:
-        raise ConfigError("The sweep needs at least one strength.")
+    values = check_strengths(treatment, strengths)
     field = SWEEPABLE[treatment]
-    for strength in strengths:
-        if not (math.isfinite(float(strength)) and float(strength) > 0):
-            raise ConfigError(
-                f"Sweep strength {strength} of {treatment} must be a finite "
-                "positive number. Nothing was run."
-            )
-        if field == "max_epochs" and float(strength) != int(strength):
-            raise ConfigError(
-                f"Sweep strength {strength} of finetune is a number of epochs and "
-                "must be a whole number. Nothing was run."
-            )
-    # Each point's model is stored under its value, so a repeated value would
-    # make two points name one file.
-    values = [int(s) if field == "max_epochs" else float(s) for s in strengths]
-    repeated = sorted({value for value in values if values.count(value) > 1})
-    if repeated:
-        raise ConfigError(
-            f"Sweep strength {repeated[0]:g} of {treatment} is given "
-            f"{values.count(repeated[0])} times. Give each strength once. Nothing "
-            "was run."
-        )
     train_images, train_labels = train
     test_images, test_labels = test
     settings = resolve_config(treatment, config)
@@ -506,10 +520,9 @@ def sweep(
         )
         solve_seconds = time.perf_counter() - start
     points = []
-    for position, strength in enumerate(strengths):
+    for position, value in enumerate(values):
         if progress is not None:
-            progress(position / len(strengths), f"{treatment}: {field} = {strength}")
-        value = int(strength) if field == "max_epochs" else float(strength)
+            progress(position / len(strengths), f"{treatment}: {field} = {value}")
         point_settings = dataclasses.replace(settings, **{field: value})
         if direction is not None:
             start = time.perf_counter()

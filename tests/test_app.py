@@ -845,6 +845,23 @@ def test_repair_sweep_mode_hides_single_strength(workspace_env):
     assert app.text_input(key="repair_sweep_ewc-deletion").value
     assert app.button(key="repair_run").label == "Run sweep"
 
+    # Values are checked as typed: the button stays off until they are valid.
+    field = app.text_input(key="repair_sweep_ewc-deletion")
+    for text, error in [
+        ("0.01, nan", "Sweep strength nan of ewc-deletion must be a finite positive"),
+        ("-1, 0", "Sweep strength -1.0 of ewc-deletion must be a finite positive"),
+        ("0.01, 1e-2", "Sweep strength 0.01 of ewc-deletion is given 2 times"),
+    ]:
+        field.set_value(text).run()
+        assert [e.value for e in app.error] == [
+            error + app.error[0].value[len(error) :]
+        ]
+        assert app.error[0].value.startswith(error)
+        assert not app.error[0].value.endswith("Nothing was run.")
+        assert app.button(key="repair_run").disabled
+    field.set_value("0.01, 0.02").run()
+    check_clean(app)
+
 
 def test_repair_sweep_draws_tradeoff(workspace_env):
     state = {
