@@ -1208,7 +1208,7 @@ def _command_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.render_only:
         try:
             page = benchmark.render_page(args.out)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, FileExistsError) as error:
             raise RepairError(str(error)) from None
         return {"page": str(page), "out": args.out}
     if args.threads is not None:
@@ -1242,14 +1242,17 @@ def _command_bench(args: argparse.Namespace) -> dict[str, Any]:
     # The benchmark runs for hours, so its progress is logged whatever -v says.
     logging.getLogger("repair_core.benchmark").setLevel(logging.INFO)
     command = _bench_command(args)
-    page = benchmark.run_benchmark(
-        settings,
-        args.out,
-        workspace=args.workspace,
-        device=args.device,
-        command=command,
-        fresh=args.fresh,
-    )
+    try:
+        page = benchmark.run_benchmark(
+            settings,
+            args.out,
+            workspace=args.workspace,
+            device=args.device,
+            command=command,
+            fresh=args.fresh,
+        )
+    except FileExistsError as error:
+        raise RepairError(str(error)) from None
     results = json.loads((Path(args.out) / benchmark.RESULTS_NAME).read_text())
     failed = {
         key: unit["error"]

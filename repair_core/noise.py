@@ -185,10 +185,23 @@ def read_flip_matrix(path: str | Path, num_classes: int) -> np.ndarray:
             (see :func:`validate_flip_matrix`).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"Flip matrix file {str(path)!r} is a folder. Pass a CSV file of "
+            f"{num_classes} lines of {num_classes} comma-separated numbers."
+        )
     if not path.is_file():
         raise ConfigError(f"Flip matrix file {str(path)!r} not found. Check the path.")
     try:
-        matrix = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+        # utf-8-sig drops the byte-order mark of spreadsheet CSV exports.
+        matrix = np.loadtxt(
+            path, delimiter=",", ndmin=2, dtype=np.float64, encoding="utf-8-sig"
+        )
+    except OSError as error:
+        raise ConfigError(
+            f"Flip matrix file {str(path)!r} could not be read "
+            f"({error.strerror or error}). Check that the file is readable."
+        ) from None
     except ValueError as error:
         raise ConfigError(
             f"Flip matrix file {str(path)!r} could not be parsed ({error}). Write "

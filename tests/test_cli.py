@@ -170,6 +170,28 @@ def test_bench_rejects_bad_options(tmp_path, capsys, argv, message):
     assert not (out / "results.json").exists()
 
 
+@pytest.mark.parametrize("render_only", [False, True])
+def test_bench_keeps_a_page_it_did_not_write(tmp_path, capsys, render_only):
+    out = tmp_path / "out" / "benchmarks"
+    out.mkdir(parents=True)
+    notes = tmp_path / "out" / "BENCHMARKS.md"
+    notes.write_text("my own notes\n")
+    if render_only:
+        (out / "results.json").write_text("{}")
+    argv = ["--render-only"] if render_only else ["--quick"]
+
+    code = main(["bench", "--out", str(out), *argv])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{notes} exists and was not rendered from {out / 'results.json'}" in err
+    assert "Traceback" not in err
+    assert notes.read_text() == "my own notes\n"
+    assert sorted(path.name for path in out.iterdir()) == (
+        ["results.json"] if render_only else []
+    )
+
+
 def test_bench_failed_unit_exits_one(tmp_path, capsys):
     (tmp_path / "data" / "MNIST" / "raw").mkdir(parents=True)
     out = tmp_path / "out" / "benchmarks"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,6 +126,25 @@ def test_read_flip_matrix_csv(tmp_path):
     path.write_text("# rows = true class\n0.5,0.5,0\n0,1,0\n0.1,0.2,0.7\n")
     matrix = read_flip_matrix(path, 3)
     assert matrix.tolist() == [[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.1, 0.2, 0.7]]
+
+
+def test_read_flip_matrix_with_byte_order_mark(tmp_path):
+    # Spreadsheets save "CSV UTF-8" with a byte-order mark.
+    path = tmp_path / "flips.csv"
+    path.write_bytes(b"\xef\xbb\xbf0.5,0.5\r\n0,1\r\n")
+    assert read_flip_matrix(path, 2).tolist() == [[0.5, 0.5], [0.0, 1.0]]
+
+
+def test_read_flip_matrix_folder_or_unreadable(tmp_path):
+    with pytest.raises(ConfigError, match=r"^Flip matrix file .* is a folder\."):
+        read_flip_matrix(tmp_path, 2)
+    # Reading /proc/self/mem from its start fails with an I/O error, which a
+    # permission check cannot avoid even for root.
+    unreadable = Path("/proc/self/mem")
+    if not unreadable.is_file():
+        pytest.skip("needs Linux's /proc/self/mem")
+    with pytest.raises(ConfigError, match=r"could not be read \(Input/output error\)"):
+        read_flip_matrix(unreadable, 2)
 
 
 def test_read_flip_matrix_bad_row(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -777,6 +778,18 @@ def test_read_causes_file_counts_lines_as_editors(tmp_path):
 def test_read_causes_file_rejects_folder(tmp_path):
     with pytest.raises(ConfigError, match="is a folder"):
         read_causes_file(tmp_path, 10)
+
+
+def test_read_causes_file_unreadable():
+    # Reading /proc/self/mem from its start fails with an I/O error, which a
+    # permission check cannot avoid even for root.
+    unreadable = Path("/proc/self/mem")
+    if not unreadable.is_file():
+        pytest.skip("needs Linux's /proc/self/mem")
+    with pytest.raises(
+        ConfigError, match=r"^Causes file .* could not be read \(Input/output error\)"
+    ):
+        read_causes_file(unreadable, 10)
 
 
 def test_read_causes_file_rejects_non_integer_line(tmp_path):

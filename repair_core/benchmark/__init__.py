@@ -29,7 +29,7 @@ from repair_core.benchmark.experiments import (
     planned_units,
     run_unit,
 )
-from repair_core.benchmark.report import page_path, render_page
+from repair_core.benchmark.report import check_page_is_ours, page_path, render_page
 from repair_core.benchmark.settings import (
     EXPERIMENTS,
     BenchSettings,
@@ -88,6 +88,8 @@ def run_benchmark(
         The path of the rendered page.
     """
     out = Path(out)
+    # Before any work, rather than at the first render after an hour's run.
+    check_page_is_ours(out)
     out.mkdir(parents=True, exist_ok=True)
     chosen = str(select_device(device))
     store = ResultsStore(

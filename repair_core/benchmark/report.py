@@ -39,6 +39,30 @@ def page_path(out: str | Path) -> Path:
     return Path(out).parent / PAGE_NAME
 
 
+def check_page_is_ours(out: str | Path) -> None:
+    """Raise unless the page for ``out`` is absent or was rendered from
+    ``out/results.json``, so that rendering never replaces someone's own file.
+
+    Raises:
+        FileExistsError: the page holds something else.
+    """
+    out = Path(out)
+    path = page_path(out)
+    if not path.exists():
+        return
+    source = f"[`{out.name}/{RESULTS_NAME}`]"
+    try:
+        ours = path.is_file() and source in path.read_text(errors="replace")
+    except OSError:
+        ours = False
+    if not ours:
+        raise FileExistsError(
+            f"{path} exists and was not rendered from {out / RESULTS_NAME}, so the "
+            f"benchmark will not replace it. Move it away, or pass an --out folder "
+            f"whose parent folder has no {PAGE_NAME} of its own."
+        )
+
+
 class PageWriter(PublishedSections, QualityBars):
     """Builds the page text section by section from one results file."""
 
@@ -753,6 +777,8 @@ def render_page(out: str | Path) -> Path:
 
     Raises:
         FileNotFoundError: there is no results file in ``out``.
+        FileExistsError: the page's path holds a file the benchmark did not
+            render.
     """
     out = Path(out)
     results_path = out / RESULTS_NAME
@@ -761,6 +787,7 @@ def render_page(out: str | Path) -> Path:
             f"No {RESULTS_NAME} in {out}. Run the benchmark first, or pass the "
             "--out folder it wrote to."
         )
+    check_page_is_ours(out)
     results = Results(json.loads(results_path.read_text()))
     text = PageWriter(results, out).render()
     path = page_path(out)

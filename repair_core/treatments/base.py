@@ -338,6 +338,11 @@ def read_causes_table(
             "encoding, as plain text with one training index per line or as CSV "
             f"with a {INDEX_COLUMN!r} column."
         ) from None
+    except OSError as error:
+        raise ConfigError(
+            f"Causes file {str(path)!r} could not be read ({error.strerror or error})."
+            " Check that the file is readable."
+        ) from None
     indices: list[int] = []
     first_line: dict[int, int] = {}
     table = _entries(text, path)
