@@ -335,6 +335,17 @@ class Workspace:
                     f"Workspace folder {str(folder)!r} is not writable ({error}). "
                     "Make it writable, or choose another folder with --workspace."
                 ) from error
+        if self.database_path.is_file():
+            try:
+                # Opening for update writes nothing.
+                with self.database_path.open("r+b"):
+                    pass
+            except OSError as error:
+                raise WorkspaceError(
+                    f"The workspace database {str(self.database_path)!r} is "
+                    f"read-only ({error}). Make the file writable, or choose "
+                    "another folder with --workspace."
+                ) from error
 
     # Database access -----------------------------------------------------
 

@@ -984,6 +984,30 @@ def test_read_only_workspace_rejected_before_work(tiny_run, tmp_path):
     assert sorted(str(path) for path in copy.rglob("*")) == before
 
 
+def test_read_only_database_rejected_before_work(tiny_run, tmp_path):
+    workspace, run = tiny_run
+    copy = tmp_path / "read-only-database"
+    shutil.copytree(workspace, copy)
+    database = copy / "repair.sqlite"
+    database.chmod(0o444)
+    try:
+        result = subprocess.run(
+            [*_without_root_override(), sys.executable, "-m", "repair_core"]
+            + ["identify", "--run", run["run_id"], "--method", "random"]
+            + ["--workspace", str(copy)],
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        database.chmod(0o644)
+
+    assert result.returncode == 2
+    assert f"The workspace database {str(database)!r} is read-only" in result.stderr
+    # The check comes before the ranking, which reports its progress.
+    assert "random done" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("seed", ["99999999999999999999", "-1"])
 def test_seed_outside_generator_range(tmp_path, capsys, seed):
     argv = ["train", "--workspace", str(tmp_path / "ws"), f"--seed={seed}"]
