@@ -352,7 +352,8 @@ def _take_subset(
     if n > len(dataset):
         raise DataError(
             f"{name} is {n} but {dataset.description} has only {len(dataset)} "
-            f"{part} images. Set {name} to at most {len(dataset)}."
+            f"{part} images. Set {name} (--{name.replace('_', '-')} on the command "
+            f"line) to at most {len(dataset)}."
         )
     return dataset.subset(stratified_subsample(dataset.labels, n, seed))
 
@@ -367,8 +368,8 @@ def _check_root(source: str, root: str | Path | None, download: bool) -> Path:
     if root is None:
         raise DataError(
             f"Source {source!r} reads files from a folder, but no root was given. "
-            "Pass root (the data folder), or use source 'mnist-embedded', which "
-            "needs no files."
+            "Pass the data folder as root (--root on the command line), or use "
+            "source 'mnist-embedded', which needs no files."
         )
     folder = Path(root).expanduser()
     if folder.is_dir():

@@ -348,10 +348,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as error:  # torch raises many types for corrupt files
         # torch's own message suggests weights_only=False, which would run code
         # from the file, so only the exception type is shown.
+        kind = type(error)
+        name = (
+            kind.__qualname__
+            if kind.__module__ == "builtins"
+            else f"{kind.__module__}.{kind.__qualname__}"
+        )
         raise CheckpointError(
-            f"Checkpoint {str(path)!r} is not a readable state-dict file "
-            f"({type(error).__name__}). It must be a file written by "
-            "torch.save(model.state_dict(), path).",
+            f"Checkpoint {str(path)!r} is not a readable state-dict file: "
+            f"torch.load raised {name}, so the file is damaged or of another "
+            "kind. It must be a file written by torch.save(model.state_dict(), "
+            "path).",
         ) from error
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]

@@ -132,7 +132,11 @@ def test_embedded_subsample_sizes(embedded):
 
 
 def test_embedded_n_train_too_large():
-    with pytest.raises(DataError, match=r"n_train is 3001 .* only 3000 training"):
+    with pytest.raises(
+        DataError,
+        match=r"n_train is 3001 .* only 3000 training images\. Set n_train "
+        r"\(--n-train on the command line\) to at most 3000\.",
+    ):
         load_data("mnist-embedded", n_train=3001)
 
 

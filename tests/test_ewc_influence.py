@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -142,3 +143,9 @@ def test_extras_hold_fisher_and_fitted_state():
         context=IdentificationContext(fisher=result.extras["fisher"]),
     )
     assert torch.equal(reused.scores, result.scores)
+
+
+@pytest.mark.parametrize("name", ["fisher_weight", "l2"])
+def test_negative_weight_named_with_its_value(name):
+    with pytest.raises(ConfigError, match=rf"^{name} -0\.5 must not be negative"):
+        EWCInfluenceConfig(**{name: -0.5})

@@ -177,6 +177,7 @@ def test_corrupt_checkpoint_message(tmp_path):
     ) as caught:
         models.read_state_dict(path)
     assert "weights_only" not in str(caught.value)
+    assert "torch.load raised _pickle.UnpicklingError" in str(caught.value)
 
 
 def test_missing_checkpoint_message(tmp_path):

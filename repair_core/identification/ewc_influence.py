@@ -147,8 +147,12 @@ class EWCInfluenceConfig:
             raise ConfigError(
                 f"Unknown reduction {self.reduction!r}. Use 'sum' or 'mean'."
             )
-        if self.fisher_weight < 0 or self.l2 < 0:
-            raise ConfigError("fisher_weight and l2 must not be negative.")
+        for name in ("fisher_weight", "l2"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"{name} {getattr(self, name)} must not be negative; 0 turns "
+                    "the term off."
+                )
 
 
 def _split_query(
