@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -690,7 +691,8 @@ def test_read_causes_file_accepts_bom(tmp_path):
         (b"train_index,label\n ,a\n3,b\n", r"Line 2 of .* has an empty 'train_index'"),
         (b'label,train_index\n"a\nb",x\n', r"Line 2 of .* has train_index 'x', not an"),
         # Without a train_index column, a comma is not an index.
-        (b"index,rank\n4,1\n", r"Line 1 of .* is 'index,rank', not an integer"),
+        (b"index,rank\n4,1\n", r"Line 1 of .* is 'index,rank', a CSV header withou"),
+        (b"4\n5,6\n", r"Line 2 of .* is '5,6', not an integer"),
     ],
 )
 def test_read_causes_file_rejects_bad_content(tmp_path, content, message):
@@ -778,6 +780,19 @@ def test_read_causes_file_counts_lines_as_editors(tmp_path):
 def test_read_causes_file_rejects_folder(tmp_path):
     with pytest.raises(ConfigError, match="is a folder"):
         read_causes_file(tmp_path, 10)
+
+
+@pytest.mark.parametrize("header", ["a,b", "Train_Index;score", "index\tscore"])
+def test_read_causes_file_names_missing_index_column(tmp_path, header):
+    path = tmp_path / "causes.csv"
+    path.write_text(f"{header}\n1,2\n")
+
+    with pytest.raises(
+        ConfigError,
+        match=rf"^Line 1 of .* is {re.escape(repr(header))}, a CSV header without "
+        r"a 'train_index' column\.",
+    ):
+        read_causes_file(path, 10)
 
 
 def test_read_causes_file_unreadable():

@@ -358,6 +358,15 @@ def read_causes_table(
                     f"Line {number} of {str(path)!r} has {INDEX_COLUMN} "
                     f"{_shortened(entry)!r}, not an integer training index."
                 )
+            if number == table.entries[0][0] and any(
+                delimiter in entry for delimiter in CSV_DELIMITERS
+            ):
+                raise ConfigError(
+                    f"Line {number} of {str(path)!r} is {_shortened(entry)!r}, a CSV "
+                    f"header without a {INDEX_COLUMN!r} column. Name the column of "
+                    f"training indices {INDEX_COLUMN!r} (lower case), or write one "
+                    "index per line."
+                )
             raise ConfigError(
                 f"Line {number} of {str(path)!r} is {_shortened(entry)!r}, not an "
                 "integer training index. Write one index per line, or export a "
