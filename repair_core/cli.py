@@ -913,9 +913,11 @@ def _apply_settings(
             )
             continue
         if name not in values:
+            # Settings that the command's own options set are not offered.
+            offered = sorted(key for key in values if key not in (fixed or {}))
             raise RepairError(
                 f"Unknown setting {name!r} for {what}. Use one of: "
-                f"{', '.join(sorted(values))}; '--set help' describes them."
+                f"{', '.join(offered)}; '--set help' describes them."
             )
         value = _setting_value(text.strip(), kinds.get(name), name, what)
         if isinstance(value, dict) and isinstance(values[name], dict):

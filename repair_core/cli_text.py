@@ -23,6 +23,13 @@ ACCURACY_COLUMNS = (
 )
 
 
+def _more_or_fewer(difference: float) -> str:
+    """Return a count difference as "3.0 more", "6.0 fewer" or "as many"."""
+    if round(difference, 1) == 0:
+        return "as many"
+    return f"{abs(difference):.1f} {'more' if difference > 0 else 'fewer'}"
+
+
 def number(value: Any, signed: bool = False) -> str:
     """Format one value for a table cell; missing and non-finite values read '-'."""
     if value is None:
@@ -126,10 +133,13 @@ def repair_text(summary: dict[str, Any]) -> str:
     holdout = summary["before"].get("holdout_acc")
     has_holdout = isinstance(holdout, float) and math.isfinite(holdout)
     if fixed is not None and broken is not None:
-        fixed_text = f"{fixed:+.1f} holdout failures fixed, " if has_holdout else ""
+        fixed_text = (
+            f"{_more_or_fewer(fixed)} holdout failures fixed, " if has_holdout else ""
+        )
         lines.append(
-            f"Against the nothing-removed control: {fixed_text}{broken:+.1f} "
-            "remaining examples broken" + (" (means over seeds)." if several else ".")
+            f"Against the nothing-removed control: {fixed_text}"
+            f"{_more_or_fewer(broken)} remaining examples broken"
+            + (" (means over seeds)." if several else ".")
         )
     first = (summary.get("per_seed") or {}).get("treatment") or [{}]
     model_file = first[0].get("model_file")

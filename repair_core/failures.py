@@ -81,10 +81,16 @@ def split_failures(
                 f"Test example {correct[0].item()} is classified correctly, so it "
                 "cannot be a failure. Choose only misclassified examples."
             )
+    if len(failures) == 0 and candidates is None:
+        raise EmptyFailureSetError(
+            "The model classifies every test example correctly, so there is no "
+            "failure to repair. Study a model that makes mistakes: one trained "
+            "with a noise scenario, on fewer images or for fewer epochs."
+        )
     if len(failures) == 0:
         raise EmptyFailureSetError(
             "The model classifies every chosen test example correctly, so there is "
-            "no failure to repair. Choose other examples or another model."
+            "no failure to repair. Choose misclassified test examples."
         )
 
     generator = torch.Generator().manual_seed(seed)

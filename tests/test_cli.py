@@ -1367,6 +1367,22 @@ def test_set_group_values_are_checked(setting, message):
     assert message in str(caught.value)
 
 
+def test_unknown_setting_offers_only_settable_names():
+    from repair_core.cli import _apply_settings
+    from repair_core.errors import RepairError
+    from repair_core.treatments import default_config
+
+    with pytest.raises(RepairError) as caught:
+        _apply_settings(
+            default_config("finetune"), ["bogus=1"], "finetune", {"seed": "--seeds"}
+        )
+
+    assert str(caught.value) == (
+        "Unknown setting 'bogus' for finetune. Use one of: max_epochs; '--set help' "
+        "describes them."
+    )
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -1477,8 +1493,14 @@ def test_repair_text_counts_fixed_only_with_holdout(holdout_before, fixed_text):
 
     text = repair_text(summary)
 
-    assert "remaining examples broken" in text
-    assert ("holdout failures fixed" in text) == fixed_text
+    assert "2.0 more remaining examples broken" in text
+    assert ("as many holdout failures fixed" in text) == fixed_text
+
+    summary["gain_over_nothing"]["mean"] = {"holdout_fixed": 3, "remaining_broken": -6}
+    assert (
+        "Against the nothing-removed control: 3.0 more holdout failures fixed, "
+        "6.0 fewer remaining examples broken."
+    ) in repair_text(summary) or not fixed_text
 
 
 def test_removal_curve_takes_finetune_settings(tiny_run, capsys, monkeypatch):

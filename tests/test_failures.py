@@ -53,8 +53,14 @@ def test_split_of_chosen_candidates():
 def test_empty_failure_set_is_clear_error():
     labels = torch.arange(10)
 
-    with pytest.raises(EmptyFailureSetError, match="no failure to repair"):
+    with pytest.raises(
+        EmptyFailureSetError, match="no failure to repair. Study a model that makes"
+    ):
         split_failures(labels.clone(), labels)
+    with pytest.raises(
+        EmptyFailureSetError, match="no failure to repair. Choose misclassified"
+    ):
+        split_failures(labels.clone(), labels, candidates=torch.zeros(0))
 
 
 def test_correct_candidate_rejected():

@@ -616,6 +616,8 @@ def test_validate_causes_sorts_and_drops_duplicates():
         ([-1], r"Training index -1 is out of range 0\.\.9"),
         (list(range(10)), "cover all 10 training examples"),
         ([0.5, 1.0], "integer training indices"),
+        ("abc", r"^Causes must be integer training indices, got text 'abc'\."),
+        (["4", "7"], r"got text \"\['4', '7'\]\"\. Pass indices such as"),
     ],
 )
 def test_validate_causes_rejects_bad_input(causes, message):

@@ -91,6 +91,18 @@ def validate_causes(
             outside 0..N-1, a value is not an integer, or the causes cover all
             of D.
     """
+    # torch reads a string as a sequence of characters and names its own
+    # internals in the error, so text gets its own message.
+    text = isinstance(causes, (str, bytes)) or (
+        isinstance(causes, (list, tuple))
+        and any(isinstance(item, (str, bytes)) for item in causes)
+    )
+    if text:
+        shown = _shortened(str(causes))
+        raise ConfigError(
+            f"Causes must be integer training indices, got text {shown!r}. Pass "
+            "indices such as [12, 40, 311], or read a file with read_causes_file."
+        )
     try:
         values = torch.as_tensor(causes)
     except (TypeError, ValueError, RuntimeError) as error:
