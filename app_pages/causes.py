@@ -112,7 +112,7 @@ def undo_last() -> None:
     by_decision: dict[str | None, list[int]] = {}
     for index, decision in undo["previous"]:
         by_decision.setdefault(decision, []).append(index)
-    # Only decisions that still hold what the change set go back.
+    # Only decisions that still have the value this change set are restored.
     expected = {index: undo["decision"] for index, _ in undo["previous"]}
     kept: list[int] = []
     for decision, indices in by_decision.items():

@@ -60,7 +60,7 @@ def detection_figure(latest: dict[str, dict[str, Any]]) -> go.Figure:
             x=inspected[keep],
             y=found[keep],
             mode="lines",
-            # The id tells which of several rankings by one method is drawn.
+            # The id shows which of several rankings by one method is drawn.
             name=dashboard.ranking_label(record),
             line={
                 "dash": dash,

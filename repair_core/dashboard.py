@@ -551,9 +551,9 @@ def load_run(root: str, run_id: str) -> pipeline.LoadedRun:
     """Return the run, loaded once per process and state of its files.
 
     A change under the run's data folder or to the files of its run folder
-    loads the run again, so that pipeline.load_run checks them anew: it
-    raises its DataError when the images differ from those the run was
-    stored with, and its WorkspaceError when the model file is gone.
+    loads the run again, so that pipeline.load_run checks them anew. It
+    raises DataError when the images differ from those the run was stored
+    with, and WorkspaceError when the model file is missing.
     """
     ws = open_workspace(root)
     config = ws.get_run(run_id)["config"]
@@ -802,7 +802,7 @@ def umap_coordinates(root: str, run_id: str) -> dict[str, np.ndarray]:
     reducer = umap.UMAP(n_components=2, n_epochs=200, random_state=0, n_jobs=1)
     coordinates = reducer.fit_transform(features)
     result = {"train": coordinates[: len(train)], "test": coordinates[len(train) :]}
-    # Kept in the run folder for later sessions and servers; a workspace that
+    # Kept in the run folder for later sessions and servers. A workspace that
     # cannot be written to only loses that.
     with contextlib.suppress(RepairError, OSError):
         ws.save_tensor(run_id, MAP_FILE, result)
@@ -1228,7 +1228,7 @@ def settings_editor(
                 )
             )
         elif isinstance(value, str):
-            # Spaces around a typed word are no part of the setting.
+            # Spaces around a typed word are not part of the setting.
             values[item.name] = st.text_input(
                 label, value=value, key=key, help=help_text
             ).strip()

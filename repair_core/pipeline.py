@@ -1241,8 +1241,8 @@ def resolve_causes(
             f"Scores {scores_id!r} cover {len(scores)} examples but run "
             f"{run.run_id!r} has {n_train}. Use scores of this run."
         )
-    # The method tells a reader whether C holds suspects or a reference such
-    # as the oracle.
+    # The method shows a reader whether C contains suspects or a reference
+    # such as the oracle.
     method = workspace.get_scores(scores_id)["method"]
     if positive:
         indices = torch.nonzero(scores > 0).flatten()

@@ -44,7 +44,7 @@ def check_page_is_ours(out: str | Path) -> None:
     ``out/results.json``, so that rendering never replaces someone's own file.
 
     Raises:
-        FileExistsError: the page holds something else.
+        FileExistsError: the page contains something else.
     """
     out = Path(out)
     path = page_path(out)
@@ -777,8 +777,8 @@ def render_page(out: str | Path) -> Path:
 
     Raises:
         FileNotFoundError: there is no results file in ``out``.
-        FileExistsError: the page's path holds a file the benchmark did not
-            render.
+        FileExistsError: a file that the benchmark did not render is at the
+            page's path.
     """
     out = Path(out)
     results_path = out / RESULTS_NAME
