@@ -72,12 +72,14 @@ def detection_figure(latest: dict[str, dict[str, Any]]) -> go.Figure:
         xaxis={
             "title": "share of D inspected",
             "tickformat": ".0%",
-            "range": [0, 1.01],
+            # Plotly hides a tick label that crosses the edge of the chart, so
+            # the range and the right margin leave room for "100%".
+            "range": [0, 1.04],
             "dtick": 0.2,
         },
         yaxis={"title": "share of corrupted found", "tickformat": ".0%"},
         height=420,
-        margin={"t": 10, "b": 10},
+        margin={"t": 10, "b": 10, "r": 24},
         legend=dashboard.LEGEND_ABOVE,
         showlegend=True,
     )

@@ -89,8 +89,8 @@ def split_failures(
         )
     if len(failures) == 0:
         raise EmptyFailureSetError(
-            "The model classifies every chosen test example correctly, so there is "
-            "no failure to repair. Choose misclassified test examples."
+            "No test example was chosen, so there is no failure to repair. Choose "
+            "misclassified test examples."
         )
 
     generator = torch.Generator().manual_seed(seed)

@@ -436,8 +436,21 @@ class Workspace:
         return self.run_dir(run_id) / relative
 
     def save_tensor(self, run_id: str, relative: str, obj: Any) -> str:
-        """Save ``obj`` with torch.save under the run folder; return the path used."""
-        atomic_torch_save(self.path(run_id, relative), obj)
+        """Save ``obj`` with torch.save under the run folder; return the path used.
+
+        Raises:
+            WorkspaceError: the file could not be written, for example because
+                its folder is read-only or the disk is full.
+        """
+        path = self.path(run_id, relative)
+        try:
+            atomic_torch_save(path, obj)
+        except OSError as error:
+            raise WorkspaceError(
+                f"File {str(path)!r} of run {run_id!r} could not be written: "
+                f"{error.strerror or error}. Make its folder writable and free "
+                "disk space, or choose another folder with --workspace."
+            ) from error
         return relative
 
     def load_tensor(
@@ -467,12 +480,14 @@ class Workspace:
             return torch.load(path, map_location="cpu", weights_only=False)
         except MemoryError:
             raise
-        except OSError as error:
+        except PermissionError as error:
             raise WorkspaceError(
                 f"File {str(path)!r} of run {run_id!r} could not be read: {error}. "
                 f"Check the file's permissions. {remedy}"
             ) from error
         except Exception as error:  # torch raises many types for corrupt files
+            # A file cut short can also raise OSError, such as EINVAL from a
+            # seek past its end.
             # torch's own message is long and suggests settings that do not
             # apply here, so only the exception type is shown.
             raise WorkspaceError(

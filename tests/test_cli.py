@@ -170,23 +170,35 @@ def test_bench_rejects_bad_options(tmp_path, capsys, argv, message):
     assert not (out / "results.json").exists()
 
 
+OWN_NOTES = [
+    "my own notes\n",
+    # A page of one's own may link to the results file too.
+    "# Team notes\nRaw data: [`benchmarks/results.json`](benchmarks/results.json)\n",
+]
+
+
 @pytest.mark.parametrize("render_only", [False, True])
-def test_bench_keeps_a_page_it_did_not_write(tmp_path, capsys, render_only):
+@pytest.mark.parametrize("own", OWN_NOTES)
+def test_bench_keeps_a_page_it_did_not_write(
+    tmp_path, capsys, monkeypatch, render_only, own
+):
     out = tmp_path / "out" / "benchmarks"
     out.mkdir(parents=True)
     notes = tmp_path / "out" / "BENCHMARKS.md"
-    notes.write_text("my own notes\n")
+    notes.write_text(own)
     if render_only:
         (out / "results.json").write_text("{}")
     argv = ["--render-only"] if render_only else ["--quick"]
+    # "." names the same folder once resolved.
+    monkeypatch.chdir(out)
 
-    code = main(["bench", "--out", str(out), *argv])
+    code = main(["bench", "--out", ".", *argv])
 
     assert code == 2
     err = capsys.readouterr().err
     assert f"{notes} exists and was not rendered from {out / 'results.json'}" in err
     assert "Traceback" not in err
-    assert notes.read_text() == "my own notes\n"
+    assert notes.read_text() == own
     assert sorted(path.name for path in out.iterdir()) == (
         ["results.json"] if render_only else []
     )

@@ -58,7 +58,7 @@ def test_empty_failure_set_is_clear_error():
     ):
         split_failures(labels.clone(), labels)
     with pytest.raises(
-        EmptyFailureSetError, match="no failure to repair. Choose misclassified"
+        EmptyFailureSetError, match="^No test example was chosen, so there is no"
     ):
         split_failures(labels.clone(), labels, candidates=torch.zeros(0))
 

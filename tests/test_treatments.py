@@ -606,6 +606,7 @@ def test_validate_causes_sorts_and_drops_duplicates():
 
     assert causes.tolist() == [1, 3, 5]
     assert causes.dtype == torch.int64
+    assert validate_causes({5, 1, 3}, 10).tolist() == [1, 3, 5]
 
 
 @pytest.mark.parametrize(
@@ -617,6 +618,7 @@ def test_validate_causes_sorts_and_drops_duplicates():
         (list(range(10)), "cover all 10 training examples"),
         ([0.5, 1.0], "integer training indices"),
         ("abc", r"^Causes must be integer training indices, got text 'abc'\."),
+        (None, r"^Causes are None\. Pass integer training indices"),
         (["4", "7"], r"got text \"\['4', '7'\]\"\. Pass indices such as"),
     ],
 )

@@ -212,6 +212,29 @@ def test_tensor_files_round_trip(tmp_path):
     assert torch.equal(loaded["bias"], state["bias"])
 
 
+def test_cut_short_tensor_file_reads_as_corrupt(tmp_path):
+    workspace = Workspace(tmp_path)
+    workspace.save_tensor("run-a", "model.pt", {"weight": torch.zeros(50_000)})
+    path = workspace.path("run-a", "model.pt")
+    path.write_bytes(path.read_bytes()[:5000])
+
+    with pytest.raises(WorkspaceError) as caught:
+        workspace.load_tensor("run-a", "model.pt")
+
+    assert "is corrupt: torch.load failed with" in str(caught.value)
+    assert "permissions" not in str(caught.value)
+
+
+def test_unwritable_tensor_file_is_a_workspace_error(tmp_path):
+    workspace = Workspace(tmp_path)
+    # A file where the run's folder should be stops every write into it.
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "run-a").write_text("not a folder")
+
+    with pytest.raises(WorkspaceError, match=r"model\.pt' of run 'run-a' could not be"):
+        workspace.save_tensor("run-a", "model.pt", {"weight": torch.zeros(3)})
+
+
 def test_decisions_persist_and_update(tmp_path):
     workspace = Workspace(tmp_path)
     workspace.add_run("run-a", "train", {}, {})

@@ -36,7 +36,7 @@ PAGE_NAME = "BENCHMARKS.md"
 
 def page_path(out: str | Path) -> Path:
     """Return the page path, one level above the plot folder ``out``."""
-    return Path(out).parent / PAGE_NAME
+    return Path(out).resolve().parent / PAGE_NAME
 
 
 def check_page_is_ours(out: str | Path) -> None:
@@ -46,15 +46,19 @@ def check_page_is_ours(out: str | Path) -> None:
     Raises:
         FileExistsError: the page contains something else.
     """
-    out = Path(out)
+    out = Path(out).resolve()
     path = page_path(out)
     if not path.exists():
         return
-    source = f"[`{out.name}/{RESULTS_NAME}`]"
+    # The page's heading and its sentence naming the results file, as
+    # PageWriter writes them.
+    start = "# Benchmarks\n"
+    source = f"The page is rendered from [`{out.name}/{RESULTS_NAME}`]"
     try:
-        ours = path.is_file() and source in path.read_text(errors="replace")
+        text = path.read_text(errors="replace") if path.is_file() else ""
     except OSError:
-        ours = False
+        text = ""
+    ours = text.startswith(start) and source in text
     if not ours:
         raise FileExistsError(
             f"{path} exists and was not rendered from {out / RESULTS_NAME}, so the "
@@ -780,7 +784,8 @@ def render_page(out: str | Path) -> Path:
         FileExistsError: a file that the benchmark did not render is at the
             page's path.
     """
-    out = Path(out)
+    # Resolved, so that "." names its folder in the page's links.
+    out = Path(out).resolve()
     results_path = out / RESULTS_NAME
     if not results_path.is_file():
         raise FileNotFoundError(

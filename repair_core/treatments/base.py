@@ -103,6 +103,12 @@ def validate_causes(
             f"Causes must be integer training indices, got text {shown!r}. Pass "
             "indices such as [12, 40, 311], or read a file with read_causes_file."
         )
+    if isinstance(causes, (set, frozenset)):
+        causes = sorted(causes)
+    if causes is None:
+        raise ConfigError(
+            "Causes are None. Pass integer training indices such as [12, 40, 311]."
+        )
     try:
         values = torch.as_tensor(causes)
     except (TypeError, ValueError, RuntimeError) as error:
