@@ -202,6 +202,11 @@ def read_flip_matrix(path: str | Path, num_classes: int) -> np.ndarray:
             f"Flip matrix file {str(path)!r} could not be read "
             f"({error.strerror or error}). Check that the file is readable."
         ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"Flip matrix file {str(path)!r} is not UTF-8 text. Save it as CSV "
+            "with UTF-8 encoding."
+        ) from None
     except ValueError as error:
         raise ConfigError(
             f"Flip matrix file {str(path)!r} could not be parsed ({error}). Write "

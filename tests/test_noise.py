@@ -135,6 +135,13 @@ def test_read_flip_matrix_with_byte_order_mark(tmp_path):
     assert read_flip_matrix(path, 2).tolist() == [[0.5, 0.5], [0.0, 1.0]]
 
 
+def test_read_flip_matrix_not_utf8(tmp_path):
+    path = tmp_path / "flips.csv"
+    path.write_text("0.5,0.5\n0,1\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match=r"flips\.csv' is not UTF-8 text\."):
+        read_flip_matrix(path, 2)
+
+
 def test_read_flip_matrix_folder_or_unreadable(tmp_path):
     with pytest.raises(ConfigError, match=r"^Flip matrix file .* is a folder\."):
         read_flip_matrix(tmp_path, 2)
