@@ -42,16 +42,20 @@ def choose_ranking() -> None:
     st.session_state["scores_id"] = st.session_state["causes_scores"]
 
 
-def note_kept(kept: list[int]) -> None:
-    """Say which decisions another tab or session changed, so a change here
-    left them as saved."""
-    if not kept:
+def note_changed_elsewhere(indices: list[int]) -> None:
+    """Name the cards that another tab or session changed, so a change here
+    left their saved decisions as they were."""
+    if not indices:
         return
-    named = ", ".join(f"#{i}" for i in kept[:5]) + (", …" if len(kept) > 5 else "")
-    one = len(kept) == 1
-    keeps = "it keeps its saved decision" if one else "they keep their saved decisions"
-    st.session_state["causes_kept"] = (
-        f"Train {named} {'was' if one else 'were'} changed in another tab or "
+    named = ", ".join(f"#{i}" for i in indices[:5])
+    if len(indices) > 5:
+        named += ", …"
+    single = len(indices) == 1
+    keeps = (
+        "it keeps its saved decision" if single else "they keep their saved decisions"
+    )
+    st.session_state["causes_conflict"] = (
+        f"Train {named} {'was' if single else 'were'} changed in another tab or "
         f"session since this page was drawn, so {keeps}. The cards now show the "
         "saved decisions."
     )
@@ -80,9 +84,9 @@ def set_decisions(
     )
     if saved is None:
         return False
-    kept = saved[0]
-    note_kept(kept)
-    changed = [i for i in expected if i not in kept]
+    unchanged = saved[0]
+    note_changed_elsewhere(unchanged)
+    changed = [i for i in expected if i not in unchanged]
     if changed:
         st.session_state["causes_undo"] = {
             "failure_set_id": failure_set_id,
@@ -114,7 +118,7 @@ def undo_last() -> None:
         by_decision.setdefault(decision, []).append(index)
     # Only decisions that still have the value this change set are restored.
     expected = {index: undo["decision"] for index, _ in undo["previous"]}
-    kept: list[int] = []
+    unchanged: list[int] = []
     for decision, indices in by_decision.items():
         result = dashboard.run_safely(
             "Undoing the last change",
@@ -122,8 +126,8 @@ def undo_last() -> None:
                 run.run_id, failure_set_id, indices, decision, expected=expected
             ),
         )
-        kept += result or []
-    note_kept(sorted(kept))
+        unchanged += result or []
+    note_changed_elsewhere(sorted(unchanged))
 
 
 def refresh_view() -> None:
@@ -497,11 +501,11 @@ st.caption(
     "rejected."
 )
 
-kept_note = st.session_state.pop("causes_kept", None)
+conflict_note = st.session_state.pop("causes_conflict", None)
 undo = st.session_state.get("causes_undo")
 with st.container():
-    if kept_note:
-        st.warning(kept_note)
+    if conflict_note:
+        st.warning(conflict_note)
     if undo and undo["failure_set_id"] == failure_set_id:
         st.button(
             f"Undo: {undo['description']}",

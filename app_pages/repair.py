@@ -259,7 +259,7 @@ def sweep_strengths(treatment: str) -> list[float] | None:
     try:
         return check_strengths(treatment, values)
     except ConfigError as error:
-        st.error(str(error).removesuffix(" Nothing was run."))
+        st.error(str(error))
         return None
 
 

@@ -804,7 +804,7 @@ def umap_coordinates(root: str, run_id: str) -> dict[str, np.ndarray]:
     result = {"train": coordinates[: len(train)], "test": coordinates[len(train) :]}
     # Kept in the run folder for later sessions and servers. A workspace that
     # cannot be written to only loses that.
-    with contextlib.suppress(RepairError, OSError):
+    with contextlib.suppress(RepairError):
         ws.save_tensor(run_id, MAP_FILE, result)
     return result
 

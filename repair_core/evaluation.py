@@ -448,12 +448,12 @@ def check_strengths(treatment: str, strengths: Sequence[float]) -> list[float]:
         if not (math.isfinite(float(strength)) and float(strength) > 0):
             raise ConfigError(
                 f"Sweep strength {strength} of {treatment} must be a finite "
-                "positive number. Nothing was run."
+                "positive number."
             )
         if field == "max_epochs" and float(strength) != int(strength):
             raise ConfigError(
                 f"Sweep strength {strength} of finetune is a number of epochs and "
-                "must be a whole number. Nothing was run."
+                "must be a whole number."
             )
     # Each point's model is stored under its value, so a repeated value would
     # make two points name one file.
@@ -462,8 +462,7 @@ def check_strengths(treatment: str, strengths: Sequence[float]) -> list[float]:
     if repeated:
         raise ConfigError(
             f"Sweep strength {repeated[0]:g} of {treatment} is given "
-            f"{values.count(repeated[0])} times. Give each strength once. Nothing "
-            "was run."
+            f"{values.count(repeated[0])} times. Give each strength once."
         )
     return values
 

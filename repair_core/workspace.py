@@ -810,7 +810,7 @@ class Workspace:
                 f"{', '.join(DECISIONS)} or None to clear."
             )
         indices = [int(i) for i in train_indices]
-        kept: list[int] = []
+        unchanged: list[int] = []
         with self._connect() as connection:
             if expected is not None:
                 # Reading and writing in one write transaction, so that no
@@ -824,9 +824,9 @@ class Workspace:
                         (run_id, failure_set_id),
                     )
                 }
-                changed = {i for i in indices if stored.get(i) != expected.get(i)}
-                kept = sorted(changed)
-                indices = [i for i in indices if i not in changed]
+                elsewhere = {i for i in indices if stored.get(i) != expected.get(i)}
+                unchanged = sorted(elsewhere)
+                indices = [i for i in indices if i not in elsewhere]
             if decision is None:
                 connection.executemany(
                     "DELETE FROM decisions WHERE run_id = ? AND failure_set_id = ? "
@@ -840,7 +840,7 @@ class Workspace:
                     "decision = excluded.decision, updated_at = excluded.updated_at",
                     [(run_id, failure_set_id, i, decision, _now()) for i in indices],
                 )
-        return kept
+        return unchanged
 
     def get_decisions(self, run_id: str, failure_set_id: str) -> dict[int, str]:
         """Return {training index: decision} for one failure set."""

@@ -117,3 +117,20 @@ def make_idx_files(root: Path, folder: str, n_train: int, n_test: int) -> dict:
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
         arrays[prefix] = (images, labels)
     return arrays
+
+
+def write_digit_folder(root: Path, per_class: int = 6) -> None:
+    """Write train/ and test/ ImageFolder trees of random 28x28 greyscale PNGs
+    in the classes a and b."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for part in ("train", "test"):
+        for name in ("a", "b"):
+            folder = root / part / name
+            folder.mkdir(parents=True)
+            for index in range(per_class):
+                pixels = torch.randint(0, 256, (28, 28), generator=generator)
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(
+                    folder / f"{index}.png"
+                )

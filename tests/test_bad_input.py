@@ -31,7 +31,7 @@ from repair_core.errors import (
 from repair_core.identification import identify
 from repair_core.treatments import apply_treatment, default_config, repair
 from repair_core.workspace import Workspace
-from tests.factories import tiny_cnn, tiny_images
+from tests.factories import tiny_cnn, tiny_images, write_digit_folder
 
 N_CLASSES = 3
 #: Labels outside 0..N_CLASSES-1. The loss raises IndexError on the first two
@@ -478,22 +478,6 @@ def test_factory_type_error_keeps_location(factory_folder):
 # Changed data and user models ----------------------------------------------------
 
 
-def _digits_folder(root: Path, per_class: int = 6) -> None:
-    """Write train/ and test/ ImageFolder trees of random 28x28 greyscale PNGs."""
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(0)
-    for part in ("train", "test"):
-        for name in ("a", "b"):
-            folder = root / part / name
-            folder.mkdir(parents=True)
-            for index in range(per_class):
-                pixels = torch.randint(0, 256, (28, 28), generator=generator)
-                Image.fromarray(pixels.to(torch.uint8).numpy()).save(
-                    folder / f"{index}.png"
-                )
-
-
 @pytest.fixture
 def folder_run(factory_folder, tmp_path):
     """A run imported from an ImageFolder tree, with the tree's path."""
@@ -510,7 +494,7 @@ def folder_run(factory_folder, tmp_path):
     import bad_input_folder_linear
 
     data = tmp_path / "digits"
-    _digits_folder(data)
+    write_digit_folder(data)
     checkpoint = tmp_path / "linear.pt"
     torch.save(bad_input_folder_linear.build().state_dict(), checkpoint)
     workspace = Workspace(tmp_path / "ws")

@@ -260,7 +260,7 @@ def test_decisions_changed_since_read_are_kept(tmp_path):
     workspace.set_decisions("run-a", "fs-a", [2], "rejected")
     workspace.set_decisions("run-a", "fs-a", [3], "confirmed")
 
-    kept = workspace.set_decisions(
+    unchanged = workspace.set_decisions(
         "run-a",
         "fs-a",
         [4, 3, 2, 1],
@@ -268,7 +268,7 @@ def test_decisions_changed_since_read_are_kept(tmp_path):
         expected={i: read.get(i) for i in (1, 2, 3, 4)},
     )
 
-    assert kept == [2, 3]
+    assert unchanged == [2, 3]
     assert workspace.get_decisions("run-a", "fs-a") == {2: "rejected", 3: "confirmed"}
     assert workspace.set_decisions("run-a", "fs-a", [2], "confirmed") == []
 

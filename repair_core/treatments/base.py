@@ -98,9 +98,9 @@ def validate_causes(
         and any(isinstance(item, (str, bytes)) for item in causes)
     )
     if text:
-        shown = _shortened(str(causes))
+        preview = _shortened(str(causes))
         raise ConfigError(
-            f"Causes must be integer training indices, got text {shown!r}. Pass "
+            f"Causes must be integer training indices, got text {preview!r}. Pass "
             "indices such as [12, 40, 311], or read a file with read_causes_file."
         )
     if isinstance(causes, (set, frozenset)):
