@@ -5,9 +5,11 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 
 from repair_core.benchmark import quick_settings, render_page, run_benchmark
+from repair_core.benchmark.bars import QualityBars
 from repair_core.benchmark.experiments import (
     BenchContext,
     complete_detection,
@@ -16,6 +18,7 @@ from repair_core.benchmark.experiments import (
 from repair_core.benchmark.report import removed_counts
 from repair_core.benchmark.settings import BenchSettings
 from repair_core.benchmark.store import ResultsStore
+from repair_core.benchmark.summary import Results, paired_difference
 from repair_core.cli import main
 from repair_core.errors import ConfigError
 from repair_core.workspace import Workspace
@@ -287,3 +290,82 @@ def test_removed_counts_shows_range():
     assert removed_counts([{"n_removed": 384}, {"n_removed": 384}]) == "384"
     assert removed_counts([{"n_removed": 432}, {"n_removed": 384}]) == "384–432"
     assert removed_counts([{}]) == "?"
+
+
+def removal_results(holdout):
+    """A results file whose experiment 1 holds top-10 removal runs.
+
+    ``holdout`` maps a method to {(base seed, fine-tuning seed): F_h accuracy}.
+    """
+    units = {}
+    for base_seed, _ in holdout["ewc-influence"]:
+        units.setdefault(
+            f"exp1/embedded/seed{base_seed}",
+            {"status": "done", "seed": base_seed, "steps": {}},
+        )
+    for method, runs in holdout.items():
+        for (base_seed, finetune_seed), value in runs.items():
+            steps = units[f"exp1/embedded/seed{base_seed}"]["steps"]
+            point = steps.setdefault(
+                f"curve/{method}/k10", [{"k": 10, "per_seed": []}]
+            )[0]
+            point["per_seed"].append(
+                {"seed": finetune_seed, "holdout_acc": value, "remaining_acc": 0.97}
+            )
+    return Results({"settings": {}, "units": units})
+
+
+def test_paired_difference_pairs_by_seed():
+    results = removal_results(
+        {
+            "ewc-influence": {(0, 0): 0.5, (0, 1): 0.3, (1, 0): 0.6},
+            "random": {(0, 1): 0.4, (0, 0): 0.2, (1, 0): 0.9, (1, 1): 0.1},
+        }
+    )
+    mine = results.curve_runs_by_seed(1, "embedded", "ewc-influence", 10)
+    theirs = results.curve_runs_by_seed(1, "embedded", "random", 10)
+
+    difference = paired_difference(mine, theirs, "holdout_acc")
+
+    # Pairs (0, 0), (0, 1) and (1, 0); the random run (1, 1) has no partner.
+    expected = np.array([0.5 - 0.2, 0.3 - 0.4, 0.6 - 0.9])
+    assert difference.n == 3
+    assert difference.mean == pytest.approx(expected.mean())
+    assert difference.std == pytest.approx(expected.std(ddof=1))
+    assert difference.standard_error == pytest.approx(
+        expected.std(ddof=1) / math.sqrt(3)
+    )
+
+
+def test_removal_bar_reports_paired_difference(tmp_path):
+    results = removal_results(
+        {
+            "ewc-influence": {(0, 0): 0.5, (0, 1): 0.3, (1, 0): 0.6, (1, 1): 0.2},
+            "random": {(0, 0): 0.4, (0, 1): 0.4, (1, 0): 0.7, (1, 1): 0.3},
+            "training-loss": {(0, 0): 0.1, (0, 1): 0.2, (1, 0): 0.3, (1, 1): 0.1},
+        }
+    )
+    page = QualityBars(results, tmp_path / "benchmarks")
+
+    page.removal_bars()
+
+    bars = {name: (measured, verdict) for name, measured, verdict in page.bars}
+    random_bar = bars[
+        "EWC-influence top-k removal beats random removal on F_h at every k"
+    ]
+    differences = np.array([0.1, -0.1, -0.1, -0.1])
+    error = differences.std(ddof=1) / 2
+    assert random_bar[1] == "fail so far, incomplete"
+    assert random_bar[0] == (
+        "ties or loses at k=10: 0.400 vs 0.450 (paired difference -0.050, "
+        f"standard error {error:.3f} over 4 pairs)"
+    )
+    loss_bar = bars[
+        "EWC-influence top-k removal beats highest training loss removed on F_h "
+        "at every k"
+    ]
+    assert loss_bar[1] == "pass so far, incomplete"
+    assert loss_bar[0].endswith(
+        "narrowest at k=10 (paired difference +0.225, standard error 0.075 over "
+        "4 pairs)"
+    )

@@ -7,12 +7,13 @@ from repair_core.benchmark.page_base import (
     REMAINING_FLOOR,
     PageBase,
     best_tradeoff_points,
+    describe_difference,
     describe_point,
     method_label,
     sweep_by_gamma,
     table,
 )
-from repair_core.benchmark.summary import stat_of
+from repair_core.benchmark.summary import Stat, paired_difference, stat_of
 
 
 class QualityBars(PageBase):
@@ -56,7 +57,10 @@ class QualityBars(PageBase):
             f"{finished[1]} of {len(self.settings.seeds)} for experiment 1 and "
             f"{finished[4]} of {len(self.settings.seeds)} for experiment 4; an "
             "unfinished seed contributes the steps it completed. A bar with "
-            "nothing measured yet says so.",
+            "nothing measured yet says so. A paired difference subtracts, run "
+            "by run, the rival arm fine-tuned from the same base model with the "
+            "same fine-tuning seed. A difference within about two standard "
+            "errors of zero is within the spread that fine-tuning alone causes.",
             "",
         )
         self.add(*table(["bar", "measured", "verdict"], [list(b) for b in self.bars]))
@@ -64,36 +68,57 @@ class QualityBars(PageBase):
     def removal_bars(self) -> None:
         results = self.results
         ewc = results.curve_points(1, "embedded", "ewc-influence")
-        nothing = results.arm_runs(1, "embedded", "semi-oracle", "nothing")
         if not ewc:
             self.bar("EWC-influence removal beats the controls at every k", "–", None)
             self.bar("At k = 300, F_h ≥ every flipped label removed", "–", None)
             return
         rivals = {
-            "nothing removed": {k: nothing for k in ewc},
-            "random removal": results.curve_points(1, "embedded", "random"),
-            "highest training loss removed": results.curve_points(
-                1, "embedded", "training-loss"
+            "nothing removed": lambda k: results.arm_runs_by_seed(
+                1, "embedded", "semi-oracle", "nothing"
+            ),
+            "random removal": lambda k: results.curve_runs_by_seed(
+                1, "embedded", "random", k
+            ),
+            "highest training loss removed": lambda k: results.curve_runs_by_seed(
+                1, "embedded", "training-loss", k
             ),
         }
-        for name, by_k in rivals.items():
+        for name, rival_runs in rivals.items():
             losses = []
+            narrowest: tuple[int, Stat] | None = None
             measured_ks = 0
             for k, runs in ewc.items():
-                other = by_k.get(k)
+                other = rival_runs(k)
                 if not other:
                     continue
                 measured_ks += 1
                 mine = stat_of(runs, "holdout_acc").mean
-                theirs = stat_of(other, "holdout_acc").mean
+                theirs = stat_of(list(other.values()), "holdout_acc").mean
+                difference = paired_difference(
+                    results.curve_runs_by_seed(1, "embedded", "ewc-influence", k),
+                    other,
+                    "holdout_acc",
+                )
                 if not mine > theirs:
-                    losses.append(f"k={k}: {mine:.3f} vs {theirs:.3f}")
+                    losses.append(
+                        f"k={k}: {mine:.3f} vs {theirs:.3f} "
+                        f"({describe_difference(difference)})"
+                    )
+                elif narrowest is None or difference.mean < narrowest[1].mean:
+                    narrowest = (k, difference)
             planned = len(self.settings.ks)
+            if losses:
+                measured = "ties or loses at " + "; ".join(losses)
+            else:
+                measured = f"ahead at each of the {measured_ks} of {planned} k measured"
+                if narrowest is not None:
+                    measured += (
+                        f"; narrowest at k={narrowest[0]} "
+                        f"({describe_difference(narrowest[1])})"
+                    )
             self.bar(
                 f"EWC-influence top-k removal beats {name} on F_h at every k",
-                ("ties or loses at " + "; ".join(losses))
-                if losses
-                else f"ahead at each of the {measured_ks} of {planned} k measured",
+                measured,
                 None if measured_ks == 0 else not losses,
                 complete=measured_ks >= planned,
             )
@@ -103,10 +128,16 @@ class QualityBars(PageBase):
             holdout = stat_of(at300, "holdout_acc")
             remaining = stat_of(at300, "remaining_acc")
             reference = stat_of(semi, "holdout_acc")
+            difference = paired_difference(
+                results.curve_runs_by_seed(1, "embedded", "ewc-influence", 300),
+                results.arm_runs_by_seed(1, "embedded", "semi-oracle", "treatment"),
+                "holdout_acc",
+            )
             self.bar(
                 "At k = 300, F_h accuracy ≥ removing every flipped label, with "
                 "T\\F ≥ 0.95",
-                f"F_h {holdout.text()} vs {reference.text()}; T\\F {remaining.text()}",
+                f"F_h {holdout.text()} vs {reference.text()} "
+                f"({describe_difference(difference)}); T\\F {remaining.text()}",
                 holdout.mean >= reference.mean and remaining.mean >= REMAINING_FLOOR,
                 complete=holdout.n
                 >= len(self.settings.seeds) * len(self.settings.finetune_seeds),

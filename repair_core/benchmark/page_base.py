@@ -39,6 +39,19 @@ def number(value: Any, digits: int = 3) -> str:
     return "–"
 
 
+def describe_difference(difference: Stat) -> str:
+    """Describe a paired difference in accuracy with its standard error."""
+    if not difference.ok:
+        return "no paired runs"
+    text = f"paired difference {difference.mean:+.3f}"
+    if difference.n < 2:
+        return f"{text}, 1 pair"
+    return (
+        f"{text}, standard error {difference.standard_error:.3f} over "
+        f"{difference.n} pairs"
+    )
+
+
 def ratio(stat: Stat, reference: Stat) -> str:
     if not (stat.ok and reference.ok and reference.mean > 0):
         return "–"

@@ -36,6 +36,11 @@ class Stat:
     def ok(self) -> bool:
         return self.n > 0
 
+    @property
+    def standard_error(self) -> float:
+        """Standard error of the mean; nan with fewer than two values."""
+        return self.std / math.sqrt(self.n) if self.n > 1 else math.nan
+
     def text(self, digits: int = 3) -> str:
         if not self.ok:
             return "–"
@@ -145,6 +150,32 @@ class Results:
                 runs.extend(record["arms"][arm]["per_seed"])
         return runs
 
+    def curve_runs_by_seed(
+        self, experiment: int, data_key: str, method: str, k: int
+    ) -> dict[tuple[int, int], dict[str, Any]]:
+        """Fine-tuning records of one method's top-k removal, keyed by
+        (base seed, fine-tuning seed)."""
+        keyed = {}
+        for unit in self.experiment_units(experiment, data_key):
+            for point in unit.get("steps", {}).get(f"curve/{method}/k{k}", []):
+                if int(point["k"]) == k:
+                    for run in point["per_seed"]:
+                        keyed[(unit.get("seed"), run.get("seed"))] = run
+        return keyed
+
+    def arm_runs_by_seed(
+        self, experiment: int, data_key: str, step: str, arm: str
+    ) -> dict[tuple[int, int], dict[str, Any]]:
+        """Records of one arm of a repair step, keyed by (base seed,
+        fine-tuning seed)."""
+        keyed = {}
+        for unit in self.experiment_units(experiment, data_key):
+            record = unit.get("steps", {}).get(step)
+            if record and arm in record.get("arms", {}):
+                for run in record["arms"][arm]["per_seed"]:
+                    keyed[(unit.get("seed"), run.get("seed"))] = run
+        return keyed
+
     def step_records(
         self, experiment: int, data_key: str, step: str
     ) -> list[dict[str, Any]]:
@@ -164,6 +195,25 @@ class Results:
 
 def stat_of(runs: list[dict[str, Any]], key: str) -> Stat:
     return Stat.of(run.get(key) for run in runs)
+
+
+def paired_difference(
+    runs: dict[tuple[int, int], dict[str, Any]],
+    others: dict[tuple[int, int], dict[str, Any]],
+    key: str,
+) -> Stat:
+    """Differences ``runs − others`` in ``key`` over the (base seed,
+    fine-tuning seed) pairs both hold.
+
+    Both arms of a pair fine-tune the same base model with the same seed, so
+    the spread of the differences shows how far the gap between the arms
+    could be fine-tuning noise.
+    """
+    return Stat.of(
+        runs[pair].get(key) - others[pair].get(key)
+        for pair in sorted(runs.keys() & others.keys())
+        if _is_number(runs[pair].get(key)) and _is_number(others[pair].get(key))
+    )
 
 
 def best_under(
