@@ -378,7 +378,7 @@ if create and preview is not None:
     if existing is not None:
         use_failure_set(
             existing,
-            f"Failure set {existing} already holds these failures with query share "
+            f"Failure set {existing} already contains these failures with query share "
             f"{preview.query_fraction:g} and split seed {preview.seed}, so it is "
             "now the current failure set. No new set was created.",
         )

@@ -458,10 +458,16 @@ def show_run(run: pipeline.LoadedRun) -> None:
             )
             st.plotly_chart(figure, key="setup_history")
 
-    st.markdown("**Sample training images** (red outline: corrupted by the scenario)")
+    mask = run.corrupted_mask
+    if mask is None:
+        # An imported run has no scenario, so no example is known to be corrupted.
+        st.markdown("**Sample training images**")
+    else:
+        st.markdown(
+            "**Sample training images** (red outline: corrupted by the scenario)"
+        )
     images = dashboard.thumbnails(root, run.run_id, "train")
     labels = run.data.train.labels.tolist()
-    mask = run.corrupted_mask
     # Evenly spaced examples cover the classes even when a source lists its
     # images grouped by class, as mnist-embedded does. Up to 8 known corrupted
     # examples are added.

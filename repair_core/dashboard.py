@@ -194,7 +194,7 @@ def restore_from_url() -> None:
             st.session_state["workspace_root"] = root
         else:
             st.toast(
-                f"The address names the workspace folder {root!r}, which holds no "
+                f"The address names the workspace folder {root!r}, which contains no "
                 f"workspace, so the dashboard uses "
                 f"{st.session_state['workspace_root']!r}."
             )
@@ -467,7 +467,14 @@ def workspace() -> Workspace:
     init_state()
     root = st.session_state["workspace_root"]
     try:
-        return open_workspace(root)
+        opened = open_workspace(root)
+        if not opened.read_only and not opened.database_path.is_file():
+            # The database was deleted or moved after it was opened. Opening
+            # the folder again reports run folders left without records, or
+            # starts a new workspace where there are none.
+            open_workspace.clear()
+            opened = open_workspace(root)
+        return opened
     except USER_ERRORS as error:
         st.error(
             f"The workspace folder {root!r} cannot be used: "
@@ -477,9 +484,33 @@ def workspace() -> Workspace:
         st.stop()
 
 
+#: Server addresses that only this machine can reach.
+LOOPBACK_ADDRESSES = ("127.0.0.1", "localhost", "::1")
+
+
+def network_warning(address: str | None) -> str | None:
+    """Return a warning when the server listens on ``address`` beyond this
+    machine, or None for a loopback address.
+
+    An unset ``server.address`` makes Streamlit listen on every interface.
+    """
+    if address in LOOPBACK_ADDRESSES:
+        return None
+    where = f"address {address}" if address else "every network interface"
+    return (
+        f"This dashboard listens on {where}. Anyone who can open it can read and "
+        "write folders on this machine and, through Import, run Python code "
+        "here. Serve it with --server.address 127.0.0.1 and reach it from other "
+        "machines through an SSH tunnel."
+    )
+
+
 def workspace_sidebar() -> None:
     """Show the workspace folder and the open run in the sidebar."""
     init_state()
+    warning = network_warning(st.get_option("server.address"))
+    if warning is not None:
+        st.sidebar.warning(warning, icon="⚠️")
     key = "sidebar_workspace"
     # ``workspace_root`` is the folder in use, and the box only edits it, so the
     # box is refilled from it on every run. Streamlit drops the state of a
@@ -525,7 +556,7 @@ def workspace_sidebar() -> None:
         pending = st.session_state.get("pending_workspace")
         if pending:
             st.warning(
-                f"{pending!r} holds no workspace. Create a new, empty workspace "
+                f"{pending!r} contains no workspace. Create a new, empty workspace "
                 "there, or correct the path."
             )
             create, cancel = st.columns(2)

@@ -179,9 +179,13 @@ def load_factory(spec: str, search_path: str | Path | None = None) -> nn.Module:
     Args:
         spec: for example ``my_models:build_net``. The callable takes no
             arguments and returns an ``nn.Module``.
-        search_path: a folder added to ``sys.path`` before importing, so a
-            module next to the checkpoint can be found. The current working
-            directory is always searched.
+        search_path: a folder searched for the module, so a module next to
+            the checkpoint can be found. The current working directory is
+            always searched.
+
+    Both folders are on ``sys.path`` only while the module is imported and the
+    callable runs. Left there, a module in the checkpoint's folder would hide
+    a package of the same name from every later import in the process.
     """
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
@@ -189,9 +193,19 @@ def load_factory(spec: str, search_path: str | Path | None = None) -> nn.Module:
             f"Invalid model factory {spec!r}. Write it as 'module:callable', for "
             "example 'my_models:build_net'."
         )
+    saved_path = list(sys.path)
     for folder in (search_path, Path.cwd()):
         if folder is not None and str(folder) not in sys.path:
             sys.path.insert(0, str(folder))
+    try:
+        return _build_from_factory(spec, module_name, attribute, search_path)
+    finally:
+        sys.path[:] = saved_path
+
+
+def _build_from_factory(
+    spec: str, module_name: str, attribute: str, search_path: str | Path | None
+) -> nn.Module:
     try:
         module = _import_module(module_name, search_path)
     except ImportError as error:

@@ -209,7 +209,8 @@ def read_flip_matrix(path: str | Path, num_classes: int) -> np.ndarray:
         ) from None
     except ValueError as error:
         raise ConfigError(
-            f"Flip matrix file {str(path)!r} could not be parsed ({error}). Write "
+            f"Flip matrix file {str(path)!r} could not be parsed "
+            f"({str(error).rstrip('.')}). Write "
             f"{num_classes} lines of {num_classes} comma-separated numbers, with "
             "no header."
         ) from error
@@ -262,7 +263,7 @@ def validate_flip_matrix(
         if abs(total - 1.0) > ROW_SUM_TOLERANCE:
             raise ConfigError(
                 f"Row {row_index} of the flip matrix sums to {total:.9g}, not 1 "
-                f"(tolerance {ROW_SUM_TOLERANCE:g}). Each row holds the "
+                f"(tolerance {ROW_SUM_TOLERANCE:g}). Each row contains the "
                 "probabilities of the new label for one true class, so make it "
                 "sum to 1."
             )

@@ -320,7 +320,7 @@ def _check_same_data(
     if not changed and stored:
         fingerprint = _data_fingerprint(data)
         changed = [
-            f"the {part} part holds other images or labels"
+            f"the {part} part contains other images or labels"
             for part in ("train", "test")
             if stored.get(part) not in (None, fingerprint[part])
         ]

@@ -350,14 +350,34 @@ class Workspace:
     # Database access -----------------------------------------------------
 
     @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self, create: bool = False) -> Iterator[sqlite3.Connection]:
+        """Open the database; only ``create`` lets sqlite create a missing file.
+
+        Every connection after the first opens the file for reading and
+        writing only, so a database deleted while the workspace is open is
+        reported as missing instead of coming back empty.
+        """
         if self.read_only:
             # Without a writable folder sqlite cannot create the WAL index, so
             # the file is opened as immutable: read without locks or WAL.
             uri = f"{self.database_path.as_uri()}?mode=ro&immutable=1"
-            connection = sqlite3.connect(uri, uri=True, timeout=30)
         else:
-            connection = sqlite3.connect(self.database_path, timeout=30)
+            uri = f"{self.database_path.as_uri()}?mode={'rwc' if create else 'rw'}"
+        try:
+            connection = sqlite3.connect(uri, uri=True, timeout=30)
+        except sqlite3.OperationalError as error:
+            if not self.database_path.exists():
+                raise WorkspaceError(
+                    f"The workspace database {str(self.database_path)!r} is "
+                    "missing: it was deleted or moved after the workspace was "
+                    "opened. Restore it from a backup, or choose another "
+                    "workspace folder."
+                ) from error
+            raise WorkspaceError(
+                f"The workspace database {str(self.database_path)!r} cannot be "
+                f"opened: {error}. Check the file's permissions, or choose another "
+                "workspace folder."
+            ) from error
         connection.row_factory = sqlite3.Row
         connection.execute("PRAGMA foreign_keys = ON")
         try:
@@ -375,13 +395,13 @@ class Workspace:
             raise WorkspaceError(
                 f"The workspace database {str(self.database_path)!r} could not be "
                 f"used: {error}. If the file is damaged, restore it from a backup; "
-                "otherwise point --workspace at another folder."
+                "otherwise choose another workspace folder."
             ) from error
         finally:
             connection.close()
 
     def _initialise(self) -> None:
-        with self._connect() as connection:
+        with self._connect(create=True) as connection:
             if not self.read_only:
                 connection.execute("PRAGMA journal_mode = WAL")
                 connection.executescript(_SCHEMA)

@@ -136,7 +136,9 @@ def test_app_sidebar_shows_workspace(workspace_env, tmp_path):
     check_clean(app)
     assert app.session_state["workspace_root"] == str(workspace_env.root)
     assert app.session_state["run_id"] == workspace_env.run_id
-    assert app.sidebar.warning[0].value.startswith(f"{str(other)!r} holds no workspace")
+    assert app.sidebar.warning[0].value.startswith(
+        f"{str(other)!r} contains no workspace"
+    )
     assert not other.exists()
     app.sidebar.button(key="sidebar_workspace_cancel").click().run()
     assert not app.sidebar.warning
@@ -175,7 +177,7 @@ def test_url_opens_only_existing_workspaces(workspace_env, tmp_path):
     assert not missing.exists()
     assert not missing.parent.exists()
     assert app.session_state["workspace_root"] == str(workspace_env.root)
-    assert "holds no workspace" in app.toast[0].value
+    assert "contains no workspace" in app.toast[0].value
 
     other = tmp_path / "second"
     Workspace(other)
@@ -542,6 +544,10 @@ def test_setup_imports_uploaded_checkpoint(workspace_env):
     assert stored.parent == workspace_env.root / "uploads"
     assert stored.name.endswith("-model.pt")
     assert stored.read_bytes() == checkpoint.read_bytes()
+    # An imported run has no scenario, so no sample is outlined as corrupted.
+    headings = [text.value for text in app.markdown]
+    assert "**Sample training images**" in headings
+    assert not any("red outline" in heading for heading in headings)
 
 
 def test_failures_filter_creates_failure_set(workspace_env):
@@ -1812,7 +1818,7 @@ def test_failures_reuses_identical_set(workspace_env):
     check_clean(app)
     assert len(workspace.list_failure_sets(workspace_env.run_id)) == count
     assert app.session_state["failure_set_id"] == first
-    assert app.success[0].value.startswith(f"Failure set {first} already holds")
+    assert app.success[0].value.startswith(f"Failure set {first} already contains")
 
 
 def test_clear_decisions_needs_confirmation(workspace_env):

@@ -9,6 +9,7 @@ copy its folder per test.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import shutil
 import sys
 import textwrap
@@ -521,7 +522,7 @@ def test_moved_image_stops_loading_the_run(folder_run, part):
 
     message = str(caught.value)
     assert f"The data of run {run_id!r}" in message
-    assert f"the {part} part holds other images or labels" in message
+    assert f"the {part} part contains other images or labels" in message
     assert f"1 file added ({part}/b/9.png)" in message
     assert f"1 file removed ({part}/a/5.png)" in message
     assert "changed" not in message.split("stored: ")[1]
@@ -542,7 +543,7 @@ def test_edited_pixels_name_the_file(folder_run):
         pipeline.load_run(workspace, run_id)
 
     message = str(caught.value)
-    assert "the test part holds other images or labels" in message
+    assert "the test part contains other images or labels" in message
     assert "2 files changed (test/b/1.png, test/b/4.png)" in message
     assert "added" not in message
     assert "removed" not in message
@@ -793,3 +794,28 @@ def test_factory_helpers_of_same_name_in_two_folders(tmp_path, isolated_imports)
     ]
 
     assert widths == [3, 5, 3, 5]
+
+
+def test_factory_folder_leaves_no_shadowing_module(tmp_path, isolated_imports):
+    # A module beside the checkpoint that shares a package's name must not
+    # replace that package for imports after the model is built.
+    folder = tmp_path / "checkpoint_folder"
+    folder.mkdir()
+    _write_factory(
+        folder,
+        "bad_input_folder_net",
+        """
+        import torch.nn as nn
+
+        def build():
+            return nn.Linear(4, 2)
+        """,
+    )
+    _write_factory(folder, "bad_input_shadowed", "SOURCE = 'checkpoint folder'\n")
+    path_before = list(sys.path)
+
+    models.load_factory("bad_input_folder_net:build", folder)
+
+    assert sys.path == path_before
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("bad_input_shadowed")

@@ -123,7 +123,7 @@ class ResultsStore:
             and _without_selection(new) != (_without_selection(old))
         ):
             raise ConfigError(
-                f"{self.path} holds results of other settings ({old.get('mode')} "
+                f"{self.path} contains results of other settings ({old.get('mode')} "
                 "mode or other sizes). Pass another --out folder, or --fresh to "
                 "start over."
             )
