@@ -182,7 +182,9 @@ def _add_failure_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_causes_options(parser: argparse.ArgumentParser) -> None:
+def _add_causes_options(
+    parser: argparse.ArgumentParser, *, fit_failures: bool = True
+) -> None:
     parser.add_argument(
         "--scores",
         default=None,
@@ -191,6 +193,8 @@ def _add_causes_options(parser: argparse.ArgumentParser) -> None:
     )
     group = parser.add_argument_group(
         "causes C (give exactly one; fit-failures takes none or records them)"
+        if fit_failures
+        else "causes C (give exactly one)"
     )
     group.add_argument(
         "--top-k", type=int, default=None, help="remove the k highest scores"
@@ -374,7 +378,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_workspace(sweep)
     _add_failure_options(sweep)
-    _add_causes_options(sweep)
+    _add_causes_options(sweep, fit_failures=False)
     sweep.add_argument(
         "--treatment",
         default="ewc-deletion",
@@ -405,7 +409,8 @@ def _build_parser() -> argparse.ArgumentParser:
     curve.add_argument(
         "--ks",
         default="10,30,100,300,600,1000",
-        help="comma-separated numbers of removed examples",
+        help="comma-separated numbers of removed examples; 0 fine-tunes with "
+        "nothing removed, the control for fine-tuning alone",
     )
     curve.add_argument(
         "--seeds", default="0,1,2", help="comma-separated fine-tuning seeds"

@@ -359,6 +359,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"Checkpoint {str(path)!r} not found. Check the path.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as error:
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} could not be read "
+            f"({error.strerror or error}). Check that the file is readable."
+        ) from error
     except Exception as error:  # torch raises many types for corrupt files
         # torch's own message suggests weights_only=False, which would run code
         # from the file, so only the exception type is shown.

@@ -512,7 +512,14 @@ def _stored_models(
     written: list[str] = []
     marker = workspace.path(run_id, folder + PENDING_SUFFIX)
     owner = {"pid": os.getpid(), "host": socket.gethostname()}
-    atomic_write_bytes(marker, json.dumps(owner).encode())
+    try:
+        atomic_write_bytes(marker, json.dumps(owner).encode())
+    except OSError as error:
+        raise WorkspaceError(
+            f"Workspace file {str(marker)!r} could not be written "
+            f"({error.strerror or error}). Make the folder "
+            f"{str(marker.parent)!r} writable, or choose another workspace folder."
+        ) from error
 
     def store(name: str, model: nn.Module) -> str:
         relative = main_file if name == main_name else f"{folder}/{name}.pt"

@@ -234,6 +234,10 @@ def _can_write(folder: Path) -> bool:
         return False
 
 
+#: Seconds a connection waits for another connection's lock before failing.
+LOCK_TIMEOUT_SECONDS = 30
+
+
 class Workspace:
     """A folder holding the database and files of every run.
 
@@ -364,7 +368,7 @@ class Workspace:
         else:
             uri = f"{self.database_path.as_uri()}?mode={'rwc' if create else 'rw'}"
         try:
-            connection = sqlite3.connect(uri, uri=True, timeout=30)
+            connection = sqlite3.connect(uri, uri=True, timeout=LOCK_TIMEOUT_SECONDS)
         except sqlite3.OperationalError as error:
             if not self.database_path.exists():
                 raise WorkspaceError(
@@ -385,7 +389,24 @@ class Workspace:
                 yield connection
         except sqlite3.DatabaseError as error:
             if isinstance(error, sqlite3.IntegrityError):
-                raise
+                if "FOREIGN KEY" not in str(error):
+                    raise
+                # Another command deleted the run or failure set that this
+                # record refers to, as a stopped command does with a failure
+                # set it created and no result uses yet.
+                raise WorkspaceError(
+                    "The run or failure set this result belongs to was deleted "
+                    "while the command ran, for example by another command that "
+                    "created the failure set and then stopped, so nothing was "
+                    "stored. Run the command again."
+                ) from error
+            if "database is locked" in str(error):
+                raise WorkspaceError(
+                    f"The workspace database {str(self.database_path)!r} stayed "
+                    f"locked by another command or session for {LOCK_TIMEOUT_SECONDS} "
+                    "seconds. Run the "
+                    "command again once the other one has finished."
+                ) from error
             if "readonly" in str(error) or self.read_only:
                 raise WorkspaceError(
                     f"The workspace database {str(self.database_path)!r} is "

@@ -1020,6 +1020,33 @@ def test_read_only_database_rejected_before_work(tiny_run, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_read_only_repairs_folder_is_named(tiny_run, tmp_path):
+    workspace, run = tiny_run
+    copy = tmp_path / "read-only-repairs"
+    shutil.copytree(workspace, copy)
+    repairs = copy / "runs" / run["run_id"] / "repairs"
+    repairs.mkdir(exist_ok=True)
+    causes = tmp_path / "causes.txt"
+    causes.write_text("0\n1\n")
+    repairs.chmod(0o555)
+    try:
+        result = subprocess.run(
+            [*_without_root_override(), sys.executable, "-m", "repair_core"]
+            + ["repair", "--run", run["run_id"], "--causes-file", str(causes)]
+            + ["--treatment", "newton", "--workspace", str(copy)],
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        repairs.chmod(0o755)
+
+    assert result.returncode == 2, result.stderr
+    assert "could not be written" in result.stderr
+    assert f"Make the folder {str(repairs)!r} writable" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(repairs.iterdir()) == []
+
+
 @pytest.mark.parametrize("seed", ["99999999999999999999", "-1"])
 def test_seed_outside_generator_range(tmp_path, capsys, seed):
     argv = ["train", "--workspace", str(tmp_path / "ws"), f"--seed={seed}"]
@@ -1574,3 +1601,15 @@ def test_repair_fit_failures_needs_no_causes(tiny_run, capsys):
     # Every other treatment removes something, so it still needs causes.
     assert main([*args, "--treatment", "finetune", "--seeds", "0"]) == 2
     assert "Name the causes in exactly one way" in capsys.readouterr().err
+
+
+def test_sweep_help_leaves_out_fit_failures(capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    sweep_help = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["repair", "--help"])
+    repair_help = capsys.readouterr().out
+
+    assert "fit-failures" not in sweep_help
+    assert "fit-failures takes none or records them" in repair_help

@@ -1,6 +1,10 @@
 """Model shapes, user factories and checkpoint validation."""
 
+import os
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +187,39 @@ def test_corrupt_checkpoint_message(tmp_path):
 def test_missing_checkpoint_message(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         models.read_state_dict(tmp_path / "absent.pt")
+
+
+def test_unreadable_checkpoint_message(tmp_path):
+    path = tmp_path / "locked.pt"
+    torch.save(nn.Linear(2, 2).state_dict(), path)
+    path.chmod(0o000)
+    # Root reads any file unless the capability to override permissions is
+    # dropped, so the read runs in a child process without it.
+    prefix = (
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+        if os.geteuid() == 0
+        else []
+    )
+    script = (
+        "from repair_core import models\n"
+        "from repair_core.errors import CheckpointError\n"
+        "try:\n"
+        f"    models.read_state_dict({str(path)!r})\n"
+        "except CheckpointError as error:\n"
+        "    print(error)\n"
+    )
+    try:
+        result = subprocess.run(
+            [*prefix, sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+    finally:
+        path.chmod(0o644)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (
+        f"Checkpoint {str(path)!r} could not be read (Permission denied). Check "
+        "that the file is readable."
+    )

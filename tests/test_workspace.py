@@ -171,7 +171,8 @@ def test_missing_sweep_and_curve_messages(tmp_path):
 def test_sweep_needs_stored_failure_set(tmp_path):
     workspace = _workspace_with_records(tmp_path)
 
-    with pytest.raises(sqlite3.IntegrityError):
+    # A failure set deleted by another command is named, and nothing is stored.
+    with pytest.raises(WorkspaceError, match="was deleted while the command ran"):
         _add_sweep(workspace, "sw-a", failure_set_id="fs-missing")
     assert workspace.list_sweeps("run-a") == []
 
@@ -461,3 +462,24 @@ def test_delete_unused_failure_set_keeps_used_one(tmp_path):
     assert [r["id"] for r in workspace.list_failure_sets("run-a")] == ["fs-used"]
     assert not workspace.path("run-a", "failure_sets/fs-free.pt").exists()
     assert workspace.path("run-a", "failure_sets/fs-used.pt").is_file()
+
+
+def test_locked_database_says_busy(tmp_path, monkeypatch):
+    workspace = Workspace(tmp_path)
+    holder = sqlite3.connect(workspace.database_path)
+    holder.execute("BEGIN EXCLUSIVE")
+    original = sqlite3.connect
+
+    def connect_without_wait(*args, **kwargs):
+        # The workspace waits 30 s for a lock; the test waits 0.1 s.
+        kwargs["timeout"] = 0.1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", connect_without_wait)
+    try:
+        with pytest.raises(WorkspaceError, match="stayed locked by another command"):
+            workspace.add_run("run-a", "train", {}, {})
+    finally:
+        holder.rollback()
+        holder.close()
+    assert workspace.list_runs() == []
