@@ -13,6 +13,7 @@ from repair_core import dashboard
 # Emoji icons only: Streamlit 1.67 turns an emoji into an inline SVG favicon,
 # but fetches the favicon of a Material icon from fonts.gstatic.com.
 st.set_page_config(page_title="Model Repair Dashboard", page_icon="🩹", layout="wide")
+dashboard.configure_logging()
 dashboard.init_state()
 dashboard.restore_from_url()
 dashboard.save_to_url()

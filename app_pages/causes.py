@@ -17,6 +17,27 @@ DEFAULT_GRID_COLUMNS = 4
 #: Symbols only, so that both options fit under a card at six cards per row.
 DECISION_LABELS = {"confirmed": "✓", "rejected": "✗"}
 SHOW_CHOICES = ["all", "undecided", "confirmed", "rejected"]
+#: Style that fills the chosen option of each card's control green for ✓ and
+#: red for ✗, since Streamlit draws either choice in the same primary colour.
+#: It finds the options by place, in the order of DECISION_LABELS. st.html
+#: sends HTML of style tags only outside the layout, so no element moves.
+DECISION_STYLE = f"""<style>
+[class*="st-key-review_"] button[role="radio"][aria-checked="true"]:first-of-type {{
+  background: {dashboard.TONE_COLOURS["good"]};
+  border-color: {dashboard.TONE_COLOURS["good"]};
+  color: #fff;
+}}
+[class*="st-key-review_"] button[role="radio"][aria-checked="true"]:last-of-type {{
+  background: {dashboard.TONE_COLOURS["bad"]};
+  border-color: {dashboard.TONE_COLOURS["bad"]};
+  color: #fff;
+}}
+</style>"""
+#: Smallest F_q that EWC-influence's default fit is sized for. On a 600-image
+#: run with 19 query failures, the default fit put none of the 31 matching
+#: flipped labels in the top 20%, and max_steps=30 with min_steps=10 put all of
+#: them there (README, EWC-influence).
+EWC_MIN_FAILURES = 50
 
 dashboard.init_state()
 ws, run = dashboard.require_run()
@@ -50,14 +71,15 @@ def note_changed_elsewhere(indices: list[int]) -> None:
     named = ", ".join(f"#{i}" for i in indices[:5])
     if len(indices) > 5:
         named += ", …"
-    single = len(indices) == 1
-    keeps = (
-        "it keeps its saved decision" if single else "they keep their saved decisions"
-    )
+    if len(indices) == 1:
+        changed = f"Train {named} was changed"
+        keeps = "it keeps its saved decision"
+    else:
+        changed = f"{len(indices)} examples (train {named}) were changed"
+        keeps = "they keep their saved decisions"
     st.session_state["causes_conflict"] = (
-        f"Train {named} {'was' if single else 'were'} changed in another tab or "
-        f"session since this page was drawn, so {keeps}. The cards now show the "
-        "saved decisions."
+        f"{changed} in another tab or session since this page was drawn, so "
+        f"{keeps}. The cards now show the saved decisions."
     )
 
 
@@ -162,6 +184,29 @@ def run_methods(configs: dict[str, object]) -> None:
         st.rerun()
 
 
+def warn_small_failure_set(config: object | None, chosen: bool) -> None:
+    """Warn when EWC-influence is chosen to fit fewer than EWC_MIN_FAILURES
+    query failures with the default lr and min_steps, whose fit can overshoot
+    and rank clean images first. ``config`` is None for invalid settings."""
+    n_query = len(split.query)
+    if not chosen or n_query >= EWC_MIN_FAILURES:
+        return
+    defaults = default_config("ewc-influence")
+    if config is not None and (config.lr, config.min_steps) != (
+        defaults.lr,
+        defaults.min_steps,
+    ):
+        return
+    st.warning(
+        f"F_q has {dashboard.count_text(n_query, 'failure')}, and the default "
+        f"fit of ewc-influence (at least {defaults.min_steps} full-batch Adam "
+        f"steps at lr {defaults.lr:g}) is sized for {EWC_MIN_FAILURES} or more. "
+        "On fewer failures it can overshoot and rank clean images first. In "
+        "the ewc-influence settings, set max steps to 30 and min steps to 10 "
+        "(max_steps=30 min_steps=10), or lr to 1e-4."
+    )
+
+
 def method_section(expanded: bool) -> None:
     with st.expander("Run identification methods", expanded=expanded):
         dashboard.keep_widget_value("causes_methods", list(METHODS))
@@ -186,6 +231,7 @@ def method_section(expanded: bool) -> None:
                     except dashboard.USER_ERRORS as error:
                         st.error(f"Invalid {method} settings: {error}")
                         invalid = True
+        warn_small_failure_set(configs.get("ewc-influence"), "ewc-influence" in methods)
         clicked = st.button(
             "Run identification",
             type="primary",
@@ -241,8 +287,13 @@ def rankings_table(records: list[dict]) -> None:
         hide_index=True,
         column_config={
             "seconds": st.column_config.NumberColumn(format="%.1f"),
+            # With the percent format, Streamlit 1.67 shows as many decimals
+            # as the step has, less two, so a step of 0.001 shows one decimal
+            # in every row instead of up to two.
             **{
-                column: st.column_config.NumberColumn(format="percent", help=text)
+                column: st.column_config.NumberColumn(
+                    format="percent", step=0.001, help=text
+                )
                 for column, text in DETECTION_HELP.items()
             },
         },
@@ -268,6 +319,7 @@ def card_for(index: int, rank: int, score: float, predicted: int) -> dashboard.C
 
 
 def review_grid(shown: np.ndarray, decisions: dict[int, str], per_row: int) -> None:
+    st.html(DECISION_STYLE)
     for start in range(0, len(shown), per_row):
         columns = st.columns(per_row)
         for column, index in zip(columns, shown[start : start + per_row], strict=False):
@@ -361,18 +413,42 @@ def export_csv(confirmed: list[int], method: str) -> bytes:
     return table.to_csv(index=False).encode()
 
 
+def confirm_top_k(top: list[int], drawn: dict[int, str]) -> bool:
+    """Confirm the examples of ``top`` that had no decision in ``drawn``, the
+    decisions as this page drew them. Returns whether the save succeeded.
+
+    Examples of ``top`` whose saved decision another tab or session changed
+    since keep it, and the conflict note names them.
+    """
+    chosen = [i for i in top if drawn.get(i) is None]
+    description = (
+        f"confirming {dashboard.count_text(len(chosen), 'example')} of the top "
+        f"{len(top)}"
+    )
+    if not set_decisions(chosen, "confirmed", {}, description):
+        return False
+    saved = ws.get_decisions(run.run_id, failure_set_id)
+    meant = {i: drawn.get(i, "confirmed") for i in top}
+    note_changed_elsewhere([i for i in top if saved.get(i) != meant[i]])
+    return True
+
+
 def clear_decisions(previous: dict[int, str]) -> None:
     """Clear the review decisions in ``previous`` once the confirmation box is
     ticked, and untick it."""
     if not st.session_state.get("causes_clear_confirm"):
         return
-    set_decisions(
+    cleared = set_decisions(
         list(previous),
         None,
         previous,
         f"clearing {dashboard.count_text(len(previous), 'decision')}",
     )
     st.session_state["causes_clear_confirm"] = False
+    if cleared:
+        # Decisions left now were changed, or added for examples that had none,
+        # in another tab or session after this page was drawn.
+        note_changed_elsewhere(sorted(ws.get_decisions(run.run_id, failure_set_id)))
 
 
 records = ws.list_scores(run.run_id, failure_set_id=failure_set_id)
@@ -406,13 +482,34 @@ scores_id = st.selectbox(
 )
 st.session_state["scores_id"] = scores_id
 
-scores = dashboard.stored_scores(root, scores_id)
-order = dashboard.ranking_order(root, scores_id)
+# A scores file deleted from the run folder stops the review and the export,
+# as it stops Repair, instead of showing scores kept in the cache.
+loaded = dashboard.run_safely(
+    "Loading the ranking",
+    lambda: (
+        dashboard.stored_scores(root, scores_id),
+        dashboard.ranking_order(root, scores_id),
+    ),
+)
+if loaded is None:
+    st.stop()
+scores, order = loaded
 rank_of = np.empty(len(order), dtype=np.int64)
 rank_of[order] = np.arange(len(order))
 predicted = dashboard.predictions_on_train(root, run.run_id)
 images = dashboard.thumbnails(root, run.run_id, "train")
 decisions = ws.get_decisions(run.run_id, failure_set_id)
+# The decisions that the last run drew, which the reviewer saw when clicking
+# Confirm top K. They differ from ``decisions`` where another tab or session
+# changed a decision since.
+drawn_state = st.session_state.get("causes_drawn")
+drawn = dict(decisions)
+if drawn_state and drawn_state["view"] == [run.run_id, failure_set_id]:
+    drawn = drawn_state["decisions"]
+st.session_state["causes_drawn"] = {
+    "view": [run.run_id, failure_set_id],
+    "decisions": dict(decisions),
+}
 confirmed = sorted(i for i, d in decisions.items() if d == "confirmed")
 rejected = sorted(i for i, d in decisions.items() if d == "rejected")
 
@@ -448,14 +545,8 @@ confirm_top = confirm_column.button(
     "Confirm top K", key="causes_confirm_top", disabled=top_k is None
 )
 if confirm_top and top_k is not None:
-    chosen = [int(i) for i in order[:top_k] if decisions.get(int(i)) is None]
     # A failed save shows its error, which a rerun would wipe at once.
-    if set_decisions(
-        chosen,
-        "confirmed",
-        {},
-        f"confirming {dashboard.count_text(len(chosen), 'example')} of the top {top_k}",
-    ):
+    if confirm_top_k([int(i) for i in order[:top_k]], drawn):
         st.rerun()
 # Clearing needs a ticked box first; the Undo button can restore it.
 clear_column, clear_button_column = st.columns(2, vertical_alignment="center")
@@ -506,6 +597,9 @@ undo = st.session_state.get("causes_undo")
 with st.container():
     if conflict_note:
         st.warning(conflict_note)
+        # The warning sits above the grid, out of view while the reviewer
+        # works further down, and a toast shows wherever the page is scrolled.
+        st.toast(conflict_note, icon="⚠️")
     if undo and undo["failure_set_id"] == failure_set_id:
         st.button(
             f"Undo: {undo['description']}",

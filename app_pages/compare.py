@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,11 @@ BASELINES = ("oracle", "random")
 UNKNOWN_DEVICE = "—"
 #: Line dashes of successive removal curves of one method.
 CURVE_DASHES = ("solid", "dash", "dot", "dashdot")
+#: Room on the removal charts' log x axis beyond the smallest and the largest
+#: k, in decades, so that the k = 0 line reaches past every point.
+K_AXIS_MARGIN = 0.15
+#: Opacity of the band of ± one standard deviation around the k = 0 line.
+CONTROL_BAND_OPACITY = 0.15
 
 dashboard.init_state()
 ws, run = dashboard.require_run()
@@ -103,8 +109,15 @@ def detection_section(latest: dict[str, dict[str, Any]]) -> None:
         add_baselines(missing)
     if missing:
         st.caption(dashboard.LONG_JOB_CAPTION)
-    if latest:
-        st.plotly_chart(detection_figure(latest), key="compare_detection")
+    # A scores file deleted from the run folder shows its error in place of
+    # the chart; the removal curves below do not need it.
+    figure = (
+        dashboard.run_safely("Loading the rankings", lambda: detection_figure(latest))
+        if latest
+        else None
+    )
+    if figure is not None:
+        st.plotly_chart(figure, key="compare_detection")
         st.caption(
             "The newest ranking of each method. Oracle ranks the known corrupted "
             "examples first; random is the chance level."
@@ -118,18 +131,29 @@ def parse_ks(text: str) -> list[int] | None:
     kept, because the removal curve skips them and the page warns about them.
     """
     try:
-        ks = sorted({int(part) for part in text.split(",") if part.strip()})
+        values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         st.error(f"Invalid k values {text!r}. Give whole numbers separated by commas.")
         return None
-    if not ks:
+    if not values:
         st.error("The k values field is empty. Give at least one whole number.")
         return None
+    ks = sorted(set(values))
     below = [k for k in ks if k < 1]
     if below:
         st.error(
             f"The k values field contains {', '.join(map(str, below))}, but every "
-            "k must be at least 1. Remove the smaller values."
+            "k must be at least 1, because k = 0 (nothing removed) is always "
+            "computed. Remove the smaller values."
+        )
+        return None
+    repeated = [k for k in ks if values.count(k) > 1]
+    if repeated:
+        # Each k's models are stored under k, so the removal curve rejects a
+        # repeated k, and the field is checked as typed to keep Compute off.
+        st.error(
+            f"k {repeated[0]} is given {values.count(repeated[0])} times in the k "
+            "values. Give each k once."
         )
         return None
     max_k = n_train - MIN_REMAINING
@@ -156,7 +180,12 @@ def skipped_text(skipped: list[int]) -> str:
 
 
 def run_curves(scores_ids: list[str], ks: list[int], n_seeds: int) -> list[str]:
-    """Compute and store a removal curve for each ranking and return the new ids."""
+    """Compute and store a removal curve for each ranking and return the new ids.
+
+    Every curve also runs k = 0, fine-tuning with nothing removed over the same
+    seeds, so that the charts show how much fine-tuning alone changes.
+    """
+    ks = [0, *ks]
     new_ids = []
     for scores_id in scores_ids:
         report = dashboard.progress_reporter(f"Removal curve of {scores_id}")
@@ -184,36 +213,106 @@ def curve_label(record: dict[str, Any], methods: dict[str, str]) -> str:
     return f"{method} · {seeds} · {record['id']}"
 
 
+def add_control_line(
+    figure: go.Figure,
+    control: dict[str, Any],
+    key: str,
+    x_range: list[float],
+    *,
+    name: str,
+    colour: str,
+    with_spread: bool,
+) -> None:
+    """Draw the k = 0 point of a removal curve as a dotted line across the
+    chart, with a band of ± one standard deviation when ``with_spread``."""
+    mean = control["mean"][key]
+    spread = control["std"][key] if with_spread else 0.0
+    hover = f"nothing removed (k = 0)<br>{mean:.1%}"
+    if with_spread:
+        hover += f" ± {spread:.1%}"
+        low, high = max(0.0, mean - spread), min(1.0, mean + spread)
+        figure.add_scatter(
+            x=[x_range[0], x_range[1], x_range[1], x_range[0]],
+            y=[high, high, low, low],
+            fill="toself",
+            fillcolor=colour,
+            opacity=CONTROL_BAND_OPACITY,
+            line={"width": 0},
+            mode="lines",
+            hoverinfo="skip",
+            showlegend=False,
+            legendgroup=name,
+            name=name,
+        )
+    figure.add_scatter(
+        x=x_range,
+        y=[mean, mean],
+        mode="lines",
+        name=name,
+        legendgroup=name,
+        line={"color": colour, "dash": "dot", "width": 1.5},
+        hovertemplate=f"{hover}<extra></extra>",
+    )
+
+
 def removal_figure(
     curves: list[dict[str, Any]], methods: dict[str, str], key: str
 ) -> go.Figure:
+    """Draw the accuracy ``key`` of each removal curve against k on a log axis.
+
+    A log axis has no place for k = 0, so the nothing-removed point of a curve
+    is a dotted line across the chart instead.
+    """
+    # Only the k values get ticks, because plotly labels the minor ticks of
+    # a log axis with their leading digit, so k = 30 and 300 both read "3".
+    ks = sorted({point["k"] for curve in curves for point in curve["points"]})
+    ks = [k for k in ks if k > 0] or [1]
+    log_range = [
+        math.log10(ks[0]) - K_AXIS_MARGIN,
+        math.log10(ks[-1]) + K_AXIS_MARGIN,
+    ]
+    x_range = [10**value for value in log_range]
+
     figure = go.Figure()
     # Curves of one method share its colour and differ in dash.
     drawn: dict[str, int] = {}
     for curve in curves:
-        points = curve["points"]
+        points = [point for point in curve["points"] if point["k"] > 0]
+        controls = [point for point in curve["points"] if point["k"] == 0]
         method = methods.get(curve["scores_id"], "")
+        colour = dashboard.method_colour(method)
         dash = CURVE_DASHES[drawn.get(method, 0) % len(CURVE_DASHES)]
         drawn[method] = drawn.get(method, 0) + 1
         # One seed has no spread, so it gets no error bars.
+        several_seeds = len(curve["seeds"]) > 1
+        means = [point["mean"][key] for point in points]
         error_y = None
-        if len(curve["seeds"]) > 1:
-            error_y = {"type": "data", "array": [point["std"][key] for point in points]}
+        if several_seeds:
+            spreads = [point["std"][key] for point in points]
+            error_y = dashboard.accuracy_error_bars(means, spreads)
         figure.add_scatter(
             x=[point["k"] for point in points],
-            y=[point["mean"][key] for point in points],
+            y=means,
             error_y=error_y,
             mode="lines+markers",
             name=curve_label(curve, methods),
-            line={"color": dashboard.method_colour(method), "dash": dash},
+            line={"color": colour, "dash": dash},
         )
-    # Only the k values get ticks, because plotly labels the minor ticks of
-    # a log axis with their leading digit, so k = 30 and 300 both read "3".
-    ks = sorted({point["k"] for curve in curves for point in curve["points"]})
+        for control in controls:
+            add_control_line(
+                figure,
+                control,
+                key,
+                x_range,
+                name=f"{curve_label(curve, methods)} · nothing removed (k = 0)",
+                colour=colour,
+                with_spread=several_seeds,
+            )
     figure.update_layout(
         xaxis={
             "title": "training examples removed (k)",
             "type": "log",
+            "range": log_range,
             "tickvals": ks,
             "ticktext": [str(k) for k in ks],
         },
@@ -230,7 +329,11 @@ def removal_section(records: list[dict[str, Any]]) -> None:
     st.subheader("Removal curves")
     st.caption(
         "Remove the top k of a ranking, fine-tune on the rest and measure "
-        "accuracy, averaged over seeds. Fine-tuning runs once per k and seed."
+        "accuracy, averaged over seeds. Fine-tuning runs once per k and seed, "
+        "and once per seed with nothing removed (k = 0): the dotted line, with "
+        "a band of ± one standard deviation when there are several seeds. A "
+        "point inside the band differs from fine-tuning alone by less than "
+        "the spread over seeds."
     )
 
     methods = {record["id"]: record["method"] for record in records}
@@ -294,6 +397,16 @@ def removal_section(records: list[dict[str, Any]]) -> None:
         right.markdown("**Correct before, T\\F**")
         figure = removal_figure(curves, methods, "remaining_acc")
         right.plotly_chart(figure, key="compare_rest")
+        without_control = [
+            curve["id"]
+            for curve in curves
+            if not any(point["k"] == 0 for point in curve["points"])
+        ]
+        if without_control:
+            st.caption(
+                "Removal curves stored without k = 0 have no dotted line: "
+                f"{', '.join(without_control)}."
+            )
 
 
 def timing_row(

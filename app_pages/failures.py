@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import numpy as np
+import plotly.colors
 import plotly.graph_objects as go
 import streamlit as st
 import torch
@@ -14,6 +15,10 @@ from repair_core import dashboard, pipeline
 from repair_core.failures import FailureSplit, split_failures
 
 PAGE_SIZE = 32
+#: Marker colours of the failures by true class, Plotly's default qualitative
+#: palette, which has no grey that reads like the grey of the correct points.
+#: It repeats after ten classes.
+CLASS_COLOURS = plotly.colors.qualitative.Plotly
 
 dashboard.init_state()
 ws, run = dashboard.require_run()
@@ -189,7 +194,7 @@ def map_figure(coordinates: np.ndarray) -> go.Figure:
                 mode="markers",
                 marker={
                     "size": 7,
-                    "color": dashboard.palette_colour(true_class),
+                    "color": CLASS_COLOURS[true_class % len(CLASS_COLOURS)],
                     "line": {"width": 0.5, "color": "#222"},
                 },
                 customdata=group,

@@ -63,17 +63,28 @@ ARM_COLOURS = {
     "nothing": "#ff7f0e",
     "random": "#2ca02c",
 }
+#: Accuracy axis of the bar chart, with headroom above 100% so that a full
+#: bar and the top of its error bar are drawn whole.
+BAR_RANGE = [0, 1.1]
+BAR_TICKS = [0, 0.2, 0.4, 0.6, 0.8, 1.0]
 GRID_LIMIT = 48
 #: A sweep point nearer than this to a labelled point, in accuracy on the x
-#: and the y axis, gets no label, so that label texts do not overlap.
+#: and the y axis of a chart with the full SWEEP ranges, gets no label, so
+#: that label texts do not overlap. A chart with narrower ranges scales the
+#: gap down in proportion.
 #: NOTE: sized for labels of about 40 by 15 pixels on a chart about 700
 #: pixels wide, so labels on a much narrower chart can still touch.
 LABEL_GAP = (0.06, 0.05)
-#: Axis ranges of the sweep chart, wider than ACCURACY_RANGE so that the
+#: Widest axis ranges of the sweep chart, wider than 0% to 100% so that the
 #: label of a point at 0% or 100% is not cut off by the edge of the plot.
 SWEEP_X_RANGE = [-0.07, 1.07]
 SWEEP_Y_RANGE = [-0.04, 1.1]
-SWEEP_TICKS = [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+#: The sweep chart's axes reach beyond the outermost points by this fraction
+#: of the points' span (max minus min, taken as at least SWEEP_MIN_SPAN).
+SWEEP_MARGIN = 0.15
+SWEEP_MIN_SPAN = 0.02
+#: Anchor of the sweep chart's heading, for links to it.
+SWEEP_ANCHOR = "trade-off-from-sweeps"
 
 dashboard.init_state()
 ws, run = dashboard.require_run()
@@ -171,15 +182,20 @@ def causes_section() -> tuple[Any, str, str | None] | None:
     decisions = ws.get_decisions(run.run_id, failure_set_id)
     n_confirmed = sum(1 for d in decisions.values() if d == "confirmed")
     dashboard.keep_widget_value("repair_source", ["confirmed", "top-k"])
+    # The option labels stay fixed: the browser sends the selected label back,
+    # so a label that changed since the last run would drop the selection.
     source = st.radio(
         "Causes C to remove",
         ["confirmed", "top-k"],
         key="repair_source",
         horizontal=True,
         format_func={
-            "confirmed": f"Confirmed culprits ({n_confirmed})",
+            "confirmed": "Confirmed culprits",
             "top-k": "Top K of a ranking",
         }.get,
+    )
+    st.caption(
+        f"{dashboard.count_text(n_confirmed, 'confirmed culprit')} in this failure set."
     )
     if source == "confirmed":
         return confirmed_causes(n_confirmed)
@@ -310,6 +326,12 @@ def run_sweep(treatment, config, causes, origin, strengths) -> None:
         )
     if summary is not None:
         new_sweeps.append(summary["sweep_id"])
+        # The repair results come before the chart and can be long, so the
+        # message links to the chart.
+        st.success(
+            f"Sweep {summary['sweep_id']} is done. Its trade-off is drawn below, "
+            f"under [Trade-off from sweeps](#{SWEEP_ANCHOR})."
+        )
 
 
 def controls_widget(treatment: str) -> bool:
@@ -455,20 +477,26 @@ def comparison_figure(summary: dict[str, Any]) -> go.Figure:
     arms = arm_results(summary)
     figure = go.Figure()
     for arm, (means, spread) in arms.items():
+        values = [means[key] for key in SUBSETS]
+        error_y = None
+        if spread is not None:
+            spreads = [spread[key] for key in SUBSETS]
+            error_y = dashboard.accuracy_error_bars(values, spreads)
         figure.add_bar(
             name=ARM_LABELS[arm],
             x=list(SHORT_SUBSETS.values()),
-            y=[means[key] for key in SUBSETS],
-            error_y=(
-                None
-                if spread is None
-                else {"type": "data", "array": [spread[key] for key in SUBSETS]}
-            ),
+            y=values,
+            error_y=error_y,
             marker_color=ARM_COLOURS[arm],
         )
     figure.update_layout(
         barmode="group",
-        yaxis={"title": "accuracy", "range": [0, 1.05], "tickformat": ".0%"},
+        yaxis={
+            "title": "accuracy",
+            "range": BAR_RANGE,
+            "tickvals": BAR_TICKS,
+            "tickformat": ".0%",
+        },
         height=380,
         margin={"t": 10, "b": 10},
         legend={"orientation": "h"},
@@ -485,12 +513,32 @@ def signed_points(value: float) -> str:
     return f"{100 * value:+.1f} pts" if round(value, 3) != 0 else "+0.0 pts"
 
 
+def shown_percent(value: float) -> float:
+    """Return an accuracy in percent, rounded as percent_text shows it."""
+    return float(percent_text(value).rstrip("%"))
+
+
 def accuracy_metric(column: Any, label: str, after: float, before: float) -> None:
-    """Show an accuracy with its change; an empty subset (NaN) shows "—"."""
+    """Show an accuracy with its change; an empty subset (NaN) shows "—".
+
+    The change is the difference of the two accuracies as the page shows them,
+    so that it matches the figures of the table. A change that rounds to zero
+    gets no arrow and a neutral colour.
+    """
     if math.isnan(after) or math.isnan(before):
         column.metric(label, percent_text(after))
         return
-    column.metric(label, percent_text(after), delta=signed_points(after - before))
+    change = round(shown_percent(after) - shown_percent(before), 1)
+    if change == 0:
+        column.metric(
+            label,
+            percent_text(after),
+            delta="0.0 pts",
+            delta_color="off",
+            delta_arrow="off",
+        )
+        return
+    column.metric(label, percent_text(after), delta=f"{change:+.1f} pts")
 
 
 def gain_over_random(summary: dict[str, Any]) -> float | None:
@@ -806,6 +854,11 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
                 mime="application/octet-stream",
                 key="repair_download",
             )
+        else:
+            st.warning(
+                f"The repaired model's file {path} is missing, so it cannot be "
+                "downloaded. Run the repair again to store a new model."
+            )
         causes_file = f"repairs/{repair_id}_causes.pt"
         causes = []
         if ws.path(run.run_id, causes_file).is_file():
@@ -827,10 +880,14 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
                 key="repair_causes_download",
             )
 
-    after = dashboard.run_safely(
-        "Evaluating the repaired model",
-        lambda: dashboard.repaired_predictions(root, run.run_id, repair_id),
-    )
+    # Without the model file the cards show the predictions before repair
+    # only, and the warning above names the file.
+    after = None
+    if path.is_file():
+        after = dashboard.run_safely(
+            "Evaluating the repaired model",
+            lambda: dashboard.repaired_predictions(root, run.run_id, repair_id),
+        )
     left, right = st.columns(2)
     with left:
         changed_images(
@@ -860,13 +917,15 @@ def sweep_label(record: dict[str, Any]) -> str:
     return " · ".join(part for part in parts if part)
 
 
-def strength_labels(sweeps: list[dict[str, Any]]) -> list[list[str]]:
+def strength_labels(
+    sweeps: list[dict[str, Any]], label_gap: tuple[float, float] = LABEL_GAP
+) -> list[list[str]]:
     """Label the points of each sweep with their strengths, so that labels do
     not overlap.
 
     Points of a sweep with the same accuracies share one label that lists
-    their strengths. A point within LABEL_GAP of a point labelled before it,
-    in any of the sweeps, gets an empty label.
+    their strengths. A point within ``label_gap`` of a point labelled before
+    it, in any of the sweeps, gets an empty label.
     """
     labelled: list[tuple[float, float]] = []
     labels = []
@@ -879,7 +938,7 @@ def strength_labels(sweeps: list[dict[str, Any]]) -> list[list[str]]:
         for point in sweep["points"]:
             position = (point["remaining_acc"], point["holdout_acc"])
             text = ", ".join(strengths.pop(position, []))
-            if text and any(near(position, other) for other in labelled):
+            if text and any(near(position, other, label_gap) for other in labelled):
                 text = ""
             if text:
                 labelled.append(position)
@@ -888,20 +947,44 @@ def strength_labels(sweeps: list[dict[str, Any]]) -> list[list[str]]:
     return labels
 
 
-def near(first: tuple[float, float], second: tuple[float, float]) -> bool:
-    """Return whether two sweep points are within LABEL_GAP on both axes.
+def near(
+    first: tuple[float, float],
+    second: tuple[float, float],
+    label_gap: tuple[float, float] = LABEL_GAP,
+) -> bool:
+    """Return whether two sweep points are within ``label_gap`` on both axes.
     Points with a NaN accuracy, as on an empty F_h, are never near."""
     return all(
-        abs(a - b) < gap for a, b, gap in zip(first, second, LABEL_GAP, strict=True)
+        abs(a - b) < gap for a, b, gap in zip(first, second, label_gap, strict=True)
     )
 
 
+def fitted_range(values: list[float], limits: list[float]) -> list[float]:
+    """Return an axis range around the finite ``values`` with a margin of
+    SWEEP_MARGIN of their span on each side, kept within ``limits``, or
+    ``limits`` when no value is finite."""
+    finite = [value for value in values if math.isfinite(value)]
+    if not finite:
+        return list(limits)
+    low, high = min(finite), max(finite)
+    span = max(high - low, SWEEP_MIN_SPAN)
+    middle = (low + high) / 2
+    half_width = span / 2 + SWEEP_MARGIN * span
+    return [max(limits[0], middle - half_width), min(limits[1], middle + half_width)]
+
+
+def range_width(axis_range: list[float]) -> float:
+    return axis_range[1] - axis_range[0]
+
+
 def sweep_axis(title: str, axis_range: list[float]) -> dict[str, Any]:
+    # On a range of a few points Plotly puts ticks less than one point apart,
+    # where whole percentages would repeat.
+    narrow = range_width(axis_range) < 0.1
     return {
         "title": title,
-        "tickformat": ".0%",
+        "tickformat": ".1%" if narrow else ".0%",
         "range": axis_range,
-        "tickvals": SWEEP_TICKS,
     }
 
 
@@ -919,7 +1002,7 @@ def sweep_table(sweeps: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def sweep_section(sweeps: list[dict[str, Any]]) -> None:
-    st.subheader("Trade-off from sweeps")
+    st.subheader("Trade-off from sweeps", anchor=SWEEP_ANCHOR)
     chosen = dashboard.choose_records(
         "Sweeps to draw",
         sweeps,
@@ -930,8 +1013,17 @@ def sweep_section(sweeps: list[dict[str, Any]]) -> None:
     )
     if not chosen:
         return
+    drawn = [point for sweep in chosen for point in sweep["points"]]
+    x_range = fitted_range([p["remaining_acc"] for p in drawn], SWEEP_X_RANGE)
+    y_range = fitted_range([p["holdout_acc"] for p in drawn], SWEEP_Y_RANGE)
+    # Labels take the same room in pixels on any range, so the gap between
+    # labelled points shrinks with the ranges.
+    label_gap = (
+        LABEL_GAP[0] * range_width(x_range) / range_width(SWEEP_X_RANGE),
+        LABEL_GAP[1] * range_width(y_range) / range_width(SWEEP_Y_RANGE),
+    )
     figure = go.Figure()
-    labelled = zip(chosen, strength_labels(chosen), strict=True)
+    labelled = zip(chosen, strength_labels(chosen, label_gap), strict=True)
     for number, (sweep, labels) in enumerate(labelled):
         points = sweep["points"]
         figure.add_scatter(
@@ -950,8 +1042,8 @@ def sweep_section(sweeps: list[dict[str, Any]]) -> None:
             line={"color": dashboard.palette_colour(number)},
         )
     figure.update_layout(
-        xaxis=sweep_axis("accuracy on T\\F (kept)", SWEEP_X_RANGE),
-        yaxis=sweep_axis("accuracy on F_h (fixed)", SWEEP_Y_RANGE),
+        xaxis=sweep_axis("accuracy on T\\F (kept)", x_range),
+        yaxis=sweep_axis("accuracy on F_h (fixed)", y_range),
         height=400,
         margin={"t": 10, "b": 10},
         legend=dashboard.LEGEND_ABOVE,
@@ -962,7 +1054,7 @@ def sweep_section(sweeps: list[dict[str, Any]]) -> None:
         "Labels are the swept strength. Strengths with the same result share "
         "one label. A point close to a labelled one has no label, so hover over "
         "it or open Sweep points below to read its strength. Up and to the "
-        "right is better."
+        "right is better. The axes fit the points drawn, not 0% to 100%."
     )
     for sweep in chosen:
         note = unchanged_sweep_note(sweep["treatment"], sweep["points"])

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import html
 import io
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ import streamlit as st
 import torch
 from PIL import Image
 from streamlit.errors import StreamlitAPIException
+from streamlit.runtime.scriptrunner import RerunException, StopException
 
 from repair_core import pipeline
 from repair_core.errors import RepairError
@@ -120,6 +123,18 @@ def palette_colour(index: int) -> str:
 def accuracy_axis(title: str) -> dict[str, Any]:
     """Return plotly axis settings for an accuracy from 0% to 100%."""
     return {"title": title, "tickformat": ".0%", "range": ACCURACY_RANGE}
+
+
+def accuracy_error_bars(
+    means: Sequence[float], spreads: Sequence[float]
+) -> dict[str, Any]:
+    """Return plotly ``error_y`` settings for accuracies ± their spread, with
+    each bar cut at 0% and 100%, which no accuracy can pass."""
+    plus, minus = [], []
+    for mean, spread in zip(means, spreads, strict=True):
+        plus.append(max(0.0, min(spread, 1.0 - mean)))
+        minus.append(max(0.0, min(spread, mean)))
+    return {"type": "data", "symmetric": False, "array": plus, "arrayminus": minus}
 
 
 _STATE_DEFAULTS: dict[str, Any] = {
@@ -754,15 +769,39 @@ def repaired_predictions(root: str, run_id: str, repair_id: str) -> np.ndarray:
     return predict_logits(model, run.data.test.images).argmax(1).numpy()
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
+def scores_file_stamp(root: str, scores_id: str) -> tuple[int, int]:
+    """Return the size and modification time of a ranking's scores file, or
+    (-1, -1) when it is missing, so that the caches below see a file that was
+    deleted, replaced or restored."""
+    ws = open_workspace(root)
+    run_id = ws.get_scores(scores_id)["run_id"]
+    try:
+        info = ws.path(run_id, f"scores/{scores_id}.pt").stat()
+    except OSError:
+        return (-1, -1)
+    return (info.st_size, info.st_mtime_ns)
+
+
 def stored_scores(root: str, scores_id: str) -> np.ndarray:
-    """Return stored identification scores, float64, shape (n_train,)."""
+    """Return stored identification scores, float64, shape (n_train,).
+
+    Raises WorkspaceError when the scores file is missing or unreadable.
+    """
+    return _stored_scores(root, scores_id, scores_file_stamp(root, scores_id))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _stored_scores(root: str, scores_id: str, stamp: tuple[int, int]) -> np.ndarray:
     return pipeline.load_scores(open_workspace(root), scores_id).numpy()
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
 def ranking_order(root: str, scores_id: str) -> np.ndarray:
     """Return training indices from most to least harmful for stored scores."""
+    return _ranking_order(root, scores_id, scores_file_stamp(root, scores_id))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _ranking_order(root: str, scores_id: str, stamp: tuple[int, int]) -> np.ndarray:
     return ranking(torch.as_tensor(stored_scores(root, scores_id))).numpy()
 
 
@@ -870,6 +909,13 @@ def map_coordinates(
         return umap_coordinates(root, run_id)
     except USER_ERRORS as error:
         st.error(f"The map could not be computed: {error}")
+        requested.discard(run_id)
+        return None
+    except ImportError as error:
+        if not is_missing_package(error):
+            raise
+        logger.warning("The map of run %s could not be computed: %s", run_id, error)
+        st.error(f"The map could not be computed: {describe_error(error)}")
         requested.discard(run_id)
         return None
 
@@ -1277,16 +1323,35 @@ LONG_JOB_CAPTION = (
     "setting while the job runs stops it, and nothing of it is kept."
 )
 _JOB_PREFIX = "_job_running_"
+#: Actions that :func:`run_safely` reported as failed inside the current long
+#: job, or None outside one. A context variable is enough, because Streamlit
+#: runs each script run in one thread.
+_job_failures: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "job_failures", default=None
+)
+
+
+def _job_ids() -> str:
+    """Return the open run and failure set for a log message, such as
+    "run r-1, failure set fs-1"."""
+    parts = []
+    for key, noun in (("run_id", "run"), ("failure_set_id", "failure set")):
+        value = st.session_state.get(key)
+        if value:
+            parts.append(f"{noun} {value}")
+    return ", ".join(parts) or "no run open"
 
 
 @contextlib.contextmanager
 def long_job(page: str, name: str) -> Iterator[None]:
-    """Mark the job ``name`` of ``page`` as running while the block runs.
+    """Mark the job ``name`` of ``page`` as running while the block runs, and
+    log its start and its end: finished, failed or stopped.
 
     A stopped script run raises Streamlit's rerun or stop exception inside the
     block, so the mark is cleared only when the block ends without an
     exception and stays after an interrupted job, for
-    :func:`show_interrupted_job`. Call ``st.rerun`` after the block, not in it.
+    :func:`show_interrupted_job`. Call ``st.rerun`` after the block, not in it,
+    or the job is logged as stopped.
 
     NOTE: session-state access is also a point where Streamlit stops a run. A
     stop requested after the job's last progress update can therefore hit the
@@ -1294,7 +1359,35 @@ def long_job(page: str, name: str) -> Iterator[None]:
     wrongly reports that nothing was stored.
     """
     st.session_state[_JOB_PREFIX + page] = name
-    yield
+    ids = _job_ids()
+    logger.info("Started %s on the %s page (%s).", name, page, ids)
+    started = time.monotonic()
+    failures: list[str] = []
+    token = _job_failures.set(failures)
+    try:
+        yield
+    except (RerunException, StopException):
+        seconds = time.monotonic() - started
+        logger.warning(
+            "Stopped %s after %.1f s (%s) before it finished, as on a page "
+            "switch, a changed setting or a closed tab. Nothing of it was stored.",
+            name,
+            seconds,
+            ids,
+        )
+        raise
+    except Exception:
+        seconds = time.monotonic() - started
+        logger.exception("%s failed after %.1f s (%s).", name, seconds, ids)
+        raise
+    finally:
+        _job_failures.reset(token)
+    seconds = time.monotonic() - started
+    if failures:
+        message = "%s failed after %.1f s (%s): %s failed."
+        logger.warning(message, name, seconds, ids, ", ".join(failures))
+    else:
+        logger.info("Finished %s in %.1f s (%s).", name, seconds, ids)
     st.session_state.pop(_JOB_PREFIX + page, None)
 
 
@@ -1312,15 +1405,56 @@ def describe_error(error: Exception) -> str:
     """Return a one-line message for an error shown with ``st.error``."""
     if isinstance(error, FloatingPointError):
         return f"The computation produced non-finite values: {error}"
+    if isinstance(error, ImportError):
+        return f"{error}. Install it with pip install -r requirements.txt"
     return dashboard_advice(str(error))
+
+
+def is_missing_package(error: ImportError) -> bool:
+    """Return whether an ImportError comes from a third-party package, such as
+    the optional cleanlab, captum or umap-learn, and not from this project."""
+    module = error.name or ""
+    return not (module == "repair_core" or module.startswith("repair_core."))
+
+
+#: Format of the repair_core log lines that the dashboard's server prints.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging() -> None:
+    """Send the log records of repair_core at INFO and above to standard error
+    with their time and level, unless the root or the repair_core logger has
+    a handler already.
+
+    Streamlit gives handlers to its own loggers only, so without this the
+    records reach Python's last-resort handler, which prints WARNING and
+    above as bare messages. Calling it again adds no second handler.
+    """
+    package = logging.getLogger("repair_core")
+    if package.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
 
 
 def run_safely(action: str, function: Callable[[], Any]) -> Any:
     """Call ``function``; show a user error with ``st.error``, log it in the
-    server's output and return None."""
+    server's output and return None.
+
+    A third-party package that cannot be imported counts as a user error too,
+    and the message gives the install command. An ImportError of this
+    project's own modules is raised.
+    """
     try:
         return function()
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, ImportError) as error:
+        if isinstance(error, ImportError) and not is_missing_package(error):
+            raise
         logger.warning("%s failed: %s", action, error)
+        failures = _job_failures.get()
+        if failures is not None:
+            failures.append(action)
         st.error(f"{action} failed: {describe_error(error)}")
         return None

@@ -578,9 +578,10 @@ def removal_curve(
         train: training images (N, C, H, W) and labels (N,).
         test: test images and labels.
         split: the failure split of θ̂ on ``test``.
-        ks: numbers of removed examples. A k above N - ``MIN_REMAINING`` is
-            skipped with a warning, since fine-tuning needs one example to
-            train on and one to validate on.
+        ks: numbers of removed examples. k = 0 removes nothing, a control
+            that shows how much fine-tuning alone changes the accuracies. A
+            k above N - ``MIN_REMAINING`` is skipped with a warning, since
+            fine-tuning needs one example to train on and one to validate on.
         seeds: fine-tuning seeds per k; each replaces the seed of ``config``.
         config: the fine-tuning treatment's settings; the defaults when None.
         train_config: optimiser settings of fine-tuning.
@@ -606,8 +607,8 @@ def removal_curve(
         raise ConfigError("The scores contain NaN or infinite values.")
     seeds = _check_seeds(seeds)
     for k in ks:
-        if k < 1:
-            raise ConfigError(f"k {k} in ks must be at least 1.")
+        if k < 0:
+            raise ConfigError(f"k {k} in ks must be at least 0.")
     repeated = sorted({k for k in ks if list(ks).count(k) > 1})
     if repeated:
         # Each k's models are stored under k, so a repeated k would make two

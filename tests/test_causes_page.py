@@ -1,0 +1,337 @@
+"""Causes page: notes on small failure sets, decisions saved elsewhere, missing
+packages and scores files, and the look of review decisions.
+
+The AppTest tests use the tiny MNIST run that tests/test_app.py trains once
+per module, against a real workspace. The browser test starts the dashboard
+in headless Chromium, as tests/test_browser.py does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from urllib.parse import urlparse
+
+import pytest
+import torch
+
+from repair_core import dashboard, pipeline
+from repair_core.metrics import ranking
+from repair_core.training import TrainConfig
+from repair_core.workspace import Workspace
+from tests import test_app, test_browser
+from tests.test_app import (
+    TINY,
+    _review_keys,
+    check_clean,
+    error_texts,
+    page,
+    ranked_failure_set,
+)
+from tests.test_browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    LOCAL_HOSTS,
+    RUN_TIMEOUT,
+    wait_until_idle,
+)
+
+# Fixtures of the other test modules, bound here so that pytest finds them.
+prepared = test_app.prepared
+workspace_env = test_app.workspace_env
+browser_server = test_browser.server
+
+INSTALL_ADVICE = "Install it with pip install -r requirements.txt"
+
+
+def query_set(prepared, n_query: int) -> dict[str, str]:
+    """Store a failure set whose query half is the first ``n_query`` failures;
+    return the page state."""
+    workspace = prepared.workspace
+    run = pipeline.load_run(workspace, prepared.run_id)
+    failures = torch.nonzero(run.test_predictions != run.data.test.labels).flatten()
+    assert len(failures) >= n_query, f"the run has only {len(failures)} failures"
+    failure_set_id, split = pipeline.create_failure_set(
+        workspace, run, candidates=failures[:n_query], query_fraction=1.0
+    )
+    assert len(split.query) == n_query
+    return {"run_id": prepared.run_id, "failure_set_id": failure_set_id}
+
+
+def ewc_notes(app) -> list[str]:
+    return [w.value for w in app.warning if "ewc-influence" in w.value]
+
+
+def conflict_notes(app) -> list[str]:
+    return [w.value for w in app.warning if "another tab" in w.value]
+
+
+def test_ewc_note_names_small_failure_set(workspace_env):
+    app = page("causes", **query_set(workspace_env, 49)).run()
+    check_clean(app)
+    assert app.multiselect(key="causes_methods").value == ["ewc-influence"]
+    notes = ewc_notes(app)
+    assert len(notes) == 1
+    assert notes[0].startswith("F_q has 49 failures")
+    assert "sized for 50 or more" in notes[0]
+    assert "(max_steps=30 min_steps=10), or lr to 1e-4" in notes[0]
+
+    # The note goes once the fit is gentler, as it advises.
+    app.number_input(key="causes_cfg_ewc-influence_min_steps").set_value(10).run()
+    assert ewc_notes(app) == []
+    app.number_input(key="causes_cfg_ewc-influence_min_steps").set_value(100).run()
+    assert len(ewc_notes(app)) == 1
+    app.multiselect(key="causes_methods").set_value(["training-loss"]).run()
+    assert ewc_notes(app) == []
+
+
+def test_ewc_note_absent_from_fifty_failures(workspace_env):
+    app = page("causes", **query_set(workspace_env, 50)).run()
+    check_clean(app)
+    assert app.multiselect(key="causes_methods").value == ["ewc-influence"]
+    assert ewc_notes(app) == []
+
+
+def test_clear_names_other_tabs(workspace_env):
+    workspace = workspace_env.workspace
+    state = ranked_failure_set(workspace_env)
+    run_id, failure_set_id = state["run_id"], state["failure_set_id"]
+    workspace.set_decisions(run_id, failure_set_id, [0, 1, 2], "confirmed")
+    app = page("causes", **state).run()
+    app.checkbox(key="causes_clear_confirm").check().run()
+    # Another tab changes one decision this tab drew and adds two.
+    workspace.set_decisions(run_id, failure_set_id, [1, 5, 6], "rejected")
+
+    app.button(key="causes_clear").click().run()
+
+    check_clean(app)
+    left = {1: "rejected", 5: "rejected", 6: "rejected"}
+    assert workspace.get_decisions(run_id, failure_set_id) == left
+    note = (
+        "3 examples (train #1, #5, #6) were changed in another tab or session "
+        "since this page was drawn, so they keep their saved decisions. The "
+        "cards now show the saved decisions."
+    )
+    assert conflict_notes(app) == [note]
+    assert [t.value for t in app.toast] == [note]
+
+
+def test_confirm_top_k_names_other_tabs(workspace_env):
+    workspace = workspace_env.workspace
+    state = ranked_failure_set(workspace_env)
+    run_id, failure_set_id = state["run_id"], state["failure_set_id"]
+    scores_id = workspace.list_scores(run_id, failure_set_id=failure_set_id)[-1]["id"]
+    order = ranking(pipeline.load_scores(workspace, scores_id))[:5].tolist()
+    workspace.set_decisions(run_id, failure_set_id, [order[2]], "confirmed")
+    app = page("causes", **state).run()
+    app.number_input(key="causes_k").set_value(5).run()
+    # Since this tab drew the page, another tab rejected an undecided example
+    # of the top 5 and cleared a confirmed one.
+    workspace.set_decisions(run_id, failure_set_id, [order[0]], "rejected")
+    workspace.set_decisions(run_id, failure_set_id, [order[2]], None)
+
+    app.button(key="causes_confirm_top").click().run()
+
+    check_clean(app)
+    decisions = workspace.get_decisions(run_id, failure_set_id)
+    assert decisions == {
+        order[0]: "rejected",
+        order[1]: "confirmed",
+        order[3]: "confirmed",
+        order[4]: "confirmed",
+    }
+    assert conflict_notes(app) == [
+        f"2 examples (train #{order[0]}, #{order[2]}) were changed in another tab "
+        "or session since this page was drawn, so they keep their saved "
+        "decisions. The cards now show the saved decisions."
+    ]
+    assert app.button(key="causes_undo_button").label == (
+        "Undo: confirming 4 examples of the top 5"
+    )
+
+
+def test_card_conflict_note_also_toasts(workspace_env):
+    workspace = workspace_env.workspace
+    state = ranked_failure_set(workspace_env)
+    app = page("causes", **state).run()
+    key = _review_keys(app)[0]
+    index = int(key.rsplit("_", 1)[1])
+    workspace.set_decisions(
+        state["run_id"], state["failure_set_id"], [index], "rejected"
+    )
+
+    app.segmented_control(key=key).set_value("confirmed").run()
+
+    check_clean(app)
+    notes = conflict_notes(app)
+    assert len(notes) == 1
+    assert notes[0].startswith(f"Train #{index} was changed")
+    assert [t.value for t in app.toast] == notes
+    app.run()
+    assert not app.toast
+
+
+def test_missing_package_shows_install_advice(workspace_env, monkeypatch):
+    for module in ("cleanlab", "cleanlab.filter", "cleanlab.rank"):
+        monkeypatch.setitem(sys.modules, module, None)
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.new_failure_set(),
+    }
+    app = page("causes", **state).run()
+    app.multiselect(key="causes_methods").set_value(["confident-learning"])
+    app.button(key="causes_run").click().run()
+
+    assert not app.exception
+    errors = error_texts(app)
+    assert len(errors) == 1
+    assert errors[0].startswith("Identification with confident-learning failed: ")
+    assert "cleanlab" in errors[0]
+    assert errors[0].endswith(INSTALL_ADVICE)
+    assert "No ranking yet" in app.info[0].value
+
+
+def test_missing_project_module_still_raises():
+    def fail():
+        raise ModuleNotFoundError(
+            "No module named 'repair_core.gone'", name="repair_core.gone"
+        )
+
+    with pytest.raises(ModuleNotFoundError):
+        dashboard.run_safely("Loading", fail)
+
+
+def test_deleted_scores_file_stops_review(workspace_env):
+    state = ranked_failure_set(workspace_env)
+    workspace = workspace_env.workspace
+    app = page("causes", **state).run()
+    check_clean(app)
+    assert _review_keys(app)
+    scores_id = app.session_state["scores_id"]
+    scores_file = workspace.path(state["run_id"], f"scores/{scores_id}.pt")
+
+    scores_file.unlink()
+    app.run()
+
+    assert not app.exception
+    errors = error_texts(app)
+    assert len(errors) == 1
+    assert errors[0].startswith("Loading the ranking failed: ")
+    assert str(scores_file) in errors[0]
+    assert "missing" in errors[0]
+    assert _review_keys(app) == []
+    assert "causes_export" not in [b.key for b in app.get("download_button")]
+    # The rankings stay listed, so that another one can be chosen.
+    assert app.selectbox(key="causes_scores").value == scores_id
+
+
+def test_compare_names_deleted_scores_file(workspace_env):
+    state = ranked_failure_set(workspace_env)
+    app = page("compare", **state).run()
+    check_clean(app)
+    assert "compare_detection" in [c.key for c in app.get("plotly_chart")]
+    scores_id = workspace_env.workspace.list_scores(
+        state["run_id"], failure_set_id=state["failure_set_id"]
+    )[-1]["id"]
+    scores_file = workspace_env.workspace.path(
+        state["run_id"], f"scores/{scores_id}.pt"
+    )
+
+    scores_file.unlink()
+    app.run()
+
+    assert not app.exception, [e.value for e in app.exception]
+    errors = error_texts(app)
+    assert len(errors) == 1
+    assert errors[0].startswith("Loading the rankings failed: ")
+    assert str(scores_file) in errors[0]
+    assert "compare_detection" not in [c.key for c in app.get("plotly_chart")]
+
+
+def test_detection_columns_show_one_decimal(workspace_env):
+    app = page("causes", **ranked_failure_set(workspace_env)).run()
+    check_clean(app)
+    columns = json.loads(app.dataframe[0].proto.columns)
+    detection = [
+        "found in top 10%",
+        "found in top 20%",
+        "precision at 100",
+        "implicated in top 20%",
+    ]
+    for name in detection:
+        settings = columns[name]["type_config"]
+        assert settings["format"] == "percent", name
+        assert settings["step"] == 0.001, name
+
+
+# Browser ---------------------------------------------------------------------
+
+#: Computed background colours of the chosen ✓ and ✗ options.
+CONFIRMED_FILL = "rgb(44, 160, 44)"
+REJECTED_FILL = "rgb(214, 39, 40)"
+
+
+@pytest.mark.browser
+def test_review_decisions_differ_in_chromium(browser_server):
+    from playwright.sync_api import sync_playwright
+
+    url, folder = browser_server
+    workspace = Workspace(folder)
+    config = pipeline.RunConfig(
+        **TINY, scenario="label-flip", device="cpu", train=TrainConfig(max_epochs=1)
+    )
+    summary = pipeline.train_run(workspace, config)
+    run = pipeline.load_run(workspace, summary["run_id"])
+    pipeline.run_identification(
+        workspace, run, "training-loss", failure_set_id=summary["failure_set_id"]
+    )
+
+    outside: list[str] = []
+
+    def keep_local(route) -> None:
+        if urlparse(route.request.url).hostname in LOCAL_HOSTS:
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(folder.parent / "chromium-profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1600},
+        )
+        try:
+            context.route("**/*", keep_local)
+            tab = context.new_page()
+            tab.goto(
+                f"{url}/causes?run={summary['run_id']}&fs={summary['failure_set_id']}"
+            )
+            tab.get_by_text("Ranking to review").wait_for(timeout=RUN_TIMEOUT * 1000)
+            wait_until_idle(tab)
+            controls = tab.locator('[class*="st-key-review_"]')
+            # ✓ on the first card and ✗ on the second, from the keyboard.
+            for card, option in ((0, 0), (1, 1)):
+                controls.nth(card).locator("button").nth(option).focus()
+                tab.keyboard.press("Space")
+                wait_until_idle(tab)
+            focused = tab.evaluate(
+                """() => document.activeElement.closest('[class*="st-key-review_"]')
+                    ?.className ?? ''"""
+            )
+            second = controls.nth(1).get_attribute("class")
+            assert focused == second
+            tab.mouse.move(0, 0)
+            fills = [
+                controls.nth(card)
+                .locator("button")
+                .nth(option)
+                .evaluate("button => getComputedStyle(button).backgroundColor")
+                for card, option in ((0, 0), (1, 1))
+            ]
+            assert fills == [CONFIRMED_FILL, REJECTED_FILL]
+        finally:
+            context.close()
+    assert outside == []
