@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,9 +195,12 @@ def read_flip_matrix(path: str | Path, num_classes: int) -> np.ndarray:
         raise ConfigError(f"Flip matrix file {str(path)!r} not found. Check the path.")
     try:
         # utf-8-sig drops the byte-order mark of spreadsheet CSV exports.
-        matrix = np.loadtxt(
-            path, delimiter=",", ndmin=2, dtype=np.float64, encoding="utf-8-sig"
-        )
+        # numpy warns about a file without data, which is reported below.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "loadtxt: input contained no data")
+            matrix = np.loadtxt(
+                path, delimiter=",", ndmin=2, dtype=np.float64, encoding="utf-8-sig"
+            )
     except OSError as error:
         raise ConfigError(
             f"Flip matrix file {str(path)!r} could not be read "
@@ -210,11 +214,22 @@ def read_flip_matrix(path: str | Path, num_classes: int) -> np.ndarray:
     except ValueError as error:
         raise ConfigError(
             f"Flip matrix file {str(path)!r} could not be parsed "
-            f"({str(error).rstrip('.')}). Write "
+            f"({_parse_problem(error)}). Write "
             f"{num_classes} lines of {num_classes} comma-separated numbers, with "
             "no header."
         ) from error
+    if matrix.size == 0:
+        raise ConfigError(
+            f"Flip matrix file {str(path)!r} contains no numbers. Write "
+            f"{num_classes} lines of {num_classes} comma-separated numbers."
+        )
     return validate_flip_matrix(matrix, num_classes)
+
+
+def _parse_problem(error: ValueError) -> str:
+    """Return numpy's parse error without its advice on loadtxt arguments,
+    which a user of a CSV file cannot pass."""
+    return str(error).split("; use `usecols`")[0].rstrip(".")
 
 
 def validate_flip_matrix(

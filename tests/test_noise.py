@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,25 @@ def test_read_flip_matrix_header_rejected(tmp_path):
     with pytest.raises(ConfigError, match=r"flips.csv' could not be parsed") as error:
         read_flip_matrix(path, 2)
     assert ".)" not in str(error.value)
+
+
+def test_read_flip_matrix_short_row(tmp_path):
+    path = tmp_path / "flips.csv"
+    path.write_text("1,0\n0\n")
+    with pytest.raises(ConfigError) as error:
+        read_flip_matrix(path, 2)
+    message = str(error.value)
+    assert "the number of columns changed from 2 to 1 at row 2)" in message
+    assert "usecols" not in message
+
+
+def test_read_flip_matrix_empty_file(tmp_path):
+    path = tmp_path / "flips.csv"
+    path.write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ConfigError, match="flips.csv' contains no numbers"):
+            read_flip_matrix(path, 2)
 
 
 def test_read_flip_matrix_missing_file(tmp_path):

@@ -174,7 +174,8 @@ def apply_treatment(
 
     Raises:
         ConfigError: unknown treatment, bad settings, causes that are not
-            distinct training indices (see :func:`validate_causes`), a model
+            training indices (see :func:`validate_causes`, which drops
+            repeated indices), a model
             without trainable parameters, non-finite images, labels that are
             not int64 class indices in 0..K-1 for a model with K outputs, or,
             for fine-tuning and retraining, causes that leave too few examples
