@@ -19,7 +19,7 @@ import shutil
 import socket
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1800,9 +1800,26 @@ def load_model_file(
 
     ``model_file`` is the path that repairs, sweep points and removal-curve
     points record, relative to the run folder.
+
+    Raises:
+        ConfigError: ``model_file`` leads outside the run folder, or the file
+            contains no model state dict, such as a scores file.
     """
+    relative = Path(model_file)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise ConfigError(
+            f"Model file {model_file!r} is not a path inside the folder of run "
+            f"{run.run_id!r}. Pass the model_file that a repair, sweep point or "
+            "removal-curve point records, such as 'repairs/rp-1a2b3c4d.pt'."
+        )
     model = run.build_model()
     state = workspace.load_tensor(run.run_id, model_file)
+    if not isinstance(state, Mapping):
+        raise ConfigError(
+            f"File {model_file!r} of run {run.run_id!r} contains a "
+            f"{type(state).__name__}, not a model's state dict. Pass the "
+            "model_file that a repair, sweep point or removal-curve point records."
+        )
     models.load_checked_state(model, state, source=source or repr(model_file))
     return model.to(run.device).eval()
 

@@ -773,3 +773,18 @@ def test_abandoned_files_of_live_or_recorded_results_stay(tiny):
     assert causes_file.is_file()
     for name in odd_names:
         assert (repairs / f"{name}{pipeline.PENDING_SUFFIX}").is_file()
+
+
+@pytest.mark.parametrize(
+    ("model_file", "message"),
+    [
+        ("/etc/passwd", "is not a path inside the folder of run"),
+        ("../../repair.sqlite", "is not a path inside the folder of run"),
+        ("scores/{scores_id}.pt", "contains a Tensor, not a model's state dict"),
+    ],
+)
+def test_load_model_file_rejects_other_files(ranked, model_file, message):
+    workspace, run, _, scores_id = ranked
+
+    with pytest.raises(ConfigError, match=message):
+        pipeline.load_model_file(workspace, run, model_file.format(scores_id=scores_id))
