@@ -350,7 +350,17 @@ def _build_architecture(
     config: RunConfig, data: DataSplit, factory_folder: Path | None = None
 ) -> nn.Module:
     if ":" in config.model:
-        return models.load_factory(config.model, factory_folder)
+        try:
+            return models.load_factory(config.model, factory_folder)
+        except CheckpointError as error:
+            if factory_folder is None or factory_folder.is_dir():
+                raise
+            raise CheckpointError(
+                f"{error} The run was imported from {str(factory_folder)!r}, "
+                "where the factory's module sat beside the checkpoint, and that "
+                "folder no longer exists. Move the module back there, or import "
+                "the run again."
+            ) from error
     return models.build_model(
         config.model,
         in_channels=data.in_channels,

@@ -819,3 +819,37 @@ def test_factory_folder_leaves_no_shadowing_module(tmp_path, isolated_imports):
     assert sys.path == path_before
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("bad_input_shadowed")
+
+
+def test_moved_factory_folder_is_named(tmp_path, isolated_imports):
+    folder = tmp_path / "model_dir"
+    folder.mkdir()
+    _write_factory(
+        folder,
+        "bad_input_moved_net",
+        """
+        import torch.nn as nn
+
+        def build():
+            return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+        """,
+    )
+    checkpoint = folder / "net.pt"
+    torch.save(
+        models.load_factory("bad_input_moved_net:build", folder).state_dict(),
+        checkpoint,
+    )
+    workspace = Workspace(tmp_path / "ws")
+    config = pipeline.RunConfig(
+        model="bad_input_moved_net:build", n_train=100, n_test=50, device="cpu"
+    )
+    run_id = pipeline.import_run(workspace, config, checkpoint)["run_id"]
+    folder.rename(tmp_path / "moved")
+    sys.modules.pop("bad_input_moved_net")
+
+    with pytest.raises(CheckpointError) as caught:
+        pipeline.load_run(workspace, run_id)
+    message = str(caught.value)
+    assert message.startswith("Cannot import module 'bad_input_moved_net'")
+    assert f"The run was imported from {str(folder)!r}" in message
+    assert "that folder no longer exists" in message
