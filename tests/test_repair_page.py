@@ -261,27 +261,34 @@ def test_test_accuracy_delta_matches_figures(
 # Sweeps ----------------------------------------------------------------------
 
 
+def stored_sweep_page(env: test_app.Prepared, name: str, points: list) -> AppTest:
+    """Store a fine-tuning sweep with ``points`` on a new failure set and run
+    the Repair page on it."""
+    failure_set_id = env.new_failure_set()
+    env.workspace.add_sweep(
+        f"sw-{name}-{failure_set_id}",
+        env.run_id,
+        failure_set_id,
+        "finetune",
+        "top 10",
+        10,
+        [point["strength"] for point in points],
+        {},
+        points,
+    )
+    state = {"run_id": env.run_id, "failure_set_id": failure_set_id}
+    app = page("repair", **state).run()
+    check_clean(app)
+    return app
+
+
 def test_sweep_axes_fit_close_points(workspace_env):
-    failure_set_id = workspace_env.new_failure_set()
     accuracies = [(0.98, 0.40), (0.97, 0.45), (0.96, 0.50)]
     points = [
         {"strength": strength, "remaining_acc": kept, "holdout_acc": fixed}
         for strength, (kept, fixed) in zip((1.0, 2.0, 4.0), accuracies, strict=True)
     ]
-    workspace_env.workspace.add_sweep(
-        f"sw-close-{failure_set_id}",
-        workspace_env.run_id,
-        failure_set_id,
-        "finetune",
-        "top 10",
-        10,
-        [1.0, 2.0, 4.0],
-        {},
-        points,
-    )
-    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
-    app = page("repair", **state).run()
-    check_clean(app)
+    app = stored_sweep_page(workspace_env, "close", points)
 
     figure = chart_specs(app)[-1]
     x_axis, y_axis = figure["layout"]["xaxis"], figure["layout"]["yaxis"]
@@ -296,26 +303,12 @@ def test_sweep_axes_fit_close_points(workspace_env):
 
 
 def test_sweep_axes_stay_within_full_range(workspace_env):
-    failure_set_id = workspace_env.new_failure_set()
     points = [
         {"strength": 1.0, "remaining_acc": 1.0, "holdout_acc": 0.0},
         {"strength": 2.0, "remaining_acc": 0.2, "holdout_acc": 1.0},
         {"strength": 4.0, "remaining_acc": 0.5, "holdout_acc": float("nan")},
     ]
-    workspace_env.workspace.add_sweep(
-        f"sw-wide-{failure_set_id}",
-        workspace_env.run_id,
-        failure_set_id,
-        "finetune",
-        "top 10",
-        10,
-        [1.0, 2.0, 4.0],
-        {},
-        points,
-    )
-    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
-    app = page("repair", **state).run()
-    check_clean(app)
+    app = stored_sweep_page(workspace_env, "wide", points)
     layout = chart_specs(app)[-1]["layout"]
     assert layout["xaxis"]["range"] == pytest.approx([0.08, 1.07])
     assert layout["yaxis"]["range"] == pytest.approx([-0.04, 1.1])
