@@ -333,6 +333,13 @@ def flip_labels(
         "changed_per_class": changed,
     }
     logger.info("Flipped %d of %d labels: %s", int(mask.sum()), len(mask), changed)
+    if not mask.any():
+        logger.warning(
+            "The flip matrix changed none of the %d labels, so the run has no "
+            "corrupted examples to find. Give some class a probability of "
+            "becoming another class to flip labels.",
+            len(mask),
+        )
     return NoisyTrainSet(dataset=noisy, mask=mask, scenario="label-flip", params=params)
 
 

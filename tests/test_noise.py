@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -234,6 +235,21 @@ def test_flip_never_draws_zero_probability_class():
     assert torch.all(new[:500] == 1)
     assert set(new[500:1000].tolist()) == {0, 1}
     assert torch.all(new[1000:] == 2)
+
+
+def test_identity_flip_matrix_warns(caplog):
+    dataset = make_dataset([50, 50])
+
+    with caplog.at_level(logging.WARNING, logger="repair_core.noise"):
+        result = flip_labels(dataset, [[1.0, 0.0], [0.0, 1.0]], seed=0)
+
+    assert not result.mask.any()
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert logged == [
+        "The flip matrix changed none of the 100 labels, so the run has no "
+        "corrupted examples to find. Give some class a probability of becoming "
+        "another class to flip labels."
+    ]
 
 
 def test_flip_seeded(many_digits):
