@@ -672,6 +672,12 @@ def _load_image_folder(root: Path) -> tuple[ImageDataset, ImageDataset, str]:
         class_folders[part] = folders
 
     train_names = [folder.name for folder in class_folders["train"]]
+    if len(train_names) < 2:
+        raise DataError(
+            f"Folder {str(root / 'train')!r} has one class folder "
+            f"({train_names[0]!r}), but a classifier needs at least two. Add a "
+            "folder for each other class, such as train/dog/1.png."
+        )
     test_names = [folder.name for folder in class_folders["test"]]
     if train_names != test_names:
         only_train = sorted(set(train_names) - set(test_names)) or ["none"]

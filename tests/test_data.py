@@ -461,6 +461,13 @@ def test_image_folder_without_class_folders(tmp_path):
         load_data("imagefolder", root=tmp_path)
 
 
+def test_image_folder_single_class(tmp_path):
+    for part in ("train", "test"):
+        write_png(tmp_path / part / "cat" / "0.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(DataError, match=r"has one class folder \('cat'\)"):
+        load_data("imagefolder", root=tmp_path)
+
+
 def test_image_folder_empty_class_folder(tmp_path):
     make_image_folder(tmp_path)
     (tmp_path / "train" / "emu").mkdir()
