@@ -4,6 +4,8 @@ import dataclasses
 import json
 import math
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,9 +22,10 @@ from repair_core.benchmark.settings import BenchSettings
 from repair_core.benchmark.store import ResultsStore
 from repair_core.benchmark.summary import Results, paired_difference
 from repair_core.cli import main
-from repair_core.errors import ConfigError
+from repair_core.errors import ConfigError, DataError
 from repair_core.workspace import Workspace
 from tests.factories import make_idx_files
+from tests.test_cli import _without_root_override
 
 PLOTS = (
     "detection_label_flip.png",
@@ -132,6 +135,10 @@ def test_quick_run_page_reports_sections(quick_run):
     ):
         assert heading in text, heading
     assert "python -m repair_core bench --quick" in text
+    # The tiny settings train on 100 images for 1 epoch.
+    assert (
+        "**Quick mode**: the models train on 100 images for at most 1 epoch(s)"
+    ) in text
     assert "Not measured: no MNIST/raw folder" in text
     assert "Tanno et al. 2022" in text
     assert "embedded MNIST, the failures: " in text
@@ -369,3 +376,140 @@ def test_removal_bar_reports_paired_difference(tmp_path):
         "narrowest at k=10 (paired difference +0.225, standard error 0.075 over "
         "4 pairs)"
     )
+
+
+# Experiment 6 without --mnist-root skips its units, so a run that passed the
+# checks would reach its first write at once instead of after minutes.
+RUN_ARGUMENTS = ["--quick", "--experiments", "6", "--device", "cpu"]
+
+
+def folder_listing(folder):
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("render_only", [False, True])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{bad json", "is not valid JSON"),
+        ("", "is empty"),
+        ("  \n", "is empty"),
+        ("[1, 2]", "contains a JSON array, but it must contain an object"),
+        ('"text"', "contains a JSON string, but it must contain an object"),
+    ],
+)
+def test_bench_rejects_corrupt_results(tmp_path, capsys, content, problem, render_only):
+    out = tmp_path / "docs" / "benchmarks"
+    out.mkdir(parents=True)
+    results = out / "results.json"
+    results.write_text(content)
+    workspace = tmp_path / "ws"
+    argv = ["--render-only"] if render_only else RUN_ARGUMENTS
+    argv = [*argv, "--workspace", str(workspace)]
+
+    code = main(["bench", "--out", str(out), *argv])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"The results file {str(results)!r} {problem}" in err
+    assert "--fresh" in err
+    assert "another --out folder" in err
+    assert "Traceback" not in err
+    assert results.read_text() == content
+    assert folder_listing(tmp_path / "docs") == [
+        "benchmarks",
+        "benchmarks/results.json",
+    ]
+    assert not workspace.exists()
+
+
+@pytest.mark.parametrize(
+    "content, entry",
+    [
+        ('{"settings": 3}', "its 'settings' entry is a JSON number"),
+        ('{"units": [1]}', "its 'units' entry is a JSON array"),
+        ('{"invocations": {}}', "its 'invocations' entry is a JSON object"),
+        ('{"units": {"exp1/embedded/seed0": null}}', "unit 'exp1/embedded/seed0'"),
+    ],
+)
+def test_results_entry_of_wrong_type_is_rejected(tmp_path, content, entry):
+    path = tmp_path / "results.json"
+    path.write_text(content)
+
+    with pytest.raises(DataError, match=re.escape(entry)):
+        ResultsStore(path, settings=quick_settings().to_dict())
+    with pytest.raises(DataError, match=re.escape(entry)):
+        render_page(tmp_path)
+    assert path.read_text() == content
+
+
+def test_fresh_replaces_corrupt_results(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("{bad json")
+
+    store = ResultsStore(path, settings=quick_settings().to_dict(), resume=False)
+
+    assert store.units == {}
+    assert json.loads(path.read_text())["settings"] == store.data["settings"]
+
+
+@pytest.mark.parametrize("below_file", [True, False])
+def test_bench_rejects_out_that_is_a_file(tmp_path, capsys, below_file):
+    file = tmp_path / "notes.txt"
+    file.write_text("notes\n")
+    out = file / "benchmarks" if below_file else file
+    workspace = tmp_path / "ws"
+
+    code = main(
+        ["bench", "--out", str(out), *RUN_ARGUMENTS, "--workspace", str(workspace)]
+    )
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--out {str(out)!r} must be a folder" in err
+    assert "Traceback" not in err
+    assert file.read_text() == "notes\n"
+    assert not workspace.exists()
+
+
+@pytest.mark.parametrize(
+    "read_only, render_only, message",
+    [
+        ("docs/benchmarks", False, "Folder {out!r} is not writable"),
+        ("docs", False, "Folder {page_folder!r} is not writable"),
+        ("docs", True, "Folder {page_folder!r} is not writable"),
+        ("", False, "Cannot create the --out folder {out!r}"),
+    ],
+)
+def test_bench_rejects_read_only_out_before_work(
+    tmp_path, read_only, render_only, message
+):
+    page_folder = tmp_path / "docs"
+    out = page_folder / "benchmarks"
+    if read_only:
+        out.mkdir(parents=True)
+    if render_only:
+        (out / "results.json").write_text("{}")
+    locked = tmp_path / read_only if read_only else tmp_path
+    before = folder_listing(tmp_path)
+    workspace = tmp_path / "ws"
+    argv = ["--render-only"] if render_only else RUN_ARGUMENTS
+    locked.chmod(0o555)
+    try:
+        result = subprocess.run(
+            [*_without_root_override(), sys.executable, "-m", "repair_core", "bench"]
+            + ["--out", str(out), *argv, "--workspace", str(workspace)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        locked.chmod(0o755)
+
+    expected = message.format(out=str(out), page_folder=str(page_folder))
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "writable" in result.stderr
+    assert "another --out folder" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert folder_listing(tmp_path) == before

@@ -29,7 +29,12 @@ from repair_core.benchmark.experiments import (
     planned_units,
     run_unit,
 )
-from repair_core.benchmark.report import check_page_is_ours, page_path, render_page
+from repair_core.benchmark.report import (
+    check_page_is_ours,
+    page_path,
+    prepare_out_folder,
+    render_page,
+)
 from repair_core.benchmark.settings import (
     EXPERIMENTS,
     BenchSettings,
@@ -86,11 +91,19 @@ def run_benchmark(
 
     Returns:
         The path of the rendered page.
+
+    Raises:
+        FileExistsError: a file that the benchmark did not render is at the
+            page's path.
+        ConfigError: ``out`` is not a writable folder, or its results file
+            contains other settings and ``fresh`` is not set.
+        DataError: the results file is unreadable or not a results file, and
+            ``fresh`` is not set.
     """
     out = Path(out)
     # Before any work, rather than at the first render after an hour's run.
     check_page_is_ours(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out_folder(out)
     chosen = str(select_device(device))
     store = ResultsStore(
         out / RESULTS_NAME,

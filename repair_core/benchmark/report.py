@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,9 @@ from repair_core.benchmark.settings import (
     EXPERIMENT_TITLES,
     PUBLISHED,
 )
-from repair_core.benchmark.store import RESULTS_NAME
+from repair_core.benchmark.store import RESULTS_NAME, read_results
 from repair_core.benchmark.summary import Results, Stat, stat_of
+from repair_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,72 @@ def check_page_is_ours(out: str | Path) -> None:
         )
 
 
+def prepare_out_folder(out: str | Path) -> None:
+    """Create the folder ``out`` if it is missing, then check it as
+    ``check_out_writable`` does.
+
+    Raises:
+        ConfigError: ``out`` or a folder above it is a file, ``out`` cannot
+            be created, or a folder or file the benchmark writes is read-only.
+    """
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:
+        raise ConfigError(
+            f"--out {str(out)!r} must be a folder, but it or a folder above it is "
+            f"a file ({error}). Pass another --out folder."
+        ) from error
+    except OSError as error:
+        raise ConfigError(
+            f"Cannot create the --out folder {str(out)!r} ({error}). Make its "
+            "parent folder writable, or pass another --out folder."
+        ) from error
+    check_out_writable(out)
+
+
+def check_out_writable(out: str | Path) -> None:
+    """Raise unless the results file and plots can be written in ``out`` and
+    the page one level above it.
+
+    Raises:
+        ConfigError: one of the two folders or the existing page is read-only,
+            or the results path is not a file.
+    """
+    out = Path(out).resolve()
+    results_path = out / RESULTS_NAME
+    if results_path.exists() and not results_path.is_file():
+        raise ConfigError(
+            f"{str(results_path)!r} is not a file, but the benchmark stores its "
+            "results there. Move it away, or pass another --out folder."
+        )
+    page = page_path(out)
+    for folder, contents in (
+        (out, f"{RESULTS_NAME} and the plots"),
+        (page.parent, f"the page {PAGE_NAME}"),
+    ):
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            # strerror leaves out the random name of the temporary file.
+            raise ConfigError(
+                f"Folder {str(folder)!r} is not writable ({error.strerror or error}), "
+                f"but the benchmark writes {contents} there. Make it writable, or "
+                "pass another --out folder."
+            ) from error
+    if page.is_file():
+        try:
+            # Opening for update writes nothing.
+            with page.open("r+b"):
+                pass
+        except OSError as error:
+            raise ConfigError(
+                f"The page {str(page)!r} is read-only ({error}). Make it "
+                "writable, or pass another --out folder."
+            ) from error
+
+
 class PageWriter(PublishedSections, QualityBars):
     """Builds the page text section by section from one results file."""
 
@@ -92,9 +159,17 @@ class PageWriter(PublishedSections, QualityBars):
             "by the command below; `--render-only` rebuilds it from that file "
             "alone.",
             "",
-            "## How these numbers were made",
-            "",
         )
+        if settings.mode == "quick":
+            self.add(
+                f"**Quick mode**: the models train on {settings.n_train} images "
+                f"for at most {settings.max_epochs} epoch(s), so the figures below "
+                "only show that every step of the benchmark runs. They say "
+                "nothing about how well the methods work; run without --quick "
+                "for that.",
+                "",
+            )
+        self.add("## How these numbers were made", "")
         for invocation in invocations:
             command = invocation.get("command") or "run_benchmark() from Python"
             self.add(f"- `{command}` (started {invocation.get('started', '?')})")
@@ -783,6 +858,8 @@ def render_page(out: str | Path) -> Path:
         FileNotFoundError: there is no results file in ``out``.
         FileExistsError: a file that the benchmark did not render is at the
             page's path.
+        DataError: the results file is unreadable or not a results file.
+        ConfigError: ``out``, the page's folder or the page is read-only.
     """
     # Resolved, so that "." names its folder in the page's links.
     out = Path(out).resolve()
@@ -793,7 +870,8 @@ def render_page(out: str | Path) -> Path:
             "--out folder it wrote to."
         )
     check_page_is_ours(out)
-    results = Results(json.loads(results_path.read_text()))
+    results = Results(read_results(results_path))
+    check_out_writable(out)
     text = PageWriter(results, out).render()
     path = page_path(out)
     path.write_text(text)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from repair_core.errors import ConfigError
+from repair_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,69 @@ def _without_selection(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in SELECTION_KEYS}
 
 
+#: JSON's names for the Python types that ``json.loads`` returns.
+_JSON_TYPES = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """Read the results file at ``path`` and check its top-level structure.
+
+    Raises:
+        DataError: the file cannot be read, is empty, is not valid JSON, or
+            its value or one of its main entries has the wrong JSON type.
+    """
+    advice = (
+        "Restore the file from a copy, pass another --out folder, or run the "
+        "benchmark with --fresh to discard the file and start over."
+    )
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(
+            f"Failed to read the results file {str(path)!r} ({error}). Make it "
+            "readable, or pass another --out folder."
+        ) from error
+    if not raw.strip():
+        raise DataError(f"The results file {str(path)!r} is empty. {advice}")
+    try:
+        data = json.loads(raw)
+    except ValueError as error:
+        # JSONDecodeError, or UnicodeDecodeError for bytes that are not text.
+        raise DataError(
+            f"The results file {str(path)!r} is not valid JSON ({error}). {advice}"
+        ) from error
+    if not isinstance(data, dict):
+        raise DataError(
+            f"The results file {str(path)!r} contains a JSON "
+            f"{_JSON_TYPES.get(type(data), type(data).__name__)}, but it must "
+            f"contain an object. {advice}"
+        )
+    for key, expected in (("settings", dict), ("units", dict), ("invocations", list)):
+        value = data.get(key)
+        if value is not None and not isinstance(value, expected):
+            raise DataError(
+                f"The results file {str(path)!r} is invalid: its {key!r} entry is "
+                f"a JSON {_JSON_TYPES.get(type(value), type(value).__name__)}, "
+                f"but it must be a JSON {_JSON_TYPES[expected]}. {advice}"
+            )
+    for key, unit in data.get("units", {}).items():
+        if not isinstance(unit, dict):
+            raise DataError(
+                f"The results file {str(path)!r} is invalid: unit {key!r} is a "
+                f"JSON {_JSON_TYPES.get(type(unit), type(unit).__name__)}, but it "
+                f"must be a JSON object. {advice}"
+            )
+    return data
+
+
 def peak_rss_mb() -> float:
     """Return the peak resident set size of this process so far, in MiB.
 
@@ -98,6 +161,9 @@ class ResultsStore:
     Raises:
         ConfigError: the existing file was written with other settings and
             ``resume`` is set.
+        DataError: the existing file is unreadable or not a results file, and
+            ``settings`` is None or ``resume`` is set. Without ``resume`` the
+            file is replaced unread.
     """
 
     def __init__(
@@ -111,8 +177,8 @@ class ResultsStore:
     ) -> None:
         self.path = Path(path)
         self.data: dict[str, Any] = {}
-        if self.path.is_file():
-            self.data = json.loads(self.path.read_text())
+        if self.path.is_file() and (settings is None or resume):
+            self.data = read_results(self.path)
         if settings is None:
             return
         old = self.data.get("settings")
@@ -140,7 +206,7 @@ class ResultsStore:
                 if key in new:
                     old[key] = sorted(set(old.get(key, [])) | set(new[key]))
         self.data["finished"] = False
-        self.data["invocations"].append(
+        self.data.setdefault("invocations", []).append(
             {"command": command, "started": now(), "machine": machine or {}}
         )
         self.save()
