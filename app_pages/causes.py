@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -9,6 +12,7 @@ import streamlit as st
 
 from repair_core import dashboard, pipeline
 from repair_core.identification import METHODS, default_config
+from repair_core.inference import model_device
 
 PAGE_SIZE = 24
 #: Choices of cards per grid row; fewer suit narrow windows.
@@ -156,9 +160,36 @@ def refresh_view() -> None:
     st.session_state.pop("causes_view", None)
 
 
+def stored_ranking(method: str, config: object) -> dict | None:
+    """Return the newest stored ranking of this run and failure set that
+    ``method`` made with ``config`` on the device of the run's model, or None.
+
+    Each method gives the same scores for the same settings, seed included,
+    on the same device, so such a ranking needs no second computation. A
+    record without a device, or whose scores file is missing, is not reused.
+    """
+    # The record stores the settings as JSON, so they are compared as JSON.
+    settings = json.loads(json.dumps(dataclasses.asdict(config)))
+    device = str(model_device(run.model))
+    stored = ws.list_scores(run.run_id, failure_set_id=failure_set_id, method=method)
+    for record in reversed(stored):
+        if record["config"] != settings or record["metrics"].get("device") != device:
+            continue
+        if ws.path(run.run_id, f"scores/{record['id']}.pt").is_file():
+            return record
+    return None
+
+
 def run_methods(configs: dict[str, object]) -> None:
     finished = []
+    reused = []
     for method, config in configs.items():
+        record = stored_ranking(method, config)
+        if record is not None:
+            if not finished and not reused:
+                st.session_state["scores_id"] = record["id"]
+            reused.append(f"{method} ({record['id']})")
+            continue
         report = dashboard.progress_reporter(method)
         with dashboard.long_job("causes", f"identification with {method}"):
             summary = dashboard.run_safely(
@@ -175,12 +206,22 @@ def run_methods(configs: dict[str, object]) -> None:
                 ),
             )
         if summary is not None:
-            if not finished:
+            if not finished and not reused:
                 # The first method chosen is the one opened for review.
                 st.session_state["scores_id"] = summary["scores_id"]
             finished.append(f"{method} ({summary['seconds']:.1f} s)")
+    messages = []
     if finished:
-        st.session_state["causes_message"] = "Ranked with " + ", ".join(finished)
+        messages.append("Ranked with " + ", ".join(finished) + ".")
+    if reused:
+        messages.append(
+            f"Reused {dashboard.count_text(len(reused), 'stored ranking')} with the "
+            "same settings, seed and device instead of computing again: "
+            + ", ".join(reused)
+            + "."
+        )
+    if messages:
+        st.session_state["causes_message"] = " ".join(messages)
         st.rerun()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,8 @@ import streamlit as st
 
 from repair_core import dashboard, pipeline
 from repair_core.data import DATA_SOURCES
+from repair_core.errors import DataError
+from repair_core.identification.base import MAX_SEED
 from repair_core.models import MODEL_CHOICES
 from repair_core.noise import DEFAULT_FRACTION, SCENARIOS
 from repair_core.training import TrainConfig
@@ -31,10 +35,65 @@ SCENARIO_HELP = {
     "input-noise": "Salt-and-pepper or Gaussian noise on a share of some classes.",
     "fgsm": "Adversarial images crafted against a victim model, relabelled.",
 }
+#: Labels of the Advanced fields that set the data sizes, by RunConfig field.
+SIZE_LABELS = {
+    "n_train": "Training images (0 = all)",
+    "n_test": "Test images (0 = all)",
+}
 
 dashboard.init_state()
 ws = dashboard.workspace()
 st.title("Setup")
+
+
+def seed_field(
+    label: str, key: str, container: Any = None, **options: Any
+) -> int | None:
+    """Show a text box for a seed and return the seed, or show an error and
+    return None unless the entry is a whole number from 0 to MAX_SEED, the
+    range that the command line accepts.
+
+    A number input would not do: Streamlit 1.67 gives an integer number input
+    a max_value of 2**53 - 1 when none is set, and its front end drops a larger
+    entry before the script receives it. The script then goes on with the
+    last valid value, so a run would train with another seed. The entry is
+    kept for the session, as number fields keep theirs.
+    """
+    container = st if container is None else container
+    dashboard.keep_widget_value(key)
+    text = container.text_input(label, value="0", key=key, **options).strip()
+    allowed = dashboard.range_text(integer=True, minimum=0, maximum=MAX_SEED)
+    try:
+        seed = int(text)
+    except ValueError:
+        container.error(f"{label} {text!r} is not a whole number. Enter {allowed}.")
+        return None
+    if not 0 <= seed <= MAX_SEED:
+        container.error(f"{label} = {seed} is out of range. Enter {allowed}.")
+        return None
+    return seed
+
+
+def field_labels(message: str) -> str:
+    """Replace the RunConfig field names and command-line options in a data
+    error ``message``, as in "Set n_train (--n-train on the command line) to
+    at most 3000", with the labels of the Advanced fields."""
+    for name, label in SIZE_LABELS.items():
+        option = "--" + name.replace("_", "-")
+        message = message.replace(
+            f"{name} ({option} on the command line)", f"“{label}” under Advanced"
+        )
+        message = re.sub(rf"\b{name}\b", f"“{label}”", message)
+    return message
+
+
+def with_field_labels(function: Callable[[], Any]) -> Any:
+    """Call ``function``, and re-raise a DataError from it with the Advanced
+    fields named (see :func:`field_labels`)."""
+    try:
+        return function()
+    except DataError as error:
+        raise DataError(field_labels(str(error))) from error
 
 
 def data_widgets() -> dict[str, Any]:
@@ -148,7 +207,7 @@ def advanced_widgets() -> tuple[dict[str, Any], dict[str, Any]] | None:
     with st.expander("Advanced"):
         left, middle, right = st.columns(3)
         n_train = dashboard.number_field(
-            "Training images (0 = all)",
+            SIZE_LABELS["n_train"],
             0,
             key="setup_n_train",
             minimum=0,
@@ -157,7 +216,7 @@ def advanced_widgets() -> tuple[dict[str, Any], dict[str, Any]] | None:
             container=left,
         )
         n_test = dashboard.number_field(
-            "Test images (0 = all)",
+            SIZE_LABELS["n_test"],
             0,
             key="setup_n_test",
             minimum=0,
@@ -165,9 +224,7 @@ def advanced_widgets() -> tuple[dict[str, Any], dict[str, Any]] | None:
             step=100,
             container=left,
         )
-        data_seed = dashboard.number_field(
-            "Data split seed", 0, key="setup_ds", minimum=0, container=left
-        )
+        data_seed = seed_field("Data split seed", "setup_ds", container=left)
         max_epochs = dashboard.number_field(
             "Max epochs",
             100,
@@ -253,7 +310,11 @@ def train(config: pipeline.RunConfig) -> None:
     with dashboard.long_job("setup", "training"):
         summary = dashboard.run_safely(
             "Training",
-            lambda: pipeline.train_run(ws, config, progress=on_epoch, status=on_status),
+            lambda: with_field_labels(
+                lambda: pipeline.train_run(
+                    ws, config, progress=on_epoch, status=on_status
+                )
+            ),
         )
     if summary is not None:
         dashboard.select_run(summary["run_id"], summary["failure_set_id"])
@@ -278,7 +339,10 @@ def import_model(config: pipeline.RunConfig, path: str, upload: Any) -> None:
     try:
         with st.spinner("Evaluating the imported model…"):
             summary = dashboard.run_safely(
-                "Import", lambda: pipeline.import_run(ws, config, path)
+                "Import",
+                lambda: with_field_labels(
+                    lambda: pipeline.import_run(ws, config, path)
+                ),
             )
     finally:
         # An import that failed or was stopped stores no run, so no run
@@ -314,11 +378,9 @@ def new_run_section() -> None:
         data_values = data_widgets()
         dashboard.keep_widget_value("setup_model", MODEL_CHOICES)
         model = st.selectbox("Model", MODEL_CHOICES, key="setup_model")
-        seed = dashboard.number_field(
+        seed = seed_field(
             "Seed",
-            0,
-            key="setup_seed",
-            minimum=0,
+            "setup_seed",
             help="Seed of the noise, initialisation and training.",
         )
     with right:
@@ -346,8 +408,9 @@ def new_run_section() -> None:
     if invalid:
         blocked = "Train and Import are" if import_invalid else "Train is"
         st.warning(
-            f"A number above is out of range, so {blocked} off until it is "
-            "corrected. Open the Advanced section if its error is not in view."
+            f"A setting above is invalid or out of range, so {blocked} off until "
+            "it is corrected. Open the Advanced section if its error is not in "
+            "view."
         )
     train_tab, import_tab = st.tabs(["Train a model", "Import a trained model"])
     with train_tab:

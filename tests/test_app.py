@@ -1473,7 +1473,6 @@ def test_causes_k_help_says_what_it_does(workspace_env):
         ("setup_patience", 101, "Early-stopping patience = 101 is out of range"),
         ("setup_lr", 0.0, "Learning rate = 0 is out of range"),
         ("setup_n_train", -5, "Training images = -5 is out of range"),
-        ("setup_seed", -1, "Seed = -1 is out of range"),
     ],
 )
 def test_setup_number_out_of_range_blocks_train(

@@ -1,5 +1,6 @@
 """Causes page: notes on small failure sets, decisions saved elsewhere, missing
-packages and scores files, and the look of review decisions.
+packages and scores files, the look of review decisions, and stored rankings
+reused by a rerun.
 
 The AppTest tests use the tiny MNIST run that tests/test_app.py trains once
 per module, against a real workspace. The browser test starts the dashboard
@@ -8,6 +9,7 @@ in headless Chromium, as tests/test_browser.py does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from urllib.parse import urlparse
@@ -16,9 +18,10 @@ import pytest
 import torch
 
 from repair_core import dashboard, pipeline
+from repair_core.identification import default_config
 from repair_core.metrics import ranking
 from repair_core.training import TrainConfig
-from repair_core.workspace import Workspace
+from repair_core.workspace import Workspace, new_id
 from tests import test_app, test_browser
 from tests.test_app import (
     TINY,
@@ -335,3 +338,99 @@ def test_review_decisions_differ_in_chromium(browser_server):
         finally:
             context.close()
     assert outside == []
+
+
+# Stored rankings reused ------------------------------------------------------
+
+
+def stored_rankings(prepared, failure_set_id: str) -> list[dict]:
+    return prepared.workspace.list_scores(
+        prepared.run_id, failure_set_id=failure_set_id
+    )
+
+
+REUSED = "with the same settings, seed and device instead of computing again: "
+
+
+def test_rerun_reuses_unchanged_rankings(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+    app.multiselect(key="causes_methods").set_value(["training-loss", "random"])
+    app.button(key="causes_run").click().run()
+    check_clean(app)
+    first = stored_rankings(workspace_env, failure_set_id)
+    assert [record["method"] for record in first] == ["training-loss", "random"]
+    assert "Reused" not in app.success[0].value
+
+    # A new seed for random leaves the training-loss settings as they were.
+    app.number_input(key="causes_cfg_random_seed").set_value(3).run()
+    app.button(key="causes_run").click().run()
+    check_clean(app)
+    second = stored_rankings(workspace_env, failure_set_id)
+    assert len(second) == 3
+    assert second[-1]["method"] == "random"
+    assert second[-1]["config"]["seed"] == 3
+    message = app.success[0].value
+    assert message.startswith("Ranked with random (")
+    assert message.endswith(
+        f"Reused 1 stored ranking {REUSED}training-loss ({first[0]['id']})."
+    )
+    # The first method chosen opens for review, stored or not.
+    assert app.session_state["scores_id"] == first[0]["id"]
+
+    app.button(key="causes_run").click().run()
+    check_clean(app)
+    assert stored_rankings(workspace_env, failure_set_id) == second
+    assert app.success[0].value == (
+        f"Reused 2 stored rankings {REUSED}training-loss ({first[0]['id']}), "
+        f"random ({second[-1]['id']})."
+    )
+
+
+@pytest.mark.parametrize("device", ["cuda:0", None])
+def test_rerun_ignores_ranking_of_other_device(workspace_env, device):
+    workspace = workspace_env.workspace
+    run_id = workspace_env.run_id
+    failure_set_id = workspace_env.new_failure_set()
+    # A ranking stored with the default settings on another device, or by a
+    # version that recorded no device.
+    other_id = new_id("sc")
+    workspace.save_tensor(
+        run_id, f"scores/{other_id}.pt", torch.zeros(TINY["n_train"]).double()
+    )
+    metrics = {"seconds": 1.0} if device is None else {"seconds": 1.0, "device": device}
+    workspace.add_scores(
+        other_id,
+        run_id,
+        failure_set_id,
+        "training-loss",
+        dataclasses.asdict(default_config("training-loss")),
+        metrics,
+    )
+    state = {"run_id": run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+    app.multiselect(key="causes_methods").set_value(["training-loss"])
+    app.button(key="causes_run").click().run()
+
+    check_clean(app)
+    records = stored_rankings(workspace_env, failure_set_id)
+    assert len(records) == 2
+    assert records[-1]["metrics"]["device"] == "cpu"
+    assert app.success[0].value.startswith("Ranked with training-loss (")
+    assert "Reused" not in app.success[0].value
+
+
+def test_rerun_recomputes_deleted_scores_file(workspace_env):
+    state = ranked_failure_set(workspace_env)
+    (stored,) = stored_rankings(workspace_env, state["failure_set_id"])
+    workspace_env.workspace.path(state["run_id"], f"scores/{stored['id']}.pt").unlink()
+    app = page("causes", **state).run()
+    app.multiselect(key="causes_methods").set_value(["training-loss"])
+    app.button(key="causes_run").click().run()
+
+    check_clean(app)
+    records = stored_rankings(workspace_env, state["failure_set_id"])
+    assert len(records) == 2
+    assert app.session_state["scores_id"] == records[-1]["id"]
+    assert "Reused" not in app.success[0].value

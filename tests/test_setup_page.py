@@ -1,5 +1,5 @@
-"""Setup-page safety: the network warning and a workspace database that is
-deleted while the dashboard has it open."""
+"""Setup-page safety: the network warning, a workspace database that is
+deleted while the dashboard has it open, seed entries and data-size errors."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from streamlit.testing.v1 import AppTest
 from repair_core import dashboard
 from repair_core.errors import WorkspaceError
 from repair_core.workspace import Workspace
+from tests import test_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,3 +93,101 @@ def test_setup_database_deleted_shows_error(tmp_path, monkeypatch):
     assert "its database repair.sqlite is missing" in errors[0]
     assert "--workspace" not in errors[0]
     assert not database.exists()
+
+
+# Seeds and data sizes ---------------------------------------------------------
+
+#: Largest seed the command line accepts.
+MAX_SEED = 2**63 - 1
+
+# Fixtures of tests/test_app.py, bound here so that pytest finds them.
+prepared = test_app.prepared
+workspace_env = test_app.workspace_env
+
+
+def setup_page(tmp_path, monkeypatch) -> AppTest:
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(tmp_path))
+    return AppTest.from_file(
+        str(ROOT / "app_pages" / "setup.py"), default_timeout=300
+    ).run()
+
+
+@pytest.mark.parametrize(
+    ("key", "label"), [("setup_seed", "Seed"), ("setup_ds", "Data split seed")]
+)
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("-1", "= -1 is out of range"),
+        (str(MAX_SEED + 1), f"= {MAX_SEED + 1} is out of range"),
+        ("1.5", "'1.5' is not a whole number"),
+        ("", "'' is not a whole number"),
+    ],
+)
+def test_invalid_seed_blocks_train(tmp_path, monkeypatch, key, label, entry, expected):
+    app = setup_page(tmp_path, monkeypatch)
+    assert not app.button(key="setup_train").disabled
+    app.text_input(key=key).set_value(entry).run()
+
+    assert not app.exception
+    errors = [error.value for error in app.error]
+    assert errors == [f"{label} {expected}. Enter a whole number from 0 to {MAX_SEED}."]
+    assert app.button(key="setup_train").disabled
+    assert app.button(key="setup_import").disabled
+    assert "invalid or out of range" in app.warning[0].value
+
+
+def test_train_keeps_seeds_above_float_range(tmp_path, monkeypatch):
+    # 2**53 + 1 is the smallest integer that a float64, and so the front end
+    # of a number input, cannot hold.
+    app = setup_page(tmp_path, monkeypatch)
+    app.text_input(key="setup_seed").set_value(f" {2**53 + 1} ")
+    app.text_input(key="setup_ds").set_value(str(MAX_SEED))
+    app.number_input(key="setup_n_train").set_value(200)
+    app.number_input(key="setup_n_test").set_value(100)
+    app.number_input(key="setup_epochs").set_value(1)
+    app.button(key="setup_train").click().run()
+
+    assert not app.exception, [e.value for e in app.exception]
+    assert not app.error, [e.value for e in app.error]
+    (run,) = Workspace(tmp_path).list_runs()
+    assert run["config"]["seed"] == 2**53 + 1
+    assert run["config"]["data_seed"] == MAX_SEED
+
+
+def test_seed_survives_page_switch(workspace_env):
+    # A page that stops early keeps the widget states of the page before, so
+    # the switch goes to the Failures page of an open run.
+    app = test_app.opened_app(workspace_env)
+    app.text_input(key="setup_seed").set_value(str(MAX_SEED))
+    app.text_input(key="setup_ds").set_value("17").run()
+
+    test_app.open_page(app, "failures")
+    assert "setup_seed" not in app.session_state
+    test_app.open_page(app, "setup")
+
+    assert app.text_input(key="setup_seed").value == str(MAX_SEED)
+    assert app.text_input(key="setup_ds").value == "17"
+
+
+@pytest.mark.parametrize(
+    ("key", "label", "available"),
+    [
+        ("setup_n_train", "Training images (0 = all)", 3000),
+        ("setup_n_test", "Test images (0 = all)", 2000),
+    ],
+)
+def test_too_many_images_names_field(tmp_path, monkeypatch, key, label, available):
+    app = setup_page(tmp_path, monkeypatch)
+    app.number_input(key=key).set_value(100000)
+    app.button(key="setup_train").click().run()
+
+    assert not app.exception
+    errors = [error.value for error in app.error]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"Training failed: “{label}” is 100000 but ")
+    assert errors[0].endswith(f"Set “{label}” under Advanced to at most {available}.")
+    assert "--n-" not in errors[0]
+    assert "n_train" not in errors[0]
+    assert "n_test" not in errors[0]
+    assert Workspace(tmp_path).list_runs() == []
