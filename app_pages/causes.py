@@ -227,15 +227,15 @@ def run_methods(configs: dict[str, object]) -> None:
 
 def warn_small_failure_set(config: object | None, chosen: bool) -> None:
     """Warn when EWC-influence is chosen to fit fewer than EWC_MIN_FAILURES
-    query failures with the default lr and min_steps, whose fit can overshoot
-    and rank clean images first. ``config`` is None for invalid settings."""
+    query failures without a lower lr or min_steps than the defaults, since
+    such a fit can overshoot and rank clean images first. ``config`` is None
+    for invalid settings."""
     n_query = len(split.query)
     if not chosen or n_query >= EWC_MIN_FAILURES:
         return
     defaults = default_config("ewc-influence")
-    if config is not None and (config.lr, config.min_steps) != (
-        defaults.lr,
-        defaults.min_steps,
+    if config is not None and (
+        config.lr < defaults.lr or config.min_steps < defaults.min_steps
     ):
         return
     st.warning(

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import html
 import io
+import ipaddress
 import logging
 import os
 import time
@@ -49,7 +50,12 @@ from repair_core.inference import eval_mode, model_device, predict_logits
 from repair_core.metrics import ranking
 from repair_core.models import embed
 from repair_core.progress import Progress
-from repair_core.workspace import DEFAULT_WORKSPACE, Workspace, contains_workspace
+from repair_core.workspace import (
+    DEFAULT_WORKSPACE,
+    Workspace,
+    contains_workspace,
+    lost_records_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +211,13 @@ def restore_from_url() -> None:
     if root and root != st.session_state["workspace_root"]:
         # An address is easy to mistype or to get from someone else, so it
         # opens only a folder that already contains a workspace.
+        lost = None if contains_workspace(root) else lost_records_message(root)
         if contains_workspace(root):
             st.session_state["workspace_root"] = root
+        elif lost is not None:
+            st.toast(
+                f"{lost} The dashboard uses {st.session_state['workspace_root']!r}."
+            )
         else:
             st.toast(
                 f"The address names the workspace folder {root!r}, which contains no "
@@ -499,8 +510,16 @@ def workspace() -> Workspace:
         st.stop()
 
 
-#: Server addresses that only this machine can reach.
-LOOPBACK_ADDRESSES = ("127.0.0.1", "localhost", "::1")
+def is_loopback(address: str) -> bool:
+    """Return whether only this machine can reach ``address``: localhost or
+    an IP address in 127.0.0.0/8 or ::1."""
+    address = address.strip()
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def network_warning(address: str | None) -> str | None:
@@ -509,7 +528,7 @@ def network_warning(address: str | None) -> str | None:
 
     An unset ``server.address`` makes Streamlit listen on every interface.
     """
-    if address in LOOPBACK_ADDRESSES:
+    if address and is_loopback(address):
         return None
     where = f"address {address}" if address else "every network interface"
     return (
@@ -545,6 +564,10 @@ def workspace_sidebar() -> None:
             return
         elif contains_workspace(root):
             use_workspace(root)
+        elif (lost := lost_records_message(root)) is not None:
+            # Creating a workspace here would leave the runs without records.
+            current = st.session_state["workspace_root"]
+            st.toast(f"{lost} The dashboard still uses {current!r}.")
         elif Path(root).expanduser().is_file():
             st.toast(
                 f"{root!r} is a file, not a folder, so the dashboard still uses "
@@ -1434,7 +1457,10 @@ def configure_logging() -> None:
     if package.handlers or logging.getLogger().handlers:
         return
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    formatter = logging.Formatter(LOG_FORMAT)
+    # Milliseconds after a dot, as in Streamlit's own log lines.
+    formatter.default_msec_format = "%s.%03d"
+    handler.setFormatter(formatter)
     package.addHandler(handler)
     package.setLevel(logging.INFO)
 

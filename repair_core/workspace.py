@@ -205,6 +205,32 @@ def contains_workspace(root: str | Path) -> bool:
         return False
 
 
+def lost_records_message(root: str | Path) -> str | None:
+    """Return an error message when the folder ``root`` contains run folders
+    but its database is missing or empty, or None otherwise."""
+    root = Path(root).expanduser()
+    database = root / DATABASE_NAME
+    try:
+        folders = sorted(
+            entry.name
+            for entry in (root / "runs").iterdir()
+            if entry.is_dir() and entry.name.startswith("run-")
+        )
+    except OSError:
+        return None
+    if not folders or _has_tables(database):
+        return None
+    state = "is empty" if database.is_file() else "is missing"
+    more = f" and {len(folders) - 3} more" if len(folders) > 3 else ""
+    named = ", ".join(folders[:3])
+    return (
+        f"Workspace {str(root)!r} contains run folders ({named}{more}) "
+        f"but its database {DATABASE_NAME} {state}, so their records are "
+        f"lost. Restore {DATABASE_NAME} from a backup, or move the runs folder "
+        "away to start a new workspace here."
+    )
+
+
 def _has_tables(database: Path) -> bool:
     """Return whether the SQLite file ``database`` exists and contains tables."""
     try:
@@ -294,26 +320,9 @@ class Workspace:
         workspace: the runs would be listed as none, and writing a fresh
         schema would leave their files without records.
         """
-        runs = self.root / "runs"
-        try:
-            folders = sorted(
-                entry.name
-                for entry in runs.iterdir()
-                if entry.is_dir() and entry.name.startswith("run-")
-            )
-        except OSError:
-            return
-        if not folders or _has_tables(self.database_path):
-            return
-        state = "is empty" if self.database_path.is_file() else "is missing"
-        more = f" and {len(folders) - 3} more" if len(folders) > 3 else ""
-        named = ", ".join(folders[:3])
-        raise WorkspaceError(
-            f"Workspace {str(self.root)!r} contains run folders ({named}{more}) "
-            f"but its database {DATABASE_NAME} {state}, so their records are "
-            f"lost. Restore {DATABASE_NAME} from a backup, or move the runs folder "
-            "away to start a new workspace here."
-        )
+        message = lost_records_message(self.root)
+        if message is not None:
+            raise WorkspaceError(message)
 
     def check_writable(self) -> None:
         """Raise WorkspaceError unless new files can be written in the folder.

@@ -84,6 +84,9 @@ def test_ewc_note_names_small_failure_set(workspace_env):
     assert ewc_notes(app) == []
     app.number_input(key="causes_cfg_ewc-influence_min_steps").set_value(100).run()
     assert len(ewc_notes(app)) == 1
+    # A longer or faster fit overshoots more, so the note stays.
+    app.number_input(key="causes_cfg_ewc-influence_min_steps").set_value(200).run()
+    assert len(ewc_notes(app)) == 1
     app.multiselect(key="causes_methods").set_value(["training-loss"]).run()
     assert ewc_notes(app) == []
 

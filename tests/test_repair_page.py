@@ -452,7 +452,7 @@ def test_app_logs_with_time_and_level(tmp_path):
         timeout=300,
         check=True,
     )
-    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}"
     lines = result.stderr.splitlines()
     for level, text in (("INFO", "probe info"), ("WARNING", "probe warning")):
         pattern = re.compile(f"{stamp} {level} repair_core.dashboard: {text}")

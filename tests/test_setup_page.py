@@ -17,7 +17,9 @@ from tests import test_app
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1", "localhost", "::1"])
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1", "127.0.0.2", "localhost", "LOCALHOST", "::1", " ::1 "]
+)
 def test_network_warning_quiet_on_loopback(address):
     assert dashboard.network_warning(address) is None
 
@@ -191,3 +193,44 @@ def test_too_many_images_names_field(tmp_path, monkeypatch, key, label, availabl
     assert "n_train" not in errors[0]
     assert "n_test" not in errors[0]
     assert Workspace(tmp_path).list_runs() == []
+
+
+def lost_database_folder(root: Path) -> Path:
+    """Make ``root`` a workspace with one run folder, then delete its database."""
+    Workspace(root)
+    (root / "runs" / "run-0123abcd").mkdir(parents=True)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{root / 'repair.sqlite'}{suffix}").unlink(missing_ok=True)
+    return root
+
+
+def test_url_names_lost_database(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(tmp_path / "current"))
+    lost = lost_database_folder(tmp_path / "lost")
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    app.query_params["workspace"] = str(lost)
+    app.run()
+
+    assert not app.exception
+    toasts = [toast.value for toast in app.toast]
+    assert len(toasts) == 1
+    assert "its database repair.sqlite is missing" in toasts[0]
+    assert app.session_state["workspace_root"] == str(tmp_path / "current")
+    assert not (lost / "repair.sqlite").exists()
+
+
+def test_sidebar_offers_no_create_over_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(tmp_path / "current"))
+    lost = lost_database_folder(tmp_path / "lost")
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+
+    app.sidebar.text_input(key="sidebar_workspace").set_value(str(lost)).run()
+
+    assert not app.exception
+    toasts = [toast.value for toast in app.toast]
+    assert len(toasts) == 1
+    assert "its database repair.sqlite is missing" in toasts[0]
+    buttons = [button.key for button in app.sidebar.button]
+    assert "sidebar_workspace_create" not in buttons
+    assert app.session_state["workspace_root"] == str(tmp_path / "current")
+    assert not (lost / "repair.sqlite").exists()
