@@ -337,7 +337,10 @@ def import_model(config: pipeline.RunConfig, path: str, upload: Any) -> None:
         return
     summary = None
     try:
-        with st.spinner("Evaluating the imported model…"):
+        with (
+            dashboard.long_job("setup", "import"),
+            st.spinner("Evaluating the imported model…"),
+        ):
             summary = dashboard.run_safely(
                 "Import",
                 lambda: with_field_labels(

@@ -1120,7 +1120,14 @@ def implicated_by(run: LoadedRun, failures: torch.Tensor) -> torch.Tensor | None
 def load_scores(workspace: Workspace, scores_id: str) -> torch.Tensor:
     """Return stored scores, float64, shape (n_train,)."""
     record = workspace.get_scores(scores_id)
-    return workspace.load_tensor(record["run_id"], f"scores/{scores_id}.pt")
+    return workspace.load_tensor(
+        record["run_id"],
+        f"scores/{scores_id}.pt",
+        remedy=(
+            "Restore the file from a backup of the workspace, or run "
+            f"{record['method']} again to rank the training examples anew."
+        ),
+    )
 
 
 def scores_record(workspace: Workspace, run: LoadedRun, scores_id: str) -> dict:

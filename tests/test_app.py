@@ -529,15 +529,19 @@ def test_setup_bad_folder_shows_error(tmp_path, monkeypatch):
 # Failures --------------------------------------------------------------------
 
 
-def test_setup_imports_uploaded_checkpoint(workspace_env):
+def test_setup_imports_uploaded_checkpoint(workspace_env, caplog):
     checkpoint = workspace_env.workspace.path(workspace_env.run_id, "model.pt")
     app = page("setup").run()
     app.selectbox(key="setup_scenario").set_value("none").run()
     app.number_input(key="setup_n_train").set_value(TINY["n_train"])
     app.number_input(key="setup_n_test").set_value(TINY["n_test"])
     app.get("file_uploader")[0].upload("model.pt", checkpoint.read_bytes())
-    app.button(key="setup_import").click().run()
+    with caplog.at_level(logging.INFO, logger="repair_core.dashboard"):
+        app.button(key="setup_import").click().run()
     check_clean(app)
+    logged = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith("Started import on the setup page") for m in logged)
+    assert any(m.startswith("Finished import in ") for m in logged)
     record = workspace_env.workspace.get_run(app.session_state["run_id"])
     assert record["kind"] == "import"
     stored = Path(record["config"]["checkpoint"])

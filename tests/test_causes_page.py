@@ -225,6 +225,9 @@ def test_deleted_scores_file_stops_review(workspace_env):
     assert errors[0].startswith("Loading the ranking failed: ")
     assert str(scores_file) in errors[0]
     assert "missing" in errors[0]
+    assert (
+        "or run training-loss again to rank the training examples anew" in (errors[0])
+    )
     assert _review_keys(app) == []
     assert "causes_export" not in [b.key for b in app.get("download_button")]
     # The rankings stay listed, so that another one can be chosen.
