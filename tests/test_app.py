@@ -1859,6 +1859,16 @@ def _review_keys(app):
     return [w.key for w in app.segmented_control if w.key.startswith("review_")]
 
 
+def ranked_repair_state(workspace_env) -> dict[str, str]:
+    """Store a new failure set ranked by training loss; return the page state
+    with that ranking chosen, as the Repair page reads it."""
+    state = ranked_failure_set(workspace_env)
+    records = workspace_env.workspace.list_scores(
+        state["run_id"], failure_set_id=state["failure_set_id"]
+    )
+    return {**state, "scores_id": records[-1]["id"]}
+
+
 def ranked_failure_set(workspace_env) -> dict[str, str]:
     """Store a new failure set ranked by training loss; return the page state."""
     failure_set_id = workspace_env.new_failure_set()

@@ -13,6 +13,7 @@ skipped, or fails when REQUIRE_BROWSER=1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -20,7 +21,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -174,10 +177,13 @@ def failure_cell(workspace: Path) -> tuple[int, int, int, int]:
     return cell // classes, cell % classes, int(counts[cell]), classes
 
 
-def test_walk_setup_to_repair(server):
+@contextlib.contextmanager
+def local_browser(profile: Path, height: int) -> Iterator[tuple[Any, list[str]]]:
+    """Open headless Chromium with a fresh profile in ``profile`` and a window
+    1400 pixels wide. Yield its context and the list of requests to other
+    hosts than this machine, which are aborted."""
     from playwright.sync_api import sync_playwright
 
-    url, workspace = server
     outside: list[str] = []
 
     def keep_local(route) -> None:
@@ -189,19 +195,29 @@ def test_walk_setup_to_repair(server):
 
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(workspace.parent / "chromium-profile"),
+            str(profile),
             executable_path=str(CHROMIUM),
             headless=True,
             args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1800},
+            viewport={"width": 1400, "height": height},
         )
         try:
             context.route("**/*", keep_local)
-            page = context.new_page()
-            walk(page, url, workspace)
-            check_second_session(context.new_page(), url)
+            yield context, outside
         finally:
             context.close()
+
+
+def test_walk_setup_to_repair(server):
+    url, workspace = server
+
+    with local_browser(workspace.parent / "chromium-profile", 1800) as (
+        context,
+        outside,
+    ):
+        page = context.new_page()
+        walk(page, url, workspace)
+        check_second_session(context.new_page(), url)
     assert outside == []
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -31,13 +30,7 @@ from tests.test_app import (
     page,
     ranked_failure_set,
 )
-from tests.test_browser import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    LOCAL_HOSTS,
-    RUN_TIMEOUT,
-    wait_until_idle,
-)
+from tests.test_browser import RUN_TIMEOUT, local_browser, wait_until_idle
 
 # Fixtures of the other test modules, bound here so that pytest finds them.
 prepared = test_app.prepared
@@ -282,8 +275,6 @@ REJECTED_FILL = "rgb(214, 39, 40)"
 
 @pytest.mark.browser
 def test_review_decisions_differ_in_chromium(browser_server):
-    from playwright.sync_api import sync_playwright
-
     url, folder = browser_server
     workspace = Workspace(folder)
     config = pipeline.RunConfig(
@@ -295,54 +286,35 @@ def test_review_decisions_differ_in_chromium(browser_server):
         workspace, run, "training-loss", failure_set_id=summary["failure_set_id"]
     )
 
-    outside: list[str] = []
-
-    def keep_local(route) -> None:
-        if urlparse(route.request.url).hostname in LOCAL_HOSTS:
-            route.continue_()
-        else:
-            outside.append(route.request.url)
-            route.abort()
-
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(folder.parent / "chromium-profile"),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1600},
-        )
-        try:
-            context.route("**/*", keep_local)
-            tab = context.new_page()
-            tab.goto(
-                f"{url}/causes?run={summary['run_id']}&fs={summary['failure_set_id']}"
-            )
-            tab.get_by_text("Ranking to review").wait_for(timeout=RUN_TIMEOUT * 1000)
+    with local_browser(folder.parent / "chromium-profile", 1600) as (
+        context,
+        outside,
+    ):
+        tab = context.new_page()
+        tab.goto(f"{url}/causes?run={summary['run_id']}&fs={summary['failure_set_id']}")
+        tab.get_by_text("Ranking to review").wait_for(timeout=RUN_TIMEOUT * 1000)
+        wait_until_idle(tab)
+        controls = tab.locator('[class*="st-key-review_"]')
+        # ✓ on the first card and ✗ on the second, from the keyboard.
+        for card, option in ((0, 0), (1, 1)):
+            controls.nth(card).locator("button").nth(option).focus()
+            tab.keyboard.press("Space")
             wait_until_idle(tab)
-            controls = tab.locator('[class*="st-key-review_"]')
-            # ✓ on the first card and ✗ on the second, from the keyboard.
-            for card, option in ((0, 0), (1, 1)):
-                controls.nth(card).locator("button").nth(option).focus()
-                tab.keyboard.press("Space")
-                wait_until_idle(tab)
-            focused = tab.evaluate(
-                """() => document.activeElement.closest('[class*="st-key-review_"]')
-                    ?.className ?? ''"""
-            )
-            second = controls.nth(1).get_attribute("class")
-            assert focused == second
-            tab.mouse.move(0, 0)
-            fills = [
-                controls.nth(card)
-                .locator("button")
-                .nth(option)
-                .evaluate("button => getComputedStyle(button).backgroundColor")
-                for card, option in ((0, 0), (1, 1))
-            ]
-            assert fills == [CONFIRMED_FILL, REJECTED_FILL]
-        finally:
-            context.close()
+        focused = tab.evaluate(
+            """() => document.activeElement.closest('[class*="st-key-review_"]')
+                ?.className ?? ''"""
+        )
+        second = controls.nth(1).get_attribute("class")
+        assert focused == second
+        tab.mouse.move(0, 0)
+        fills = [
+            controls.nth(card)
+            .locator("button")
+            .nth(option)
+            .evaluate("button => getComputedStyle(button).backgroundColor")
+            for card, option in ((0, 0), (1, 1))
+        ]
+        assert fills == [CONFIRMED_FILL, REJECTED_FILL]
     assert outside == []
 
 

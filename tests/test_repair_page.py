@@ -315,16 +315,8 @@ def test_sweep_axes_stay_within_full_range(workspace_env):
 
 
 def test_sweep_done_message_links_chart(workspace_env):
-    failure_set_id = workspace_env.new_failure_set()
-    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
-    scores_id = pipeline.run_identification(
-        workspace_env.workspace, run, "training-loss", failure_set_id=failure_set_id
-    )["scores_id"]
-    state = {
-        "run_id": workspace_env.run_id,
-        "failure_set_id": failure_set_id,
-        "scores_id": scores_id,
-    }
+    state = test_app.ranked_repair_state(workspace_env)
+    failure_set_id = state["failure_set_id"]
     app = page("repair", **state).run()
     app.radio(key="repair_source").set_value("top-k").run()
     app.selectbox(key="repair_treatment").set_value("finetune").run()
