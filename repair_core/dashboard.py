@@ -211,10 +211,9 @@ def restore_from_url() -> None:
     if root and root != st.session_state["workspace_root"]:
         # An address is easy to mistype or to get from someone else, so it
         # opens only a folder that already contains a workspace.
-        lost = None if contains_workspace(root) else lost_records_message(root)
         if contains_workspace(root):
             st.session_state["workspace_root"] = root
-        elif lost is not None:
+        elif (lost := lost_records_message(root)) is not None:
             st.toast(
                 f"{lost} The dashboard uses {st.session_state['workspace_root']!r}."
             )
@@ -825,7 +824,7 @@ def ranking_order(root: str, scores_id: str) -> np.ndarray:
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _ranking_order(root: str, scores_id: str, stamp: tuple[int, int]) -> np.ndarray:
-    return ranking(torch.as_tensor(stored_scores(root, scores_id))).numpy()
+    return ranking(torch.as_tensor(_stored_scores(root, scores_id, stamp))).numpy()
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -930,12 +929,8 @@ def map_coordinates(
         requested.add(run_id)
     try:
         return umap_coordinates(root, run_id)
-    except USER_ERRORS as error:
-        st.error(f"The map could not be computed: {error}")
-        requested.discard(run_id)
-        return None
-    except ImportError as error:
-        if not is_missing_package(error):
+    except (*USER_ERRORS, ImportError) as error:
+        if isinstance(error, ImportError) and not is_missing_package(error):
             raise
         logger.warning("The map of run %s could not be computed: %s", run_id, error)
         st.error(f"The map could not be computed: {describe_error(error)}")

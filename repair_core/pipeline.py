@@ -357,7 +357,7 @@ def _build_architecture(
                 raise
             raise CheckpointError(
                 f"{error} The run was imported from {str(factory_folder)!r}, "
-                "where the factory's module sat beside the checkpoint, and that "
+                "where the factory's module was beside the checkpoint, and that "
                 "folder no longer exists. Move the module back there, or import "
                 "the run again."
             ) from error

@@ -300,7 +300,7 @@ def test_removed_counts_shows_range():
 
 
 def removal_results(holdout):
-    """A results file whose experiment 1 holds top-10 removal runs.
+    """A results file whose experiment 1 contains top-10 removal runs.
 
     ``holdout`` maps a method to {(base seed, fine-tuning seed): F_h accuracy}.
     """
