@@ -396,6 +396,8 @@ def folder_listing(folder):
         ("  \n", "is empty"),
         ("[1, 2]", "contains a JSON array, but it must contain an object"),
         ('"text"', "contains a JSON string, but it must contain an object"),
+        ("{}", "has no 'settings' entry, so the benchmark did not write it"),
+        ('{"units": {}}', "has no 'settings' entry"),
     ],
 )
 def test_bench_rejects_corrupt_results(tmp_path, capsys, content, problem, render_only):
@@ -489,7 +491,7 @@ def test_bench_rejects_read_only_out_before_work(
     if read_only:
         out.mkdir(parents=True)
     if render_only:
-        (out / "results.json").write_text("{}")
+        ResultsStore(out / "results.json", settings=quick_settings().to_dict())
     locked = tmp_path / read_only if read_only else tmp_path
     before = folder_listing(tmp_path)
     workspace = tmp_path / "ws"

@@ -91,7 +91,8 @@ def read_results(path: Path) -> dict[str, Any]:
 
     Raises:
         DataError: the file cannot be read, is empty, is not valid JSON, or
-            its value or one of its main entries has the wrong JSON type.
+            its value or one of its main entries has the wrong JSON type, or
+            it has no settings.
     """
     advice = (
         "Restore the file from a copy, pass another --out folder, or run the "
@@ -134,6 +135,11 @@ def read_results(path: Path) -> dict[str, Any]:
                 f"JSON {_JSON_TYPES.get(type(unit), type(unit).__name__)}, but it "
                 f"must be a JSON object. {advice}"
             )
+    if "settings" not in data:
+        raise DataError(
+            f"The results file {str(path)!r} has no 'settings' entry, so the "
+            f"benchmark did not write it. {advice}"
+        )
     return data
 
 
