@@ -347,9 +347,7 @@ dashboard.keep_widget_value("failures_qf")
 query_fraction = fraction_column.slider(
     "Query share", 0.1, 1.0, run.config.query_fraction, 0.05, key="failures_qf"
 )
-split_seed = dashboard.number_field(
-    "Split seed", 0, key="failures_seed", minimum=0, container=seed_column
-)
+split_seed = dashboard.seed_field("Split seed", "failures_seed", container=seed_column)
 preview = None
 if len(chosen) and split_seed is not None:
     preview = dashboard.run_safely(

@@ -14,7 +14,6 @@ import streamlit as st
 from repair_core import dashboard, pipeline
 from repair_core.data import DATA_SOURCES
 from repair_core.errors import DataError
-from repair_core.identification.base import MAX_SEED
 from repair_core.models import MODEL_CHOICES
 from repair_core.noise import DEFAULT_FRACTION, SCENARIOS
 from repair_core.training import TrainConfig
@@ -44,34 +43,6 @@ SIZE_LABELS = {
 dashboard.init_state()
 ws = dashboard.workspace()
 st.title("Setup")
-
-
-def seed_field(
-    label: str, key: str, container: Any = None, **options: Any
-) -> int | None:
-    """Show a text box for a seed and return the seed, or show an error and
-    return None unless the entry is a whole number from 0 to MAX_SEED, the
-    range that the command line accepts.
-
-    A number input would not do: Streamlit 1.67 gives an integer number input
-    a max_value of 2**53 - 1 when none is set, and its front end drops a larger
-    entry before the script receives it. The script then goes on with the
-    last valid value, so a run would train with another seed. The entry is
-    kept for the session, as number fields keep theirs.
-    """
-    container = st if container is None else container
-    dashboard.keep_widget_value(key)
-    text = container.text_input(label, value="0", key=key, **options).strip()
-    allowed = dashboard.range_text(integer=True, minimum=0, maximum=MAX_SEED)
-    try:
-        seed = int(text)
-    except ValueError:
-        container.error(f"{label} {text!r} is not a whole number. Enter {allowed}.")
-        return None
-    if not 0 <= seed <= MAX_SEED:
-        container.error(f"{label} = {seed} is out of range. Enter {allowed}.")
-        return None
-    return seed
 
 
 def field_labels(message: str) -> str:
@@ -224,7 +195,7 @@ def advanced_widgets() -> tuple[dict[str, Any], dict[str, Any]] | None:
             step=100,
             container=left,
         )
-        data_seed = seed_field("Data split seed", "setup_ds", container=left)
+        data_seed = dashboard.seed_field("Data split seed", "setup_ds", container=left)
         max_epochs = dashboard.number_field(
             "Max epochs",
             100,
@@ -381,7 +352,7 @@ def new_run_section() -> None:
         data_values = data_widgets()
         dashboard.keep_widget_value("setup_model", MODEL_CHOICES)
         model = st.selectbox("Model", MODEL_CHOICES, key="setup_model")
-        seed = seed_field(
+        seed = dashboard.seed_field(
             "Seed",
             "setup_seed",
             help="Seed of the noise, initialisation and training.",

@@ -44,8 +44,9 @@ from streamlit.errors import StreamlitAPIException
 from streamlit.runtime.scriptrunner import RerunException, StopException
 
 from repair_core import pipeline
-from repair_core.errors import RepairError
+from repair_core.errors import ConfigError, RepairError
 from repair_core.failures import FailureSplit
+from repair_core.identification.base import MAX_SEED
 from repair_core.inference import eval_mode, model_device, predict_logits
 from repair_core.metrics import ranking
 from repair_core.models import embed
@@ -1286,10 +1287,52 @@ def ranking_label(record: dict[str, Any]) -> str:
     return " · ".join([record["method"], *ranking_settings(record), record["id"]])
 
 
+def parse_seed(label: str, text: str) -> int:
+    """Read the seed typed into the field ``label``; raise ConfigError unless
+    it is a whole number from 0 to MAX_SEED, the range the command line takes.
+
+    Seeds are typed as text. Streamlit 1.67 gives an integer number input a
+    max_value of 2**53 - 1 when none is set, and its front end drops a larger
+    entry before the script receives it, so the script would go on with the
+    last valid value and a job would run with another seed.
+    """
+    text = text.strip()
+    allowed = range_text(integer=True, minimum=0, maximum=MAX_SEED)
+    try:
+        seed = int(text)
+    except ValueError:
+        raise ConfigError(
+            f"{label} {text!r} is not a whole number. Enter {allowed}."
+        ) from None
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{label} = {seed} is out of range. Enter {allowed}.")
+    return seed
+
+
+def seed_field(
+    label: str, key: str, value: int = 0, container: Any = None, **options: Any
+) -> int | None:
+    """Show a text box for a seed and return the seed, or show an error and
+    return None when :func:`parse_seed` rejects the entry.
+
+    The entry is kept for the session, as number fields keep theirs.
+    """
+    container = st if container is None else container
+    keep_widget_value(key)
+    text = container.text_input(label, value=str(value), key=key, **options)
+    try:
+        return parse_seed(label, text)
+    except ConfigError as error:
+        container.error(str(error))
+        return None
+
+
 def settings_editor(
     config: Any, key_prefix: str, skip: Sequence[str | None] = ()
 ) -> Any:
     """Edit the numeric, boolean and text fields of a settings dataclass.
+
+    A field named ``seed`` is typed as text and read by :func:`parse_seed`.
 
     Fields named in ``skip`` keep their value. Nested settings dataclasses are
     edited recursively. Entries are kept for the session, across visits to
@@ -1312,6 +1355,9 @@ def settings_editor(
         keep_widget_value(key)
         if isinstance(value, bool):
             values[item.name] = st.checkbox(label, value=value, key=key, help=help_text)
+        elif item.name == "seed":
+            text = st.text_input(label, value=str(value), key=key, help=help_text)
+            values[item.name] = parse_seed(label, text)
         elif isinstance(value, int):
             values[item.name] = int(
                 st.number_input(label, value=value, step=1, key=key, help=help_text)

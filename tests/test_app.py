@@ -1495,10 +1495,24 @@ def test_setup_number_out_of_range_blocks_train(
     assert "out of range" in app.warning[0].value
 
 
+def test_failures_keeps_split_seed_above_float_range(workspace_env):
+    # 2**53 + 1 is the smallest integer that a float64, and so the front end
+    # of a number input, cannot hold.
+    state = {"run_id": workspace_env.run_id, "failure_set_id": None}
+    app = page("failures", **state).run()
+    app.text_input(key="failures_seed").set_value(f" {2**53 + 1} ").run()
+    app.button(key="failures_create").click().run()
+    check_clean(app)
+    record = workspace_env.workspace.get_failure_set(
+        app.session_state["failure_set_id"]
+    )
+    assert record["config"]["seed"] == 2**53 + 1
+
+
 def test_failures_negative_split_seed_blocks_create(workspace_env):
     state = {"run_id": workspace_env.run_id, "failure_set_id": None}
     app = page("failures", **state).run()
-    app.number_input(key="failures_seed").set_value(-1).run()
+    app.text_input(key="failures_seed").set_value("-1").run()
     assert not app.exception
     errors = error_texts(app)
     assert len(errors) == 1
@@ -1583,7 +1597,7 @@ def test_repair_result_names_strength_and_settings(workspace_env):
     app.selectbox(key="repair_treatment").set_value("ewc-deletion").run()
     seed_key = "repair_cfg_ewc-deletion_seed"
     # The Seeds field sets the seeds of a single repair.
-    assert seed_key not in [w.key for w in app.number_input]
+    assert seed_key not in [w.key for w in app.text_input]
     app.number_input(key="repair_gamma_ewc-deletion").set_value(0.01)
     app.number_input(key="repair_cfg_ewc-deletion_lr").set_value(1e-12)
     app.number_input(key="repair_cfg_ewc-deletion_max_steps").set_value(10)
@@ -1609,7 +1623,7 @@ def test_repair_result_names_strength_and_settings(workspace_env):
 
     # A sweep runs once with the config's seed, so its seed stays editable.
     app.segmented_control(key="repair_mode").set_value("sweep").run()
-    assert seed_key in [w.key for w in app.number_input]
+    assert seed_key in [w.key for w in app.text_input]
 
 
 def add_repair_copy(
@@ -1801,7 +1815,7 @@ def test_failures_warns_once_for_current_set(workspace_env):
     warnings = [w.value for w in app.warning if "F_h is empty" in w.value]
     assert len(warnings) == 1
     # At query share 1 another seed makes the same split.
-    app.number_input(key="failures_seed").set_value(3).run()
+    app.text_input(key="failures_seed").set_value("3").run()
     check_clean(app)
     warnings = [w.value for w in app.warning if "F_h is empty" in w.value]
     assert len(warnings) == 1
@@ -1811,7 +1825,7 @@ def test_failures_reuses_identical_set(workspace_env):
     workspace = workspace_env.workspace
     state = {"run_id": workspace_env.run_id, "failure_set_id": None}
     app = page("failures", **state).run()
-    app.number_input(key="failures_seed").set_value(7).run()
+    app.text_input(key="failures_seed").set_value("7").run()
     app.button(key="failures_create").click().run()
     check_clean(app)
     first = app.session_state["failure_set_id"]
@@ -2323,7 +2337,7 @@ def test_failures_filters_survive_page_switch(workspace_env):
     app.multiselect(key="failures_true").set_value([true_class])
     app.multiselect(key="failures_pred").set_value([predicted_class])
     app.slider(key="failures_qf").set_value(0.8)
-    app.number_input(key="failures_seed").set_value(4).run()
+    app.text_input(key="failures_seed").set_value("4").run()
     heading = app.subheader[0].value
 
     open_page(app, "setup")
@@ -2332,7 +2346,7 @@ def test_failures_filters_survive_page_switch(workspace_env):
     assert app.multiselect(key="failures_true").value == [true_class]
     assert app.multiselect(key="failures_pred").value == [predicted_class]
     assert app.slider(key="failures_qf").value == pytest.approx(0.8)
-    assert app.number_input(key="failures_seed").value == 4
+    assert app.text_input(key="failures_seed").value == "4"
     assert app.subheader[0].value == heading
 
 

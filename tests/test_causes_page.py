@@ -18,6 +18,7 @@ import torch
 
 from repair_core import dashboard, pipeline
 from repair_core.identification import default_config
+from repair_core.identification.base import MAX_SEED
 from repair_core.metrics import ranking
 from repair_core.training import TrainConfig
 from repair_core.workspace import Workspace, new_id
@@ -318,6 +319,45 @@ def test_review_decisions_differ_in_chromium(browser_server):
     assert outside == []
 
 
+# Seeds typed as text ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("x", "seed 'x' is not a whole number"),
+        ("-2", "seed = -2 is out of range"),
+        (str(MAX_SEED + 1), f"seed = {MAX_SEED + 1} is out of range"),
+    ],
+)
+def test_invalid_method_seed_blocks_run(workspace_env, entry, expected):
+    failure_set_id = workspace_env.new_failure_set()
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+    app.multiselect(key="causes_methods").set_value(["random"]).run()
+    app.text_input(key="causes_cfg_random_seed").set_value(entry).run()
+    assert not app.exception
+    assert error_texts(app) == [
+        f"Invalid random settings: {expected}. "
+        f"Enter a whole number from 0 to {MAX_SEED}."
+    ]
+    assert app.button(key="causes_run").disabled
+
+
+def test_method_keeps_seed_above_float_range(workspace_env):
+    # 2**53 + 1 is the smallest integer that a float64, and so the front end
+    # of a number input, cannot hold.
+    failure_set_id = workspace_env.new_failure_set()
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+    app.multiselect(key="causes_methods").set_value(["random"]).run()
+    app.text_input(key="causes_cfg_random_seed").set_value(f"{2**53 + 1} ").run()
+    app.button(key="causes_run").click().run()
+    check_clean(app)
+    (record,) = stored_rankings(workspace_env, failure_set_id)
+    assert record["config"]["seed"] == 2**53 + 1
+
+
 # Stored rankings reused ------------------------------------------------------
 
 
@@ -342,7 +382,7 @@ def test_rerun_reuses_unchanged_rankings(workspace_env):
     assert "Reused" not in app.success[0].value
 
     # A new seed for random leaves the training-loss settings as they were.
-    app.number_input(key="causes_cfg_random_seed").set_value(3).run()
+    app.text_input(key="causes_cfg_random_seed").set_value("3").run()
     app.button(key="causes_run").click().run()
     check_clean(app)
     second = stored_rankings(workspace_env, failure_set_id)
