@@ -267,7 +267,9 @@ def method_section(expanded: bool) -> None:
                     st.caption(METHODS[method].description)
                     try:
                         configs[method] = dashboard.settings_editor(
-                            default_config(method), f"causes_cfg_{method}"
+                            default_config(method),
+                            f"causes_cfg_{method}",
+                            skip=METHODS[method].fixed,
                         )
                     except dashboard.USER_ERRORS as error:
                         st.error(f"Invalid {method} settings: {error}")

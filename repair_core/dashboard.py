@@ -1332,7 +1332,8 @@ def settings_editor(
 ) -> Any:
     """Edit the numeric, boolean and text fields of a settings dataclass.
 
-    A field named ``seed`` is typed as text and read by :func:`parse_seed`.
+    A field named ``seed`` is typed as text and read by :func:`parse_seed`; a
+    text field with ``choices`` in its metadata is picked from a list.
 
     Fields named in ``skip`` keep their value. Nested settings dataclasses are
     edited recursively. Entries are kept for the session, across visits to
@@ -1367,6 +1368,15 @@ def settings_editor(
                 st.number_input(
                     label, value=value, format="%g", key=key, help=help_text
                 )
+            )
+        elif isinstance(value, str) and item.metadata.get("choices"):
+            choices = list(item.metadata["choices"])
+            values[item.name] = st.selectbox(
+                label,
+                choices,
+                index=choices.index(value) if value in choices else 0,
+                key=key,
+                help=help_text,
             )
         elif isinstance(value, str):
             # Spaces around a typed word are not part of the setting.

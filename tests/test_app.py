@@ -608,22 +608,28 @@ def test_causes_runs_method_and_shows_grid(workspace_env):
     assert metric_values(app)["Undecided"] == str(TINY["n_train"])
 
 
-def test_text_settings_ignore_surrounding_spaces(workspace_env):
+def test_text_settings_are_picked_from_their_values(workspace_env):
     state = {
         "run_id": workspace_env.run_id,
         "failure_set_id": workspace_env.failure_set_id,
     }
     app = page("causes", **state).run()
-    app.multiselect(key="causes_methods").set_value(["ewc-influence"]).run()
-    app.text_input(key="causes_cfg_ewc-influence_reduction").set_value(" mean ").run()
-    check_clean(app)
-    assert not app.button(key="causes_run").disabled
+    app.multiselect(key="causes_methods").set_value(
+        ["ewc-influence", "linear-influence-lissa"]
+    ).run()
+    assert not [w.key for w in app.text_input if "reduction" in w.key]
+    reduction = app.selectbox(key="causes_cfg_ewc-influence_reduction")
+    assert reduction.options == ["sum", "mean"]
+    assert reduction.value == "sum"
+    curvature = app.selectbox(key="causes_cfg_linear-influence-lissa_curvature")
+    assert curvature.options == ["hessian", "fisher"]
+    # The method's name fixes its solver.
+    assert not [w for w in app.selectbox if w.key.endswith("_solver")]
 
-    app.text_input(key="causes_cfg_ewc-influence_reduction").set_value("median").run()
-    assert [e.value for e in app.error] == [
-        "Invalid ewc-influence settings: Unknown reduction 'median'. Use 'sum' "
-        "or 'mean'."
-    ]
+    reduction.set_value("mean").run()
+    check_clean(app)
+    assert app.selectbox(key="causes_cfg_ewc-influence_reduction").value == "mean"
+    assert not app.button(key="causes_run").disabled
 
 
 def test_review_decision_persists_across_sessions(workspace_env):

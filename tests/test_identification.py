@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import re
 import weakref
 
 import pytest
@@ -365,6 +366,33 @@ def test_config_dict_keeps_method_defaults(trained):
     expected.gd_steps = 5
     assert result.config["solver"] == "gd"
     assert result.config == dataclasses.asdict(expected)
+
+
+@pytest.mark.parametrize(
+    ("method", "solver", "advice"),
+    [
+        (
+            "linear-influence-lissa",
+            "gd",
+            "Choose the method linear-influence-gd instead",
+        ),
+        (
+            "linear-influence-exact",
+            "lissa",
+            "Choose the method linear-influence-lissa instead",
+        ),
+    ],
+)
+def test_method_name_fixes_its_solver(trained, method, solver, advice):
+    # A ranking stored as linear-influence-lissa must come from LiSSA.
+    model, x, y, qx, qy, _ = trained
+    wanted = default_config(method).solver
+    config = default_config(method)
+    config.solver = solver
+    message = f"Method {method} uses solver {wanted!r}, not {solver!r}. {advice}."
+    for settings in ({"solver": solver}, config):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            identify(method, model, x, y, qx, qy, settings)
 
 
 @pytest.mark.parametrize(

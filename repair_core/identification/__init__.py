@@ -104,6 +104,8 @@ class MethodSpec:
     uses_query: bool = True
     #: The method differentiates the model, so it needs a trainable parameter.
     uses_gradients: bool = True
+    #: Settings that the method's name fixes to their value in ``defaults``.
+    fixed: tuple[str, ...] = ()
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -121,6 +123,7 @@ METHODS: dict[str, MethodSpec] = {
             score_linear_influence,
             "Koh & Liang influence with a LiSSA inverse-HVP.",
             {"solver": "lissa", "damping": 3.0},
+            fixed=("solver",),
         ),
         MethodSpec(
             "linear-influence-gd",
@@ -128,6 +131,7 @@ METHODS: dict[str, MethodSpec] = {
             score_linear_influence,
             "Koh & Liang influence with a gradient-descent inverse-HVP.",
             {"solver": "gd", "damping": 3.0, "gd_steps": 100},
+            fixed=("solver",),
         ),
         MethodSpec(
             "linear-influence-exact",
@@ -135,6 +139,7 @@ METHODS: dict[str, MethodSpec] = {
             score_linear_influence,
             "Koh & Liang influence with a dense solve (small models only).",
             {"solver": "exact"},
+            fixed=("solver",),
         ),
         MethodSpec(
             "sgd-influence",
@@ -191,6 +196,27 @@ def _spec(method: str) -> MethodSpec:
             f"{', '.join(METHODS)}."
         )
     return METHODS[method]
+
+
+def _check_fixed(spec: MethodSpec, config: Any) -> None:
+    """Raise ConfigError when ``config`` changes a setting that the method's
+    name fixes, so that a ranking is never stored under another method's name."""
+    for name in spec.fixed:
+        value = getattr(config, name)
+        wanted = spec.defaults[name]
+        if value == wanted:
+            continue
+        advice = next(
+            (
+                f"Choose the method {other.name} instead"
+                for other in METHODS.values()
+                if name in other.fixed and other.defaults[name] == value
+            ),
+            f"Leave {name} at {wanted!r}",
+        )
+        raise ConfigError(
+            f"Method {spec.name} uses {name} {wanted!r}, not {value!r}. {advice}."
+        )
 
 
 def default_config(method: str) -> Any:
@@ -295,6 +321,7 @@ def identify(
             f"Method {method!r} takes a {spec.config_class.__name__}, not "
             f"{type(config).__name__}. Start from default_config({method!r})."
         )
+    _check_fixed(spec, config)
     context = context or IdentificationContext()
     _check_data(spec, model, train_images, train_labels, query_images, query_labels)
     seed = _seed_of(config)

@@ -35,9 +35,14 @@ MAX_SEED = 2**63 - 1
 """Largest seed torch.Generator.manual_seed accepts."""
 
 
-def option(default: Any, help: str) -> Any:
-    """Declare a config dataclass field with help text in its metadata."""
-    return field(default=default, metadata={"help": help})
+def option(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """Declare a config dataclass field with help text in its metadata, and
+    for a text setting the values it accepts, which the dashboard offers in a
+    list."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices:
+        metadata["choices"] = choices
+    return field(default=default, metadata=metadata)
 
 
 #: Description of the values each plain setting type accepts, for error messages.

@@ -100,10 +100,14 @@ class EWCInfluenceConfig:
         "nothing is held out and the fit runs max_steps.",
     )
     val_metric: str = option(
-        "log-likelihood", "Validation score: 'log-likelihood' (sum) or 'accuracy'."
+        "log-likelihood",
+        "Validation score: 'log-likelihood' (sum) or 'accuracy'.",
+        VAL_METRICS,
     )
     reduction: str = option(
-        "sum", "How log p(F_q) combines the failures: 'sum' (posterior) or 'mean'."
+        "sum",
+        "How log p(F_q) combines the failures: 'sum' (posterior) or 'mean'.",
+        REDUCTIONS,
     )
     fisher_weight: float = option(1.0, "Multiplier on the (N/2) Fisher penalty.")
     l2: float = option(0.0, "Isotropic prior precision lambda around theta-hat.")

@@ -92,9 +92,13 @@ class LinearInfluenceConfig:
     ``curvature="fisher"`` avoids divergence at any damping.
     """
 
-    solver: str = option("lissa", "Inverse-HVP solver: 'lissa', 'gd' or 'exact'.")
+    solver: str = option(
+        "lissa", "Inverse-HVP solver: 'lissa', 'gd' or 'exact'.", SOLVERS
+    )
     curvature: str = option(
-        "hessian", "'hessian' of the mean training loss or empirical 'fisher'."
+        "hessian",
+        "'hessian' of the mean training loss or empirical 'fisher'.",
+        CURVATURES,
     )
     damping: float = option(
         0.01,

@@ -98,7 +98,9 @@ class EWCDeletionConfig(TreatmentConfig):
         "comparison with Newton update removal.",
     )
     reduction: str = option(
-        "mean", 'How log p(C|θ) combines the causes: "mean" or "sum" over C.'
+        "mean",
+        'How log p(C|θ) combines the causes: "mean" or "sum" over C.',
+        REDUCTIONS,
     )
     lr: float = option(
         1e-5,

@@ -47,12 +47,15 @@ class NewtonConfig(TreatmentConfig):
         1.0, "Step size γ; 1 is the full Newton step, larger values remove more."
     )
     curvature: str = option(
-        "fisher", '"fisher" (empirical Fisher) or "hessian" of the mean training loss.'
+        "fisher",
+        '"fisher" (empirical Fisher) or "hessian" of the mean training loss.',
+        CURVATURES,
     )
     solver: str = option(
         "lissa",
         '"lissa" (stochastic, any model size) or "exact" (dense solve, at most 20,000 '
         "trainable parameters).",
+        SOLVERS,
     )
     damping: float = option(
         0.01,
