@@ -7,6 +7,14 @@ import pytest
 import torch
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+JSON_DOC = README.parent / "docs" / "JSON.md"
+
+
+def undocumented(record: dict) -> list[str]:
+    """Return the keys of ``record`` that docs/JSON.md does not name in code
+    quotes."""
+    named = set(re.findall(r"`([a-z_0-9]+)`", JSON_DOC.read_text()))
+    return [key for key in record if key not in named]
 
 
 @pytest.mark.slow
@@ -27,3 +35,11 @@ def test_python_example_runs(tmp_path, monkeypatch, capsys):
     stored = namespace["workspace"].get_repair(repair["repair_id"])
     assert stored["metrics"]["after"] == repair["after"]
     assert (tmp_path / "workspace" / "repair.sqlite").is_file()
+
+    # The records that the CLI prints with --json are documented field by field.
+    scores = namespace["scores"]
+    assert undocumented(scores) == []
+    assert undocumented(scores["detection"]) == []
+    assert undocumented(repair) == []
+    assert undocumented(repair["per_seed"]["treatment"][0]) == []
+    assert undocumented(repair["gain_over_nothing"]) == []
