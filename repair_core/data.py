@@ -20,6 +20,7 @@ Sources (``DATA_SOURCES``):
 from __future__ import annotations
 
 import codecs
+import errno
 import functools
 import logging
 import pickle
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from repair_core.errors import ConfigError, DataError
+from repair_core.errors import ConfigError, DataError, RepairError
 
 logger = logging.getLogger(__name__)
 
@@ -327,6 +328,40 @@ def stratified_subsample(
     return torch.cat(picked).sort().values
 
 
+def check_path_name(
+    path: str | Path, description: str, error_type: type[RepairError] = DataError
+) -> None:
+    """Raise ``error_type`` when ``path`` cannot name any file.
+
+    pathlib's ``is_file()`` and ``is_dir()`` (Python 3.11) return False for a
+    path with a NUL character and raise OSError for a path too long for the
+    file system, so loaders call this before them.
+
+    Args:
+        path: the path given by the user.
+        description: what the path is, such as "Checkpoint", at the start of
+            the message.
+        error_type: the exception class to raise.
+    """
+    text = str(path)
+    if "\0" in text:
+        raise error_type(
+            f"{description} {text!r} contains a NUL character, which no file name "
+            "can contain. Check the path."
+        )
+    try:
+        Path(path).stat()
+    except OSError as error:
+        if error.errno != errno.ENAMETOOLONG:
+            return
+        raise error_type(
+            f"{description} {text!r} is too long for the file system "
+            f"({error.strerror}). Check the path. Most file systems allow at most "
+            "255 bytes per file or folder name, and Linux at most 4095 bytes per "
+            "path."
+        ) from None
+
+
 def _describe_counts(
     n_train: int, n_test: int, shape: tuple[int, int, int], num_classes: int
 ) -> str:
@@ -372,6 +407,7 @@ def _check_root(source: str, root: str | Path | None, download: bool) -> Path:
             "source 'mnist-embedded', which needs no files."
         )
     folder = Path(root).expanduser()
+    check_path_name(folder, "Data root")
     if folder.is_dir():
         return folder
     if download and source != "imagefolder" and not folder.exists():
@@ -452,7 +488,8 @@ def _load_torchvision_mnist(
     for train in (True, False):
         try:
             dataset = dataset_class(str(root), train=train, download=download)
-        except (RuntimeError, ValueError, TypeError, OSError) as error:
+        except (RuntimeError, ValueError, TypeError, OSError, AssertionError) as error:
+            # torchvision 0.29 checks the IDX header with assert statements.
             raise _mnist_error(root, folder_name, download, error) from error
         if source == "mnist":
             class_names = [str(digit) for digit in range(10)]
@@ -491,10 +528,52 @@ def _mnist_error(
             "Pass download=True (--download) to fetch it, or point root (--root) "
             f"at the folder that contains {folder_name}/raw."
         )
+    reason = _idx_header_problem(raw_folder) or str(error) or type(error).__name__
     return DataError(
-        f"{folder_name} files in {str(raw_folder)!r} could not be read ({error}). "
+        f"{folder_name} files in {str(raw_folder)!r} could not be read ({reason}). "
         "Delete them and pass download=True (--download) to fetch them again."
     )
+
+
+def _idx_header_problem(raw_folder: Path) -> str | None:
+    """Describe the first of ``_MNIST_RAW_FILES`` whose IDX header is invalid or
+    whose size differs from the size that its header gives; None when all fit.
+
+    An IDX file of unsigned bytes starts with two zero bytes, the type code
+    0x08 and the number of dimensions D (3 for images, 1 for labels). D
+    big-endian 32-bit sizes and the values follow.
+    """
+    for name in _MNIST_RAW_FILES:
+        path = raw_folder / name
+        dimensions = 3 if "-images-" in name else 1
+        expected = bytes((0, 0, 8, dimensions))
+        try:
+            with path.open("rb") as handle:
+                magic = handle.read(len(expected))
+                sizes = handle.read(4 * dimensions)
+            file_size = path.stat().st_size
+        except OSError:
+            continue
+        if not magic:
+            return f"{name} is empty"
+        if magic != expected:
+            return (
+                f"{name} starts with the bytes {magic.hex(' ')}, not the IDX "
+                f"header {expected.hex(' ')}"
+            )
+        if len(sizes) < 4 * dimensions:
+            return f"{name} ends inside its header"
+        shape = [
+            int.from_bytes(sizes[i : i + 4], "big") for i in range(0, len(sizes), 4)
+        ]
+        header_size = len(expected) + len(sizes)
+        expected_size = header_size + int(np.prod(shape))
+        if file_size != expected_size:
+            return (
+                f"{name} has {file_size} bytes, but its header gives shape "
+                f"{' x '.join(map(str, shape))}, which takes {expected_size} bytes"
+            )
+    return None
 
 
 # CIFAR-10 ------------------------------------------------------------------------
@@ -647,8 +726,9 @@ def _load_image_folder(root: Path) -> tuple[ImageDataset, ImageDataset, str]:
     """Read ``root/train/<class>/*`` and ``root/test/<class>/*`` image files.
 
     Class names are the folder names, sorted, as in torchvision's ImageFolder.
-    The images are greyscale (C = 1) when every file has PIL mode "L", and are
-    otherwise converted to RGB (C = 3) with PIL's ``convert("RGB")``.
+    The images are greyscale (C = 1) when every file is greyscale (see
+    :func:`_open_image`), and are otherwise RGB (C = 3), with each greyscale
+    image's value copied to the three channels.
     """
     class_folders = {}
     for part in ("train", "test"):
@@ -689,7 +769,9 @@ def _load_image_folder(root: Path) -> tuple[ImageDataset, ImageDataset, str]:
             "both parts the same class folders."
         )
 
-    pixels: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    # Each image's (C, H, W) array in its file's integer type, and the pixel
+    # value of full intensity (255, or 65535 for 16-bit greyscale).
+    pixels: dict[str, list[tuple[np.ndarray, float]]] = {"train": [], "test": []}
     labels: dict[str, list[int]] = {"train": [], "test": []}
     names: dict[str, list[str]] = {"train": [], "test": []}
     first_file: Path | None = None
@@ -710,25 +792,18 @@ def _load_image_folder(root: Path) -> tuple[ImageDataset, ImageDataset, str]:
                         "images must have one size, so resize them first (for "
                         "example with PIL's Image.resize)."
                     )
-                if image.mode == "L":
-                    pixels[part].append(np.asarray(image, dtype=np.uint8)[None])
-                else:
-                    greyscale = False
-                    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-                    pixels[part].append(rgb.transpose(2, 0, 1))
+                array, full_scale = _image_pixels(path, image)
+                greyscale = greyscale and array.shape[0] == 1
+                pixels[part].append((array, full_scale))
                 labels[part].append(label)
                 names[part].append(path.relative_to(root).as_posix())
 
     data_name = f"Image folder {root}"
     parts = []
     for part in ("train", "test"):
-        arrays = pixels[part]
-        if not greyscale:
-            # PIL converts mode L to RGB by copying the grey value to each channel.
-            arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
         parts.append(
             ImageDataset(
-                images=_uint8_to_float(np.stack(arrays)),
+                images=_scale_to_float(pixels[part], 1 if greyscale else 3),
                 labels=torch.tensor(labels[part], dtype=torch.long),
                 class_names=list(train_names),
                 description=data_name,
@@ -763,13 +838,84 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
+#: Full-intensity value of each PIL mode that is read as greyscale without
+#: conversion. Pillow 13 reads 16-bit greyscale PNG and TIFF files as mode
+#: "I;16" and 16-bit PGM files as mode "I" with values scaled to 0..65535.
+#: NOTE: mode "I" does not record the bit depth, so a 32-bit TIFF file that
+#: contains 8-bit values reads as nearly black.
+_GREYSCALE_FULL_SCALE = {
+    "L": 255.0,
+    "I;16": 65535.0,
+    "I;16L": 65535.0,
+    "I;16B": 65535.0,
+    "I;16N": 65535.0,
+    "I": 65535.0,
+}
+
+
 def _open_image(path: Path) -> Image.Image:
+    """Read an image file as greyscale (a mode in ``_GREYSCALE_FULL_SCALE``) or RGB.
+
+    Bilevel ("1") and greyscale-with-alpha ("LA") images become mode "L", and
+    other modes that PIL converts to RGB without clipping become "RGB". Alpha
+    channels are dropped.
+
+    Raises:
+        DataError: the file is unreadable, or its mode is floating point ("F")
+            or another integer mode whose values cannot be mapped to [0, 1].
+    """
     try:
         with Image.open(path) as image:
             image.load()
-            return image.copy() if image.mode in ("L", "RGB") else image.convert("RGB")
+            mode = image.mode
+            if mode in _GREYSCALE_FULL_SCALE or mode == "RGB":
+                return image.copy()
+            if mode in ("1", "LA"):
+                return image.convert("L")
+            if mode != "F" and not mode.startswith("I"):
+                return image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as error:
         raise DataError(
             f"Image file {str(path)!r} could not be read ({error}). Replace or "
             "delete it."
         ) from error
+    # The mode is "F" (floating point) or an integer mode other than those in
+    # _GREYSCALE_FULL_SCALE, which PIL's convert("RGB") would clip at 255.
+    raise DataError(
+        f"Image file {str(path)!r} has PIL mode {mode!r}, whose values have no "
+        "fixed range to map to [0, 1]. Save it as an 8-bit or 16-bit greyscale "
+        "image or as an 8-bit RGB image."
+    )
+
+
+def _image_pixels(path: Path, image: Image.Image) -> tuple[np.ndarray, float]:
+    """Return the (C, H, W) integer pixels of an image from :func:`_open_image`
+    and the pixel value of full intensity."""
+    if image.mode == "RGB":
+        return np.asarray(image).transpose(2, 0, 1), 255.0
+    array = np.asarray(image)[None]
+    full_scale = _GREYSCALE_FULL_SCALE[image.mode]
+    if image.mode == "I" and array.size and (array.min() < 0 or array.max() > 65535):
+        raise DataError(
+            f"Image file {str(path)!r} has PIL mode 'I' (32-bit integers) with "
+            f"values from {int(array.min())} to {int(array.max())}, but only 0 to "
+            "65535 (16-bit) can be mapped to [0, 1]. Save it as an 8-bit or 16-bit "
+            "greyscale image."
+        )
+    return array, full_scale
+
+
+def _scale_to_float(
+    pixels: Sequence[tuple[np.ndarray, float]], channels: int
+) -> torch.Tensor:
+    """Stack images of one size into a float32 tensor (N, channels, H, W) in
+    [0, 1], dividing each by its full-intensity value. A greyscale image is
+    copied to every channel, as PIL's convert("RGB") does for mode "L"."""
+    height, width = pixels[0][0].shape[1:]
+    images = torch.empty((len(pixels), channels, height, width), dtype=torch.float32)
+    for index, (array, full_scale) in enumerate(pixels):
+        # float32 division, as in _uint8_to_float, so 8-bit files give the
+        # same values as the other sources.
+        values = torch.from_numpy(array.astype(np.float32))
+        images[index] = values.div_(full_scale)
+    return images

@@ -17,6 +17,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from repair_core.data import check_path_name
 from repair_core.errors import CheckpointError, ConfigError
 
 MODEL_CHOICES = ("mnist-cnn", "small-resnet", "resnet50")
@@ -193,6 +194,8 @@ def load_factory(spec: str, search_path: str | Path | None = None) -> nn.Module:
             f"Invalid model factory {spec!r}. Write it as 'module:callable', for "
             "example 'my_models:build_net'."
         )
+    if search_path is not None:
+        check_path_name(search_path, "Model factory folder", CheckpointError)
     saved_path = list(sys.path)
     for folder in (search_path, Path.cwd()):
         if folder is not None and str(folder) not in sys.path:
@@ -349,6 +352,7 @@ def _checkpoint_files_hint(folder: Path) -> str:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a checkpoint file, with a clear error if it is bad."""
     path = Path(path)
+    check_path_name(path, "Checkpoint", CheckpointError)
     if path.is_dir():
         raise CheckpointError(
             f"Checkpoint {str(path)!r} is a folder, but a state-dict file is "

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repair_core.data import ImageDataset
+from repair_core.data import ImageDataset, check_path_name
 from repair_core.errors import ConfigError
 from repair_core.inference import eval_mode, model_device
 
@@ -182,10 +182,11 @@ def read_flip_matrix(path: str | Path, num_classes: int) -> np.ndarray:
         The validated float64 matrix, shape (K, K).
 
     Raises:
-        ConfigError: the file is missing or unreadable, or the matrix is invalid
-            (see :func:`validate_flip_matrix`).
+        ConfigError: the path is invalid, the file is missing or unreadable, or
+            the matrix is invalid (see :func:`validate_flip_matrix`).
     """
     path = Path(path)
+    check_path_name(path, "Flip matrix file", ConfigError)
     if path.is_dir():
         raise ConfigError(
             f"Flip matrix file {str(path)!r} is a folder. Pass a CSV file of "

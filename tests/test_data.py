@@ -276,6 +276,45 @@ def test_idx_loader_truncated_file(tmp_path):
         load_data("mnist", root=tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("content", "first_bytes"),
+    [
+        (b"<!DOCTYPE html><html><body>Not Found</body></html>\n", "3c 21 44 4f"),
+        (bytes(range(7, 250)), "07 08 09 0a"),
+        (b"\x00\x00\x08\x01" + (10).to_bytes(4, "big") + bytes(10), "00 00 08 01"),
+    ],
+    ids=["html", "random", "label-header"],
+)
+def test_idx_loader_bad_header(tmp_path, content, first_bytes):
+    make_idx_files(tmp_path, "MNIST", n_train=10, n_test=10)
+    (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(content)
+
+    with pytest.raises(DataError) as caught:
+        load_data("mnist", root=tmp_path)
+
+    message = str(caught.value)
+    assert message.startswith("MNIST files in ")
+    assert (
+        f"could not be read (train-images-idx3-ubyte starts with the bytes "
+        f"{first_bytes}, not the IDX header 00 00 08 03)"
+    ) in message
+    assert "download=True" in message
+
+
+def test_idx_loader_names_truncated_file(tmp_path):
+    make_idx_files(tmp_path, "FashionMNIST", n_train=10, n_test=10)
+    label_file = tmp_path / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    label_file.write_bytes(label_file.read_bytes()[:12])
+
+    with pytest.raises(DataError) as caught:
+        load_data("fashion-mnist", root=tmp_path)
+
+    assert (
+        "(t10k-labels-idx1-ubyte has 12 bytes, but its header gives shape 10, "
+        "which takes 18 bytes)"
+    ) in str(caught.value)
+
+
 def test_torchvision_source_needs_root():
     with pytest.raises(DataError, match="no root was given"):
         load_data("mnist")
@@ -286,6 +325,32 @@ def test_missing_root(tmp_path):
     with pytest.raises(DataError, match=r"nowhere' is not a folder.*download=True"):
         load_data("fashion-mnist", root=missing)
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("source", ["mnist", "cifar10", "imagefolder"])
+def test_root_name_too_long(tmp_path, source):
+    root = tmp_path / ("a" * 300)
+
+    with pytest.raises(DataError) as caught:
+        load_data(source, root=root, download=source != "imagefolder")
+
+    message = str(caught.value)
+    assert message.startswith(f"Data root {str(root)!r} is too long for the file")
+    assert "Check the path." in message
+    assert "255 bytes per file or folder name" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_root_with_nul_character(tmp_path):
+    root = f"{tmp_path}/data\0set"
+
+    with pytest.raises(DataError) as caught:
+        load_data("mnist", root=root, download=True)
+
+    assert str(caught.value) == (
+        f"Data root {root!r} contains a NUL character, which no file name can "
+        "contain. Check the path."
+    )
 
 
 # CIFAR-10 pickles ----------------------------------------------------------------
@@ -432,6 +497,98 @@ def test_image_folder_colour_and_mixed_modes(tmp_path):
     assert torch.equal(split.train.images[0], first)
     # The greyscale file is the last test image and repeats its value per channel.
     assert torch.all(split.test.images[-1] == 77 / 255)
+
+
+def write_uint16_png(path: Path, value: int, size=(8, 8)) -> None:
+    write_png(path, np.full(size, value, dtype=np.uint16))
+    with Image.open(path) as image:
+        assert image.mode == "I;16"
+
+
+def test_image_folder_16bit_greyscale(tmp_path):
+    values = {"a": 1000, "b": 30000}
+    for part in ("train", "test"):
+        for name, value in values.items():
+            for index in range(12):
+                write_uint16_png(tmp_path / part / name / f"{index}.png", value)
+
+    split = load_data("imagefolder", root=tmp_path)
+
+    assert split.train.images.shape == (24, 1, 8, 8)
+    assert split.test.images.shape == (24, 1, 8, 8)
+    for part in (split.train, split.test):
+        for label, value in enumerate(values.values()):
+            images = part.images[part.labels == label]
+            assert torch.all(images == torch.tensor(value / 65535.0))
+    assert "8x8 greyscale" in split.description
+
+
+def test_image_folder_16bit_among_8bit(tmp_path):
+    written = make_image_folder(tmp_path)
+    write_uint16_png(tmp_path / "test" / "dog" / "9.png", 40000, size=(6, 5))
+
+    split = load_data("imagefolder", root=tmp_path)
+
+    assert split.train.images.shape == (6, 1, 6, 5)
+    assert split.test.images.shape == (5, 1, 6, 5)
+    expected = torch.from_numpy(np.stack(written["train"])).float().unsqueeze(1) / 255
+    assert torch.equal(split.train.images, expected)
+    assert split.test.files[-1] == "test/dog/9.png"
+    assert torch.all(split.test.images[-1] == torch.tensor(40000 / 65535.0))
+
+
+def test_image_folder_16bit_in_colour_set(tmp_path):
+    make_image_folder(tmp_path, colour=True)
+    write_uint16_png(tmp_path / "test" / "dog" / "9.png", 20000, size=(6, 5))
+
+    split = load_data("imagefolder", root=tmp_path)
+
+    assert split.test.images.shape == (5, 3, 6, 5)
+    assert torch.all(split.test.images[-1] == torch.tensor(20000 / 65535.0))
+
+
+def test_image_folder_16bit_pgm(tmp_path):
+    make_image_folder(tmp_path)
+    # Pillow reads a PGM file with maximum value 1023 as mode "I", scaled to
+    # 0..65535, so 1023 reads as full intensity.
+    pixels = np.full((6, 5), 1023, dtype=">u2")
+    pixels[0, 0] = 0
+    header = b"P5\n5 6\n1023\n"
+    (tmp_path / "train" / "cat" / "9.pgm").write_bytes(header + pixels.tobytes())
+
+    split = load_data("imagefolder", root=tmp_path)
+
+    assert split.train.images.shape == (7, 1, 6, 5)
+    pgm = split.train.images[split.train.files.index("train/cat/9.pgm")]
+    assert pgm[0, 0, 0] == 0.0
+    assert torch.all(pgm.flatten()[1:] == 1.0)
+
+
+def test_image_folder_rejects_float_mode(tmp_path):
+    make_image_folder(tmp_path)
+    path = tmp_path / "train" / "dog" / "depth.tif"
+    Image.fromarray(np.full((6, 5), 0.5, dtype=np.float32)).save(path)
+
+    with pytest.raises(DataError) as caught:
+        load_data("imagefolder", root=tmp_path)
+
+    message = str(caught.value)
+    assert message.startswith(f"Image file {str(path)!r} has PIL mode 'F'")
+    assert "Save it as an 8-bit or 16-bit greyscale image" in message
+
+
+def test_image_folder_rejects_32bit_values(tmp_path):
+    make_image_folder(tmp_path)
+    path = tmp_path / "test" / "cat" / "wide.tif"
+    Image.fromarray(np.full((6, 5), 70000, dtype=np.int32)).save(path)
+
+    with pytest.raises(DataError) as caught:
+        load_data("imagefolder", root=tmp_path)
+
+    message = str(caught.value)
+    assert message.startswith(f"Image file {str(path)!r} has PIL mode 'I'")
+    assert "values from 70000 to 70000" in message
+    assert "only 0 to 65535 (16-bit)" in message
 
 
 def test_image_folder_size_mismatch(tmp_path):

@@ -189,6 +189,43 @@ def test_missing_checkpoint_message(tmp_path):
         models.read_state_dict(tmp_path / "absent.pt")
 
 
+def test_checkpoint_name_too_long(tmp_path):
+    path = tmp_path / ("a" * 300 + ".pt")
+
+    with pytest.raises(CheckpointError) as caught:
+        models.read_state_dict(path)
+
+    message = str(caught.value)
+    assert message.startswith(f"Checkpoint {str(path)!r} is too long for the file")
+    assert "Check the path." in message
+
+
+def test_checkpoint_nul_character(tmp_path):
+    path = f"{tmp_path}/model\0.pt"
+
+    with pytest.raises(CheckpointError) as caught:
+        models.read_state_dict(path)
+
+    assert str(caught.value) == (
+        f"Checkpoint {path!r} contains a NUL character, which no file name can "
+        "contain. Check the path."
+    )
+
+
+@pytest.mark.parametrize(
+    ("folder_name", "message"),
+    [("a" * 300, "is too long for the file system"), ("b\0c", "a NUL character")],
+)
+def test_factory_folder_unusable_name(tmp_path, folder_name, message):
+    folder = f"{tmp_path}/{folder_name}"
+
+    with pytest.raises(CheckpointError) as caught:
+        models.load_factory("json:dumps", folder)
+
+    assert str(caught.value).startswith(f"Model factory folder {folder!r}")
+    assert message in str(caught.value)
+
+
 def test_unreadable_checkpoint_message(tmp_path):
     path = tmp_path / "locked.pt"
     torch.save(nn.Linear(2, 2).state_dict(), path)

@@ -195,6 +195,34 @@ def test_read_flip_matrix_missing_file(tmp_path):
         read_flip_matrix(tmp_path / "absent.csv", 2)
 
 
+def test_read_flip_matrix_name_too_long(tmp_path):
+    path = tmp_path / ("a" * 300 + ".csv")
+
+    with pytest.raises(ConfigError) as caught:
+        read_flip_matrix(path, 2)
+
+    message = str(caught.value)
+    assert message.startswith(f"Flip matrix file {str(path)!r} is too long for")
+    assert "Check the path." in message
+
+
+def test_read_flip_matrix_nul_character(tmp_path):
+    path = f"{tmp_path}/flips\0.csv"
+
+    with pytest.raises(ConfigError) as caught:
+        apply_scenario(
+            "label-flip",
+            make_dataset([2, 2]),
+            seed=0,
+            params={"matrix_file": path},
+        )
+
+    assert str(caught.value) == (
+        f"Flip matrix file {path!r} contains a NUL character, which no file name "
+        "can contain. Check the path."
+    )
+
+
 # Label flips ---------------------------------------------------------------------
 
 

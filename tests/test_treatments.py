@@ -707,6 +707,15 @@ def test_read_causes_file_rejects_bad_content(tmp_path, content, message):
         read_causes_file(path, 10)
 
 
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [("a" * 300, "is too long for the file system"), ("a\0b", "contains a NUL")],
+)
+def test_read_causes_file_rejects_unusable_path(tmp_path, name, problem):
+    with pytest.raises(ConfigError, match=f"Causes file .* {problem}"):
+        read_causes_file(tmp_path / name, 10)
+
+
 def test_read_causes_file_reads_csv_export(tmp_path):
     path = tmp_path / "culprits.csv"
     path.write_text(

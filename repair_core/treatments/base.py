@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from repair_core.data import check_path_name
 from repair_core.errors import ConfigError
 from repair_core.fisher import LogLikelihood, categorical_log_likelihood
 from repair_core.identification.base import option, settings_from_dict
@@ -339,6 +340,7 @@ def read_causes_table(
         (the indices, {column: {id: first line}} for each column of
         ``SOURCE_COLUMNS`` that a CSV header names; empty for plain text)
     """
+    check_path_name(path, "Causes file", ConfigError)
     path = Path(path)
     if path.is_dir():
         raise ConfigError(
