@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from repair_core import models
-from repair_core.data import DataSplit, ImageDataset, load_data
+from repair_core.data import DataSplit, ImageDataset, check_path_name, load_data
 from repair_core.devices import seeded, select_device
 from repair_core.errors import (
     CheckpointError,
@@ -591,8 +591,14 @@ def remove_abandoned_files(workspace: Workspace) -> list[str]:
     marker goes. A marker of a running process, of another machine or that
     cannot be read is left alone.
 
+    A file that cannot be deleted, as in a folder the user cannot write, is
+    logged as a warning and kept with its marker, so a later call tries
+    again. The command goes on, since the leftover takes nothing from its
+    own result. A command that writes into that same folder is stopped by
+    ``Workspace.check_writable`` before it starts its work.
+
     Returns:
-        The ids of the results whose files were deleted.
+        The ids of the results whose files were all deleted.
     """
     removed: list[str] = []
     runs = workspace.root / "runs"
@@ -613,21 +619,57 @@ def remove_abandoned_files(workspace: Workspace) -> list[str]:
         if not owner_gone or table not in RECORD_TABLES:
             continue
         if not workspace.has_record(table, record_id):
-            for path in _files_of(marker.parent, record_id):
-                if path == marker:
-                    continue
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+            failed = _delete_files_of(marker, record_id)
+            if failed:
+                continue
             removed.append(record_id)
             logger.warning(
                 "Deleted the saved models of %s, whose process was killed before "
                 "it stored the record.",
                 record_id,
             )
-        marker.unlink(missing_ok=True)
+        try:
+            marker.unlink(missing_ok=True)
+        except OSError as error:
+            logger.warning(
+                "Could not delete %s, the marker left by the killed process that "
+                "wrote %s: %s. Make its folder writable, or delete it by hand.",
+                marker,
+                record_id,
+                error.strerror or error,
+            )
     return removed
+
+
+def _delete_files_of(marker: Path, record_id: str) -> list[str]:
+    """Delete the files of the abandoned result ``record_id`` beside its
+    ``marker``, which stays. Return the paths that could not be deleted,
+    after logging one warning about them."""
+    failed: list[tuple[Path, OSError]] = []
+    for path in _files_of(marker.parent, record_id):
+        if path == marker:
+            continue
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as error:
+            failed.append((path, error))
+    if failed:
+        path, error = failed[0]
+        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        logger.warning(
+            "Could not delete %s%s, saved models of %s, whose process was killed "
+            "before it stored the record: %s. They stay until their folder is "
+            "writable and another command stores a result, or until deleted by "
+            "hand.",
+            path,
+            more,
+            record_id,
+            error.strerror or error,
+        )
+    return [str(path) for path, _ in failed]
 
 
 def train_run(
@@ -731,6 +773,9 @@ def import_run(
     started = time.perf_counter()
     device = select_device(config.device)
     # Read the checkpoint first, so a bad path fails before the data loads.
+    # resolve() raises ValueError on a NUL character, so the name is checked
+    # before it.
+    check_path_name(Path(checkpoint).expanduser(), "Checkpoint", CheckpointError)
     checkpoint = Path(checkpoint).expanduser().resolve()
     state = models.read_state_dict(checkpoint)
     for key, tensor in state.items():
@@ -1012,14 +1057,33 @@ def run_identification(
         ``detection`` with ``found_at_10pct``, ``found_at_20pct`` and
         ``precision_at_100``, and for a label-changing corruption
         ``n_implicated`` and ``implicated_found_at_20pct`` (see
-        ``implicated_by``).
+        ``implicated_by``). When the same ranking (same failure set, method,
+        settings, seed and device) is stored by the time this one is
+        computed, as by another command that computed it at the same time,
+        the summary is that ranking's, with ``reused`` True, and nothing new
+        is stored.
     """
-    workspace.check_writable()
+    workspace.check_writable(run.run_id, "scores")
+    failure_set_id = failure_set_id or default_failure_set(workspace, run.run_id)
+    split = load_failure_split(workspace, run.run_id, failure_set_id)
+    with workspace.claim_failure_set(run.run_id, failure_set_id):
+        return _identify_and_store(
+            workspace, run, method, failure_set_id, split, config, progress
+        )
+
+
+def _identify_and_store(
+    workspace: Workspace,
+    run: LoadedRun,
+    method: str,
+    failure_set_id: str,
+    split: FailureSplit,
+    config: Any,
+    progress: Progress | None,
+) -> dict[str, Any]:
     from repair_core.identification import identify
     from repair_core.metrics import detection_summary
 
-    failure_set_id = failure_set_id or default_failure_set(workspace, run.run_id)
-    split = load_failure_split(workspace, run.run_id, failure_set_id)
     test = run.data.test
     context = identification_context(workspace, run)
     result = identify(
@@ -1061,9 +1125,25 @@ def run_identification(
             workspace.save_tensor(
                 run.run_id, "fisher.pt", {k: v.cpu() for k, v in fisher.items()}
             )
-        workspace.add_scores(
-            scores_id, run.run_id, failure_set_id, method, result.config, summary
+        stored = workspace.add_scores(
+            scores_id,
+            run.run_id,
+            failure_set_id,
+            method,
+            result.config,
+            summary,
+            reuse_stored=True,
         )
+    if stored is not None:
+        # Another command stored the same ranking while this one computed.
+        # A fisher.pt saved above stays for later methods, as after a store.
+        workspace.path(run.run_id, scores_file).unlink(missing_ok=True)
+        return {
+            **stored["metrics"],
+            "scores_id": stored["id"],
+            "config": stored["config"],
+            "reused": True,
+        }
     return {**summary, "config": result.config}
 
 
@@ -1429,7 +1509,7 @@ def run_repair(
         ``per_seed`` records per arm, and ``holdout_fixed_idx`` and
         ``remaining_broken_idx`` of the first treated model.
     """
-    workspace.check_writable()
+    workspace.check_writable(run.run_id, "repairs")
     from repair_core.evaluation import repair_with_controls
     from repair_core.treatments import REMOVES_NOTHING, validate_causes
 
@@ -1441,13 +1521,16 @@ def run_repair(
     split = inputs["split"]
     repair_id = new_id("rp")
     first_seed = seeds[0] if len(seeds) else None
-    with _stored_models(
-        workspace,
-        run.run_id,
-        f"repairs/{repair_id}",
-        main_name=f"treatment-seed{first_seed}",
-        main_file=f"repairs/{repair_id}.pt",
-    ) as store:
+    with (
+        workspace.claim_failure_set(run.run_id, failure_set_id),
+        _stored_models(
+            workspace,
+            run.run_id,
+            f"repairs/{repair_id}",
+            main_name=f"treatment-seed{first_seed}",
+            main_file=f"repairs/{repair_id}.pt",
+        ) as store,
+    ):
         outcome = repair_with_controls(
             treatment,
             run.model,
@@ -1573,12 +1656,15 @@ def run_sweep(
         Each point's model is saved as ``sweeps/<sweep_id>/<setting>-<value>.pt``
         under the run folder and named in its ``model_file``.
     """
-    workspace.check_writable()
+    workspace.check_writable(run.run_id, "sweeps")
     from repair_core.evaluation import sweep
 
     inputs = _repair_inputs(workspace, run, failure_set_id)
     sweep_id = new_id("sw")
-    with _stored_models(workspace, run.run_id, f"sweeps/{sweep_id}") as store:
+    with (
+        workspace.claim_failure_set(run.run_id, failure_set_id),
+        _stored_models(workspace, run.run_id, f"sweeps/{sweep_id}") as store,
+    ):
         points = sweep(
             treatment,
             run.model,
@@ -1678,7 +1764,7 @@ def run_removal_curve(
         settings without the seed), ``points``, one per k in ``ks``, as from
         repair_core.evaluation.removal_curve, and ``device``.
     """
-    workspace.check_writable()
+    workspace.check_writable(run.run_id, "removal_curves")
     from repair_core.evaluation import removal_curve
     from repair_core.treatments import resolve_config
 
@@ -1687,7 +1773,10 @@ def run_removal_curve(
     inputs = _repair_inputs(workspace, run, failure_set_id)
     scores = scores_of_run(workspace, run, scores_id, failure_set_id)
     curve_id = new_id("rc")
-    with _stored_models(workspace, run.run_id, f"removal_curves/{curve_id}") as store:
+    with (
+        workspace.claim_failure_set(run.run_id, failure_set_id),
+        _stored_models(workspace, run.run_id, f"removal_curves/{curve_id}") as store,
+    ):
         points = removal_curve(
             scores,
             run.model,

@@ -19,7 +19,9 @@ import io
 import json
 import logging
 import os
+import re
 import shlex
+import socket
 import sqlite3
 import tempfile
 import uuid
@@ -114,7 +116,18 @@ CREATE TABLE IF NOT EXISTS decisions (
     updated_at TEXT NOT NULL,
     PRIMARY KEY (run_id, failure_set_id, train_index)
 );
+-- No foreign key, so that versions of the tool without this table can still
+-- delete a claimed failure set.
+CREATE TABLE IF NOT EXISTS failure_set_claims (
+    id TEXT PRIMARY KEY,
+    failure_set_id TEXT NOT NULL,
+    claimant TEXT NOT NULL,
+    claimed_at TEXT NOT NULL
+);
 """
+
+#: Every table of _SCHEMA.
+_WORKSPACE_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
 
 #: Columns added to a table after its first release, with their definitions.
 _ADDED_COLUMNS = {
@@ -159,11 +172,29 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+def _create_temporary_file(path: Path) -> tuple[int, str]:
+    """Create a new file ``.<name>.<random>`` beside ``path`` and return its
+    descriptor, open for writing, and its path.
+
+    tempfile.mkstemp creates files with mode 0600 whatever the umask, which
+    would hide a group-shared workspace's files from the group. Mode 0666 here
+    is reduced by the umask, as open() does.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        temporary = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}")
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"No unused temporary name beside {str(path)!r}")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    handle, temporary = _create_temporary_file(path)
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
@@ -198,9 +229,15 @@ def atomic_save_arrays(path: str | Path, **arrays: np.ndarray) -> None:
 
 
 def contains_workspace(root: str | Path) -> bool:
-    """Return whether the folder ``root`` contains a workspace database."""
+    """Return whether the folder ``root`` contains a workspace database.
+
+    An empty database file does not count, since sqlite would take it for a
+    new database. A non-empty file counts without being read, and opening
+    the workspace rejects one that another program wrote.
+    """
+    database = Path(root).expanduser() / DATABASE_NAME
     try:
-        return (Path(root).expanduser() / DATABASE_NAME).is_file()
+        return database.is_file() and database.stat().st_size > 0
     except OSError:
         return False
 
@@ -251,6 +288,17 @@ def _has_tables(database: Path) -> bool:
         return True
 
 
+def _insert_row(
+    connection: sqlite3.Connection, table: str, record: dict[str, Any]
+) -> None:
+    columns = ", ".join(record)
+    marks = ", ".join("?" for _ in record)
+    values = [
+        json.dumps(v) if isinstance(v, dict | list) else v for v in record.values()
+    ]
+    connection.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", values)
+
+
 def _can_write(folder: Path) -> bool:
     """Return whether a new file can be created in ``folder``."""
     try:
@@ -275,8 +323,8 @@ class Workspace:
 
     Raises:
         WorkspaceError: the folder is not writable, the database is not a
-            workspace database, it was written by a newer schema, or it does
-            not exist and ``create`` is False.
+            workspace database, it was written by a newer schema, or it is
+            missing or empty and ``create`` is False.
     """
 
     def __init__(self, root: str | Path = DEFAULT_WORKSPACE, *, create: bool = True):
@@ -295,9 +343,10 @@ class Workspace:
         self.database_path = self.root / DATABASE_NAME
         self._check_records_exist()
         if not create and not contains_workspace(self.root):
+            state = "is empty" if self.database_path.is_file() else "is missing"
             raise WorkspaceError(
-                f"No workspace at {str(self.root)!r}: the folder contains no "
-                f"{DATABASE_NAME}. Pass the folder you trained in with --workspace, "
+                f"No workspace at {str(self.root)!r}: the folder's {DATABASE_NAME} "
+                f"{state}. Pass the folder you trained in with --workspace, "
                 "or train a run there first with 'python -m repair_core train "
                 f"--workspace {shlex.quote(str(self.root))}'."
             )
@@ -311,7 +360,9 @@ class Workspace:
         # A workspace on read-only storage can still be read: listing runs and
         # printing stored results need no writes.
         self.read_only = self.database_path.is_file() and not _can_write(self.root)
-        self._initialise()
+        # Identifies this Workspace object in the failure set claims it adds.
+        self.claimant = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._initialise(create)
 
     def _check_records_exist(self) -> None:
         """Raise WorkspaceError if run folders exist but the database is gone.
@@ -324,11 +375,18 @@ class Workspace:
         if message is not None:
             raise WorkspaceError(message)
 
-    def check_writable(self) -> None:
+    def check_writable(self, run_id: str | None = None, folder: str = "") -> None:
         """Raise WorkspaceError unless new files can be written in the folder.
 
         Commands that store results call this before they start work, so a
         read-only workspace is reported before minutes of computation.
+
+        Args:
+            run_id: the run whose folder the command writes into, if any.
+            folder: the subfolder of that run that receives the new files,
+                such as "scores". Where it does not exist yet, the nearest
+                existing folder above it is checked, since the subfolder is
+                created there.
         """
         runs = self.root / "runs"
         if runs.exists() and not runs.is_dir():
@@ -337,16 +395,37 @@ class Workspace:
                 "folder of the runs' files. Move the file away, or choose another "
                 "folder with --workspace."
             )
-        for folder in (self.root, runs):
-            if not folder.is_dir():
+        folders = [self.root, runs]
+        if run_id is not None:
+            target = self.run_dir(run_id) / folder
+            while not target.exists() and target not in folders:
+                target = target.parent
+            if target.exists() and not target.is_dir():
+                raise WorkspaceError(
+                    f"Workspace entry {str(target)!r} is a file, but it must be a "
+                    "folder. Move the file away, or choose another folder with "
+                    "--workspace."
+                )
+            folders.append(target)
+        for directory in dict.fromkeys(folders):
+            if not directory.is_dir():
                 continue
             try:
-                with tempfile.TemporaryFile(dir=folder):
+                with tempfile.TemporaryFile(dir=directory):
                     pass
             except OSError as error:
+                if directory in (self.root, runs):
+                    raise WorkspaceError(
+                        f"Workspace folder {str(directory)!r} is not writable "
+                        f"({error}). Make it writable, or choose another folder "
+                        "with --workspace."
+                    ) from error
                 raise WorkspaceError(
-                    f"Workspace folder {str(folder)!r} is not writable ({error}). "
-                    "Make it writable, or choose another folder with --workspace."
+                    f"Folder {str(directory)!r} of run {run_id!r} is not writable "
+                    f"({error.strerror or error}), so the files of this command's "
+                    f"result could not be written there. Make the folder "
+                    f"{str(directory)!r} writable, or choose another folder with "
+                    "--workspace."
                 ) from error
         if self.database_path.is_file():
             try:
@@ -430,8 +509,22 @@ class Workspace:
         finally:
             connection.close()
 
-    def _initialise(self) -> None:
-        with self._connect(create=True) as connection:
+    def _initialise(self, create: bool) -> None:
+        """Create or update the schema of the database, after checking that
+        the file is a workspace database or a new one.
+
+        ``create`` False leaves an empty database file empty.
+        """
+        with self._connect(create=create) as connection:
+            # The check comes before any write, journal mode included, so a
+            # database of another program stays as it was.
+            has_tables = self._check_workspace_tables(connection)
+            if not has_tables and (self.read_only or not create):
+                raise WorkspaceError(
+                    f"No workspace at {str(self.root)!r}: its {DATABASE_NAME} is "
+                    "empty. Pass the folder you trained in with --workspace, or "
+                    "train a run in a writable folder first."
+                )
             if not self.read_only:
                 connection.execute("PRAGMA journal_mode = WAL")
                 connection.executescript(_SCHEMA)
@@ -445,28 +538,62 @@ class Workspace:
                             connection.execute(
                                 f"ALTER TABLE {table} ADD COLUMN {name} {definition}"
                             )
-            row = connection.execute(
-                "SELECT value FROM meta WHERE key = 'schema_version'"
-            ).fetchone()
-            if row is None:
-                if not self.read_only:
-                    connection.execute(
-                        "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                        (str(SCHEMA_VERSION),),
-                    )
-            elif not str(row["value"]).isdigit():
-                raise WorkspaceError(
-                    f"Workspace {str(self.root)!r} has schema version "
-                    f"{row['value']!r}, which is not a version number, so its "
-                    "database is damaged. Restore it from a backup, or use another "
-                    "workspace."
+                connection.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) "
+                    "VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
                 )
-            elif int(row["value"]) > SCHEMA_VERSION:
-                raise WorkspaceError(
-                    f"Workspace {str(self.root)!r} has schema version {row['value']}, "
-                    f"newer than this version of the tool ({SCHEMA_VERSION}). Upgrade "
-                    "the tool or use another workspace."
-                )
+
+    def _check_workspace_tables(self, connection: sqlite3.Connection) -> bool:
+        """Return whether the database contains tables.
+
+        Raises:
+            WorkspaceError: the tables are not a workspace's, or their schema
+                version is damaged or newer than this tool's.
+        """
+        names = {
+            row["name"]
+            for row in connection.execute("SELECT name FROM sqlite_master")
+            if not row["name"].startswith("sqlite_")
+        }
+        if not names:
+            return False
+        version = None
+        meta_readable = False
+        if "meta" in names:
+            # Another program's meta table may lack these columns.
+            with contextlib.suppress(sqlite3.OperationalError):
+                row = connection.execute(
+                    "SELECT value FROM meta WHERE key = 'schema_version'"
+                ).fetchone()
+                version = None if row is None else str(row["value"])
+                meta_readable = True
+        # The schema creates meta first and adds the version last, so a
+        # workspace whose creation stopped between them has only its tables.
+        if version is None and not (meta_readable and names <= _WORKSPACE_TABLES):
+            foreign = sorted(names - _WORKSPACE_TABLES) or sorted(names)
+            listed = ", ".join(foreign[:3])
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise WorkspaceError(
+                f"The file {str(self.database_path)!r} is not a workspace "
+                f"database: it contains tables of another program ({listed}{more}) "
+                "and no workspace schema version. Nothing was written to it. "
+                "Choose another folder with --workspace, or move the file away."
+            )
+        if version is not None and not version.isdigit():
+            raise WorkspaceError(
+                f"Workspace {str(self.root)!r} has schema version "
+                f"{version!r}, which is not a version number, so its "
+                "database is damaged. Restore it from a backup, or use another "
+                "workspace."
+            )
+        if version is not None and int(version) > SCHEMA_VERSION:
+            raise WorkspaceError(
+                f"Workspace {str(self.root)!r} has schema version {version}, "
+                f"newer than this version of the tool ({SCHEMA_VERSION}). Upgrade "
+                "the tool or use another workspace."
+            )
+        return True
 
     @property
     def schema_version(self) -> int:
@@ -548,15 +675,8 @@ class Workspace:
     # Records -------------------------------------------------------------
 
     def _insert(self, table: str, record: dict[str, Any]) -> None:
-        columns = ", ".join(record)
-        marks = ", ".join("?" for _ in record)
-        values = [
-            json.dumps(v) if isinstance(v, dict | list) else v for v in record.values()
-        ]
         with self._connect() as connection:
-            connection.execute(
-                f"INSERT INTO {table} ({columns}) VALUES ({marks})", values
-            )
+            _insert_row(connection, table, record)
 
     def _decode(self, row: sqlite3.Row) -> dict[str, Any]:
         record = dict(row)
@@ -645,13 +765,81 @@ class Workspace:
             },
         )
 
+    @contextlib.contextmanager
+    def claim_failure_set(self, run_id: str, failure_set_id: str) -> Iterator[None]:
+        """Mark the failure set as in use by this object while the body runs.
+
+        A command that stored a failure set takes it back with
+        ``delete_unused_failure_set`` when its own work fails, and that keeps
+        a set claimed by another Workspace object, such as another command's.
+        The claim is removed when the body ends. A process killed outright
+        leaves its claim, which then keeps the set for good.
+
+        Raises:
+            WorkspaceError: the failure set of ``run_id`` is not stored, for
+                example because the command that created it deleted it.
+        """
+        claim_id = new_id("cl")
+        with self._connect() as connection:
+            # The claim and delete_unused_failure_set each run in one write
+            # transaction, and SQLite runs one at a time. Either the claim
+            # comes first and the set stays, or the deletion comes first and
+            # the claim raises here, before the command starts its work.
+            connection.execute("BEGIN IMMEDIATE")
+            stored = connection.execute(
+                "SELECT 1 FROM failure_sets WHERE id = ? AND run_id = ?",
+                (failure_set_id, run_id),
+            ).fetchone()
+            if stored is not None:
+                connection.execute(
+                    "INSERT INTO failure_set_claims VALUES (?, ?, ?, ?)",
+                    (claim_id, failure_set_id, self.claimant, _now()),
+                )
+        if stored is None:
+            raise WorkspaceError(
+                f"Failure set {failure_set_id!r} of run {run_id!r} is not in "
+                f"workspace {str(self.root)!r}. It was deleted before this "
+                "command started its work, for example by the command that "
+                "created it when that command stopped. Run the command again to "
+                "create the failure set anew, or use another failure set of the "
+                "run."
+            )
+        try:
+            yield
+        finally:
+            try:
+                with self._connect() as connection:
+                    connection.execute(
+                        "DELETE FROM failure_set_claims WHERE id = ?", (claim_id,)
+                    )
+            except WorkspaceError as error:
+                # A claim left behind only keeps its failure set from deletion.
+                logger.warning(
+                    "Could not remove claim %s on failure set %s: %s",
+                    claim_id,
+                    failure_set_id,
+                    error,
+                )
+
     def delete_unused_failure_set(self, run_id: str, failure_set_id: str) -> bool:
-        """Delete a failure set and its file when no record refers to it.
+        """Delete a failure set and its file when nothing else uses it.
 
         Commands use this to take back a failure set they stored for work that
-        then failed. Returns whether the set was deleted.
+        then failed. The set stays when a record refers to it or another
+        Workspace object claims it (see ``claim_failure_set``). Returns
+        whether the set was deleted.
         """
         with self._connect() as connection:
+            # Checked and deleted in one write transaction, so no claim or
+            # record can be added in between.
+            connection.execute("BEGIN IMMEDIATE")
+            claimed = connection.execute(
+                "SELECT 1 FROM failure_set_claims WHERE failure_set_id = ? AND "
+                "claimant != ? LIMIT 1",
+                (failure_set_id, self.claimant),
+            ).fetchone()
+            if claimed:
+                return False
             for table in ("scores", "repairs", "sweeps", "removal_curves", "decisions"):
                 used = connection.execute(
                     f"SELECT 1 FROM {table} WHERE failure_set_id = ? LIMIT 1",
@@ -659,6 +847,10 @@ class Workspace:
                 ).fetchone()
                 if used:
                     return False
+            connection.execute(
+                "DELETE FROM failure_set_claims WHERE failure_set_id = ?",
+                (failure_set_id,),
+            )
             deleted = connection.execute(
                 "DELETE FROM failure_sets WHERE id = ? AND run_id = ?",
                 (failure_set_id, run_id),
@@ -683,19 +875,75 @@ class Workspace:
         method: str,
         config: dict,
         metrics: dict,
-    ) -> None:
-        self._insert(
-            "scores",
-            {
-                "id": scores_id,
-                "run_id": run_id,
-                "failure_set_id": failure_set_id,
-                "method": method,
-                "created_at": _now(),
-                "config": config,
-                "metrics": metrics,
-            },
-        )
+        *,
+        reuse_stored: bool = False,
+    ) -> dict[str, Any] | None:
+        """Add a scores record.
+
+        With ``reuse_stored``, nothing is added when the same ranking is
+        stored already: the same run, failure set, method, ``config`` (seed
+        included) and ``metrics["device"]``, with its file ``scores/<id>.pt``
+        present. The search and the insert run in one write transaction, so
+        two commands that finish the same ranking at the same time store it
+        once.
+
+        Returns:
+            The newest stored record of the same ranking when one was found
+            and nothing was added; otherwise None.
+        """
+        with self._connect() as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            if reuse_stored:
+                stored = self._same_ranking(
+                    connection, run_id, failure_set_id, method, config, metrics
+                )
+                if stored is not None:
+                    return stored
+            _insert_row(
+                connection,
+                "scores",
+                {
+                    "id": scores_id,
+                    "run_id": run_id,
+                    "failure_set_id": failure_set_id,
+                    "method": method,
+                    "created_at": _now(),
+                    "config": config,
+                    "metrics": metrics,
+                },
+            )
+        return None
+
+    def _same_ranking(
+        self,
+        connection: sqlite3.Connection,
+        run_id: str,
+        failure_set_id: str,
+        method: str,
+        config: dict,
+        metrics: dict,
+    ) -> dict[str, Any] | None:
+        # The record stores the settings as JSON, so they are compared as JSON.
+        settings = json.loads(json.dumps(config))
+        rows = connection.execute(
+            "SELECT * FROM scores WHERE run_id = ? AND failure_set_id = ? AND "
+            "method = ? ORDER BY created_at DESC, rowid DESC",
+            (run_id, failure_set_id, method),
+        ).fetchall()
+        for row in rows:
+            try:
+                record = self._decode(row)
+            except WorkspaceError:
+                continue
+            stored_metrics = record["metrics"]
+            if (
+                record["config"] == settings
+                and isinstance(stored_metrics, dict)
+                and stored_metrics.get("device") == metrics.get("device")
+                and self.path(run_id, f"scores/{record['id']}.pt").is_file()
+            ):
+                return record
+        return None
 
     def get_scores(self, scores_id: str) -> dict[str, Any]:
         return self._get("scores", scores_id, "Scores")

@@ -12,8 +12,10 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 
@@ -26,6 +28,7 @@ from repair_core.evaluation import evaluate_model
 from repair_core.training import TrainConfig
 from repair_core.treatments import default_config
 from repair_core.workspace import Workspace
+from tests.test_cli import _without_root_override
 
 
 def _json(value) -> str:
@@ -788,3 +791,225 @@ def test_load_model_file_rejects_other_files(ranked, model_file, message):
 
     with pytest.raises(ConfigError, match=message):
         pipeline.load_model_file(workspace, run, model_file.format(scores_id=scores_id))
+
+
+def test_ranking_stored_meanwhile_is_reused(tiny):
+    root, run = tiny
+    workspace = Workspace(root)
+    failure_set_id, _ = pipeline.create_failure_set(workspace, run, seed=8)
+    scores = workspace.run_dir(run.run_id) / "scores"
+    before = set(scores.glob("*"))
+    other: dict = {}
+
+    def store_same_ranking(fraction, message):
+        # Another command stores the same ranking while this one computes.
+        if not other:
+            other.update(
+                pipeline.run_identification(
+                    Workspace(root),
+                    run,
+                    "random",
+                    failure_set_id=failure_set_id,
+                    config={"seed": 4},
+                )
+            )
+
+    summary = pipeline.run_identification(
+        workspace,
+        run,
+        "random",
+        failure_set_id=failure_set_id,
+        config={"seed": 4},
+        progress=store_same_ranking,
+    )
+
+    assert "reused" not in other
+    assert summary["reused"] is True
+    assert summary["scores_id"] == other["scores_id"]
+    assert summary["config"] == other["config"]
+    assert summary["n_positive"] == other["n_positive"]
+    records = workspace.list_scores(run.run_id, failure_set_id=failure_set_id)
+    assert [record["id"] for record in records] == [other["scores_id"]]
+    assert set(scores.glob("*")) - before == {scores / f"{other['scores_id']}.pt"}
+
+    # Another seed makes another ranking, which is stored beside it.
+    reseeded = pipeline.run_identification(
+        workspace, run, "random", failure_set_id=failure_set_id, config={"seed": 5}
+    )
+    assert "reused" not in reseeded
+    records = workspace.list_scores(run.run_id, failure_set_id=failure_set_id)
+    assert len(records) == 2
+
+
+def _claims(root, failure_set_id: str) -> int:
+    connection = sqlite3.connect(pathlib.Path(root) / "repair.sqlite")
+    try:
+        return connection.execute(
+            "SELECT COUNT(*) FROM failure_set_claims WHERE failure_set_id = ?",
+            (failure_set_id,),
+        ).fetchone()[0]
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(("command", "seed"), [("identify", 9), ("sweep", 10)])
+def test_used_failure_set_survives_cleanup(tiny, command, seed):
+    root, run = tiny
+    # The command that creates the failure set, as identify --query-fraction
+    # does, and another command that uses it.
+    creator = Workspace(root)
+    failure_set_id, _ = pipeline.create_failure_set(creator, run, seed=seed)
+    user = Workspace(root)
+    taken_back = []
+
+    def stop_creator(fraction, message):
+        # The creator is interrupted and takes its failure set back.
+        taken_back.append(creator.delete_unused_failure_set(run.run_id, failure_set_id))
+
+    if command == "identify":
+        summary = pipeline.run_identification(
+            user, run, "random", failure_set_id=failure_set_id, progress=stop_creator
+        )
+        stored = user.list_scores(run.run_id, failure_set_id=failure_set_id)
+        assert [record["id"] for record in stored] == [summary["scores_id"]]
+    else:
+        summary = pipeline.run_sweep(
+            user,
+            run,
+            "finetune",
+            torch.arange(3),
+            failure_set_id=failure_set_id,
+            strengths=[1],
+            progress=stop_creator,
+        )
+        stored = user.list_sweeps(run.run_id, failure_set_id=failure_set_id)
+        assert [record["id"] for record in stored] == [summary["sweep_id"]]
+
+    assert taken_back
+    assert not any(taken_back)
+    assert user.get_failure_set(failure_set_id)["run_id"] == run.run_id
+    assert user.path(run.run_id, f"failure_sets/{failure_set_id}.pt").is_file()
+    assert _claims(root, failure_set_id) == 0
+
+
+_UNDER_READ_ONLY_FOLDER = """
+import sys
+import torch
+from repair_core import pipeline
+from repair_core.errors import WorkspaceError
+from repair_core.workspace import Workspace
+
+workspace = Workspace(sys.argv[1])
+run = pipeline.load_run(workspace, sys.argv[2])
+failure_set_id = sys.argv[3]
+
+
+def report(fraction, message):
+    print("progress:", message, flush=True)
+
+
+if sys.argv[4] == "identify":
+    try:
+        pipeline.run_identification(
+            workspace, run, "random", failure_set_id=failure_set_id, progress=report
+        )
+    except WorkspaceError as error:
+        print("identify error:", error)
+else:
+    summary = pipeline.run_sweep(
+        workspace,
+        run,
+        "finetune",
+        torch.arange(3),
+        failure_set_id=failure_set_id,
+        strengths=[1],
+    )
+    print("sweep:", summary["sweep_id"])
+    try:
+        pipeline.run_repair(
+            workspace,
+            run,
+            "newton",
+            torch.arange(3),
+            failure_set_id=failure_set_id,
+            config={"depth": 10, "scale": 50.0},
+            seeds=(0,),
+            progress=report,
+        )
+    except WorkspaceError as error:
+        print("repair error:", error)
+"""
+
+
+def _run_in_read_only_folder(root, run_id, failure_set_id, action, folder):
+    """Run ``action`` of _UNDER_READ_ONLY_FOLDER in a process for which the
+    run's ``folder`` is read-only, even as root. Return the finished process."""
+    folder.chmod(0o555)
+    try:
+        return subprocess.run(
+            [*_without_root_override(), sys.executable, "-c"]
+            + [_UNDER_READ_ONLY_FOLDER, str(root), run_id, failure_set_id, action],
+            cwd=pathlib.Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    finally:
+        folder.chmod(0o755)
+
+
+def test_identify_checks_scores_folder_first(tiny, tmp_path):
+    root, run = tiny
+    failure_set_id, _ = pipeline.create_failure_set(Workspace(root), run, seed=11)
+    copy = tmp_path / "workspace"
+    shutil.copytree(root, copy)
+    scores = copy / "runs" / run.run_id / "scores"
+    scores.mkdir(exist_ok=True)
+    before = sorted(scores.iterdir())
+
+    result = _run_in_read_only_folder(
+        copy, run.run_id, failure_set_id, "identify", scores
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"identify error: Folder {str(scores)!r} of run {run.run_id!r} is not "
+        "writable (Permission denied)"
+    ) in result.stdout
+    assert f"Make the folder {str(scores)!r} writable" in result.stdout
+    # The check came before the ranking, which reports its progress.
+    assert "progress:" not in result.stdout
+    assert sorted(scores.iterdir()) == before
+    assert Workspace(copy).list_scores(run.run_id, failure_set_id=failure_set_id) == []
+
+
+def test_undeletable_leftover_only_warns(tiny, tmp_path):
+    root, run = tiny
+    failure_set_id, _ = pipeline.create_failure_set(Workspace(root), run, seed=12)
+    copy = tmp_path / "workspace"
+    shutil.copytree(root, copy)
+    left = _killed_repair_files(copy, run.run_id, "rp-dead0003")
+    repairs = copy / "runs" / run.run_id / "repairs"
+    before = sorted(repairs.iterdir())
+
+    result = _run_in_read_only_folder(
+        copy, run.run_id, failure_set_id, "sweep", repairs
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Could not delete " in result.stderr
+    assert "saved models of rp-dead0003" in result.stderr
+    # The sweep writes into another folder, so it is stored.
+    sweep_id = result.stdout.split("sweep: ", 1)[1].split()[0]
+    assert Workspace(copy).get_sweep(sweep_id)["failure_set_id"] == failure_set_id
+    # A repair would write into the read-only folder, so it stops before work.
+    assert f"repair error: Folder {str(repairs)!r}" in result.stdout
+    assert "progress:" not in result.stdout
+    # The files directly in the read-only folder stay, marker included.
+    assert sorted(repairs.iterdir()) == before
+    assert (repairs / f"rp-dead0003{pipeline.PENDING_SUFFIX}").is_file()
+
+    # Once the folder is writable, the next cleanup deletes the leftover.
+    assert pipeline.remove_abandoned_files(Workspace(copy)) == ["rp-dead0003"]
+    assert not any(path.exists() for path in left)

@@ -1,6 +1,7 @@
 """The workspace store: round trips, schema version and crash safety."""
 
 import math
+import os
 import signal
 import sqlite3
 import subprocess
@@ -483,3 +484,174 @@ def test_locked_database_says_busy(tmp_path, monkeypatch):
         holder.rollback()
         holder.close()
     assert workspace.list_runs() == []
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_follow_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        workspace = Workspace(tmp_path / "ws")
+        workspace.save_tensor("run-a", "train_labels.pt", torch.arange(3))
+        atomic_save_arrays(workspace.path("run-a", "arrays.npz"), x=np.zeros(2))
+    finally:
+        os.umask(previous)
+
+    for name in ("train_labels.pt", "arrays.npz"):
+        written = workspace.path("run-a", name).stat().st_mode & 0o777
+        assert written == mode, (name, oct(written))
+
+
+def _foreign_database(path, *statements):
+    connection = sqlite3.connect(path)
+    with connection:
+        for statement in statements:
+            connection.execute(statement)
+    connection.close()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("create", [True, False])
+@pytest.mark.parametrize(
+    "statements",
+    [
+        ["CREATE TABLE foo (x)", "INSERT INTO foo VALUES (1)"],
+        ["CREATE TABLE meta (x)", "CREATE TABLE runs (y)"],
+        ["CREATE TABLE meta (key TEXT, value TEXT)", "CREATE TABLE foo (x)"],
+    ],
+)
+def test_foreign_database_rejected_unchanged(tmp_path, create, statements):
+    database = tmp_path / "repair.sqlite"
+    before = _foreign_database(database, *statements)
+
+    with pytest.raises(WorkspaceError) as caught:
+        Workspace(tmp_path, create=create)
+
+    message = str(caught.value)
+    assert f"The file {str(database)!r} is not a workspace database" in message
+    assert "Choose another folder with --workspace" in message
+    assert database.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["repair.sqlite"]
+
+
+def test_empty_database_left_empty_by_readers(tmp_path):
+    database = tmp_path / "repair.sqlite"
+    database.write_bytes(b"")
+
+    with pytest.raises(WorkspaceError, match="repair.sqlite is empty"):
+        Workspace(tmp_path, create=False)
+    assert database.stat().st_size == 0
+
+    # A command that stores results makes the empty file a new workspace.
+    Workspace(tmp_path).add_run("run-a", "train", {}, {})
+    reopened = Workspace(tmp_path, create=False)
+    assert [run["id"] for run in reopened.list_runs()] == ["run-a"]
+    assert reopened.schema_version == SCHEMA_VERSION
+
+
+def test_new_folder_needs_create(tmp_path):
+    root = tmp_path / "new"
+
+    with pytest.raises(WorkspaceError, match="repair.sqlite is missing"):
+        Workspace(root, create=False)
+    assert not root.exists()
+
+    assert Workspace(root).list_runs() == []
+    assert Workspace(root, create=False).schema_version == SCHEMA_VERSION
+
+
+def test_workspace_without_version_row_opens(tmp_path):
+    # What a workspace whose creation stopped before its version row holds.
+    database = tmp_path / "repair.sqlite"
+    _foreign_database(
+        database,
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE runs (id TEXT PRIMARY KEY, created_at TEXT NOT NULL, "
+        "kind TEXT NOT NULL, config TEXT NOT NULL, metrics TEXT NOT NULL)",
+    )
+
+    workspace = Workspace(tmp_path)
+
+    assert workspace.schema_version == SCHEMA_VERSION
+    assert workspace.list_runs() == []
+
+
+def test_file_in_place_of_run_folder_caught(tmp_path):
+    workspace = Workspace(tmp_path)
+    (tmp_path / "runs" / "run-a").mkdir(parents=True)
+    (tmp_path / "runs" / "run-a" / "scores").write_text("not a folder")
+
+    with pytest.raises(WorkspaceError, match=r"scores' is a file, but it must be"):
+        workspace.check_writable("run-a", "scores")
+    # A missing subfolder is created in the run's folder, which is writable.
+    workspace.check_writable("run-a", "repairs")
+    workspace.check_writable("run-new", "repairs")
+
+
+def _workspace_with_failure_set(root):
+    workspace = Workspace(root)
+    workspace.add_run("run-a", "train", {}, {})
+    workspace.save_tensor("run-a", "failure_sets/fs-a.pt", {"query": [1]})
+    workspace.add_failure_set("fs-a", "run-a", {}, {})
+    return workspace
+
+
+def test_claimed_failure_set_is_kept(tmp_path):
+    creator = _workspace_with_failure_set(tmp_path)
+    other = Workspace(tmp_path)
+
+    with other.claim_failure_set("run-a", "fs-a"):
+        assert not creator.delete_unused_failure_set("run-a", "fs-a")
+    assert [r["id"] for r in creator.list_failure_sets("run-a")] == ["fs-a"]
+    assert creator.path("run-a", "failure_sets/fs-a.pt").is_file()
+
+    # Neither a claim of the deleting object itself nor an ended claim keeps
+    # the set.
+    with creator.claim_failure_set("run-a", "fs-a"):
+        assert creator.delete_unused_failure_set("run-a", "fs-a")
+    assert creator.list_failure_sets("run-a") == []
+    assert not creator.path("run-a", "failure_sets/fs-a.pt").exists()
+
+
+def test_claim_of_deleted_failure_set_rejected(tmp_path):
+    creator = _workspace_with_failure_set(tmp_path)
+    other = Workspace(tmp_path)
+    assert creator.delete_unused_failure_set("run-a", "fs-a")
+
+    with pytest.raises(WorkspaceError, match="It was deleted before this command"):
+        with other.claim_failure_set("run-a", "fs-a"):
+            pytest.fail("The body ran without a stored failure set.")
+
+
+def test_add_scores_reuses_same_ranking(tmp_path):
+    workspace = _workspace_with_failure_set(tmp_path)
+    metrics = {"device": "cpu"}
+    workspace.save_tensor("run-a", "scores/sc-a.pt", torch.zeros(3))
+    workspace.add_scores("sc-a", "run-a", "fs-a", "random", {"seed": 1}, metrics)
+
+    reused = workspace.add_scores(
+        "sc-b", "run-a", "fs-a", "random", {"seed": 1}, metrics, reuse_stored=True
+    )
+    other_seed = workspace.add_scores(
+        "sc-c", "run-a", "fs-a", "random", {"seed": 2}, metrics, reuse_stored=True
+    )
+    other_device = workspace.add_scores(
+        "sc-d",
+        "run-a",
+        "fs-a",
+        "random",
+        {"seed": 1},
+        {"device": "cuda:0"},
+        reuse_stored=True,
+    )
+    workspace.path("run-a", "scores/sc-a.pt").unlink()
+    file_missing = workspace.add_scores(
+        "sc-e", "run-a", "fs-a", "random", {"seed": 1}, metrics, reuse_stored=True
+    )
+
+    assert reused is not None
+    assert reused["id"] == "sc-a"
+    assert other_seed is None
+    assert other_device is None
+    assert file_missing is None
+    stored = [record["id"] for record in workspace.list_scores("run-a")]
+    assert stored == ["sc-a", "sc-c", "sc-d", "sc-e"]
