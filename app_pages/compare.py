@@ -26,6 +26,12 @@ CURVE_DASHES = ("solid", "dash", "dot", "dashdot")
 K_AXIS_MARGIN = 0.15
 #: Opacity of the band of ± one standard deviation around the k = 0 line.
 CONTROL_BAND_OPACITY = 0.15
+#: Height in pixels of a removal chart without its legend, and the height
+#: added per legend entry, about one row of plotly's legend. The legend above
+#: the plot wraps to one entry per row on a narrow chart, and plotly takes its
+#: rows from the chart's height.
+REMOVAL_CHART_HEIGHT = 360
+LEGEND_ENTRY_HEIGHT = 20
 
 dashboard.init_state()
 ws, run = dashboard.require_run()
@@ -213,6 +219,24 @@ def curve_label(record: dict[str, Any], methods: dict[str, str]) -> str:
     return f"{method} · {seeds} · {record['id']}"
 
 
+def legend_labels(
+    curves: list[dict[str, Any]], methods: dict[str, str]
+) -> dict[str, str]:
+    """Return the legend entry of each removal curve by id: "method · seeds",
+    with the curve's id only where two curves would share that entry. Short
+    entries keep the legend of a narrow chart from crowding out the plot."""
+    short = {}
+    for curve in curves:
+        method = methods.get(curve["scores_id"], curve["scores_id"])
+        seeds = dashboard.count_text(len(curve["seeds"]), "seed")
+        short[curve["id"]] = f"{method} · {seeds}"
+    counts = list(short.values())
+    return {
+        curve_id: label if counts.count(label) == 1 else f"{label} · {curve_id}"
+        for curve_id, label in short.items()
+    }
+
+
 def add_control_line(
     figure: go.Figure,
     control: dict[str, Any],
@@ -220,11 +244,16 @@ def add_control_line(
     x_range: list[float],
     *,
     name: str,
+    group: str,
     colour: str,
     with_spread: bool,
 ) -> None:
     """Draw the k = 0 point of a removal curve as a dotted line across the
-    chart, with a band of ± one standard deviation when ``with_spread``."""
+    chart, with a band of ± one standard deviation when ``with_spread``.
+
+    The line has no legend entry of its own: it belongs to the legend group
+    ``group`` of its curve, so a click on the curve's entry hides both.
+    """
     mean = control["mean"][key]
     spread = control["std"][key] if with_spread else 0.0
     hover = f"nothing removed (k = 0)<br>{mean:.1%}"
@@ -241,7 +270,7 @@ def add_control_line(
             mode="lines",
             hoverinfo="skip",
             showlegend=False,
-            legendgroup=name,
+            legendgroup=group,
             name=name,
         )
     figure.add_scatter(
@@ -249,7 +278,8 @@ def add_control_line(
         y=[mean, mean],
         mode="lines",
         name=name,
-        legendgroup=name,
+        legendgroup=group,
+        showlegend=False,
         line={"color": colour, "dash": "dot", "width": 1.5},
         hovertemplate=f"{hover}<extra></extra>",
     )
@@ -274,6 +304,7 @@ def removal_figure(
     x_range = [10**value for value in log_range]
 
     figure = go.Figure()
+    labels = legend_labels(curves, methods)
     # Curves of one method share its colour and differ in dash.
     drawn: dict[str, int] = {}
     for curve in curves:
@@ -290,12 +321,14 @@ def removal_figure(
         if several_seeds:
             spreads = [point["std"][key] for point in points]
             error_y = dashboard.accuracy_error_bars(means, spreads)
+        label = labels[curve["id"]]
         figure.add_scatter(
             x=[point["k"] for point in points],
             y=means,
             error_y=error_y,
             mode="lines+markers",
-            name=curve_label(curve, methods),
+            name=label,
+            legendgroup=label,
             line={"color": colour, "dash": dash},
         )
         for control in controls:
@@ -304,7 +337,8 @@ def removal_figure(
                 control,
                 key,
                 x_range,
-                name=f"{curve_label(curve, methods)} · nothing removed (k = 0)",
+                name=f"{label} · nothing removed (k = 0)",
+                group=label,
                 colour=colour,
                 with_spread=several_seeds,
             )
@@ -317,9 +351,11 @@ def removal_figure(
             "ticktext": [str(k) for k in ks],
         },
         yaxis=dashboard.accuracy_axis("accuracy"),
-        height=360,
+        height=REMOVAL_CHART_HEIGHT + LEGEND_ENTRY_HEIGHT * len(curves),
         margin={"t": 10, "b": 10},
-        legend=dashboard.LEGEND_ABOVE,
+        # Each curve is a legend group, and plotly puts 10 px between groups
+        # by default.
+        legend={**dashboard.LEGEND_ABOVE, "tracegroupgap": 0},
         showlegend=True,
     )
     return figure
@@ -352,7 +388,7 @@ def removal_section(records: list[dict[str, Any]]) -> None:
         key="compare_rankings",
         format_func=lambda i: dashboard.ranking_label(by_id[i]),
     )
-    left, middle, right = st.columns([3, 1, 1], vertical_alignment="bottom")
+    left, middle = st.columns([3, 1], vertical_alignment="bottom")
     default_ks = ", ".join(str(k) for k in (10, 30, 100, 300) if k < n_train)
     dashboard.keep_widget_value("compare_ks")
     ks_text = left.text_input(
@@ -371,7 +407,9 @@ def removal_section(records: list[dict[str, Any]]) -> None:
             st.warning(skipped_text(too_large))
     new_ids = []
     disabled = not chosen or ks is None or n_seeds is None
-    clicked = right.button("Compute", key="compare_run", disabled=disabled)
+    # The button has a row of its own, as a third column cuts its label short
+    # in a narrow window.
+    clicked = st.button("Compute", key="compare_run", disabled=disabled)
     st.caption(dashboard.LONG_JOB_CAPTION)
     if clicked:
         new_ids = run_curves(chosen, ks, n_seeds)

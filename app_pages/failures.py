@@ -322,8 +322,10 @@ if picked is not None:
 chosen = chosen[np.argsort(-confidence[chosen], kind="stable")]
 
 st.subheader(f"{len(chosen)} of {dashboard.count_text(len(failures), 'failure')}")
+window = None
 if len(chosen):
     window = dashboard.page_window(len(chosen), PAGE_SIZE, "failures_page")
+if window is not None:
     images = dashboard.thumbnails(root, run.run_id, "test")
     tags = split_tags()
     if tags:

@@ -14,6 +14,7 @@ Session-state keys shared between pages (one copy per browser session):
 * ``_kept_<widget key>``: the last value of a widget, restored by
   :func:`keep_widget_value` when a page draws the widget again.
 * ``_job_running_<page>``: the long job a page started and has not finished.
+* ``_pages_<widget key>``: the page count that :func:`page_window` last showed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import base64
 import contextlib
 import contextvars
 import dataclasses
+import errno
 import hashlib
 import html
 import io
@@ -44,7 +46,7 @@ from streamlit.errors import StreamlitAPIException
 from streamlit.runtime.scriptrunner import RerunException, StopException
 
 from repair_core import pipeline
-from repair_core.errors import ConfigError, RepairError
+from repair_core.errors import ConfigError, RepairError, WorkspaceError
 from repair_core.failures import FailureSplit
 from repair_core.identification.base import MAX_SEED
 from repair_core.inference import eval_mode, model_device, predict_logits
@@ -182,6 +184,8 @@ def select_run(run_id: str | None, failure_set_id: str | None) -> None:
     st.session_state["failure_set_id"] = failure_set_id
     st.session_state["scores_id"] = None
     st.session_state["repair_id"] = None
+    # A run chosen by the user replaces the one that the address named.
+    st.session_state.pop(_URL_PENDING, None)
 
 
 #: URL query parameter for each piece of the working context, so a reload of
@@ -198,41 +202,72 @@ def restore_from_url() -> None:
     """On a session's first script run, reopen what the URL names.
 
     A browser reload starts a new session, so the session state is empty, but
-    the URL keeps the query parameters that :func:`save_to_url` wrote. An id
+    the URL keeps the query parameters that :func:`save_to_url` wrote. While
+    the workspace database cannot be read, the ids wait, and each later script
+    run tries again until the database can be read or the user opens another
+    run or workspace. An id
     that the workspace does not hold, or that belongs to another run or
     failure set, is ignored together with everything after it, and a toast
     names it. Without a failure set in the URL, the run opens with the failure
     set of the URL's ranking or repair, else with the one Setup's Open picks.
     """
-    if st.session_state.get("_url_restored"):
+    if not st.session_state.get("_url_restored"):
+        st.session_state["_url_restored"] = True
+        if not _restore_workspace_from_url():
+            return
+        params = st.query_params
+        if not params.get("run") or st.session_state["run_id"]:
+            return
+        st.session_state[_URL_PENDING] = {
+            name: value for name in URL_KEYS if (value := params.get(name))
+        }
+    pending = st.session_state.get(_URL_PENDING)
+    if pending is None:
         return
-    st.session_state["_url_restored"] = True
-    params = st.query_params
-    root = params.get("workspace")
+    try:
+        ws = open_workspace(st.session_state["workspace_root"])
+        check_database(ws)
+    except USER_ERRORS:
+        # The page shows the workspace error. The address keeps its ids, and
+        # a later script run opens them once the database can be read again.
+        return
+    del st.session_state[_URL_PENDING]
+    _restore_records(ws, pending)
+
+
+#: Session-state key of the ids that the address names and that wait for a
+#: readable workspace database. :func:`save_to_url` keeps them in the address.
+_URL_PENDING = "_url_pending"
+
+
+def _restore_workspace_from_url() -> bool:
+    """Switch to the workspace folder that the address names, if it contains a
+    workspace. Return False when the address names a folder that cannot be
+    used, after a toast with the reason."""
+    root = st.query_params.get("workspace")
     if root and root != st.session_state["workspace_root"]:
+        current = st.session_state["workspace_root"]
+        if (problem := folder_path_problem(root)) is not None:
+            st.toast(f"{problem} The dashboard uses {current!r}.")
+            return False
         # An address is easy to mistype or to get from someone else, so it
         # opens only a folder that already contains a workspace.
         if contains_workspace(root):
             st.session_state["workspace_root"] = root
         elif (lost := lost_records_message(root)) is not None:
-            st.toast(
-                f"{lost} The dashboard uses {st.session_state['workspace_root']!r}."
-            )
+            st.toast(f"{lost} The dashboard uses {current!r}.")
         else:
             st.toast(
                 f"The address names the workspace folder {root!r}, which contains no "
-                f"workspace, so the dashboard uses "
-                f"{st.session_state['workspace_root']!r}."
+                f"workspace, so the dashboard uses {current!r}."
             )
-            return
-    run_id = params.get("run")
-    if not run_id or st.session_state["run_id"]:
-        return
-    try:
-        ws = open_workspace(st.session_state["workspace_root"])
-    except USER_ERRORS:
-        # The page shows the workspace error.
-        return
+            return False
+    return True
+
+
+def _restore_records(ws: Workspace, params: dict[str, str]) -> None:
+    """Open the run, failure set, ranking and repair that ``params`` name."""
+    run_id = params["run"]
     if _url_record(ws, "runs", "run", run_id) is None:
         return
     st.session_state["run_id"] = run_id
@@ -333,15 +368,23 @@ def save_to_url() -> None:
     Streamlit clears query parameters when the user moves to another page, so
     this runs on every script run. Only this dashboard's keys are touched.
     """
-    target = {name: st.session_state.get(key) for name, key in URL_KEYS.items()}
+    pending = st.session_state.get(_URL_PENDING)
+    if pending is not None:
+        # The ids wait for a readable database, so the address keeps them.
+        target = {name: pending.get(name) for name in URL_KEYS}
+    else:
+        target = {name: st.session_state.get(key) for name, key in URL_KEYS.items()}
     root = st.session_state.get("workspace_root")
     default_root = os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE
     target["workspace"] = root if root != default_root else None
-    for name, value in target.items():
-        if value and st.query_params.get(name) != value:
-            st.query_params[name] = value
-        elif not value and name in st.query_params:
-            del st.query_params[name]
+    current = {name: st.query_params.get_all(name) for name in st.query_params}
+    wanted = {name: values for name, values in current.items() if name not in target}
+    wanted.update({name: [value] for name, value in target.items() if value})
+    # Each write of st.query_params sends the browser one new address, and
+    # the browser adds a history entry for each address that differs from the
+    # one it shows (Streamlit 1.67). So the address is written once, whole.
+    if wanted != current:
+        st.query_params.from_dict(wanted)
 
 
 def last_used_failure_set(ws: Workspace, run_id: str) -> str | None:
@@ -482,10 +525,65 @@ def dashboard_advice(message: str) -> str:
     return message
 
 
+def folder_path_problem(root: str) -> str | None:
+    """Return why the file system cannot take ``root`` as a folder path, or
+    None.
+
+    The path is rejected for a NUL character, which file functions reject
+    with ValueError, and for a name or path longer than the file system
+    allows, which they reject with OSError ENAMETOOLONG. A path that merely
+    does not exist yet passes.
+    """
+    if "\0" in root:
+        return (
+            f"The workspace folder {root!r} is invalid: it contains a NUL "
+            "character. Enter the folder path without it."
+        )
+    too_long = (
+        f"The workspace folder {root!r} is invalid: the path or one of its names "
+        "is longer than the file system allows. Enter a shorter folder path."
+    )
+    path = Path(root).expanduser().absolute()
+    try:
+        path.stat()
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            return too_long
+    # stat stops at the first missing folder, so the names below it are
+    # checked against the limit of the nearest folder that exists.
+    existing = path
+    while not os.path.isdir(existing) and existing != existing.parent:
+        existing = existing.parent
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return None
+    if any(len(os.fsencode(name)) > name_max for name in path.parts):
+        return too_long
+    return None
+
+
 @st.cache_resource(show_spinner=False)
 def open_workspace(root: str) -> Workspace:
     """Open the workspace at ``root`` once per process, creating it if missing."""
     return Workspace(root)
+
+
+def check_database(ws: Workspace) -> None:
+    """Raise WorkspaceError when the database of ``ws`` was damaged, deleted
+    or moved since it was opened.
+
+    The open workspace is cached, so without this check a page would go on
+    with a database that can no longer be read. A missing database is not
+    created again: that would start a new, empty workspace in its place.
+    """
+    if not ws.database_path.is_file():
+        lost = lost_records_message(ws.root)
+        if lost is not None:
+            raise WorkspaceError(lost)
+    # Reading the schema version opens the file without creating it and fails
+    # on a missing or damaged database.
+    ws.schema_version  # noqa: B018
 
 
 def workspace() -> Workspace:
@@ -494,12 +592,7 @@ def workspace() -> Workspace:
     root = st.session_state["workspace_root"]
     try:
         opened = open_workspace(root)
-        if not opened.read_only and not opened.database_path.is_file():
-            # The database was deleted or moved after it was opened. Opening
-            # the folder again reports run folders left without records, or
-            # starts a new workspace where there are none.
-            open_workspace.clear()
-            opened = open_workspace(root)
+        check_database(opened)
         return opened
     except USER_ERRORS as error:
         st.error(
@@ -544,7 +637,7 @@ def workspace_sidebar() -> None:
     init_state()
     warning = network_warning(st.get_option("server.address"))
     if warning is not None:
-        st.sidebar.warning(warning, icon="⚠️")
+        st.sidebar.warning(warning, icon=":material/warning:")
     key = "sidebar_workspace"
     # ``workspace_root`` is the folder in use, and the box only edits it, so the
     # box is refilled from it on every run. Streamlit drops the state of a
@@ -562,6 +655,9 @@ def workspace_sidebar() -> None:
             )
         elif root == st.session_state["workspace_root"]:
             return
+        elif (problem := folder_path_problem(root)) is not None:
+            current = st.session_state["workspace_root"]
+            st.toast(f"{problem} The dashboard still uses {current!r}.")
         elif contains_workspace(root):
             use_workspace(root)
         elif (lost := lost_records_message(root)) is not None:
@@ -579,6 +675,11 @@ def workspace_sidebar() -> None:
 
     def use_workspace(root: str) -> None:
         st.session_state.pop("pending_workspace", None)
+        if not contains_workspace(root):
+            # The user asked for a new workspace here. A workspace opened
+            # before at this path, whose database was since deleted or moved,
+            # stays cached and would keep reporting the missing database.
+            open_workspace.clear(root)
         st.session_state["workspace_root"] = root
         st.session_state[key] = root
         select_run(None, None)
@@ -692,7 +793,7 @@ def page_link(path: str, label: str) -> None:
     """Link to another page; nothing is drawn when the page runs on its own
     without st.navigation (as in a single-page AppTest)."""
     with contextlib.suppress(StreamlitAPIException):
-        st.page_link(path, label=label, icon="➡️")
+        st.page_link(path, label=label, icon=":material/arrow_forward:")
 
 
 def require_run() -> tuple[Workspace, pipeline.LoadedRun]:
@@ -1006,20 +1107,39 @@ def show_card(card: Card) -> None:
     st.html(f"{_GRID_STYLE}{card_html(card)}")
 
 
-def page_window(total: int, page_size: int, key: str) -> slice:
+def page_window(total: int, page_size: int, key: str) -> slice | None:
     """Show a page selector when ``total`` items need more than one page and
-    return the slice of the current page."""
+    return the slice of the current page, or show an error and return None
+    when the page number entered is out of range."""
     pages = max(1, -(-total // page_size))
+    pages_key = f"_pages_{key}"
     if pages == 1:
-        st.session_state.pop(key, None)
+        forget_widget_value(key)
+        st.session_state.pop(pages_key, None)
         return slice(0, total)
-    if st.session_state.get(key, 1) > pages:
-        st.session_state[key] = pages
+    # When the list gets shorter, a page past its new end becomes the last
+    # page. A number entered out of range for an unchanged list is an error.
+    shrunk = st.session_state.get(pages_key, pages) > pages
+    st.session_state[pages_key] = pages
+    if shrunk:
+        keep_widget_value(key)
+        if st.session_state.get(key, 1) > pages:
+            st.session_state[key] = pages
     left, right = st.columns([1, 4], vertical_alignment="bottom")
-    page = left.number_input(
-        f"Page (of {pages})", min_value=1, max_value=pages, value=1, step=1, key=key
+    page = number_field(
+        f"Page (of {pages})",
+        1,
+        key=key,
+        minimum=1,
+        maximum=pages,
+        name="Page",
+        step=1,
+        container=left,
+        error_container=right,
     )
-    start = (int(page) - 1) * page_size
+    if page is None:
+        return None
+    start = (page - 1) * page_size
     stop = min(start + page_size, total)
     right.caption(f"Showing {start + 1}–{stop} of {total}")
     return slice(start, stop)
@@ -1193,6 +1313,7 @@ def number_field(
     name: str | None = None,
     reason: str = "",
     container: Any = None,
+    error_container: Any = None,
     **options: Any,
 ) -> Any:
     """Show a number input and return its value, or show an error and return
@@ -1214,6 +1335,7 @@ def number_field(
         name: how the error names the field; the label by default.
         reason: a clause appended to the error, such as ", so that ...".
         container: where to draw, e.g. a column; the main area by default.
+        error_container: where to show the error; ``container`` by default.
         options: further ``st.number_input`` arguments (help, format, step).
     """
     container = st if container is None else container
@@ -1229,7 +1351,7 @@ def number_field(
         allowed = range_text(
             integer=integer, minimum=minimum, maximum=maximum, above=above
         )
-        container.error(
+        (error_container or container).error(
             f"{name or label} = {_number_text(number)} is out of range. Enter "
             f"{allowed}{reason}."
         )

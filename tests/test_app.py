@@ -410,6 +410,177 @@ def test_url_damaged_record_toast_says_why(workspace_env, tmp_path):
     assert app.session_state["failure_set_id"] == workspace_env.failure_set_id
 
 
+PAGES = ("setup", "failures", "causes", "repair", "compare")
+
+
+def copied_workspace(prepared: Prepared, folder: Path, monkeypatch) -> Path:
+    """Copy the trained workspace to ``folder`` and make it the default."""
+    import shutil
+
+    shutil.copytree(prepared.root, folder)
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(folder))
+    return folder
+
+
+def overwrite_header(database: Path) -> bytes:
+    """Overwrite the first bytes of an SQLite file; return its old content."""
+    original = database.read_bytes()
+    database.write_bytes(b"not a database!!" + original[16:])
+    return original
+
+
+def open_run_state(prepared: Prepared) -> dict[str, str]:
+    return {
+        "run_id": prepared.run_id,
+        "failure_set_id": prepared.failure_set_id,
+        "scores_id": prepared.scores_id,
+    }
+
+
+def run_params(prepared: Prepared) -> dict[str, str]:
+    return {
+        "run": prepared.run_id,
+        "fs": prepared.failure_set_id,
+        "scores": prepared.scores_id,
+    }
+
+
+def test_damaged_database_error_every_page(workspace_env, tmp_path, monkeypatch):
+    root = copied_workspace(workspace_env, tmp_path / "ws", monkeypatch)
+    app = _app()
+    for key, value in open_run_state(workspace_env).items():
+        app.session_state[key] = value
+    app.run()
+    check_clean(app)
+    original = overwrite_header(root / "repair.sqlite")
+
+    for name in PAGES:
+        app.switch_page(f"app_pages/{name}.py").run()
+        assert not app.exception, (name, [e.value for e in app.exception])
+        errors = error_texts(app)
+        assert len(errors) == 1, (name, errors)
+        assert "could not be used: file is not a database" in errors[0], name
+        assert "restore it from a backup" in errors[0], name
+        assert not app.info, (name, [info.value for info in app.info])
+        assert dict(app.query_params) == run_params(workspace_env), name
+
+    (root / "repair.sqlite").write_bytes(original)
+    app.run()
+    check_clean(app)
+
+
+def test_url_waits_for_damaged_database(workspace_env, tmp_path, monkeypatch):
+    root = copied_workspace(workspace_env, tmp_path / "ws", monkeypatch)
+    # The server opened the workspace before its database was damaged.
+    _app().run()
+    original = overwrite_header(root / "repair.sqlite")
+    app = _app()
+    app.query_params = run_params(workspace_env)
+    app.run()
+
+    for name in PAGES:
+        app.switch_page(f"app_pages/{name}.py").run()
+        assert not app.exception, (name, [e.value for e in app.exception])
+        errors = error_texts(app)
+        assert len(errors) == 1, (name, errors)
+        assert "file is not a database" in errors[0], name
+        assert not app.toast, (name, [toast.value for toast in app.toast])
+        assert dict(app.query_params) == run_params(workspace_env), name
+
+    # Once the file is restored, the next script run opens what the address
+    # names.
+    (root / "repair.sqlite").write_bytes(original)
+    app.run()
+    check_clean(app)
+    assert app.session_state["run_id"] == workspace_env.run_id
+    assert app.session_state["failure_set_id"] == workspace_env.failure_set_id
+    assert app.session_state["scores_id"] == workspace_env.scores_id
+    assert dict(app.query_params) == run_params(workspace_env)
+
+
+def test_moved_workspace_is_not_recreated(workspace_env, tmp_path, monkeypatch):
+    root = copied_workspace(workspace_env, tmp_path / "ws", monkeypatch)
+    app = _app()
+    for key, value in open_run_state(workspace_env).items():
+        app.session_state[key] = value
+    app.switch_page("app_pages/failures.py").run()
+    check_clean(app)
+    moved = root.rename(tmp_path / "ws_moved")
+
+    for name in (*PAGES, "failures"):
+        app.switch_page(f"app_pages/{name}.py").run()
+        assert not app.exception, (name, [e.value for e in app.exception])
+        errors = error_texts(app)
+        assert len(errors) == 1, (name, errors)
+        assert "is missing: it was deleted or moved" in errors[0], name
+        assert not (root / "repair.sqlite").exists(), name
+    assert app.session_state["run_id"] == workspace_env.run_id
+
+    # The moved folder, entered in the sidebar, opens with its runs.
+    app.sidebar.text_input(key="sidebar_workspace").set_value(str(moved)).run()
+    app.switch_page("app_pages/setup.py").run()
+    check_clean(app)
+    assert app.session_state["workspace_root"] == str(moved)
+    assert not root.exists()
+
+
+def test_sidebar_recreates_moved_workspace(workspace_env, tmp_path, monkeypatch):
+    root = copied_workspace(workspace_env, tmp_path / "ws", monkeypatch)
+    app = _app().run()
+    check_clean(app)
+    moved = root.rename(tmp_path / "ws_moved")
+    app.sidebar.text_input(key="sidebar_workspace").set_value(str(moved)).run()
+    check_clean(app)
+
+    # Asked for explicitly, a new workspace is created where the old one was.
+    app.sidebar.text_input(key="sidebar_workspace").set_value(str(root)).run()
+    assert not (root / "repair.sqlite").exists()
+    app.sidebar.button(key="sidebar_workspace_create").click().run()
+    check_clean(app)
+    assert (root / "repair.sqlite").is_file()
+    assert Workspace(root).list_runs() == []
+
+
+@pytest.mark.parametrize(
+    "folder",
+    ["/tmp/x\0y", "/tmp/" + "a" * 300, "/tmp/missing/" + "a" * 300 + "/ws"],
+    ids=["nul", "long-name", "long-name-below-missing"],
+)
+def test_sidebar_rejects_invalid_folder(workspace_env, folder):
+    app = _app().run()
+    app.session_state["run_id"] = workspace_env.run_id
+    app.sidebar.text_input(key="sidebar_workspace").set_value(folder).run()
+
+    check_clean(app)
+    toasts = [toast.value for toast in app.toast]
+    assert len(toasts) == 1
+    assert toasts[0].startswith(f"The workspace folder {folder!r} is invalid: ")
+    assert toasts[0].endswith(f"The dashboard still uses {str(workspace_env.root)!r}.")
+    assert app.session_state["workspace_root"] == str(workspace_env.root)
+    assert app.session_state["run_id"] == workspace_env.run_id
+    assert app.sidebar.text_input(key="sidebar_workspace").value == str(
+        workspace_env.root
+    )
+    buttons = [button.key for button in app.sidebar.button]
+    assert "sidebar_workspace_create" not in buttons
+
+
+@pytest.mark.parametrize(
+    "folder", ["/tmp/x\0y", "/tmp/" + "a" * 300], ids=["nul", "long-name"]
+)
+def test_url_rejects_invalid_folder(workspace_env, folder):
+    app = _app()
+    app.query_params = {"workspace": folder, "run": workspace_env.run_id}
+    app.run()
+
+    check_clean(app)
+    toasts = [toast.value for toast in app.toast]
+    assert len(toasts) == 1
+    assert toasts[0].startswith(f"The workspace folder {folder!r} is invalid: ")
+    assert toasts[0].endswith(f"The dashboard uses {str(workspace_env.root)!r}.")
+    assert app.session_state["workspace_root"] == str(workspace_env.root)
+
+
 def test_open_picks_failure_set_last_used(workspace_env, tmp_path, monkeypatch):
     import shutil
 
@@ -580,6 +751,43 @@ def test_failures_filter_creates_failure_set(workspace_env):
 
 
 # Causes ----------------------------------------------------------------------
+
+
+def grid_caption(app: AppTest) -> list[str]:
+    return [c.value for c in app.caption if c.value.startswith("Showing ")]
+
+
+def test_failures_page_number_out_of_range(workspace_env):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+    }
+    app = page("failures", **state).run()
+    check_clean(app)
+    box = app.number_input(key="failures_page")
+    pages = int(re.fullmatch(r"Page \(of (\d+)\)", box.label).group(1))
+    assert pages > 1
+    assert image_count(app) == 32
+
+    for value in (pages + 1, 0, -1, 999999999999):
+        app.number_input(key="failures_page").set_value(value).run()
+        assert not app.exception, value
+        assert error_texts(app) == [
+            f"Page = {value} is out of range. Enter a whole number from 1 to {pages}."
+        ]
+        assert image_count(app) == 0, value
+        assert grid_caption(app) == [], value
+
+    app.number_input(key="failures_page").set_value(2).run()
+    check_clean(app)
+    assert grid_caption(app)[0].startswith("Showing 33–")
+    assert image_count(app) > 0
+
+    # A filter that leaves fewer pages moves to its last page, without error.
+    app.number_input(key="failures_page").set_value(pages).run()
+    app.multiselect(key="failures_true").set_value(["1"]).run()
+    check_clean(app)
+    assert image_count(app) > 0
 
 
 def test_causes_runs_method_and_shows_grid(workspace_env):
@@ -1171,9 +1379,9 @@ def test_compare_shows_stored_curves_in_new_session(workspace_env):
     check_clean(app)
     selector = app.multiselect(key="compare_curve_select")
     assert selector.value == [ids[1]]
-    newest = f"training-loss · 1 seed · {ids[1]}"
-    # The detection chart, then F_h and T\F of the chosen removal curve.
-    assert chart_trace_names(app)[1:] == [[newest], [newest]]
+    # The detection chart, then F_h and T\F of the chosen removal curve. The
+    # legend names a lone curve by its method and seeds.
+    assert chart_trace_names(app)[1:] == [["training-loss · 1 seed"]] * 2
     # The detection legend names the ranking drawn, as one method may have
     # several.
     assert f"training-loss · {scores_id}" in chart_trace_names(app)[0]
@@ -1186,7 +1394,11 @@ def test_compare_shows_stored_curves_in_new_session(workspace_env):
 
     selector.set_value(ids).run()
     check_clean(app)
-    assert chart_trace_names(app)[1] == [f"training-loss · 1 seed · {ids[0]}", newest]
+    # Curves of one method and seed count are told apart by their ids.
+    assert chart_trace_names(app)[1] == [
+        f"training-loss · 1 seed · {ids[0]}",
+        f"training-loss · 1 seed · {ids[1]}",
+    ]
 
     timings = app.dataframe[-1].value
     curves = timings[timings["step"] == "removal curve"]

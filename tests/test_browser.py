@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 import pytest
 
 from repair_core import pipeline
+from repair_core.training import TrainConfig
 from repair_core.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -366,3 +367,140 @@ def check_second_session(page, url: str) -> None:
     wait_until_idle(page)
     confirmed = page.get_by_test_id("stMetric").filter(has_text="Confirmed")
     assert confirmed.get_by_test_id("stMetricValue").inner_text() == "5"
+
+
+#: Measures, in CSS pixels, the Compare page's Compute button label, the
+#: removal charts and their legends, and the sidebar's page icons.
+LAYOUT_SCRIPT = """() => {
+    const button = document.querySelector('.st-key-compare_run button');
+    const style = getComputedStyle(button);
+    const content = button.clientWidth - parseFloat(style.paddingLeft)
+        - parseFloat(style.paddingRight);
+    const walker = document.createTreeWalker(button, NodeFilter.SHOW_TEXT);
+    const range = document.createRange();
+    range.selectNodeContents(walker.nextNode());
+    const charts = ['compare_fh', 'compare_rest'].map((key) => {
+        const svg = document.querySelector(`.st-key-${key} .main-svg`);
+        const legend = document.querySelector(`.st-key-${key} .legend`);
+        const texts = [...document.querySelectorAll(`.st-key-${key} .legendtext`)];
+        return {
+            right: svg.getBoundingClientRect().right,
+            height: svg.getBoundingClientRect().height,
+            legendHeight: legend.getBoundingClientRect().height,
+            textRight: Math.max(...texts.map((t) => t.getBoundingClientRect().right)),
+        };
+    });
+    const icons = [...document.querySelectorAll('[data-testid="stSidebarNavLink"]')]
+        .map((link) => {
+            const icon = link.querySelector('[data-testid="stIconMaterial"]');
+            if (!icon) return null;
+            return {
+                width: icon.getBoundingClientRect().width,
+                fontSize: parseFloat(getComputedStyle(icon).fontSize),
+                font: getComputedStyle(icon).fontFamily,
+            };
+        });
+    return {label: range.getBoundingClientRect().width, content, charts, icons};
+}"""
+
+
+def test_compare_layout_fits_window_widths(server):
+    url, workspace = server
+    store = Workspace(workspace)
+    config = pipeline.RunConfig(
+        n_train=200,
+        n_test=100,
+        scenario="label-flip",
+        device="cpu",
+        train=TrainConfig(max_epochs=1),
+    )
+    summary = pipeline.train_run(store, config)
+    run = pipeline.load_run(store, summary["run_id"])
+    failure_set_id = summary["failure_set_id"]
+    for method in ("training-loss", "random", "oracle"):
+        scores_id = pipeline.run_identification(
+            store, run, method, failure_set_id=failure_set_id
+        )["scores_id"]
+        pipeline.run_removal_curve(
+            store,
+            run,
+            scores_id,
+            failure_set_id=failure_set_id,
+            ks=(0, 3, 10, 30),
+            seeds=(0, 1),
+        )
+    address = f"{url}/compare?run={summary['run_id']}&fs={failure_set_id}"
+
+    with local_browser(workspace.parent / "chromium-profile", 2400) as (
+        context,
+        outside,
+    ):
+        page = context.new_page()
+        for width in (400, 900, 1440):
+            page.set_viewport_size({"width": width, "height": 2400})
+            page.goto(address)
+            charts = page.locator(".st-key-compare_rest .js-plotly-plot")
+            charts.wait_for(timeout=RUN_TIMEOUT * 1000)
+            wait_until_idle(page)
+            screenshot(page, f"compare-{width}")
+            layout = page.evaluate(LAYOUT_SCRIPT)
+
+            # Half a pixel of slack for rounding.
+            assert layout["label"] <= layout["content"] + 0.5, (width, layout)
+            for chart in layout["charts"]:
+                assert chart["textRight"] <= chart["right"], (width, chart)
+                assert chart["legendHeight"] <= chart["height"] / 3, (width, chart)
+            if width < 900:
+                # The sidebar starts collapsed in a narrow window.
+                continue
+            assert len(layout["icons"]) == 5, (width, layout["icons"])
+            for icon in layout["icons"]:
+                assert icon is not None, (width, layout["icons"])
+                assert "Material Symbols" in icon["font"], icon
+                # A loaded icon font draws the ligature as one glyph, where a
+                # fallback font would spell out the icon's name.
+                assert icon["width"] <= 1.5 * icon["fontSize"], icon
+    assert outside == []
+
+
+def test_back_returns_to_previous_page(server):
+    url, workspace = server
+    store = Workspace(workspace)
+    config = pipeline.RunConfig(
+        n_train=200,
+        n_test=100,
+        scenario="label-flip",
+        device="cpu",
+        train=TrainConfig(max_epochs=1),
+    )
+    summary = pipeline.train_run(store, config)
+    run = pipeline.load_run(store, summary["run_id"])
+    scores_id = pipeline.run_identification(
+        store, run, "training-loss", failure_set_id=summary["failure_set_id"]
+    )["scores_id"]
+    query = f"run={summary['run_id']}&fs={summary['failure_set_id']}&scores={scores_id}"
+
+    with local_browser(workspace.parent / "chromium-profile", 1200) as (
+        context,
+        outside,
+    ):
+        page = context.new_page()
+        page.goto(f"{url}/?{query}")
+        page.get_by_text("Create a new run").wait_for(timeout=RUN_TIMEOUT * 1000)
+        wait_until_idle(page)
+        start = page.evaluate("history.length")
+        visited = ["/"]
+        for name in ("Failures", "Causes", "Repair"):
+            page.get_by_role("link", name=name).click()
+            wait_until_idle(page)
+            visited.append(f"/{name.lower()}")
+            # One history entry per page visit.
+            assert page.evaluate("history.length") == start + len(visited) - 1
+            assert urlparse(page.url).query == query
+
+        for path in reversed(visited[:-1]):
+            page.go_back()
+            wait_until_idle(page)
+            assert urlparse(page.url).path == path
+            assert urlparse(page.url).query == query
+    assert outside == []

@@ -28,6 +28,7 @@ from tests.test_app import (
     _review_keys,
     check_clean,
     error_texts,
+    image_count,
     page,
     ranked_failure_set,
 )
@@ -53,6 +54,32 @@ def query_set(prepared, n_query: int) -> dict[str, str]:
     )
     assert len(split.query) == n_query
     return {"run_id": prepared.run_id, "failure_set_id": failure_set_id}
+
+
+def test_causes_page_number_out_of_range(workspace_env):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+        "scores_id": workspace_env.scores_id,
+    }
+    app = page("causes", **state).run()
+    check_clean(app)
+    # 200 training examples, 24 to a page.
+    assert app.number_input(key="causes_page").label == "Page (of 9)"
+    assert image_count(app) == 24
+
+    for value in (10, 0):
+        app.number_input(key="causes_page").set_value(value).run()
+        assert not app.exception, value
+        assert error_texts(app) == [
+            f"Page = {value} is out of range. Enter a whole number from 1 to 9."
+        ]
+        assert image_count(app) == 0, value
+
+    app.number_input(key="causes_page").set_value(9).run()
+    check_clean(app)
+    # The last page shows examples 193 to 200.
+    assert image_count(app) == 8
 
 
 def ewc_notes(app) -> list[str]:

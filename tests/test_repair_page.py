@@ -112,11 +112,15 @@ def test_compare_draws_nothing_removed_line(workspace_env):
     charts = chart_specs(app)[1:]
     for figure, key in zip(charts, ("holdout_acc", "remaining_acc"), strict=True):
         traces = {trace.get("name"): trace for trace in figure["data"]}
-        label = f"training-loss · 2 seeds · {curves[0]['id']}"
+        label = "training-loss · 2 seeds"
         assert traces[label]["x"] == [5]
         line = traces[f"{label} · nothing removed (k = 0)"]
         assert line["y"] == [control["mean"][key]] * 2
         assert line["line"]["dash"] == "dot"
+        # The line is left out of the legend, and a click on the curve's
+        # entry hides both.
+        assert line["showlegend"] is False
+        assert line["legendgroup"] == traces[label]["legendgroup"]
         # The line spans the log axis, whose range is in decades.
         axis = figure["layout"]["xaxis"]
         assert axis["type"] == "log"
