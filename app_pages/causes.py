@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -12,7 +9,6 @@ import streamlit as st
 
 from repair_core import dashboard, pipeline
 from repair_core.identification import METHODS, default_config
-from repair_core.inference import model_device
 
 PAGE_SIZE = 24
 #: Choices of cards per grid row; fewer suit narrow windows.
@@ -160,36 +156,10 @@ def refresh_view() -> None:
     st.session_state.pop("causes_view", None)
 
 
-def stored_ranking(method: str, config: object) -> dict | None:
-    """Return the newest stored ranking of this run and failure set that
-    ``method`` made with ``config`` on the device of the run's model, or None.
-
-    Each method gives the same scores for the same settings, seed included,
-    on the same device, so such a ranking needs no second computation. A
-    record without a device, or whose scores file is missing, is not reused.
-    """
-    # The record stores the settings as JSON, so they are compared as JSON.
-    settings = json.loads(json.dumps(dataclasses.asdict(config)))
-    device = str(model_device(run.model))
-    stored = ws.list_scores(run.run_id, failure_set_id=failure_set_id, method=method)
-    for record in reversed(stored):
-        if record["config"] != settings or record["metrics"].get("device") != device:
-            continue
-        if ws.path(run.run_id, f"scores/{record['id']}.pt").is_file():
-            return record
-    return None
-
-
 def run_methods(configs: dict[str, object]) -> None:
     finished = []
     reused = []
     for method, config in configs.items():
-        record = stored_ranking(method, config)
-        if record is not None:
-            if not finished and not reused:
-                st.session_state["scores_id"] = record["id"]
-            reused.append(f"{method} ({record['id']})")
-            continue
         report = dashboard.progress_reporter(method)
         with dashboard.long_job("causes", f"identification with {method}"):
             summary = dashboard.run_safely(
@@ -205,10 +175,16 @@ def run_methods(configs: dict[str, object]) -> None:
                     )
                 ),
             )
-        if summary is not None:
-            if not finished and not reused:
-                # The first method chosen is the one opened for review.
-                st.session_state["scores_id"] = summary["scores_id"]
+        if summary is None:
+            continue
+        if not finished and not reused:
+            # The first method chosen is the one opened for review.
+            st.session_state["scores_id"] = summary["scores_id"]
+        if summary.get("reused"):
+            # The pipeline found a ranking with the same settings, seed and
+            # device and computed nothing.
+            reused.append(f"{method} ({summary['scores_id']})")
+        else:
             finished.append(f"{method} ({summary['seconds']:.1f} s)")
     messages = []
     if finished:
@@ -642,7 +618,7 @@ with st.container():
         st.warning(conflict_note)
         # The warning sits above the grid, out of view while the reviewer
         # works further down, and a toast shows wherever the page is scrolled.
-        st.toast(conflict_note, icon="⚠️")
+        st.toast(conflict_note, icon=":material/warning:")
     if undo and undo["failure_set_id"] == failure_set_id:
         st.button(
             f"Undo: {undo['description']}",
@@ -685,7 +661,8 @@ else:
         refresh.button("Refresh the list", key="causes_refresh", on_click=refresh_view)
 if len(listed):
     window = dashboard.page_window(len(listed), PAGE_SIZE, "causes_page")
-    review_grid(listed[window], decisions, per_row)
+    if window is not None:
+        review_grid(listed[window], decisions, per_row)
 else:
     st.info(f"No {show} examples.")
 

@@ -39,7 +39,7 @@ from repair_core.errors import (
     WorkspaceError,
 )
 from repair_core.failures import FailureSplit, split_failures
-from repair_core.inference import predict_logits
+from repair_core.inference import model_device, predict_logits
 from repair_core.noise import apply_scenario
 from repair_core.progress import Progress
 from repair_core.training import (
@@ -1058,14 +1058,28 @@ def run_identification(
         ``precision_at_100``, and for a label-changing corruption
         ``n_implicated`` and ``implicated_found_at_20pct`` (see
         ``implicated_by``). When the same ranking (same failure set, method,
-        settings, seed and device) is stored by the time this one is
-        computed, as by another command that computed it at the same time,
-        the summary is that ranking's, with ``reused`` True, and nothing new
-        is stored.
+        settings, seed and device) is stored already, or by the time this one
+        is computed, as by another command that computed it at the same
+        time, the summary is that ranking's, with ``reused`` True, and
+        nothing new is stored. Each method gives the same scores for the same
+        settings on the same device, so nothing is computed again.
     """
+    from repair_core.identification import config_json, resolve_config
+
     workspace.check_writable(run.run_id, "scores")
     failure_set_id = failure_set_id or default_failure_set(workspace, run.run_id)
     split = load_failure_split(workspace, run.run_id, failure_set_id)
+    config = resolve_config(method, config)
+    stored = workspace.find_ranking(
+        run.run_id,
+        failure_set_id,
+        method,
+        config_json(config),
+        str(model_device(run.model)),
+    )
+    if stored is not None:
+        logger.info("Reused ranking %s of %s", stored["id"], method)
+        return _reused_summary(stored)
     with workspace.claim_failure_set(run.run_id, failure_set_id):
         return _identify_and_store(
             workspace, run, method, failure_set_id, split, config, progress
@@ -1138,13 +1152,18 @@ def _identify_and_store(
         # Another command stored the same ranking while this one computed.
         # A fisher.pt saved above stays for later methods, as after a store.
         workspace.path(run.run_id, scores_file).unlink(missing_ok=True)
-        return {
-            **stored["metrics"],
-            "scores_id": stored["id"],
-            "config": stored["config"],
-            "reused": True,
-        }
+        return _reused_summary(stored)
     return {**summary, "config": result.config}
+
+
+def _reused_summary(stored: dict[str, Any]) -> dict[str, Any]:
+    """Return the summary of the stored ranking ``stored``, marked as reused."""
+    return {
+        **stored["metrics"],
+        "scores_id": stored["id"],
+        "config": stored["config"],
+        "reused": True,
+    }
 
 
 @contextlib.contextmanager

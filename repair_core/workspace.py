@@ -914,6 +914,22 @@ class Workspace:
             )
         return None
 
+    def find_ranking(
+        self, run_id: str, failure_set_id: str, method: str, config: dict, device: str
+    ) -> dict[str, Any] | None:
+        """Return the newest stored ranking of ``method`` on this failure set
+        with the settings ``config`` (seed included) made on ``device``, whose
+        scores file is present, or None."""
+        with self._connect() as connection:
+            return self._same_ranking(
+                connection,
+                run_id,
+                failure_set_id,
+                method,
+                config,
+                {"device": device},
+            )
+
     def _same_ranking(
         self,
         connection: sqlite3.Connection,

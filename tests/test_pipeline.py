@@ -841,6 +841,40 @@ def test_ranking_stored_meanwhile_is_reused(tiny):
     assert len(records) == 2
 
 
+def test_stored_ranking_is_reused_without_computing(tiny):
+    root, run = tiny
+    workspace = Workspace(root)
+    failure_set_id, _ = pipeline.create_failure_set(workspace, run, seed=9)
+    first = pipeline.run_identification(
+        workspace, run, "training-loss", failure_set_id=failure_set_id
+    )
+    steps = []
+
+    again = pipeline.run_identification(
+        workspace,
+        run,
+        "training-loss",
+        failure_set_id=failure_set_id,
+        config={"batch_size": first["config"]["batch_size"]},
+        progress=lambda fraction, message: steps.append(message),
+    )
+
+    assert steps == []
+    assert again["reused"] is True
+    assert again["scores_id"] == first["scores_id"]
+    assert again["seconds"] == first["seconds"]
+    records = workspace.list_scores(run.run_id, failure_set_id=failure_set_id)
+    assert [record["id"] for record in records] == [first["scores_id"]]
+
+    # Without its scores file the ranking is computed and stored again.
+    workspace.path(run.run_id, f"scores/{first['scores_id']}.pt").unlink()
+    computed = pipeline.run_identification(
+        workspace, run, "training-loss", failure_set_id=failure_set_id
+    )
+    assert "reused" not in computed
+    assert computed["scores_id"] != first["scores_id"]
+
+
 def _claims(root, failure_set_id: str) -> int:
     connection = sqlite3.connect(pathlib.Path(root) / "repair.sqlite")
     try:

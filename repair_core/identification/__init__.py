@@ -81,11 +81,13 @@ __all__ = [
     "ScoreResult",
     "TracInConfig",
     "TrainingLossConfig",
+    "config_json",
     "default_config",
     "fit_failures",
     "identify",
     "record_sgd",
     "replay_sgd",
+    "resolve_config",
 ]
 
 ScoreFunction = Callable[..., tuple[torch.Tensor, dict]]
@@ -225,6 +227,37 @@ def default_config(method: str) -> Any:
     return spec.config_class(**spec.defaults)
 
 
+def resolve_config(method: str, config: Any = None) -> Any:
+    """Return the config dataclass that ``identify`` runs ``method`` with.
+
+    Args:
+        config: the method's config dataclass, a dict of settings that
+            override ``default_config(method)``, or None for those defaults.
+
+    Raises:
+        ConfigError: an unknown method or setting, a config of another
+            method, or a setting that the method's name fixes.
+    """
+    spec = _spec(method)
+    config = default_config(method) if config is None else config
+    if isinstance(config, dict):
+        config = settings_from_dict(spec.config_class, {**spec.defaults, **config})
+    if not isinstance(config, spec.config_class):
+        raise ConfigError(
+            f"Method {method!r} takes a {spec.config_class.__name__}, not "
+            f"{type(config).__name__}. Start from default_config({method!r})."
+        )
+    _check_fixed(spec, config)
+    return config
+
+
+def config_json(config: Any) -> dict:
+    """Return the settings of ``config`` as the JSON object a ranking stores."""
+    resolved = dataclasses.asdict(config)
+    json.dumps(resolved)
+    return resolved
+
+
 def _check_data(
     spec: MethodSpec,
     model: nn.Module,
@@ -256,12 +289,6 @@ def _check_data(
     check_finite_images(train_images, "Training image")
     check_finite_images(query_images, "Query image")
     check_model_labels(model, train_images, train_labels, query_images, query_labels)
-
-
-def _config_json(config: Any) -> dict:
-    resolved = dataclasses.asdict(config)
-    json.dumps(resolved)
-    return resolved
 
 
 def _seed_of(config: Any) -> int | None:
@@ -313,15 +340,7 @@ def identify(
         FloatingPointError: the method produced non-finite scores.
     """
     spec = _spec(method)
-    config = default_config(method) if config is None else config
-    if isinstance(config, dict):
-        config = settings_from_dict(spec.config_class, {**spec.defaults, **config})
-    if not isinstance(config, spec.config_class):
-        raise ConfigError(
-            f"Method {method!r} takes a {spec.config_class.__name__}, not "
-            f"{type(config).__name__}. Start from default_config({method!r})."
-        )
-    _check_fixed(spec, config)
+    config = resolve_config(method, config)
     context = context or IdentificationContext()
     _check_data(spec, model, train_images, train_labels, query_images, query_labels)
     seed = _seed_of(config)
@@ -351,7 +370,7 @@ def identify(
     return ScoreResult(
         scores=scores.detach().double().cpu(),
         method=method,
-        config=_config_json(config),
+        config=config_json(config),
         seed=seed,
         device=str(device),
         seconds=seconds,
