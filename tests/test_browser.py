@@ -404,9 +404,9 @@ LAYOUT_SCRIPT = """() => {
 }"""
 
 
-def test_compare_layout_fits_window_widths(server):
-    url, workspace = server
-    store = Workspace(workspace)
+def train_tiny_run(store: Workspace) -> tuple[dict, pipeline.LoadedRun]:
+    """Train a one-epoch run on 200 flipped-label images; return its summary
+    and the loaded run."""
     config = pipeline.RunConfig(
         n_train=200,
         n_test=100,
@@ -415,7 +415,13 @@ def test_compare_layout_fits_window_widths(server):
         train=TrainConfig(max_epochs=1),
     )
     summary = pipeline.train_run(store, config)
-    run = pipeline.load_run(store, summary["run_id"])
+    return summary, pipeline.load_run(store, summary["run_id"])
+
+
+def test_compare_layout_fits_window_widths(server):
+    url, workspace = server
+    store = Workspace(workspace)
+    summary, run = train_tiny_run(store)
     failure_set_id = summary["failure_set_id"]
     for method in ("training-loss", "random", "oracle"):
         scores_id = pipeline.run_identification(
@@ -466,15 +472,7 @@ def test_compare_layout_fits_window_widths(server):
 def test_back_returns_to_previous_page(server):
     url, workspace = server
     store = Workspace(workspace)
-    config = pipeline.RunConfig(
-        n_train=200,
-        n_test=100,
-        scenario="label-flip",
-        device="cpu",
-        train=TrainConfig(max_epochs=1),
-    )
-    summary = pipeline.train_run(store, config)
-    run = pipeline.load_run(store, summary["run_id"])
+    summary, run = train_tiny_run(store)
     scores_id = pipeline.run_identification(
         store, run, "training-loss", failure_set_id=summary["failure_set_id"]
     )["scores_id"]
