@@ -8,6 +8,7 @@ never touch the workspace.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -143,6 +144,19 @@ class LoadedRun:
     def model_spec_folder(self) -> Path | None:
         folder = self.record["config"].get("factory_folder")
         return Path(folder) if folder else None
+
+
+def private_model(run: LoadedRun) -> nn.Module:
+    """Return a copy of the run's model for one job to differentiate.
+
+    torch.func.functional_call, which the Fisher and per-example gradients
+    use, swaps a module's parameters for wrapped tensors while it runs. The
+    dashboard caches one LoadedRun per run for every browser session, so two
+    jobs differentiating that one module at once could each copy or use the
+    other's wrapped tensors and leave the module broken. Jobs therefore work
+    on a copy, and the shared module only ever runs forward passes.
+    """
+    return copy.deepcopy(run.model)
 
 
 def _load_new_data(config: RunConfig, *, trains: bool) -> DataSplit:
@@ -1102,7 +1116,7 @@ def _identify_and_store(
     context = identification_context(workspace, run)
     result = identify(
         method,
-        run.model,
+        private_model(run),
         run.data.train.images,
         run.data.train.labels,
         test.images[split.query],
@@ -1552,7 +1566,7 @@ def run_repair(
     ):
         outcome = repair_with_controls(
             treatment,
-            run.model,
+            private_model(run),
             inputs["train"],
             causes,
             inputs["test"],
@@ -1686,7 +1700,7 @@ def run_sweep(
     ):
         points = sweep(
             treatment,
-            run.model,
+            private_model(run),
             inputs["train"],
             causes,
             inputs["test"],
@@ -1798,7 +1812,7 @@ def run_removal_curve(
     ):
         points = removal_curve(
             scores,
-            run.model,
+            private_model(run),
             inputs["train"],
             inputs["test"],
             inputs["split"],

@@ -7,6 +7,7 @@ records of one test never show up in another.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -18,6 +19,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -839,6 +841,51 @@ def test_ranking_stored_meanwhile_is_reused(tiny):
     assert "reused" not in reseeded
     records = workspace.list_scores(run.run_id, failure_set_id=failure_set_id)
     assert len(records) == 2
+
+
+def test_concurrent_jobs_leave_shared_model_intact(tiny):
+    # The dashboard shares one loaded run between sessions, so two rankings
+    # may differentiate it while a third session copies it.
+    root, _ = tiny
+    workspace = Workspace(root)
+    run = pipeline.load_run(workspace, tiny[1].run_id)
+    failure_set_id, _ = pipeline.create_failure_set(workspace, run, seed=10)
+    errors: list[BaseException] = []
+
+    def rank(seed: int) -> None:
+        try:
+            for method in ("ewc-influence", "linear-influence-gd"):
+                pipeline.run_identification(
+                    workspace,
+                    run,
+                    method,
+                    failure_set_id=failure_set_id,
+                    config={"seed": seed, "max_steps": 20, "min_steps": 10}
+                    if method == "ewc-influence"
+                    else {"seed": seed, "gd_steps": 20},
+                )
+        except BaseException as error:
+            errors.append(error)
+
+    workers = [threading.Thread(target=rank, args=(seed,)) for seed in (1, 2)]
+    for worker in workers:
+        worker.start()
+    copies = 0
+    while any(worker.is_alive() for worker in workers) or not copies:
+        try:
+            copy.deepcopy(run.model)
+        except BaseException as error:
+            errors.append(error)
+            break
+        copies += 1
+    for worker in workers:
+        worker.join()
+
+    assert errors == []
+    for name, parameter in run.model.named_parameters():
+        assert type(parameter) is torch.nn.Parameter, name
+    stored = workspace.list_scores(run.run_id, failure_set_id=failure_set_id)
+    assert len(stored) == 4
 
 
 def test_stored_ranking_is_reused_without_computing(tiny):
