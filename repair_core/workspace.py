@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from repair_core.data import check_path_name
 from repair_core.errors import WorkspaceError
 
 logger = logging.getLogger(__name__)
@@ -334,6 +335,9 @@ class Workspace:
                 "The workspace path is empty. Pass a folder path with --workspace, "
                 f"such as ./{DEFAULT_WORKSPACE}."
             )
+        # resolve() raises ValueError on a NUL character and exists() raises
+        # OSError on a name too long for the file system.
+        check_path_name(Path(root).expanduser(), "Workspace folder", WorkspaceError)
         self.root = Path(root).expanduser().resolve()
         if self.root.exists() and not self.root.is_dir():
             raise WorkspaceError(
@@ -362,6 +366,14 @@ class Workspace:
         self.read_only = self.database_path.is_file() and not _can_write(self.root)
         # Identifies this Workspace object in the failure set claims it adds.
         self.claimant = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        if create and not self.database_path.exists():
+            # sqlite creates a database with mode 0644 reduced by the umask, so
+            # under umask 002 the group could not write to a shared workspace.
+            # An empty file made here with 0666 reduced by the umask is taken
+            # by sqlite as a new database, and its journal files copy its mode.
+            # Where the file cannot be made, sqlite's own attempt reports why.
+            with contextlib.suppress(OSError):
+                os.close(os.open(self.database_path, os.O_CREAT | os.O_EXCL, 0o666))
         self._initialise(create)
 
     def _check_records_exist(self) -> None:
@@ -559,25 +571,36 @@ class Workspace:
         if not names:
             return False
         version = None
-        meta_readable = False
+        meta_keys = None
         if "meta" in names:
             # Another program's meta table may lack these columns.
             with contextlib.suppress(sqlite3.OperationalError):
-                row = connection.execute(
-                    "SELECT value FROM meta WHERE key = 'schema_version'"
-                ).fetchone()
-                version = None if row is None else str(row["value"])
-                meta_readable = True
+                meta = dict(connection.execute("SELECT key, value FROM meta"))
+                meta_keys = set(meta)
+                if "schema_version" in meta:
+                    version = str(meta["schema_version"])
+        newer = (
+            version is not None
+            and version.isdigit()
+            and int(version) > (SCHEMA_VERSION)
+        )
         # The schema creates meta first and adds the version last, so a
         # workspace whose creation stopped between them has only its tables.
-        if version is None and not (meta_readable and names <= _WORKSPACE_TABLES):
+        # A table or meta key that no version of the schema has marks another
+        # program's database, unless a newer schema added it.
+        ours = (
+            meta_keys is not None
+            and meta_keys <= {"schema_version"}
+            and names <= _WORKSPACE_TABLES
+        )
+        if not ours and not newer:
             foreign = sorted(names - _WORKSPACE_TABLES) or sorted(names)
             listed = ", ".join(foreign[:3])
             more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
             raise WorkspaceError(
                 f"The file {str(self.database_path)!r} is not a workspace "
-                f"database: it contains tables of another program ({listed}{more}) "
-                "and no workspace schema version. Nothing was written to it. "
+                f"database: it contains tables of another program ({listed}{more}). "
+                "Nothing was written to it. "
                 "Choose another folder with --workspace, or move the file away."
             )
         if version is not None and not version.isdigit():

@@ -486,7 +486,9 @@ def test_locked_database_says_busy(tmp_path, monkeypatch):
     assert workspace.list_runs() == []
 
 
-@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+@pytest.mark.parametrize(
+    ("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)]
+)
 def test_written_files_follow_umask(tmp_path, umask, mode):
     previous = os.umask(umask)
     try:
@@ -499,6 +501,8 @@ def test_written_files_follow_umask(tmp_path, umask, mode):
     for name in ("train_labels.pt", "arrays.npz"):
         written = workspace.path("run-a", name).stat().st_mode & 0o777
         assert written == mode, (name, oct(written))
+    database = workspace.database_path.stat().st_mode & 0o777
+    assert database == mode, oct(database)
 
 
 def _foreign_database(path, *statements):
@@ -517,6 +521,15 @@ def _foreign_database(path, *statements):
         ["CREATE TABLE foo (x)", "INSERT INTO foo VALUES (1)"],
         ["CREATE TABLE meta (x)", "CREATE TABLE runs (y)"],
         ["CREATE TABLE meta (key TEXT, value TEXT)", "CREATE TABLE foo (x)"],
+        [
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)",
+            "INSERT INTO meta VALUES ('owner', 'another program')",
+        ],
+        [
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)",
+            "INSERT INTO meta VALUES ('schema_version', '1')",
+            "CREATE TABLE documents (x)",
+        ],
     ],
 )
 def test_foreign_database_rejected_unchanged(tmp_path, create, statements):
@@ -531,6 +544,13 @@ def test_foreign_database_rejected_unchanged(tmp_path, create, statements):
     assert "Choose another folder with --workspace" in message
     assert database.read_bytes() == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["repair.sqlite"]
+
+
+@pytest.mark.parametrize("name", ["a" * 300, "a\0b"])
+def test_unusable_workspace_path_rejected(tmp_path, name):
+    with pytest.raises(WorkspaceError, match="^Workspace folder .* (too long|NUL)"):
+        Workspace(tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_empty_database_left_empty_by_readers(tmp_path):
