@@ -30,6 +30,7 @@ import io
 import ipaddress
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -1420,15 +1421,15 @@ def parse_seed(label: str, text: str) -> int:
     """
     text = text.strip()
     allowed = range_text(integer=True, minimum=0, maximum=MAX_SEED)
-    try:
-        seed = int(text)
-    except ValueError:
-        raise ConfigError(
-            f"{label} {text!r} is not a whole number. Enter {allowed}."
-        ) from None
-    if not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"{label} = {seed} is out of range. Enter {allowed}.")
-    return seed
+    shown = text if len(text) <= 40 else f"{text[:20]}…{text[-10:]}"
+    # ASCII digits only: int() also reads "1_000" and other scripts' digits.
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise ConfigError(f"{label} {shown!r} is not a whole number. Enter {allowed}.")
+    # int() rejects more than 4300 digits, and every seed has at most 19.
+    digits = text.lstrip("+-").lstrip("0")
+    if len(digits) > len(str(MAX_SEED)) or not 0 <= int(text) <= MAX_SEED:
+        raise ConfigError(f"{label} = {shown} is out of range. Enter {allowed}.")
+    return int(text)
 
 
 def seed_field(
@@ -1464,6 +1465,8 @@ def settings_editor(
     may raise RepairError.
     """
     values: dict[str, Any] = {}
+    # An invalid seed is raised after the loop, so the fields after it stay.
+    seed_error: ConfigError | None = None
     for item in dataclasses.fields(config):
         if item.name in skip:
             continue
@@ -1480,7 +1483,10 @@ def settings_editor(
             values[item.name] = st.checkbox(label, value=value, key=key, help=help_text)
         elif item.name == "seed":
             text = st.text_input(label, value=str(value), key=key, help=help_text)
-            values[item.name] = parse_seed(label, text)
+            try:
+                values[item.name] = parse_seed(label, text)
+            except ConfigError as error:
+                seed_error = error
         elif isinstance(value, int):
             values[item.name] = int(
                 st.number_input(label, value=value, step=1, key=key, help=help_text)
@@ -1505,6 +1511,8 @@ def settings_editor(
             values[item.name] = st.text_input(
                 label, value=value, key=key, help=help_text
             ).strip()
+    if seed_error is not None:
+        raise seed_error
     return dataclasses.replace(config, **values)
 
 

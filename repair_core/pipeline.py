@@ -102,6 +102,10 @@ class RunConfig:
                 f"Query fraction {self.query_fraction} must lie in (0, 1]. Use 0.5 "
                 "to split the failures in half."
             )
+        # Training runs with ``seed``, so the copy in ``train`` follows it and
+        # the stored record names the seed that ran.
+        if self.train.seed != self.seed:
+            self.train = dataclasses.replace(self.train, seed=self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

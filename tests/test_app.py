@@ -1843,6 +1843,14 @@ def test_repair_result_names_strength_and_settings(workspace_env):
     app.segmented_control(key="repair_mode").set_value("sweep").run()
     assert seed_key in [w.key for w in app.text_input]
 
+    # An invalid seed leaves the settings after it in view.
+    app.text_input(key=seed_key).set_value("abc").run()
+    assert error_texts(app) == [
+        "Invalid ewc-deletion settings: seed 'abc' is not a whole number. "
+        f"Enter a whole number from 0 to {2**63 - 1}."
+    ]
+    assert "repair_cfg_ewc-deletion_lr" in [w.key for w in app.number_input]
+
 
 def add_repair_copy(
     workspace: Workspace,

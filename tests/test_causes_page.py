@@ -355,6 +355,9 @@ def test_review_decisions_differ_in_chromium(browser_server):
         ("x", "seed 'x' is not a whole number"),
         ("-2", "seed = -2 is out of range"),
         (str(MAX_SEED + 1), f"seed = {MAX_SEED + 1} is out of range"),
+        ("9" * 5000, f"seed = {'9' * 20}…{'9' * 10} is out of range"),
+        ("1_000", "seed '1_000' is not a whole number"),
+        ("\u0663", "seed '\u0663' is not a whole number"),
     ],
 )
 def test_invalid_method_seed_blocks_run(workspace_env, entry, expected):

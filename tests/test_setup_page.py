@@ -154,6 +154,7 @@ def test_train_keeps_seeds_above_float_range(tmp_path, monkeypatch):
     assert not app.error, [e.value for e in app.error]
     (run,) = Workspace(tmp_path).list_runs()
     assert run["config"]["seed"] == 2**53 + 1
+    assert run["config"]["train"]["seed"] == 2**53 + 1
     assert run["config"]["data_seed"] == MAX_SEED
 
 
