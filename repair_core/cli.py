@@ -1099,10 +1099,15 @@ class _ProgressPrinter:
 
 
 def _command_identify(args: argparse.Namespace) -> dict[str, Any]:
-    from repair_core.identification import default_config
+    from repair_core.identification import METHODS, default_config
     from repair_core.pipeline import run_identification
 
-    config = _apply_settings(default_config(args.method), args.settings, args.method)
+    # The method's name sets these, so '--set help' leaves them out; a --set
+    # of one is rejected when the method runs, naming the method to choose.
+    fixed = dict.fromkeys(METHODS[args.method].fixed, f"--method {args.method}")
+    config = _apply_settings(
+        default_config(args.method), args.settings, args.method, fixed
+    )
     workspace, run, failure_set_id = _open_run(args)
     failure_set_id = _stored_failure_set(args, workspace, run, failure_set_id)
     return run_identification(

@@ -1450,6 +1450,11 @@ def test_set_help_lists_settings_and_runs_nothing(tiny_run, capsys):
         (["repair", "--treatment", "finetune"], "seed", "seed is not listed: --seeds"),
         (["removal-curve", "--scores", "sc-1"], "seed", "--seeds sets it"),
         (["sweep", "--treatment", "finetune"], "max_epochs", "--strengths sets it"),
+        (
+            ["identify", "--method", "linear-influence-gd"],
+            "solver",
+            "solver is not listed: --method linear-influence-gd sets it",
+        ),
     ],
 )
 def test_set_help_leaves_out_fixed_settings(tiny_run, capsys, argv, hidden, note):
