@@ -398,6 +398,8 @@ def folder_listing(folder):
         ('"text"', "contains a JSON string, but it must contain an object"),
         ("{}", "has no 'settings' entry, so the benchmark did not write it"),
         ('{"units": {}}', "has no 'settings' entry"),
+        ('{"settings": null}', "is invalid: its 'settings' entry is null"),
+        ('{"settings": {}}', "is invalid: it lacks the setting 'mode'"),
     ],
 )
 def test_bench_rejects_corrupt_results(tmp_path, capsys, content, problem, render_only):
@@ -441,6 +443,23 @@ def test_results_entry_of_wrong_type_is_rejected(tmp_path, content, entry):
     with pytest.raises(DataError, match=re.escape(entry)):
         ResultsStore(path, settings=quick_settings().to_dict())
     with pytest.raises(DataError, match=re.escape(entry)):
+        render_page(tmp_path)
+    assert path.read_text() == content
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("seeds", 1), ("seeds", "abc"), ("mode", None), ("tradeoff_fraction", True)],
+)
+def test_results_setting_of_wrong_type_is_rejected(tmp_path, name, value):
+    path = tmp_path / "results.json"
+    ResultsStore(path, settings=quick_settings().to_dict())
+    data = json.loads(path.read_text())
+    data["settings"][name] = value
+    path.write_text(json.dumps(data))
+    content = path.read_text()
+
+    with pytest.raises(DataError, match=re.escape(f"its setting {name!r} is")):
         render_page(tmp_path)
     assert path.read_text() == content
 

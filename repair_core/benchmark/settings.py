@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,9 +145,42 @@ class BenchSettings:
         return dataclasses.asdict(self)
 
     @classmethod
+    def json_problem(cls, values: dict[str, Any]) -> str | None:
+        """Return what makes ``values``, settings read from a results file,
+        unusable, such as a missing setting or a value of the wrong JSON
+        type, or None when they fit the fields of this class."""
+        hints = typing.get_type_hints(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+        if missing:
+            return f"it lacks the setting {missing[0]!r}"
+        for item in dataclasses.fields(cls):
+            if not _fits(values[item.name], hints[item.name]):
+                return f"its setting {item.name!r} is {values[item.name]!r}"
+        return None
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BenchSettings:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Return whether the JSON value ``value`` can stand for type ``kind``."""
+    origin = typing.get_origin(kind)
+    arguments = typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, option) for option in arguments)
+    if kind is type(None):
+        return value is None
+    if origin is tuple:
+        return isinstance(value, list) and all(_fits(v, arguments[0]) for v in value)
+    if origin is dict or kind is dict:
+        return isinstance(value, dict)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def full_settings(**changes: Any) -> BenchSettings:

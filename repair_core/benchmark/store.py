@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from repair_core.benchmark.settings import BenchSettings
 from repair_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,16 @@ def read_results(path: Path) -> dict[str, Any]:
         raise DataError(
             f"The results file {str(path)!r} has no 'settings' entry, so the "
             f"benchmark did not write it. {advice}"
+        )
+    settings = data["settings"]
+    problem = (
+        "its 'settings' entry is null"
+        if settings is None
+        else BenchSettings.json_problem(settings)
+    )
+    if problem is not None:
+        raise DataError(
+            f"The results file {str(path)!r} is invalid: {problem}. {advice}"
         )
     return data
 
