@@ -566,6 +566,8 @@ def _idx_header_problem(raw_folder: Path) -> str | None:
         shape = [
             int.from_bytes(sizes[i : i + 4], "big") for i in range(0, len(sizes), 4)
         ]
+        if shape[0] == 0:
+            return f"{name} contains no {'images' if dimensions == 3 else 'labels'}"
         header_size = len(expected) + len(sizes)
         expected_size = header_size + int(np.prod(shape))
         if file_size != expected_size:

@@ -315,6 +315,15 @@ def test_idx_loader_names_truncated_file(tmp_path):
     ) in str(caught.value)
 
 
+def test_idx_loader_names_file_without_images(tmp_path):
+    make_idx_files(tmp_path, "MNIST", n_train=10, n_test=0)
+
+    with pytest.raises(DataError) as caught:
+        load_data("mnist", root=tmp_path)
+
+    assert "(t10k-images-idx3-ubyte contains no images)" in str(caught.value)
+
+
 def test_torchvision_source_needs_root():
     with pytest.raises(DataError, match="no root was given"):
         load_data("mnist")
