@@ -1102,8 +1102,8 @@ def _command_identify(args: argparse.Namespace) -> dict[str, Any]:
     from repair_core.identification import METHODS, default_config
     from repair_core.pipeline import run_identification
 
-    # The method's name sets these, so '--set help' leaves them out; a --set
-    # of one is rejected when the method runs, naming the method to choose.
+    # The method's name sets these, so '--set help' leaves them out. A --set
+    # of one is rejected when the method runs, with the method to choose.
     fixed = dict.fromkeys(METHODS[args.method].fixed, f"--method {args.method}")
     config = _apply_settings(
         default_config(args.method), args.settings, args.method, fixed

@@ -1411,24 +1411,26 @@ def ranking_label(record: dict[str, Any]) -> str:
 
 
 def parse_seed(label: str, text: str) -> int:
-    """Read the seed typed into the field ``label``; raise ConfigError unless
-    it is a whole number from 0 to MAX_SEED, the range the command line takes.
+    """Read the seed typed into the field ``label``.
 
-    Seeds are typed as text. Streamlit 1.67 gives an integer number input a
-    max_value of 2**53 - 1 when none is set, and its front end drops a larger
-    entry before the script receives it, so the script would go on with the
-    last valid value and a job would run with another seed.
+    Raises ConfigError unless the text is a whole number from 0 to MAX_SEED,
+    the range the command line takes. Seeds are typed as text because
+    Streamlit 1.67 gives an integer number input a max_value of 2**53 - 1 when
+    none is set. Its front end drops a larger entry before the script receives
+    it, so a job would run with the last valid seed instead.
     """
     text = text.strip()
     allowed = range_text(integer=True, minimum=0, maximum=MAX_SEED)
-    shown = text if len(text) <= 40 else f"{text[:20]}…{text[-10:]}"
+    short_text = text if len(text) <= 40 else f"{text[:20]}…{text[-10:]}"
     # ASCII digits only: int() also reads "1_000" and other scripts' digits.
     if not re.fullmatch(r"[+-]?[0-9]+", text):
-        raise ConfigError(f"{label} {shown!r} is not a whole number. Enter {allowed}.")
+        raise ConfigError(
+            f"{label} {short_text!r} is not a whole number. Enter {allowed}."
+        )
     # int() rejects more than 4300 digits, and every seed has at most 19.
     digits = text.lstrip("+-").lstrip("0")
     if len(digits) > len(str(MAX_SEED)) or not 0 <= int(text) <= MAX_SEED:
-        raise ConfigError(f"{label} = {shown} is out of range. Enter {allowed}.")
+        raise ConfigError(f"{label} = {short_text} is out of range. Enter {allowed}.")
     return int(text)
 
 

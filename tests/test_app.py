@@ -1394,7 +1394,7 @@ def test_compare_shows_stored_curves_in_new_session(workspace_env):
 
     selector.set_value(ids).run()
     check_clean(app)
-    # Curves of one method and seed count are told apart by their ids.
+    # Curves of one method and seed count are distinguished by their ids.
     assert chart_trace_names(app)[1] == [
         f"training-loss · 1 seed · {ids[0]}",
         f"training-loss · 1 seed · {ids[1]}",

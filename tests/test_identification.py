@@ -386,10 +386,10 @@ def test_config_dict_keeps_method_defaults(trained):
 def test_method_name_fixes_its_solver(trained, method, solver, advice):
     # A ranking stored as linear-influence-lissa must come from LiSSA.
     model, x, y, qx, qy, _ = trained
-    wanted = default_config(method).solver
+    expected = default_config(method).solver
     config = default_config(method)
     config.solver = solver
-    message = f"Method {method} uses solver {wanted!r}, not {solver!r}. {advice}."
+    message = f"Method {method} uses solver {expected!r}, not {solver!r}. {advice}."
     for settings in ({"solver": solver}, config):
         with pytest.raises(ConfigError, match=re.escape(message)):
             identify(method, model, x, y, qx, qy, settings)

@@ -205,8 +205,8 @@ def _check_fixed(spec: MethodSpec, config: Any) -> None:
     name fixes, so that a ranking is never stored under another method's name."""
     for name in spec.fixed:
         value = getattr(config, name)
-        wanted = spec.defaults[name]
-        if value == wanted:
+        expected = spec.defaults[name]
+        if value == expected:
             continue
         advice = next(
             (
@@ -214,10 +214,10 @@ def _check_fixed(spec: MethodSpec, config: Any) -> None:
                 for other in METHODS.values()
                 if name in other.fixed and other.defaults[name] == value
             ),
-            f"Leave {name} at {wanted!r}",
+            f"Leave {name} at {expected!r}",
         )
         raise ConfigError(
-            f"Method {spec.name} uses {name} {wanted!r}, not {value!r}. {advice}."
+            f"Method {spec.name} uses {name} {expected!r}, not {value!r}. {advice}."
         )
 
 
