@@ -30,6 +30,7 @@ from torch import nn
 from repair_core.errors import ConfigError
 from repair_core.failures import FailureSplit
 from repair_core.fisher import diagonal_fisher
+from repair_core.identification.base import scaled_progress
 from repair_core.inference import predict_logits
 from repair_core.progress import Progress
 from repair_core.training import TrainConfig
@@ -83,6 +84,10 @@ DEFAULT_STRENGTHS = {
     "newton": (0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
     "finetune": (1, 2, 5, 10),
 }
+#: Share of a Newton sweep's progress bar that the shared solve fills. The
+#: solve takes nearly all of the time, since each point is one parameter
+#: update and an evaluation.
+NEWTON_SOLVE_SHARE = 0.9
 
 
 def _accuracy_on(correct: torch.Tensor, indices: torch.Tensor) -> float:
@@ -212,6 +217,44 @@ def _needs_fisher(treatment: str) -> bool:
     return treatment in ("ewc-deletion", "fit-failures", "fit-failures+ewc-deletion")
 
 
+def _non_decreasing(progress: Progress | None) -> Progress | None:
+    """Wrap ``progress`` so that the fractions it receives never decrease.
+
+    A run's own count can restart, as Newton removal's LiSSA solve counts
+    from 0 again after its scale search. The job's bar then waits at the
+    highest fraction reached instead of moving back.
+    """
+    if progress is None:
+        return None
+    highest = 0.0
+
+    def report(fraction: float, message: str) -> None:
+        nonlocal highest
+        highest = max(highest, fraction)
+        progress(highest, message)
+
+    return report
+
+
+def _part_progress(
+    progress: Progress | None, low: float, high: float, label: str
+) -> Progress | None:
+    """Return a callback that reports one part of a job on [low, high] of its bar.
+
+    Each message starts with ``label``, which names the part (the arm, k or
+    strength and the seed). Passed to a treatment, the callback also lets a
+    job be stopped during a run, since an exception raised by ``progress``
+    ends the run at its next report.
+    """
+    if progress is None:
+        return None
+
+    def labelled(fraction: float, message: str) -> None:
+        progress(fraction, f"{label} — {message}")
+
+    return scaled_progress(labelled, low, high)
+
+
 def repair_with_controls(
     treatment: str,
     model: nn.Module,
@@ -254,7 +297,8 @@ def repair_with_controls(
         store_model: called with a name such as ``"random-seed1"`` and each
             repaired model; what it returns is recorded as that run's
             ``model_file``.
-        progress: called with (fraction of runs done, message).
+        progress: called with (fraction done, message) before each run and
+            at each step or epoch inside it. Each run fills an equal share.
 
     Returns:
         ``gain_over_nothing`` (treatment minus nothing-removed: ``mean``, the
@@ -295,11 +339,13 @@ def repair_with_controls(
     per_arm: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     first_result = None
     total = len(arms) * len(seeds)
+    progress = _non_decreasing(progress)
     for position, (arm, seed) in enumerate(
         (arm, seed) for arm in arms for seed in seeds
     ):
+        label = f"{treatment}: {arm} arm, seed {seed}"
         if progress is not None:
-            progress(position / total, f"{treatment}: {arm} arm, seed {seed}")
+            progress(position / total, label)
         if arm == "treatment":
             removed = checked
         elif arm == "nothing":
@@ -318,6 +364,9 @@ def repair_with_controls(
             fisher=fisher,
             train_config=train_config,
             model_factory=model_factory,
+            progress=_part_progress(
+                progress, position / total, (position + 1) / total, label
+            ),
         )
         comparison = compare(model, result.model, test_images, test_labels, split)
         record = _run_record(comparison, result.seconds)
@@ -488,7 +537,9 @@ def sweep(
     more) and the maximum number of epochs for fine-tuning. Newton removal
     solves for its direction once and scales it for every γ. ``store_model``
     is called with a name such as ``"gamma-0.001"`` and each repaired model;
-    what it returns is recorded as the point's ``model_file``.
+    what it returns is recorded as the point's ``model_file``. ``progress``
+    is called with (fraction done, message) during Newton's solve, before
+    each point, and at each step or epoch of a point's run.
 
     Returns:
         One point per strength, in the given order: ``strength``, every
@@ -512,16 +563,29 @@ def sweep(
 
     # Newton's points each report the shared solve time plus their own step.
     direction, solve_seconds = None, 0.0
+    progress = _non_decreasing(progress)
+    points_start = 0.0
     if treatment == "newton":
+        points_start = NEWTON_SOLVE_SHARE
         start = time.perf_counter()
         direction = newton_direction(
-            model, train_images, train_labels, checked, settings
+            model,
+            train_images,
+            train_labels,
+            checked,
+            settings,
+            progress=_part_progress(
+                progress, 0.0, points_start, "newton: solving for the direction"
+            ),
         )
         solve_seconds = time.perf_counter() - start
+    share = (1.0 - points_start) / len(values)
     points = []
     for position, value in enumerate(values):
+        label = f"{treatment}: {field} = {value}"
+        low = points_start + position * share
         if progress is not None:
-            progress(position / len(strengths), f"{treatment}: {field} = {value}")
+            progress(low, label)
         point_settings = dataclasses.replace(settings, **{field: value})
         if direction is not None:
             start = time.perf_counter()
@@ -539,6 +603,7 @@ def sweep(
                 point_settings,
                 fisher=fisher,
                 train_config=train_config,
+                progress=_part_progress(progress, low, low + share, label),
             )
             repaired, seconds = result.model, result.seconds
         comparison = compare(model, repaired, test_images, test_labels, split)
@@ -588,6 +653,8 @@ def removal_curve(
         store_model: called with a name such as ``"k300-seed0"`` and each
             fine-tuned model; what it returns is recorded as that run's
             ``model_file``.
+        progress: called with (fraction done, message) before each run and
+            after each fine-tuning epoch. Each run fills an equal share.
 
     Returns:
         One entry per kept k, by increasing k: ``k``, ``mean``, ``std``,
@@ -638,13 +705,15 @@ def removal_curve(
     query_labels = test_labels[split.query]
     curve = []
     total = len(kept_ks) * len(seeds)
+    progress = _non_decreasing(progress)
     for k_position, k in enumerate(kept_ks):
         removed = order[:k].sort().values
         runs = []
         for seed_position, seed in enumerate(seeds):
+            done = k_position * len(seeds) + seed_position
+            label = f"Removal curve: k = {k}, seed {seed}"
             if progress is not None:
-                done = k_position * len(seeds) + seed_position
-                progress(done / total, f"Removal curve: k = {k}, seed {seed}")
+                progress(done / total, label)
             result = apply_treatment(
                 "finetune",
                 model,
@@ -655,6 +724,9 @@ def removal_curve(
                 query_labels,
                 dataclasses.replace(config or FinetuneConfig(), seed=seed),
                 train_config=train_config,
+                progress=_part_progress(
+                    progress, done / total, (done + 1) / total, label
+                ),
             )
             comparison = compare(model, result.model, test_images, test_labels, split)
             run = {"seed": seed, **_run_record(comparison, result.seconds)}

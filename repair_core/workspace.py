@@ -23,6 +23,7 @@ import re
 import shlex
 import socket
 import sqlite3
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
@@ -307,6 +308,50 @@ def _can_write(folder: Path) -> bool:
             return True
     except OSError:
         return False
+
+
+def _process_is_running(pid: int) -> bool:
+    """Return whether a process with ``pid`` runs on this machine.
+
+    A process that cannot be checked counts as running, because only an
+    ended process may lose its failure set claims.
+    """
+    if pid <= 0 or sys.platform == "win32":
+        # os.kill(pid, 0) signals a process group for pid 0 or below, and on
+        # Windows it terminates the process instead of checking it.
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        # PermissionError means that the process runs under another user. Any
+        # other error leaves its state unknown.
+        return True
+    return True
+
+
+def _claimant_has_ended(claimant: str) -> bool:
+    """Return whether a failure set claimant names an ended process on this host.
+
+    A claimant is "hostname:pid:token" (see ``Workspace.claimant``). One from
+    another host, or one that does not parse, has not ended as far as this
+    process can tell.
+
+    NOTE: a pid that the system has since given to another program counts as
+    running, so its claim stays until that program ends. Processes in
+    separate pid namespaces that report one hostname (containers sharing the
+    host's hostname and a workspace folder) cannot see each other's pids, so
+    each deletes the other's claims as ended.
+    """
+    # rsplit, because a hostname may contain ":".
+    parts = claimant.rsplit(":", 2)
+    if len(parts) != 3:
+        return False
+    hostname, pid, _token = parts
+    if hostname != socket.gethostname() or not re.fullmatch(r"[0-9]+", pid):
+        return False
+    return not _process_is_running(int(pid))
 
 
 #: Seconds a connection waits for another connection's lock before failing.
@@ -796,7 +841,10 @@ class Workspace:
         ``delete_unused_failure_set`` when its own work fails, and that keeps
         a set claimed by another Workspace object, such as another command's.
         The claim is removed when the body ends. A process killed outright
-        leaves its claim, which then keeps the set for good.
+        leaves its claim behind, and ``delete_unused_failure_set`` removes
+        that claim once no process with its pid runs on this host. A claim
+        left by a process on another host keeps the set, because whether that
+        process still runs cannot be checked from here.
 
         Raises:
             WorkspaceError: the failure set of ``run_id`` is not stored, for
@@ -849,13 +897,15 @@ class Workspace:
 
         Commands use this to take back a failure set they stored for work that
         then failed. The set stays when a record refers to it or another
-        Workspace object claims it (see ``claim_failure_set``). Returns
+        Workspace object claims it (see ``claim_failure_set``). A claim whose
+        process on this host has ended is deleted and does not count. Returns
         whether the set was deleted.
         """
         with self._connect() as connection:
             # Checked and deleted in one write transaction, so no claim or
             # record can be added in between.
             connection.execute("BEGIN IMMEDIATE")
+            self._delete_ended_claims(connection, failure_set_id)
             claimed = connection.execute(
                 "SELECT 1 FROM failure_set_claims WHERE failure_set_id = ? AND "
                 "claimant != ? LIMIT 1",
@@ -883,6 +933,32 @@ class Workspace:
                 missing_ok=True
             )
         return bool(deleted)
+
+    def _delete_ended_claims(
+        self, connection: sqlite3.Connection, failure_set_id: str
+    ) -> None:
+        """Delete the claims on a failure set that name an ended process on this host.
+
+        Such a claim was left by a process killed outright (SIGKILL, a power
+        cut), which never ran the code that removes it.
+        """
+        claims = connection.execute(
+            "SELECT id, claimant FROM failure_set_claims WHERE failure_set_id = ? "
+            "AND claimant != ?",
+            (failure_set_id, self.claimant),
+        ).fetchall()
+        for claim in claims:
+            if not _claimant_has_ended(claim["claimant"]):
+                continue
+            logger.info(
+                "Deleting claim %s on failure set %s because its process %s has ended.",
+                claim["id"],
+                failure_set_id,
+                claim["claimant"],
+            )
+            connection.execute(
+                "DELETE FROM failure_set_claims WHERE id = ?", (claim["id"],)
+            )
 
     def get_failure_set(self, failure_set_id: str) -> dict[str, Any]:
         return self._get("failure_sets", failure_set_id, "Failure set")

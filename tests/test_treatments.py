@@ -598,6 +598,36 @@ def test_fit_treatments_raise_query_accuracy(treatment):
     assert "fit" in result.extras
 
 
+@pytest.mark.parametrize("fit_first", [False, True])
+def test_fit_and_delete_reports_inside_steps(fit_first):
+    problem = tiny_problem()
+    calls = []
+    config = {
+        "fit": {"max_steps": 20, "min_steps": 0, "eval_every": 5},
+        "deletion": {"max_steps": 20, "eval_every": 5},
+        "fit_first": fit_first,
+    }
+
+    repair(
+        "fit-failures+ewc-deletion",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped,
+        problem.query_images,
+        problem.query_labels,
+        config,
+        progress=lambda fraction, message: calls.append(fraction),
+    )
+
+    # Each step reports inside its half of the bar, so a stop request ends
+    # it at its next report instead of after it.
+    assert any(0 < fraction < 0.5 for fraction in calls)
+    assert any(0.5 < fraction < 1 for fraction in calls)
+    assert calls == sorted(calls)
+    assert calls[-1] == 1.0
+
+
 # --- Causes validation and the public interface -----------------------------
 
 

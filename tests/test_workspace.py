@@ -1,5 +1,6 @@
 """The workspace store: round trips, schema version and crash safety."""
 
+import contextlib
 import math
 import os
 import signal
@@ -675,3 +676,78 @@ def test_add_scores_reuses_same_ranking(tmp_path):
     assert file_missing is None
     stored = [record["id"] for record in workspace.list_scores("run-a")]
     assert stored == ["sc-a", "sc-c", "sc-d", "sc-e"]
+
+
+_CLAIMER = textwrap.dedent(
+    """
+    import sys
+    import time
+    from repair_core.workspace import Workspace
+
+    workspace = Workspace(sys.argv[1])
+    with workspace.claim_failure_set("run-a", "fs-a"):
+        print("claimed", flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def _claimants(workspace):
+    with contextlib.closing(sqlite3.connect(workspace.database_path)) as connection:
+        rows = connection.execute("SELECT claimant FROM failure_set_claims")
+        return [claimant for (claimant,) in rows]
+
+
+def test_claim_of_killed_process_dropped(tmp_path):
+    creator = _workspace_with_failure_set(tmp_path)
+    command = [sys.executable, "-c", _CLAIMER, str(tmp_path)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as claimer:
+        try:
+            assert claimer.stdout.readline().strip() == "claimed"
+            # A claim of a running process keeps the set.
+            assert not creator.delete_unused_failure_set("run-a", "fs-a")
+        finally:
+            claimer.send_signal(signal.SIGKILL)
+            claimer.wait(timeout=10)
+    assert _claimants(creator) != []
+
+    assert creator.delete_unused_failure_set("run-a", "fs-a")
+    assert creator.list_failure_sets("run-a") == []
+    assert not creator.path("run-a", "failure_sets/fs-a.pt").exists()
+    assert _claimants(creator) == []
+
+
+def _ended_pid():
+    """Return the pid of a child process that has ended and been waited for."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=30)
+    return child.pid
+
+
+@pytest.mark.parametrize("kind", ["running", "other host", "not parsable"])
+def test_claim_kept_unless_process_ended(tmp_path, kind):
+    creator = _workspace_with_failure_set(tmp_path)
+    hostname = creator.claimant.rsplit(":", 2)[0]
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        claimant = {
+            "running": f"{hostname}:{sleeper.pid}:0123abcd",
+            # A hostname may contain ":", and this pid has ended here.
+            "other host": f"other:host:{_ended_pid()}:0123abcd",
+            "not parsable": f"{hostname}-{_ended_pid()}",
+        }[kind]
+        database = sqlite3.connect(creator.database_path)
+        with contextlib.closing(database) as connection, connection:
+            connection.execute(
+                "INSERT INTO failure_set_claims VALUES ('cl-1', 'fs-a', ?, 'now')",
+                (claimant,),
+            )
+
+        assert not creator.delete_unused_failure_set("run-a", "fs-a")
+    finally:
+        sleeper.send_signal(signal.SIGKILL)
+        sleeper.wait(timeout=10)
+
+    assert _claimants(creator) == [claimant]
+    assert [r["id"] for r in creator.list_failure_sets("run-a")] == ["fs-a"]
+    assert creator.path("run-a", "failure_sets/fs-a.pt").is_file()

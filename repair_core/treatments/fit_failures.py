@@ -25,7 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from repair_core.identification.base import option, settings_from_dict
+from repair_core.identification.base import (
+    option,
+    scaled_progress,
+    settings_from_dict,
+)
 from repair_core.identification.ewc_influence import (
     EWCInfluenceConfig,
     fit_failures_with_record,
@@ -146,7 +150,14 @@ def fit_and_delete(
     deletion_config = dataclasses.replace(config.deletion, seed=config.seed)
     fit_config = dataclasses.replace(config.fit, seed=config.seed)
 
-    def delete(start: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    # Each step fills half of the bar, and passing it the callback lets a
+    # stop request end the step at its next report.
+    first_half = scaled_progress(progress, 0.0, 0.5)
+    second_half = scaled_progress(progress, 0.5, 1.0)
+
+    def delete(
+        start: nn.Module, part: Progress | None
+    ) -> tuple[nn.Module, dict[str, Any]]:
         return ewc_delete(
             start,
             cause_images,
@@ -158,20 +169,29 @@ def fit_and_delete(
             query_labels=query_labels,
             retain_images=retain_images,
             retain_labels=retain_labels,
+            progress=part,
         )
 
-    def fit(start: nn.Module, n_behind: int) -> tuple[nn.Module, dict[str, Any]]:
+    def fit(
+        start: nn.Module, n_behind: int, part: Progress | None
+    ) -> tuple[nn.Module, dict[str, Any]]:
         return fit_failures_with_record(
-            start, fisher, n_behind, query_images, query_labels, fit_config
+            start,
+            fisher,
+            n_behind,
+            query_images,
+            query_labels,
+            fit_config,
+            progress=part,
         )
 
     if config.fit_first:
-        fitted, fit_record = fit(model, n_train)
+        fitted, fit_record = fit(model, n_train, first_half)
         report(progress, 0.5, "Fitted the query failures; deleting the causes")
-        repaired, deletion_record = delete(fitted)
+        repaired, deletion_record = delete(fitted, second_half)
     else:
-        deleted, deletion_record = delete(model)
+        deleted, deletion_record = delete(model, first_half)
         report(progress, 0.5, "Deleted the causes; fitting the query failures")
-        repaired, fit_record = fit(deleted, n_train - len(cause_labels))
+        repaired, fit_record = fit(deleted, n_train - len(cause_labels), second_half)
     report(progress, 1.0, "Fit and deletion done")
     return repaired, {"deletion": deletion_record, "fit": fit_record}
