@@ -23,7 +23,6 @@ import base64
 import contextlib
 import contextvars
 import dataclasses
-import errno
 import hashlib
 import html
 import io
@@ -47,6 +46,7 @@ from streamlit.errors import StreamlitAPIException
 from streamlit.runtime.scriptrunner import RerunException, StopException
 
 from repair_core import pipeline
+from repair_core.data import check_path_name
 from repair_core.errors import ConfigError, RepairError, WorkspaceError
 from repair_core.failures import FailureSplit
 from repair_core.identification.base import MAX_SEED
@@ -204,13 +204,14 @@ def restore_from_url() -> None:
 
     A browser reload starts a new session, so the session state is empty, but
     the URL keeps the query parameters that :func:`save_to_url` wrote. While
-    the workspace database cannot be read, the ids wait, and each later script
-    run tries again until the database can be read or the user opens another
-    run or workspace. An id
-    that the workspace does not hold, or that belongs to another run or
-    failure set, is ignored together with everything after it, and a toast
-    names it. Without a failure set in the URL, the run opens with the failure
-    set of the URL's ranking or repair, else with the one Setup's Open picks.
+    the workspace database cannot be read, because it is damaged or it or its
+    folder was moved away, the ids wait. Each later script run tries again
+    until the database can be read or the user opens another run or
+    workspace. An id that the workspace does not hold, or that belongs to
+    another run or failure set, is ignored together with everything after it,
+    and a toast names it. Without a failure set in the URL, the run opens with
+    the failure set of the URL's ranking or repair, else with the one Setup's
+    Open picks.
     """
     if not st.session_state.get("_url_restored"):
         st.session_state["_url_restored"] = True
@@ -252,11 +253,17 @@ def _restore_workspace_from_url() -> bool:
             st.toast(f"{problem} The dashboard uses {current!r}.")
             return False
         # An address is easy to mistype or to get from someone else, so it
-        # opens only a folder that already contains a workspace.
-        if contains_workspace(root):
+        # opens only a folder that is or was a workspace: one with a database,
+        # even a damaged one, one with run folders whose database is lost, or
+        # one that this server opened before it was moved away. The page then
+        # shows why the workspace cannot be read, and the address keeps its
+        # ids until it can. No new, empty workspace is created there.
+        if (
+            contains_workspace(root)
+            or lost_records_message(root) is not None
+            or root in _opened_roots()
+        ):
             st.session_state["workspace_root"] = root
-        elif (lost := lost_records_message(root)) is not None:
-            st.toast(f"{lost} The dashboard uses {current!r}.")
         else:
             st.toast(
                 f"The address names the workspace folder {root!r}, which contains no "
@@ -530,44 +537,39 @@ def folder_path_problem(root: str) -> str | None:
     """Return why the file system cannot take ``root`` as a folder path, or
     None.
 
-    The path is rejected for a NUL character, which file functions reject
-    with ValueError, and for a name or path longer than the file system
-    allows, which they reject with OSError ENAMETOOLONG. A path that merely
-    does not exist yet passes.
+    The reasons are those of :func:`repair_core.data.check_path_name`: a NUL
+    character, or a name or path longer than the file system allows, even
+    below a folder that does not exist yet. A path that merely does not exist
+    yet passes.
     """
-    if "\0" in root:
-        return (
-            f"The workspace folder {root!r} is invalid: it contains a NUL "
-            "character. Enter the folder path without it."
+    try:
+        # expanduser on the string keeps the path as typed in the message.
+        check_path_name(
+            os.path.expanduser(root), "The workspace folder", WorkspaceError
         )
-    too_long = (
-        f"The workspace folder {root!r} is invalid: the path or one of its names "
-        "is longer than the file system allows. Enter a shorter folder path."
-    )
-    path = Path(root).expanduser().absolute()
-    try:
-        path.stat()
-    except OSError as error:
-        if error.errno == errno.ENAMETOOLONG:
-            return too_long
-    # stat stops at the first missing folder, so the names below it are
-    # checked against the limit of the nearest folder that exists.
-    existing = path
-    while not os.path.isdir(existing) and existing != existing.parent:
-        existing = existing.parent
-    try:
-        name_max = os.pathconf(existing, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return None
-    if any(len(os.fsencode(name)) > name_max for name in path.parts):
-        return too_long
+    except WorkspaceError as error:
+        return str(error)
     return None
 
 
 @st.cache_resource(show_spinner=False)
 def open_workspace(root: str) -> Workspace:
     """Open the workspace at ``root`` once per process, creating it if missing."""
-    return Workspace(root)
+    opened = Workspace(root)
+    _opened_roots().add(root)
+    return opened
+
+
+@st.cache_resource(show_spinner=False)
+def _opened_roots() -> set[str]:
+    """Return the workspace folders that :func:`open_workspace` opened in this
+    process, shared by every session.
+
+    A cache resource, so that clearing Streamlit's caches clears it together
+    with the open workspaces. A folder in it was a workspace, so a missing
+    workspace there was moved or deleted rather than mistyped.
+    """
+    return set()
 
 
 def check_database(ws: Workspace) -> None:

@@ -23,6 +23,7 @@ import codecs
 import errno
 import functools
 import logging
+import os
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -335,7 +336,10 @@ def check_path_name(
 
     pathlib's ``is_file()`` and ``is_dir()`` (Python 3.11) return False for a
     path with a NUL character and raise OSError for a path too long for the
-    file system, so loaders call this before them.
+    file system, so loaders call this before them. A path that merely does not
+    exist yet passes, unless a name below its nearest existing folder is longer
+    than that folder's file system allows (``PC_NAME_MAX``): ``stat`` stops at
+    the first missing folder, so only creating the path would report it.
 
     Args:
         path: the path given by the user.
@@ -352,14 +356,38 @@ def check_path_name(
     try:
         Path(path).stat()
     except OSError as error:
-        if error.errno != errno.ENAMETOOLONG:
-            return
-        raise error_type(
-            f"{description} {text!r} is too long for the file system "
-            f"({error.strerror}). Check the path. Most file systems allow at most "
-            "255 bytes per file or folder name, and Linux at most 4095 bytes per "
-            "path."
-        ) from None
+        if error.errno == errno.ENAMETOOLONG:
+            raise error_type(
+                f"{description} {text!r} is too long for the file system "
+                f"({error.strerror}). Check the path. Most file systems allow at "
+                "most 255 bytes per file or folder name, and Linux at most 4095 "
+                "bytes per path."
+            ) from None
+    else:
+        # The path exists, so each of its names fits.
+        return
+    existing = Path(path)
+    missing_names = []
+    while not os.path.isdir(existing) and existing != existing.parent:
+        missing_names.append(existing.name)
+        existing = existing.parent
+    if not hasattr(os, "pathconf"):
+        # Windows has no os.pathconf, so the names are not checked there.
+        return
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        # The file system reports no limit, so the names are not checked.
+        return
+    for name in reversed(missing_names):
+        size = len(os.fsencode(name))
+        if size > name_max:
+            raise error_type(
+                f"{description} {text!r} is too long for the file system: its "
+                f"name {name!r} has {size} bytes, but the file system of "
+                f"{str(existing)!r} allows at most {name_max} bytes per file or "
+                "folder name. Check the path."
+            )
 
 
 def _describe_counts(

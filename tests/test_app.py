@@ -498,6 +498,85 @@ def test_url_waits_for_damaged_database(workspace_env, tmp_path, monkeypatch):
     assert dict(app.query_params) == run_params(workspace_env)
 
 
+@pytest.mark.parametrize("named", [False, True], ids=["default", "address"])
+def test_url_waits_for_moved_workspace(workspace_env, tmp_path, monkeypatch, named):
+    import shutil
+
+    root = tmp_path / "ws"
+    shutil.copytree(workspace_env.root, root)
+    params = run_params(workspace_env)
+    if named:
+        # The address names the folder, and the default stays the trained one.
+        params["workspace"] = str(root)
+    else:
+        monkeypatch.setenv("REPAIR_WORKSPACE", str(root))
+    # The server opened the workspace before its folder was moved away.
+    opened = _app()
+    opened.query_params = params
+    opened.run()
+    check_clean(opened)
+    moved = root.rename(tmp_path / "ws_moved")
+    app = _app()
+    app.query_params = params
+    app.run()
+
+    for name in PAGES:
+        app.switch_page(f"app_pages/{name}.py").run()
+        assert not app.exception, (name, [e.value for e in app.exception])
+        errors = error_texts(app)
+        assert len(errors) == 1, (name, errors)
+        assert f"The workspace folder {str(root)!r} cannot be used" in errors[0]
+        assert "is missing: it was deleted or moved" in errors[0], name
+        assert not app.toast, (name, [toast.value for toast in app.toast])
+        assert dict(app.query_params) == params, name
+        assert not root.exists(), name
+
+    # Once the folder is moved back, the next script run opens what the
+    # address names.
+    moved.rename(root)
+    app.run()
+    check_clean(app)
+    assert app.session_state["workspace_root"] == str(root)
+    assert app.session_state["run_id"] == workspace_env.run_id
+    assert app.session_state["failure_set_id"] == workspace_env.failure_set_id
+    assert app.session_state["scores_id"] == workspace_env.scores_id
+    assert dict(app.query_params) == params
+
+
+def test_url_waits_for_lost_database(workspace_env, tmp_path):
+    import shutil
+
+    root = tmp_path / "ws"
+    shutil.copytree(workspace_env.root, root)
+    database = root / "repair.sqlite"
+    for suffix in ("-wal", "-shm"):
+        Path(f"{database}{suffix}").unlink(missing_ok=True)
+    moved = database.rename(tmp_path / "repair.sqlite")
+    params = {"workspace": str(root), **run_params(workspace_env)}
+    app = _app()
+    app.query_params = params
+    app.run()
+
+    for name in PAGES:
+        app.switch_page(f"app_pages/{name}.py").run()
+        assert not app.exception, (name, [e.value for e in app.exception])
+        errors = error_texts(app)
+        assert len(errors) == 1, (name, errors)
+        assert f"The workspace folder {str(root)!r} cannot be used" in errors[0]
+        assert "so their records are lost" in errors[0], name
+        assert not app.toast, (name, [toast.value for toast in app.toast])
+        assert dict(app.query_params) == params, name
+        assert not database.exists(), name
+
+    moved.rename(database)
+    app.run()
+    check_clean(app)
+    assert app.session_state["workspace_root"] == str(root)
+    assert app.session_state["run_id"] == workspace_env.run_id
+    assert app.session_state["scores_id"] == workspace_env.scores_id
+    assert dict(app.query_params) == params
+
+
 def test_moved_workspace_is_not_recreated(workspace_env, tmp_path, monkeypatch):
     root = copied_workspace(workspace_env, tmp_path / "ws", monkeypatch)
     app = _app()
@@ -541,12 +620,26 @@ def test_sidebar_recreates_moved_workspace(workspace_env, tmp_path, monkeypatch)
     assert Workspace(root).list_runs() == []
 
 
-@pytest.mark.parametrize(
-    "folder",
-    ["/tmp/x\0y", "/tmp/" + "a" * 300, "/tmp/missing/" + "a" * 300 + "/ws"],
-    ids=["nul", "long-name", "long-name-below-missing"],
-)
-def test_sidebar_rejects_invalid_folder(workspace_env, folder):
+#: Folder paths that no file system takes, with the start of the reason.
+INVALID_FOLDERS = [
+    pytest.param(
+        "/tmp/x\0y",
+        "contains a NUL character, which no file name can contain. Check the path.",
+        id="nul",
+    ),
+    pytest.param(
+        "/tmp/" + "a" * 300, "is too long for the file system (", id="long-name"
+    ),
+    pytest.param(
+        "/tmp/missing/" + "a" * 300 + "/ws",
+        f"is too long for the file system: its name {'a' * 300!r} has 300 bytes",
+        id="long-name-below-missing",
+    ),
+]
+
+
+@pytest.mark.parametrize(("folder", "reason"), INVALID_FOLDERS)
+def test_sidebar_rejects_invalid_folder(workspace_env, folder, reason):
     app = _app().run()
     app.session_state["run_id"] = workspace_env.run_id
     app.sidebar.text_input(key="sidebar_workspace").set_value(folder).run()
@@ -554,7 +647,8 @@ def test_sidebar_rejects_invalid_folder(workspace_env, folder):
     check_clean(app)
     toasts = [toast.value for toast in app.toast]
     assert len(toasts) == 1
-    assert toasts[0].startswith(f"The workspace folder {folder!r} is invalid: ")
+    assert toasts[0].startswith(f"The workspace folder {folder!r} {reason}")
+    assert "Check the path." in toasts[0]
     assert toasts[0].endswith(f"The dashboard still uses {str(workspace_env.root)!r}.")
     assert app.session_state["workspace_root"] == str(workspace_env.root)
     assert app.session_state["run_id"] == workspace_env.run_id
@@ -565,10 +659,8 @@ def test_sidebar_rejects_invalid_folder(workspace_env, folder):
     assert "sidebar_workspace_create" not in buttons
 
 
-@pytest.mark.parametrize(
-    "folder", ["/tmp/x\0y", "/tmp/" + "a" * 300], ids=["nul", "long-name"]
-)
-def test_url_rejects_invalid_folder(workspace_env, folder):
+@pytest.mark.parametrize(("folder", "reason"), INVALID_FOLDERS)
+def test_url_rejects_invalid_folder(workspace_env, folder, reason):
     app = _app()
     app.query_params = {"workspace": folder, "run": workspace_env.run_id}
     app.run()
@@ -576,7 +668,8 @@ def test_url_rejects_invalid_folder(workspace_env, folder):
     check_clean(app)
     toasts = [toast.value for toast in app.toast]
     assert len(toasts) == 1
-    assert toasts[0].startswith(f"The workspace folder {folder!r} is invalid: ")
+    assert toasts[0].startswith(f"The workspace folder {folder!r} {reason}")
+    assert "Check the path." in toasts[0]
     assert toasts[0].endswith(f"The dashboard uses {str(workspace_env.root)!r}.")
     assert app.session_state["workspace_root"] == str(workspace_env.root)
 

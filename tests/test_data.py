@@ -362,6 +362,24 @@ def test_root_with_nul_character(tmp_path):
     )
 
 
+def test_root_long_name_below_missing_folder(tmp_path):
+    # stat reports only that "missing" does not exist, so the long name below
+    # it is checked against the limit of tmp_path's file system.
+    root = tmp_path / "missing" / ("a" * 300) / "data"
+
+    with pytest.raises(DataError) as caught:
+        load_data("mnist", root=root, download=True)
+
+    message = str(caught.value)
+    assert message.startswith(
+        f"Data root {str(root)!r} is too long for the file system: its name "
+        f"{'a' * 300!r} has 300 bytes, but the file system of {str(tmp_path)!r} "
+        "allows at most "
+    )
+    assert message.endswith(" bytes per file or folder name. Check the path.")
+    assert list(tmp_path.iterdir()) == []
+
+
 # CIFAR-10 pickles ----------------------------------------------------------------
 
 

@@ -212,11 +212,15 @@ def test_url_names_lost_database(tmp_path, monkeypatch):
     app.query_params["workspace"] = str(lost)
     app.run()
 
+    # The address keeps naming the folder, so its ids would not be looked up
+    # in another workspace, and the page says why the folder cannot be used.
     assert not app.exception
-    toasts = [toast.value for toast in app.toast]
-    assert len(toasts) == 1
-    assert "its database repair.sqlite is missing" in toasts[0]
-    assert app.session_state["workspace_root"] == str(tmp_path / "current")
+    assert not app.toast
+    errors = [error.value for error in app.error]
+    assert len(errors) == 1
+    assert "its database repair.sqlite is missing" in errors[0]
+    assert app.session_state["workspace_root"] == str(lost)
+    assert app.query_params["workspace"] == str(lost)
     assert not (lost / "repair.sqlite").exists()
 
 
