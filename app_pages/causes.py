@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from repair_core import dashboard, pipeline
-from repair_core.identification import METHODS, default_config
+from repair_core.identification import METHODS, default_config, resolve_config
 
 PAGE_SIZE = 24
 #: Choices of cards per grid row; fewer suit narrow windows.
@@ -224,7 +224,32 @@ def warn_small_failure_set(config: object | None, chosen: bool) -> None:
     )
 
 
-def method_section(expanded: bool) -> None:
+def method_settings(method: str, opened: dict | None) -> object:
+    """Show the settings form of ``method`` and return its settings.
+
+    The form starts from the settings of ``opened``, the ranking under review,
+    when ``method`` made it, and from the method's defaults otherwise. Entries
+    the user changed in this session are kept (see
+    dashboard.fill_settings_form).
+    """
+    key_prefix = f"causes_cfg_{method}"
+    skip = METHODS[method].fixed
+    config, source_id = default_config(method), None
+    if opened is not None and opened["method"] == method:
+        try:
+            config = resolve_config(method, opened["config"])
+            source_id = opened["id"]
+        except dashboard.USER_ERRORS:
+            # Settings that this version no longer reads leave the form at
+            # the defaults.
+            config = default_config(method)
+    dashboard.fill_settings_form(config, key_prefix, source_id, skip=skip)
+    return dashboard.settings_editor(config, key_prefix, skip=skip)
+
+
+def method_section(expanded: bool, opened: dict | None) -> None:
+    """Show the identification methods with their settings and run the
+    chosen ones. ``opened`` is the ranking under review, or None."""
     with st.expander("Run identification methods", expanded=expanded):
         dashboard.keep_widget_value("causes_methods", list(METHODS))
         methods = st.multiselect(
@@ -242,11 +267,7 @@ def method_section(expanded: bool) -> None:
                 with tab:
                     st.caption(METHODS[method].description)
                     try:
-                        configs[method] = dashboard.settings_editor(
-                            default_config(method),
-                            f"causes_cfg_{method}",
-                            skip=METHODS[method].fixed,
-                        )
+                        configs[method] = method_settings(method, opened)
                     except dashboard.USER_ERRORS as error:
                         st.error(f"Invalid {method} settings: {error}")
                         invalid = True
@@ -479,19 +500,18 @@ with st.container():
     if message:
         st.success(message)
 dashboard.show_interrupted_job("causes")
-method_section(expanded=not records)
+records_by_id = {record["id"]: record for record in records}
+opened_id = None
+if records:
+    opened_id = dashboard.ranking_to_open(st.session_state["scores_id"], records)
+method_section(expanded=not records, opened=records_by_id.get(opened_id))
 if not records:
     st.info("No ranking yet for this failure set. Run a method above.")
     st.stop()
 
 rankings_table(records)
 record_ids = [record["id"] for record in reversed(records)]
-records_by_id = {record["id"]: record for record in records}
-dashboard.sync_widget(
-    "causes_scores",
-    dashboard.ranking_to_open(st.session_state["scores_id"], records),
-    record_ids,
-)
+dashboard.sync_widget("causes_scores", opened_id, record_ids)
 scores_id = st.selectbox(
     "Ranking to review",
     record_ids,

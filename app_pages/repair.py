@@ -204,7 +204,7 @@ def causes_section() -> tuple[Any, str, str | None] | None:
 
 def strength_widget(treatment: str, config: Any) -> Any | None:
     """Show the treatment's strength (γ or epochs) and return the config, or
-    None when the strength is out of range."""
+    None when the strength is invalid or out of range."""
     field = SWEEPABLE.get(treatment)
     if field == "gamma":
         gamma = dashboard.number_field(
@@ -804,6 +804,41 @@ def repair_caption(record: dict[str, Any]) -> str:
     return f"{removed_text}, {seed_text} {settings_text}"
 
 
+def model_download(repair_id: str) -> bool:
+    """Show the download button of the repair's model, or a warning naming
+    its file when the file cannot be read. Returns whether it was read."""
+    path = ws.path(run.run_id, f"repairs/{repair_id}.pt")
+    # The file is read while the page draws, so that the button contains the
+    # bytes. A callable as data would read it on the click, and a file deleted
+    # by then would fail on the server with a MediaFileStorageError.
+    # NOTE: every run of this page reads the whole file and Streamlit keeps
+    # a copy per session, which costs time and memory for a large model.
+    try:
+        model = path.read_bytes()
+    except FileNotFoundError:
+        st.warning(
+            f"The repaired model's file {path} is missing, so it cannot be "
+            "downloaded. Run the repair again to store a new model."
+        )
+        return False
+    except OSError as error:
+        st.warning(
+            f"The repaired model's file {path} cannot be read "
+            f"({error.strerror or error}), so it cannot be downloaded. Run the "
+            "repair again to store a new model."
+        )
+        return False
+    st.download_button(
+        "Download the model",
+        help="The repaired checkpoint of the first seed, a state dict.",
+        data=model,
+        file_name=f"{repair_id}.pt",
+        mime="application/octet-stream",
+        key="repair_download",
+    )
+    return True
+
+
 def results_section(repairs: list[dict[str, Any]]) -> None:
     ids = [record["id"] for record in reversed(repairs)]
     by_id = {record["id"]: record for record in repairs}
@@ -843,22 +878,7 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
             f"{accuracy_text}{controls_text} Fixed and broken examples below are "
             "those of the treated model of the first seed."
         )
-        path = ws.path(run.run_id, f"repairs/{repair_id}.pt")
-        if path.is_file():
-            st.download_button(
-                "Download the model",
-                help="The repaired checkpoint of the first seed, a state dict.",
-                # A callable defers reading the file until the user clicks.
-                data=path.read_bytes,
-                file_name=f"{repair_id}.pt",
-                mime="application/octet-stream",
-                key="repair_download",
-            )
-        else:
-            st.warning(
-                f"The repaired model's file {path} is missing, so it cannot be "
-                "downloaded. Run the repair again to store a new model."
-            )
+        model_read = model_download(repair_id)
         causes_file = f"repairs/{repair_id}_causes.pt"
         causes = []
         if ws.path(run.run_id, causes_file).is_file():
@@ -883,7 +903,7 @@ def results_section(repairs: list[dict[str, Any]]) -> None:
     # Without the model file the cards show the predictions before repair
     # only, and the warning above names the file.
     after = None
-    if path.is_file():
+    if model_read:
         after = dashboard.run_safely(
             "Evaluating the repaired model",
             lambda: dashboard.repaired_predictions(root, run.run_id, repair_id),

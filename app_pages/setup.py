@@ -174,7 +174,7 @@ def scenario_widgets() -> tuple[str, dict[str, Any] | None]:
 
 def advanced_widgets() -> tuple[dict[str, Any], dict[str, Any]] | None:
     """Show the advanced settings. Return the run and training settings, or
-    None while a number is out of range."""
+    None while a number is invalid or out of range."""
     with st.expander("Advanced"):
         left, middle, right = st.columns(3)
         n_train = dashboard.number_field(

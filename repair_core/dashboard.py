@@ -1305,6 +1305,33 @@ def range_text(
     return kind
 
 
+def _entry_text(number: float) -> str:
+    """Return the text of an entry of a whole-number input: 2.5 stays 2.5, and
+    a whole 3000.0 reads 3000."""
+    if number.is_integer() and abs(number) < 1e16:
+        return str(int(number))
+    return repr(number)
+
+
+def _whole_number_input(
+    container: Any, label: str, value: int, *, key: str, **options: Any
+) -> float:
+    """Draw a number input for a whole number and return the entry as typed.
+
+    Streamlit 1.67 truncates an entry in an integer number input before the
+    script receives it: the front end reads the text with parseInt, so 2.5
+    becomes 2 and 1e3 becomes 1, and the server applies int(). This input takes
+    floats, shown without decimals, so that the caller sees a fraction and can
+    reject it.
+    """
+    options["step"] = float(options.get("step", 1))
+    # Streamlit 1.67's front end formats %g with sprintf-js, which writes the
+    # number's shortest text, so 3000 shows as 3000 and 2.5 as 2.5.
+    options.setdefault("format", "%g")
+    entry = container.number_input(label, value=float(value), key=key, **options)
+    return float(entry)
+
+
 def number_field(
     label: str,
     value: float,
@@ -1320,7 +1347,8 @@ def number_field(
     **options: Any,
 ) -> Any:
     """Show a number input and return its value, or show an error and return
-    None when the value is out of range.
+    None when the value is out of range or, for a whole-number field, has a
+    fractional part.
 
     ``st.number_input`` with ``min_value`` or ``max_value`` does not send an
     out-of-range entry to the script (Streamlit 1.67): the box keeps the entry
@@ -1332,7 +1360,8 @@ def number_field(
     :func:`keep_widget_value`).
 
     Args:
-        value: the initial value; an int makes a whole-number input.
+        value: the initial value; an int makes a whole-number field, which
+            returns an int (see :func:`_whole_number_input`).
         minimum, maximum: inclusive bounds; None for no bound.
         above: exclusive lower bound, as for a strength that must be positive.
         name: how the error names the field; the label by default.
@@ -1344,22 +1373,29 @@ def number_field(
     container = st if container is None else container
     integer = isinstance(value, int) and not isinstance(value, bool)
     keep_widget_value(key)
-    number = container.number_input(label, value=value, key=key, **options)
-    number = int(number) if integer else float(number)
+    allowed = range_text(integer=integer, minimum=minimum, maximum=maximum, above=above)
+    if integer:
+        number = _whole_number_input(container, label, value, key=key, **options)
+        entry_text = _entry_text(number)
+    else:
+        number = float(container.number_input(label, value=value, key=key, **options))
+        entry_text = _number_text(number)
+    if integer and not number.is_integer():
+        (error_container or container).error(
+            f"{name or label} = {entry_text} is not a whole number. Enter "
+            f"{allowed}{reason}."
+        )
+        return None
     too_low = (minimum is not None and number < minimum) or (
         above is not None and number <= above
     )
     too_high = maximum is not None and number > maximum
     if too_low or too_high:
-        allowed = range_text(
-            integer=integer, minimum=minimum, maximum=maximum, above=above
-        )
         (error_container or container).error(
-            f"{name or label} = {_number_text(number)} is out of range. Enter "
-            f"{allowed}{reason}."
+            f"{name or label} = {entry_text} is out of range. Enter {allowed}{reason}."
         )
         return None
-    return number
+    return int(number) if integer else number
 
 
 def changed_settings(
@@ -1466,11 +1502,13 @@ def settings_editor(
     edited recursively. Entries are kept for the session, across visits to
     other pages. Returns a new instance
     built with ``dataclasses.replace``, which runs the class's own checks and
-    may raise RepairError.
+    may raise RepairError. An invalid seed or a fraction in a whole-number
+    field raises ConfigError naming the first such field.
     """
     values: dict[str, Any] = {}
-    # An invalid seed is raised after the loop, so the fields after it stay.
-    seed_error: ConfigError | None = None
+    # The first invalid entry is raised after the loop, so the fields after
+    # it are still drawn.
+    entry_error: ConfigError | None = None
     for item in dataclasses.fields(config):
         if item.name in skip:
             continue
@@ -1480,7 +1518,10 @@ def settings_editor(
         label = item.name.replace("_", " ")
         if dataclasses.is_dataclass(value):
             st.markdown(f"**{label}**")
-            values[item.name] = settings_editor(value, key)
+            try:
+                values[item.name] = settings_editor(value, key)
+            except ConfigError as error:
+                entry_error = entry_error or error
             continue
         keep_widget_value(key)
         if isinstance(value, bool):
@@ -1490,11 +1531,16 @@ def settings_editor(
             try:
                 values[item.name] = parse_seed(label, text)
             except ConfigError as error:
-                seed_error = error
+                entry_error = entry_error or error
         elif isinstance(value, int):
-            values[item.name] = int(
-                st.number_input(label, value=value, step=1, key=key, help=help_text)
-            )
+            entry = _whole_number_input(st, label, value, key=key, help=help_text)
+            if entry.is_integer():
+                values[item.name] = int(entry)
+            else:
+                entry_error = entry_error or ConfigError(
+                    f"{label} = {_entry_text(entry)} is not a whole number. "
+                    "Enter a whole number."
+                )
         elif isinstance(value, float):
             values[item.name] = float(
                 st.number_input(
@@ -1515,9 +1561,71 @@ def settings_editor(
             values[item.name] = st.text_input(
                 label, value=value, key=key, help=help_text
             ).strip()
-    if seed_error is not None:
-        raise seed_error
+    if entry_error is not None:
+        raise entry_error
     return dataclasses.replace(config, **values)
+
+
+#: Prefix of the session-state keys that record, per settings form, the record
+#: whose settings the form was last filled with and the entries it got.
+_SETTINGS_SOURCE_PREFIX = "_settings_source_"
+
+
+def _settings_entries(
+    config: Any, key_prefix: str, skip: Sequence[str | None] = ()
+) -> dict[str, Any]:
+    """Map each widget key of ``settings_editor(config, key_prefix, skip)`` to
+    the widget value that shows ``config``."""
+    entries: dict[str, Any] = {}
+    for item in dataclasses.fields(config):
+        if item.name in skip:
+            continue
+        value = getattr(config, item.name)
+        key = f"{key_prefix}_{item.name}"
+        if dataclasses.is_dataclass(value):
+            entries.update(_settings_entries(value, key))
+        elif isinstance(value, bool):
+            entries[key] = value
+        elif item.name == "seed":
+            entries[key] = str(value)
+        elif isinstance(value, int):
+            entries[key] = float(value)
+        elif isinstance(value, float | str):
+            entries[key] = value
+    return entries
+
+
+def fill_settings_form(
+    config: Any,
+    key_prefix: str,
+    source_id: str | None,
+    skip: Sequence[str | None] = (),
+) -> None:
+    """Fill the form of :func:`settings_editor` with ``config``, the settings
+    of the stored record ``source_id``, unless the user changed an entry.
+
+    Call it just before ``settings_editor(config, key_prefix, skip)``. A form
+    without entries in this session shows ``config`` through the widgets'
+    initial values. When ``source_id`` differs from the record of the last
+    call, the entries are replaced by ``config`` only if they still show that
+    record's settings, so entries the user changed are kept. A ``source_id``
+    of None means default settings, which replace no entries.
+    """
+    marker = _SETTINGS_SOURCE_PREFIX + key_prefix
+    previous = st.session_state.get(marker)
+    if previous is not None and source_id in (None, previous["source_id"]):
+        return
+    entries = _settings_entries(config, key_prefix, skip)
+    st.session_state[marker] = {"source_id": source_id, "entries": entries}
+    if previous is None:
+        return
+    for key, filled in previous["entries"].items():
+        entry = st.session_state.get(key, st.session_state.get(_KEPT_PREFIX + key))
+        if entry is not None and entry != filled:
+            return
+    for key, value in entries.items():
+        st.session_state[key] = value
+        st.session_state[_KEPT_PREFIX + key] = value
 
 
 # Long jobs ------------------------------------------------------------------

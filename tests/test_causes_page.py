@@ -1,6 +1,6 @@
 """Causes page: notes on small failure sets, decisions saved elsewhere, missing
-packages and scores files, the look of review decisions, and stored rankings
-reused by a rerun.
+packages and scores files, the look of review decisions, stored rankings
+reused by a rerun, and the method settings of the ranking under review.
 
 The AppTest tests use the tiny MNIST run that tests/test_app.py trains once
 per module, against a real workspace. The browser test starts the dashboard
@@ -482,3 +482,85 @@ def test_rerun_recomputes_deleted_scores_file(workspace_env):
     assert len(records) == 2
     assert app.session_state["scores_id"] == records[-1]["id"]
     assert "Reused" not in app.success[0].value
+
+
+# Settings of the ranking under review -----------------------------------------
+
+EWC_KEY = "causes_cfg_ewc-influence"
+
+
+def ewc_ranking(prepared, failure_set_id: str, **settings) -> str:
+    """Store an EWC-influence ranking with a short fit and ``settings``;
+    return its id."""
+    run = pipeline.load_run(prepared.workspace, prepared.run_id)
+    config = {"max_steps": 20, "min_steps": 10, **settings}
+    summary = pipeline.run_identification(
+        prepared.workspace,
+        run,
+        "ewc-influence",
+        failure_set_id=failure_set_id,
+        config=config,
+    )
+    return summary["scores_id"]
+
+
+def test_reload_shows_settings_of_ranking(workspace_env):
+    state = query_set(workspace_env, 49)
+    scores_id = ewc_ranking(workspace_env, state["failure_set_id"], lr=1e-4)
+    # A reload opens a new session on the address of the ranking.
+    app = test_app._app()
+    app.query_params = {
+        "run": state["run_id"],
+        "fs": state["failure_set_id"],
+        "scores": scores_id,
+    }
+    app.run()
+    app.switch_page("app_pages/causes.py").run()
+
+    check_clean(app)
+    assert app.selectbox(key="causes_scores").value == scores_id
+    assert app.number_input(key=f"{EWC_KEY}_lr").value == pytest.approx(1e-4)
+    assert app.number_input(key=f"{EWC_KEY}_max_steps").value == 20
+    assert app.number_input(key=f"{EWC_KEY}_min_steps").value == 10
+    assert app.text_input(key=f"{EWC_KEY}_seed").value == "0"
+    # The form shows a gentler fit than the default, so the note on a small
+    # F_q is absent.
+    assert ewc_notes(app) == []
+
+
+def test_settings_follow_ranking_until_changed(workspace_env):
+    state = query_set(workspace_env, 49)
+    first = ewc_ranking(workspace_env, state["failure_set_id"], lr=1e-4)
+    second = ewc_ranking(workspace_env, state["failure_set_id"], max_steps=30)
+    app = page("causes", **state, scores_id=first).run()
+    check_clean(app)
+    assert app.number_input(key=f"{EWC_KEY}_lr").value == pytest.approx(1e-4)
+
+    app.selectbox(key="causes_scores").set_value(second).run()
+    check_clean(app)
+    assert app.number_input(key=f"{EWC_KEY}_lr").value == pytest.approx(1e-3)
+    assert app.number_input(key=f"{EWC_KEY}_max_steps").value == 30
+
+    # An entry typed in this session stays when another ranking opens.
+    app.number_input(key=f"{EWC_KEY}_max_steps").set_value(40).run()
+    app.selectbox(key="causes_scores").set_value(first).run()
+    check_clean(app)
+    assert app.number_input(key=f"{EWC_KEY}_max_steps").value == 40
+    assert app.number_input(key=f"{EWC_KEY}_lr").value == pytest.approx(1e-3)
+
+
+def test_fraction_in_method_setting_blocks_run(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+    app.number_input(key=f"{EWC_KEY}_max_steps").set_value(2.5).run()
+
+    assert not app.exception
+    assert error_texts(app) == [
+        "Invalid ewc-influence settings: max steps = 2.5 is not a whole number. "
+        "Enter a whole number."
+    ]
+    assert app.number_input(key=f"{EWC_KEY}_max_steps").value == 2.5
+    assert app.button(key="causes_run").disabled
+    # The fields after the invalid one are still drawn.
+    assert app.text_input(key=f"{EWC_KEY}_seed").value == "0"

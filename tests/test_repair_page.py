@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 from streamlit.proto.Metric_pb2 import Metric as MetricProto
+from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
 from repair_core import dashboard, pipeline
@@ -187,6 +188,57 @@ def test_repair_names_missing_model_file(workspace_env):
     assert any(
         f"The repaired model's file {model} is missing" in text for text in warnings
     )
+
+
+def test_repair_names_unreadable_model_file(workspace_env):
+    failure_set_id, repair_id = stored_repair_copy(workspace_env, lambda m: None)
+    model = workspace_env.workspace.path(
+        workspace_env.run_id, f"repairs/{repair_id}.pt"
+    )
+    model.unlink()
+    model.mkdir()
+
+    app = repair_page(workspace_env, failure_set_id, repair_id)
+    check_clean(app)
+    keys = [button.proto.id for button in app.get("download_button")]
+    assert not any(key.endswith("repair_download") for key in keys)
+    warnings = [warning.value for warning in app.warning]
+    assert (
+        f"The repaired model's file {model} cannot be read (Is a directory), so "
+        "it cannot be downloaded. Run the repair again to store a new model."
+    ) in warnings
+
+
+def test_repair_download_survives_deleted_file(workspace_env, monkeypatch):
+    # The bytes that Streamlit's media storage receives, by file id.
+    stored: dict[str, bytes] = {}
+    load = MemoryMediaFileStorage.load_and_get_id
+
+    def load_and_record(storage, data, mimetype, kind, filename=None):
+        file_id = load(storage, data, mimetype, kind, filename)
+        stored[file_id] = data
+        return file_id
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", load_and_record)
+    failure_set_id, repair_id = stored_repair_copy(workspace_env, lambda m: None)
+    model = workspace_env.workspace.path(
+        workspace_env.run_id, f"repairs/{repair_id}.pt"
+    )
+    expected = model.read_bytes()
+
+    app = repair_page(workspace_env, failure_set_id, repair_id)
+    check_clean(app)
+    (button,) = [
+        button
+        for button in app.get("download_button")
+        if button.proto.id.endswith("repair_download")
+    ]
+    # The button contains the model's bytes read while the page was drawn, so a
+    # click after the file was deleted still downloads them.
+    assert not button.proto.deferred_file_id
+    model.unlink()
+    (file_id,) = [key for key in stored if key in button.proto.url]
+    assert stored[file_id] == expected
 
 
 def test_repair_error_bars_clipped_to_range(workspace_env):

@@ -1,5 +1,6 @@
 """Setup-page safety: the network warning, a workspace database that is
-deleted while the dashboard has it open, seed entries and data-size errors."""
+deleted while the dashboard has it open, seed entries, fractions in
+whole-number fields and data-size errors."""
 
 from __future__ import annotations
 
@@ -194,6 +195,51 @@ def test_too_many_images_names_field(tmp_path, monkeypatch, key, label, availabl
     assert "n_train" not in errors[0]
     assert "n_test" not in errors[0]
     assert Workspace(tmp_path).list_runs() == []
+
+
+@pytest.mark.parametrize(
+    ("key", "name", "allowed"),
+    [
+        ("setup_n_train", "Training images", "a whole number of at least 0"),
+        ("setup_epochs", "Max epochs", "a whole number from 1 to 1000"),
+        ("setup_patience", "Early-stopping patience", "a whole number from 1 to 100"),
+    ],
+)
+def test_fraction_in_whole_number_blocks_train(
+    tmp_path, monkeypatch, key, name, allowed
+):
+    app = setup_page(tmp_path, monkeypatch)
+    app.number_input(key=key).set_value(2.5).run()
+
+    assert not app.exception
+    errors = [error.value for error in app.error]
+    assert errors == [f"{name} = 2.5 is not a whole number. Enter {allowed}."]
+    # The box keeps the entry as typed.
+    assert app.number_input(key=key).value == 2.5
+    assert app.button(key="setup_train").disabled
+    assert app.button(key="setup_import").disabled
+    assert "invalid or out of range" in app.warning[0].value
+
+    app.number_input(key=key).set_value(3).run()
+    assert not app.exception
+    assert not app.error, [error.value for error in app.error]
+    assert not app.button(key="setup_train").disabled
+
+
+def test_fraction_in_data_size_kept_across_pages(workspace_env):
+    app = test_app.opened_app(workspace_env)
+    app.number_input(key="setup_n_test").set_value(150.5).run()
+    assert [error.value for error in app.error] == [
+        "Test images = 150.5 is not a whole number. Enter a whole number of at least 0."
+    ]
+
+    test_app.open_page(app, "failures")
+    app.switch_page("app_pages/setup.py").run()
+
+    assert not app.exception
+    assert app.number_input(key="setup_n_test").value == 150.5
+    assert len(app.error) == 1
+    assert app.button(key="setup_train").disabled
 
 
 def lost_database_folder(root: Path) -> Path:
