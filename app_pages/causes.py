@@ -201,20 +201,25 @@ def run_methods(configs: dict[str, object]) -> None:
         st.rerun()
 
 
-def warn_small_failure_set(config: object | None, chosen: bool) -> None:
-    """Warn when EWC-influence is chosen to fit fewer than EWC_MIN_FAILURES
-    query failures without a lower lr or min_steps than the defaults, since
-    such a fit can overshoot and rank clean images first. ``config`` is None
-    for invalid settings."""
-    n_query = len(split.query)
-    if not chosen or n_query >= EWC_MIN_FAILURES:
-        return
+def fit_may_overshoot(config: object | None) -> bool:
+    """Return whether EWC-influence with ``config`` fits fewer than
+    EWC_MIN_FAILURES query failures without a lower lr or min_steps than the
+    defaults, a fit that can overshoot and rank clean images first. ``config``
+    is None for invalid settings, which count as the defaults."""
+    if len(split.query) >= EWC_MIN_FAILURES:
+        return False
     defaults = default_config("ewc-influence")
-    if config is not None and (
-        config.lr < defaults.lr or config.min_steps < defaults.min_steps
-    ):
-        return
-    st.warning(
+    return config is None or (
+        config.lr >= defaults.lr and config.min_steps >= defaults.min_steps
+    )
+
+
+def small_fit_advice() -> str:
+    """Return why the default EWC-influence fit suits few failures badly and
+    which settings to use instead."""
+    defaults = default_config("ewc-influence")
+    n_query = len(split.query)
+    return (
         f"F_q has {dashboard.count_text(n_query, 'failure')}, and the default "
         f"fit of ewc-influence (at least {defaults.min_steps} full-batch Adam "
         f"steps at lr {defaults.lr:g}) is sized for {EWC_MIN_FAILURES} or more. "
@@ -222,6 +227,32 @@ def warn_small_failure_set(config: object | None, chosen: bool) -> None:
         "the ewc-influence settings, set max steps to 30 and min steps to 10 "
         "(max_steps=30 min_steps=10), or lr to 1e-4."
     )
+
+
+def warn_small_failure_set(config: object | None, chosen: bool) -> None:
+    """Warn when EWC-influence is chosen with a fit that may overshoot (see
+    fit_may_overshoot)."""
+    if chosen and fit_may_overshoot(config):
+        st.warning(small_fit_advice())
+
+
+def warn_overshooting_ranking(record: dict) -> None:
+    """Warn beside an EWC-influence ranking made with a fit that may have
+    overshot, since the settings form that warned before the run is folded
+    away once a ranking exists."""
+    if record["method"] != "ewc-influence":
+        return
+    try:
+        config = resolve_config("ewc-influence", record["config"])
+    except dashboard.USER_ERRORS:
+        # Settings that this version no longer reads are not judged.
+        return
+    if fit_may_overshoot(config):
+        st.warning(
+            "This ranking may list clean images first. "
+            + small_fit_advice()
+            + " Then run it again under Run identification methods."
+        )
 
 
 def method_settings(method: str, opened: dict | None) -> object:
@@ -520,6 +551,7 @@ scores_id = st.selectbox(
     on_change=choose_ranking,
 )
 st.session_state["scores_id"] = scores_id
+warn_overshooting_ranking(records_by_id[scores_id])
 
 # A scores file deleted from the run folder stops the review and the export,
 # as it stops Repair, instead of showing scores kept in the cache.

@@ -136,13 +136,21 @@ def parse_ks(text: str) -> list[int] | None:
     Values that would leave fewer than MIN_REMAINING training examples are
     kept, because the removal curve skips them and the page warns about them.
     """
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        st.error(f"Invalid k values {text!r}. Give whole numbers separated by commas.")
-        return None
-    if not values:
+    parts = [part.strip() for part in text.split(",")]
+    if parts == [""]:
         st.error("The k values field is empty. Give at least one whole number.")
+        return None
+    try:
+        # An empty entry, as in "10,,30", is more likely a missing number
+        # than an extra comma, so it is rejected, as on the command line.
+        if "" in parts:
+            raise ValueError("empty entry")
+        values = [int(part) for part in parts]
+    except ValueError:
+        st.error(
+            f"Invalid k values {text!r}. Give whole numbers separated by single "
+            "commas, with nothing empty between them."
+        )
         return None
     ks = sorted(set(values))
     below = [k for k in ks if k < 1]

@@ -112,6 +112,35 @@ def test_ewc_note_names_small_failure_set(workspace_env):
     assert ewc_notes(app) == []
 
 
+def test_ewc_note_beside_overshooting_ranking(workspace_env):
+    state = query_set(workspace_env, 49)
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    gentle = pipeline.run_identification(
+        workspace,
+        run,
+        "ewc-influence",
+        failure_set_id=state["failure_set_id"],
+        config={"max_steps": 30, "min_steps": 10},
+    )
+    default = pipeline.run_identification(
+        workspace, run, "ewc-influence", failure_set_id=state["failure_set_id"]
+    )
+
+    # The settings form is folded away once a ranking exists, so the note
+    # stands beside the ranking under review.
+    app = page("causes", **state, scores_id=default["scores_id"]).run()
+    check_clean(app)
+    notes = [note for note in ewc_notes(app) if note.startswith("This ranking")]
+    assert len(notes) == 1
+    assert notes[0].startswith("This ranking may list clean images first. F_q has 49")
+    assert "(max_steps=30 min_steps=10)" in notes[0]
+
+    app = page("causes", **state, scores_id=gentle["scores_id"]).run()
+    check_clean(app)
+    assert ewc_notes(app) == []
+
+
 def test_ewc_note_absent_from_fifty_failures(workspace_env):
     app = page("causes", **query_set(workspace_env, 50)).run()
     check_clean(app)

@@ -148,6 +148,23 @@ def test_compare_rejects_repeated_k(workspace_env):
     assert app.button(key="compare_run").disabled
 
 
+@pytest.mark.parametrize("text", ["10,,30", "10, 30,", ",10", " , "])
+def test_compare_rejects_empty_k_entry(workspace_env, text):
+    state = {
+        "run_id": workspace_env.run_id,
+        "failure_set_id": workspace_env.failure_set_id,
+    }
+    app = page("compare", **state).run()
+    app.text_input(key="compare_ks").set_value(text).run()
+    assert not app.exception
+    errors = [error.value for error in app.error]
+    assert errors == [
+        f"Invalid k values {text!r}. Give whole numbers separated by single "
+        "commas, with nothing empty between them."
+    ]
+    assert app.button(key="compare_run").disabled
+
+
 # Repair results --------------------------------------------------------------
 
 
