@@ -47,8 +47,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _add_workspace(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
     parser.add_argument(
         "--workspace",
-        default=DEFAULT_WORKSPACE,
-        help="workspace folder holding the database and files",
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="workspace folder holding the database and files, also accepted "
+        f"before the command name (default: {DEFAULT_WORKSPACE})",
     )
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout"
@@ -165,8 +167,14 @@ def _treatment_choices() -> tuple[str, ...]:
     return TREATMENTS
 
 
-def _add_failure_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run id from train or import")
+def _add_failure_options(
+    parser: argparse.ArgumentParser, *, settings_help: bool = False
+) -> None:
+    parser.add_argument(
+        "--run",
+        required=not settings_help,
+        help="run id from train or import (not needed with --set help)",
+    )
     parser.add_argument(
         "--failure-set",
         default=None,
@@ -210,7 +218,8 @@ def _add_causes_options(
         "--causes-file",
         default=None,
         help="text file with one training index per line, or a CSV file with a "
-        "train_index column, such as the dashboard's exports",
+        "train_index column, such as the dashboard's exports; a regular file, not "
+        "standard input (-), a pipe or a device",
     )
 
 
@@ -227,7 +236,13 @@ def _add_settings(parser: argparse.ArgumentParser, example: str) -> None:
     )
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
+    """Build the parser of every command.
+
+    With ``settings_help``, the options that name a run and its scores are
+    optional, because ``--set help`` lists a method's or treatment's settings
+    without reading a run.
+    """
     from repair_core.models import MODEL_CHOICES
 
     parser = argparse.ArgumentParser(
@@ -241,6 +256,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "--verbose",
         action="store_true",
         help="log debug messages (also accepted after the command name)",
+    )
+    parser.add_argument(
+        "--workspace",
+        dest="workspace_before_command",
+        default=None,
+        metavar="DIR",
+        help="workspace folder of the command (also accepted after the command name)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -334,7 +356,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "failures F_q.",
     )
     _add_workspace(identify)
-    _add_failure_options(identify)
+    _add_failure_options(identify, settings_help=settings_help)
     identify.add_argument(
         "--method",
         default="ewc-influence",
@@ -352,7 +374,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "are means over the fine-tuning seeds.",
     )
     _add_workspace(repair)
-    _add_failure_options(repair)
+    _add_failure_options(repair, settings_help=settings_help)
     _add_causes_options(repair)
     repair.add_argument(
         "--treatment",
@@ -380,7 +402,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "and newton, maximum epochs\nfor finetune) and print the trade-off points.",
     )
     _add_workspace(sweep)
-    _add_failure_options(sweep)
+    _add_failure_options(sweep, settings_help=settings_help)
     _add_causes_options(sweep, fit_failures=False)
     sweep.add_argument(
         "--treatment",
@@ -407,8 +429,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "leave fewer than two examples to train on is skipped.",
     )
     _add_workspace(curve)
-    _add_failure_options(curve)
-    curve.add_argument("--scores", required=True, help="scores id from identify")
+    _add_failure_options(curve, settings_help=settings_help)
+    curve.add_argument(
+        "--scores",
+        required=not settings_help,
+        help="scores id from identify (not needed with --set help)",
+    )
     curve.add_argument(
         "--ks",
         default="10,30,100,300,600,1000",
@@ -468,9 +494,10 @@ def _add_bench_parser(commands) -> None:
     )
     bench.add_argument(
         "--workspace",
-        default=None,
+        default=argparse.SUPPRESS,
+        metavar="DIR",
         help="workspace for the benchmark's models and scores (default: a folder "
-        "under the system temporary folder)",
+        "under the system temporary folder; also accepted before the command name)",
     )
     bench.add_argument(
         "--experiments",
@@ -1120,6 +1147,17 @@ def _command_identify(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _check_causes_file(args: argparse.Namespace) -> None:
+    """Reject ``--causes-file -`` before the run is loaded."""
+    if args.causes_file == "-":
+        raise RepairError(
+            "--causes-file - would read the causes from standard input, which is "
+            "not supported: the stored result records the path of the file its "
+            "causes came from. Save the training indices in a file, one per line, and "
+            "pass its path (a file named '-' in the current folder as ./-)."
+        )
+
+
 def _causes(args: argparse.Namespace, workspace, run, failure_set_id):
     import torch
 
@@ -1171,6 +1209,7 @@ def _command_repair(args: argparse.Namespace) -> dict[str, Any]:
     from repair_core.pipeline import run_repair
 
     config = _treatment_settings(args)
+    _check_causes_file(args)
     workspace, run, failure_set_id = _open_run(args)
     causes, origin = _causes(args, workspace, run, failure_set_id)
     failure_set_id = _stored_failure_set(args, workspace, run, failure_set_id)
@@ -1197,6 +1236,7 @@ def _command_sweep(args: argparse.Namespace) -> dict[str, Any]:
     from repair_core.pipeline import run_sweep
 
     config = _treatment_settings(args)
+    _check_causes_file(args)
     workspace, run, failure_set_id = _open_run(args)
     causes, origin = _causes(args, workspace, run, failure_set_id)
     failure_set_id = _stored_failure_set(args, workspace, run, failure_set_id)
@@ -1403,14 +1443,38 @@ _INTERRUPTED = {
 }
 
 
+def _requests_settings_help(argv: Sequence[str]) -> bool:
+    """Return whether ``argv`` contains ``--set help`` or ``--set=help``."""
+    pairs = zip(argv[:-1], argv[1:], strict=True)
+    return "--set=help" in argv or ("--set", "help") in pairs
+
+
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the command line, and set ``workspace`` from a ``--workspace``
+    given before or after the command name, or from the command's default."""
+    parser = _build_parser(settings_help=_requests_settings_help(argv))
+    args = parser.parse_args(_attach_list_values(argv))
+    before = args.workspace_before_command
+    del args.workspace_before_command
+    after = getattr(args, "workspace", None)
+    if before is not None and after is not None and before != after:
+        parser.error(
+            f"--workspace is given twice, as {before!r} before the command name and "
+            f"as {after!r} after it. Give it once."
+        )
+    workspace = after if after is not None else before
+    if workspace is None and args.command != "bench":
+        # bench without --workspace makes its own under the temporary folder.
+        workspace = DEFAULT_WORKSPACE
+    args.workspace = workspace
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code (0 success, 1 a benchmark
     unit failed, 2 bad input, 130 interrupted by Ctrl-C, 141 output pipe closed
     early, 143 by SIGTERM)."""
-    parser = _build_parser()
-    args = parser.parse_args(
-        _attach_list_values(sys.argv[1:] if argv is None else argv)
-    )
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -212,9 +212,16 @@ def _build_from_factory(
     try:
         module = _import_module(module_name, search_path)
     except ImportError as error:
+        if not _is_missing(error, module_name):
+            # The module was found, and an import inside it failed.
+            raise CheckpointError(
+                f"Importing module {module_name!r} of model factory {spec!r} "
+                f"raised {_describe_user_error(error)}. Install the package it "
+                "imports, or fix the import in the module."
+            ) from error
         raise CheckpointError(
             f"Cannot import module {module_name!r} from model factory {spec!r}: "
-            f"{error}. Run from the folder that contains it or add it to PYTHONPATH."
+            f"{error}. {_module_places(search_path)}"
         ) from error
     except Exception as error:  # any error in the user's module-level code
         raise CheckpointError(
@@ -250,6 +257,24 @@ def _build_from_factory(
             "torch.nn.Module. Return the model instance from the callable."
         )
     return model
+
+
+def _is_missing(error: ImportError, module_name: str) -> bool:
+    """Return whether ``error`` is the failure to find ``module_name`` or a
+    package above it, rather than a module that it imports."""
+    missing = getattr(error, "name", None)
+    if not isinstance(error, ModuleNotFoundError) or missing is None:
+        return False
+    return module_name == missing or module_name.startswith(f"{missing}.")
+
+
+def _module_places(search_path: str | Path | None) -> str:
+    """Return a sentence naming every folder that :func:`load_factory` searches."""
+    places = [f"in the current folder ({str(Path.cwd())!r})"]
+    if search_path is not None:
+        places.append(f"beside the checkpoint ({str(search_path)!r})")
+    places.append("or in a folder on PYTHONPATH")
+    return f"Put the module {', '.join(places)}."
 
 
 #: Folders that model factories were imported from, resolved.

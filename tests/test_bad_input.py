@@ -1,7 +1,8 @@
 """Bad input gives one RepairError that names the value, and changes nothing stored.
 
 Covers labels outside the model's classes, corrupt workspace files, user model
-factories that raise, and a folder passed as a checkpoint. The workspace tests
+factories that raise or cannot be imported, a folder passed as a checkpoint,
+and causes files that are pipes, devices or standard input. The workspace tests
 share one imported run (an untrained linear model, so no training time) and
 copy its folder per test.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 import shutil
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -30,7 +33,12 @@ from repair_core.errors import (
     WorkspaceError,
 )
 from repair_core.identification import identify
-from repair_core.treatments import apply_treatment, default_config, repair
+from repair_core.treatments import (
+    apply_treatment,
+    default_config,
+    read_causes_file,
+    repair,
+)
 from repair_core.workspace import Workspace
 from tests.factories import tiny_cnn, tiny_images, write_digit_folder
 
@@ -394,6 +402,61 @@ def test_cli_import_factory_error(factory_folder, tmp_path, capsys):
     )
     assert "Traceback" not in err
     assert Workspace(workspace).list_runs() == []
+
+
+def test_cli_import_names_module_folders(tmp_path, capsys, monkeypatch):
+    checkpoint_folder = tmp_path / "checkpoints"
+    checkpoint_folder.mkdir()
+    checkpoint = checkpoint_folder / "model.pt"
+    torch.save({"weight": torch.zeros(1)}, checkpoint)
+    current = tmp_path / "elsewhere"
+    current.mkdir()
+    monkeypatch.chdir(current)
+    workspace = tmp_path / "ws"
+
+    code = main(
+        ["import", "--workspace", str(workspace), "--model", "bad_input_absent:build"]
+        + ["--checkpoint", str(checkpoint), *IMPORT_DATA]
+    )
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(
+        "error: Cannot import module 'bad_input_absent' from model factory "
+        "'bad_input_absent:build': No module named 'bad_input_absent'."
+    )
+    assert (
+        f"Put the module in the current folder ({str(current.resolve())!r}), "
+        f"beside the checkpoint ({str(checkpoint_folder.resolve())!r}), or in a "
+        "folder on PYTHONPATH." in err
+    )
+    assert Workspace(workspace).list_runs() == []
+
+
+def test_factory_missing_package_is_named(factory_folder):
+    _write_factory(
+        factory_folder,
+        "bad_input_needs_package",
+        """
+        import bad_input_absent_package
+
+        def build():
+            return bad_input_absent_package.Net()
+        """,
+    )
+
+    with pytest.raises(CheckpointError) as caught:
+        models.load_factory("bad_input_needs_package:build")
+
+    message = str(caught.value)
+    assert message.startswith(
+        "Importing module 'bad_input_needs_package' of model factory "
+        "'bad_input_needs_package:build' raised ModuleNotFoundError: No module "
+        "named 'bad_input_absent_package'"
+    )
+    assert "bad_input_needs_package.py, line 2" in message
+    assert "Install the package it imports" in message
+    assert "Put the module" not in message
 
 
 def test_checkpoint_folder_is_named(tmp_path):
@@ -900,3 +963,92 @@ def test_moved_factory_folder_is_named(tmp_path, isolated_imports):
     assert message.startswith("Cannot import module 'bad_input_moved_net'")
     assert f"The run was imported from {str(folder)!r}" in message
     assert "that folder no longer exists" in message
+
+
+# Causes files that are not regular files --------------------------------------
+
+
+@pytest.fixture
+def special_files(tmp_path):
+    """A named pipe and a character device, keyed by the kind the error names."""
+    fifo = tmp_path / "causes.fifo"
+    os.mkfifo(fifo)
+    return {"named pipe": fifo, "character device": Path(os.devnull)}
+
+
+@pytest.mark.parametrize("kind", ["named pipe", "character device"])
+def test_causes_file_not_regular(special_files, kind):
+    path = special_files[kind]
+
+    with pytest.raises(ConfigError) as caught:
+        read_causes_file(path, 100)
+
+    assert str(caught.value) == (
+        f"Causes file {str(path)!r} is a {kind}, not a regular file. Pass a text "
+        "file with one training index per line, or a CSV file with a "
+        "'train_index' column."
+    )
+
+
+def test_causes_file_symlink_loop(tmp_path):
+    path = tmp_path / "causes.txt"
+    path.symlink_to(path)
+
+    with pytest.raises(ConfigError) as caught:
+        read_causes_file(path, 100)
+
+    assert str(caught.value) == (
+        f"Causes file {str(path)!r} could not be read (Too many levels of "
+        "symbolic links). Check the path and the permissions of its folders."
+    )
+
+
+@pytest.mark.parametrize("kind", ["named pipe", "character device"])
+def test_cli_causes_file_not_regular(workspace_copy, special_files, capsys, kind):
+    root, run_id, _ = workspace_copy
+    workspace = Workspace(root)
+    path = special_files[kind]
+    failure_sets_before = workspace.list_failure_sets(run_id)
+    files_before = _tree_digests(root / "runs")
+
+    code = main(
+        ["repair", "--workspace", str(root), "--run", run_id, "--device", "cpu"]
+        + ["--treatment", "finetune", "--causes-file", str(path)]
+    )
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: Causes file {str(path)!r} is a {kind}, not a regular" in err
+    assert "not found" not in err
+    assert "Traceback" not in err
+    assert workspace.list_repairs(run_id) == []
+    assert workspace.list_failure_sets(run_id) == failure_sets_before
+    assert _tree_digests(root / "runs") == files_before
+
+
+@pytest.mark.parametrize("command", ["repair", "sweep"])
+def test_cli_causes_file_rejects_standard_input(workspace_copy, command):
+    root, run_id, _ = workspace_copy
+    files_before = _tree_digests(root / "runs")
+
+    # A command that read standard input would take these indices.
+    result = subprocess.run(
+        [sys.executable, "-m", "repair_core", command, "--workspace", str(root)]
+        + ["--run", run_id, "--treatment", "newton", "--causes-file", "-"],
+        input="0\n1\n",
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=120,
+    )
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(
+        "error: --causes-file - would read the causes from standard input, which "
+        "is not supported"
+    )
+    assert "Save the training indices in a file" in result.stderr
+    assert Workspace(root).list_repairs(run_id) == []
+    assert Workspace(root).list_sweeps(run_id) == []
+    assert _tree_digests(root / "runs") == files_before

@@ -1753,3 +1753,128 @@ def test_sweep_help_leaves_out_fit_failures(capsys):
 
     assert "fit-failures" not in sweep_help
     assert "fit-failures takes none or records them" in repair_help
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["identify", "--method", "random", "--set", "help"],
+        ["repair", "--set", "help", "--treatment", "finetune"],
+        ["sweep", "--treatment", "newton", "--set=help"],
+        ["removal-curve", "--set", "help"],
+    ],
+)
+def test_set_help_needs_no_run_option(capsys, argv):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+
+    assert stopped.value.code == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Settings of ")
+    assert captured.err == ""
+
+
+def test_set_help_without_run_exits_zero(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "repair_core", "repair", "--set", "help"]
+        + ["--treatment", "finetune"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Settings of finetune:")
+    assert "max_epochs" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "missing"),
+    [
+        (["repair", "--treatment", "finetune"], "--run"),
+        (["removal-curve", "--run", "run-1", "--set", "max_epochs=2"], "--scores"),
+        (["identify", "--set", "seed=help"], "--run"),
+    ],
+)
+def test_run_options_required_without_set_help(capsys, argv, missing):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"the following arguments are required: {missing}" in err
+
+
+def test_workspace_before_command(tiny_run, capsys):
+    workspace, run = tiny_run
+
+    listing = _run_json(
+        capsys, ["--workspace", workspace, "runs", "--run", run["run_id"], "--json"]
+    )
+
+    assert listing["workspace"] == str(Path(workspace).resolve())
+    assert listing["run_id"] == run["run_id"]
+
+
+def test_workspace_before_command_in_subprocess(tmp_path):
+    workspace = tmp_path / "ws"
+    Workspace(workspace)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "repair_core", "--workspace", str(workspace)]
+        + ["runs", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["runs"] == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "workspace"),
+    [
+        (["runs"], "workspace"),
+        (["--workspace", "before", "runs"], "before"),
+        (["runs", "--workspace", "after"], "after"),
+        (["--workspace", "same", "runs", "--workspace", "same"], "same"),
+        (["--workspace", "before", "show", "run-1"], "before"),
+        (["--workspace", "before", "train"], "before"),
+        (["--workspace", "before", "repair", "--run", "run-1"], "before"),
+        (["bench"], None),
+        (["--workspace", "before", "bench"], "before"),
+        (["bench", "--workspace", "after"], "after"),
+    ],
+)
+def test_workspace_option_positions(argv, workspace):
+    from repair_core.cli import _parse_args
+
+    args = _parse_args(argv)
+
+    assert args.workspace == workspace
+    assert not hasattr(args, "workspace_before_command")
+
+
+def test_workspace_given_twice_differently(capsys):
+    from repair_core.cli import _parse_args
+
+    with pytest.raises(SystemExit) as stopped:
+        _parse_args(["--workspace", "first", "runs", "--workspace", "second"])
+
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        "--workspace is given twice, as 'first' before the command name and as "
+        "'second' after it. Give it once." in err
+    )
+
+
+def test_help_names_workspace_before_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+
+    # argparse wraps the help text at the terminal's width.
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--workspace DIR" in out
+    assert "also accepted after the command name" in out

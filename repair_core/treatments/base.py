@@ -317,12 +317,27 @@ def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
     CSV export names.
 
     Raises:
-        ConfigError: the file is missing, is a folder or is not UTF-8 text, a
+        ConfigError: the file is missing, is a folder, a pipe or a device
+            rather than a regular file, is not UTF-8 text, a
             line is not an integer or is out of range (naming the line number
             and its text), an index is listed twice, or an index fails
             validation.
     """
     return read_causes_table(path, n_train)[0]
+
+
+def _special_file_kind(path: Path) -> str:
+    """Return the kind of an existing path that is neither a folder nor a
+    regular file, such as "a named pipe"."""
+    for is_kind, kind in (
+        (path.is_fifo, "a named pipe"),
+        (path.is_char_device, "a character device"),
+        (path.is_block_device, "a block device"),
+        (path.is_socket, "a socket"),
+    ):
+        if is_kind():
+            return kind
+    return "a special file"
 
 
 def read_causes_table(
@@ -342,13 +357,32 @@ def read_causes_table(
     """
     check_path_name(path, "Causes file", ConfigError)
     path = Path(path)
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(
+            f"Causes file {str(path)!r} not found. Check the path."
+        ) from None
+    except OSError as error:
+        # stat fails this way on a symbolic link loop, or when a folder of the
+        # path lacks search permission.
+        raise ConfigError(
+            f"Causes file {str(path)!r} could not be read ({error.strerror or error})."
+            " Check the path and the permissions of its folders."
+        ) from None
     if path.is_dir():
         raise ConfigError(
             f"Causes file {str(path)!r} is a folder. Pass a text file with one "
             "training index per line."
         )
     if not path.is_file():
-        raise ConfigError(f"Causes file {str(path)!r} not found. Check the path.")
+        # Reading a named pipe blocks until another process writes to it, and
+        # a device such as /dev/zero never ends.
+        raise ConfigError(
+            f"Causes file {str(path)!r} is {_special_file_kind(path)}, not a "
+            "regular file. Pass a text file with one training index per line, or "
+            f"a CSV file with a {INDEX_COLUMN!r} column."
+        )
     try:
         # utf-8-sig drops the byte-order mark that some Windows editors write.
         text = path.read_text(encoding="utf-8-sig")
