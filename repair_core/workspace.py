@@ -383,7 +383,22 @@ class Workspace:
         # resolve() raises ValueError on a NUL character and exists() raises
         # OSError on a name too long for the file system.
         check_path_name(Path(root).expanduser(), "Workspace folder", WorkspaceError)
-        self.root = Path(root).expanduser().resolve()
+        try:
+            self.root = Path(root).expanduser().resolve()
+        except RuntimeError as error:
+            # Python 3.11's resolve() raises RuntimeError on a loop of
+            # symbolic links; 3.13 raises OSError ELOOP.
+            raise WorkspaceError(
+                f"Workspace path {str(root)!r} leads through a loop of symbolic "
+                f"links ({error}). Pass a folder path with --workspace that "
+                "resolves to a folder."
+            ) from error
+        except OSError as error:
+            raise WorkspaceError(
+                f"Workspace path {str(root)!r} could not be resolved "
+                f"({error.strerror or error}). Pass a folder path with --workspace "
+                "that resolves to a folder."
+            ) from error
         if self.root.exists() and not self.root.is_dir():
             raise WorkspaceError(
                 f"Workspace path {str(self.root)!r} is a file, not a folder. Pass a "

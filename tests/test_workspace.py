@@ -554,6 +554,17 @@ def test_unusable_workspace_path_rejected(tmp_path, name):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_symlink_loop_workspace_rejected(tmp_path, below):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    path = tmp_path / "a" / below if below else tmp_path / "a"
+
+    with pytest.raises(WorkspaceError, match="loop of symbolic links"):
+        Workspace(path)
+    assert sorted(child.name for child in tmp_path.iterdir()) == ["a", "b"]
+
+
 def test_empty_database_left_empty_by_readers(tmp_path):
     database = tmp_path / "repair.sqlite"
     database.write_bytes(b"")
