@@ -19,6 +19,18 @@ PAGE_SIZE = 32
 #: palette, which has no grey that reads like the grey of the correct points.
 #: It repeats after ten classes.
 CLASS_COLOURS = plotly.colors.qualitative.Plotly
+#: Narrowest column, in CSS pixels, for the confusion matrix and the map side
+#: by side. Below it the two charts stack. A 900 px window with the sidebar
+#: open leaves a main area of about 400 px, where side by side the map's plot
+#: area was 84 px wide and the matrix cells 14 px (headless Chromium).
+CHART_MIN_WIDTH = 360
+#: Height in pixels of the map's plot area, about, since plotly takes the
+#: legend's rows from the chart height. The legend below the plot fits about
+#: four entries of 20 px per row in a column of CHART_MIN_WIDTH, plus a row
+#: for its title.
+MAP_PLOT_HEIGHT = 370
+MAP_LEGEND_ROW_HEIGHT = 20
+MAP_LEGEND_ENTRIES_PER_ROW = 4
 
 dashboard.init_state()
 ws, run = dashboard.require_run()
@@ -207,12 +219,24 @@ def map_figure(coordinates: np.ndarray) -> go.Figure:
                 name=f"true {class_names[true_class]}",
             )
         )
-    # The top margin keeps the legend title below plotly's toolbar.
+    # The legend goes below the plot, where it takes no width from the points
+    # and plotly's toolbar, drawn in the top margin, cannot cover it. Plotly
+    # widens the bottom margin to fit it.
+    margin = {"l": 10, "r": 10, "t": 40, "b": 10}
+    legend_rows = 1 + math.ceil(len(figure.data) / MAP_LEGEND_ENTRIES_PER_ROW)
+    legend_height = MAP_LEGEND_ROW_HEIGHT * legend_rows
     figure.update_layout(
-        height=420,
-        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        height=MAP_PLOT_HEIGHT + margin["t"] + margin["b"] + legend_height,
+        margin=margin,
         dragmode="lasso",
-        legend={"title": {"text": "failures by true class"}},
+        legend={
+            "title": {"text": "failures by true class", "side": "top"},
+            "orientation": "h",
+            "yanchor": "top",
+            "y": -0.02,
+            "xanchor": "left",
+            "x": 0,
+        },
         xaxis={"visible": False},
         yaxis={"visible": False},
     )
@@ -271,8 +295,8 @@ if message:
 show_failure_set_summary()
 st.divider()
 
-left, right = st.columns(2)
-with left:
+charts = st.grid(2, min_column_width=CHART_MIN_WIDTH)
+with charts.cell():
     st.markdown("**Misclassifications** — click a cell to filter the grid")
     counts = dashboard.confusion_counts(labels, predictions, len(class_names))
     st.plotly_chart(
@@ -281,7 +305,7 @@ with left:
         on_select=apply_confusion_click,
         selection_mode="points",
     )
-with right:
+with charts.cell():
     st.markdown("**Feature map** — lasso or box-select failures")
     coordinates = dashboard.map_coordinates(root, run.run_id, "failures_map_button")
     map_key = f"failures_map_{st.session_state['failures_map_version']}"

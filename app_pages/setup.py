@@ -263,6 +263,24 @@ def advanced_widgets() -> tuple[dict[str, Any], dict[str, Any]] | None:
     return run_values, train_values
 
 
+def new_run_subject(config: pipeline.RunConfig) -> str:
+    """Describe the run that training or an import makes, for the job's log
+    lines, which would otherwise name the run open on the page."""
+    parts = [f"data {config.data}"]
+    if config.root:
+        parts.append(f"folder {config.root!r}")
+    if config.n_train:
+        parts.append(f"{config.n_train} training images")
+    if config.n_test:
+        parts.append(f"{config.n_test} test images")
+    parts += [
+        f"scenario {config.scenario}",
+        f"model {config.model}",
+        f"seed {config.seed}",
+    ]
+    return "new run: " + ", ".join(parts)
+
+
 def train(config: pipeline.RunConfig) -> None:
     bar = st.progress(0.0, text="Starting")
     max_epochs = config.train.max_epochs
@@ -278,7 +296,7 @@ def train(config: pipeline.RunConfig) -> None:
             f"validation accuracy {val_accuracy:.1%}",
         )
 
-    with dashboard.long_job("setup", "training"):
+    with dashboard.long_job("setup", "training", new_run_subject(config)) as job:
         summary = dashboard.run_safely(
             "Training",
             lambda: with_field_labels(
@@ -287,6 +305,8 @@ def train(config: pipeline.RunConfig) -> None:
                 )
             ),
         )
+        if summary is not None:
+            job.text = f"new run {summary['run_id']}"
     if summary is not None:
         dashboard.select_run(summary["run_id"], summary["failure_set_id"])
         st.session_state["setup_message"] = (
@@ -309,7 +329,7 @@ def import_model(config: pipeline.RunConfig, path: str, upload: Any) -> None:
     summary = None
     try:
         with (
-            dashboard.long_job("setup", "import"),
+            dashboard.long_job("setup", "import", new_run_subject(config)) as job,
             st.spinner("Evaluating the imported model…"),
         ):
             summary = dashboard.run_safely(
@@ -318,6 +338,8 @@ def import_model(config: pipeline.RunConfig, path: str, upload: Any) -> None:
                     lambda: pipeline.import_run(ws, config, path)
                 ),
             )
+            if summary is not None:
+                job.text = f"new run {summary['run_id']}"
     finally:
         # An import that failed or was stopped stores no run, so no run
         # refers to the uploaded copy.

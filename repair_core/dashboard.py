@@ -23,6 +23,7 @@ import base64
 import contextlib
 import contextvars
 import dataclasses
+import errno
 import hashlib
 import html
 import io
@@ -30,6 +31,7 @@ import ipaddress
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -635,6 +637,56 @@ def network_warning(address: str | None) -> str | None:
     )
 
 
+#: Names of the kinds of file that are not folders, by their st_mode test.
+_NON_FOLDER_KINDS = (
+    (stat.S_ISREG, "a file"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def not_a_folder_problem(root: str) -> str | None:
+    """Return why ``root`` cannot become a workspace folder, or None.
+
+    The reasons are that ``root``, or the nearest existing path above it, is
+    a file, a device or another kind of file that is not a folder, and that
+    the path leads through a loop of symbolic links. Creating the folder may
+    still fail where this returns None, as in a read-only location.
+    """
+    path = Path(root).expanduser()
+    for candidate in (path, *path.parents):
+        try:
+            # stat() follows symbolic links, so a link to a folder is a folder.
+            mode = candidate.stat().st_mode
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                # Checked here because pathlib's resolve(), which Workspace
+                # calls, raises RuntimeError on a loop (Python 3.11).
+                return f"{root!r} leads through a loop of symbolic links"
+            # Missing or not readable, so the path above decides.
+            continue
+        if stat.S_ISDIR(mode):
+            return None
+        kind = next(
+            (name for test, name in _NON_FOLDER_KINDS if test(mode)), "a special file"
+        )
+        if candidate == path:
+            return f"{root!r} is {kind}, not a folder"
+        return (
+            f"{root!r} cannot be created, because {str(candidate)!r} is {kind}, "
+            "not a folder"
+        )
+    return None
+
+
+#: Session-state keys of the sidebar: the folder that waits for the user to
+#: create a workspace there, and why the last such creation failed.
+_PENDING_WORKSPACE = "pending_workspace"
+_CREATE_ERROR = "workspace_create_error"
+
+
 def workspace_sidebar() -> None:
     """Show the workspace folder and the open run in the sidebar."""
     init_state()
@@ -643,14 +695,18 @@ def workspace_sidebar() -> None:
         st.sidebar.warning(warning, icon=":material/warning:")
     key = "sidebar_workspace"
     # ``workspace_root`` is the folder in use, and the box only edits it, so the
-    # box is refilled from it on every run. Streamlit drops the state of a
-    # widget that a run does not draw. It also sends a value set in session
-    # state to the browser only in the run that sets it.
-    st.session_state[key] = st.session_state["workspace_root"]
+    # box is refilled on every run: with the folder that the Create it prompt
+    # is about while the prompt shows, else with the folder in use. Streamlit
+    # drops the state of a widget that a run does not draw. It also sends a
+    # value set in session state to the browser only in the run that sets it.
+    st.session_state[key] = (
+        st.session_state.get(_PENDING_WORKSPACE) or st.session_state["workspace_root"]
+    )
 
     def change_workspace() -> None:
         root = st.session_state[key].strip()
-        st.session_state.pop("pending_workspace", None)
+        st.session_state.pop(_PENDING_WORKSPACE, None)
+        st.session_state.pop(_CREATE_ERROR, None)
         if not root:
             st.toast(
                 "The workspace folder cannot be empty, so the dashboard still "
@@ -667,25 +723,43 @@ def workspace_sidebar() -> None:
             # Creating a workspace here would leave the runs without records.
             current = st.session_state["workspace_root"]
             st.toast(f"{lost} The dashboard still uses {current!r}.")
-        elif Path(root).expanduser().is_file():
+        elif (problem := not_a_folder_problem(root)) is not None:
             st.toast(
-                f"{root!r} is a file, not a folder, so the dashboard still uses "
+                f"{problem}, so the dashboard still uses "
                 f"{st.session_state['workspace_root']!r}. Enter a folder path."
             )
         else:
             # A mistyped path would otherwise become a new, empty workspace.
-            st.session_state["pending_workspace"] = root
+            st.session_state[_PENDING_WORKSPACE] = root
 
     def use_workspace(root: str) -> None:
-        st.session_state.pop("pending_workspace", None)
-        if not contains_workspace(root):
-            # The user asked for a new workspace here. A workspace opened
-            # before at this path, whose database was since deleted or moved,
-            # stays cached and would keep reporting the missing database.
-            open_workspace.clear(root)
+        st.session_state.pop(_PENDING_WORKSPACE, None)
         st.session_state["workspace_root"] = root
         st.session_state[key] = root
         select_run(None, None)
+
+    def create_workspace(root: str) -> None:
+        st.session_state.pop(_PENDING_WORKSPACE, None)
+        if not contains_workspace(root):
+            # A workspace opened before at this path, whose database was since
+            # deleted or moved, stays cached and would keep reporting the
+            # missing database.
+            open_workspace.clear(root)
+        # The workspace is created before the switch, so a folder that cannot
+        # take one leaves the folder in use, the open run and the address as
+        # they were.
+        try:
+            open_workspace(root)
+        except USER_ERRORS as error:
+            current = st.session_state["workspace_root"]
+            logger.warning("Creating a workspace in %r failed: %s", root, error)
+            st.session_state[_CREATE_ERROR] = (
+                f"No workspace was created in {root!r}: "
+                f"{dashboard_advice(str(error))} The dashboard still uses "
+                f"{current!r}."
+            )
+            return
+        use_workspace(root)
 
     with st.sidebar:
         st.text_input(
@@ -695,7 +769,10 @@ def workspace_sidebar() -> None:
             help=f"Folder of the runs database. The default comes from the "
             f"{WORKSPACE_ENV} environment variable, else ./{DEFAULT_WORKSPACE}.",
         )
-        pending = st.session_state.get("pending_workspace")
+        create_error = st.session_state.get(_CREATE_ERROR)
+        if create_error:
+            st.error(create_error)
+        pending = st.session_state.get(_PENDING_WORKSPACE)
         if pending:
             st.warning(
                 f"{pending!r} contains no workspace. Create a new, empty workspace "
@@ -705,13 +782,13 @@ def workspace_sidebar() -> None:
             create.button(
                 "Create it",
                 key="sidebar_workspace_create",
-                on_click=use_workspace,
+                on_click=create_workspace,
                 args=(pending,),
             )
             cancel.button(
                 "Cancel",
                 key="sidebar_workspace_cancel",
-                on_click=lambda: st.session_state.pop("pending_workspace", None),
+                on_click=lambda: st.session_state.pop(_PENDING_WORKSPACE, None),
             )
         run_id = st.session_state["run_id"]
         st.caption(f"Run: `{run_id}`" if run_id else "No run open")
@@ -1658,10 +1735,23 @@ def _job_ids() -> str:
     return ", ".join(parts) or "no run open"
 
 
+@dataclass
+class JobSubject:
+    """The subject of a long job as its log lines name it in brackets, such
+    as "run r-1, failure set fs-1" or "new run run-2"."""
+
+    text: str
+
+
 @contextlib.contextmanager
-def long_job(page: str, name: str) -> Iterator[None]:
+def long_job(page: str, name: str, subject: str | None = None) -> Iterator[JobSubject]:
     """Mark the job ``name`` of ``page`` as running while the block runs, and
     log its start and its end: finished, failed or stopped.
+
+    The log lines name ``subject``, by default the open run and failure set.
+    A job that makes a new run passes a description of it instead, and can
+    set the yielded JobSubject's ``text`` to the new run's id once it is
+    known, so that the end line names it.
 
     A stopped script run raises Streamlit's rerun or stop exception inside the
     block, so the mark is cleared only when the block ends without an
@@ -1675,13 +1765,13 @@ def long_job(page: str, name: str) -> Iterator[None]:
     wrongly reports that nothing was stored.
     """
     st.session_state[_JOB_PREFIX + page] = name
-    ids = _job_ids()
-    logger.info("Started %s on the %s page (%s).", name, page, ids)
+    job = JobSubject(subject or _job_ids())
+    logger.info("Started %s on the %s page (%s).", name, page, job.text)
     started = time.monotonic()
     failures: list[str] = []
     token = _job_failures.set(failures)
     try:
-        yield
+        yield job
     except (RerunException, StopException):
         seconds = time.monotonic() - started
         logger.warning(
@@ -1689,21 +1779,21 @@ def long_job(page: str, name: str) -> Iterator[None]:
             "switch, a changed setting or a closed tab. Nothing of it was stored.",
             name,
             seconds,
-            ids,
+            job.text,
         )
         raise
     except Exception:
         seconds = time.monotonic() - started
-        logger.exception("%s failed after %.1f s (%s).", name, seconds, ids)
+        logger.exception("%s failed after %.1f s (%s).", name, seconds, job.text)
         raise
     finally:
         _job_failures.reset(token)
     seconds = time.monotonic() - started
     if failures:
         message = "%s failed after %.1f s (%s): %s failed."
-        logger.warning(message, name, seconds, ids, ", ".join(failures))
+        logger.warning(message, name, seconds, job.text, ", ".join(failures))
     else:
-        logger.info("Finished %s in %.1f s (%s).", name, seconds, ids)
+        logger.info("Finished %s in %.1f s (%s).", name, seconds, job.text)
     st.session_state.pop(_JOB_PREFIX + page, None)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,11 +196,12 @@ def test_workspace_error_gives_dashboard_advice(workspace_env, tmp_path):
     app.session_state["pending_workspace"] = str(path)
     app.run()
     app.sidebar.button(key="sidebar_workspace_create").click().run()
-    assert "is a file, not a folder. Pass a folder path." in app.error[0].value
-    assert "--workspace" not in app.error[0].value
-    assert app.error[0].value.endswith(
-        "Enter another folder in the Workspace folder box of the sidebar."
-    )
+    errors = [error.value for error in app.sidebar.error]
+    assert len(errors) == 1
+    assert "is a file, not a folder. Pass a folder path." in errors[0]
+    assert "--workspace" not in errors[0]
+    assert errors[0].endswith(f"The dashboard still uses {str(workspace_env.root)!r}.")
+    assert app.session_state["workspace_root"] == str(workspace_env.root)
 
 
 def test_new_session_uses_workspace_env(workspace_env, tmp_path, monkeypatch):
@@ -672,6 +674,132 @@ def test_url_rejects_invalid_folder(workspace_env, folder, reason):
     assert "Check the path." in toasts[0]
     assert toasts[0].endswith(f"The dashboard uses {str(workspace_env.root)!r}.")
     assert app.session_state["workspace_root"] == str(workspace_env.root)
+
+
+def make_fifo(folder: Path) -> Path:
+    path = folder / "pipe"
+    os.mkfifo(path)
+    return path
+
+
+def make_under_file(folder: Path) -> Path:
+    (folder / "a-file").write_text("x")
+    return folder / "a-file" / "ws"
+
+
+def make_link_loop(folder: Path) -> Path:
+    path = folder / "loop"
+    path.symlink_to(path)
+    return path
+
+
+#: Paths that exist, or lie below one that exists, and are not folders. Each
+#: maker makes the path in a folder and returns it, beside the toast's reason.
+NON_FOLDERS = [
+    pytest.param(
+        lambda folder: Path("/dev/null"), "is a device, not a folder", id="device"
+    ),
+    pytest.param(make_fifo, "is a named pipe, not a folder", id="named-pipe"),
+    pytest.param(
+        make_under_file,
+        "cannot be created, because {parent!r} is a file, not a folder",
+        id="below-file",
+    ),
+    pytest.param(make_link_loop, "leads through a loop of symbolic links", id="loop"),
+]
+
+
+@pytest.mark.parametrize(("make", "reason"), NON_FOLDERS)
+def test_sidebar_rejects_non_folder(workspace_env, tmp_path, make, reason):
+    path = make(tmp_path)
+    app = _app()
+    app.query_params = run_params(workspace_env)
+    app.run()
+    app.sidebar.text_input(key="sidebar_workspace").set_value(str(path)).run()
+
+    check_clean(app)
+    toasts = [toast.value for toast in app.toast]
+    assert len(toasts) == 1
+    expected = reason.format(parent=str(path.parent))
+    assert toasts[0].startswith(f"{str(path)!r} {expected}, so the dashboard")
+    assert toasts[0].endswith("Enter a folder path.")
+    assert not app.sidebar.warning
+    buttons = [button.key for button in app.sidebar.button]
+    assert "sidebar_workspace_create" not in buttons
+    assert app.session_state["workspace_root"] == str(workspace_env.root)
+    assert app.session_state["run_id"] == workspace_env.run_id
+    assert app.query_params["run"] == workspace_env.run_id
+
+
+#: A folder that no one can create, since the kernel makes every entry of
+#: /proc/1 itself (Linux).
+UNCREATABLE = Path("/proc/1/newws")
+
+
+@pytest.mark.skipif(not Path("/proc/1").is_dir(), reason="needs Linux's /proc")
+def test_sidebar_failed_create_keeps_run(workspace_env):
+    app = _app()
+    app.query_params = run_params(workspace_env)
+    app.run()
+    check_clean(app)
+    app.sidebar.text_input(key="sidebar_workspace").set_value(str(UNCREATABLE)).run()
+    assert app.sidebar.warning[0].value.startswith(
+        f"{str(UNCREATABLE)!r} contains no workspace"
+    )
+    app.sidebar.button(key="sidebar_workspace_create").click().run()
+
+    assert not app.exception, [e.value for e in app.exception]
+    errors = [error.value for error in app.error]
+    assert len(errors) == 1, errors
+    assert [error.value for error in app.sidebar.error] == errors
+    assert errors[0].startswith(f"No workspace was created in {str(UNCREATABLE)!r}: ")
+    assert errors[0].count("Choose a writable folder.") == 1
+    assert errors[0].endswith(f"The dashboard still uses {str(workspace_env.root)!r}.")
+    assert not app.sidebar.warning
+    assert app.session_state["workspace_root"] == str(workspace_env.root)
+    assert app.sidebar.text_input(key="sidebar_workspace").value == str(
+        workspace_env.root
+    )
+    for key, value in open_run_state(workspace_env).items():
+        assert app.session_state[key] == value, key
+    for name, value in run_params(workspace_env).items():
+        assert app.query_params[name] == value, name
+    assert "workspace" not in app.query_params
+
+    # The next entry in the box clears the error.
+    app.sidebar.text_input(key="sidebar_workspace").set_value(
+        str(workspace_env.root) + "/"
+    ).run()
+    assert not app.sidebar.error
+
+
+def test_sidebar_box_shows_prompted_folder(workspace_env, tmp_path):
+    current = str(workspace_env.root)
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    app = _app().run()
+    box = app.sidebar.text_input(key="sidebar_workspace")
+
+    box.set_value(first).run()
+    assert app.sidebar.warning[0].value.startswith(f"{first!r} contains no workspace")
+    assert app.sidebar.text_input(key="sidebar_workspace").value == first
+
+    # Another folder replaces the prompt.
+    app.sidebar.text_input(key="sidebar_workspace").set_value(second).run()
+    warnings = [warning.value for warning in app.sidebar.warning]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"{second!r} contains no workspace")
+    assert app.sidebar.text_input(key="sidebar_workspace").value == second
+
+    # The folder in use clears it.
+    app.sidebar.text_input(key="sidebar_workspace").set_value(current).run()
+    check_clean(app)
+    assert not app.sidebar.warning
+    buttons = [button.key for button in app.sidebar.button]
+    assert "sidebar_workspace_create" not in buttons
+    assert app.sidebar.text_input(key="sidebar_workspace").value == current
+    assert app.session_state["workspace_root"] == current
+    assert not Path(first).exists()
+    assert not Path(second).exists()
 
 
 def test_open_picks_failure_set_last_used(workspace_env, tmp_path, monkeypatch):
@@ -2998,6 +3126,9 @@ def test_failures_map_hides_button_and_names_classes(workspace_env, monkeypatch)
     assert len(set(colours)) == len(classes)
     assert figure["layout"]["legend"]["title"]["text"] == "failures by true class"
     assert figure["layout"].get("showlegend", True)
+    # A horizontal legend below the points takes no width from them.
+    assert figure["layout"]["legend"]["orientation"] == "h"
+    assert figure["layout"]["legend"]["y"] < 0
 
 
 def test_map_selection_maps_traces_to_indices():

@@ -27,8 +27,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
+import torch
 
 from repair_core import pipeline
+from repair_core.dashboard import MAP_FILE
 from repair_core.training import TrainConfig
 from repair_core.workspace import Workspace
 
@@ -501,4 +503,78 @@ def test_back_returns_to_previous_page(server):
             wait_until_idle(page)
             assert urlparse(page.url).path == path
             assert urlparse(page.url).query == query
+    assert outside == []
+
+
+#: Measures, in CSS pixels, the plot areas of the Failures page's confusion
+#: matrix and feature map, the map's chart, its legend and plotly's toolbar.
+FAILURES_LAYOUT_SCRIPT = """() => {
+    const box = (selector) => {
+        const rect = document.querySelector(selector).getBoundingClientRect();
+        return {
+            left: rect.left, right: rect.right, top: rect.top,
+            bottom: rect.bottom, width: rect.width,
+        };
+    };
+    return {
+        matrix: box('.st-key-failures_confusion .nsewdrag'),
+        map: box('.st-key-failures_map_0 .nsewdrag'),
+        chart: box('.st-key-failures_map_0 .main-svg'),
+        legend: box('.st-key-failures_map_0 .legend'),
+        toolbar: box('.st-key-failures_map_0 .modebar'),
+    };
+}"""
+#: Narrowest plot area, in CSS pixels, that the Failures page's charts get: 25
+#: pixels per cell of a ten-class confusion matrix.
+MIN_PLOT_WIDTH = 250
+
+
+def overlap(first: dict[str, float], second: dict[str, float]) -> bool:
+    return (
+        first["left"] < second["right"]
+        and second["left"] < first["right"]
+        and first["top"] < second["bottom"]
+        and second["top"] < first["bottom"]
+    )
+
+
+def test_failures_layout_fits_window_widths(server):
+    url, workspace = server
+    store = Workspace(workspace)
+    summary, run = train_tiny_run(store)
+    # A stored map is drawn without a UMAP fit, whose first run in a process
+    # compiles numba code for about a minute. Random points fill the chart as well.
+    generator = torch.Generator().manual_seed(0)
+    stored_map = {
+        part: torch.rand(len(data), 2, generator=generator).numpy()
+        for part, data in (("train", run.data.train), ("test", run.data.test))
+    }
+    store.save_tensor(summary["run_id"], MAP_FILE, stored_map)
+    address = f"{url}/failures?run={summary['run_id']}"
+
+    with local_browser(workspace.parent / "chromium-profile", 1600) as (
+        context,
+        outside,
+    ):
+        page = context.new_page()
+        for width in (400, 900, 1440):
+            page.set_viewport_size({"width": width, "height": 1600})
+            page.goto(address)
+            page.locator(".st-key-failures_map_0 .js-plotly-plot").wait_for(
+                timeout=RUN_TIMEOUT * 1000
+            )
+            wait_until_idle(page)
+            screenshot(page, f"failures-{width}")
+            layout = page.evaluate(FAILURES_LAYOUT_SCRIPT)
+
+            assert layout["map"]["width"] >= MIN_PLOT_WIDTH, (width, layout)
+            assert layout["matrix"]["width"] >= MIN_PLOT_WIDTH, (width, layout)
+            # The legend lies below the points, inside the chart, and clear
+            # of the toolbar. Half a pixel of slack for rounding.
+            assert layout["legend"]["top"] >= layout["map"]["bottom"], (width, layout)
+            assert layout["legend"]["right"] <= layout["chart"]["right"] + 0.5, (
+                width,
+                layout,
+            )
+            assert not overlap(layout["legend"], layout["toolbar"]), (width, layout)
     assert outside == []

@@ -1,9 +1,10 @@
 """Setup-page safety: the network warning, a workspace database that is
 deleted while the dashboard has it open, seed entries, fractions in
-whole-number fields and data-size errors."""
+whole-number fields, data-size errors and the log lines of training."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -285,3 +286,59 @@ def test_sidebar_offers_no_create_over_runs(tmp_path, monkeypatch):
     assert "sidebar_workspace_create" not in buttons
     assert app.session_state["workspace_root"] == str(tmp_path / "current")
     assert not (lost / "repair.sqlite").exists()
+
+
+# Job log ------------------------------------------------------------------------
+
+
+def dashboard_log(caplog) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "repair_core.dashboard"
+    ]
+
+
+def test_training_log_names_new_run(workspace_env, tmp_path, monkeypatch, caplog):
+    test_app.copied_workspace(workspace_env, tmp_path / "ws", monkeypatch)
+    app = AppTest.from_file(str(ROOT / "app_pages" / "setup.py"), default_timeout=300)
+    for key, value in test_app.open_run_state(workspace_env).items():
+        app.session_state[key] = value
+    app.run()
+    app.number_input(key="setup_n_train").set_value(200)
+    app.number_input(key="setup_n_test").set_value(100)
+    app.number_input(key="setup_epochs").set_value(1)
+    with caplog.at_level(logging.INFO, logger="repair_core.dashboard"):
+        app.button(key="setup_train").click().run()
+
+    assert not app.exception, [e.value for e in app.exception]
+    new_run = app.session_state["run_id"]
+    assert new_run != workspace_env.run_id
+    logged = dashboard_log(caplog)
+    started = [m for m in logged if m.startswith("Started training")]
+    finished = [m for m in logged if m.startswith("Finished training")]
+    assert started == [
+        "Started training on the setup page (new run: data mnist-embedded, 200 "
+        "training images, 100 test images, scenario label-flip, model mnist-cnn, "
+        "seed 0)."
+    ]
+    assert len(finished) == 1
+    assert finished[0].endswith(f" s (new run {new_run}).")
+    # The run open on the page is not the one being trained.
+    for message in started + finished:
+        assert workspace_env.run_id not in message
+        assert workspace_env.failure_set_id not in message
+
+
+def test_failed_training_log_names_settings(workspace_env, caplog):
+    app = test_app.opened_app(workspace_env)
+    app.number_input(key="setup_n_train").set_value(100000)
+    with caplog.at_level(logging.INFO, logger="repair_core.dashboard"):
+        app.button(key="setup_train").click().run()
+
+    assert not app.exception
+    failed = [m for m in dashboard_log(caplog) if m.startswith("training failed")]
+    assert len(failed) == 1
+    assert "(new run: data mnist-embedded, 100000 training images," in failed[0]
+    assert workspace_env.run_id not in failed[0]
+    assert app.session_state["run_id"] == workspace_env.run_id
