@@ -13,8 +13,8 @@ import streamlit as st
 
 from repair_core import dashboard, pipeline
 from repair_core.data import DATA_SOURCES
-from repair_core.errors import DataError
-from repair_core.models import MODEL_CHOICES
+from repair_core.errors import CheckpointError, DataError
+from repair_core.models import MODEL_CHOICES, FactoryModuleNotFoundError
 from repair_core.noise import DEFAULT_FRACTION, SCENARIOS
 from repair_core.training import TrainConfig
 from repair_core.workspace import atomic_write_bytes, new_id
@@ -316,6 +316,28 @@ def train(config: pipeline.RunConfig) -> None:
         st.rerun()
 
 
+def import_checkpoint(
+    config: pipeline.RunConfig, path: str, uploaded: bool
+) -> dict[str, Any]:
+    """Import the run, with an error for an uploaded checkpoint that names
+    only the folders an upload can take the factory's module from."""
+    try:
+        return pipeline.import_run(ws, config, path)
+    except FactoryModuleNotFoundError as error:
+        if not uploaded:
+            raise
+        # The upload is stored in the workspace, so the folder "beside the
+        # checkpoint" that the error names is not one the user chose.
+        raise CheckpointError(
+            f"Module {error.module_name!r} of model factory {error.spec!r} was "
+            "not found. An uploaded checkpoint is stored in the workspace, away "
+            "from the module, so the module must be in the folder the dashboard "
+            f"was started from ({str(Path.cwd())!r}) or in a folder on "
+            "PYTHONPATH. Put it there, or enter the path of a checkpoint in the "
+            "module's folder in Checkpoint path instead of uploading it."
+        ) from error
+
+
 def import_model(config: pipeline.RunConfig, path: str, upload: Any) -> None:
     uploaded = None
     if upload is not None:
@@ -335,7 +357,7 @@ def import_model(config: pipeline.RunConfig, path: str, upload: Any) -> None:
             summary = dashboard.run_safely(
                 "Import",
                 lambda: with_field_labels(
-                    lambda: pipeline.import_run(ws, config, path)
+                    lambda: import_checkpoint(config, path, uploaded is not None)
                 ),
             )
             if summary is not None:

@@ -8,8 +8,12 @@ tensors and a saved checkpoint carries its own preprocessing.
 from __future__ import annotations
 
 import importlib
+import logging
+import pickle
+import pickletools
 import sys
 import traceback
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +23,8 @@ from torch import nn
 
 from repair_core.data import check_path_name
 from repair_core.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
 
 MODEL_CHOICES = ("mnist-cnn", "small-resnet", "resnet50")
 #: File endings that the folder hint of :func:`read_state_dict` lists.
@@ -174,6 +180,16 @@ def build_model(
     return _BUILDERS[name](in_channels=in_channels, num_classes=num_classes, mean=mean)
 
 
+class FactoryModuleNotFoundError(CheckpointError):
+    """The module of a ``module:callable`` model factory was not found in any
+    folder that :func:`load_factory` searches."""
+
+    def __init__(self, message: str, *, module_name: str, spec: str) -> None:
+        super().__init__(message)
+        self.module_name = module_name
+        self.spec = spec
+
+
 def load_factory(spec: str, search_path: str | Path | None = None) -> nn.Module:
     """Build a user model from ``module:callable``.
 
@@ -219,9 +235,11 @@ def _build_from_factory(
                 f"raised {_describe_user_error(error)}. Install the package it "
                 "imports, or fix the import in the module."
             ) from error
-        raise CheckpointError(
+        raise FactoryModuleNotFoundError(
             f"Cannot import module {module_name!r} from model factory {spec!r}: "
-            f"{error}. {_module_places(search_path)}"
+            f"{error}. {_module_places(search_path)}",
+            module_name=module_name,
+            spec=spec,
         ) from error
     except Exception as error:  # any error in the user's module-level code
         raise CheckpointError(
@@ -394,6 +412,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"({error.strerror or error}). Check that the file is readable."
         ) from error
     except Exception as error:  # torch raises many types for corrupt files
+        if isinstance(error, pickle.UnpicklingError):
+            # weights_only=True rejects every class outside torch's allowlist.
+            _check_pickled_objects(path)
         # torch's own message suggests weights_only=False, which would run code
         # from the file, so only the exception type is shown.
         kind = type(error)
@@ -420,26 +441,147 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+#: Most bytes of a checkpoint's pickle that :func:`_pickled_globals` reads.
+#: The tensors' data lie in other entries of the archive, so even the pickle
+#: of a whole model is far smaller.
+MAX_PICKLE_BYTES = 64 * 2**20
+#: Modules whose classes and functions a state dict's pickle names.
+_STATE_DICT_MODULES = ("torch", "collections", "builtins", "__builtin__", "_codecs")
+
+
+def _pickled_globals(path: Path) -> tuple[list[str], str | None]:
+    """List the classes and functions that a torch.save archive's pickle names.
+
+    The pickle's opcodes are read with :mod:`pickletools`, which runs none of
+    the file's code.
+
+    Returns:
+        (each "module.name" that the pickle imports, in order of first use, and
+        the class of the first pickled ``nn.Module`` or None when it has none),
+        or ([], None) when ``path`` is no such archive.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = [
+                name
+                for name in archive.namelist()
+                if name == "data.pkl" or name.endswith("/data.pkl")
+            ]
+            if len(entries) != 1:
+                return [], None
+            if archive.getinfo(entries[0]).file_size > MAX_PICKLE_BYTES:
+                return [], None
+            data = archive.read(entries[0])
+        imported: list[str] = []
+        module_class = None
+        strings: list[str] = []
+        last_global = constructed = None
+        for opcode, argument, _position in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST"):
+                last_global = ".".join(str(argument).split(" ", 1))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                last_global = f"{strings[-2]}.{strings[-1]}"
+            elif opcode.name in ("NEWOBJ", "NEWOBJ_EX"):
+                constructed = last_global
+            if "GLOBAL" in opcode.name or opcode.name == "INST":
+                if last_global is not None and last_global not in imported:
+                    imported.append(last_global)
+            if isinstance(argument, str):
+                strings.append(argument)
+                # Every nn.Module's __dict__ has the key "_modules", which the
+                # pickle writes after the NEWOBJ that creates the module.
+                if argument == "_modules" and module_class is None:
+                    module_class = constructed
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return [], None
+    return imported, module_class
+
+
+def _check_pickled_objects(path: Path) -> None:
+    """Raise a CheckpointError naming what a checkpoint holds besides tensors,
+    when torch.load(weights_only=True) rejected its pickle.
+
+    Returns without raising when the file is no torch.save archive or its
+    pickle names only what a state dict uses.
+    """
+    names, module_class = _pickled_globals(path)
+    if module_class is not None:
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} contains a whole pickled model (class "
+            f"{module_class!r}), which is not loaded because unpickling it would "
+            "run code from the file. Save the weights alone with "
+            "torch.save(model.state_dict(), path) and import that file."
+        )
+    others = [
+        name for name in names if name.partition(".")[0] not in _STATE_DICT_MODULES
+    ]
+    if others:
+        listed = ", ".join(repr(name) for name in others[:3])
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} contains objects other than tensors "
+            f"({listed}), which are not loaded because unpickling them would run "
+            "code from the file. Save the weights alone with "
+            "torch.save(model.state_dict(), path) and import that file."
+        )
+
+
+#: Prefix that DataParallel and DistributedDataParallel add to every key of
+#: the state dict of the model they wrap.
+PARALLEL_PREFIX = "module."
+
+
+def _more(names: list[str]) -> str:
+    """Return " (and N more)" for the names after the first, or "" for one."""
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
 def load_checked_state(
     model: nn.Module, state: dict[str, torch.Tensor], *, source: str = "checkpoint"
 ) -> None:
     """Load ``state`` into ``model`` after checking every key and shape.
 
+    A state dict saved from a model wrapped in DataParallel or
+    DistributedDataParallel has the prefix "module." on every key. It is
+    removed when the keys without it are exactly the model's.
+
     Raises:
         CheckpointError: naming the first missing, unexpected or mis-shaped layer.
     """
     expected = model.state_dict()
+    prefix_note = ""
+    if (
+        state
+        and set(state) != set(expected)
+        and all(key.startswith(PARALLEL_PREFIX) for key in state)
+    ):
+        stripped = {key[len(PARALLEL_PREFIX) :]: value for key, value in state.items()}
+        if set(stripped) == set(expected):
+            logger.info(
+                "Removed the prefix %r that DataParallel adds from every key of "
+                "the %s.",
+                PARALLEL_PREFIX,
+                source,
+            )
+        else:
+            prefix_note = (
+                f" Every key of the {source} starts with {PARALLEL_PREFIX!r}, as "
+                "DataParallel and DistributedDataParallel save them, so the keys "
+                "were compared without that prefix."
+            )
+        state = stripped
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     if missing:
         raise CheckpointError(
-            f"The {source} lacks layer {missing[0]!r} (and {len(missing) - 1} more) "
-            "that the model has. Use the checkpoint saved from this architecture."
+            f"The {source} lacks layer {missing[0]!r}{_more(missing)} that the "
+            f"model has.{prefix_note} Use the checkpoint saved from this "
+            "architecture."
         )
     if unexpected:
         raise CheckpointError(
-            f"The {source} has layer {unexpected[0]!r} that the model does not have. "
-            "Use the checkpoint saved from this architecture."
+            f"The {source} has layer {unexpected[0]!r}{_more(unexpected)} that the "
+            f"model does not have.{prefix_note} Use the checkpoint saved from this "
+            "architecture."
         )
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -584,6 +585,118 @@ def test_factory_type_error_keeps_location(factory_folder):
     assert "raised TypeError: object of type 'int' has no len()" in message
     assert "bad_input_inner_type.py, line 3" in message
     assert "Fix the factory" in message
+
+
+def test_cli_import_strips_data_parallel_prefix(factory_folder, tmp_path, capsys):
+    _write_factory(
+        factory_folder,
+        "bad_input_parallel",
+        """
+        import torch.nn as nn
+
+        def build():
+            return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+        """,
+    )
+    reference = models.load_factory("bad_input_parallel:build")
+    checkpoint = tmp_path / "parallel.pt"
+    torch.save(nn.DataParallel(reference).state_dict(), checkpoint)
+    workspace = Workspace(tmp_path / "ws")
+
+    code = main(
+        ["import", "--workspace", str(workspace.root), "--json"]
+        + ["--model", "bad_input_parallel:build", "--checkpoint", str(checkpoint)]
+        + IMPORT_DATA
+    )
+
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    run = pipeline.load_run(workspace, json.loads(captured.out)["run_id"])
+    images = run.data.test.images[:8]
+    with torch.no_grad():
+        assert torch.equal(run.model(images), reference(images))
+
+
+def test_cli_import_names_pickled_model(factory_folder, tmp_path, capsys):
+    _write_factory(
+        factory_folder,
+        "bad_input_pickled",
+        """
+        import torch.nn as nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+            def forward(self, x):
+                return self.body(x)
+
+        def build():
+            return Net()
+        """,
+    )
+    checkpoint = tmp_path / "whole.pt"
+    torch.save(models.load_factory("bad_input_pickled:build"), checkpoint)
+    workspace = tmp_path / "ws"
+
+    code = main(
+        ["import", "--workspace", str(workspace), "--model", "bad_input_pickled:build"]
+        + ["--checkpoint", str(checkpoint), *IMPORT_DATA]
+    )
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(
+        f"error: Checkpoint {str(checkpoint)!r} contains a whole pickled model "
+        "(class 'bad_input_pickled.Net')"
+    )
+    assert "torch.save(model.state_dict(), path)" in err
+    assert "damaged" not in err
+    assert Workspace(workspace).list_runs() == []
+
+
+@pytest.mark.parametrize("uploaded", [True, False])
+def test_setup_import_names_module_folders(tmp_path, monkeypatch, uploaded):
+    from streamlit.testing.v1 import AppTest
+
+    checkpoint_folder = tmp_path / "checkpoints"
+    checkpoint_folder.mkdir()
+    checkpoint = checkpoint_folder / "model.pt"
+    torch.save(nn.Linear(784, 10).state_dict(), checkpoint)
+    current = tmp_path / "elsewhere"
+    current.mkdir()
+    monkeypatch.chdir(current)
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(tmp_path / "ws"))
+    root = Path(__file__).resolve().parent.parent
+    app = AppTest.from_file(str(root / "app_pages" / "setup.py"), default_timeout=120)
+    app.run()
+    app.number_input(key="setup_n_train").set_value(100)
+    app.number_input(key="setup_n_test").set_value(50)
+    app.text_input(key="setup_factory").set_value("bad_input_upload_absent:build")
+    if uploaded:
+        app.get("file_uploader")[0].upload("model.pt", checkpoint.read_bytes())
+    else:
+        app.text_input(key="setup_checkpoint").set_value(str(checkpoint))
+    app.button(key="setup_import").click().run()
+
+    assert not app.exception, [error.value for error in app.exception]
+    assert len(app.error) == 1
+    message = app.error[0].value
+    assert str(current.resolve()) in message
+    assert "PYTHONPATH" in message
+    if uploaded:
+        assert message.startswith(
+            "Import failed: Module 'bad_input_upload_absent' of model factory "
+            "'bad_input_upload_absent:build' was not found."
+        )
+        assert "An uploaded checkpoint is stored in the workspace" in message
+        assert "beside the checkpoint" not in message
+        assert "uploads" not in message
+        assert list((tmp_path / "ws" / "uploads").glob("*")) == []
+    else:
+        assert f"beside the checkpoint ({str(checkpoint_folder)!r})" in message
+    assert Workspace(tmp_path / "ws").list_runs() == []
 
 
 # Changed data and user models ----------------------------------------------------

@@ -1,5 +1,8 @@
 """Model shapes, user factories and checkpoint validation."""
 
+import argparse
+import importlib
+import logging
 import os
 import subprocess
 import sys
@@ -182,6 +185,107 @@ def test_corrupt_checkpoint_message(tmp_path):
         models.read_state_dict(path)
     assert "weights_only" not in str(caught.value)
     assert "torch.load raised _pickle.UnpicklingError" in str(caught.value)
+
+
+def test_pickled_model_checkpoint_is_named(tmp_path, monkeypatch):
+    # Importing the module writes a marker file, which shows whether reading
+    # the checkpoint ran any of its code.
+    marker = tmp_path / "imported"
+    (tmp_path / "user_pickled_nets.py").write_text(
+        textwrap.dedent(
+            f"""
+            from pathlib import Path
+
+            import torch.nn as nn
+
+            Path({str(marker)!r}).touch()
+
+            class Net(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("user_pickled_nets")
+    path = tmp_path / "whole.pt"
+    torch.save(module.Net(), path)
+    monkeypatch.delitem(sys.modules, "user_pickled_nets")
+    marker.unlink()
+
+    with pytest.raises(CheckpointError) as caught:
+        models.read_state_dict(path)
+
+    message = str(caught.value)
+    assert message.startswith(
+        f"Checkpoint {str(path)!r} contains a whole pickled model (class "
+        "'user_pickled_nets.Net')"
+    )
+    assert "torch.save(model.state_dict(), path)" in message
+    assert "damaged" not in message
+    assert not marker.exists()
+
+
+def test_checkpoint_with_other_objects_is_named(tmp_path):
+    path = tmp_path / "training.pt"
+    state = nn.Linear(3, 2).state_dict()
+    torch.save({"state_dict": state, "args": argparse.Namespace(lr=0.1)}, path)
+
+    with pytest.raises(CheckpointError) as caught:
+        models.read_state_dict(path)
+
+    message = str(caught.value)
+    assert "contains objects other than tensors ('argparse.Namespace')" in message
+    assert "damaged" not in message
+
+
+def test_data_parallel_prefix_is_removed(user_module, caplog):
+    reference = models.load_factory("user_nets:build")
+    path = user_module / "parallel.pt"
+    torch.save(nn.DataParallel(reference).state_dict(), path)
+    model = models.load_factory("user_nets:build")
+    state = models.read_state_dict(path)
+    assert all(key.startswith("module.") for key in state)
+
+    with caplog.at_level(logging.INFO, logger="repair_core.models"):
+        models.load_checked_state(model, state)
+
+    images = torch.rand(3, 1, 28, 28)
+    assert torch.equal(model(images), reference(images))
+    assert any("'module.'" in record.getMessage() for record in caplog.records)
+
+
+def test_data_parallel_prefix_named_when_keys_differ(user_module):
+    other = models.load_factory("user_nets:build_five")
+    state = {f"module.{key}": value for key, value in other.state_dict().items()}
+    model = models.load_factory("user_nets:build")
+
+    with pytest.raises(CheckpointError) as caught:
+        models.load_checked_state(model, state)
+
+    message = str(caught.value)
+    assert message.startswith(
+        "The checkpoint lacks layer '3.weight' (and 1 more) that the model has."
+    )
+    assert "Every key of the checkpoint starts with 'module.'" in message
+
+
+def test_missing_layer_message_counts_others(user_module):
+    model = models.load_factory("user_nets:build")
+    state = model.state_dict()
+    del state["3.bias"]
+
+    with pytest.raises(CheckpointError) as caught:
+        models.load_checked_state(model, state)
+    assert str(caught.value).startswith(
+        "The checkpoint lacks layer '3.bias' that the model has. Use"
+    )
+
+    del state["3.weight"]
+    with pytest.raises(CheckpointError) as caught:
+        models.load_checked_state(model, state)
+    assert "lacks layer '3.weight' (and 1 more) that" in str(caught.value)
 
 
 def test_missing_checkpoint_message(tmp_path):
