@@ -598,6 +598,59 @@ def test_fit_treatments_raise_query_accuracy(treatment):
     assert "fit" in result.extras
 
 
+def test_repair_fit_failures_takes_empty_causes():
+    # fit-failures removes nothing, so it needs no causes, as apply_treatment
+    # and the command line accept.
+    problem = tiny_problem()
+    state = _state(problem.model)
+    fit = {"max_steps": 20, "min_steps": 10, "lr": 1e-2}
+
+    result = repair(
+        "fit-failures",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        [],
+        problem.query_images,
+        problem.query_labels,
+        {"fit": fit},
+    )
+    control = apply_treatment(
+        "fit-failures",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        [],
+        problem.query_images,
+        problem.query_labels,
+        {"fit": fit},
+    )
+
+    assert result.causes.tolist() == []
+    assert "fit" in result.extras
+    for key, value in result.model.state_dict().items():
+        assert torch.equal(value, control.model.state_dict()[key]), key
+    _assert_same_state(problem.model, state)
+
+
+@pytest.mark.parametrize(
+    "treatment", [name for name in TREATMENTS if name != "fit-failures"]
+)
+def test_repair_removing_treatments_reject_empty_causes(treatment):
+    problem = tiny_problem()
+
+    with pytest.raises(ConfigError, match="list of causes is empty"):
+        repair(
+            treatment,
+            problem.model,
+            problem.train_images,
+            problem.train_labels,
+            [],
+            problem.query_images,
+            problem.query_labels,
+        )
+
+
 @pytest.mark.parametrize("fit_first", [False, True])
 def test_fit_and_delete_reports_inside_steps(fit_first):
     problem = tiny_problem()
@@ -726,7 +779,7 @@ def test_read_causes_file_accepts_bom(tmp_path):
         (b'label,train_index\n"a\nb",x\n', r"Line 2 of .* has train_index 'x', not an"),
         # Without a train_index column, a comma is not an index.
         (b"index,rank\n4,1\n", r"Line 1 of .* is 'index,rank', a CSV header withou"),
-        (b"4\n5,6\n", r"Line 2 of .* is '5,6', not an integer"),
+        (b"4\n5,6\n", r"Line 2 of .* is '5,6', several training indices on one"),
     ],
 )
 def test_read_causes_file_rejects_bad_content(tmp_path, content, message):
@@ -825,7 +878,7 @@ def test_read_causes_file_rejects_folder(tmp_path):
         read_causes_file(tmp_path, 10)
 
 
-@pytest.mark.parametrize("header", ["a,b", "Train_Index;score", "index\tscore"])
+@pytest.mark.parametrize("header", ["a,b", "Train-Index;score", "index\tscore"])
 def test_read_causes_file_names_missing_index_column(tmp_path, header):
     path = tmp_path / "causes.csv"
     path.write_text(f"{header}\n1,2\n")
@@ -836,6 +889,41 @@ def test_read_causes_file_names_missing_index_column(tmp_path, header):
         r"a 'train_index' column\.",
     ):
         read_causes_file(path, 10)
+
+
+@pytest.mark.parametrize(
+    "header", ["Train_Index", " TRAIN_INDEX ;Label", "label\t train_index"]
+)
+def test_read_causes_file_header_ignores_case_and_spaces(tmp_path, header):
+    delimiter = ";" if ";" in header else "\t" if "\t" in header else ","
+    rows = ["4", "7"] if delimiter == "," else ["4;a", "7;b"]
+    if header.startswith("label"):
+        rows = ["a\t4", "b\t7"]
+    path = tmp_path / "causes.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+
+    assert read_causes_file(path, 10).tolist() == [4, 7]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "entry"),
+    [
+        ("1,2,3\n", 1, "1,2,3"),
+        ("1; 2\n", 1, "1; 2"),
+        ("5\n6 7\n", 2, "6 7"),
+    ],
+)
+def test_read_causes_file_names_several_indices_on_line(tmp_path, text, line, entry):
+    path = tmp_path / "causes.txt"
+    path.write_text(text)
+
+    with pytest.raises(ConfigError) as caught:
+        read_causes_file(path, 10)
+
+    message = str(caught.value)
+    assert message.startswith(f"Line {line} of {str(path)!r} is {entry!r}, several ")
+    assert "Write one index per line" in message
+    assert "CSV header" not in message
 
 
 def test_read_causes_file_unreadable():

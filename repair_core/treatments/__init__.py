@@ -378,7 +378,8 @@ def repair(
         train_images: the training images D, shape (N, C, H, W).
         train_labels: the training labels, shape (N,).
         causes: training indices of C, any integer sequence; validated with
-            :func:`validate_causes`.
+            :func:`validate_causes`. It may be empty only for the treatments
+            in ``REMOVES_NOTHING``.
         query_images: the query failures F_q, shape (|F_q|, C, H, W), used for
             early stopping (EWC-deletion) or fitting (fit-failures).
         query_labels: their true classes, shape (|F_q|,).
@@ -394,10 +395,13 @@ def repair(
 
     Raises:
         ConfigError: unknown treatment, bad settings or bad causes, including
-            causes that leave fine-tuning or retraining too few examples.
+            empty causes for a treatment that removes them and causes that
+            leave fine-tuning or retraining too few examples.
     """
     settings = resolve_config(treatment, config)
-    checked = validate_causes(causes, len(train_labels))
+    checked = validate_causes(
+        causes, len(train_labels), allow_empty=treatment in REMOVES_NOTHING
+    )
     return apply_treatment(
         treatment,
         model,

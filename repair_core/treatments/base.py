@@ -199,6 +199,13 @@ SOURCE_COLUMNS = ("scores_id", "repair_id")
 CSV_DELIMITERS = (",", ";", "\t")
 
 
+def _column_name(field: str) -> str:
+    """Return a CSV header field as compared with the known column names:
+    without surrounding spaces and in lower case, so "Train_Index" names
+    ``train_index``."""
+    return field.strip().lower()
+
+
 def _index_header_delimiter(line: str) -> str | None:
     """Return the separator of ``line`` as a CSV header naming ``train_index``,
     or None when it is no such header."""
@@ -207,9 +214,24 @@ def _index_header_delimiter(line: str) -> str | None:
             names = next(csv.reader([line], delimiter=delimiter))
         except csv.Error:
             continue
-        if INDEX_COLUMN in (name.strip() for name in names):
+        if INDEX_COLUMN in (_column_name(name) for name in names):
             return delimiter
     return None
+
+
+def _several_indices(line: str) -> bool:
+    """Return whether ``line`` is two or more integers separated by one of
+    ``CSV_DELIMITERS`` or by spaces, such as "1,2,3"."""
+    for delimiter in (*CSV_DELIMITERS, " "):
+        parts = [part.strip(" \t") for part in line.split(delimiter)]
+        if delimiter == " ":
+            parts = [part for part in parts if part]
+        if len(parts) > 1 and all(
+            part.lstrip("+-").isascii() and part.lstrip("+-").isdigit()
+            for part in parts
+        ):
+            return True
+    return False
 
 
 @dataclass
@@ -240,7 +262,7 @@ def _csv_entries(text: str, path: Path, delimiter: str) -> CausesFile:
             if not any(field.strip() for field in row):
                 continue
             if column is None:
-                names = [name.strip() for name in row]
+                names = [_column_name(name) for name in row]
                 for name in (INDEX_COLUMN, *SOURCE_COLUMNS):
                     if names.count(name) > 1:
                         raise ConfigError(
@@ -310,7 +332,8 @@ def read_causes_file(path: str | Path, n_train: int) -> torch.Tensor:
 
     Blank lines and a leading UTF-8 byte-order mark are ignored. A file whose
     first line is a CSV header with a ``train_index`` column, as the
-    dashboard's exports have, is read from that column. The indices are then
+    dashboard's exports have, is read from that column. Header names are
+    matched ignoring case and surrounding spaces. The indices are then
     checked as in :func:`validate_causes`.
 
     :func:`read_causes_table` also returns the ranking and repair ids that a
@@ -412,14 +435,21 @@ def read_causes_table(
                     f"Line {number} of {str(path)!r} has {INDEX_COLUMN} "
                     f"{_shortened(entry)!r}, not an integer training index."
                 )
+            if _several_indices(entry):
+                raise ConfigError(
+                    f"Line {number} of {str(path)!r} is {_shortened(entry)!r}, "
+                    "several training indices on one line. Write one index per "
+                    f"line, or a CSV file with a {INDEX_COLUMN!r} header and one "
+                    "index per row."
+                )
             if number == table.entries[0][0] and any(
                 delimiter in entry for delimiter in CSV_DELIMITERS
             ):
                 raise ConfigError(
                     f"Line {number} of {str(path)!r} is {_shortened(entry)!r}, a CSV "
                     f"header without a {INDEX_COLUMN!r} column. Name the column of "
-                    f"training indices {INDEX_COLUMN!r} (lower case), or write one "
-                    "index per line."
+                    f"training indices {INDEX_COLUMN!r}, or write one index per "
+                    "line."
                 )
             raise ConfigError(
                 f"Line {number} of {str(path)!r} is {_shortened(entry)!r}, not an "
