@@ -119,20 +119,20 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--noise-fraction",
-        type=float,
+        type=_number,
         default=None,
         help="input-noise and fgsm: share of each target class corrupted (default 0.3)",
     )
     group.add_argument(
         "--noise-amount",
-        type=float,
+        type=_number,
         default=None,
         help="input-noise: share of pixels set to 0 or 1 (greyscale) or the "
         "standard deviation of Gaussian noise in [0, 1] pixel units (colour)",
     )
     group.add_argument(
         "--epsilon",
-        type=float,
+        type=_number,
         default=None,
         help="fgsm: step size in [0, 1] pixel units",
     )
@@ -148,7 +148,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_seed, default=0, help="seed of noise and model")
     parser.add_argument(
         "--query-fraction",
-        type=float,
+        type=_number,
         default=0.5,
         help="share of the failures used as the query set F_q (the rest is the "
         "holdout set F_h)",
@@ -183,7 +183,7 @@ def _add_failure_options(
     )
     parser.add_argument(
         "--query-fraction",
-        type=float,
+        type=_number,
         default=None,
         help="share of the failures used as F_q when a new failure set is made "
         "(default: the run's, 0.5)",
@@ -293,10 +293,10 @@ def _build_parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
     group.add_argument(
         "--batch-size", type=_count, default=64, help="examples per Adam step"
     )
-    group.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    group.add_argument("--lr", type=_number, default=1e-3, help="Adam learning rate")
     group.add_argument(
         "--val-fraction",
-        type=float,
+        type=_number,
         default=0.1,
         help="share of the training set held out for early stopping",
     )
@@ -818,6 +818,26 @@ def _count(text: str) -> int:
     return value
 
 
+def _number(text: str) -> float:
+    """Read a finite floating-point number, such as a rate or a strength."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number; give one such as 0.01"
+        ) from None
+    if math.isfinite(value):
+        return value
+    if any(word in text.lower() for word in ("inf", "nan")):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a finite number; give one such as 0.01"
+        )
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is outside the range of floating-point numbers (magnitude up "
+        f"to {sys.float_info.max:.1e}); give a smaller one"
+    )
+
+
 def _parse_list(text: str, kind: Any, option: str) -> list:
     parts = [part.strip() for part in text.split(",")]
     if parts == [""]:
@@ -829,7 +849,7 @@ def _parse_list(text: str, kind: Any, option: str) -> list:
     except argparse.ArgumentTypeError as error:
         raise RepairError(f"Invalid {option} {text!r}: {error}.") from error
     except ValueError as error:
-        noun = "number" if kind is float else "integer"
+        noun = "number" if kind is _number else "integer"
         raise RepairError(
             f"Invalid {option} {text!r}: give {noun} values separated by single "
             "commas, with nothing empty between them."
@@ -862,10 +882,14 @@ def _setting_value(text: str, kind: Any, name: str, what: str) -> Any:
         if kind is int:
             return int(text)
         if kind is float:
-            return float(text)
+            return _number(text)
         if kind is str:
             return text
         return json.loads(text)
+    except argparse.ArgumentTypeError as error:
+        raise RepairError(
+            f"Invalid value {text!r} for setting {name} of {what}: {error}."
+        ) from None
     except ValueError:
         expected = {bool: "true or false", int: "an integer", float: "a number"}
         raise RepairError(
@@ -1249,7 +1273,7 @@ def _command_sweep(args: argparse.Namespace) -> dict[str, Any]:
         strengths=(
             list(DEFAULT_STRENGTHS[args.treatment])
             if args.strengths is None
-            else _parse_list(args.strengths, float, "--strengths")
+            else _parse_list(args.strengths, _number, "--strengths")
         ),
         config=config,
         causes_origin=origin,

@@ -149,6 +149,32 @@ def test_train_names_the_flag_of_a_bad_count(tmp_path, capsys, argv, message):
 
 
 @pytest.mark.parametrize(
+    "argv, typed",
+    [
+        (["--lr", "1e400"], "'1e400' is outside the range of floating-point"),
+        # argparse takes "-1e400" after a space for an option, so "=" joins it.
+        (["--val-fraction=-1e400"], "'-1e400' is outside the range"),
+        (["--scenario", "input-noise", "--noise-amount", "nan"], "'nan' is not a"),
+        (["--scenario", "fgsm", "--epsilon", "inf"], "'inf' is not a finite number"),
+        (["--noise-fraction", "1e999"], "'1e999' is outside the range"),
+        (["--query-fraction", "x"], "'x' is not a number"),
+    ],
+)
+def test_train_names_the_typed_non_finite_number(tmp_path, capsys, argv, typed):
+    workspace = tmp_path / "ws"
+    flag = argv[-1].partition("=")[0] if "=" in argv[-1] else argv[-2]
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--workspace", str(workspace), *argv])
+
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {typed}" in err
+    assert " inf " not in err
+    assert not workspace.exists()
+
+
+@pytest.mark.parametrize(
     "argv, message",
     [
         (["--threads", "0"], "--threads 0 must be at least 1"),
@@ -1625,6 +1651,24 @@ def test_set_help_needs_no_stored_run(tmp_path, capsys, argv):
             ["repair", "--treatment", "finetune", "--causes-file", "GOOD_CAUSES"]
             + ["--seeds", "-1,2"],
             "Invalid --seeds '-1,2'",
+        ),
+        # 1e400 overflows to infinity, which the user never typed.
+        (
+            ["sweep", "--treatment", "ewc-deletion", "--causes-file", "GOOD_CAUSES"]
+            + ["--strengths", "0.01,1e400"],
+            "Invalid --strengths '0.01,1e400': '1e400' is outside the range of "
+            "floating-point numbers",
+        ),
+        (
+            ["sweep", "--treatment", "ewc-deletion", "--causes-file", "GOOD_CAUSES"]
+            + ["--strengths", "nan"],
+            "Invalid --strengths 'nan': 'nan' is not a finite number",
+        ),
+        (
+            ["repair", "--treatment", "ewc-deletion", "--causes-file", "GOOD_CAUSES"]
+            + ["--set", "lr=1e400"],
+            "Invalid value '1e400' for setting lr of ewc-deletion: '1e400' is "
+            "outside the range of floating-point numbers",
         ),
         # Fails after the failure set was stored, which then is deleted again.
         (["identify", "--method", "sgd-influence"], "recorded training trajectory"),
