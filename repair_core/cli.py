@@ -1327,6 +1327,27 @@ def _command_bench(args: argparse.Namespace) -> dict[str, Any]:
     from repair_core import benchmark
 
     if args.render_only:
+        # These options choose what a run measures; the page is rebuilt from
+        # the stored results alone.
+        given = [
+            option
+            for option, value, default in (
+                ("--seeds", args.seeds, None),
+                ("--quick", args.quick, False),
+                ("--mnist-root", args.mnist_root, None),
+                ("--experiments", args.experiments, "1,2,3,4,5,6"),
+                ("--device", args.device, "auto"),
+                ("--threads", args.threads, None),
+                ("--fresh", args.fresh, False),
+            )
+            if value != default
+        ]
+        if given:
+            raise RepairError(
+                f"--render-only rebuilds the page from {args.out}/results.json "
+                f"without running anything, so {', '.join(given)} would be "
+                "ignored. Leave them out, or drop --render-only to run."
+            )
         try:
             page = benchmark.render_page(args.out)
         except (FileNotFoundError, FileExistsError) as error:

@@ -83,6 +83,10 @@ def test_quick_run_writes_page_above_out(quick_run):
     assert page == out.parent / "BENCHMARKS.md"
     assert page.is_file()
     assert (out / "results.json").is_file()
+    # The bar names the seed count the run planned, with the noun agreeing.
+    seeds = json.loads((out / "results.json").read_text())["settings"]["seeds"]
+    assert len(seeds) == 1
+    assert "top 20% (mean of 1 seed)" in page.read_text()
 
 
 def test_quick_run_writes_plots(quick_run):

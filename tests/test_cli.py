@@ -180,6 +180,10 @@ def test_train_names_the_typed_non_finite_number(tmp_path, capsys, argv, typed):
         (["--threads", "0"], "--threads 0 must be at least 1"),
         (["--experiments", "2,,3"], "Invalid --experiments '2,,3'"),
         (["--render-only"], "Run the benchmark first, or pass the --out folder"),
+        (
+            ["--render-only", "--experiments", "9"],
+            "without running anything, so --quick, --experiments would be ignored",
+        ),
         (["--experiments", "1,1"], "Invalid --experiments '1,1': 1 appears more"),
         (["--mnist-root", "nowhere", "--experiments", "6"], "No MNIST/raw folder"),
         (
@@ -191,7 +195,9 @@ def test_train_names_the_typed_non_finite_number(tmp_path, capsys, argv, typed):
 def test_bench_rejects_bad_options(tmp_path, capsys, argv, message):
     out = tmp_path / "out" / "benchmarks"
 
-    code = main(["bench", "--quick", "--out", str(out), *argv])
+    quick = [] if argv == ["--render-only"] else ["--quick"]
+
+    code = main(["bench", *quick, "--out", str(out), *argv])
 
     assert code == 2
     err = capsys.readouterr().err

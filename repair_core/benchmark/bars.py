@@ -16,6 +16,11 @@ from repair_core.benchmark.page_base import (
 from repair_core.benchmark.summary import Stat, paired_difference, stat_of
 
 
+def seeds_text(count: int) -> str:
+    """Return "1 seed" or "N seeds"."""
+    return f"{count} seed" if count == 1 else f"{count} seeds"
+
+
 class QualityBars(PageBase):
     """Checks of the measured figures against the bars the project set."""
 
@@ -26,7 +31,7 @@ class QualityBars(PageBase):
         )
         self.bar(
             f"EWC-influence finds ≥ {DETECTION_BAR} of flipped labels in the top "
-            "20% (mean of 3 seeds)",
+            f"20% (mean of {seeds_text(len(self.settings.seeds))})",
             f"{ewc.text()} over {ewc.n} seed(s)" if ewc.ok else "–",
             ewc.mean >= DETECTION_BAR if ewc.ok else None,
             complete=ewc.n >= len(self.settings.seeds),

@@ -181,7 +181,8 @@ class PageWriter(PublishedSections, QualityBars):
             f"{machine.get('cpu_count', '?')} CPUs "
             f"({machine.get('processor', '?')}), torch "
             f"{machine.get('torch', '?')} with {machine.get('torch_threads', '?')} "
-            f"threads, device {machine.get('device', '?')}"
+            f"thread{'' if machine.get('torch_threads') == 1 else 's'}, device "
+            f"{machine.get('device', '?')}"
             + (f" ({machine['gpu']})" if machine.get("gpu") else "")
             + f", Python {machine.get('python', '?')}.",
             "- 1-minute load average at the start of each invocation: "
