@@ -924,15 +924,21 @@ def _default_text(value: Any) -> str:
     return number(value)
 
 
-def _settings_help(config: Any, what: str, fixed: dict[str, str] | None = None) -> str:
+def _settings_help(
+    config: Any,
+    what: str,
+    fixed: dict[str, str] | None = None,
+    ignored: Sequence[str] = (),
+) -> str:
     """List the settings of ``config`` with their defaults and help texts,
-    except those in ``fixed``, which maps each to the option that sets it."""
+    except those in ``fixed``, which maps each to the option that sets it, and
+    those in ``ignored``, which ``what`` does not read."""
     from repair_core.cli_text import table
 
     fixed = fixed or {}
     rows, nested = [], []
     for entry in dataclasses.fields(config):
-        if entry.name in fixed:
+        if entry.name in fixed or entry.name in ignored:
             continue
         value = getattr(config, entry.name)
         if not dataclasses.is_dataclass(value):
@@ -959,21 +965,32 @@ def _settings_help(config: Any, what: str, fixed: dict[str, str] | None = None) 
         )
     for name, option in fixed.items():
         text += f"\n\n{name} is not listed: {option} sets it."
+    if ignored:
+        verb = "is" if len(ignored) == 1 else "are"
+        text += (
+            f"\n\n{', '.join(ignored)} {verb} not listed: {what} ignores "
+            f"{'it' if len(ignored) == 1 else 'them'}."
+        )
     return text
 
 
 def _apply_settings(
-    config: Any, settings: list[str], what: str, fixed: dict[str, str] | None = None
+    config: Any,
+    settings: list[str],
+    what: str,
+    fixed: dict[str, str] | None = None,
+    ignored: Sequence[str] = (),
 ) -> Any:
     """Return ``config`` with NAME=VALUE overrides read as each setting's type.
 
     ``fixed`` maps the settings that the command sets from its own options to
-    those options; ``--set help`` leaves them out.
+    those options, and ``ignored`` names settings that ``what`` does not read;
+    ``--set help`` leaves both out.
     """
     if not settings:
         return config
     if "help" in settings:
-        text = _settings_help(config, what, fixed)
+        text = _settings_help(config, what, fixed, ignored)
         raise SystemExit(0 if _write_stdout(text) else 141)
     values = config.to_dict() if hasattr(config, "to_dict") else asdict(config)
     kinds = typing.get_type_hints(type(config))
@@ -1015,7 +1032,9 @@ def _apply_settings(
             continue
         if name not in values:
             # Settings that the command's own options set are not offered.
-            offered = sorted(key for key in values if key not in (fixed or {}))
+            offered = sorted(
+                key for key in values if key not in (fixed or {}) and key not in ignored
+            )
             raise RepairError(
                 f"Unknown setting {name!r} for {what}. Use one of: "
                 f"{', '.join(offered)}; '--set help' describes them."
@@ -1153,11 +1172,17 @@ def _command_identify(args: argparse.Namespace) -> dict[str, Any]:
     from repair_core.identification import METHODS, default_config
     from repair_core.pipeline import run_identification
 
-    # The method's name sets these, so '--set help' leaves them out. A --set
-    # of one is rejected when the method runs, with the method to choose.
-    fixed = dict.fromkeys(METHODS[args.method].fixed, f"--method {args.method}")
+    # The method's name sets some settings, such as the solver, and makes
+    # others unread, such as the settings of another solver, so '--set help'
+    # leaves them out. A --set of one is rejected when the method runs, with
+    # the method to choose.
+    spec = METHODS[args.method]
+    fixed = {
+        name: f"--method {args.method}" for name in spec.fixed if name in spec.defaults
+    }
+    ignored = [name for name in spec.fixed if name not in spec.defaults]
     config = _apply_settings(
-        default_config(args.method), args.settings, args.method, fixed
+        default_config(args.method), args.settings, args.method, fixed, ignored
     )
     workspace, run, failure_set_id = _open_run(args)
     failure_set_id = _stored_failure_set(args, workspace, run, failure_set_id)

@@ -1151,6 +1151,10 @@ def _identify_and_store(
         summary["detection"] = detection_summary(
             result.scores, run.corrupted_mask, implicated_by(run, split.query)
         )
+    if result.resolved:
+        # Settings left None, such as a searched LiSSA scale, with the values
+        # used. They stay out of ``config``, which a request is matched on.
+        summary["resolved"] = result.resolved
     with _removed_on_failure(workspace, run.run_id, *written):
         workspace.save_tensor(run.run_id, scores_file, result.scores)
         if new_fisher:

@@ -1487,6 +1487,18 @@ def test_set_help_lists_settings_and_runs_nothing(tiny_run, capsys):
             "solver",
             "solver is not listed: --method linear-influence-gd sets it",
         ),
+        (
+            ["identify", "--method", "linear-influence-lissa"],
+            "gd_steps",
+            "gd_steps, gd_lr, gd_batch_size are not listed: linear-influence-lissa "
+            "ignores them",
+        ),
+        (
+            ["identify", "--method", "linear-influence-gd"],
+            "lissa_scale",
+            "lissa_scale, lissa_depth, lissa_repeats, lissa_batch_size are not "
+            "listed: linear-influence-gd ignores them",
+        ),
     ],
 )
 def test_set_help_leaves_out_fixed_settings(tiny_run, capsys, argv, hidden, note):

@@ -14,6 +14,7 @@ from repair_core.identification import (
     IdentificationContext,
     default_config,
     identify,
+    resolve_config,
 )
 from repair_core.identification.base import summed_log_likelihood_gradient
 from repair_core.ihvp import find_lissa_scale, flatten, lissa
@@ -362,10 +363,13 @@ def test_config_dict_keeps_method_defaults(trained):
 
     result = identify("linear-influence-gd", model, x, y, qx, qy, {"gd_steps": 5})
 
-    expected = default_config("linear-influence-gd")
-    expected.gd_steps = 5
+    expected = dataclasses.asdict(default_config("linear-influence-gd"))
+    expected["gd_steps"] = 5
+    # The LiSSA settings, which the gd solver ignores, are not stored.
+    for name in ("lissa_scale", "lissa_depth", "lissa_repeats", "lissa_batch_size"):
+        del expected[name]
     assert result.config["solver"] == "gd"
-    assert result.config == dataclasses.asdict(expected)
+    assert result.config == expected
 
 
 @pytest.mark.parametrize(
@@ -393,6 +397,103 @@ def test_method_name_fixes_its_solver(trained, method, solver, advice):
     for settings in ({"solver": solver}, config):
         with pytest.raises(ConfigError, match=re.escape(message)):
             identify(method, model, x, y, qx, qy, settings)
+
+
+SOLVER_SETTINGS = {
+    "linear-influence-lissa": {
+        "lissa_scale",
+        "lissa_depth",
+        "lissa_repeats",
+        "lissa_batch_size",
+    },
+    "linear-influence-gd": {"gd_steps", "gd_lr", "gd_batch_size"},
+    "linear-influence-exact": set(),
+}
+
+
+@pytest.mark.parametrize("method", list(SOLVER_SETTINGS))
+def test_linear_methods_hide_other_solver_settings(trained, method):
+    model, x, y, qx, qy, _ = trained
+    other = set().union(*SOLVER_SETTINGS.values()) - SOLVER_SETTINGS[method]
+
+    result = identify(method, model, x, y, qx, qy, small_config(method))
+
+    # The CLI's '--set help' and the Causes form leave out the fixed settings.
+    assert other <= set(METHODS[method].fixed)
+    assert not SOLVER_SETTINGS[method] & set(METHODS[method].fixed)
+    assert not other & set(result.config)
+    assert SOLVER_SETTINGS[method] <= set(result.config)
+
+
+def test_ignored_solver_setting_is_rejected(trained):
+    model, x, y, qx, qy, _ = trained
+    message = (
+        "Method linear-influence-lissa ignores the setting gd_steps, which only "
+        "linear-influence-gd reads. Leave gd_steps out, or choose "
+        "linear-influence-gd."
+    )
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        identify("linear-influence-lissa", model, x, y, qx, qy, {"gd_steps": 5})
+
+
+def test_stored_config_with_ignored_settings_resolves():
+    # Rankings stored before the other solver's settings were left out hold
+    # them at the class defaults.
+    stored = dataclasses.asdict(default_config("linear-influence-lissa"))
+    assert stored["gd_steps"] == 300
+
+    config = resolve_config("linear-influence-lissa", stored)
+
+    assert config == default_config("linear-influence-lissa")
+
+
+def test_lissa_records_searched_scale(trained):
+    model, x, y, qx, qy, _ = trained
+
+    result = identify(
+        "linear-influence-lissa",
+        model,
+        x,
+        y,
+        qx,
+        qy,
+        small_config("linear-influence-lissa"),
+    )
+
+    assert result.config["lissa_scale"] is None
+    assert result.resolved == {"lissa_scale": result.extras["scale"]}
+    assert result.resolved["lissa_scale"] > 0
+
+
+def test_tracin_records_training_learning_rate(trained):
+    model, x, y, qx, qy, context = trained
+
+    default = identify("tracin", model, x, y, qx, qy, context=context)
+    given = identify(
+        "tracin", model, x, y, qx, qy, {"learning_rate": 0.5}, context=context
+    )
+
+    assert default.config["learning_rate"] is None
+    assert default.resolved == {"learning_rate": 1e-3}
+    assert given.resolved == {}
+
+
+def test_resolved_values_of_other_methods(trained):
+    model, x, y, qx, qy, context = trained
+    settings = small_config("confident-learning")
+    settings.max_epochs = None
+    settings.n_folds = 2
+
+    learning = identify(
+        "confident-learning", model, x, y, qx, qy, settings, context=context
+    )
+    walked = identify("sgd-influence", model, x, y, qx, qy, context=context)
+    random = identify("random", model, x, y, qx, qy)
+
+    assert learning.resolved == {"max_epochs": 2}
+    assert walked.resolved == {"max_steps": len(context.trajectory.steps)}
+    assert random.resolved == {}
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -508,3 +509,17 @@ def test_unused_parameter_leaves_scores_unchanged(method):
     )
 
     torch.testing.assert_close(wrapped.scores, bare.scores, rtol=1e-4, atol=1e-6)
+
+
+def test_setting_help_names_methods_not_functions():
+    helps = {
+        entry.name: entry.metadata["help"]
+        for entry in dataclasses.fields(LinearInfluenceConfig)
+    }
+
+    assert not [name for name, text in helps.items() if "default_config" in text]
+    assert (
+        "linear-influence-lissa and linear-influence-gd default to 3"
+        in (helps["damping"])
+    )
+    assert "linear-influence-gd defaults to 100" in helps["gd_steps"]

@@ -201,6 +201,35 @@ def test_repair_keeps_every_arm_and_seed(ranked):
         pipeline.load_repaired_model(workspace, run, repair_id, arm="control")
 
 
+def test_identification_stores_resolved_settings(ranked):
+    workspace, run, failure_set_id, _ = ranked
+
+    summary = pipeline.run_identification(
+        workspace,
+        run,
+        "linear-influence-lissa",
+        failure_set_id=failure_set_id,
+        config={"lissa_depth": 20},
+    )
+
+    # The searched scale is kept apart from the requested settings, so a
+    # request with the same settings still finds this ranking.
+    assert summary["config"]["lissa_scale"] is None
+    scale = summary["resolved"]["lissa_scale"]
+    assert scale > 0
+    stored = workspace.get_scores(summary["scores_id"])
+    assert stored["metrics"]["resolved"] == {"lissa_scale": scale}
+    again = pipeline.run_identification(
+        workspace,
+        run,
+        "linear-influence-lissa",
+        failure_set_id=failure_set_id,
+        config={"lissa_depth": 20},
+    )
+    assert again["reused"] is True
+    assert again["resolved"] == {"lissa_scale": scale}
+
+
 def test_repair_reuses_stored_fisher(ranked, monkeypatch):
     workspace, run, failure_set_id, _ = ranked
     scores = pipeline.run_identification(

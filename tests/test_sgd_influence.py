@@ -145,3 +145,25 @@ def test_replay_warning_names_changed_model(recorded, caplog):
     assert len(messages) == 1
     assert "may have changed after recording" in messages[0]
     assert "Dropout" not in messages[0]
+
+
+def test_progress_prints_bounded_lines(recorded, capsys):
+    from repair_core.cli import _ProgressPrinter
+
+    model, trajectory, x, y, qx, qy = recorded
+    context = IdentificationContext(trajectory=trajectory)
+    messages = []
+    printer = _ProgressPrinter()
+
+    def report(fraction: float, message: str) -> None:
+        messages.append(message)
+        printer(fraction, message)
+
+    identify("sgd-influence", model, x, y, qx, qy, context=context, progress=report)
+
+    lines = capsys.readouterr().err.splitlines()
+    assert len(trajectory.steps) == 25
+    assert len(messages) > 25
+    # At most one line per 5% of the walk, its end and the final message.
+    assert len(lines) <= 22
+    assert lines[-1].endswith("sgd-influence done")

@@ -49,6 +49,7 @@ from repair_core.identification.ewc_influence import (
 )
 from repair_core.identification.linear_influence import (
     LinearInfluenceConfig,
+    ignored_settings,
     score_linear_influence,
 )
 from repair_core.identification.sgd_influence import (
@@ -106,7 +107,9 @@ class MethodSpec:
     uses_query: bool = True
     #: The method differentiates the model, so it needs a trainable parameter.
     uses_gradients: bool = True
-    #: Settings that the method's name fixes to their value in ``defaults``.
+    #: Settings that the method's name fixes: those in ``defaults`` to that
+    #: value, and the others, which the method ignores, to the config class
+    #: default. The CLI's '--set help' and the dashboard's forms leave them out.
     fixed: tuple[str, ...] = ()
 
 
@@ -125,7 +128,7 @@ METHODS: dict[str, MethodSpec] = {
             score_linear_influence,
             "Koh & Liang influence with a LiSSA inverse-HVP.",
             {"solver": "lissa", "damping": 3.0},
-            fixed=("solver",),
+            fixed=("solver", *ignored_settings("lissa")),
         ),
         MethodSpec(
             "linear-influence-gd",
@@ -133,7 +136,7 @@ METHODS: dict[str, MethodSpec] = {
             score_linear_influence,
             "Koh & Liang influence with a gradient-descent inverse-HVP.",
             {"solver": "gd", "damping": 3.0, "gd_steps": 100},
-            fixed=("solver",),
+            fixed=("solver", *ignored_settings("gd")),
         ),
         MethodSpec(
             "linear-influence-exact",
@@ -141,7 +144,7 @@ METHODS: dict[str, MethodSpec] = {
             score_linear_influence,
             "Koh & Liang influence with a dense solve (small models only).",
             {"solver": "exact"},
-            fixed=("solver",),
+            fixed=("solver", *ignored_settings("exact")),
         ),
         MethodSpec(
             "sgd-influence",
@@ -202,17 +205,30 @@ def _spec(method: str) -> MethodSpec:
 
 def _check_fixed(spec: MethodSpec, config: Any) -> None:
     """Raise ConfigError when ``config`` changes a setting that the method's
-    name fixes, so that a ranking is never stored under another method's name."""
+    name fixes, so that a ranking is never stored under another method's name
+    and no setting is given that the method would ignore."""
+    defaults = default_config(spec.name)
     for name in spec.fixed:
         value = getattr(config, name)
-        expected = spec.defaults[name]
+        expected = getattr(defaults, name)
         if value == expected:
             continue
+        if name not in spec.defaults:
+            readers = [
+                other.name
+                for other in METHODS.values()
+                if other.config_class is spec.config_class and name not in other.fixed
+            ]
+            raise ConfigError(
+                f"Method {spec.name} ignores the setting {name}, which only "
+                f"{' and '.join(readers)} reads. Leave {name} out, or choose "
+                f"{' or '.join(readers)}."
+            )
         advice = next(
             (
                 f"Choose the method {other.name} instead"
                 for other in METHODS.values()
-                if name in other.fixed and other.defaults[name] == value
+                if name in other.fixed and other.defaults.get(name) == value
             ),
             f"Leave {name} at {expected!r}",
         )
@@ -252,10 +268,17 @@ def resolve_config(method: str, config: Any = None) -> Any:
 
 
 def config_json(config: Any) -> dict:
-    """Return the settings of ``config`` as the JSON object a ranking stores."""
-    resolved = dataclasses.asdict(config)
-    json.dumps(resolved)
-    return resolved
+    """Return the settings of ``config`` as the JSON object a ranking stores.
+
+    Settings that the config's solver ignores are left out. A ranking stored
+    with them still resolves, since they remain settings of the class.
+    """
+    settings = dataclasses.asdict(config)
+    ignored = getattr(config, "ignored_settings", None)
+    for name in ignored() if ignored is not None else ():
+        del settings[name]
+    json.dumps(settings)
+    return settings
 
 
 def _check_data(
@@ -328,7 +351,8 @@ def identify(
 
     Returns:
         The scores, shape (N,), float64 on the CPU, higher meaning more
-        harmful, with the resolved config and timing.
+        harmful, with the resolved config, the values chosen for its None
+        settings and timing.
 
     Raises:
         ConfigError: an unknown method, a wrong config type or missing
@@ -364,6 +388,8 @@ def identify(
             progress,
         )
     seconds = time.perf_counter() - started
+    resolved = extras.pop("resolved", {})
+    json.dumps(resolved)
     if progress is not None:
         progress(1.0, f"{method} done")
     logger.info("%s finished in %.1f s", method, seconds)
@@ -375,4 +401,5 @@ def identify(
         device=str(device),
         seconds=seconds,
         extras=extras,
+        resolved=resolved,
     )

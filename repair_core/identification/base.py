@@ -184,6 +184,10 @@ class ScoreResult:
     extras: dict = field(default_factory=dict)
     """Method-specific objects (a Fisher, a fitted state dict, a LiSSA scale);
     not JSON-serialisable in general."""
+    resolved: dict = field(default_factory=dict)
+    """The value used for each setting that ``config`` leaves None, by setting
+    name, such as the LiSSA scale that the search chose or TracIn's training
+    learning rate. JSON-serialisable; empty when no such setting was None."""
 
 
 def log_likelihoods(

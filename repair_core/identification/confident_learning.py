@@ -152,7 +152,12 @@ def score_confident_learning(
         "Confident learning",
         "Check that every fold model trained to finite outputs.",
     )
+    resolved = {}
+    if config.max_epochs is None:
+        base = context.train_config or TrainConfig()
+        resolved["max_epochs"] = base.max_epochs
     return scores, {
         "pred_probs": probs,
         "label_issues": torch.as_tensor(issues, dtype=torch.bool),
+        "resolved": resolved,
     }

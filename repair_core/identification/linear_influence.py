@@ -58,6 +58,22 @@ from repair_core.progress import Progress
 logger = logging.getLogger(__name__)
 
 SOLVERS = ("lissa", "gd", "exact")
+#: Settings that only one solver reads; the other solvers ignore them.
+SOLVER_SETTINGS = {
+    "lissa": ("lissa_scale", "lissa_depth", "lissa_repeats", "lissa_batch_size"),
+    "gd": ("gd_steps", "gd_lr", "gd_batch_size"),
+    "exact": (),
+}
+
+
+def ignored_settings(solver: str) -> tuple[str, ...]:
+    """Return the settings of the other solvers, which ``solver`` ignores."""
+    return tuple(
+        name
+        for other, names in SOLVER_SETTINGS.items()
+        if other != solver
+        for name in names
+    )
 
 
 @dataclass
@@ -65,12 +81,12 @@ class LinearInfluenceConfig:
     """Settings of linear influence and its inverse-Hessian-vector product.
 
     The class defaults suit the ``exact`` solver on small, nearly convex
-    models. ``default_config`` gives the ``lissa`` and ``gd`` methods damping
-    3 and GD 100 steps, because both iterative solvers diverge where the
-    curvature has an eigenvalue below minus the damping, and the Hessian of a
-    non-convex network has such eigenvalues. Measured on the reference MNIST
-    CNN trained with the default label flips (seed 0, one thread of a
-    two-core x86 CPU):
+    models. The ``linear-influence-lissa`` and ``linear-influence-gd``
+    methods default to damping 3 and GD to 100 steps, because both iterative
+    solvers diverge where the curvature has an eigenvalue below minus the
+    damping, and the Hessian of a non-convex network has such eigenvalues.
+    Measured on the reference MNIST CNN trained with the default label flips
+    (seed 0, one thread of a two-core x86 CPU):
 
     * 500 embedded-MNIST training images, damping 0.01: LiSSA on the
       Hessian diverged at step 606. It grew 1.5% per step at scale 128,
@@ -102,8 +118,9 @@ class LinearInfluenceConfig:
     )
     damping: float = option(
         0.01,
-        "Lambda added to the curvature, (H + lambda I); default_config uses 3 "
-        "for the lissa and gd methods.",
+        "Lambda added to the curvature, (H + lambda I). The methods "
+        "linear-influence-lissa and linear-influence-gd default to 3, "
+        "linear-influence-exact to 0.01.",
     )
     lissa_scale: float | None = option(
         None,
@@ -115,8 +132,8 @@ class LinearInfluenceConfig:
     lissa_batch_size: int = option(64, "Examples per LiSSA step.")
     gd_steps: int = option(
         300,
-        "Gradient-descent steps of the 'gd' solver; default_config uses 100 for "
-        "the gd method.",
+        "Gradient-descent steps of the 'gd' solver; the method "
+        "linear-influence-gd defaults to 100.",
     )
     gd_lr: float | None = option(
         None, "GD step size; None uses 1 / largest eigenvalue (power iteration)."
@@ -161,6 +178,10 @@ class LinearInfluenceConfig:
             raise ConfigError(f"gd_batch_size {self.gd_batch_size} must be at least 1.")
         if self.gd_lr is not None and not self.gd_lr > 0:
             raise ConfigError(f"gd_lr {self.gd_lr} must be positive.")
+
+    def ignored_settings(self) -> tuple[str, ...]:
+        """Return the settings that this config's solver does not read."""
+        return ignored_settings(self.solver)
 
 
 def _lissa_divergence_advice(
@@ -264,6 +285,7 @@ def solve_ihvp(
         # every eigenvalue the probe bounded.
         scale = max(2.0 * stable, 2.0 * config.damping)
         logger.info("LiSSA scale chosen by search: %g", scale)
+    resolved = {"lissa_scale": scale} if searched else {}
     estimate = lissa(
         model,
         train_images,
@@ -279,7 +301,7 @@ def solve_ihvp(
         progress=progress,
         **common,
     )
-    return estimate, {"scale": scale}
+    return estimate, {"scale": scale, "resolved": resolved}
 
 
 def score_linear_influence(

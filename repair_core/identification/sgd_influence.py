@@ -361,7 +361,13 @@ def score_sgd_influence(
                 u = {name: (u[name] - lr * hu[name]).detach() for name in u}
                 walked += 1
                 if progress is not None:
-                    progress(walked / (total - stop), f"SGD-influence step {t}")
+                    # One stage name before the colon, so that progress
+                    # printers that print once per stage and share of it
+                    # do not print every step.
+                    progress(
+                        walked / (total - stop),
+                        f"SGD-influence: step {walked}/{total - stop} walked back",
+                    )
         if first <= stop:
             break
     check_finite(
@@ -369,4 +375,5 @@ def score_sgd_influence(
         "SGD-influence",
         "The walk back diverged; limit it with max_steps or check the learning rates.",
     )
-    return scores, {"steps_walked": walked}
+    resolved = {"max_steps": total} if config.max_steps is None else {}
+    return scores, {"steps_walked": walked, "resolved": resolved}

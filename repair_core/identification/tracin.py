@@ -213,4 +213,5 @@ def score_tracin(
         "n_checkpoints": len(states),
         "learning_rate": lr,
         "layer": _model_name(layer),
+        "resolved": {"learning_rate": lr} if config.learning_rate is None else {},
     }
