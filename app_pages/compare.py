@@ -32,6 +32,15 @@ CONTROL_BAND_OPACITY = 0.15
 #: rows from the chart's height.
 REMOVAL_CHART_HEIGHT = 360
 LEGEND_ENTRY_HEIGHT = 20
+#: Width in pixels of the plot area that the k labels of a removal chart are
+#: spaced for. Each chart takes half of the page's main column.
+# NOTE: an estimate of the plot area in a window about 1024 px wide with the
+# sidebar open, not measured. In a narrower window the labels kept can touch.
+K_LABEL_PLOT_WIDTH = 250
+#: Width in pixels of one digit of a tick label in plotly's default 12 px font,
+#: and the least space between two labels.
+K_LABEL_DIGIT_WIDTH = 7
+K_LABEL_GAP = 6
 
 dashboard.init_state()
 ws, run = dashboard.require_run()
@@ -293,6 +302,48 @@ def add_control_line(
     )
 
 
+def k_axis(curves: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    """Return the k values of ``curves`` above 0, which get the ticks of the
+    removal charts, and the charts' x range in decades."""
+    ks = sorted({point["k"] for curve in curves for point in curve["points"]})
+    ks = [k for k in ks if k > 0] or [1]
+    log_range = [
+        math.log10(ks[0]) - K_AXIS_MARGIN,
+        math.log10(ks[-1]) + K_AXIS_MARGIN,
+    ]
+    return ks, log_range
+
+
+def k_tick_labels(
+    ks: list[int], log_range: list[float], plot_width: float = K_LABEL_PLOT_WIDTH
+) -> list[str]:
+    """Return the tick label of each of the sorted ``ks``, or an empty text
+    where the label would overlap a label already placed.
+
+    Labels are placed from the smallest k up, but the largest k always keeps
+    its label, so the axis shows how far the curves reach.
+    """
+    span = log_range[1] - log_range[0]
+    centres = [(math.log10(k) - log_range[0]) / span * plot_width for k in ks]
+    half_widths = [len(str(k)) * K_LABEL_DIGIT_WIDTH / 2 for k in ks]
+
+    def apart(left: int, right: int) -> bool:
+        room = half_widths[left] + half_widths[right] + K_LABEL_GAP
+        return centres[right] - centres[left] >= room
+
+    labels = [""] * len(ks)
+    last = len(ks) - 1
+    placed: int | None = None
+    for index, k in enumerate(ks):
+        if index != last and not apart(index, last):
+            continue
+        if placed is not None and not apart(placed, index):
+            continue
+        labels[index] = str(k)
+        placed = index
+    return labels
+
+
 def removal_figure(
     curves: list[dict[str, Any]], methods: dict[str, str], key: str
 ) -> go.Figure:
@@ -303,12 +354,7 @@ def removal_figure(
     """
     # Only the k values get ticks, because plotly labels the minor ticks of
     # a log axis with their leading digit, so k = 30 and 300 both read "3".
-    ks = sorted({point["k"] for curve in curves for point in curve["points"]})
-    ks = [k for k in ks if k > 0] or [1]
-    log_range = [
-        math.log10(ks[0]) - K_AXIS_MARGIN,
-        math.log10(ks[-1]) + K_AXIS_MARGIN,
-    ]
+    ks, log_range = k_axis(curves)
     x_range = [10**value for value in log_range]
 
     figure = go.Figure()
@@ -356,7 +402,7 @@ def removal_figure(
             "type": "log",
             "range": log_range,
             "tickvals": ks,
-            "ticktext": [str(k) for k in ks],
+            "ticktext": k_tick_labels(ks, log_range),
         },
         yaxis=dashboard.accuracy_axis("accuracy"),
         height=REMOVAL_CHART_HEIGHT + LEGEND_ENTRY_HEIGHT * len(curves),
@@ -443,6 +489,11 @@ def removal_section(records: list[dict[str, Any]]) -> None:
         right.markdown("**Correct before, T\\F**")
         figure = removal_figure(curves, methods, "remaining_acc")
         right.plotly_chart(figure, key="compare_rest")
+        if "" in k_tick_labels(*k_axis(curves)):
+            st.caption(
+                "A tick without a label is a k too close to a labelled one for "
+                "both labels to fit. Hover over its point to read k."
+            )
         without_control = [
             curve["id"]
             for curve in curves

@@ -266,10 +266,34 @@ def sweep_strengths(treatment: str) -> list[float] | None:
         value=default,
         key=f"repair_sweep_{treatment}",
     )
+    parts = [part.strip() for part in text.split(",")]
+    if parts == [""]:
+        st.error(f"The sweep values field is empty. Give at least one {field}.")
+        return None
     try:
-        values = [float(part) for part in text.split(",") if part.strip()]
+        # An empty entry, as in "1e-5,,0.1", is more likely a missing number
+        # than an extra comma, so it is rejected, as on the command line.
+        if "" in parts:
+            raise ValueError("empty entry")
+        values = [float(part) for part in parts]
     except ValueError:
-        st.error(f"Invalid sweep values {text!r}. Give numbers separated by commas.")
+        st.error(
+            f"Invalid sweep values {text!r}. Give numbers separated by single "
+            "commas, with nothing empty between them."
+        )
+        return None
+    # float() reads "1e400" as inf, which the strength check would then report
+    # as "inf", so the text as typed is named here.
+    too_large = [
+        part
+        for part, value in zip(parts, values, strict=True)
+        if math.isinf(value) and part.lower().lstrip("+-") not in ("inf", "infinity")
+    ]
+    if too_large:
+        st.error(
+            f"Sweep value {too_large[0]!r} is too large: it overflows to infinity. "
+            f"Give finite positive values of {field}."
+        )
         return None
     # Checked as typed, so that the Run button stays off until they are valid.
     try:
@@ -1008,12 +1032,34 @@ def sweep_axis(title: str, axis_range: list[float]) -> dict[str, Any]:
     }
 
 
+#: Columns of the sweep table that say where early stopping kept the
+#: parameters, by the point field they show. Points stored before these fields
+#: were recorded leave them empty.
+KEPT_COLUMNS = {"best_epoch": "kept epoch", "best_step": "kept step"}
+
+SWEEP_TABLE_HELP = (
+    "Kept epoch: the fine-tuning epoch with the lowest validation loss, whose "
+    "parameters early stopping kept. Every strength trains with the same seed, "
+    "so strengths whose runs kept the same epoch give the same model and the "
+    "same accuracies. Kept step: the EWC-deletion step whose parameters were "
+    "kept, with early stopping the one with the highest accuracy on F_q."
+)
+
+
 def sweep_table(sweeps: list[dict[str, Any]]) -> pd.DataFrame:
-    """Return one row per sweep point with its strength and accuracies."""
+    """Return one row per sweep point with its strength, accuracies and,
+    where recorded, the epoch or step that early stopping kept."""
+    kept = {
+        key: column
+        for key, column in KEPT_COLUMNS.items()
+        if any(key in point for sweep in sweeps for point in sweep["points"])
+    }
     rows = []
     for sweep in sweeps:
         for point in sweep["points"]:
             row = {"sweep": sweep["id"], "strength": f"{point['strength']:g}"}
+            for key, column in kept.items():
+                row[column] = str(point[key]) if key in point else ""
             for key, subset in SHORT_SUBSETS.items():
                 if key in point:
                     row[subset] = percent_text(point[key])
@@ -1081,7 +1127,10 @@ def sweep_section(sweeps: list[dict[str, Any]]) -> None:
         if note:
             st.info(f"Sweep {sweep['id']}: {note}")
     with st.expander("Sweep points"):
-        st.dataframe(sweep_table(chosen), hide_index=True)
+        table = sweep_table(chosen)
+        st.dataframe(table, hide_index=True)
+        if any(column in table.columns for column in KEPT_COLUMNS.values()):
+            st.caption(SWEEP_TABLE_HELP)
 
 
 with st.container(border=True):

@@ -179,14 +179,21 @@ def points_text(
     key: str,
     points: list[dict[str, Any]],
     spread: bool = True,
+    extra: Sequence[tuple[str, str]] = (),
 ) -> str:
     """Tabulate a sweep or removal curve, one row of accuracies per point.
 
     A point with ``mean`` and ``std`` shows "mean ± std" unless ``spread`` is
-    False, as for a single seed.
+    False, as for a single seed. ``extra`` adds a column per (key, heading)
+    before the seconds.
     """
     keys = [k for k, _ in ACCURACY_COLUMNS]
-    header = [first_column, *(name for _, name in ACCURACY_COLUMNS), "seconds"]
+    header = [
+        first_column,
+        *(name for _, name in ACCURACY_COLUMNS),
+        *(heading for _, heading in extra),
+        "seconds",
+    ]
     rows = []
     for point in points:
         mean = point.get("mean", point)
@@ -195,10 +202,18 @@ def points_text(
             [
                 f"{point[key]:g}",
                 *(_mean_std(mean, std, k) for k in keys),
+                *(number(point.get(k)) for k, _ in extra),
                 number(mean.get("seconds")),
             ]
         )
     return f"{title}\n\n{table(header, rows)}"
+
+
+#: Early-stopping fields of sweep points: (kept, run, name of the unit).
+KEPT_FIELDS = (
+    ("best_epoch", "epochs_run", "epoch"),
+    ("best_step", "steps_run", "step"),
+)
 
 
 def sweep_text(summary: dict[str, Any]) -> str:
@@ -211,7 +226,17 @@ def sweep_text(summary: dict[str, Any]) -> str:
         f"{summary['run_id']}, failure set {summary['failure_set_id']}\n"
         f"causes: {summary.get('causes') or '-'} ({summary['n_removed']} removed)"
     )
-    text = points_text(title, field, "strength", summary["points"])
+    points = summary["points"]
+    # Strengths whose runs kept the same epoch or step give the same model.
+    extra = next(
+        (
+            [(best, f"kept {unit}"), (run, f"{unit}s run")]
+            for best, run, unit in KEPT_FIELDS
+            if any(best in point for point in points)
+        ),
+        [],
+    )
+    text = points_text(title, field, "strength", points, extra=extra)
     note = unchanged_sweep_note(summary["treatment"], summary["points"])
     return f"{text}\n{note}" if note else text
 

@@ -516,6 +516,18 @@ def check_strengths(treatment: str, strengths: Sequence[float]) -> list[float]:
     return values
 
 
+#: Extras of the training treatments that say where early stopping kept the
+#: parameters: epochs for fine-tuning, steps for EWC-deletion.
+EARLY_STOPPING_FIELDS = ("best_epoch", "epochs_run", "best_step", "steps_run")
+
+
+def _early_stopping_record(extras: dict[str, Any]) -> dict[str, int]:
+    """Return the early-stopping fields of a treatment's extras. Two strengths
+    whose runs kept the same epoch or step give the same model, and these
+    fields show why."""
+    return {name: extras[name] for name in EARLY_STOPPING_FIELDS if name in extras}
+
+
 def sweep(
     treatment: str,
     model: nn.Module,
@@ -545,7 +557,9 @@ def sweep(
         One point per strength, in the given order: ``strength``, every
         accuracy, ``holdout_fixed``, ``remaining_broken``,
         ``test_log_likelihood``, ``seconds``, and ``unchanged``: whether the
-        point's model is θ̂ itself.
+        point's model is θ̂ itself. Fine-tuning points add ``best_epoch``, the
+        epoch whose parameters early stopping kept, and ``epochs_run``;
+        EWC-deletion points add ``best_step`` and ``steps_run`` likewise.
 
     Raises:
         ConfigError: a treatment without a strength, or no strengths.
@@ -612,6 +626,8 @@ def sweep(
             **_run_record(comparison, seconds),
             "unchanged": _same_parameters(model, repaired),
         }
+        if direction is None:
+            point.update(_early_stopping_record(result.extras))
         if store_model is not None:
             point["model_file"] = store_model(f"{field}-{value}", repaired)
         points.append(point)

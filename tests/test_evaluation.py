@@ -362,6 +362,64 @@ def test_sweep_marks_points_that_kept_the_original():
     assert "original one" not in sweep_text({**summary, "points": changed})
 
 
+def test_sweep_points_record_kept_epoch():
+    problem = tiny_problem()
+
+    points = sweep(
+        "finetune",
+        problem.model,
+        (problem.train_images, problem.train_labels),
+        problem.flipped,
+        (problem.test_images, problem.test_labels),
+        problem.split,
+        strengths=[1, 3],
+        train_config=problem.train_config,
+    )
+
+    assert [point["epochs_run"] for point in points] == [1, 3]
+    for point in points:
+        assert 1 <= point["best_epoch"] <= point["epochs_run"]
+        assert "best_step" not in point
+
+
+def test_sweep_points_record_kept_step():
+    problem = tiny_problem()
+
+    points = sweep(
+        "ewc-deletion",
+        problem.model,
+        (problem.train_images, problem.train_labels),
+        problem.flipped,
+        (problem.test_images, problem.test_labels),
+        problem.split,
+        strengths=[0.01],
+        config={"max_steps": 20, "early_stopping": False},
+    )
+
+    assert points[0]["steps_run"] == 20
+    assert 0 <= points[0]["best_step"] <= 20
+    assert "best_epoch" not in points[0]
+
+    from repair_core.cli_text import sweep_text
+
+    text = sweep_text(
+        {
+            "sweep_id": "sw-test",
+            "treatment": "ewc-deletion",
+            "run_id": "run-test",
+            "failure_set_id": "fs-test",
+            "n_removed": len(problem.flipped),
+            "points": points,
+        }
+    )
+    header, row = text.splitlines()[3:5]
+    assert "kept step" in header and "steps run" in header
+    cells = row.split()
+    # gamma, the accuracies, then the kept step and steps run before seconds.
+    assert cells[0] == "0.01"
+    assert cells[-3:-1] == [str(points[0]["best_step"]), "20"]
+
+
 def test_sweep_newton_larger_step_moves_further():
     problem = tiny_problem()
     causes = problem.flipped

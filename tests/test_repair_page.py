@@ -523,3 +523,165 @@ def test_app_logs_with_time_and_level(tmp_path):
         pattern = re.compile(f"{stamp} {level} repair_core.dashboard: {text}")
         # One handler, although app.py ran twice.
         assert sum(bool(pattern.fullmatch(line)) for line in lines) == 1, lines
+
+
+def sweep_form(env: test_app.Prepared, treatment: str) -> AppTest:
+    """Open the Repair page with the top-k causes and ``treatment`` in sweep mode."""
+    app = page("repair", **test_app.ranked_repair_state(env)).run()
+    app.radio(key="repair_source").set_value("top-k").run()
+    app.selectbox(key="repair_treatment").set_value(treatment).run()
+    app.segmented_control(key="repair_mode").set_value("sweep").run()
+    return app
+
+
+@pytest.mark.parametrize("text", ["1e-5,,0.1", "1e-5, 0.1,", ",0.1", " , 0.1"])
+def test_sweep_rejects_empty_value_entry(workspace_env, text):
+    app = sweep_form(workspace_env, "ewc-deletion")
+    app.text_input(key="repair_sweep_ewc-deletion").set_value(text).run()
+    assert not app.exception
+    errors = [error.value for error in app.error]
+    assert errors == [
+        f"Invalid sweep values {text!r}. Give numbers separated by single "
+        "commas, with nothing empty between them."
+    ]
+    assert app.button(key="repair_run").disabled
+
+
+def test_sweep_rejects_empty_values_field(workspace_env):
+    app = sweep_form(workspace_env, "ewc-deletion")
+    app.text_input(key="repair_sweep_ewc-deletion").set_value(" ").run()
+    assert not app.exception
+    errors = [error.value for error in app.error]
+    assert errors == ["The sweep values field is empty. Give at least one gamma."]
+    assert app.button(key="repair_run").disabled
+
+
+def test_sweep_names_value_that_overflows(workspace_env):
+    app = sweep_form(workspace_env, "ewc-deletion")
+    app.text_input(key="repair_sweep_ewc-deletion").set_value("0.1, 1e400").run()
+    assert not app.exception
+    errors = [error.value for error in app.error]
+    assert errors == [
+        "Sweep value '1e400' is too large: it overflows to infinity. Give finite "
+        "positive values of gamma."
+    ]
+    assert app.button(key="repair_run").disabled
+
+
+def test_sweep_table_shows_kept_epoch(workspace_env):
+    points = [
+        {
+            "strength": strength,
+            "remaining_acc": 0.9,
+            "holdout_acc": 0.4,
+            "best_epoch": 1,
+            "epochs_run": strength,
+        }
+        for strength in (1, 2)
+    ]
+    app = stored_sweep_page(workspace_env, "kept", points)
+
+    table = app.dataframe[-1].value
+    assert list(table["strength"]) == ["1", "2"]
+    assert list(table["kept epoch"]) == ["1", "1"]
+    assert "kept step" not in table.columns
+    captions = [caption.value for caption in app.caption]
+    assert any(
+        caption.startswith("Kept epoch: the fine-tuning epoch") for caption in captions
+    )
+
+
+def test_sweep_table_leaves_unrecorded_epoch_empty(workspace_env):
+    points = [{"strength": 1, "remaining_acc": 0.9, "holdout_acc": 0.4}]
+    app = stored_sweep_page(workspace_env, "old", points)
+
+    table = app.dataframe[-1].value
+    assert "kept epoch" not in table.columns
+    captions = [caption.value for caption in app.caption]
+    assert not any(caption.startswith("Kept epoch") for caption in captions)
+
+
+def stored_curve_page(env: test_app.Prepared, ks: list[int]) -> AppTest:
+    """Store a one-seed removal curve with ``ks`` on a new failure set and run
+    the Compare page on it."""
+    failure_set_id = env.new_failure_set()
+    workspace = env.workspace
+    run = pipeline.load_run(workspace, env.run_id)
+    ranking = pipeline.run_identification(
+        workspace, run, "training-loss", failure_set_id=failure_set_id
+    )
+    metrics = {"holdout_acc": 0.5, "remaining_acc": 0.9, "seconds": 1.0}
+    points = [
+        {
+            "k": k,
+            "mean": metrics,
+            "std": dict.fromkeys(metrics, 0.0),
+            "per_seed": [{**metrics, "seed": 0}],
+        }
+        for k in ks
+    ]
+    workspace.add_removal_curve(
+        f"rc-close-{failure_set_id}",
+        env.run_id,
+        failure_set_id,
+        ranking["scores_id"],
+        ks,
+        [0],
+        points,
+    )
+    state = {"run_id": env.run_id, "failure_set_id": failure_set_id}
+    app = page("compare", **state).run()
+    check_clean(app)
+    return app
+
+
+def test_compare_drops_colliding_k_labels(workspace_env):
+    app = stored_curve_page(workspace_env, [10, 30, 590, 598])
+
+    # The detection chart comes first, then F_h and T\F.
+    for figure in chart_specs(app)[1:]:
+        axis = figure["layout"]["xaxis"]
+        assert axis["tickvals"] == [10, 30, 590, 598]
+        assert axis["ticktext"] == ["10", "30", "", "598"]
+    captions = [caption.value for caption in app.caption]
+    assert any(caption.startswith("A tick without a label") for caption in captions)
+
+
+def test_compare_keeps_distant_k_labels(workspace_env):
+    app = stored_curve_page(workspace_env, [10, 100, 1000])
+
+    for figure in chart_specs(app)[1:]:
+        assert figure["layout"]["xaxis"]["ticktext"] == ["10", "100", "1000"]
+    captions = [caption.value for caption in app.caption]
+    assert not any(caption.startswith("A tick without") for caption in captions)
+
+
+#: Plot-area width and digit width, in pixels, that the Compare page spaces
+#: its k labels for.
+PLOT_WIDTH = 250
+DIGIT_WIDTH = 7
+
+
+@pytest.mark.parametrize(
+    "ks",
+    [
+        [590, 598],
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+        [10, 30, 100, 300, 590, 598, 1000, 1010, 2990],
+        list(range(100, 2901, 100)),
+    ],
+)
+def test_compare_k_labels_never_overlap(workspace_env, ks):
+    app = stored_curve_page(workspace_env, ks)
+
+    axis = chart_specs(app)[1]["layout"]["xaxis"]
+    assert axis["tickvals"] == ks
+    labels = axis["ticktext"]
+    assert labels[-1] == str(ks[-1])
+    shown = [(k, label) for k, label in zip(ks, labels, strict=True) if label]
+    assert all(label == str(k) for k, label in shown)
+    low, high = axis["range"]
+    for (left, left_text), (right, right_text) in zip(shown, shown[1:], strict=False):
+        distance = math.log10(right / left) / (high - low) * PLOT_WIDTH
+        overlap = (len(left_text) + len(right_text)) * DIGIT_WIDTH / 2
+        assert distance > overlap, (left, right)
