@@ -414,8 +414,8 @@ def _build_parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
         "--strengths",
         default=None,
         help="comma-separated strengths: gamma (unitless) or maximum epochs "
-        "(default: 1e-5,1e-4,1e-3,1e-2,0.1 for ewc-deletion, 0.5,1,2,4,8,16 for "
-        "newton, 1,2,5,10 for finetune)",
+        "(default: 1e-5,2e-5,3e-5,5e-5,1e-4,1e-3,1e-2,0.1 for ewc-deletion, "
+        "0.5,1,2,4,8,16 for newton, 1,2,5,10 for finetune)",
     )
     _add_settings(sweep, "max_steps=500")
 

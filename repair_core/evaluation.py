@@ -78,9 +78,13 @@ NO_CONTROLS = {
 SWEEPABLE = {"ewc-deletion": "gamma", "newton": "gamma", "finetune": "max_epochs"}
 #: Strengths swept when none are given. EWC-deletion's γ spans decades
 #: because the Fisher term only keeps the parameters near θ̂ when γ is far
-#: below 0.01. Newton's γ is a multiple of the full Newton step.
+#: below 0.01. On the reference CNN over the embedded MNIST, repairs go from
+#: barely changed at γ = 1e-5 to as far as early stopping allows at 1e-4,
+#: with the points of remaining-set accuracy above 0.95 in between, so that
+#: decade is sampled more finely. Newton's γ is a multiple of the full
+#: Newton step.
 DEFAULT_STRENGTHS = {
-    "ewc-deletion": (1e-5, 1e-4, 1e-3, 1e-2, 0.1),
+    "ewc-deletion": (1e-5, 2e-5, 3e-5, 5e-5, 1e-4, 1e-3, 1e-2, 0.1),
     "newton": (0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
     "finetune": (1, 2, 5, 10),
 }

@@ -1940,3 +1940,19 @@ def test_help_names_workspace_before_command(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "--workspace DIR" in out
     assert "also accepted after the command name" in out
+
+
+def test_sweep_help_names_the_default_strengths(capsys):
+    import re
+
+    from repair_core.evaluation import DEFAULT_STRENGTHS
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+
+    # argparse wraps the help text, so the words are joined again.
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
+    for treatment, values in DEFAULT_STRENGTHS.items():
+        listed = re.search(rf"([0-9.e,-]+) for {treatment}\b", text)
+        assert listed is not None, treatment
+        assert [float(v) for v in listed.group(1).split(",")] == list(values)
