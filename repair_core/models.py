@@ -429,16 +429,52 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "kind. It must be a file written by torch.save(model.state_dict(), "
             "path).",
         ) from error
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
+    if _is_state_dict(state):
+        return state
+    if isinstance(state, dict) and not state:
         raise CheckpointError(
-            f"Checkpoint {str(path)!r} does not contain a state dict of tensors. Save "
-            "it with torch.save(model.state_dict(), path)."
+            f"Checkpoint {str(path)!r} holds an empty dict, with no weights. Save "
+            "the model with torch.save(model.state_dict(), path)."
         )
-    return state
+    if isinstance(state, dict):
+        # A training checkpoint nests the weights beside the optimizer's state
+        # and counters under a conventional key.
+        for key in NESTED_STATE_KEYS:
+            if _is_state_dict(state.get(key)):
+                logger.info("Read the state dict under key %r of %s.", key, path)
+                return state[key]
+        keys = [str(key) for key in state]
+        listed = ", ".join(repr(key) for key in keys[:8])
+        more = f" and {len(keys) - 8} more" if len(keys) > 8 else ""
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} is a dict with keys {listed}{more}, not a "
+            "state dict of tensors, and none of "
+            f"{', '.join(repr(key) for key in NESTED_STATE_KEYS)} holds one. Save "
+            "the model's weights alone, for example torch.save(checkpoint[KEY], "
+            "path) with the key that holds them, or torch.save(model.state_dict(), "
+            "path)."
+        )
+    raise CheckpointError(
+        f"Checkpoint {str(path)!r} holds a {type(state).__name__}, not a state "
+        "dict of tensors. Save it with torch.save(model.state_dict(), path)."
+    )
+
+
+#: Keys under which training checkpoints commonly store the model's state
+#: dict: PyTorch Lightning's, the PyTorch tutorials' and other trainers'.
+NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model", "model_state")
+
+
+def _is_state_dict(value: object) -> bool:
+    """Return whether ``value`` is a non-empty dict of tensors by name."""
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(
+            isinstance(key, str) and isinstance(item, torch.Tensor)
+            for key, item in value.items()
+        )
+    )
 
 
 #: Most bytes of a checkpoint's pickle that :func:`_pickled_globals` reads.

@@ -240,6 +240,44 @@ def test_checkpoint_with_other_objects_is_named(tmp_path):
     assert "damaged" not in message
 
 
+@pytest.mark.parametrize("key", ["state_dict", "model_state_dict", "model"])
+def test_training_checkpoint_weights_are_found(tmp_path, key):
+    state = nn.Linear(3, 2).state_dict()
+    path = tmp_path / "training.pt"
+    optimizer = torch.optim.Adam(nn.Linear(3, 2).parameters())
+    torch.save(
+        {"epoch": 4, key: state, "optimizer_state_dict": optimizer.state_dict()}, path
+    )
+
+    read = models.read_state_dict(path)
+
+    assert list(read) == ["weight", "bias"]
+    assert torch.equal(read["weight"], state["weight"])
+
+
+def test_checkpoint_without_weights_lists_its_keys(tmp_path):
+    path = tmp_path / "training.pt"
+    torch.save({"epoch": 4, "weights": {"w": [1.0]}, "loss": torch.tensor(0.5)}, path)
+
+    with pytest.raises(CheckpointError) as caught:
+        models.read_state_dict(path)
+
+    message = str(caught.value)
+    assert "is a dict with keys 'epoch', 'weights', 'loss', not a state dict" in message
+    assert "torch.save(checkpoint[KEY], path)" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [({}, "holds an empty dict"), ([torch.zeros(2)], "holds a list")]
+)
+def test_checkpoint_of_other_shape_is_named(tmp_path, value, kind):
+    path = tmp_path / "odd.pt"
+    torch.save(value, path)
+
+    with pytest.raises(CheckpointError, match=kind):
+        models.read_state_dict(path)
+
+
 def test_data_parallel_prefix_is_removed(user_module, caplog):
     reference = models.load_factory("user_nets:build")
     path = user_module / "parallel.pt"
