@@ -31,7 +31,7 @@ from repair_core.errors import ConfigError
 from repair_core.failures import FailureSplit
 from repair_core.fisher import diagonal_fisher
 from repair_core.identification.base import scaled_progress
-from repair_core.inference import predict_logits
+from repair_core.inference import predict_logits, share
 from repair_core.progress import Progress
 from repair_core.training import TrainConfig
 from repair_core.treatments import (
@@ -97,7 +97,7 @@ NEWTON_SOLVE_SHARE = 0.9
 def _accuracy_on(correct: torch.Tensor, indices: torch.Tensor) -> float:
     if len(indices) == 0:
         return math.nan
-    return correct[indices].float().mean().item()
+    return share(correct[indices])
 
 
 def evaluate_model(
@@ -129,7 +129,7 @@ def evaluate_model(
         "holdout_acc": _accuracy_on(correct, split.holdout),
         "failure_acc": _accuracy_on(correct, split.failures),
         "remaining_acc": _accuracy_on(correct, split.remaining),
-        "test_acc": correct.float().mean().item(),
+        "test_acc": share(correct),
         "test_log_likelihood": log_p,
         "predictions": predictions,
     }

@@ -165,9 +165,18 @@ def log_likelihoods(
     return -F.cross_entropy(logits, labels.cpu(), reduction="none")
 
 
+def share(hits: torch.Tensor) -> float:
+    """Return the share of True entries of a boolean tensor as a Python float,
+    counted exactly, so 2/3 reads 0.6666666666666666 and not the float32
+    0.6666666865348816; NaN for an empty tensor."""
+    if hits.numel() == 0:
+        return float("nan")
+    return int(hits.sum()) / hits.numel()
+
+
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of correctly predicted examples; NaN for an empty set."""
     if len(labels) == 0:
         return float("nan")
     predictions = predict_logits(model, images).argmax(1)
-    return (predictions == labels.cpu()).float().mean().item()
+    return share(predictions == labels.cpu())

@@ -40,7 +40,7 @@ from repair_core.errors import (
     WorkspaceError,
 )
 from repair_core.failures import FailureSplit, split_failures
-from repair_core.inference import model_device, predict_logits
+from repair_core.inference import model_device, predict_logits, share
 from repair_core.noise import apply_scenario
 from repair_core.progress import Progress
 from repair_core.training import (
@@ -450,7 +450,7 @@ def _store_run(
             "the forward method for NaN or infinite values."
         )
     predictions = logits.argmax(1)
-    test_accuracy = (predictions == data.test.labels).float().mean().item()
+    test_accuracy = share(predictions == data.test.labels)
 
     workspace.save_tensor(run_id, "model.pt", _cpu_state(model))
     workspace.save_tensor(run_id, "train_labels.pt", data.train.labels.clone())
@@ -1636,7 +1636,12 @@ def _store_repair(
         "seeds": list(outcome["seeds"]),
         "seconds": time.perf_counter() - started,
         "device": str(run.device),
-        "config": outcome["result"].config,
+        # ``seeds`` lists every seed; the config's own seed is only the first.
+        "config": {
+            name: value
+            for name, value in outcome["result"].config.items()
+            if name != "seed"
+        },
         "gain_over_nothing": outcome["gain_over_nothing"],
         "controls_note": outcome["controls_note"],
         "notes": outcome["notes"],
@@ -1667,7 +1672,7 @@ def _store_repair(
             failure_set_id,
             scores_id,
             treatment,
-            outcome["result"].config,
+            summary["config"],
             summary,
         )
     return summary

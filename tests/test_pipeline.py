@@ -173,6 +173,9 @@ def test_repair_keeps_every_arm_and_seed(ranked):
     stored = workspace.get_repair(repair_id)["metrics"]
     assert stored["device"] == summary["device"] == str(run.device)
     assert summary["config"] == workspace.get_repair(repair_id)["config"]
+    # The seeds are listed once, not beside a config seed of the first alone.
+    assert summary["seeds"] == [0, 1]
+    assert "seed" not in summary["config"]
     assert list(summary["per_seed"]) == ["treatment", "nothing", "random"]
     for arm, records in summary["per_seed"].items():
         assert [record["seed"] for record in records] == [0, 1]
