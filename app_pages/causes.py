@@ -594,10 +594,13 @@ columns[0].metric(
 columns[1].metric("Rejected", len(rejected))
 columns[2].metric("Undecided", len(order) - len(confirmed) - len(rejected))
 if mask is not None:
+    # The value names its base, as the cards mark corrupted examples whether
+    # or not they are confirmed.
     columns[3].metric(
         "Corrupted",
-        int(mask[confirmed].sum()) if confirmed else 0,
-        help="Confirmed examples that the noise scenario corrupted.",
+        f"{int(mask[confirmed].sum()) if confirmed else 0} of {len(confirmed)}",
+        help="Confirmed examples that the noise scenario corrupted, of all "
+        "confirmed ones.",
     )
 
 k_column, confirm_column = st.columns(2, vertical_alignment="bottom")

@@ -1143,6 +1143,12 @@ def test_confirm_top_k_keeps_rejections(workspace_env):
     values = metric_values(app)
     assert values["Confirmed"] == "4"
     assert values["Rejected"] == "1"
+    confirmed = workspace_env.workspace.get_decisions(
+        workspace_env.run_id, failure_set_id
+    )
+    ids = [int(i) for i, d in confirmed.items() if d == "confirmed"]
+    n_corrupted = int(run.corrupted_mask[ids].sum())
+    assert values["Corrupted"] == f"{n_corrupted} of 4"
     download = app.get("download_button")[0]
     assert download.proto.label == "Download 4 confirmed culprits (CSV)"
 
