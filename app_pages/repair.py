@@ -28,6 +28,7 @@ from repair_core.treatments import (
     TREATMENTS,
     default_config,
 )
+from repair_core.treatments.ewc_deletion import STOP_LABELS, STOP_REASONS
 
 TREATMENT_HELP = {
     "ewc-deletion": "Unlearn C under an EWC prior, early-stopped on F_q accuracy. "
@@ -208,7 +209,7 @@ def strength_widget(treatment: str, config: Any) -> Any | None:
     field = SWEEPABLE.get(treatment)
     if field == "gamma":
         gamma = dashboard.number_field(
-            "Strength γ (larger removes more)",
+            "Strength γ (larger lets the model move further)",
             float(config.gamma),
             key=f"repair_gamma_{treatment}",
             above=0.0,
@@ -1042,7 +1043,11 @@ SWEEP_TABLE_HELP = (
     "parameters early stopping kept. Every strength trains with the same seed, "
     "so strengths whose runs kept the same epoch give the same model and the "
     "same accuracies. Kept step: the EWC-deletion step whose parameters were "
-    "kept, with early stopping the one with the highest accuracy on F_q."
+    "kept, with early stopping the one with the highest accuracy on F_q. "
+    "Stopped by: what ended an EWC-deletion run. "
+    + " ".join(
+        f"{STOP_LABELS[reason]}: {text}." for reason, text in STOP_REASONS.items()
+    )
 )
 
 
@@ -1054,12 +1059,17 @@ def sweep_table(sweeps: list[dict[str, Any]]) -> pd.DataFrame:
         for key, column in KEPT_COLUMNS.items()
         if any(key in point for sweep in sweeps for point in sweep["points"])
     }
+    stopped = any(
+        "stopped_by" in point for sweep in sweeps for point in sweep["points"]
+    )
     rows = []
     for sweep in sweeps:
         for point in sweep["points"]:
             row = {"sweep": sweep["id"], "strength": f"{point['strength']:g}"}
             for key, column in kept.items():
                 row[column] = str(point[key]) if key in point else ""
+            if stopped:
+                row["stopped by"] = STOP_LABELS.get(point.get("stopped_by"), "")
             for key, subset in SHORT_SUBSETS.items():
                 if key in point:
                     row[subset] = percent_text(point[key])
@@ -1129,7 +1139,9 @@ def sweep_section(sweeps: list[dict[str, Any]]) -> None:
     with st.expander("Sweep points"):
         table = sweep_table(chosen)
         st.dataframe(table, hide_index=True)
-        if any(column in table.columns for column in KEPT_COLUMNS.values()):
+        if any(
+            column in table.columns for column in (*KEPT_COLUMNS.values(), "stopped by")
+        ):
             st.caption(SWEEP_TABLE_HELP)
 
 

@@ -226,7 +226,14 @@ def sweep_text(summary: dict[str, Any]) -> str:
         f"{summary['run_id']}, failure set {summary['failure_set_id']}\n"
         f"causes: {summary.get('causes') or '-'} ({summary['n_removed']} removed)"
     )
-    points = summary["points"]
+    from repair_core.treatments.ewc_deletion import STOP_LABELS, STOP_REASONS
+
+    points = [
+        {**point, "stopped_by": STOP_LABELS.get(point["stopped_by"])}
+        if "stopped_by" in point
+        else point
+        for point in summary["points"]
+    ]
     # Strengths whose runs kept the same epoch or step give the same model.
     extra = next(
         (
@@ -236,7 +243,14 @@ def sweep_text(summary: dict[str, Any]) -> str:
         ),
         [],
     )
+    reasons = [
+        point["stopped_by"] for point in summary["points"] if "stopped_by" in point
+    ]
+    if reasons:
+        extra.append(("stopped_by", "stopped by"))
     text = points_text(title, field, "strength", points, extra=extra)
+    for reason in dict.fromkeys(reasons):
+        text += f"\nstopped by {STOP_LABELS[reason]}: {STOP_REASONS[reason]}."
     note = unchanged_sweep_note(summary["treatment"], summary["points"])
     return f"{text}\n{note}" if note else text
 

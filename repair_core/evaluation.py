@@ -380,6 +380,7 @@ def repair_with_controls(
             removed=removed.tolist(),
             unchanged=_same_parameters(model, result.model),
         )
+        record.update(_early_stopping_record(result.extras))
         if store_model is not None:
             record["model_file"] = store_model(f"{arm}-seed{seed}", result.model)
         per_arm[arm].append(record)
@@ -396,7 +397,10 @@ def repair_with_controls(
     return {
         "gain_over_nothing": _gain(per_arm) if "nothing" in per_arm else None,
         "controls_note": controls_note,
-        "notes": _unchanged_notes(per_arm),
+        "notes": [
+            *_unchanged_notes(per_arm),
+            *_stop_notes(treatment, settings, per_arm["treatment"]),
+        ],
         "treatment": treatment,
         "n_causes": len(checked),
         "seeds": seeds,
@@ -454,6 +458,50 @@ def _unchanged_notes(per_arm: dict[str, list[dict[str, Any]]]) -> list[str]:
             f"{len(runs)} seeds: no step raised accuracy on the query "
             "failures F_q before patience or the retained-accuracy guard ended the "
             "run, so early stopping kept the starting parameters."
+        )
+    return notes
+
+
+def _stop_notes(treatment: str, settings: Any, runs: list[dict[str, Any]]) -> list[str]:
+    """Say what limited the treatment's runs where the figures alone mislead:
+    EWC-deletion runs ended by the retained-accuracy guard, which a larger γ
+    does not move past, and seeds that gave the same figures because every
+    step used every cause."""
+    notes = []
+
+    guarded = [run["seed"] for run in runs if run.get("stopped_by") == "retain_drop"]
+    if guarded:
+        notes.append(
+            f"EWC-deletion stopped in {len(guarded)} of {len(runs)} seeds because "
+            f"accuracy on a sample of D\\C fell by more than retain_drop "
+            f"({settings.retain_drop:g}), keeping the parameters of a step before "
+            "that drop. A larger gamma then changes the model little. Set "
+            "retain_drop to 1.0 to turn this check off."
+        )
+
+    # Seeds only reorder the batches and draw the sample of D\C.
+    batch_size = getattr(settings, "batch_size", None)
+    n_causes = runs[0]["n_removed"] if runs else 0
+    same = (
+        len(runs) > 1
+        and not runs[0]["unchanged"]
+        and all(
+            [run.get(key) for key in (*OUTCOME_KEYS, "best_step")]
+            == [runs[0].get(key) for key in (*OUTCOME_KEYS, "best_step")]
+            for run in runs
+        )
+    )
+    if (
+        treatment == "ewc-deletion"
+        and same
+        and batch_size is not None
+        and 0 < n_causes <= batch_size
+    ):
+        notes.append(
+            f"The {len(runs)} seeds gave the same figures: with {n_causes} causes, "
+            f"no more than batch_size ({batch_size}), every EWC-deletion step uses "
+            "all of them, and the seed only draws the sample of D\\C that "
+            "retain_drop is checked on. One seed gives the same result."
         )
     return notes
 
@@ -521,11 +569,18 @@ def check_strengths(treatment: str, strengths: Sequence[float]) -> list[float]:
 
 
 #: Extras of the training treatments that say where early stopping kept the
-#: parameters: epochs for fine-tuning, steps for EWC-deletion.
-EARLY_STOPPING_FIELDS = ("best_epoch", "epochs_run", "best_step", "steps_run")
+#: parameters: epochs for fine-tuning, steps for EWC-deletion, and for
+#: EWC-deletion what ended the run (a key of ``STOP_REASONS``).
+EARLY_STOPPING_FIELDS = (
+    "best_epoch",
+    "epochs_run",
+    "best_step",
+    "steps_run",
+    "stopped_by",
+)
 
 
-def _early_stopping_record(extras: dict[str, Any]) -> dict[str, int]:
+def _early_stopping_record(extras: dict[str, Any]) -> dict[str, Any]:
     """Return the early-stopping fields of a treatment's extras. Two strengths
     whose runs kept the same epoch or step give the same model, and these
     fields show why."""
@@ -549,8 +604,10 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """Trace the trade-off between fixing failures and keeping the rest.
 
-    The strength is γ for EWC-deletion and Newton removal (larger removes
-    more) and the maximum number of epochs for fine-tuning. Newton removal
+    The strength is γ for EWC-deletion and Newton removal (larger lets the
+    parameters move further from θ̂, though EWC-deletion's early stopping and
+    retained-accuracy guard can end a run before it does) and the maximum
+    number of epochs for fine-tuning. Newton removal
     solves for its direction once and scales it for every γ. ``store_model``
     is called with a name such as ``"gamma-0.001"`` and each repaired model;
     what it returns is recorded as the point's ``model_file``. ``progress``

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -189,7 +190,50 @@ def test_controls_say_when_early_stopping_kept_the_original(early_stopping, lr):
         assert all("2 of 2 seeds" in note for note in report["notes"])
     else:
         assert unchanged["treatment"] == unchanged["random"] == [False, False]
-        assert report["notes"] == []
+        # The 26 causes fit in one batch of 64, so every step uses all of
+        # them and the two seeds give the same model.
+        treated = report["arms"]["treatment"]["per_seed"]
+        assert treated[0]["holdout_acc"] == treated[1]["holdout_acc"]
+        assert report["notes"] == [
+            "The 2 seeds gave the same figures: with 26 causes, no more than "
+            "batch_size (64), every EWC-deletion step uses all of them, and the "
+            "seed only draws the sample of D\\C that retain_drop is checked on. "
+            "One seed gives the same result."
+        ]
+
+
+def test_controls_say_when_retained_accuracy_ended_the_run():
+    problem = tiny_problem()
+
+    # A free, fast unlearning of C also loses accuracy on D\C, so the guard
+    # ends every run; batches of 8 make the seeds differ.
+    report = repair_with_controls(
+        "ewc-deletion",
+        problem.model,
+        (problem.train_images, problem.train_labels),
+        problem.flipped,
+        (problem.test_images, problem.test_labels),
+        problem.split,
+        seeds=(0, 1),
+        config={
+            "gamma": 1e9,
+            "lr": 1e-3,
+            "max_steps": 300,
+            "eval_every": 5,
+            "early_stopping": False,
+            "batch_size": 8,
+        },
+    )
+
+    treated = report["arms"]["treatment"]["per_seed"]
+    assert [run["stopped_by"] for run in treated] == ["retain_drop", "retain_drop"]
+    assert all(0 < run["best_step"] < run["steps_run"] < 300 for run in treated)
+    assert report["notes"] == [
+        "EWC-deletion stopped in 2 of 2 seeds because accuracy on a sample of D\\C "
+        "fell by more than retain_drop (0.02), keeping the parameters of a step "
+        "before that drop. A larger gamma then changes the model little. Set "
+        "retain_drop to 1.0 to turn this check off."
+    ]
 
 
 def test_fit_and_delete_control_is_fit_alone():
@@ -413,11 +457,12 @@ def test_sweep_points_record_kept_step():
         }
     )
     header, row = text.splitlines()[3:5]
-    assert "kept step" in header and "steps run" in header
-    cells = row.split()
-    # gamma, the accuracies, then the kept step and steps run before seconds.
-    assert cells[0] == "0.01"
-    assert cells[-3:-1] == [str(points[0]["best_step"]), "20"]
+    assert "kept step  steps run  stopped by  seconds" in header
+    # gamma, the accuracies, then the kept step, steps run and the reason.
+    assert row.split()[0] == "0.01"
+    assert points[0]["stopped_by"] == "max_steps"
+    assert re.search(rf" {points[0]['best_step']} +20  max steps +[0-9.]+$", row)
+    assert "stopped by max steps: max_steps steps ran." in text
 
 
 def test_sweep_newton_larger_step_moves_further():

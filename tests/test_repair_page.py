@@ -591,6 +591,33 @@ def test_sweep_table_shows_kept_epoch(workspace_env):
     )
 
 
+def test_sweep_table_names_what_stopped_each_run(workspace_env):
+    points = [
+        {
+            "strength": strength,
+            "remaining_acc": 0.9,
+            "holdout_acc": 0.4,
+            "best_step": 60,
+            "steps_run": steps,
+            "stopped_by": reason,
+        }
+        for strength, steps, reason in (
+            (1e-5, 260, "patience"),
+            (0.1, 70, "retain_drop"),
+        )
+    ]
+    app = stored_sweep_page(workspace_env, "stopped", points)
+
+    table = app.dataframe[-1].value
+    assert list(table["stopped by"]) == ["patience", "D\\C drop"]
+    assert list(table["kept step"]) == ["60", "60"]
+    captions = " ".join(caption.value for caption in app.caption)
+    assert (
+        "D\\C drop: accuracy on a sample of D\\C fell by more than retain_drop"
+        in captions
+    )
+
+
 def test_sweep_table_leaves_unrecorded_epoch_empty(workspace_env):
     points = [{"strength": 1, "remaining_acc": 0.9, "holdout_acc": 0.4}]
     app = stored_sweep_page(workspace_env, "old", points)

@@ -243,6 +243,54 @@ def test_ewc_deletion_early_stopping_keeps_best_query_accuracy():
     assert result.extras["steps_run"] <= result.extras["best_step"] + 50
 
 
+def _deletion_extras(config: EWCDeletionConfig) -> dict:
+    problem = tiny_problem()
+    result = repair(
+        "ewc-deletion",
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped,
+        problem.query_images,
+        problem.query_labels,
+        config,
+    )
+    return result.extras
+
+
+def test_ewc_deletion_retain_guard_stops_and_keeps_earlier_step():
+    # A free, fast unlearning of C also loses accuracy on D\C, which ends the
+    # run at the first evaluation past the allowed drop.
+    config = EWCDeletionConfig(
+        gamma=1e9, lr=1e-2, early_stopping=False, max_steps=300, eval_every=5
+    )
+
+    extras = _deletion_extras(config)
+
+    history = extras["history"]
+    before = extras["retain_acc_before"]
+    assert extras["stopped_by"] == "retain_drop"
+    assert extras["stopped_by_retain"] is True
+    assert extras["steps_run"] < config.max_steps
+    assert history[-1]["retain_acc"] < before - config.retain_drop
+    assert all(r["retain_acc"] >= before - config.retain_drop for r in history[:-1])
+    # The parameters kept are those of the last evaluation within the drop.
+    assert extras["best_step"] == history[-2]["step"]
+
+
+def test_ewc_deletion_names_other_stop_reasons():
+    free = EWCDeletionConfig(
+        gamma=1e9, lr=1e-2, early_stopping=False, max_steps=40, retain_drop=1.0
+    )
+    # Steps of 1e-12 change no prediction, so F_q accuracy never rises.
+    stalled = EWCDeletionConfig(lr=1e-12, max_steps=300, eval_every=5, patience=20)
+
+    assert _deletion_extras(free)["stopped_by"] == "max_steps"
+    stalled_extras = _deletion_extras(stalled)
+    assert stalled_extras["stopped_by"] == "patience"
+    assert stalled_extras["steps_run"] == 20
+
+
 def test_ewc_deletion_needs_query_for_early_stopping():
     problem = tiny_problem()
     fisher = diagonal_fisher(problem.model, problem.train_images, problem.train_labels)

@@ -81,6 +81,20 @@ from repair_core.treatments.base import TreatmentConfig, report, trainable
 logger = logging.getLogger(__name__)
 
 REDUCTIONS = ("mean", "sum")
+#: Reasons an EWC-deletion run ended, by the value of ``stopped_by`` in its record.
+STOP_REASONS = {
+    "retain_drop": "accuracy on a sample of D\\C fell by more than retain_drop",
+    "patience": "patience steps passed without a higher accuracy on F_q",
+    "max_steps": "max_steps steps ran",
+    "no_causes": "there were no causes to remove",
+}
+#: Short names of ``STOP_REASONS`` for table cells.
+STOP_LABELS = {
+    "retain_drop": "D\\C drop",
+    "patience": "patience",
+    "max_steps": "max steps",
+    "no_causes": "no causes",
+}
 
 
 @dataclass
@@ -117,8 +131,8 @@ class EWCDeletionConfig(TreatmentConfig):
     patience: int = option(200, "Steps without a higher F_q accuracy before stopping.")
     early_stopping: bool = option(
         True,
-        "Keep the parameters with the highest F_q accuracy and stop after ``patience``"
-        " steps without a gain. When False, run ``max_steps`` steps and keep the last "
+        "Keep the parameters with the highest F_q accuracy and stop after patience"
+        " steps without a gain. When False, run max_steps steps and keep the last "
         "parameters.",
     )
     fisher_batch_size: int = option(
@@ -216,8 +230,9 @@ def ewc_delete(
     Returns:
         The repaired copy and a record with ``best_step``, ``steps_run``,
         ``best_query_acc``, ``log_p_causes_before`` and ``log_p_causes_after``
-        (sums over C), ``retain_acc_before`` and ``stopped_by_retain`` and
-        ``history`` (step, query accuracy, retained accuracy, loss).
+        (sums over C), ``retain_acc_before``, ``stopped_by_retain``,
+        ``stopped_by`` (one of ``STOP_REASONS``) and ``history`` (step, query
+        accuracy, retained accuracy, loss).
 
     Raises:
         ConfigError: early stopping without a query set.
@@ -232,7 +247,12 @@ def ewc_delete(
     repaired = copy.deepcopy(model)
     n_causes = len(cause_labels)
     if n_causes == 0:
-        return repaired, {"best_step": 0, "steps_run": 0, "history": []}
+        return repaired, {
+            "best_step": 0,
+            "steps_run": 0,
+            "stopped_by": "no_causes",
+            "history": [],
+        }
 
     device = model_device(repaired)
     anchor = {k: v.clone() for k, v in detached_parameters(repaired).items()}
@@ -321,6 +341,12 @@ def ewc_delete(
             if config.early_stopping and step - best_step >= config.patience:
                 break
 
+        if stopped_by_retain:
+            stopped_by = "retain_drop"
+        elif step < config.max_steps:
+            stopped_by = "patience"
+        else:
+            stopped_by = "max_steps"
         if config.early_stopping or stopped_by_retain:
             with torch.no_grad():
                 for param, value in zip(params, best_state, strict=True):
@@ -349,6 +375,7 @@ def ewc_delete(
         "log_p_causes_after": log_p_after,
         "retain_acc_before": retain_before,
         "stopped_by_retain": stopped_by_retain,
+        "stopped_by": stopped_by,
         "history": history,
     }
     return repaired, record
