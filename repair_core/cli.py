@@ -323,7 +323,11 @@ def _build_parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
         "folder and the checkpoint's folder), or a built-in name",
     )
     imported.add_argument(
-        "--checkpoint", required=True, help="state-dict file saved by torch.save"
+        "--checkpoint",
+        required=True,
+        help="state-dict file saved by torch.save(model.state_dict(), path); a "
+        "training checkpoint with the weights under 'state_dict', "
+        "'model_state_dict', 'model' or 'model_state' is read too",
     )
 
     runs = commands.add_parser(

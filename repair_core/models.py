@@ -443,9 +443,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             if _is_state_dict(state.get(key)):
                 logger.info("Read the state dict under key %r of %s.", key, path)
                 return state[key]
+        for key in NESTED_STATE_KEYS:
+            value = state.get(key)
+            if not isinstance(value, dict):
+                continue
+            others = [
+                str(name)
+                for name, item in value.items()
+                if not (isinstance(name, str) and isinstance(item, torch.Tensor))
+            ]
+            if others and len(others) < len(value):
+                raise CheckpointError(
+                    f"Checkpoint {str(path)!r} holds tensors under {key!r}, but "
+                    f"also {', '.join(repr(name) for name in others[:3])}"
+                    f"{_more_text(others, 3)}, which are not weights. Save the "
+                    "weights alone, with torch.save(model.state_dict(), path)."
+                )
         keys = [str(key) for key in state]
         listed = ", ".join(repr(key) for key in keys[:8])
-        more = f" and {len(keys) - 8} more" if len(keys) > 8 else ""
+        more = _more_text(keys, 8)
         raise CheckpointError(
             f"Checkpoint {str(path)!r} is a dict with keys {listed}{more}, not a "
             "state dict of tensors, and none of "
@@ -458,6 +474,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         f"Checkpoint {str(path)!r} holds a {type(state).__name__}, not a state "
         "dict of tensors. Save it with torch.save(model.state_dict(), path)."
     )
+
+
+def _more_text(names: list[str], shown: int) -> str:
+    """Return " and N more" for the names after the first ``shown``."""
+    return f" and {len(names) - shown} more" if len(names) > shown else ""
 
 
 #: Keys under which training checkpoints commonly store the model's state
@@ -566,6 +587,15 @@ def _check_pickled_objects(path: Path) -> None:
 PARALLEL_PREFIX = "module."
 
 
+def _shared_prefix(state: dict[str, torch.Tensor]) -> str | None:
+    """Return the first dotted part of the keys, with its dot, when every key
+    of ``state`` starts with the same one and goes on after it, else None."""
+    parts = {key.partition(".")[0] for key in state}
+    if len(parts) != 1 or not all("." in key for key in state):
+        return None
+    return f"{parts.pop()}."
+
+
 def _more(names: list[str]) -> str:
     """Return " (and N more)" for the names after the first, or "" for one."""
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
@@ -577,34 +607,41 @@ def load_checked_state(
     """Load ``state`` into ``model`` after checking every key and shape.
 
     A state dict saved from a model wrapped in DataParallel or
-    DistributedDataParallel has the prefix "module." on every key. It is
-    removed when the keys without it are exactly the model's.
+    DistributedDataParallel has the prefix "module." on every key, and one
+    saved by a training wrapper, such as a PyTorch Lightning module holding
+    the network as ``self.net``, has that attribute's name. A prefix shared by
+    every key is removed when the keys without it are exactly the model's.
 
     Raises:
         CheckpointError: naming the first missing, unexpected or mis-shaped layer.
     """
     expected = model.state_dict()
     prefix_note = ""
+    prefix = _shared_prefix(state)
     if (
-        state
+        prefix is not None
         and set(state) != set(expected)
-        and all(key.startswith(PARALLEL_PREFIX) for key in state)
+        # A model whose own keys all share the prefix keeps it.
+        and prefix != _shared_prefix(expected)
     ):
-        stripped = {key[len(PARALLEL_PREFIX) :]: value for key, value in state.items()}
+        stripped = {key[len(prefix) :]: value for key, value in state.items()}
         if set(stripped) == set(expected):
             logger.info(
-                "Removed the prefix %r that DataParallel adds from every key of "
-                "the %s.",
-                PARALLEL_PREFIX,
-                source,
+                "Removed the prefix %r from every key of the %s.", prefix, source
             )
-        else:
+            state = stripped
+        elif prefix == PARALLEL_PREFIX:
             prefix_note = (
                 f" Every key of the {source} starts with {PARALLEL_PREFIX!r}, as "
                 "DataParallel and DistributedDataParallel save them, so the keys "
                 "were compared without that prefix."
             )
-        state = stripped
+            state = stripped
+        else:
+            prefix_note = (
+                f" Every key of the {source} starts with {prefix!r}, and without "
+                "that prefix the keys still differ from the model's."
+            )
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     if missing:

@@ -267,6 +267,19 @@ def test_checkpoint_without_weights_lists_its_keys(tmp_path):
     assert "torch.save(checkpoint[KEY], path)" in message
 
 
+def test_nested_weights_with_other_entries_are_named(tmp_path):
+    path = tmp_path / "training.pt"
+    state = {**nn.Linear(3, 2).state_dict(), "step": 5}
+    torch.save({"model": state, "epoch": 4}, path)
+
+    with pytest.raises(CheckpointError) as caught:
+        models.read_state_dict(path)
+
+    assert "holds tensors under 'model', but also 'step', which are not" in str(
+        caught.value
+    )
+
+
 @pytest.mark.parametrize(
     ("value", "kind"), [({}, "holds an empty dict"), ([torch.zeros(2)], "holds a list")]
 )
@@ -292,6 +305,31 @@ def test_data_parallel_prefix_is_removed(user_module, caplog):
     images = torch.rand(3, 1, 28, 28)
     assert torch.equal(model(images), reference(images))
     assert any("'module.'" in record.getMessage() for record in caplog.records)
+
+
+def test_wrapper_attribute_prefix_is_removed(user_module):
+    # A Lightning module that holds the network as self.net saves "net.0.weight".
+    reference = models.load_factory("user_nets:build")
+    state = {f"net.{key}": value for key, value in reference.state_dict().items()}
+    model = models.load_factory("user_nets:build")
+
+    models.load_checked_state(model, state)
+
+    images = torch.rand(3, 1, 28, 28)
+    assert torch.equal(model(images), reference(images))
+
+
+def test_wrapper_prefix_named_when_keys_differ(user_module):
+    other = models.load_factory("user_nets:build_five")
+    state = {f"net.{key}": value for key, value in other.state_dict().items()}
+    model = models.load_factory("user_nets:build")
+
+    with pytest.raises(CheckpointError) as caught:
+        models.load_checked_state(model, state)
+
+    assert "Every key of the checkpoint starts with 'net.', and without" in str(
+        caught.value
+    )
 
 
 def test_data_parallel_prefix_named_when_keys_differ(user_module):
