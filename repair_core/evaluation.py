@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -188,19 +189,43 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """
     summary: dict[str, dict[str, float]] = {"mean": {}, "std": {}, "min": {}, "max": {}}
     for key in METRIC_KEYS:
-        values = torch.tensor([float(run[key]) for run in runs], dtype=torch.float64)
-        summary["mean"][key] = values.mean().item()
-        summary["std"][key] = _spread(values)
-        summary["min"][key] = values.min().item()
-        summary["max"][key] = values.max().item()
+        values = [float(run[key]) for run in runs]
+        if any(math.isnan(value) for value in values):
+            stats = dict.fromkeys(summary, math.nan)
+        else:
+            stats = {
+                "mean": _mean(values),
+                "std": _spread(values),
+                "min": min(values),
+                "max": max(values),
+            }
+        for name, value in stats.items():
+            summary[name][key] = value
     return summary
 
 
-def _spread(values: torch.Tensor) -> float:
-    """Sample std of ``values``: 0 for one finite value, NaN if any is NaN."""
-    if len(values) > 1:
-        return values.std().item()
-    return 0.0 if torch.isfinite(values).all() else math.nan
+def _mean(values: list[float]) -> float:
+    """Mean of ``values``, exactly the value itself when all are equal, so
+    identical seeds show no rounding difference."""
+    if any(math.isnan(value) for value in values):
+        return math.nan
+    if min(values) == max(values):
+        return values[0]
+    if all(math.isfinite(value) for value in values):
+        return statistics.fmean(values)
+    return sum(values) / len(values)
+
+
+def _spread(values: list[float]) -> float:
+    """Sample std of ``values``: 0 for one value or equal values, without the
+    rounding residue (such as 1e-16) of a floating-point sum."""
+    if any(math.isnan(value) for value in values):
+        return math.nan
+    if len(values) < 2 or min(values) == max(values):
+        return 0.0
+    if all(math.isfinite(value) for value in values):
+        return statistics.stdev(values)
+    return math.nan
 
 
 def _random_causes(n_train: int, size: int, seed: int) -> torch.Tensor:
@@ -475,11 +500,12 @@ def _stop_notes(treatment: str, settings: Any, runs: list[dict[str, Any]]) -> li
             f"EWC-deletion stopped in {len(guarded)} of {len(runs)} seeds because "
             f"accuracy on a sample of D\\C fell by more than retain_drop "
             f"({settings.retain_drop:g}), keeping the parameters of a step before "
-            "that drop. A larger gamma then changes the model little. Set "
-            "retain_drop to 1.0 to turn this check off."
+            "that drop, so the run ended before early stopping on F_q would have "
+            "ended it. Set retain_drop to 1.0 to turn this check off."
         )
 
-    # Seeds only reorder the batches and draw the sample of D\C.
+    # The seed orders the causes into batches and draws the sample of D\C
+    # that retain_drop is checked on.
     batch_size = getattr(settings, "batch_size", None)
     n_causes = runs[0]["n_removed"] if runs else 0
     same = (
@@ -500,8 +526,8 @@ def _stop_notes(treatment: str, settings: Any, runs: list[dict[str, Any]]) -> li
         notes.append(
             f"The {len(runs)} seeds gave the same figures: with {n_causes} causes, "
             f"no more than batch_size ({batch_size}), every EWC-deletion step uses "
-            "all of them, and the seed only draws the sample of D\\C that "
-            "retain_drop is checked on. One seed gives the same result."
+            "all of them, so the seed does not change the steps. One seed gives "
+            "the same result."
         )
     return notes
 
@@ -516,14 +542,11 @@ def _gain(per_arm: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float
     }
     for key in OUTCOME_KEYS:
         gain["mean"][key] = treated[key] - nothing[key]
-        paired = torch.tensor(
-            [
-                float(a[key]) - float(b[key])
-                for a, b in zip(per_arm["treatment"], per_arm["nothing"], strict=True)
-            ],
-            dtype=torch.float64,
-        )
-        gain["paired_mean"][key] = paired.mean().item()
+        paired = [
+            float(a[key]) - float(b[key])
+            for a, b in zip(per_arm["treatment"], per_arm["nothing"], strict=True)
+        ]
+        gain["paired_mean"][key] = _mean(paired)
         gain["paired_std"][key] = _spread(paired)
     return gain
 

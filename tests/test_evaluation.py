@@ -111,6 +111,20 @@ def test_summarise_spreads():
         assert math.isnan(summary["std"]["holdout_acc"])
 
 
+def test_summarise_equal_runs_have_no_rounding_spread():
+    # 166/208 three times: a floating-point sum leaves a std near 1e-16 and
+    # a mean one unit in the last place away from the value.
+    value = 166 / 208
+    summary = summarise(
+        _runs(remaining_acc=[value] * 3, holdout_acc=[0.1, 0.2, math.nan])
+    )
+
+    assert summary["std"]["remaining_acc"] == 0.0
+    assert summary["mean"]["remaining_acc"] == value
+    assert math.isnan(summary["mean"]["holdout_acc"])
+    assert math.isnan(summary["std"]["holdout_acc"])
+
+
 def test_repair_with_controls_finetune():
     problem = tiny_problem()
     causes = problem.flipped
@@ -196,9 +210,8 @@ def test_controls_say_when_early_stopping_kept_the_original(early_stopping, lr):
         assert treated[0]["holdout_acc"] == treated[1]["holdout_acc"]
         assert report["notes"] == [
             "The 2 seeds gave the same figures: with 26 causes, no more than "
-            "batch_size (64), every EWC-deletion step uses all of them, and the "
-            "seed only draws the sample of D\\C that retain_drop is checked on. "
-            "One seed gives the same result."
+            "batch_size (64), every EWC-deletion step uses all of them, so the "
+            "seed does not change the steps. One seed gives the same result."
         ]
 
 
@@ -231,8 +244,8 @@ def test_controls_say_when_retained_accuracy_ended_the_run():
     assert report["notes"] == [
         "EWC-deletion stopped in 2 of 2 seeds because accuracy on a sample of D\\C "
         "fell by more than retain_drop (0.02), keeping the parameters of a step "
-        "before that drop. A larger gamma then changes the model little. Set "
-        "retain_drop to 1.0 to turn this check off."
+        "before that drop, so the run ended before early stopping on F_q would "
+        "have ended it. Set retain_drop to 1.0 to turn this check off."
     ]
 
 
