@@ -1375,7 +1375,8 @@ def _command_bench(args: argparse.Namespace) -> dict[str, Any]:
             raise RepairError(
                 f"--render-only rebuilds the page from {args.out}/results.json "
                 f"without running anything, so {', '.join(given)} would be "
-                "ignored. Leave them out, or drop --render-only to run."
+                f"ignored. Leave {'it' if len(given) == 1 else 'them'} out, or drop "
+                "--render-only to run."
             )
         try:
             page = benchmark.render_page(args.out)

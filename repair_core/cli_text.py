@@ -24,10 +24,13 @@ ACCURACY_COLUMNS = (
 
 
 def _more_or_fewer(difference: float) -> str:
-    """Return a count difference as "3.0 more", "6.0 fewer" or "as many"."""
+    """Return a count difference as "3 more", "6.5 fewer" or "as many": whole
+    for one seed, and to one decimal for a mean over seeds."""
     if round(difference, 1) == 0:
         return "as many"
-    return f"{abs(difference):.1f} {'more' if difference > 0 else 'fewer'}"
+    size = abs(difference)
+    text = f"{size:.0f}" if round(size, 1) == round(size) else f"{size:.1f}"
+    return f"{text} {'more' if difference > 0 else 'fewer'}"
 
 
 def number(value: Any, signed: bool = False) -> str:

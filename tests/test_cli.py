@@ -1734,14 +1734,22 @@ def test_repair_text_counts_fixed_only_with_holdout(holdout_before, fixed_text):
 
     text = repair_text(summary)
 
-    assert "2.0 more remaining examples broken" in text
+    assert "2 more remaining examples broken" in text
     assert ("as many holdout failures fixed" in text) == fixed_text
 
     summary["gain_over_nothing"]["mean"] = {"holdout_fixed": 3, "remaining_broken": -6}
     assert (
-        "Against the nothing-removed control: 3.0 more holdout failures fixed, "
-        "6.0 fewer remaining examples broken."
+        "Against the nothing-removed control: 3 more holdout failures fixed, "
+        "6 fewer remaining examples broken."
     ) in repair_text(summary) or not fixed_text
+
+    # A mean over seeds keeps one decimal.
+    summary["gain_over_nothing"]["mean"] = {
+        "holdout_fixed": 2 / 3,
+        "remaining_broken": -4.5,
+    }
+    assert "4.5 fewer remaining examples broken" in repair_text(summary)
+    assert ("0.7 more holdout failures fixed" in repair_text(summary)) == fixed_text
 
 
 def test_removal_curve_takes_finetune_settings(tiny_run, capsys, monkeypatch):

@@ -289,6 +289,9 @@ def test_ewc_deletion_names_other_stop_reasons():
     stalled_extras = _deletion_extras(stalled)
     assert stalled_extras["stopped_by"] == "patience"
     assert stalled_extras["steps_run"] == 20
+    # Patience that runs out at the last step still names patience.
+    last = dataclasses.replace(stalled, max_steps=20)
+    assert _deletion_extras(last)["stopped_by"] == "patience"
 
 
 def test_ewc_deletion_needs_query_for_early_stopping():

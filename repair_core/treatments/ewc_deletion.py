@@ -343,7 +343,8 @@ def ewc_delete(
 
         if stopped_by_retain:
             stopped_by = "retain_drop"
-        elif step < config.max_steps:
+        elif config.early_stopping and step - best_step >= config.patience:
+            # Also when patience ran out at the last step.
             stopped_by = "patience"
         else:
             stopped_by = "max_steps"
