@@ -1364,6 +1364,7 @@ def _command_bench(args: argparse.Namespace) -> dict[str, Any]:
                 ("--seeds", args.seeds, None),
                 ("--quick", args.quick, False),
                 ("--mnist-root", args.mnist_root, None),
+                ("--workspace", args.workspace, None),
                 ("--experiments", args.experiments, "1,2,3,4,5,6"),
                 ("--device", args.device, "auto"),
                 ("--threads", args.threads, None),

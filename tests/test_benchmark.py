@@ -412,8 +412,12 @@ def test_bench_rejects_corrupt_results(tmp_path, capsys, content, problem, rende
     results = out / "results.json"
     results.write_text(content)
     workspace = tmp_path / "ws"
-    argv = ["--render-only"] if render_only else RUN_ARGUMENTS
-    argv = [*argv, "--workspace", str(workspace)]
+    # --render-only refuses a workspace, since it runs nothing.
+    argv = (
+        ["--render-only"]
+        if render_only
+        else [*RUN_ARGUMENTS, "--workspace", str(workspace)]
+    )
 
     code = main(["bench", "--out", str(out), *argv])
 
@@ -518,12 +522,17 @@ def test_bench_rejects_read_only_out_before_work(
     locked = tmp_path / read_only if read_only else tmp_path
     before = folder_listing(tmp_path)
     workspace = tmp_path / "ws"
-    argv = ["--render-only"] if render_only else RUN_ARGUMENTS
+    # --render-only refuses a workspace, since it runs nothing.
+    argv = (
+        ["--render-only"]
+        if render_only
+        else [*RUN_ARGUMENTS, "--workspace", str(workspace)]
+    )
     locked.chmod(0o555)
     try:
         result = subprocess.run(
             [*_without_root_override(), sys.executable, "-m", "repair_core", "bench"]
-            + ["--out", str(out), *argv, "--workspace", str(workspace)],
+            + ["--out", str(out), *argv],
             capture_output=True,
             text=True,
             timeout=300,

@@ -182,7 +182,12 @@ def test_train_names_the_typed_non_finite_number(tmp_path, capsys, argv, typed):
         (["--render-only"], "Run the benchmark first, or pass the --out folder"),
         (
             ["--render-only", "--experiments", "9"],
-            "without running anything, so --quick, --experiments would be ignored",
+            "without running anything, so --experiments would be ignored. Leave it "
+            "out, or drop --render-only",
+        ),
+        (
+            ["--render-only", "--workspace", "elsewhere", "--seeds", "2"],
+            "so --seeds, --workspace would be ignored. Leave them out",
         ),
         (["--experiments", "1,1"], "Invalid --experiments '1,1': 1 appears more"),
         (["--mnist-root", "nowhere", "--experiments", "6"], "No MNIST/raw folder"),
@@ -195,7 +200,7 @@ def test_train_names_the_typed_non_finite_number(tmp_path, capsys, argv, typed):
 def test_bench_rejects_bad_options(tmp_path, capsys, argv, message):
     out = tmp_path / "out" / "benchmarks"
 
-    quick = [] if argv == ["--render-only"] else ["--quick"]
+    quick = [] if argv[0] == "--render-only" else ["--quick"]
 
     code = main(["bench", *quick, "--out", str(out), *argv])
 
