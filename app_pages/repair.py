@@ -1033,7 +1033,7 @@ def sweep_axis(title: str, axis_range: list[float]) -> dict[str, Any]:
     }
 
 
-#: Columns of the sweep table that say where early stopping kept the
+#: Columns of the sweep table that show where early stopping kept the
 #: parameters, by the point field they show. Points stored before these fields
 #: were recorded leave them empty.
 KEPT_COLUMNS = {"best_epoch": "kept epoch", "best_step": "kept step"}

@@ -591,9 +591,9 @@ def check_strengths(treatment: str, strengths: Sequence[float]) -> list[float]:
     return values
 
 
-#: Extras of the training treatments that say where early stopping kept the
-#: parameters: epochs for fine-tuning, steps for EWC-deletion, and for
-#: EWC-deletion what ended the run (a key of ``STOP_REASONS``).
+#: Extras of the training treatments that record where early stopping kept
+#: the parameters (epochs for fine-tuning, steps for EWC-deletion) and, for
+#: EWC-deletion, the reason the run ended (a key of ``STOP_REASONS``).
 EARLY_STOPPING_FIELDS = (
     "best_epoch",
     "epochs_run",

@@ -388,7 +388,7 @@ def _checkpoint_files_hint(folder: Path) -> str:
     if not names:
         return ""
     listed = ", ".join(repr(name) for name in names[:3])
-    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    more = _more_text(names, 3)
     return f" The folder contains {listed}{more}."
 
 
@@ -433,7 +433,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         return state
     if isinstance(state, dict) and not state:
         raise CheckpointError(
-            f"Checkpoint {str(path)!r} holds an empty dict, with no weights. Save "
+            f"Checkpoint {str(path)!r} contains an empty dict, with no weights. Save "
             "the model with torch.save(model.state_dict(), path)."
         )
     if isinstance(state, dict):
@@ -454,7 +454,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             ]
             if others and len(others) < len(value):
                 raise CheckpointError(
-                    f"Checkpoint {str(path)!r} holds tensors under {key!r}, but "
+                    f"Checkpoint {str(path)!r} contains tensors under {key!r}, but "
                     f"also {', '.join(repr(name) for name in others[:3])}"
                     f"{_more_text(others, 3)}, which are not weights. Save the "
                     "weights alone, with torch.save(model.state_dict(), path)."
@@ -465,13 +465,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"Checkpoint {str(path)!r} is a dict with keys {listed}{more}, not a "
             "state dict of tensors, and none of "
-            f"{', '.join(repr(key) for key in NESTED_STATE_KEYS)} holds one. Save "
+            f"{', '.join(repr(key) for key in NESTED_STATE_KEYS)} contains one. Save "
             "the model's weights alone, for example torch.save(checkpoint[KEY], "
-            "path) with the key that holds them, or torch.save(model.state_dict(), "
+            "path) with the key that contains them, or torch.save(model.state_dict(), "
             "path)."
         )
     raise CheckpointError(
-        f"Checkpoint {str(path)!r} holds a {type(state).__name__}, not a state "
+        f"Checkpoint {str(path)!r} contains a {type(state).__name__}, not a state "
         "dict of tensors. Save it with torch.save(model.state_dict(), path)."
     )
 
@@ -607,10 +607,11 @@ def load_checked_state(
     """Load ``state`` into ``model`` after checking every key and shape.
 
     A state dict saved from a model wrapped in DataParallel or
-    DistributedDataParallel has the prefix "module." on every key, and one
-    saved by a training wrapper, such as a PyTorch Lightning module holding
-    the network as ``self.net``, has that attribute's name. A prefix shared by
-    every key is removed when the keys without it are exactly the model's.
+    DistributedDataParallel has the prefix "module." on every key. One saved
+    by a training wrapper has the name of the attribute that stores the
+    network, such as "net." for ``self.net`` in a PyTorch Lightning module. A
+    prefix shared by every key is removed when the keys without it are exactly
+    the model's.
 
     Raises:
         CheckpointError: naming the first missing, unexpected or mis-shaped layer.

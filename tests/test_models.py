@@ -275,13 +275,14 @@ def test_nested_weights_with_other_entries_are_named(tmp_path):
     with pytest.raises(CheckpointError) as caught:
         models.read_state_dict(path)
 
-    assert "holds tensors under 'model', but also 'step', which are not" in str(
+    assert "contains tensors under 'model', but also 'step', which are not" in str(
         caught.value
     )
 
 
 @pytest.mark.parametrize(
-    ("value", "kind"), [({}, "holds an empty dict"), ([torch.zeros(2)], "holds a list")]
+    ("value", "kind"),
+    [({}, "contains an empty dict"), ([torch.zeros(2)], "contains a list")],
 )
 def test_checkpoint_of_other_shape_is_named(tmp_path, value, kind):
     path = tmp_path / "odd.pt"
@@ -308,7 +309,7 @@ def test_data_parallel_prefix_is_removed(user_module, caplog):
 
 
 def test_wrapper_attribute_prefix_is_removed(user_module):
-    # A Lightning module that holds the network as self.net saves "net.0.weight".
+    # A Lightning module that stores the network as self.net saves "net.0.weight".
     reference = models.load_factory("user_nets:build")
     state = {f"net.{key}": value for key, value in reference.state_dict().items()}
     model = models.load_factory("user_nets:build")

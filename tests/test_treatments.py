@@ -258,7 +258,7 @@ def _deletion_extras(config: EWCDeletionConfig) -> dict:
     return result.extras
 
 
-def test_ewc_deletion_retain_guard_stops_and_keeps_earlier_step():
+def test_ewc_deletion_retain_guard_stops():
     # A free, fast unlearning of C also loses accuracy on D\C, which ends the
     # run at the first evaluation past the allowed drop.
     config = EWCDeletionConfig(
