@@ -450,10 +450,10 @@ def action_section() -> None:
         return
     if current is not None and shown_causes is not None and shown_causes != current:
         st.warning(
-            "The confirmed culprits changed since this page was drawn: C now has "
-            f"{dashboard.count_text(len(current[1]), 'training example')}, not "
-            f"{len(shown_causes[1])}. Nothing was run. Check C above and press "
-            f"{label} again."
+            "The confirmed culprits changed since this page was drawn"
+            f"{causes_change_text(shown_causes[1], current[1])}: C now has "
+            f"{dashboard.count_text(len(current[1]), 'training example')}. "
+            f"Nothing was run. Check C above and press {label} again."
         )
         return
     causes, origin, scores_id = chosen
@@ -463,6 +463,26 @@ def action_section() -> None:
         seeds = tuple(range(int(n_seeds)))
         controls = ("nothing", "random") if with_controls else ()
         run_single(treatment, config, causes, origin, scores_id, seeds, controls)
+
+
+def causes_change_text(before: list[int], after: list[int]) -> str:
+    """Return ", #5 added and #9 removed" for the indices that differ."""
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    parts = [
+        f"{index_list_text(indices)} {verb}"
+        for indices, verb in ((added, "added"), (removed, "removed"))
+        if indices
+    ]
+    return f" ({' and '.join(parts)})" if parts else ""
+
+
+def index_list_text(indices: list[int], shown: int = 5) -> str:
+    """Return "#1, #2 and 3 more" for training indices."""
+    text = ", ".join(f"#{i}" for i in indices[:shown])
+    if len(indices) > shown:
+        text += f" and {len(indices) - shown} more"
+    return text
 
 
 def percent_text(mean: float, spread: float | None = None) -> str:

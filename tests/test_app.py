@@ -1452,12 +1452,22 @@ def test_repair_stops_when_confirmed_culprits_changed(workspace_env, monkeypatch
     app.button(key="repair_run").click().run()
     assert calls == []
     assert app.warning[0].value.startswith(
-        "The confirmed culprits changed since this page was drawn: C now has 4 "
-        "training examples, not 2. Nothing was run."
+        "The confirmed culprits changed since this page was drawn (#5, #6 added): "
+        "C now has 4 training examples. Nothing was run."
     )
 
     app.button(key="repair_run").click().run()
     assert calls == [[1, 2, 5, 6]]
+
+    # A swap keeps the count, so the message names the indices.
+    workspace.set_decisions(workspace_env.run_id, failure_set_id, [1], None)
+    workspace.set_decisions(workspace_env.run_id, failure_set_id, [7], "confirmed")
+    app.button(key="repair_run").click().run()
+    assert calls == [[1, 2, 5, 6]]
+    assert app.warning[0].value.startswith(
+        "The confirmed culprits changed since this page was drawn (#7 added and "
+        "#1 removed): C now has 4 training examples."
+    )
 
 
 def test_changed_settings_list_group_members():
