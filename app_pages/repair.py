@@ -27,6 +27,7 @@ from repair_core.treatments import (
     TRAINING_TREATMENTS,
     TREATMENTS,
     default_config,
+    training_text,
 )
 from repair_core.treatments.ewc_deletion import STOP_LABELS, STOP_REASONS
 
@@ -837,6 +838,8 @@ def repair_caption(record: dict[str, Any]) -> str:
         settings_text = f"Settings changed from the defaults: {', '.join(changed)}."
     else:
         settings_text = "The other settings are the defaults."
+    if summary.get("training"):
+        settings_text += f" {training_text(summary['training'])}"
     if treatment in REMOVES_NOTHING:
         removed_text = f"Removed nothing with {method}"
         if summary["causes"] != "none":

@@ -127,6 +127,10 @@ def repair_text(summary: dict[str, Any]) -> str:
     if several:
         legend += f" Means over {len(seeds)} seeds ± their standard deviation."
     lines.append(legend)
+    if summary.get("training"):
+        from repair_core.treatments import training_text
+
+        lines.append(training_text(summary["training"]))
     if summary.get("controls_note"):
         lines.append(f"No controls: {summary['controls_note']}")
     lines.extend(summary.get("notes") or [])

@@ -1617,7 +1617,7 @@ def _store_repair(
 ) -> dict[str, Any]:
     """Summarise a finished repair, save its causes and add its record."""
     from repair_core.evaluation import compare
-    from repair_core.treatments import REMOVES_NOTHING
+    from repair_core.treatments import REMOVES_NOTHING, training_settings
 
     split = inputs["split"]
     treatment = outcome["treatment"]
@@ -1642,6 +1642,9 @@ def _store_repair(
             for name, value in outcome["result"].config.items()
             if name != "seed"
         },
+        "training": training_settings(
+            treatment, outcome["result"].config, inputs["train_config"]
+        ),
         "gain_over_nothing": outcome["gain_over_nothing"],
         "controls_note": outcome["controls_note"],
         "notes": outcome["notes"],

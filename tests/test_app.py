@@ -1270,6 +1270,12 @@ def test_repair_one_cause_without_controls(workspace_env):
         for text in captions
     )
     assert any("The other settings are the defaults." in text for text in captions)
+    train = run.config.train
+    assert any(
+        f"Trained with Adam at lr {train.lr:g}, batches of {train.batch_size}, at "
+        f"most {train.max_epochs} epochs" in text
+        for text in captions
+    )
 
     compare = page("compare", **state).run()
     check_clean(compare)

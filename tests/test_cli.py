@@ -16,6 +16,7 @@ import torch
 
 from repair_core.cli import main
 from repair_core.cli_text import repair_text
+from repair_core.training import TrainConfig
 from repair_core.workspace import Workspace
 
 TINY = ["--n-train", "200", "--n-test", "100", "--epochs", "2", "--device", "cpu"]
@@ -597,6 +598,18 @@ def test_repair_top_k_with_controls(tiny_run, capsys):
     assert set(summary["controls"]) == {"nothing", "random"}
     saved = f"{workspace}/runs/{run['run_id']}/repairs/{summary['repair_id']}.pt"
     assert torch.load(saved, weights_only=True)
+    # The epoch limit set for the treatment replaces the run's own (2 epochs).
+    assert summary["training"]["max_epochs"] == 1
+    assert summary["training"]["lr"] == TrainConfig().lr
+
+    assert main(["show", "--workspace", workspace, summary["repair_id"]]) == 0
+    text = capsys.readouterr().out
+    expected = (
+        f"Trained with Adam at lr {summary['training']['lr']:g}, batches of "
+        f"{summary['training']['batch_size']}, at most 1 epoch, stopping after 5 "
+        "epochs without"
+    )
+    assert expected in text
 
 
 @pytest.mark.parametrize(

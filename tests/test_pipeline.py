@@ -176,6 +176,21 @@ def test_repair_keeps_every_arm_and_seed(ranked):
     # The seeds are listed once, not beside a config seed of the first alone.
     assert summary["seeds"] == [0, 1]
     assert "seed" not in summary["config"]
+    # Fine-tuning takes its optimiser settings from the run; the record says which.
+    train = run.config.train
+    assert summary["config"] == {"max_epochs": None}
+    assert (
+        stored["training"]
+        == summary["training"]
+        == {
+            "lr": train.lr,
+            "betas": list(train.betas),
+            "batch_size": train.batch_size,
+            "max_epochs": train.max_epochs,
+            "patience": train.patience,
+            "val_fraction": train.val_fraction,
+        }
+    )
     assert list(summary["per_seed"]) == ["treatment", "nothing", "random"]
     for arm, records in summary["per_seed"].items():
         assert [record["seed"] for record in records] == [0, 1]

@@ -45,7 +45,11 @@ from repair_core.treatments.base import (
     validate_causes,
 )
 from repair_core.treatments.ewc_deletion import EWCDeletionConfig, ewc_delete
-from repair_core.treatments.finetune import FinetuneConfig, finetune
+from repair_core.treatments.finetune import (
+    FinetuneConfig,
+    effective_train_config,
+    finetune,
+)
 from repair_core.treatments.fit_failures import (
     FitAndDeleteConfig,
     FitFailuresConfig,
@@ -68,6 +72,8 @@ __all__ = [
     "read_causes_table",
     "repair",
     "resolve_config",
+    "training_settings",
+    "training_text",
     "validate_causes",
 ]
 
@@ -109,6 +115,44 @@ CONFIG_CLASSES: dict[str, type[TreatmentConfig]] = {
 _NEEDS_FISHER = ("ewc-deletion", "fit-failures", "fit-failures+ewc-deletion")
 #: Treatments that train on D\C with a validation split for early stopping.
 _TRAINS_ON_REMAINDER = ("finetune", "retrain")
+
+
+def training_settings(
+    treatment: str, config: dict[str, Any], train_config: TrainConfig | None
+) -> dict[str, Any] | None:
+    """Return the optimiser settings that fine-tuning or retraining used.
+
+    They are the run's training settings with the treatment's epoch limit;
+    the seed is left out, since each seed of a repair replaces it. Other
+    treatments return None.
+    """
+    if treatment not in _TRAINS_ON_REMAINDER:
+        return None
+    used = effective_train_config(
+        train_config, seed=0, max_epochs=config.get("max_epochs")
+    )
+    return {
+        "lr": used.lr,
+        "betas": list(used.betas),
+        "batch_size": used.batch_size,
+        "max_epochs": used.max_epochs,
+        "patience": used.patience,
+        "val_fraction": used.val_fraction,
+    }
+
+
+def _epochs(count: int) -> str:
+    return f"{count} epoch{'' if count == 1 else 's'}"
+
+
+def training_text(training: dict[str, Any]) -> str:
+    """Describe stored ``training_settings`` in one sentence."""
+    return (
+        f"Trained with Adam at lr {training['lr']:g}, batches of "
+        f"{training['batch_size']}, at most {_epochs(training['max_epochs'])}, "
+        f"stopping after {_epochs(training['patience'])} without a lower "
+        f"validation loss on {training['val_fraction']:.0%} of D\\C."
+    )
 
 
 def _check_treatment(treatment: str) -> None:
