@@ -17,6 +17,16 @@ from repair_core.metrics import detection_curve
 #: Points drawn per detection curve; longer curves are thinned evenly.
 CURVE_POINTS = 400
 BASELINES = ("oracle", "random")
+#: The sets the detection curves can count, with the label of each choice.
+DETECTION_TARGETS = {
+    "corrupted": "every corrupted example ({n_corrupted})",
+    "implicated": "those implicated by F_q ({n_implicated})",
+}
+IMPLICATED_TEXT = (
+    "A training image of class a labelled b is implicated when F_q holds a "
+    "failure of class a predicted as b. A failure set picked from one cell of "
+    "the confusion matrix implicates only the label changes of that kind."
+)
 #: Shown in the wall-time table for records stored without their device.
 UNKNOWN_DEVICE = "—"
 #: Line dashes of successive removal curves of one method.
@@ -68,8 +78,9 @@ def add_baselines(missing: list[str]) -> None:
     st.rerun()
 
 
-def detection_figure(latest: dict[str, dict[str, Any]]) -> go.Figure:
-    mask = run.corrupted_mask
+def detection_figure(
+    latest: dict[str, dict[str, Any]], mask: Any, noun: str
+) -> go.Figure:
     figure = go.Figure()
     for method, record in latest.items():
         scores = dashboard.stored_scores(root, record["id"])
@@ -98,7 +109,7 @@ def detection_figure(latest: dict[str, dict[str, Any]]) -> go.Figure:
             "range": [0, 1.04],
             "dtick": 0.2,
         },
-        yaxis={"title": "share of corrupted found", "tickformat": ".0%"},
+        yaxis={"title": f"share of {noun} found", "tickformat": ".0%"},
         height=420,
         margin={"t": 10, "b": 10, "r": 24},
         legend=dashboard.LEGEND_ABOVE,
@@ -124,10 +135,13 @@ def detection_section(latest: dict[str, dict[str, Any]]) -> None:
         add_baselines(missing)
     if missing:
         st.caption(dashboard.LONG_JOB_CAPTION)
+    mask, noun, note = detection_target()
     # A scores file deleted from the run folder shows its error in place of
     # the chart; the removal curves below do not need it.
     figure = (
-        dashboard.run_safely("Loading the rankings", lambda: detection_figure(latest))
+        dashboard.run_safely(
+            "Loading the rankings", lambda: detection_figure(latest, mask, noun)
+        )
         if latest
         else None
     )
@@ -135,8 +149,46 @@ def detection_section(latest: dict[str, dict[str, Any]]) -> None:
         st.plotly_chart(figure, key="compare_detection")
         st.caption(
             "The newest ranking of each method. Oracle ranks the known corrupted "
-            "examples first; random is the chance level."
+            f"examples first; random is the chance level.{note}"
         )
+
+
+def detection_target() -> tuple[Any, str, str]:
+    """Return the mask the detection curves count, its noun and a caption note.
+
+    A failure set drawn from some kinds of mistake only implicates the label
+    changes of those kinds, so the curves can count either those or every
+    corrupted example.
+    """
+    corrupted = run.corrupted_mask
+    n_corrupted = int(corrupted.sum())
+    implicated = pipeline.implicated_by(run, split.query)
+    n_implicated = 0 if implicated is None else int(implicated.sum())
+    if n_implicated == 0 or n_implicated == n_corrupted:
+        return corrupted, "corrupted", ""
+    choice = st.radio(
+        "Count",
+        list(DETECTION_TARGETS),
+        format_func=lambda key: DETECTION_TARGETS[key].format(
+            n_corrupted=n_corrupted, n_implicated=n_implicated
+        ),
+        key="compare_detection_target",
+        horizontal=True,
+        help=IMPLICATED_TEXT,
+    )
+    if choice == "implicated":
+        return (
+            implicated,
+            "implicated",
+            f" Only the {n_implicated} label changes whose kind of mistake occurs "
+            "in F_q count; the oracle still ranks every corrupted example first.",
+        )
+    return (
+        corrupted,
+        "corrupted",
+        f" F_q implicates {n_implicated} of the {n_corrupted} corrupted examples; "
+        "nothing in F_q points to the others.",
+    )
 
 
 def parse_ks(text: str) -> list[int] | None:

@@ -8,6 +8,7 @@ not depend on each other's order.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -15,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,7 +26,7 @@ from streamlit.testing.v1 import AppTest
 
 from repair_core import pipeline
 from repair_core.errors import WorkspaceError
-from repair_core.metrics import ranking
+from repair_core.metrics import detection_curve, ranking
 from repair_core.training import TrainConfig
 from repair_core.treatments import read_causes_file
 from repair_core.workspace import Workspace
@@ -114,6 +116,13 @@ def chart_trace_names(app: AppTest) -> list[list[str]]:
 def chart_specs(app: AppTest) -> list[dict]:
     """Return the plotly figure of every chart as a dict."""
     return [json.loads(chart.proto.spec) for chart in app.get("plotly_chart")]
+
+
+def trace_array(values: Any) -> np.ndarray:
+    """Return a trace's values; plotly sends numeric arrays as base64 bytes."""
+    if isinstance(values, dict):
+        return np.frombuffer(base64.b64decode(values["bdata"]), values["dtype"])
+    return np.asarray(values)
 
 
 def image_count(app: AppTest) -> int:
@@ -3182,3 +3191,66 @@ def test_failed_upload_leaves_no_file(tmp_path, monkeypatch):
     assert "Import failed" in app.error[0].value
     assert list((tmp_path / "uploads").glob("*")) == []
     assert Workspace(tmp_path).list_runs() == []
+
+
+def test_compare_counts_implicated_label_changes(tmp_path, monkeypatch):
+    # The shared tiny run predicts one class for every image; this one is
+    # trained until its failures include flipped kinds, such as 6 seen as 9.
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(tmp_path))
+    workspace = Workspace(tmp_path)
+    config = pipeline.RunConfig(
+        n_train=400,
+        n_test=200,
+        scenario="label-flip",
+        device="cpu",
+        train=TrainConfig(max_epochs=10, lr=5e-3),
+    )
+    run = pipeline.load_run(workspace, pipeline.train_run(workspace, config)["run_id"])
+    labels, predictions = run.data.test.labels, run.test_predictions
+    failures = torch.nonzero(predictions != labels).flatten()
+    # Every failure of the kind of mistake that implicates the most flips.
+    implicated_counts = [
+        int(pipeline.implicated_by(run, failures[i : i + 1]).sum())
+        for i in range(len(failures))
+    ]
+    first = failures[int(np.argmax(implicated_counts))]
+    same_kind = (labels[failures] == labels[first]) & (
+        predictions[failures] == predictions[first]
+    )
+    chosen = failures[same_kind]
+    failure_set_id, split = pipeline.create_failure_set(
+        workspace, run, candidates=chosen, query_fraction=1.0
+    )
+    implicated = pipeline.implicated_by(run, split.query)
+    n_implicated, n_corrupted = int(implicated.sum()), int(run.corrupted_mask.sum())
+    assert 0 < n_implicated < n_corrupted
+    scores_id = pipeline.run_identification(
+        workspace, run, "training-loss", failure_set_id=failure_set_id
+    )["scores_id"]
+    scores = pipeline.load_scores(workspace, scores_id)
+    state = {"run_id": run.run_id, "failure_set_id": failure_set_id}
+
+    app = page("compare", **state).run()
+    check_clean(app)
+    count = app.radio(key="compare_detection_target")
+    assert count.options == [
+        f"every corrupted example ({n_corrupted})",
+        f"those implicated by F_q ({n_implicated})",
+    ]
+    for choice, mask, title in (
+        ("corrupted", run.corrupted_mask, "share of corrupted found"),
+        ("implicated", implicated, "share of implicated found"),
+    ):
+        app.radio(key="compare_detection_target").set_value(choice).run()
+        check_clean(app)
+        spec = chart_specs(app)[0]
+        assert spec["layout"]["yaxis"]["title"]["text"] == title
+        inspected, found = detection_curve(scores, mask)
+        x, y = (trace_array(spec["data"][0][axis]) for axis in ("x", "y"))
+        positions = np.searchsorted(inspected, x)
+        assert np.allclose(inspected[positions], x)
+        assert np.array_equal(found[positions], y)
+    assert any(
+        f"Only the {n_implicated} label changes" in caption.value
+        for caption in app.caption
+    )
