@@ -564,7 +564,9 @@ def shown_percent(value: float) -> float:
     return float(percent_text(value).rstrip("%"))
 
 
-def accuracy_metric(column: Any, label: str, after: float, before: float) -> None:
+def accuracy_metric(
+    column: Any, label: str, after: float, before: float, help: str | None = None
+) -> None:
     """Show an accuracy with its change; an empty subset (NaN) shows "—".
 
     The change is the difference of the two accuracies as the page shows them,
@@ -572,7 +574,7 @@ def accuracy_metric(column: Any, label: str, after: float, before: float) -> Non
     gets no arrow and a neutral colour.
     """
     if math.isnan(after) or math.isnan(before):
-        column.metric(label, percent_text(after))
+        column.metric(label, percent_text(after), help=help)
         return
     change = round(shown_percent(after) - shown_percent(before), 1)
     if change == 0:
@@ -582,9 +584,10 @@ def accuracy_metric(column: Any, label: str, after: float, before: float) -> Non
             delta="0.0 pts",
             delta_color="off",
             delta_arrow="off",
+            help=help,
         )
         return
-    column.metric(label, percent_text(after), delta=f"{change:+.1f} pts")
+    column.metric(label, percent_text(after), delta=f"{change:+.1f} pts", help=help)
 
 
 def gain_over_random(summary: dict[str, Any]) -> float | None:
@@ -665,9 +668,31 @@ def gain_metrics(summary: dict[str, Any]) -> None:
         help="The holdout failures F_h are the original model's mistakes, so "
         "their accuracy before repair is 0%.",
     )
-    accuracy_metric(
-        columns[4], "Test accuracy after", after["test_acc"], before["test_acc"]
-    )
+    nothing_arm = (summary.get("controls") or {}).get("nothing")
+    if nothing_arm:
+        # Continued training alone changes test accuracy, so the change shown
+        # is over the nothing-removed control, like the gains beside it.
+        accuracy_metric(
+            columns[4],
+            "Test accuracy after",
+            after["test_acc"],
+            nothing_arm["mean"]["test_acc"],
+            help=(
+                "Change over nothing removed "
+                f"({percent_text(nothing_arm['mean']['test_acc'])}); the original "
+                f"model had {percent_text(before['test_acc'])}."
+            ),
+        )
+    else:
+        accuracy_metric(
+            columns[4],
+            "Test accuracy after",
+            after["test_acc"],
+            before["test_acc"],
+            help=(
+                f"Change over the original model ({percent_text(before['test_acc'])})."
+            ),
+        )
     if random_arm and random_arm["mean"]["holdout_acc"] > after["holdout_acc"]:
         st.warning(
             "Random removal did better on F_h than the treatment: "

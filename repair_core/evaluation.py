@@ -425,6 +425,7 @@ def repair_with_controls(
         "notes": [
             *_unchanged_notes(per_arm),
             *_stop_notes(treatment, settings, per_arm["treatment"]),
+            *_chance_notes(per_arm, len(split.holdout)),
         ],
         "treatment": treatment,
         "n_causes": len(checked),
@@ -483,6 +484,41 @@ def _unchanged_notes(per_arm: dict[str, list[dict[str, Any]]]) -> list[str]:
             f"{len(runs)} seeds: no step raised accuracy on the query "
             "failures F_q before patience or the retained-accuracy guard ended the "
             "run, so early stopping kept the starting parameters."
+        )
+    return notes
+
+
+#: Names of the control arms inside a sentence.
+CONTROL_NAMES = {"nothing": "nothing removed", "random": "random removal"}
+
+
+def _chance_notes(
+    per_arm: dict[str, list[dict[str, Any]]], n_holdout: int
+) -> list[str]:
+    """Name the gains on F_h that are no larger than their spread over seeds.
+
+    The gain over a control is the mean of the seed-by-seed differences in
+    F_h accuracy. A gain no larger than their standard deviation may be chance.
+    """
+    treated = per_arm["treatment"]
+    if len(treated) < 2:
+        return []
+    notes = []
+    for arm, name in CONTROL_NAMES.items():
+        if arm not in per_arm:
+            continue
+        paired = [
+            float(a["holdout_acc"]) - float(b["holdout_acc"])
+            for a, b in zip(treated, per_arm[arm], strict=True)
+        ]
+        mean, spread = _mean(paired), _spread(paired)
+        if not (math.isfinite(mean) and spread > 0 and abs(mean) <= spread):
+            continue
+        notes.append(
+            f"The gain on F_h over {name}, {100 * mean:+.1f} points, is no larger "
+            f"than its spread over the {len(treated)} seeds (±{100 * spread:.1f} "
+            f"points), so it may be chance. F_h holds {n_holdout} images; more "
+            "seeds or a larger failure set narrow the spread."
         )
     return notes
 

@@ -295,8 +295,9 @@ def test_repair_error_bars_clipped_to_range(workspace_env):
     assert figure["layout"]["yaxis"]["range"][1] > 1.05
 
 
+@pytest.mark.parametrize("controls", [True, False])
 @pytest.mark.parametrize(
-    ("before", "after", "delta", "colour"),
+    ("reference", "after", "delta", "colour"),
     [
         # 93.7% and 93.7%: no change at the precision shown.
         (0.9374, 0.9372, "0.0 pts", "off"),
@@ -306,11 +307,18 @@ def test_repair_error_bars_clipped_to_range(workspace_env):
     ],
 )
 def test_test_accuracy_delta_matches_figures(
-    workspace_env, before, after, delta, colour
+    workspace_env, controls, reference, after, delta, colour
 ):
+    # With controls the change is over nothing removed, else over θ̂.
     def accuracies(metrics):
-        metrics["before"]["test_acc"] = before
         metrics["after"]["test_acc"] = after
+        if controls:
+            metrics["before"]["test_acc"] = 0.5
+            metrics["controls"]["nothing"]["mean"]["test_acc"] = reference
+        else:
+            metrics["before"]["test_acc"] = reference
+            metrics["controls"] = {}
+            metrics["gain_over_nothing"] = None
 
     failure_set_id, repair_id = stored_repair_copy(workspace_env, accuracies)
     app = repair_page(workspace_env, failure_set_id, repair_id)
@@ -318,11 +326,18 @@ def test_test_accuracy_delta_matches_figures(
     metric = next(m for m in app.metric if m.label == "Test accuracy after")
     assert metric.value == f"{after:.1%}"
     assert metric.delta == delta
+    if controls:
+        assert metric.help == (
+            f"Change over nothing removed ({reference:.1%}); the original model "
+            "had 50.0%."
+        )
+    else:
+        assert metric.help == f"Change over the original model ({reference:.1%})."
     table = next(
         frame.value for frame in app.dataframe if "subset" in frame.value.columns
     ).set_index("subset")
     test_row = table.loc["T (whole test set)"]
-    assert test_row["before"] == f"{before:.1%}"
+    assert test_row["before"] == ("50.0%" if controls else f"{reference:.1%}")
     if colour == "off":
         assert metric.proto.color == MetricProto.MetricColor.GRAY
         assert metric.proto.direction == MetricProto.MetricDirection.NONE
