@@ -351,6 +351,20 @@ def _build_parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
     _add_workspace(show, device=False)
     show.add_argument("record_id", metavar="ID", help="id of the stored record")
 
+    relocate = commands.add_parser(
+        "relocate",
+        help="point a run at the new folder of its data after the folder moved",
+        formatter_class=_HelpFormatter,
+        description="Point a stored run at the folder its data moved to. The "
+        "folder must hold the\nimages and labels the run was stored with; "
+        "otherwise nothing changes.",
+    )
+    _add_workspace(relocate, device=False)
+    relocate.add_argument("--run", required=True, help="run id")
+    relocate.add_argument(
+        "--root", required=True, help="folder that now holds the run's data"
+    )
+
     identify = commands.add_parser(
         "identify",
         help="rank the training examples by how much they caused the failures",
@@ -789,6 +803,13 @@ def _command_runs(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
     return {"workspace": str(workspace.root), "runs": runs}
+
+
+def _command_relocate(args: argparse.Namespace) -> dict[str, Any]:
+    from repair_core.pipeline import relocate_run
+
+    workspace = Workspace(args.workspace, create=False)
+    return relocate_run(workspace, args.run, args.root)
 
 
 MAX_SEED = 2**63 - 1
@@ -1444,6 +1465,7 @@ _COMMANDS = {
     "import": _command_import,
     "runs": _command_runs,
     "show": _command_show,
+    "relocate": _command_relocate,
     "identify": _command_identify,
     "repair": _command_repair,
     "sweep": _command_sweep,

@@ -49,7 +49,7 @@ from streamlit.runtime.scriptrunner import RerunException, StopException
 
 from repair_core import pipeline
 from repair_core.data import check_path_name
-from repair_core.errors import ConfigError, RepairError, WorkspaceError
+from repair_core.errors import ConfigError, DataError, RepairError, WorkspaceError
 from repair_core.failures import FailureSplit
 from repair_core.identification.base import MAX_SEED
 from repair_core.inference import eval_mode, model_device, predict_logits
@@ -891,7 +891,37 @@ def require_run() -> tuple[Workspace, pipeline.LoadedRun]:
         return ws, load_run(str(ws.root), run_id)
     except USER_ERRORS as error:
         st.error(f"Run {run_id!r} could not be loaded: {error}")
+        if isinstance(error, DataError):
+            relocate_form(ws, run_id)
         st.stop()
+
+
+def relocate_form(ws: Workspace, run_id: str) -> None:
+    """Offer to point a run whose data folder moved at the new folder."""
+    config = ws.get_run(run_id)["config"]
+    root = config.get("root")
+    if not root or config.get("data") == "mnist-embedded":
+        return
+    missing = not Path(root).expanduser().is_dir()
+    with st.expander("Data folder moved?", expanded=missing):
+        st.caption(
+            f"The run reads its data from `{root}`. If the same images now lie in "
+            "another folder, give that folder: the run, its failure sets, rankings "
+            "and repairs open from there once its images are checked to be the "
+            "run's own."
+        )
+        new_root = st.text_input("New data folder", key="relocate_root")
+        if st.button(
+            "Point the run there",
+            key="relocate_run",
+            disabled=not new_root.strip(),
+        ):
+            moved = run_safely(
+                "Pointing the run at the new folder",
+                lambda: pipeline.relocate_run(ws, run_id, new_root.strip()),
+            )
+            if moved is not None:
+                st.rerun()
 
 
 def require_failure_set(

@@ -700,9 +700,11 @@ def train_run(
     """Load data, apply the noise scenario, train, evaluate and store a run.
 
     Returns:
-        The run summary: ``run_id``, ``failure_set_id`` and the metrics
-        ``n_train``, ``n_test``, ``test_accuracy``, ``n_failures``, ``n_query``,
-        ``n_holdout``, ``n_corrupted``, ``best_epoch``, ``seconds``.
+        The run summary: ``run_id``, ``failure_set_id``, ``device`` and the
+        metrics ``n_train``, ``n_test``, ``test_accuracy``, ``n_failures``,
+        ``n_query``, ``n_holdout``, ``n_corrupted``, ``best_epoch``,
+        ``epochs_run``, ``seconds`` and ``history`` (per epoch: ``epoch``,
+        ``loss``, ``val_loss`` and ``val_acc``).
     """
     workspace.check_writable()
     started = time.perf_counter()
@@ -874,7 +876,7 @@ def load_run(
     record = workspace.get_run(run_id)
     config = RunConfig.from_dict(record["config"])
     chosen_device = select_device(device or config.device)
-    data = _load_data(config)
+    data = _load_run_data(workspace, run_id, config)
     _check_same_data(workspace, run_id, record, data)
     train = data.train
     labels = workspace.load_tensor(run_id, "train_labels.pt")
@@ -915,6 +917,75 @@ def load_run(
         device=chosen_device,
         test_logits=test_logits,
     )
+
+
+def _relocate_hint(workspace: Workspace, run_id: str) -> str:
+    command = shlex.join(
+        ["python", "-m", "repair_core", "relocate", "--workspace", str(workspace.root)]
+        + ["--run", run_id, "--root", "NEW_FOLDER"]
+    )
+    return (
+        "If the data moved, point the run at its new folder with "
+        f"'{command}', or with 'Data folder moved?' on the dashboard."
+    )
+
+
+def _load_run_data(workspace: Workspace, run_id: str, config: RunConfig) -> DataSplit:
+    """Load a stored run's data; a missing data folder names the way to relocate
+    the run rather than to download the data again."""
+    if config.root is not None and config.data != "mnist-embedded":
+        folder = Path(config.root).expanduser()
+        if not folder.is_dir():
+            raise DataError(
+                f"Run {run_id!r} reads its {config.data} data from "
+                f"{str(folder)!r}, which is not a folder any more. Move the data "
+                f"back there. {_relocate_hint(workspace, run_id)}"
+            )
+    try:
+        return _load_data(config)
+    except DataError as error:
+        if config.root is None:
+            raise
+        raise DataError(f"{error} {_relocate_hint(workspace, run_id)}") from error
+
+
+def relocate_run(workspace: Workspace, run_id: str, root: str | Path) -> dict[str, Any]:
+    """Point a stored run at the new folder of its data.
+
+    The images and labels in ``root`` must be those the run was stored with,
+    checked as when the run is opened; otherwise nothing is changed.
+
+    Returns:
+        ``run_id``, ``old_root`` and ``root`` (absolute).
+
+    Raises:
+        ConfigError: the run reads the embedded data, which has no folder.
+        DataError: ``root`` is not a folder of the run's data source, or its
+            images differ from the run's.
+    """
+    record = workspace.get_run(run_id)
+    old_root = record["config"].get("root")
+    config = RunConfig.from_dict(record["config"])
+    if old_root is None or config.data == "mnist-embedded":
+        raise ConfigError(
+            f"Run {run_id!r} reads the {config.data} data, which has no folder to "
+            "point elsewhere."
+        )
+    folder = Path(root).expanduser()
+    check_path_name(folder, "Data root")
+    if not folder.is_dir():
+        raise DataError(
+            f"New data root {str(folder)!r} is not a folder. Give the folder that "
+            f"now holds the data of run {run_id!r}."
+        )
+    new_root = str(folder.absolute())
+    # No download: the run's images must already be in the new folder.
+    moved = dataclasses.replace(config, root=new_root, download=False)
+    moved_record = {**record, "config": {**record["config"], "root": new_root}}
+    _check_same_data(workspace, run_id, moved_record, _load_data(moved))
+    workspace.set_run_root(run_id, new_root)
+    logger.info("Run %s now reads its data from %s", run_id, new_root)
+    return {"run_id": run_id, "old_root": old_root, "root": new_root}
 
 
 def _check_same_predictions(
@@ -1070,8 +1141,11 @@ def run_identification(
     """Score every training example with ``method`` and store the scores.
 
     Returns:
-        The summary: ``scores_id``, ``method``, ``seconds``, ``n_train``,
-        ``n_query``, ``n_positive`` and, when the run has ground truth,
+        The summary: ``scores_id``, ``run_id``, ``failure_set_id``,
+        ``method``, ``config`` (the settings requested), ``resolved`` (values
+        chosen for settings left unset, only when there are any), ``seed``,
+        ``device``, ``seconds``, ``n_train``, ``n_query``, ``n_positive`` and,
+        when the run has ground truth,
         ``detection`` with ``found_at_10pct``, ``found_at_20pct`` and
         ``precision_at_100``, and for a label-changing corruption
         ``n_implicated`` and ``implicated_found_at_20pct`` (see

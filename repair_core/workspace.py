@@ -831,6 +831,20 @@ class Workspace:
     def get_run(self, run_id: str) -> dict[str, Any]:
         return self._get("runs", run_id, "Run")
 
+    def set_run_root(self, run_id: str, root: str) -> None:
+        """Record that the run's data folder is now ``root``.
+
+        Only the ``root`` of the stored config changes; the caller checks
+        first that the folder holds the run's images.
+        """
+        record = self.get_run(run_id)
+        config = {**record["config"], "root": root}
+        with self._connect() as connection:
+            connection.execute(
+                "UPDATE runs SET config = ? WHERE id = ?",
+                (json.dumps(config), run_id),
+            )
+
     def list_runs(self) -> list[dict[str, Any]]:
         return self._list("runs")
 

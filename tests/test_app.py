@@ -1743,6 +1743,46 @@ def test_changed_data_folder_stops_run_page(tmp_path, monkeypatch):
     assert "1 file added (train/a/6.png)" in errors[0]
 
 
+def test_moved_data_folder_can_be_pointed_to(tmp_path, monkeypatch):
+    from repair_core import models
+
+    data = tmp_path / "digits"
+    write_digit_folder(data)
+    checkpoint = tmp_path / "cnn.pt"
+    model = models.build_model("mnist-cnn", in_channels=1, num_classes=2)
+    torch.save(model.state_dict(), checkpoint)
+    workspace = Workspace(tmp_path / "ws")
+    config = pipeline.RunConfig(data="imagefolder", root=str(data), device="cpu")
+    summary = pipeline.import_run(workspace, config, checkpoint)
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(workspace.root))
+    state = {
+        "run_id": summary["run_id"],
+        "failure_set_id": summary["failure_set_id"],
+    }
+    moved = tmp_path / "digits-moved"
+    data.rename(moved)
+
+    app = page("failures", **state).run()
+    assert not app.exception
+    errors = error_texts(app)
+    assert len(errors) == 1
+    assert "which is not a folder any more" in errors[0]
+    assert app.expander[0].label == "Data folder moved?"
+    assert app.button(key="relocate_run").disabled
+
+    # A folder without the run's images is refused and nothing changes.
+    app.text_input(key="relocate_root").set_value(str(tmp_path / "absent")).run()
+    app.button(key="relocate_run").click().run()
+    assert any("absent' is not a folder" in text for text in error_texts(app))
+    assert workspace.get_run(summary["run_id"])["config"]["root"] == str(data)
+
+    app.text_input(key="relocate_root").set_value(str(moved)).run()
+    app.button(key="relocate_run").click().run()
+    check_clean(app)
+    assert workspace.get_run(summary["run_id"])["config"]["root"] == str(moved)
+    assert app.title[0].value == "Failures"
+
+
 def test_deleted_model_file_stops_run_page(tmp_path, monkeypatch):
     workspace = Workspace(tmp_path / "ws")
     config = pipeline.RunConfig(

@@ -752,6 +752,65 @@ def test_moved_image_stops_loading_the_run(folder_run, part):
     assert "Restore the data as it was" in message
 
 
+def test_moved_data_folder_names_relocate(folder_run, capsys):
+    workspace, run_id, data = folder_run
+    stored = workspace.get_run(run_id)["config"]
+    moved = data.with_name("digits-moved")
+    data.rename(moved)
+
+    with pytest.raises(DataError) as caught:
+        pipeline.load_run(workspace, run_id)
+
+    message = str(caught.value)
+    assert f"Run {run_id!r} reads its imagefolder data from {str(data)!r}" in message
+    assert "which is not a folder any more" in message
+    assert f"relocate --workspace {workspace.root} --run {run_id}" in message
+    assert "download" not in message
+
+    # A folder of other images is refused and the stored root is kept.
+    other = moved.with_name("other")
+    write_digit_folder(other, per_class=7)
+    assert (
+        main(
+            ["relocate", "--workspace", str(workspace.root)]
+            + ["--run", run_id, "--root", str(other)]
+        )
+        == 2
+    )
+    assert "the train part has 14 images, 12 when" in capsys.readouterr().err
+    assert workspace.get_run(run_id)["config"] == stored
+
+    assert (
+        main(
+            ["relocate", "--workspace", str(workspace.root)]
+            + ["--run", run_id, "--root", str(moved), "--json"]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result == {"run_id": run_id, "old_root": str(data), "root": str(moved)}
+    config = workspace.get_run(run_id)["config"]
+    assert config == {**stored, "root": str(moved)}
+    run = pipeline.load_run(workspace, run_id)
+    assert len(run.data.train) == 12
+
+
+def test_relocate_refuses_embedded_data_and_files(tmp_path):
+    workspace = Workspace(tmp_path / "ws")
+    run_id = "run-embedded"
+    workspace.add_run(run_id, "train", {"data": "mnist-embedded", "root": None}, {})
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+
+    with pytest.raises(ConfigError, match="mnist-embedded data, which has no folder"):
+        pipeline.relocate_run(workspace, run_id, tmp_path)
+    workspace.add_run(
+        "run-folder", "train", {"data": "imagefolder", "root": str(tmp_path)}, {}
+    )
+    with pytest.raises(DataError, match="file.txt' is not a folder"):
+        pipeline.relocate_run(workspace, "run-folder", not_a_folder)
+
+
 def test_edited_pixels_name_the_file(folder_run):
     from PIL import Image
 

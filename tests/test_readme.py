@@ -35,6 +35,12 @@ def test_python_example_runs(tmp_path, monkeypatch, capsys):
     stored = namespace["workspace"].get_repair(repair["repair_id"])
     assert stored["metrics"]["after"] == repair["after"]
     assert (tmp_path / "workspace" / "repair.sqlite").is_file()
+    # The stored records read back as they were returned.
+    assert namespace["stored"]["after"] == repair["after"]
+    rankings = [record["id"] for record in namespace["rankings"]]
+    assert rankings == [namespace["scores"]["scores_id"]]
+    assert namespace["ranking"].shape == (600,)
+    assert namespace["ranking"].dtype == torch.float64
 
     # The records that the CLI prints with --json are documented field by field.
     scores = namespace["scores"]
