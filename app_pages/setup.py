@@ -119,10 +119,11 @@ def scenario_widgets() -> tuple[str, dict[str, Any] | None]:
     if scenario == "label-flip":
         dashboard.keep_widget_value("setup_matrix_file")
         matrix_file = st.text_input(
-            "Flip matrix CSV (optional)",
+            "Flip matrix CSV",
             key="setup_matrix_file",
             help="K x K probabilities, rows = true class, each row summing to 1. "
-            "Blank uses the default matrix for MNIST or CIFAR-10.",
+            "Blank uses the default matrix, which exists for MNIST and CIFAR-10 "
+            "only; other classes need this file.",
         ).strip()
         if matrix_file:
             params["matrix_file"] = matrix_file

@@ -158,8 +158,9 @@ def default_flip_matrix(class_names: Sequence[str]) -> np.ndarray:
         raise ConfigError(
             f"No default flip matrix for the classes {names}. Write a "
             f"{len(names)} x {len(names)} CSV of flip probabilities (rows = true "
-            "class, each row summing to 1) and pass it as the matrix file "
-            "(--flip-matrix)."
+            "class, each row summing to 1) and give it as the flip matrix file: "
+            "'Flip matrix CSV' on the dashboard's Setup page, --flip-matrix on the "
+            "command line, or scenario_params={'matrix_file': PATH} in Python."
         )
     matrix = np.eye(len(names))
     for source, target, probability in flips:

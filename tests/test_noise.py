@@ -88,8 +88,16 @@ def test_default_flip_matrix_cifar10():
 
 
 def test_default_flip_matrix_unknown_classes():
-    with pytest.raises(ConfigError, match=r"No default flip matrix .* 3 x 3 CSV"):
+    with pytest.raises(
+        ConfigError, match=r"No default flip matrix .* 3 x 3 CSV"
+    ) as caught:
         default_flip_matrix(["a", "b", "c"])
+
+    # Each way of starting a run is named, with the place to give the file.
+    message = str(caught.value)
+    assert "'Flip matrix CSV' on the dashboard's Setup page" in message
+    assert "--flip-matrix on the command line" in message
+    assert "scenario_params={'matrix_file': PATH} in Python" in message
 
 
 def test_validate_rejects_bad_row_sum():
