@@ -189,6 +189,7 @@ def select_run(run_id: str | None, failure_set_id: str | None) -> None:
     st.session_state["repair_id"] = None
     # A run chosen by the user replaces the one that the address named.
     st.session_state.pop(_URL_PENDING, None)
+    st.session_state.pop(_URL_NOT_OPENED, None)
 
 
 #: URL query parameter for each piece of the working context, so a reload of
@@ -366,10 +367,26 @@ def _toast_not_opened(kind: str, record_id: str, reason: str) -> None:
     """Say why the URL's ``record_id`` was not opened."""
     # A code span shows the id as typed, without rendering Markdown in it.
     display_id = pipeline.shortened_id(record_id.replace("`", ""))
-    st.toast(
+    message = (
         f"The address names the {kind} `{display_id}`, which {reason}, so it was not "
         "opened."
     )
+    st.toast(message)
+    # A toast fades after a few seconds, so the page that would have shown the
+    # record repeats the message where it says that none is open.
+    st.session_state[_URL_NOT_OPENED] = {"kind": kind, "message": message}
+
+
+#: Session-state key of the record that the address named and that was not
+#: opened: its kind and the message about it.
+_URL_NOT_OPENED = "_url_not_opened"
+
+
+def _warn_not_opened(kind: str) -> None:
+    """Repeat why the address's record of ``kind`` was not opened, if it was not."""
+    note = st.session_state.get(_URL_NOT_OPENED)
+    if note is not None and note["kind"] == kind:
+        st.warning(note["message"])
 
 
 def save_to_url() -> None:
@@ -881,6 +898,7 @@ def require_run() -> tuple[Workspace, pipeline.LoadedRun]:
     ws = workspace()
     run_id = st.session_state["run_id"]
     if run_id is None:
+        _warn_not_opened("run")
         st.info(
             "No run is open. Train a model, import one or open an earlier run "
             "on the **Setup** page first."
@@ -930,6 +948,7 @@ def require_failure_set(
     """Return the chosen failure set F, or tell the user to choose one and stop."""
     failure_set_id = st.session_state["failure_set_id"]
     if failure_set_id is None:
+        _warn_not_opened("failure set")
         st.info(
             "No failure set F is chosen for this run. Pick the failures to explain "
             "on the **Failures** page first."

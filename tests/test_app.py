@@ -299,6 +299,14 @@ def test_url_with_unknown_ids_opens_what_exists(workspace_env, params, kept, toa
     assert len(app.toast) == 1
     assert f"The address names {toast}, which was not found" in app.toast[0].value
 
+    # The toast fades, so a page that needs the missing record says it again.
+    app.switch_page("app_pages/causes.py").run()
+    warnings = [warning.value for warning in app.warning]
+    if kept == "fs":
+        assert not any("The address names" in text for text in warnings)
+    else:
+        assert f"The address names {toast}, which was not found" in warnings[0]
+
 
 def test_url_ranking_of_other_failure_set_is_named(workspace_env):
     other = workspace_env.new_failure_set()
