@@ -1728,7 +1728,10 @@ def test_import_ignores_train_scenario(workspace_env, tmp_path):
     assert any("used as they are" in c.value for c in app.caption)
 
 
-def test_changed_data_folder_stops_run_page(tmp_path, monkeypatch):
+def imported_folder_run(tmp_path: Path, monkeypatch) -> tuple[Path, Workspace, dict]:
+    """Import an untrained CNN on a two-class image folder and open its
+    workspace in the dashboard. Return the folder, the workspace and the
+    session state of the run."""
     from repair_core import models
 
     data = tmp_path / "digits"
@@ -1744,6 +1747,11 @@ def test_changed_data_folder_stops_run_page(tmp_path, monkeypatch):
         "run_id": summary["run_id"],
         "failure_set_id": summary["failure_set_id"],
     }
+    return data, workspace, state
+
+
+def test_changed_data_folder_stops_run_page(tmp_path, monkeypatch):
+    data, workspace, state = imported_folder_run(tmp_path, monkeypatch)
     app = page("failures", **state).run()
     check_clean(app)
 
@@ -1755,26 +1763,12 @@ def test_changed_data_folder_stops_run_page(tmp_path, monkeypatch):
     assert not app.exception
     errors = error_texts(app)
     assert len(errors) == 1
-    assert errors[0].startswith(f"Run {summary['run_id']!r} could not be loaded")
+    assert errors[0].startswith(f"Run {state['run_id']!r} could not be loaded")
     assert "1 file added (train/a/6.png)" in errors[0]
 
 
 def test_moved_data_folder_can_be_pointed_to(tmp_path, monkeypatch):
-    from repair_core import models
-
-    data = tmp_path / "digits"
-    write_digit_folder(data)
-    checkpoint = tmp_path / "cnn.pt"
-    model = models.build_model("mnist-cnn", in_channels=1, num_classes=2)
-    torch.save(model.state_dict(), checkpoint)
-    workspace = Workspace(tmp_path / "ws")
-    config = pipeline.RunConfig(data="imagefolder", root=str(data), device="cpu")
-    summary = pipeline.import_run(workspace, config, checkpoint)
-    monkeypatch.setenv("REPAIR_WORKSPACE", str(workspace.root))
-    state = {
-        "run_id": summary["run_id"],
-        "failure_set_id": summary["failure_set_id"],
-    }
+    data, workspace, state = imported_folder_run(tmp_path, monkeypatch)
     moved = tmp_path / "digits-moved"
     data.rename(moved)
 
@@ -1790,12 +1784,12 @@ def test_moved_data_folder_can_be_pointed_to(tmp_path, monkeypatch):
     app.text_input(key="relocate_root").set_value(str(tmp_path / "absent")).run()
     app.button(key="relocate_run").click().run()
     assert any("absent' is not a folder" in text for text in error_texts(app))
-    assert workspace.get_run(summary["run_id"])["config"]["root"] == str(data)
+    assert workspace.get_run(state["run_id"])["config"]["root"] == str(data)
 
     app.text_input(key="relocate_root").set_value(str(moved)).run()
     app.button(key="relocate_run").click().run()
     check_clean(app)
-    assert workspace.get_run(summary["run_id"])["config"]["root"] == str(moved)
+    assert workspace.get_run(state["run_id"])["config"]["root"] == str(moved)
     assert app.title[0].value == "Failures"
 
 
