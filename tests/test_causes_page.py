@@ -91,14 +91,13 @@ def conflict_notes(app) -> list[str]:
 
 
 def test_ewc_note_names_small_failure_set(workspace_env):
-    app = page("causes", **query_set(workspace_env, 49)).run()
+    app = page("causes", **query_set(workspace_env, 29)).run()
     check_clean(app)
     assert app.multiselect(key="causes_methods").value == ["ewc-influence"]
     notes = ewc_notes(app)
     assert len(notes) == 1
-    assert notes[0].startswith("F_q has 49 failures")
-    assert "sized for 50 or more" in notes[0]
-    assert "(max_steps=30 min_steps=10), or lr to 1e-4" in notes[0]
+    assert notes[0].startswith("F_q has 29 failures, fewer than 30.")
+    assert "set lr to 1e-4 (lr=1e-4)" in notes[0]
 
     # The note goes once the fit is gentler, as it advises.
     app.number_input(key="causes_cfg_ewc-influence_min_steps").set_value(10).run()
@@ -113,7 +112,7 @@ def test_ewc_note_names_small_failure_set(workspace_env):
 
 
 def test_ewc_note_beside_overshooting_ranking(workspace_env):
-    state = query_set(workspace_env, 49)
+    state = query_set(workspace_env, 29)
     workspace = workspace_env.workspace
     run = pipeline.load_run(workspace, workspace_env.run_id)
     gentle = pipeline.run_identification(
@@ -121,7 +120,7 @@ def test_ewc_note_beside_overshooting_ranking(workspace_env):
         run,
         "ewc-influence",
         failure_set_id=state["failure_set_id"],
-        config={"max_steps": 30, "min_steps": 10},
+        config={"lr": 1e-4},
     )
     default = pipeline.run_identification(
         workspace, run, "ewc-influence", failure_set_id=state["failure_set_id"]
@@ -133,16 +132,16 @@ def test_ewc_note_beside_overshooting_ranking(workspace_env):
     check_clean(app)
     notes = [note for note in ewc_notes(app) if note.startswith("This ranking")]
     assert len(notes) == 1
-    assert notes[0].startswith("This ranking may list clean images first. F_q has 49")
-    assert "(max_steps=30 min_steps=10)" in notes[0]
+    assert notes[0].startswith("This ranking may list clean images first. F_q has 29")
+    assert "(lr=1e-4)" in notes[0]
 
     app = page("causes", **state, scores_id=gentle["scores_id"]).run()
     check_clean(app)
     assert ewc_notes(app) == []
 
 
-def test_ewc_note_absent_from_fifty_failures(workspace_env):
-    app = page("causes", **query_set(workspace_env, 50)).run()
+def test_ewc_note_absent_from_thirty_failures(workspace_env):
+    app = page("causes", **query_set(workspace_env, 30)).run()
     check_clean(app)
     assert app.multiselect(key="causes_methods").value == ["ewc-influence"]
     assert ewc_notes(app) == []
