@@ -23,8 +23,8 @@ from repair_core.evaluation import (
     unchanged_sweep_note,
 )
 from repair_core.treatments import (
+    CONTROLLED_TREATMENTS,
     REMOVES_NOTHING,
-    TRAINING_TREATMENTS,
     TREATMENTS,
     default_config,
     training_text,
@@ -361,9 +361,9 @@ def run_sweep(treatment, config, causes, origin, strengths) -> None:
 
 
 def controls_widget(treatment: str) -> bool:
-    """Show the controls checkbox of a training treatment and return whether
-    the controls run. Other treatments get a note instead."""
-    if treatment not in TRAINING_TREATMENTS:
+    """Show the controls checkbox of a treatment that runs controls and return
+    whether they run. Other treatments get a note instead."""
+    if treatment not in CONTROLLED_TREATMENTS:
         st.caption(
             NO_CONTROLS.get(treatment)
             or f"{treatment} runs without the nothing-removed and random-removal "
@@ -376,8 +376,8 @@ def controls_widget(treatment: str) -> bool:
         value=True,
         key="repair_controls",
         help="Run the same treatment with nothing removed and with as many "
-        "random examples removed, so the gain over each can be shown. Only the "
-        f"training treatments ({', '.join(TRAINING_TREATMENTS)}) run controls.",
+        "random examples removed, so the gain over each can be shown. "
+        f"{', '.join(CONTROLLED_TREATMENTS)} run controls.",
     )
 
 

@@ -389,7 +389,7 @@ def _build_parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
         description="Repair a run's model on the causes C, beside the nothing-removed "
         "and random-removal controls,\nand store the repaired checkpoint. Figures "
-        "are means over the fine-tuning seeds.",
+        "are means over the seeds.",
     )
     _add_workspace(repair)
     _add_failure_options(repair, settings_help=settings_help)

@@ -9,9 +9,10 @@ F_h is 0 and on T\\F is 1 by construction.
 Training repairs are noisy: on full MNIST, fine-tuning with nothing removed
 fixed 18% to 69% of holdout failures depending on the base model, and the
 spread across fine-tuning seeds reached 0.44 for random removal. So
-:func:`repair_with_controls` runs each training treatment over several seeds
-beside two controls with the same protocol, nothing removed and as many
-random examples removed, and reports the gain over nothing removed first.
+:func:`repair_with_controls` runs each training treatment, and Newton
+removal, over several seeds beside two controls with the same protocol,
+nothing removed and as many random examples removed, and reports the gain
+over nothing removed first.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from repair_core.inference import predict_logits, share
 from repair_core.progress import Progress
 from repair_core.training import TrainConfig
 from repair_core.treatments import (
+    CONTROLLED_TREATMENTS,
     REMOVES_NOTHING,
-    TRAINING_TREATMENTS,
     apply_treatment,
     resolve_config,
     validate_causes,
@@ -68,11 +69,8 @@ OUTCOME_KEYS = (
 #: Per-run figures that are averaged over seeds: the outcomes and wall time.
 METRIC_KEYS = (*OUTCOME_KEYS, "seconds")
 CONTROLS = ("nothing", "random")
-#: The reason each treatment outside TRAINING_TREATMENTS runs without controls.
+#: The reason each treatment outside CONTROLLED_TREATMENTS runs without controls.
 NO_CONTROLS = {
-    "newton": "newton takes one step along a solved direction instead of "
-    "training, so it runs without the nothing-removed and random-removal "
-    "controls.",
     "fit-failures": "fit-failures removes nothing, so it runs without the "
     "nothing-removed and random-removal controls.",
 }
@@ -304,11 +302,11 @@ def repair_with_controls(
     """Run a treatment once per seed, beside controls with the same protocol.
 
     For the training treatments (EWC-deletion, fine-tuning, retraining and
-    the fit of F_q with EWC-deletion) each control in ``controls`` runs with
-    the same settings and seeds:
+    the fit of F_q with EWC-deletion) and Newton removal, each control in
+    ``controls`` runs with the same settings and seeds:
     ``"nothing"`` removes no example and ``"random"`` removes |C| training
-    examples drawn at random with the run's seed. Other treatments run
-    without controls.
+    examples drawn at random with the run's seed. Newton removal of nothing
+    is θ̂ itself. fit-failures, which removes nothing, runs without controls.
 
     Args:
         treatment: one of ``TREATMENTS``.
@@ -355,7 +353,7 @@ def repair_with_controls(
         )
     arms = ["treatment"]
     controls_note = None
-    if treatment in TRAINING_TREATMENTS:
+    if treatment in CONTROLLED_TREATMENTS:
         arms += list(controls)
     elif controls:
         controls_note = NO_CONTROLS[treatment]

@@ -2249,23 +2249,33 @@ def test_repair_metric_help_names_missing_and_unchanged_controls(workspace_env):
     )
     assert not metrics_by_label["F_h accuracy after"].delta
 
-    # Newton runs without controls by design, and the help explains why.
-    newton_metrics = {
-        **record["metrics"],
-        "treatment": "newton",
-        "controls": {},
-        "gain_over_nothing": None,
-        "controls_note": None,
-    }
-    newton_id = add_repair_copy(
-        workspace, record, newton_metrics, suffix="newton", treatment="newton"
-    )
-    app.session_state["repair_id"] = newton_id
-    app.run()
-    check_clean(app)
-    gain = {metric.label: metric for metric in app.metric}["Gain over nothing removed"]
-    assert gain.value == "no control"
-    assert gain.help.startswith("newton takes one step along a solved direction")
+    # A repair stored without controls gives its reason in the help.
+    note = "newton takes one step along a solved direction instead of training"
+    for controls_note, help_text in (
+        (note, note),
+        (None, "The controls were turned off."),
+    ):
+        newton_metrics = {
+            **record["metrics"],
+            "treatment": "newton",
+            "controls": {},
+            "gain_over_nothing": None,
+            "controls_note": controls_note,
+        }
+        newton_id = add_repair_copy(
+            workspace,
+            record,
+            newton_metrics,
+            suffix=f"newton-{controls_note is None}",
+            treatment="newton",
+        )
+        app.session_state["repair_id"] = newton_id
+        app.run()
+        check_clean(app)
+        metrics_by_label = {metric.label: metric for metric in app.metric}
+        gain = metrics_by_label["Gain over nothing removed"]
+        assert gain.value == "no control"
+        assert gain.help.startswith(help_text)
 
 
 def test_empty_holdout_shows_dash_and_warning(workspace_env):
@@ -2729,19 +2739,21 @@ def test_fit_failures_runs_without_causes(workspace_env):
     assert "repair_causes_download" not in [b.key for b in app.get("download_button")]
 
 
-def test_newton_hides_controls_checkbox(workspace_env):
+def test_controls_checkbox_follows_treatment(workspace_env):
     state = {
         "run_id": workspace_env.run_id,
         "failure_set_id": workspace_env.failure_set_id,
         "scores_id": workspace_env.scores_id,
     }
     app = page("repair", **state).run()
-    app.selectbox(key="repair_treatment").set_value("finetune").run()
-    assert "repair_controls" in [w.key for w in app.checkbox]
-    app.selectbox(key="repair_treatment").set_value("newton").run()
+    for treatment in ("finetune", "newton"):
+        app.selectbox(key="repair_treatment").set_value(treatment).run()
+        check_clean(app)
+        assert "repair_controls" in [w.key for w in app.checkbox], treatment
+    app.selectbox(key="repair_treatment").set_value("fit-failures").run()
     check_clean(app)
     assert "repair_controls" not in [w.key for w in app.checkbox]
-    assert any("newton takes one step" in c.value for c in app.caption)
+    assert any("fit-failures removes nothing" in c.value for c in app.caption)
 
 
 def test_sweep_progress_names_treatment_once(workspace_env, monkeypatch):

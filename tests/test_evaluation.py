@@ -318,7 +318,37 @@ def test_fit_failures_accepts_no_causes():
         repair_with_controls("finetune", problem.model, causes=[], **common)
 
 
-def test_repair_with_controls_newton_has_no_controls():
+def test_repair_with_controls_newton_runs_controls():
+    problem = tiny_problem()
+
+    report = repair_with_controls(
+        "newton",
+        problem.model,
+        (problem.train_images, problem.train_labels),
+        problem.flipped,
+        (problem.test_images, problem.test_labels),
+        problem.split,
+        seeds=(0, 1),
+        config={"depth": 20, "scale": 50.0},
+    )
+
+    assert set(report["arms"]) == {"treatment", "nothing", "random"}
+    assert report["controls_note"] is None
+    # Removing nothing is θ̂ itself, so its figures are those before repair.
+    nothing = report["arms"]["nothing"]["per_seed"]
+    assert all(run["unchanged"] for run in nothing)
+    for key in ("query_acc", "holdout_acc", "remaining_acc", "test_acc"):
+        assert report["arms"]["nothing"]["mean"][key] == report["before"][key]
+        gain = report["gain_over_nothing"]["mean"][key]
+        treated = report["arms"]["treatment"]["mean"][key]
+        assert gain == pytest.approx(treated - report["before"][key])
+    random_runs = report["arms"]["random"]["per_seed"]
+    assert not any(run["unchanged"] for run in random_runs)
+    assert all(run["n_removed"] == len(problem.flipped) for run in random_runs)
+    assert random_runs[0]["removed"] != random_runs[1]["removed"]
+
+
+def test_repair_with_controls_newton_without_controls():
     problem = tiny_problem()
 
     report = repair_with_controls(
@@ -330,11 +360,11 @@ def test_repair_with_controls_newton_has_no_controls():
         problem.split,
         seeds=(0,),
         config={"depth": 20, "scale": 50.0},
+        controls=(),
     )
 
     assert set(report["arms"]) == {"treatment"}
     assert report["gain_over_nothing"] is None
-    assert "newton takes one step" in report["controls_note"]
     assert report["arms"]["treatment"]["std"]["test_acc"] == 0.0
 
 

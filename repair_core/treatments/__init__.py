@@ -61,6 +61,7 @@ from repair_core.treatments.retrain import RetrainConfig, retrain
 
 __all__ = [
     "CONFIG_CLASSES",
+    "CONTROLLED_TREATMENTS",
     "TRAINING_TREATMENTS",
     "REMOVES_NOTHING",
     "TREATMENTS",
@@ -98,6 +99,12 @@ TRAINING_TREATMENTS = (
     "retrain",
     "fit-failures+ewc-deletion",
 )
+
+#: Treatments reported beside the nothing-removed and random-removal
+#: controls: the training treatments and Newton removal, whose LiSSA solve
+#: draws its minibatches by seed. Newton removal of nothing returns θ̂ at
+#: once, so that control costs no solve.
+CONTROLLED_TREATMENTS = (*TRAINING_TREATMENTS, "newton")
 
 #: Treatments that remove nothing. Causes given to them are recorded, and an
 #: empty list of causes is accepted.
