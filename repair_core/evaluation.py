@@ -493,10 +493,12 @@ CONTROL_NAMES = {"nothing": "nothing removed", "random": "random removal"}
 def _chance_notes(
     per_arm: dict[str, list[dict[str, Any]]], n_holdout: int
 ) -> list[str]:
-    """Name the gains on F_h that are no larger than their spread over seeds.
+    """Name the gains on F_h that lie within two standard errors of zero.
 
     The gain over a control is the mean of the seed-by-seed differences in
-    F_h accuracy. A gain no larger than their standard deviation may be chance.
+    F_h accuracy, and its standard error is their standard deviation over
+    √(number of seeds). Two standard errors is a rough check: with few seeds
+    a t interval is wider still, so a gain outside it can be chance too.
     """
     treated = per_arm["treatment"]
     if len(treated) < 2:
@@ -509,14 +511,15 @@ def _chance_notes(
             float(a["holdout_acc"]) - float(b["holdout_acc"])
             for a, b in zip(treated, per_arm[arm], strict=True)
         ]
-        mean, spread = _mean(paired), _spread(paired)
-        if not (math.isfinite(mean) and spread > 0 and abs(mean) <= spread):
+        mean = _mean(paired)
+        error = _spread(paired) / math.sqrt(len(paired))
+        if not (math.isfinite(mean) and error > 0 and abs(mean) < 2 * error):
             continue
         notes.append(
-            f"The gain on F_h over {name}, {100 * mean:+.1f} points, is no larger "
-            f"than its spread over the {len(treated)} seeds (±{100 * spread:.1f} "
-            f"points), so it may be chance. F_h holds {n_holdout} images; more "
-            "seeds or a larger failure set narrow the spread."
+            f"The gain on F_h over {name}, {100 * mean:+.1f} points, is within two "
+            f"standard errors of zero (standard error {100 * error:.1f} points over "
+            f"{len(treated)} seeds), so it may be chance. F_h holds {n_holdout} "
+            "images; more seeds shrink the standard error."
         )
     return notes
 

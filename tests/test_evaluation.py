@@ -781,32 +781,38 @@ def test_job_progress_rises_from_zero_to_one(job):
         )
 
 
-def test_chance_notes_flag_gains_within_spread():
+def test_chance_notes_flag_gains_within_two_errors():
     from repair_core.evaluation import _chance_notes
 
     def runs(*accuracies):
         return [{"holdout_acc": value} for value in accuracies]
 
-    # Over nothing removed: differences 0.4, 0.0, -0.1, mean 0.1 and sample
-    # standard deviation about 0.265. Over random removal: 0.1, 0.1, 0.2,
-    # mean about 0.133 against a spread of about 0.058, a clear gain.
+    # Over nothing removed: differences 0.4, 0.0, -0.1, mean 0.1 against a
+    # standard error of about 0.153. Over random removal: 0.1, 0.1, 0.2,
+    # mean about 0.133 against a standard error of about 0.033.
     per_arm = {
         "treatment": runs(0.5, 0.3, 0.2),
         "nothing": runs(0.1, 0.3, 0.3),
         "random": runs(0.4, 0.2, 0.0),
     }
-    spread = statistics.stdev([0.4, 0.0, -0.1])
+    error = statistics.stdev([0.4, 0.0, -0.1]) / math.sqrt(3)
 
     notes = _chance_notes(per_arm, 13)
 
     assert notes == [
-        "The gain on F_h over nothing removed, +10.0 points, is no larger than its "
-        f"spread over the 3 seeds (±{100 * spread:.1f} points), so it may be "
-        "chance. F_h holds 13 images; more seeds or a larger failure set narrow "
-        "the spread."
+        "The gain on F_h over nothing removed, +10.0 points, is within two "
+        f"standard errors of zero (standard error {100 * error:.1f} points over 3 "
+        "seeds), so it may be chance. F_h holds 13 images; more seeds shrink the "
+        "standard error."
     ]
-    assert f"{100 * spread:.1f}" == "26.5"
-    # One seed has no spread, and equal differences have none either.
+    assert f"{100 * error:.1f}" == "15.3"
+    # One seed has no standard error, and equal differences have none either.
     assert _chance_notes({k: v[:1] for k, v in per_arm.items()}, 13) == []
     same = {"treatment": runs(0.5, 0.5), "nothing": runs(0.5, 0.5)}
     assert _chance_notes(same, 13) == []
+    # 27 seeds with the same differences shrink the error below half the gain.
+    many = {
+        "treatment": runs(*[0.5, 0.3, 0.2] * 9),
+        "nothing": runs(*[0.1, 0.3, 0.3] * 9),
+    }
+    assert _chance_notes(many, 13) == []
