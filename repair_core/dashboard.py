@@ -906,12 +906,23 @@ def require_run() -> tuple[Workspace, pipeline.LoadedRun]:
         page_link("app_pages/setup.py", "Go to Setup")
         st.stop()
     try:
-        return ws, load_run(str(ws.root), run_id)
+        loaded = load_run(str(ws.root), run_id)
     except USER_ERRORS as error:
-        st.error(f"Run {run_id!r} could not be loaded: {error}")
+        message = str(error)
+        # A message that starts with the run's name does not need it twice.
+        if not message.startswith(f"Run {run_id!r} "):
+            message = f"Run {run_id!r} could not be loaded: {message}"
+        st.error(message)
         if isinstance(error, DataError):
             relocate_form(ws, run_id)
         st.stop()
+    if (relocated := st.session_state.pop(_RELOCATED, None)) is not None:
+        st.success(relocated)
+    return ws, loaded
+
+
+#: Session-state key of the message about a run just pointed at a new folder.
+_RELOCATED = "_relocated"
 
 
 def relocate_form(ws: Workspace, run_id: str) -> None:
@@ -939,6 +950,14 @@ def relocate_form(ws: Workspace, run_id: str) -> None:
                 lambda: pipeline.relocate_run(ws, run_id, new_root.strip()),
             )
             if moved is not None:
+                message = f"Run `{run_id}` now reads its data from `{moved['root']}`."
+                if moved["other_runs"]:
+                    others = ", ".join(f"`{other}`" for other in moved["other_runs"])
+                    message += (
+                        f" Runs {others} still read `{moved['old_root']}`; open each "
+                        "to point it at the new folder too."
+                    )
+                st.session_state[_RELOCATED] = message
                 st.rerun()
 
 

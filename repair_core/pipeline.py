@@ -314,15 +314,15 @@ def _file_changes(
     ]
 
 
-def _check_same_data(
+def _data_changes(
     workspace: Workspace, run_id: str, record: dict[str, Any], data: DataSplit
-) -> None:
-    """Raise DataError when the run's data source no longer gives its images.
+) -> list[str]:
+    """List how ``data`` differs from the data the run was stored with.
 
     Stored labels, failure sets and scores are indexed by position, so an image
     moved between class folders would silently shift every one of them. The
-    message names the files added, removed or changed where the run stored
-    its data index.
+    list names the files added, removed or changed where the run stored its
+    data index, and classes whose names changed.
     """
     config = record["config"]
     stored = config.get("data_fingerprint")
@@ -350,7 +350,23 @@ def _check_same_data(
             for change in _part_changes(part, index, now[part])
         ]
         changed += details
+    names = config.get("class_names")
+    if names is not None and list(data.train.class_names) != list(names):
+        # The pages and exports name classes, so a renamed class folder
+        # would relabel every figure although the labels are intact.
+        now_names = _names_text([repr(name) for name in data.train.class_names])
+        stored_names = _names_text([repr(name) for name in names])
+        changed.append(f"the class names are now {now_names}, not {stored_names}")
+    return changed
+
+
+def _check_same_data(
+    workspace: Workspace, run_id: str, record: dict[str, Any], data: DataSplit
+) -> None:
+    """Raise DataError when the run's data source no longer gives its images."""
+    changed = _data_changes(workspace, run_id, record, data)
     if changed:
+        config = record["config"]
         source = config.get("root") or config.get("data")
         raise DataError(
             f"The data of run {run_id!r} ({source}) changed since the run was "
@@ -718,6 +734,7 @@ def train_run(
         )
 
     report(0.0, "Loading data")
+    config = _with_absolute_root(config)
     data = _load_new_data(config, trains=True)
     clean_train = data.train
     report(0.05, f"Applying the {config.scenario} scenario")
@@ -806,6 +823,7 @@ def import_run(
                 f"Checkpoint {str(checkpoint)!r} has NaN or infinite values in "
                 f"{key!r}. Save the model's weights again from a finite state."
             )
+    config = _with_absolute_root(config)
     data = _load_new_data(config, trains=False)
     clean_train = data.train
     if config.scenario == "fgsm":
@@ -949,19 +967,35 @@ def _load_run_data(workspace: Workspace, run_id: str, config: RunConfig) -> Data
         raise DataError(f"{error} {_relocate_hint(workspace, run_id)}") from error
 
 
+def _with_absolute_root(config: RunConfig) -> RunConfig:
+    """Return ``config`` with its data folder as an absolute path, so that the
+    stored run opens from any working directory."""
+    if config.root is None or not str(config.root).strip():
+        return config
+    return dataclasses.replace(config, root=absolute_root(config.root))
+
+
+def absolute_root(root: str | Path) -> str:
+    """Return a data folder as an absolute path without ``~``, ``.`` or ``..``,
+    so that the stored path does not depend on the working directory."""
+    return os.path.abspath(Path(root).expanduser())
+
+
 def relocate_run(workspace: Workspace, run_id: str, root: str | Path) -> dict[str, Any]:
     """Point a stored run at the new folder of its data.
 
-    The images and labels in ``root`` must be those the run was stored with,
-    checked as when the run is opened; otherwise nothing is changed.
+    The images, labels and class names in ``root`` must be those the run was
+    stored with, checked as when the run is opened; otherwise nothing is
+    changed.
 
     Returns:
-        ``run_id``, ``old_root`` and ``root`` (absolute).
+        ``run_id``, ``old_root``, ``root`` (absolute) and ``other_runs``,
+        the ids of other runs in the workspace that still read ``old_root``.
 
     Raises:
         ConfigError: the run reads the embedded data, which has no folder.
         DataError: ``root`` is not a folder of the run's data source, or its
-            images differ from the run's.
+            data differ from the run's.
     """
     record = workspace.get_run(run_id)
     old_root = record["config"].get("root")
@@ -978,14 +1012,30 @@ def relocate_run(workspace: Workspace, run_id: str, root: str | Path) -> dict[st
             f"New data root {str(folder)!r} is not a folder. Give the folder that "
             f"now holds the data of run {run_id!r}."
         )
-    new_root = str(folder.absolute())
+    new_root = absolute_root(folder)
     # No download: the run's images must already be in the new folder.
     moved = dataclasses.replace(config, root=new_root, download=False)
-    moved_record = {**record, "config": {**record["config"], "root": new_root}}
-    _check_same_data(workspace, run_id, moved_record, _load_data(moved))
-    workspace.set_run_root(run_id, new_root)
+    data = _load_data(moved)
+    changed = _data_changes(workspace, run_id, record, data)
+    if changed:
+        raise DataError(
+            f"Folder {new_root!r} does not hold the data of run {run_id!r}: "
+            f"{'; '.join(changed)}. The run still reads {old_root!r}; nothing was "
+            "changed. Give the folder that holds the run's own images."
+        )
+    workspace.set_run_root(run_id, new_root, description=data.train.description)
     logger.info("Run %s now reads its data from %s", run_id, new_root)
-    return {"run_id": run_id, "old_root": old_root, "root": new_root}
+    other_runs = [
+        other["id"]
+        for other in workspace.list_runs()
+        if other["id"] != run_id and other["config"].get("root") == old_root
+    ]
+    return {
+        "run_id": run_id,
+        "old_root": old_root,
+        "root": new_root,
+        "other_runs": other_runs,
+    }
 
 
 def _check_same_predictions(

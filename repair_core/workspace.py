@@ -831,14 +831,15 @@ class Workspace:
     def get_run(self, run_id: str) -> dict[str, Any]:
         return self._get("runs", run_id, "Run")
 
-    def set_run_root(self, run_id: str, root: str) -> None:
-        """Record that the run's data folder is now ``root``.
+    def set_run_root(self, run_id: str, root: str, *, description: str) -> None:
+        """Record that the run's data folder is now ``root``, described by
+        ``description``, which names the folder.
 
-        Only the ``root`` of the stored config changes; the caller checks
-        first that the folder holds the run's images.
+        Only ``root`` and ``description`` of the stored config change; the
+        caller checks first that the folder holds the run's images.
         """
         record = self.get_run(run_id)
-        config = {**record["config"], "root": root}
+        config = {**record["config"], "root": root, "description": description}
         with self._connect() as connection:
             connection.execute(
                 "UPDATE runs SET config = ? WHERE id = ?",

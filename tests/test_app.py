@@ -1769,6 +1769,8 @@ def test_changed_data_folder_stops_run_page(tmp_path, monkeypatch):
 
 def test_moved_data_folder_can_be_pointed_to(tmp_path, monkeypatch):
     data, workspace, state = imported_folder_run(tmp_path, monkeypatch)
+    config = pipeline.RunConfig(data="imagefolder", root=str(data), device="cpu")
+    other = pipeline.import_run(workspace, config, tmp_path / "cnn.pt")["run_id"]
     moved = tmp_path / "digits-moved"
     data.rename(moved)
 
@@ -1776,6 +1778,7 @@ def test_moved_data_folder_can_be_pointed_to(tmp_path, monkeypatch):
     assert not app.exception
     errors = error_texts(app)
     assert len(errors) == 1
+    assert errors[0].startswith(f"Run {state['run_id']!r} reads its imagefolder data")
     assert "which is not a folder any more" in errors[0]
     assert app.expander[0].label == "Data folder moved?"
     assert app.button(key="relocate_run").disabled
@@ -1791,6 +1794,15 @@ def test_moved_data_folder_can_be_pointed_to(tmp_path, monkeypatch):
     check_clean(app)
     assert workspace.get_run(state["run_id"])["config"]["root"] == str(moved)
     assert app.title[0].value == "Failures"
+    # The other run on the old folder is named, and keeps its stored root.
+    assert app.success[0].value == (
+        f"Run `{state['run_id']}` now reads its data from `{moved}`. Runs "
+        f"`{other}` still read `{data}`; open each to point it at the new folder "
+        "too."
+    )
+    assert workspace.get_run(other)["config"]["root"] == str(data)
+    app.run()
+    assert not app.success
 
 
 def test_deleted_model_file_stops_run_page(tmp_path, monkeypatch):

@@ -34,6 +34,7 @@ from repair_core.errors import (
     WorkspaceError,
 )
 from repair_core.identification import identify
+from repair_core.training import TrainConfig
 from repair_core.treatments import (
     apply_treatment,
     default_config,
@@ -752,7 +753,7 @@ def test_moved_image_stops_loading_the_run(folder_run, part):
     assert "Restore the data as it was" in message
 
 
-def test_moved_data_folder_names_relocate(folder_run, capsys):
+def test_moved_data_folder_names_relocate(folder_run, capsys, monkeypatch):
     workspace, run_id, data = folder_run
     stored = workspace.get_run(run_id)["config"]
     moved = data.with_name("digits-moved")
@@ -777,22 +778,70 @@ def test_moved_data_folder_names_relocate(folder_run, capsys):
         )
         == 2
     )
-    assert "the train part has 14 images, 12 when" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"Folder {str(other)!r} does not hold the data of run {run_id!r}" in error
+    assert "the train part has 14 images, 12 when" in error
+    assert f"The run still reads {str(data)!r}; nothing was changed." in error
     assert workspace.get_run(run_id)["config"] == stored
 
+    # A relative path with '..' is stored absolute and normalised.
+    relative = Path("..") / ".." / moved.name
+    monkeypatch.chdir(moved / "train")
     assert (
         main(
             ["relocate", "--workspace", str(workspace.root)]
-            + ["--run", run_id, "--root", str(moved), "--json"]
+            + ["--run", run_id, "--root", str(relative), "--json"]
         )
         == 0
     )
     result = json.loads(capsys.readouterr().out)
-    assert result == {"run_id": run_id, "old_root": str(data), "root": str(moved)}
+    assert result == {
+        "run_id": run_id,
+        "old_root": str(data),
+        "root": str(moved),
+        "other_runs": [],
+    }
     config = workspace.get_run(run_id)["config"]
-    assert config == {**stored, "root": str(moved)}
+    description = config["description"]
+    assert str(moved) in description
+    assert config == {**stored, "root": str(moved), "description": description}
     run = pipeline.load_run(workspace, run_id)
     assert len(run.data.train) == 12
+    assert run.data.train.description == description
+
+
+def test_train_stores_absolute_data_root(tmp_path, monkeypatch):
+    data = tmp_path / "digits"
+    write_digit_folder(data)
+    workspace = Workspace(tmp_path / "ws")
+    monkeypatch.chdir(data / "train")
+    config = pipeline.RunConfig(
+        data="imagefolder",
+        root="../../digits/.",
+        device="cpu",
+        train=TrainConfig(max_epochs=1),
+    )
+
+    run_id = pipeline.train_run(workspace, config)["run_id"]
+
+    assert workspace.get_run(run_id)["config"]["root"] == str(data)
+    # The run opens from another working directory.
+    monkeypatch.chdir(tmp_path / "ws")
+    assert len(pipeline.load_run(workspace, run_id).data.train) == 12
+
+
+def test_relocate_rejects_renamed_class_folder(folder_run):
+    workspace, run_id, data = folder_run
+    moved = data.with_name("digits-renamed")
+    shutil.copytree(data, moved)
+    for part in ("train", "test"):
+        (moved / part / "b").rename(moved / part / "c")
+
+    with pytest.raises(DataError) as caught:
+        pipeline.relocate_run(workspace, run_id, moved)
+
+    assert "the class names are now 'a', 'c', not 'a', 'b'" in str(caught.value)
+    assert workspace.get_run(run_id)["config"]["root"] == str(data)
 
 
 def test_relocate_refuses_embedded_data_and_files(tmp_path):
