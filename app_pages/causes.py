@@ -318,9 +318,9 @@ def method_section(expanded: bool, opened: dict | None) -> None:
 
 
 IMPLICATED_HELP = (
-    "Share of the changed labels whose kind of mistake occurs among the query "
-    "failures that lie in the top 20%. An image of class a labelled b is "
-    "expected to cause failures of class a predicted as b."
+    "Of the changed labels whose kind of mistake occurs among the query "
+    "failures, the share that lies in the top 20% of the ranking. An image of "
+    "class a labelled b is expected to cause failures of class a predicted as b."
 )
 
 

@@ -565,13 +565,19 @@ def shown_percent(value: float) -> float:
 
 
 def accuracy_metric(
-    column: Any, label: str, after: float, before: float, help: str | None = None
+    column: Any,
+    label: str,
+    after: float,
+    before: float,
+    help: str | None = None,
+    against: str = "",
 ) -> None:
     """Show an accuracy with its change; an empty subset (NaN) shows "—".
 
     The change is the difference of the two accuracies as the page shows them,
-    so that it matches the figures of the table. A change that rounds to zero
-    gets no arrow and a neutral colour.
+    so that it matches the figures of the table, followed by ``against``,
+    which names what ``before`` is. A change that rounds to zero gets no arrow
+    and a neutral colour.
     """
     if math.isnan(after) or math.isnan(before):
         column.metric(label, percent_text(after), help=help)
@@ -581,13 +587,15 @@ def accuracy_metric(
         column.metric(
             label,
             percent_text(after),
-            delta="0.0 pts",
+            delta=f"0.0 pts{against}",
             delta_color="off",
             delta_arrow="off",
             help=help,
         )
         return
-    column.metric(label, percent_text(after), delta=f"{change:+.1f} pts", help=help)
+    column.metric(
+        label, percent_text(after), delta=f"{change:+.1f} pts{against}", help=help
+    )
 
 
 def gain_over_random(summary: dict[str, Any]) -> float | None:
@@ -677,6 +685,7 @@ def gain_metrics(summary: dict[str, Any]) -> None:
             "Test accuracy after",
             after["test_acc"],
             nothing_arm["mean"]["test_acc"],
+            against=" vs nothing removed",
             help=(
                 "Change over nothing removed "
                 f"({percent_text(nothing_arm['mean']['test_acc'])}); the original "

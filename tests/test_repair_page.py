@@ -325,7 +325,8 @@ def test_test_accuracy_delta_matches_figures(
     check_clean(app)
     metric = next(m for m in app.metric if m.label == "Test accuracy after")
     assert metric.value == f"{after:.1%}"
-    assert metric.delta == delta
+    # The change names the control it is measured against.
+    assert metric.delta == (f"{delta} vs nothing removed" if controls else delta)
     if controls:
         assert metric.help == (
             f"Change over nothing removed ({reference:.1%}); the original model "

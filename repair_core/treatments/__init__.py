@@ -158,7 +158,8 @@ def training_text(training: dict[str, Any]) -> str:
         f"Trained with Adam at lr {training['lr']:g}, batches of "
         f"{training['batch_size']}, at most {_epochs(training['max_epochs'])}, "
         f"stopping after {_epochs(training['patience'])} without a lower "
-        f"validation loss on {training['val_fraction']:.0%} of D\\C."
+        f"validation loss on {training['val_fraction']:.0%} of the examples each "
+        "arm trains on."
     )
 
 
