@@ -397,4 +397,21 @@ def result_text(command: str, result: dict[str, Any]) -> str:
             return render(result) + (f"\n{missing}" if missing else "")
     if command == "runs":
         return runs_text(result)
+    if command == "relocate":
+        return relocate_text(result)
     return generic_text(result)
+
+
+def relocate_text(result: dict[str, Any]) -> str:
+    """Say where a relocated run now reads its data, and which runs still
+    read the old folder."""
+    text = (
+        f"Run {result['run_id']} now reads its data from {result['root']} "
+        f"(was {result['old_root']})."
+    )
+    if result["other_runs"]:
+        text += (
+            f"\nRuns {', '.join(result['other_runs'])} still read "
+            f"{result['old_root']}; relocate each of them too."
+        )
+    return text

@@ -538,7 +538,9 @@ def _stop_notes(treatment: str, settings: Any, runs: list[dict[str, Any]]) -> li
             f"accuracy on a sample of D\\C fell by more than retain_drop "
             f"({settings.retain_drop:g}), keeping the parameters of a step before "
             "that drop, so the run ended before early stopping on F_q would have "
-            "ended it. Set retain_drop to 1.0 to turn this check off."
+            "ended it. Set retain_drop to 1.0 to turn this check off. The sample "
+            "is training data, which the model fits closely, so the check does "
+            "not bound the drop on test data: see T\\F above."
         )
 
     # The seed orders the causes into batches and draws the sample of D\C

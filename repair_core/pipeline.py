@@ -285,7 +285,7 @@ def _part_changes(
         return []
     noun = "image" if len(positions) == 1 else "images"
     return [
-        f"{len(positions)} {part} {noun} changed, at positions "
+        f"{len(positions)} {part} {noun} changed in pixels or label, at positions "
         f"{_names_text([str(p) for p in positions])}"
     ]
 
@@ -305,7 +305,13 @@ def _file_changes(
     changed = [
         name for name in new_files if name in old_at and old_at[name] != new_at[name]
     ]
-    kinds = {"added": added, "removed": removed, "changed": changed}
+    # A digest covers the pixels and the label, so a file whose class index
+    # moved, as when a class folder is renamed, counts as changed.
+    kinds = {
+        "added": added,
+        "removed": removed,
+        "changed in pixels or label": changed,
+    }
     return [
         f"{len(names)} {'file' if len(names) == 1 else 'files'} {kind} "
         f"({_names_text(names)})"
@@ -981,6 +987,17 @@ def absolute_root(root: str | Path) -> str:
     return os.path.abspath(Path(root).expanduser())
 
 
+def _same_folder(old_root: str, new_root: str) -> bool:
+    """Return whether two paths name one folder, through links too."""
+    if absolute_root(old_root) == new_root:
+        return True
+    try:
+        return os.path.samefile(old_root, new_root)
+    except OSError:
+        # The old folder is gone, so it cannot be the new one.
+        return False
+
+
 def relocate_run(workspace: Workspace, run_id: str, root: str | Path) -> dict[str, Any]:
     """Point a stored run at the new folder of its data.
 
@@ -1013,6 +1030,11 @@ def relocate_run(workspace: Workspace, run_id: str, root: str | Path) -> dict[st
             f"now holds the data of run {run_id!r}."
         )
     new_root = absolute_root(folder)
+    if _same_folder(old_root, new_root):
+        raise ConfigError(
+            f"Run {run_id!r} already reads its data from {new_root!r}; nothing was "
+            "changed. Give the folder the data moved to."
+        )
     # No download: the run's images must already be in the new folder.
     moved = dataclasses.replace(config, root=new_root, download=False)
     data = _load_data(moved)

@@ -26,6 +26,7 @@ from torch import nn
 
 from repair_core import models, pipeline
 from repair_core.cli import main
+from repair_core.cli_text import relocate_text
 from repair_core.errors import (
     CheckpointError,
     ConfigError,
@@ -801,6 +802,10 @@ def test_moved_data_folder_names_relocate(folder_run, capsys, monkeypatch):
         "root": str(moved),
         "other_runs": [],
     }
+    assert relocate_text({**result, "other_runs": ["run-b", "run-c"]}) == (
+        f"Run {run_id} now reads its data from {moved} (was {data}).\n"
+        f"Runs run-b, run-c still read {data}; relocate each of them too."
+    )
     config = workspace.get_run(run_id)["config"]
     description = config["description"]
     assert str(moved) in description
@@ -828,6 +833,20 @@ def test_train_stores_absolute_data_root(tmp_path, monkeypatch):
     # The run opens from another working directory.
     monkeypatch.chdir(tmp_path / "ws")
     assert len(pipeline.load_run(workspace, run_id).data.train) == 12
+
+
+def test_relocate_to_same_folder_changes_nothing(folder_run):
+    workspace, run_id, data = folder_run
+    stored = workspace.get_run(run_id)["config"]
+
+    with pytest.raises(ConfigError, match="already reads its data from"):
+        pipeline.relocate_run(workspace, run_id, data / "train" / "..")
+    link = data.with_name("digits-link")
+    link.symlink_to(data)
+    with pytest.raises(ConfigError, match="nothing was changed"):
+        pipeline.relocate_run(workspace, run_id, link)
+
+    assert workspace.get_run(run_id)["config"] == stored
 
 
 def test_relocate_rejects_renamed_class_folder(folder_run):
@@ -875,7 +894,7 @@ def test_edited_pixels_name_the_file(folder_run):
 
     message = str(caught.value)
     assert "the test part contains other images or labels" in message
-    assert "2 files changed (test/b/1.png, test/b/4.png)" in message
+    assert "2 files changed in pixels or label (test/b/1.png, test/b/4.png)" in message
     assert "added" not in message
     assert "removed" not in message
 
@@ -916,7 +935,7 @@ def test_changed_positions_are_named_without_file_names():
 
     changes = pipeline._part_changes("train", index, after)
 
-    assert changes == ["2 train images changed, at positions 1, 4"]
+    assert changes == ["2 train images changed in pixels or label, at positions 1, 4"]
     assert pipeline._part_changes("test", index, before) == []
 
 

@@ -97,14 +97,16 @@ def test_ewc_note_names_small_failure_set(workspace_env):
     notes = ewc_notes(app)
     assert len(notes) == 1
     assert notes[0].startswith("F_q has 29 failures, fewer than 30.")
-    assert "set lr to 1e-4 (lr=1e-4)" in notes[0]
+    assert "set lr to 0.0001 (1e-4)" in notes[0]
 
-    # The note goes once the fit is gentler, as it advises.
-    app.number_input(key="causes_cfg_ewc-influence_min_steps").set_value(10).run()
+    # The note goes once the learning rate is lower, as it advises.
+    app.number_input(key="causes_cfg_ewc-influence_lr").set_value(1e-4).run()
     assert ewc_notes(app) == []
-    app.number_input(key="causes_cfg_ewc-influence_min_steps").set_value(100).run()
+    app.number_input(key="causes_cfg_ewc-influence_lr").set_value(1e-3).run()
     assert len(ewc_notes(app)) == 1
-    # A longer or faster fit overshoots more, so the note stays.
+    # Fewer steps ranked worse than a lower lr, so they keep the note.
+    app.number_input(key="causes_cfg_ewc-influence_min_steps").set_value(10).run()
+    assert len(ewc_notes(app)) == 1
     app.number_input(key="causes_cfg_ewc-influence_min_steps").set_value(200).run()
     assert len(ewc_notes(app)) == 1
     app.multiselect(key="causes_methods").set_value(["training-loss"]).run()
@@ -133,7 +135,7 @@ def test_ewc_note_beside_overshooting_ranking(workspace_env):
     notes = [note for note in ewc_notes(app) if note.startswith("This ranking")]
     assert len(notes) == 1
     assert notes[0].startswith("This ranking may list clean images first. F_q has 29")
-    assert "(lr=1e-4)" in notes[0]
+    assert "set lr to 0.0001 (1e-4)" in notes[0]
 
     app = page("causes", **state, scores_id=gentle["scores_id"]).run()
     check_clean(app)
