@@ -320,19 +320,24 @@ def test_fit_failures_accepts_no_causes():
         repair_with_controls("finetune", problem.model, causes=[], **common)
 
 
-def test_repair_with_controls_newton_runs_controls():
-    problem = tiny_problem()
-
-    report = repair_with_controls(
+def newton_with_controls(problem, **kwargs) -> dict:
+    """Run Newton removal of the flipped labels with a short LiSSA solve."""
+    return repair_with_controls(
         "newton",
         problem.model,
         (problem.train_images, problem.train_labels),
         problem.flipped,
         (problem.test_images, problem.test_labels),
         problem.split,
-        seeds=(0, 1),
         config={"depth": 20, "scale": 50.0},
+        **kwargs,
     )
+
+
+def test_repair_with_controls_newton_runs_controls():
+    problem = tiny_problem()
+
+    report = newton_with_controls(problem, seeds=(0, 1))
 
     assert set(report["arms"]) == {"treatment", "nothing", "random"}
     assert report["controls_note"] is None
@@ -353,17 +358,7 @@ def test_repair_with_controls_newton_runs_controls():
 def test_repair_with_controls_newton_without_controls():
     problem = tiny_problem()
 
-    report = repair_with_controls(
-        "newton",
-        problem.model,
-        (problem.train_images, problem.train_labels),
-        problem.flipped,
-        (problem.test_images, problem.test_labels),
-        problem.split,
-        seeds=(0,),
-        config={"depth": 20, "scale": 50.0},
-        controls=(),
-    )
+    report = newton_with_controls(problem, seeds=(0,), controls=())
 
     assert set(report["arms"]) == {"treatment"}
     assert report["gain_over_nothing"] is None
