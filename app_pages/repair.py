@@ -478,11 +478,11 @@ def causes_change_text(before: list[int], after: list[int]) -> str:
     return f" ({' and '.join(parts)})" if parts else ""
 
 
-def index_list_text(indices: list[int], shown: int = 5) -> str:
-    """Return "#1, #2 and 3 more" for training indices."""
-    text = ", ".join(f"#{i}" for i in indices[:shown])
-    if len(indices) > shown:
-        text += f" and {len(indices) - shown} more"
+def index_list_text(indices: list[int], limit: int = 5) -> str:
+    """Return "#1, #2 and 3 more" for training indices, naming up to ``limit``."""
+    text = ", ".join(f"#{i}" for i in indices[:limit])
+    if len(indices) > limit:
+        text += f" and {len(indices) - limit} more"
     return text
 
 

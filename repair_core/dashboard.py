@@ -373,7 +373,7 @@ def _toast_not_opened(kind: str, record_id: str, reason: str) -> None:
     )
     st.toast(message)
     # A toast fades after a few seconds, so the page that would have shown the
-    # record repeats the message where it says that none is open.
+    # record repeats the message where it states that none is open.
     st.session_state[_URL_NOT_OPENED] = {"kind": kind, "message": message}
 
 

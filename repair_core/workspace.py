@@ -836,7 +836,7 @@ class Workspace:
         ``description``, which names the folder.
 
         Only ``root`` and ``description`` of the stored config change; the
-        caller checks first that the folder holds the run's images.
+        caller checks first that the folder contains the run's images.
         """
         record = self.get_run(run_id)
         config = {**record["config"], "root": root, "description": description}
