@@ -37,8 +37,8 @@ DECISION_STYLE = f"""<style>
 #: fit. On a 600-image run, 25 query failures of 1 predicted as 7 put 0.55 of
 #: the matching flipped labels in the top 20% with the default fit and 0.97
 #: with lr 1e-4. On a 3000-image run, random sets of 12 to 25 failures ranked
-#: about as well with lr 1e-4 as with the default, and sets of 38 and 62
-#: ranked better with the default in 3 of 4 cases and the same in the fourth
+#: about as well with lr 1e-4 as with the default. Sets of 38 and 62 ranked
+#: better with the default in 3 of 4 cases and the same in the fourth
 #: (README, EWC-influence).
 EWC_MIN_FAILURES = 30
 

@@ -362,7 +362,7 @@ def _build_parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
     _add_workspace(relocate, device=False)
     relocate.add_argument("--run", required=True, help="run id")
     relocate.add_argument(
-        "--root", required=True, help="folder that now holds the run's data"
+        "--root", required=True, help="folder that now contains the run's data"
     )
 
     identify = commands.add_parser(

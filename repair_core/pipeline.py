@@ -1002,7 +1002,7 @@ def relocate_run(workspace: Workspace, run_id: str, root: str | Path) -> dict[st
     """Point a stored run at the new folder of its data.
 
     The images, labels and class names in ``root`` must be those the run was
-    stored with, checked as when the run is opened; otherwise nothing is
+    stored with, checked as when the run is opened. Otherwise nothing is
     changed.
 
     Returns:

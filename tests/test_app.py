@@ -299,7 +299,7 @@ def test_url_with_unknown_ids_opens_what_exists(workspace_env, params, kept, toa
     assert len(app.toast) == 1
     assert f"The address names {toast}, which was not found" in app.toast[0].value
 
-    # The toast fades, so a page that needs the missing record says it again.
+    # The toast fades, so a page that needs the missing record repeats it.
     app.switch_page("app_pages/causes.py").run()
     warnings = [warning.value for warning in app.warning]
     if kept == "fs":
@@ -3283,8 +3283,8 @@ def test_failed_upload_leaves_no_file(tmp_path, monkeypatch):
 
 
 def test_compare_counts_implicated_label_changes(tmp_path, monkeypatch):
-    # The shared tiny run predicts one class for every image; this one is
-    # trained until its failures include flipped kinds, such as 6 seen as 9.
+    # The shared tiny run predicts one class for every image. This run trains
+    # longer, so its failures include flipped kinds, such as 6 seen as 9.
     monkeypatch.setenv("REPAIR_WORKSPACE", str(tmp_path))
     workspace = Workspace(tmp_path)
     config = pipeline.RunConfig(

@@ -176,7 +176,7 @@ def test_repair_keeps_every_arm_and_seed(ranked):
     # The seeds are listed once, not beside a config seed of the first alone.
     assert summary["seeds"] == [0, 1]
     assert "seed" not in summary["config"]
-    # Fine-tuning takes its optimiser settings from the run; the record says which.
+    # Fine-tuning takes its optimiser settings from the run, and the record names them.
     train = run.config.train
     assert summary["config"] == {"max_epochs": None}
     assert (
