@@ -190,6 +190,7 @@ def select_run(run_id: str | None, failure_set_id: str | None) -> None:
     # A run chosen by the user replaces the one that the address named.
     st.session_state.pop(_URL_PENDING, None)
     st.session_state.pop(_URL_NOT_OPENED, None)
+    st.session_state.pop(_URL_MISSING_WORKSPACE, None)
 
 
 #: URL query parameter for each piece of the working context, so a reload of
@@ -268,12 +269,35 @@ def _restore_workspace_from_url() -> bool:
         ):
             st.session_state["workspace_root"] = root
         else:
-            st.toast(
+            message = (
                 f"The address names the workspace folder {root!r}, which contains no "
                 f"workspace, so the dashboard uses {current!r}."
             )
+            ids = {
+                name: value for name in URL_KEYS if (value := st.query_params.get(name))
+            }
+            if ids.get("run"):
+                # After a server restart this is also how a moved workspace
+                # looks. The ids and the address wait until the user enters
+                # the workspace's new folder or opens another run.
+                display_id = pipeline.shortened_id(ids["run"].replace("`", ""))
+                message += (
+                    " If the workspace was moved, enter its new folder as the "
+                    f"workspace folder in the sidebar to open run `{display_id}`."
+                )
+                st.session_state[_URL_MISSING_WORKSPACE] = {
+                    "root": root,
+                    "ids": ids,
+                    "message": message,
+                }
+            st.toast(message)
             return False
     return True
+
+
+#: Session-state key of an address whose workspace folder contains no
+#: workspace: the folder, the ids it named and the message about them.
+_URL_MISSING_WORKSPACE = "_url_missing_workspace"
 
 
 def _restore_records(ws: Workspace, params: dict[str, str]) -> None:
@@ -396,12 +420,18 @@ def save_to_url() -> None:
     this runs on every script run. Only this dashboard's keys are touched.
     """
     pending = st.session_state.get(_URL_PENDING)
-    if pending is not None:
+    missing = st.session_state.get(_URL_MISSING_WORKSPACE)
+    root = st.session_state.get("workspace_root")
+    if missing is not None:
+        # The address keeps the missing folder and its ids, so a reload after
+        # the folder is back opens them.
+        target = {name: missing["ids"].get(name) for name in URL_KEYS}
+        root = missing["root"]
+    elif pending is not None:
         # The ids wait for a readable database, so the address keeps them.
         target = {name: pending.get(name) for name in URL_KEYS}
     else:
         target = {name: st.session_state.get(key) for name, key in URL_KEYS.items()}
-    root = st.session_state.get("workspace_root")
     default_root = os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE
     target["workspace"] = root if root != default_root else None
     current = {name: st.query_params.get_all(name) for name in st.query_params}
@@ -735,7 +765,12 @@ def workspace_sidebar() -> None:
             current = st.session_state["workspace_root"]
             st.toast(f"{problem} The dashboard still uses {current!r}.")
         elif contains_workspace(root):
+            missing = st.session_state.get(_URL_MISSING_WORKSPACE)
             use_workspace(root)
+            if missing is not None:
+                # The folder may be the new place of the address's workspace,
+                # so the address's ids are opened there.
+                st.session_state[_URL_PENDING] = missing["ids"]
         elif (lost := lost_records_message(root)) is not None:
             # Creating a workspace here would leave the runs without records.
             current = st.session_state["workspace_root"]
@@ -789,6 +824,9 @@ def workspace_sidebar() -> None:
         create_error = st.session_state.get(_CREATE_ERROR)
         if create_error:
             st.error(create_error)
+        missing = st.session_state.get(_URL_MISSING_WORKSPACE)
+        if missing is not None:
+            st.warning(missing["message"])
         pending = st.session_state.get(_PENDING_WORKSPACE)
         if pending:
             st.warning(

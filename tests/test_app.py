@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,70 @@ def test_url_opens_only_existing_workspaces(workspace_env, tmp_path):
     app.run()
     check_clean(app)
     assert app.session_state["workspace_root"] == str(other)
+
+
+def test_url_ids_wait_for_moved_workspace(prepared, tmp_path, monkeypatch):
+    # After a server restart, the address of a moved workspace names a folder
+    # that contains no workspace.
+    default = tmp_path / "default"
+    Workspace(default)
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(default))
+    moved_away = tmp_path / "moved-away"
+    app = _app()
+    app.query_params = {
+        "workspace": str(moved_away),
+        "run": prepared.run_id,
+        "fs": prepared.failure_set_id,
+    }
+    app.run()
+    check_clean(app)
+    assert not moved_away.exists()
+    assert app.session_state["workspace_root"] == str(default)
+    assert app.session_state["run_id"] is None
+    warnings = [warning.value for warning in app.sidebar.warning]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(
+        f"The address names the workspace folder {str(moved_away)!r}"
+    )
+    assert f"to open run `{prepared.run_id}`" in warnings[0]
+    assert app.query_params["workspace"] == str(moved_away)
+    assert app.query_params["run"] == prepared.run_id
+    assert app.query_params["fs"] == prepared.failure_set_id
+
+    # Another page keeps the address and the warning.
+    app.switch_page("app_pages/causes.py").run()
+    assert app.query_params["run"] == prepared.run_id
+    assert len(app.sidebar.warning) == 1
+
+    # Entering the workspace's new folder opens what the address named.
+    new_place = tmp_path / "new-place"
+    shutil.copytree(prepared.root, new_place)
+    app.sidebar.text_input(key="sidebar_workspace").set_value(str(new_place)).run()
+    check_clean(app)
+    assert app.session_state["workspace_root"] == str(new_place)
+    assert app.session_state["run_id"] == prepared.run_id
+    assert app.session_state["failure_set_id"] == prepared.failure_set_id
+    assert not app.sidebar.warning
+    assert app.query_params["workspace"] == str(new_place)
+    assert app.query_params["run"] == prepared.run_id
+
+
+def test_url_missing_workspace_dropped_on_new_run(prepared, tmp_path, monkeypatch):
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(prepared.root))
+    app = _app()
+    app.query_params = {"workspace": str(tmp_path / "gone"), "run": "rn-gone"}
+    app.run()
+    check_clean(app)
+    assert len(app.sidebar.warning) == 1
+    assert app.query_params["run"] == "rn-gone"
+
+    # Opening a run of the workspace in use drops the address's ids.
+    app.selectbox(key="setup_open_run").set_value(prepared.run_id)
+    app.button(key="setup_open").click().run()
+    check_clean(app)
+    assert not app.sidebar.warning
+    assert app.query_params["run"] == prepared.run_id
+    assert "workspace" not in app.query_params
 
 
 def test_workspace_error_gives_dashboard_advice(workspace_env, tmp_path):
