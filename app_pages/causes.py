@@ -64,6 +64,7 @@ st.caption(
 
 def choose_ranking() -> None:
     st.session_state["scores_id"] = st.session_state["causes_scores"]
+    dashboard.forget_not_opened("ranking")
 
 
 def note_changed_elsewhere(indices: list[int]) -> None:
@@ -183,6 +184,7 @@ def run_methods(configs: dict[str, object]) -> None:
         if not finished and not reused:
             # The first method chosen is the one opened for review.
             st.session_state["scores_id"] = summary["scores_id"]
+            dashboard.forget_not_opened("ranking")
         if summary.get("reused"):
             # The pipeline found a ranking with the same settings, seed and
             # device and computed nothing.
@@ -536,6 +538,7 @@ message = st.session_state.pop("causes_message", None)
 with st.container():
     if message:
         st.success(message)
+    dashboard.warn_not_opened("ranking")
 dashboard.show_interrupted_job("causes")
 records_by_id = {record["id"]: record for record in records}
 opened_id = None

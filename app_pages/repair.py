@@ -99,12 +99,14 @@ n_train = len(run.data.train)
 new_sweeps: list[str] = []
 
 st.title("Repair")
+dashboard.warn_not_opened("ranking", "repair")
 dashboard.show_interrupted_job("repair")
 dashboard.warn_if_no_holdout(failure_set_id, split)
 
 
 def choose_repair() -> None:
     st.session_state["repair_id"] = st.session_state["repair_select"]
+    dashboard.forget_not_opened("repair")
 
 
 def confirmed_causes(n_confirmed: int) -> tuple[Any, str, None] | None:
@@ -328,6 +330,7 @@ def run_single(treatment, config, causes, origin, scores_id, seeds, controls) ->
         )
     if summary is not None:
         st.session_state["repair_id"] = summary["repair_id"]
+        dashboard.forget_not_opened("repair")
         st.rerun()
 
 

@@ -251,48 +251,52 @@ def _restore_workspace_from_url() -> bool:
     workspace. Return False when the address names a folder that cannot be
     used, after a toast with the reason."""
     root = st.query_params.get("workspace")
-    if root and root != st.session_state["workspace_root"]:
-        current = st.session_state["workspace_root"]
-        if (problem := folder_path_problem(root)) is not None:
-            st.toast(f"{problem} The dashboard uses {current!r}.")
-            return False
-        # An address is easy to mistype or to get from someone else, so it
-        # opens only a folder that is or was a workspace: one with a database,
-        # even a damaged one, one with run folders whose database is lost, or
-        # one that this server opened before it was moved away. The page then
-        # shows why the workspace cannot be read, and the address keeps its
-        # ids until it can. No new, empty workspace is created there.
-        if (
-            contains_workspace(root)
-            or lost_records_message(root) is not None
-            or root in _opened_roots()
-        ):
-            st.session_state["workspace_root"] = root
-        else:
-            message = (
-                f"The address names the workspace folder {root!r}, which contains no "
-                f"workspace, so the dashboard uses {current!r}."
-            )
-            ids = {
-                name: value for name in URL_KEYS if (value := st.query_params.get(name))
-            }
-            if ids.get("run"):
-                # After a server restart this is also how a moved workspace
-                # looks. The ids and the address wait until the user enters
-                # the workspace's new folder or opens another run.
-                display_id = pipeline.shortened_id(ids["run"].replace("`", ""))
-                message += (
-                    " If the workspace was moved, enter its new folder as the "
-                    f"workspace folder in the sidebar to open run `{display_id}`."
-                )
-                st.session_state[_URL_MISSING_WORKSPACE] = {
-                    "root": root,
-                    "ids": ids,
-                    "message": message,
-                }
-            st.toast(message)
-            return False
-    return True
+    if not root or root == st.session_state["workspace_root"]:
+        return True
+    current = st.session_state["workspace_root"]
+    if (problem := folder_path_problem(root)) is not None:
+        st.toast(f"{problem} The dashboard uses {current!r}.")
+        return False
+    # An address is easy to mistype or to get from someone else, so it
+    # opens only a folder that is or was a workspace: one with a database,
+    # even a damaged one, one with run folders whose database is lost, or
+    # one that this server opened before it was moved away. The page then
+    # shows why the workspace cannot be read, and the address keeps its
+    # ids until it can. No new, empty workspace is created there.
+    if (
+        contains_workspace(root)
+        or lost_records_message(root) is not None
+        or root in _opened_roots()
+    ):
+        st.session_state["workspace_root"] = root
+        return True
+    _keep_address_ids(
+        root,
+        f"The address names the workspace folder {root!r}, which contains no "
+        f"workspace, so the dashboard uses {current!r}.",
+    )
+    return False
+
+
+def _keep_address_ids(root: str, message: str) -> None:
+    """Toast ``message`` about the address's workspace folder ``root``, which
+    contains no workspace. When the address names a run, the sidebar repeats
+    the message, and the ids and the address wait until the user enters the
+    workspace's new folder or opens another run."""
+    ids = {name: value for name in URL_KEYS if (value := st.query_params.get(name))}
+    if ids.get("run"):
+        # After a server restart this is also how a moved workspace looks.
+        display_id = pipeline.shortened_id(ids["run"].replace("`", ""))
+        message += (
+            " If the workspace was moved, enter its new folder as the workspace "
+            f"folder in the sidebar to open run `{display_id}`."
+        )
+        st.session_state[_URL_MISSING_WORKSPACE] = {
+            "root": root,
+            "ids": ids,
+            "message": message,
+        }
+    st.toast(message)
 
 
 #: Session-state key of an address whose workspace folder contains no
@@ -406,11 +410,20 @@ def _toast_not_opened(kind: str, record_id: str, reason: str) -> None:
 _URL_NOT_OPENED = "_url_not_opened"
 
 
-def _warn_not_opened(kind: str) -> None:
-    """Repeat why the address's record of ``kind`` was not opened, if it was not."""
+def warn_not_opened(*kinds: str) -> None:
+    """Repeat why the address's record was not opened, if it is of one of
+    ``kinds`` and was not. The message stays until :func:`forget_not_opened`."""
     note = st.session_state.get(_URL_NOT_OPENED)
-    if note is not None and note["kind"] == kind:
+    if note is not None and note["kind"] in kinds:
         st.warning(note["message"])
+
+
+def forget_not_opened(*kinds: str) -> None:
+    """Drop the message about the address's record of one of ``kinds``, once
+    the user has chosen or made another record of that kind."""
+    note = st.session_state.get(_URL_NOT_OPENED)
+    if note is not None and note["kind"] in kinds:
+        del st.session_state[_URL_NOT_OPENED]
 
 
 def save_to_url() -> None:
@@ -936,7 +949,7 @@ def require_run() -> tuple[Workspace, pipeline.LoadedRun]:
     ws = workspace()
     run_id = st.session_state["run_id"]
     if run_id is None:
-        _warn_not_opened("run")
+        warn_not_opened("run")
         st.info(
             "No run is open. Train a model, import one or open an earlier run "
             "on the **Setup** page first."
@@ -1005,7 +1018,7 @@ def require_failure_set(
     """Return the chosen failure set F, or tell the user to choose one and stop."""
     failure_set_id = st.session_state["failure_set_id"]
     if failure_set_id is None:
-        _warn_not_opened("failure set")
+        warn_not_opened("failure set")
         st.info(
             "No failure set F is chosen for this run. Pick the failures to explain "
             "on the **Failures** page first."

@@ -367,10 +367,69 @@ def test_url_with_unknown_ids_opens_what_exists(workspace_env, params, kept, toa
     # The toast fades, so a page that needs the missing record repeats it.
     app.switch_page("app_pages/causes.py").run()
     warnings = [warning.value for warning in app.warning]
-    if kept == "fs":
-        assert not any("The address names" in text for text in warnings)
-    else:
-        assert f"The address names {toast}, which was not found" in warnings[0]
+    named = [text for text in warnings if text.startswith("The address names")]
+    assert len(named) == 1
+    assert f"The address names {toast}, which was not found" in named[0]
+
+
+def test_url_unknown_ranking_warned_until_chosen(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+    random_id = pipeline.run_identification(
+        workspace_env.workspace, run, "random", failure_set_id=failure_set_id
+    )["scores_id"]
+    loss_id = pipeline.run_identification(
+        workspace_env.workspace, run, "training-loss", failure_set_id=failure_set_id
+    )["scores_id"]
+    app = _app()
+    app.query_params = {
+        "run": workspace_env.run_id,
+        "fs": failure_set_id,
+        "scores": "sc-absent",
+        "repair": "rp-absent",
+    }
+    app.run()
+    check_clean(app)
+    message = (
+        "The address names the ranking `sc-absent`, which was not found in this "
+        "workspace, so it was not opened."
+    )
+    assert app.toast[0].value == message
+
+    app.switch_page("app_pages/repair.py").run()
+    check_clean(app)
+    assert message in [warning.value for warning in app.warning]
+
+    app.switch_page("app_pages/causes.py").run()
+    check_clean(app)
+    assert app.session_state["scores_id"] == loss_id
+    assert message in [warning.value for warning in app.warning]
+
+    # Choosing a ranking answers the address's, so the warning goes.
+    app.selectbox(key="causes_scores").set_value(random_id).run()
+    check_clean(app)
+    assert app.session_state["scores_id"] == random_id
+    assert message not in [warning.value for warning in app.warning]
+    app.switch_page("app_pages/repair.py").run()
+    assert message not in [warning.value for warning in app.warning]
+
+
+def test_url_unknown_repair_warned_on_repair(workspace_env):
+    app = _app()
+    app.query_params = {
+        "run": workspace_env.run_id,
+        "fs": workspace_env.failure_set_id,
+        "repair": "rp-absent",
+    }
+    app.run()
+    check_clean(app)
+    app.switch_page("app_pages/repair.py").run()
+    check_clean(app)
+    assert (
+        "The address names the repair `rp-absent`, which was not found in this "
+        "workspace, so it was not opened."
+    ) in [warning.value for warning in app.warning]
+    assert app.session_state["repair_id"] is None
 
 
 def test_url_ranking_of_other_failure_set_is_named(workspace_env):
