@@ -954,13 +954,16 @@ def _settings_help(
     what: str,
     fixed: dict[str, str] | None = None,
     ignored: Sequence[str] = (),
+    replaced_inner: dict[str, str] | None = None,
 ) -> str:
     """List the settings of ``config`` with their defaults and help texts,
-    except those in ``fixed``, which maps each to the option that sets it, and
-    those in ``ignored``, which ``what`` does not read."""
+    except those in ``fixed``, which maps each to the option that sets it,
+    those in ``ignored``, which ``what`` does not read, and the group settings
+    in ``replaced_inner``, which maps each to why it is not offered."""
     from repair_core.cli_text import table
 
     fixed = fixed or {}
+    replaced_inner = replaced_inner or {}
     rows, nested = [], []
     for entry in dataclasses.fields(config):
         if entry.name in fixed or entry.name in ignored:
@@ -971,8 +974,11 @@ def _settings_help(
                 [entry.name, _default_text(value), entry.metadata.get("help", "")]
             )
             continue
-        nested.append(entry.name)
         for inner in dataclasses.fields(value):
+            if inner.name in replaced_inner:
+                continue
+            if not nested:
+                nested.append((entry.name, inner.name, getattr(value, inner.name)))
             rows.append(
                 [
                     f"{entry.name}.{inner.name}",
@@ -982,14 +988,18 @@ def _settings_help(
             )
     text = f"Settings of {what}:\n\n" + table(["name", "default", "meaning"], rows)
     if nested:
+        group, inner_name, default = nested[0]
+        example = json.dumps({inner_name: default})
         text += (
             f"\n\nSet one setting of a group by its dotted name, such as --set "
-            f"{nested[0]}.seed=1, or a whole group as one JSON object, such as "
-            f"--set {nested[0]}='{{\"seed\": 1}}'; the settings it omits keep "
-            "their defaults."
+            f"{group}.{inner_name}={_default_text(default)}, or a whole group as "
+            f"one JSON object, such as --set {group}='{example}'; the settings it "
+            "omits keep their defaults."
         )
     for name, option in fixed.items():
         text += f"\n\n{name} is not listed: {option} sets it."
+    for name, reason in replaced_inner.items():
+        text += f"\n\nThe {name} of a group is not listed: {reason}"
     if ignored:
         verb = "is" if len(ignored) == 1 else "are"
         text += (
@@ -1005,17 +1015,21 @@ def _apply_settings(
     what: str,
     fixed: dict[str, str] | None = None,
     ignored: Sequence[str] = (),
+    replaced_inner: dict[str, str] | None = None,
 ) -> Any:
     """Return ``config`` with NAME=VALUE overrides read as each setting's type.
 
     ``fixed`` maps the settings that the command sets from its own options to
     those options, and ``ignored`` names settings that ``what`` does not read;
-    ``--set help`` leaves both out.
+    ``--set help`` leaves both out. ``replaced_inner`` maps settings of a
+    group that the outer config replaces to the reason, and setting one
+    raises with it.
     """
     if not settings:
         return config
+    replaced_inner = replaced_inner or {}
     if "help" in settings:
-        text = _settings_help(config, what, fixed, ignored)
+        text = _settings_help(config, what, fixed, ignored, replaced_inner)
         raise SystemExit(0 if _write_stdout(text) else 141)
     values = config.to_dict() if hasattr(config, "to_dict") else asdict(config)
     kinds = typing.get_type_hints(type(config))
@@ -1037,6 +1051,10 @@ def _apply_settings(
         if dot and dataclasses.is_dataclass(getattr(config, group, None)):
             # A dotted name, as '--set help' lists them, sets one setting of a
             # group.
+            if inner in replaced_inner:
+                raise RepairError(
+                    f"--set {item} has no effect: {replaced_inner[inner]}"
+                )
             group_config = getattr(config, group)
             inner_names = [entry.name for entry in dataclasses.fields(group_config)]
             if inner not in inner_names:
@@ -1065,6 +1083,14 @@ def _apply_settings(
                 f"{', '.join(offered)}; '--set help' describes them."
             )
         value = _setting_value(text.strip(), kinds.get(name), name, what)
+        replaced = [
+            key for key in replaced_inner if isinstance(value, dict) and key in value
+        ]
+        if replaced and isinstance(values[name], dict):
+            raise RepairError(
+                f"--set {item} has no effect on {name}.{replaced[0]}: "
+                f"{replaced_inner[replaced[0]]}"
+            )
         if isinstance(value, dict) and isinstance(values[name], dict):
             # A JSON object sets only the settings of the group it names, so
             # it merges with the defaults and with dotted settings given
@@ -1274,8 +1300,17 @@ def _treatment_settings(args: argparse.Namespace) -> Any:
             f"for example --strengths {example}."
         )
     fixed = {"seed": "--seeds"} if args.command != "sweep" else {swept: "--strengths"}
+    # A treatment made of steps runs each step with the treatment's seed.
+    replaced_inner = {
+        "seed": "the treatment's seed replaces the seed of each step. Give the "
+        "seed with --seeds."
+    }
     return _apply_settings(
-        default_config(args.treatment), args.settings, args.treatment, fixed
+        default_config(args.treatment),
+        args.settings,
+        args.treatment,
+        fixed,
+        replaced_inner=replaced_inner,
     )
 
 

@@ -1705,6 +1705,9 @@ def settings_editor(
     # The first invalid entry is raised after the loop, so the fields after
     # it are still drawn.
     entry_error: ConfigError | None = None
+    # A config with a seed runs its nested steps with that seed.
+    names = [item.name for item in dataclasses.fields(config)]
+    nested_skip = ("seed",) if "seed" in names else ()
     for item in dataclasses.fields(config):
         if item.name in skip:
             continue
@@ -1715,7 +1718,7 @@ def settings_editor(
         if dataclasses.is_dataclass(value):
             st.markdown(f"**{label}**")
             try:
-                values[item.name] = settings_editor(value, key)
+                values[item.name] = settings_editor(value, key, skip=nested_skip)
             except ConfigError as error:
                 entry_error = entry_error or error
             continue

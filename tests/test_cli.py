@@ -1,5 +1,6 @@
 """The command line: train, import and list runs, with JSON output and errors."""
 
+import dataclasses
 import json
 import os
 import shlex
@@ -1501,6 +1502,17 @@ def test_set_help_lists_settings_and_runs_nothing(tiny_run, capsys):
         (["removal-curve", "--scores", "sc-1"], "seed", "--seeds sets it"),
         (["sweep", "--treatment", "finetune"], "max_epochs", "--strengths sets it"),
         (
+            ["repair", "--treatment", "fit-failures"],
+            "fit.seed",
+            "The seed of a group is not listed: the treatment's seed replaces the "
+            "seed of each step. Give the seed with --seeds.",
+        ),
+        (
+            ["repair", "--treatment", "fit-failures+ewc-deletion"],
+            "deletion.seed",
+            "Give the seed with --seeds.",
+        ),
+        (
             ["identify", "--method", "linear-influence-gd"],
             "solver",
             "solver is not listed: --method linear-influence-gd sets it",
@@ -1535,6 +1547,18 @@ def test_set_help_leaves_out_fixed_settings(tiny_run, capsys, argv, hidden, note
     names = [line.split()[0] for line in lines[3 : lines.index("", 3)]]
     assert hidden not in names
     assert note in out
+
+
+def test_combined_treatment_steps_take_its_seed():
+    from repair_core.treatments import default_config
+
+    config = dataclasses.replace(default_config("fit-failures+ewc-deletion"), seed=5)
+    assert config.deletion.seed == 5
+    assert config.fit.seed == 5
+    assert config.to_dict()["fit"]["seed"] == 5
+
+    fit_only = dataclasses.replace(default_config("fit-failures"), seed=3)
+    assert fit_only.fit.seed == 3
 
 
 def test_set_group_keeps_omitted_defaults():
@@ -1705,6 +1729,22 @@ def test_set_help_needs_no_stored_run(tmp_path, capsys, argv):
             + ["--set", "lr=1e400"],
             "Invalid value '1e400' for setting lr of ewc-deletion: '1e400' is "
             "outside the range of floating-point numbers",
+        ),
+        # Each step of a combined treatment runs with the treatment's seed.
+        (
+            ["repair", "--treatment", "fit-failures", "--set", "fit.seed=3"],
+            "--set fit.seed=3 has no effect: the treatment's seed replaces the seed "
+            "of each step. Give the seed with --seeds.",
+        ),
+        (
+            ["repair", "--treatment", "fit-failures+ewc-deletion"]
+            + ["--causes-file", "GOOD_CAUSES", "--set", 'deletion={"seed": 7}'],
+            '--set deletion={"seed": 7} has no effect on deletion.seed',
+        ),
+        (
+            ["repair", "--treatment", "fit-failures+ewc-deletion"]
+            + ["--causes-file", "GOOD_CAUSES", "--set", "deletion.seed=7"],
+            "--set deletion.seed=7 has no effect",
         ),
         # Fails after the failure set was stored, which then is deleted again.
         (["identify", "--method", "sgd-influence"], "recorded training trajectory"),

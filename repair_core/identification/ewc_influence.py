@@ -133,10 +133,14 @@ class EWCInfluenceConfig:
                 raise ConfigError(
                     f"EWC-influence {name} {getattr(self, name)} must be at least 1."
                 )
-        if not 0 <= self.min_steps <= self.max_steps:
+        if self.min_steps < 0:
             raise ConfigError(
-                f"EWC-influence min_steps {self.min_steps} must lie in "
-                f"0..max_steps ({self.max_steps})."
+                f"EWC-influence min_steps {self.min_steps} must not be negative."
+            )
+        if self.min_steps > self.max_steps:
+            raise ConfigError(
+                f"EWC-influence min_steps {self.min_steps} exceeds max_steps "
+                f"{self.max_steps}. Lower min_steps or raise max_steps."
             )
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(
@@ -154,8 +158,8 @@ class EWCInfluenceConfig:
         for name in ("fisher_weight", "l2"):
             if getattr(self, name) < 0:
                 raise ConfigError(
-                    f"{name} {getattr(self, name)} must not be negative; 0 turns "
-                    "the term off."
+                    f"EWC-influence {name} {getattr(self, name)} must not be "
+                    "negative; 0 turns the term off."
                 )
 
 

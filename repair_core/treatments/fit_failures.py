@@ -57,7 +57,10 @@ class FitFailuresConfig(TreatmentConfig):
     )
 
     def __post_init__(self) -> None:
-        self.fit = _nested(EWCInfluenceConfig, self.fit)
+        # The stored settings show the seed that the fit runs with.
+        self.fit = dataclasses.replace(
+            _nested(EWCInfluenceConfig, self.fit), seed=self.seed
+        )
 
 
 @dataclass
@@ -80,8 +83,13 @@ class FitAndDeleteConfig(TreatmentConfig):
     )
 
     def __post_init__(self) -> None:
-        self.deletion = _nested(EWCDeletionConfig, self.deletion)
-        self.fit = _nested(EWCInfluenceConfig, self.fit)
+        # The stored settings show the seed that each step runs with.
+        self.deletion = dataclasses.replace(
+            _nested(EWCDeletionConfig, self.deletion), seed=self.seed
+        )
+        self.fit = dataclasses.replace(
+            _nested(EWCInfluenceConfig, self.fit), seed=self.seed
+        )
 
 
 def fit_query_failures(
