@@ -1078,6 +1078,13 @@ def _apply_settings(
             offered = sorted(
                 key for key in values if key not in (fixed or {}) and key not in ignored
             )
+            in_groups = [] if name in replaced_inner else _dotted_names(config, name)
+            if in_groups:
+                raise RepairError(
+                    f"Unknown setting {name!r} for {what}: it is a setting of a "
+                    f"step. Give it as {' or '.join(in_groups)}; '--set help' "
+                    "describes them."
+                )
             raise RepairError(
                 f"Unknown setting {name!r} for {what}. Use one of: "
                 f"{', '.join(offered)}; '--set help' describes them."
@@ -1102,6 +1109,19 @@ def _apply_settings(
     from repair_core.identification.base import settings_from_dict
 
     return settings_from_dict(type(config), values)
+
+
+def _dotted_names(config: Any, name: str) -> list[str]:
+    """Return GROUP.NAME for each settings group of ``config`` that has a
+    setting ``name``."""
+    dotted = []
+    for entry in dataclasses.fields(config):
+        group = getattr(config, entry.name)
+        if not dataclasses.is_dataclass(group):
+            continue
+        if name in [inner.name for inner in dataclasses.fields(group)]:
+            dotted.append(f"{entry.name}.{name}")
+    return dotted
 
 
 def _open_run(args: argparse.Namespace):

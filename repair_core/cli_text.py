@@ -399,6 +399,15 @@ def result_text(command: str, result: dict[str, Any]) -> str:
         return runs_text(result)
     if command == "relocate":
         return relocate_text(result)
+    if "missing_scores_file" in result:
+        shown = {k: v for k, v in result.items() if k != "missing_scores_file"}
+        return generic_text(shown) + (
+            f"\nMissing: the scores file runs/{result['run_id']}/"
+            f"{result['missing_scores_file']} was moved or deleted from the "
+            "workspace. The figures above stand, but the ranking cannot be used. "
+            f"Run identify --method {result['method']} again to rank the training "
+            "examples anew."
+        )
     return generic_text(result)
 
 
@@ -409,9 +418,12 @@ def relocate_text(result: dict[str, Any]) -> str:
         f"Run {result['run_id']} now reads its data from {result['root']} "
         f"(was {result['old_root']})."
     )
-    if result["other_runs"]:
+    others = result["other_runs"]
+    if len(others) == 1:
+        text += f"\nRun {others[0]} still reads {result['old_root']}; relocate it too."
+    elif others:
         text += (
-            f"\nRuns {', '.join(result['other_runs'])} still read "
-            f"{result['old_root']}; relocate each of them too."
+            f"\nRuns {', '.join(others)} still read {result['old_root']}; "
+            "relocate each of them too."
         )
     return text

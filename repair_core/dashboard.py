@@ -1002,11 +1002,17 @@ def relocate_form(ws: Workspace, run_id: str) -> None:
             )
             if moved is not None:
                 message = f"Run `{run_id}` now reads its data from `{moved['root']}`."
-                if moved["other_runs"]:
-                    others = ", ".join(f"`{other}`" for other in moved["other_runs"])
+                others = [f"`{other}`" for other in moved["other_runs"]]
+                if len(others) == 1:
                     message += (
-                        f" Runs {others} still read `{moved['old_root']}`; open each "
-                        "to point it at the new folder too."
+                        f" Run {others[0]} still reads `{moved['old_root']}`; open "
+                        "it to point it at the new folder too."
+                    )
+                elif others:
+                    message += (
+                        f" Runs {', '.join(others)} still read "
+                        f"`{moved['old_root']}`; open each to point it at the new "
+                        "folder too."
                     )
                 st.session_state[_RELOCATED] = message
                 st.rerun()

@@ -1059,8 +1059,9 @@ def _image_files(folder: Path) -> list[Path]:
             skipped += 1
     if skipped:
         logger.warning(
-            "Skipped %d files in %s whose names do not end in %s",
+            "Skipped %d %s in %s whose names do not end in %s",
             skipped,
+            "file" if skipped == 1 else "files",
             folder,
             ", ".join(IMAGE_EXTENSIONS),
         )

@@ -69,6 +69,8 @@ OUTCOME_KEYS = (
 #: Per-run figures that are averaged over seeds: the outcomes and wall time.
 METRIC_KEYS = (*OUTCOME_KEYS, "seconds")
 CONTROLS = ("nothing", "random")
+#: File of the run's own model θ̂, relative to the run's folder.
+BASE_MODEL_FILE = "model.pt"
 #: The reason each treatment outside CONTROLLED_TREATMENTS runs without controls.
 NO_CONTROLS = {
     "fit-failures": "fit-failures removes nothing, so it runs without the "
@@ -323,7 +325,9 @@ def repair_with_controls(
         model_factory: builds an untrained network for retraining.
         store_model: called with a name such as ``"random-seed1"`` and each
             repaired model; what it returns is recorded as that run's
-            ``model_file``.
+            ``model_file``. A control arm that returned θ̂ itself, as Newton
+            removal of nothing does, is not stored, and its ``model_file`` is
+            ``BASE_MODEL_FILE``, the run's own model.
         progress: called with (fraction done, message) before each run and
             at each step or epoch inside it. Each run fills an equal share.
 
@@ -404,7 +408,14 @@ def repair_with_controls(
             unchanged=_same_parameters(model, result.model),
         )
         record.update(_early_stopping_record(result.extras))
-        if store_model is not None:
+        if (
+            store_model is not None
+            and arm != "treatment"
+            and _same_state(model, result.model)
+        ):
+            # One copy of θ̂ per seed would repeat the run's model file.
+            record["model_file"] = BASE_MODEL_FILE
+        elif store_model is not None:
             record["model_file"] = store_model(f"{arm}-seed{seed}", result.model)
         per_arm[arm].append(record)
         if arm == "treatment" and first_result is None:
@@ -440,6 +451,16 @@ def _same_parameters(model: nn.Module, repaired: nn.Module) -> bool:
     return all(
         torch.equal(a.detach().cpu(), b.detach().cpu())
         for a, b in zip(model.parameters(), repaired.parameters(), strict=True)
+    )
+
+
+def _same_state(model: nn.Module, repaired: nn.Module) -> bool:
+    """Return whether ``repaired`` has exactly the parameters and buffers of
+    ``model``."""
+    original = model.state_dict()
+    changed = repaired.state_dict()
+    return original.keys() == changed.keys() and all(
+        torch.equal(original[name].cpu(), changed[name].cpu()) for name in original
     )
 
 

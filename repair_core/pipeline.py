@@ -1435,7 +1435,7 @@ def scores_of_run(
             f"--failure-set {record['failure_set_id']}, or score failure set "
             f"{failure_set_id!r} with 'python -m repair_core identify'."
         )
-    return workspace.load_tensor(run.run_id, f"scores/{scores_id}.pt")
+    return load_scores(workspace, scores_id)
 
 
 # Treatment -----------------------------------------------------------------
@@ -2170,11 +2170,15 @@ def stored_result(workspace: Workspace, record_id: str) -> dict[str, Any]:
         }
     if prefix == "sc":
         record = workspace.get_scores(record_id)
-        return {
+        result = {
             **record["metrics"],
             "created_at": record["created_at"],
             "config": record["config"],
         }
+        scores_file = f"scores/{record_id}.pt"
+        if not workspace.path(record["run_id"], scores_file).is_file():
+            result["missing_scores_file"] = scores_file
+        return result
     if prefix == "rp":
         record = workspace.get_repair(record_id)
         result = {

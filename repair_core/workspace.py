@@ -489,8 +489,8 @@ class Workspace:
                 if directory in (self.root, runs):
                     raise WorkspaceError(
                         f"Workspace folder {str(directory)!r} is not writable "
-                        f"({error}). Make it writable, or choose another folder "
-                        "with --workspace."
+                        f"({error.strerror or error}). Make it writable, or choose "
+                        "another folder with --workspace."
                     ) from error
                 raise WorkspaceError(
                     f"Folder {str(directory)!r} of run {run_id!r} is not writable "
@@ -507,8 +507,8 @@ class Workspace:
             except OSError as error:
                 raise WorkspaceError(
                     f"The workspace database {str(self.database_path)!r} is "
-                    f"read-only ({error}). Make the file writable, or choose "
-                    "another folder with --workspace."
+                    f"read-only ({error.strerror or error}). Make the file "
+                    "writable, or choose another folder with --workspace."
                 ) from error
 
     # Database access -----------------------------------------------------

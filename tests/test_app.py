@@ -1920,8 +1920,8 @@ def test_moved_data_folder_can_be_pointed_to(tmp_path, monkeypatch):
     assert app.title[0].value == "Failures"
     # The other run on the old folder is named, and keeps its stored root.
     assert app.success[0].value == (
-        f"Run `{state['run_id']}` now reads its data from `{moved}`. Runs "
-        f"`{other}` still read `{data}`; open each to point it at the new folder "
+        f"Run `{state['run_id']}` now reads its data from `{moved}`. Run "
+        f"`{other}` still reads `{data}`; open it to point it at the new folder "
         "too."
     )
     assert workspace.get_run(other)["config"]["root"] == str(data)

@@ -806,6 +806,9 @@ def test_moved_data_folder_names_relocate(folder_run, capsys, monkeypatch):
         f"Run {run_id} now reads its data from {moved} (was {data}).\n"
         f"Runs run-b, run-c still read {data}; relocate each of them too."
     )
+    assert relocate_text({**result, "other_runs": ["run-b"]}).endswith(
+        f"Run run-b still reads {data}; relocate it too."
+    )
     config = workspace.get_run(run_id)["config"]
     description = config["description"]
     assert str(moved) in description

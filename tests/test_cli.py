@@ -1175,6 +1175,8 @@ def test_read_only_workspace_rejected_before_work(tiny_run, tmp_path):
     assert json.loads(failure_set.stdout)["n_query"] == run["n_query"]
     assert result.returncode == 2
     assert "is read-only" in result.stderr or "is not writable" in result.stderr
+    # The reason is the system's, without the name of the probe's temporary file.
+    assert "[Errno" not in result.stderr
     assert "--workspace" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(str(path) for path in copy.rglob("*")) == before
@@ -1328,6 +1330,38 @@ def test_show_prints_every_stored_record_again(tiny_run, capsys):
         f"workspace (runs/{run['run_id']}/{model_file})"
     ) in text
     assert "missing_model_files" not in show(sweep["sweep_id"])
+
+
+def test_show_names_missing_scores_file(tiny_run, tmp_path, capsys):
+    workspace, run = tiny_run
+    copy = tmp_path / "ws"
+    shutil.copytree(workspace, copy)
+    where = ["--workspace", str(copy), "--run", run["run_id"]]
+    scores = _run_json(capsys, ["identify", *where, "--method", "random", "--json"])
+    scores_id = scores["scores_id"]
+    stored = _run_json(capsys, ["show", "--workspace", str(copy), scores_id, "--json"])
+    assert "missing_scores_file" not in stored
+
+    (copy / "runs" / run["run_id"] / "scores" / f"{scores_id}.pt").unlink()
+    stored = _run_json(capsys, ["show", "--workspace", str(copy), scores_id, "--json"])
+    assert stored["missing_scores_file"] == f"scores/{scores_id}.pt"
+    text = _text(capsys, ["show", "--workspace", str(copy), scores_id])
+    assert text.rstrip().endswith(
+        f"Missing: the scores file runs/{run['run_id']}/scores/{scores_id}.pt was "
+        "moved or deleted from the workspace. The figures above stand, but the "
+        "ranking cannot be used. Run identify --method random again to rank the "
+        "training examples anew."
+    )
+    assert "missing_scores_file" not in text
+
+    code = main(
+        ["repair", *where, "--scores", scores_id, "--top-k", "3"]
+        + ["--treatment", "finetune", "--json"]
+    )
+    assert code == 2
+    error = capsys.readouterr().err
+    assert f"scores/{scores_id}.pt' of run {run['run_id']!r} is missing" in error
+    assert "run random again to rank the training examples anew" in error
 
 
 @pytest.mark.parametrize(
@@ -1547,6 +1581,22 @@ def test_set_help_leaves_out_fixed_settings(tiny_run, capsys, argv, hidden, note
     names = [line.split()[0] for line in lines[3 : lines.index("", 3)]]
     assert hidden not in names
     assert note in out
+
+
+def test_step_setting_named_by_dotted_name():
+    from repair_core.cli import _apply_settings
+    from repair_core.errors import RepairError
+    from repair_core.treatments import default_config
+
+    config = default_config("fit-failures+ewc-deletion")
+    with pytest.raises(RepairError) as caught:
+        _apply_settings(config, ["lr=1e-4"], "fit-failures+ewc-deletion")
+    assert str(caught.value) == (
+        "Unknown setting 'lr' for fit-failures+ewc-deletion: it is a setting of a "
+        "step. Give it as deletion.lr or fit.lr; '--set help' describes them."
+    )
+    with pytest.raises(RepairError, match="Unknown setting 'bogus'.*Use one of"):
+        _apply_settings(config, ["bogus=1"], "fit-failures+ewc-deletion")
 
 
 def test_combined_treatment_steps_take_its_seed():

@@ -336,8 +336,13 @@ def newton_with_controls(problem, **kwargs) -> dict:
 
 def test_repair_with_controls_newton_runs_controls():
     problem = tiny_problem()
+    stored = []
 
-    report = newton_with_controls(problem, seeds=(0, 1))
+    def store(name, model):
+        stored.append(name)
+        return f"repairs/rp-x/{name}.pt"
+
+    report = newton_with_controls(problem, seeds=(0, 1), store_model=store)
 
     assert set(report["arms"]) == {"treatment", "nothing", "random"}
     assert report["controls_note"] is None
@@ -353,6 +358,14 @@ def test_repair_with_controls_newton_runs_controls():
     assert not any(run["unchanged"] for run in random_runs)
     assert all(run["n_removed"] == len(problem.flipped) for run in random_runs)
     assert random_runs[0]["removed"] != random_runs[1]["removed"]
+    # θ̂ is the run's own model file, so the nothing arm stores no copy of it.
+    assert stored == [
+        "treatment-seed0",
+        "treatment-seed1",
+        "random-seed0",
+        "random-seed1",
+    ]
+    assert [run["model_file"] for run in nothing] == ["model.pt", "model.pt"]
 
 
 def test_repair_with_controls_newton_without_controls():
