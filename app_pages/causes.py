@@ -506,6 +506,15 @@ def confirm_top_k(top: list[int], drawn: dict[int, str]) -> bool:
     )
     if not set_decisions(chosen, "confirmed", {}, description):
         return False
+    kept = len(top) - len(chosen)
+    confirmed_text = (
+        f"Confirmed {dashboard.count_text(len(chosen), 'example')} of the top "
+        f"{len(top)} as culprits."
+    )
+    if kept:
+        confirmed_text += f" {kept} already had a decision and kept it."
+    # The button sits below the fold, far from the page's message area.
+    st.session_state["causes_toast"] = confirmed_text
     saved = ws.get_decisions(run.run_id, failure_set_id)
     meant = {i: drawn.get(i, "confirmed") for i in top}
     note_changed_elsewhere([i for i in top if saved.get(i) != meant[i]])
@@ -535,6 +544,8 @@ records = ws.list_scores(run.run_id, failure_set_id=failure_set_id)
 # the elements after them keep their place: otherwise the browser draws the
 # review grid anew and the keyboard focus leaves the control just used.
 message = st.session_state.pop("causes_message", None)
+if toast := st.session_state.pop("causes_toast", None):
+    st.toast(toast, icon=":material/check_circle:")
 with st.container():
     if message:
         st.success(message)
@@ -744,6 +755,12 @@ st.download_button(
     help="One row per confirmed culprit with its rank and score in this ranking. "
     "The file is also accepted by 'repair --causes-file'.",
 )
+if confirmed:
+    dashboard.page_link(
+        "app_pages/repair.py",
+        f"Next: remove the {dashboard.count_text(len(confirmed), 'confirmed culprit')} "
+        "on Repair",
+    )
 st.markdown("**Training set map, coloured by score**")
 coordinates = dashboard.map_coordinates(root, run.run_id, "causes_map_button")
 if coordinates is not None:

@@ -289,9 +289,11 @@ for key in ("failures_true", "failures_pred"):
     if key not in st.session_state:
         st.session_state[key] = []
 
+# The message about the failure set just chosen shows below its button,
+# where the user clicked, and a toast shows wherever the page is scrolled.
 message = st.session_state.pop("failures_message", None)
 if message:
-    st.success(message)
+    st.toast(message, icon=":material/check_circle:")
 show_failure_set_summary()
 st.divider()
 
@@ -402,6 +404,9 @@ use_label = (
 create = st.button(
     use_label, type="primary", key="failures_create", disabled=preview is None
 )
+if message:
+    st.success(message)
+    dashboard.page_link("app_pages/causes.py", "Next: rank the causes on Causes")
 if create and preview is not None:
     existing = identical_failure_set(preview)
     if existing is not None:

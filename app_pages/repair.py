@@ -70,6 +70,8 @@ ARM_COLOURS = {
 BAR_RANGE = [0, 1.1]
 BAR_TICKS = [0, 0.2, 0.4, 0.6, 0.8, 1.0]
 GRID_LIMIT = 48
+#: Names of the swept settings as the settings form labels them.
+SWEEP_FIELD_LABELS = {"gamma": "strength γ", "max_epochs": "max epochs"}
 #: A sweep point nearer than this to a labelled point, in accuracy on the x
 #: and the y axis of a chart with the full SWEEP ranges, gets no label, so
 #: that label texts do not overlap. A chart with narrower ranges scales the
@@ -198,10 +200,11 @@ def causes_section() -> tuple[Any, str, str | None] | None:
             "top-k": "Top K of a ranking",
         }.get,
     )
-    st.caption(
-        f"{dashboard.count_text(n_confirmed, 'confirmed culprit')} in this failure set."
-    )
     if source == "confirmed":
+        st.caption(
+            f"{dashboard.count_text(n_confirmed, 'confirmed culprit')} in this "
+            "failure set."
+        )
         return confirmed_causes(n_confirmed)
     return top_k_causes()
 
@@ -226,6 +229,7 @@ def strength_widget(treatment: str, config: Any) -> Any | None:
             0,
             key=f"repair_epochs_{treatment}",
             minimum=0,
+            maximum=dashboard.MAX_EPOCHS,
             name="Fine-tuning epochs",
         )
         if epochs is None:
@@ -266,7 +270,7 @@ def sweep_strengths(treatment: str) -> list[float] | None:
     default = ", ".join(f"{value:g}" for value in DEFAULT_STRENGTHS[treatment])
     dashboard.keep_widget_value(f"repair_sweep_{treatment}")
     text = st.text_input(
-        f"Values of {field} to sweep (comma-separated)",
+        f"Values of {SWEEP_FIELD_LABELS.get(field, field)} to sweep (comma-separated)",
         value=default,
         key=f"repair_sweep_{treatment}",
     )
@@ -637,8 +641,7 @@ def gain_metrics(summary: dict[str, Any]) -> None:
             help=holdout_help,
         )
         columns[2].metric(
-            # Short, as the row has three metrics; the help names the control.
-            "Gain on T\\F",
+            "Gain on T\\F over nothing removed",
             signed_points(mean["remaining_acc"]),
             help=remaining_help,
         )
@@ -1216,3 +1219,8 @@ if sweeps:
     sweep_section(sweeps)
 if not repairs and not sweeps:
     st.info("No repair yet for this failure set. Choose C and a treatment above.")
+else:
+    dashboard.page_link(
+        "app_pages/compare.py",
+        "Next: compare the methods' detection and removal curves on Compare",
+    )

@@ -204,7 +204,7 @@ def advanced_widgets() -> tuple[dict[str, Any], dict[str, Any]] | None:
             100,
             key="setup_epochs",
             minimum=1,
-            maximum=1000,
+            maximum=dashboard.MAX_EPOCHS,
             container=middle,
             help="Training stops earlier when the validation loss stops falling.",
         )
@@ -604,3 +604,6 @@ with st.expander("Create a new run", expanded=st.session_state["run_id"] is None
 if st.session_state["run_id"] is not None:
     _, current = dashboard.require_run()
     show_run(current)
+    dashboard.page_link(
+        "app_pages/failures.py", "Next: pick the failures to repair on Failures"
+    )

@@ -660,11 +660,15 @@ def workspace() -> Workspace:
         check_database(opened)
         return opened
     except USER_ERRORS as error:
-        st.error(
-            f"The workspace folder {root!r} cannot be used: "
-            f"{dashboard_advice(str(error))} Enter another folder in the "
-            "Workspace folder box of the sidebar."
+        message = f"The workspace folder {root!r} cannot be used: " + (
+            dashboard_advice(str(error))
         )
+        # Most workspace errors already advise another folder.
+        if "another folder" not in message:
+            message += (
+                " Enter another folder in the Workspace folder box of the sidebar."
+            )
+        st.error(message)
         st.stop()
 
 
@@ -739,6 +743,10 @@ def not_a_folder_problem(root: str) -> str | None:
             "not a folder"
         )
     return None
+
+
+#: Largest number of training or fine-tuning epochs the pages accept.
+MAX_EPOCHS = 1000
 
 
 #: Session-state keys of the sidebar: the folder that waits for the user to
@@ -1662,6 +1670,8 @@ def parse_seed(label: str, text: str) -> int:
     text = text.strip()
     allowed = range_text(integer=True, minimum=0, maximum=MAX_SEED)
     short_text = text if len(text) <= 40 else f"{text[:20]}…{text[-10:]}"
+    if not text:
+        raise ConfigError(f"{label} is empty. Enter {allowed}.")
     # ASCII digits only: int() also reads "1_000" and other scripts' digits.
     if not re.fullmatch(r"[+-]?[0-9]+", text):
         raise ConfigError(

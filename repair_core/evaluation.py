@@ -776,7 +776,7 @@ def sweep(
             point["model_file"] = store_model(f"{field}-{value}", repaired)
         points.append(point)
     if progress is not None:
-        progress(1.0, f"{treatment}: sweep done")
+        progress(1.0, f"{treatment}: all {len(points)} points done")
     return points
 
 
@@ -895,7 +895,7 @@ def removal_curve(
             runs.append(run)
         curve.append({"k": k, **summarise(runs), "per_seed": runs})
     if progress is not None:
-        progress(1.0, "Removal curve done")
+        progress(1.0, f"all {len(curve)} values of k done")
     return curve
 
 

@@ -214,9 +214,10 @@ def read_flip_matrix(path: str | Path, num_classes: int) -> np.ndarray:
             "with UTF-8 encoding."
         ) from None
     except ValueError as error:
+        problem = _locate_parse_problem(path) or _parse_problem(error)
         raise ConfigError(
             f"Flip matrix file {str(path)!r} could not be parsed "
-            f"({_parse_problem(error)}). Write "
+            f"({problem}). Write "
             f"{num_classes} lines of {num_classes} comma-separated numbers, with "
             "no header."
         ) from error
@@ -226,6 +227,38 @@ def read_flip_matrix(path: str | Path, num_classes: int) -> np.ndarray:
             f"{num_classes} lines of {num_classes} comma-separated numbers."
         )
     return validate_flip_matrix(matrix, num_classes)
+
+
+def _locate_parse_problem(path: Path) -> str | None:
+    """Return the first cell or line of a CSV file of numbers that numpy
+    could not read, by its line and column counted from 1, or None.
+
+    numpy counts the row of a cell it cannot convert from 0 and its column
+    from 1 (numpy 2.x), so its own message points one line too high.
+    """
+    columns = None
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        cells = line.split(",")
+        for column, cell in enumerate(cells, start=1):
+            try:
+                float(cell)
+            except ValueError:
+                return (
+                    f"line {line_number}, column {column}: {cell.strip()!r} is not "
+                    "a number"
+                )
+        if columns is None:
+            columns = len(cells)
+        elif len(cells) != columns:
+            noun = "column" if len(cells) == 1 else "columns"
+            return (
+                f"line {line_number} has {len(cells)} {noun}, but the first line "
+                f"has {columns}"
+            )
+    return None
 
 
 def _parse_problem(error: ValueError) -> str:

@@ -312,6 +312,51 @@ def _app() -> AppTest:
     return AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
 
 
+def page_links(app: AppTest) -> list[str]:
+    return [link.proto.label for link in app.get("page_link")]
+
+
+def test_pages_link_to_next_step(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    app = _app()
+    app.query_params = {"run": workspace_env.run_id, "fs": failure_set_id}
+    app.run()
+    check_clean(app)
+    assert "Next: pick the failures to repair on Failures" in page_links(app)
+
+    run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
+    pipeline.run_identification(
+        workspace_env.workspace, run, "training-loss", failure_set_id=failure_set_id
+    )
+    app.switch_page("app_pages/causes.py").run()
+    check_clean(app)
+    assert not [text for text in page_links(app) if "on Repair" in text]
+    app.number_input(key="causes_k").set_value(3)
+    app.button(key="causes_confirm_top").click().run()
+    check_clean(app)
+    assert "Next: remove the 3 confirmed culprits on Repair" in page_links(app)
+
+    app.switch_page("app_pages/repair.py").run()
+    check_clean(app)
+    assert not [text for text in page_links(app) if "on Compare" in text]
+    pipeline.run_repair(
+        workspace_env.workspace,
+        run,
+        "newton",
+        torch.arange(3),
+        failure_set_id=failure_set_id,
+        config={"depth": 5},
+        seeds=(0,),
+        controls=(),
+    )
+    app.run()
+    check_clean(app)
+    assert (
+        "Next: compare the methods' detection and removal curves on Compare"
+        in page_links(app)
+    )
+
+
 def test_url_keeps_open_run_through_reload(workspace_env):
     app = _app().run()
     check_clean(app)
@@ -1116,6 +1161,8 @@ def test_failures_filter_creates_failure_set(workspace_env):
     assert record["metrics"]["n_failures"] == expected
     assert record["config"]["origin"] == f"true {true_class}"
     assert "Created failure set" in app.success[0].value
+    # The page may be scrolled far from the summary at its top.
+    assert app.toast[0].value == app.success[0].value
 
 
 # Causes ----------------------------------------------------------------------
@@ -1292,6 +1339,10 @@ def test_confirm_top_k_keeps_rejections(workspace_env):
     values = metric_values(app)
     assert values["Confirmed"] == "4"
     assert values["Rejected"] == "1"
+    assert [toast.value for toast in app.toast] == [
+        "Confirmed 4 examples of the top 5 as culprits. 1 already had a decision "
+        "and kept it."
+    ]
     confirmed = workspace_env.workspace.get_decisions(
         workspace_env.run_id, failure_set_id
     )
@@ -1344,6 +1395,7 @@ def test_confirm_top_k_shows_failed_save(workspace_env, monkeypatch):
         "Saving the decisions failed: The workspace database is locked."
     ]
     assert metric_values(app)["Confirmed"] == "0"
+    assert not app.toast
 
 
 # Repair ----------------------------------------------------------------------
@@ -2897,7 +2949,7 @@ def test_sweep_progress_names_treatment_once(workspace_env, monkeypatch):
 
     def fake_sweep(*args, progress, **kwargs):
         calls.append(args)
-        progress(1.0, "finetune: sweep done")
+        progress(1.0, "finetune: all 2 points done")
         raise pipeline.ConfigError("stopped after one progress message")
 
     monkeypatch.setattr(pipeline, "run_sweep", fake_sweep)
@@ -2913,7 +2965,7 @@ def test_sweep_progress_names_treatment_once(workspace_env, monkeypatch):
     app.button(key="repair_run").click().run()
     assert len(calls) == 1
     bars = [element.proto.text for element in app.get("progress")]
-    assert bars == ["Sweep of finetune: sweep done"]
+    assert bars == ["Sweep of finetune: all 2 points done"]
 
 
 def test_compare_wall_times_show_dash_device(workspace_env):
@@ -2957,6 +3009,21 @@ def test_workspace_file_says_sidebar_box(tmp_path, monkeypatch):
     assert len(app.error) == 1
     assert "is a file, not a folder" in app.error[0].value
     assert "Workspace folder box of the sidebar" in app.error[0].value
+
+
+def test_foreign_database_advice_given_once(tmp_path, monkeypatch):
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "repair.sqlite") as connection:
+        connection.execute("CREATE TABLE invoices (id INTEGER)")
+    monkeypatch.setenv("REPAIR_WORKSPACE", str(tmp_path))
+    app = page("setup").run()
+    assert not app.exception
+    assert len(app.error) == 1
+    message = app.error[0].value
+    assert "contains tables of another program (invoices)" in message
+    assert message.endswith("Choose another folder, or move the file away.")
+    assert message.count("another folder") == 1
 
 
 # Choices kept across pages ---------------------------------------------------

@@ -177,6 +177,15 @@ def test_read_flip_matrix_header_rejected(tmp_path):
     with pytest.raises(ConfigError, match=r"flips.csv' could not be parsed") as error:
         read_flip_matrix(path, 2)
     assert ".)" not in str(error.value)
+    assert "(line 1, column 1: 'a' is not a number)" in str(error.value)
+
+
+def test_read_flip_matrix_names_bad_cell_line(tmp_path):
+    path = tmp_path / "flips.csv"
+    path.write_text("\n0.5,0.5\n0.5, abc\n")
+    with pytest.raises(ConfigError) as error:
+        read_flip_matrix(path, 2)
+    assert "(line 3, column 2: 'abc' is not a number)" in str(error.value)
 
 
 def test_read_flip_matrix_short_row(tmp_path):
@@ -185,7 +194,7 @@ def test_read_flip_matrix_short_row(tmp_path):
     with pytest.raises(ConfigError) as error:
         read_flip_matrix(path, 2)
     message = str(error.value)
-    assert "the number of columns changed from 2 to 1 at row 2)" in message
+    assert "(line 2 has 1 column, but the first line has 2)" in message
     assert "usecols" not in message
 
 

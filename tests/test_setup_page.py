@@ -125,7 +125,8 @@ def setup_page(tmp_path, monkeypatch) -> AppTest:
         ("-1", "= -1 is out of range"),
         (str(MAX_SEED + 1), f"= {MAX_SEED + 1} is out of range"),
         ("1.5", "'1.5' is not a whole number"),
-        ("", "'' is not a whole number"),
+        ("", "is empty"),
+        ("  ", "is empty"),
     ],
 )
 def test_invalid_seed_blocks_train(tmp_path, monkeypatch, key, label, entry, expected):
