@@ -672,6 +672,24 @@ def workspace() -> Workspace:
         st.stop()
 
 
+def read_only_warning(root: str) -> str | None:
+    """Return a warning when the workspace at ``root`` can be read but not
+    written, or None. An unreadable workspace is reported by the page."""
+    try:
+        opened = open_workspace(root)
+        check_database(opened)
+    except USER_ERRORS:
+        return None
+    try:
+        opened.check_writable()
+    except WorkspaceError as error:
+        return (
+            f"{dashboard_advice(str(error))} Its results can be browsed, but no "
+            "run, ranking, decision or repair can be saved."
+        )
+    return None
+
+
 def is_loopback(address: str) -> bool:
     """Return whether only this machine can reach ``address``: localhost or
     an IP address in 127.0.0.0/8 or ::1."""
@@ -845,6 +863,10 @@ def workspace_sidebar() -> None:
         create_error = st.session_state.get(_CREATE_ERROR)
         if create_error:
             st.error(create_error)
+        if (
+            read_only := read_only_warning(st.session_state["workspace_root"])
+        ) is not None:
+            st.warning(read_only)
         missing = st.session_state.get(_URL_MISSING_WORKSPACE)
         if missing is not None:
             st.warning(missing["message"])
@@ -1177,7 +1199,13 @@ def _features(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
     return torch.cat(parts).numpy()
 
 
-@st.cache_data(show_spinner="Computing the UMAP map…", max_entries=4)
+# UMAP reports no progress, so the spinner says how long the wait can be.
+@st.cache_data(
+    show_spinner="Computing the UMAP map of every training and test image. The "
+    "first map after a server start also compiles UMAP's code, which can take "
+    "a minute or more on two CPU cores…",
+    max_entries=4,
+)
 def umap_coordinates(root: str, run_id: str) -> dict[str, np.ndarray]:
     """Project the penultimate features of the training and test images to 2-D.
 

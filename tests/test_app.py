@@ -3011,6 +3011,27 @@ def test_workspace_file_says_sidebar_box(tmp_path, monkeypatch):
     assert "Workspace folder box of the sidebar" in app.error[0].value
 
 
+def test_read_only_workspace_warned_in_sidebar(workspace_env, monkeypatch):
+    app = _app().run()
+    check_clean(app)
+    assert not app.sidebar.warning
+
+    def read_only(self, *args, **kwargs):
+        raise WorkspaceError(
+            f"Workspace folder {str(self.root)!r} is not writable (Read-only file "
+            "system). Make it writable, or choose another folder with --workspace."
+        )
+
+    monkeypatch.setattr(Workspace, "check_writable", read_only)
+    app.run()
+    check_clean(app)
+    assert [warning.value for warning in app.sidebar.warning] == [
+        f"Workspace folder {str(workspace_env.root)!r} is not writable (Read-only "
+        "file system). Make it writable, or choose another folder. Its results can "
+        "be browsed, but no run, ranking, decision or repair can be saved."
+    ]
+
+
 def test_foreign_database_advice_given_once(tmp_path, monkeypatch):
     import sqlite3
 
