@@ -672,6 +672,17 @@ def workspace() -> Workspace:
         st.stop()
 
 
+def pending_folder_text(root: str) -> str:
+    """Say that ``root`` holds no workspace, and where a relative path leads."""
+    folder = Path(root).expanduser()
+    text = repr(root)
+    if str(folder) != root or not folder.is_absolute():
+        text += f" ({folder.absolute()})"
+    if folder.is_dir():
+        return f"{text} contains no workspace."
+    return f"{text} does not exist."
+
+
 def read_only_warning(root: str) -> str | None:
     """Return a warning when the workspace at ``root`` can be read but not
     written, or None. An unreadable workspace is reported by the page."""
@@ -873,7 +884,7 @@ def workspace_sidebar() -> None:
         pending = st.session_state.get(_PENDING_WORKSPACE)
         if pending:
             st.warning(
-                f"{pending!r} contains no workspace. Create a new, empty workspace "
+                f"{pending_folder_text(pending)} Create a new, empty workspace "
                 "there, or correct the path."
             )
             create, cancel = st.columns(2)

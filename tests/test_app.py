@@ -147,9 +147,7 @@ def test_app_sidebar_shows_workspace(workspace_env, tmp_path):
     check_clean(app)
     assert app.session_state["workspace_root"] == str(workspace_env.root)
     assert app.session_state["run_id"] == workspace_env.run_id
-    assert app.sidebar.warning[0].value.startswith(
-        f"{str(other)!r} contains no workspace"
-    )
+    assert app.sidebar.warning[0].value.startswith(f"{str(other)!r} does not exist.")
     assert not other.exists()
     app.sidebar.button(key="sidebar_workspace_cancel").click().run()
     assert not app.sidebar.warning
@@ -930,7 +928,7 @@ def test_sidebar_failed_create_keeps_run(workspace_env):
     check_clean(app)
     app.sidebar.text_input(key="sidebar_workspace").set_value(str(UNCREATABLE)).run()
     assert app.sidebar.warning[0].value.startswith(
-        f"{str(UNCREATABLE)!r} contains no workspace"
+        f"{str(UNCREATABLE)!r} does not exist."
     )
     app.sidebar.button(key="sidebar_workspace_create").click().run()
 
@@ -959,6 +957,22 @@ def test_sidebar_failed_create_keeps_run(workspace_env):
     assert not app.sidebar.error
 
 
+def test_sidebar_names_folder_without_workspace(workspace_env, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    app = _app().run()
+
+    app.sidebar.text_input(key="sidebar_workspace").set_value("empty").run()
+    assert app.sidebar.warning[0].value == (
+        f"'empty' ({tmp_path / 'empty'}) contains no workspace. Create a new, empty "
+        "workspace there, or correct the path."
+    )
+    app.sidebar.text_input(key="sidebar_workspace").set_value("new/ws").run()
+    assert app.sidebar.warning[0].value.startswith(
+        f"'new/ws' ({tmp_path / 'new' / 'ws'}) does not exist."
+    )
+
+
 def test_sidebar_box_shows_prompted_folder(workspace_env, tmp_path):
     current = str(workspace_env.root)
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
@@ -966,14 +980,14 @@ def test_sidebar_box_shows_prompted_folder(workspace_env, tmp_path):
     box = app.sidebar.text_input(key="sidebar_workspace")
 
     box.set_value(first).run()
-    assert app.sidebar.warning[0].value.startswith(f"{first!r} contains no workspace")
+    assert app.sidebar.warning[0].value.startswith(f"{first!r} does not exist.")
     assert app.sidebar.text_input(key="sidebar_workspace").value == first
 
     # Another folder replaces the prompt.
     app.sidebar.text_input(key="sidebar_workspace").set_value(second).run()
     warnings = [warning.value for warning in app.sidebar.warning]
     assert len(warnings) == 1
-    assert warnings[0].startswith(f"{second!r} contains no workspace")
+    assert warnings[0].startswith(f"{second!r} does not exist.")
     assert app.sidebar.text_input(key="sidebar_workspace").value == second
 
     # The folder in use clears it.
