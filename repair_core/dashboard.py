@@ -1817,7 +1817,16 @@ def settings_editor(
             ).strip()
     if entry_error is not None:
         raise entry_error
-    return dataclasses.replace(config, **values)
+    try:
+        return dataclasses.replace(config, **values)
+    except ConfigError as error:
+        # The class's checks name settings as the command line spells them,
+        # and the form labels them with spaces.
+        message = str(error)
+        for name in names:
+            if "_" in name:
+                message = re.sub(rf"\b{name}\b", name.replace("_", " "), message)
+        raise ConfigError(message) from error
 
 
 #: Prefix of the session-state keys that record, per settings form, the record

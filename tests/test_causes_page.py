@@ -579,6 +579,20 @@ def test_settings_follow_ranking_until_changed(workspace_env):
     assert app.number_input(key=f"{EWC_KEY}_lr").value == pytest.approx(1e-3)
 
 
+def test_method_setting_error_uses_form_labels(workspace_env):
+    failure_set_id = workspace_env.new_failure_set()
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("causes", **state).run()
+    app.number_input(key=f"{EWC_KEY}_max_steps").set_value(10).run()
+
+    assert not app.exception
+    assert error_texts(app) == [
+        "Invalid ewc-influence settings: EWC-influence min steps 100 exceeds max "
+        "steps 10. Lower min steps or raise max steps."
+    ]
+    assert app.button(key="causes_run").disabled
+
+
 def test_fraction_in_method_setting_blocks_run(workspace_env):
     failure_set_id = workspace_env.new_failure_set()
     state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
