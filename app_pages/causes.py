@@ -506,13 +506,13 @@ def confirm_top_k(top: list[int], drawn: dict[int, str]) -> bool:
     )
     if not set_decisions(chosen, "confirmed", {}, description):
         return False
-    kept = len(top) - len(chosen)
+    already_decided = len(top) - len(chosen)
     confirmed_text = (
         f"Confirmed {dashboard.count_text(len(chosen), 'example')} of the top "
         f"{len(top)} as culprits."
     )
-    if kept:
-        confirmed_text += f" {kept} already had a decision and kept it."
+    if already_decided:
+        confirmed_text += f" {already_decided} already had a decision and kept it."
     # The button sits below the fold, far from the page's message area.
     st.session_state["causes_toast"] = confirmed_text
     saved = ws.get_decisions(run.run_id, failure_set_id)

@@ -400,8 +400,8 @@ def result_text(command: str, result: dict[str, Any]) -> str:
     if command == "relocate":
         return relocate_text(result)
     if "missing_scores_file" in result:
-        shown = {k: v for k, v in result.items() if k != "missing_scores_file"}
-        return generic_text(shown) + (
+        fields = {k: v for k, v in result.items() if k != "missing_scores_file"}
+        return generic_text(fields) + (
             f"\nMissing: the scores file runs/{result['run_id']}/"
             f"{result['missing_scores_file']} was moved or deleted from the "
             "workspace. The figures above stand, but the ranking cannot be used. "

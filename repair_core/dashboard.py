@@ -258,9 +258,9 @@ def _restore_workspace_from_url() -> bool:
         st.toast(f"{problem} The dashboard uses {current!r}.")
         return False
     # An address is easy to mistype or to get from someone else, so it
-    # opens only a folder that is or was a workspace: one with a database,
-    # even a damaged one, one with run folders whose database is lost, or
-    # one that this server opened before it was moved away. The page then
+    # opens only a folder that is or was a workspace. That is a folder with a
+    # database, even a damaged one, with run folders whose database is lost,
+    # or one that this server opened before it was moved away. The page then
     # shows why the workspace cannot be read, and the address keeps its
     # ids until it can. No new, empty workspace is created there.
     if (
@@ -673,7 +673,7 @@ def workspace() -> Workspace:
 
 
 def pending_folder_text(root: str) -> str:
-    """Say that ``root`` holds no workspace, and where a relative path leads."""
+    """Say that ``root`` contains no workspace, and where a relative path leads."""
     folder = Path(root).expanduser()
     text = repr(root)
     if str(folder) != root or not folder.is_absolute():
@@ -1210,7 +1210,7 @@ def _features(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
     return torch.cat(parts).numpy()
 
 
-# UMAP reports no progress, so the spinner says how long the wait can be.
+# UMAP reports no progress, so the spinner states how long the wait can be.
 @st.cache_data(
     show_spinner="Computing the UMAP map of every training and test image. The "
     "first map after a server start also compiles UMAP's code, which can take "

@@ -448,7 +448,7 @@ def test_url_unknown_ranking_warned_until_chosen(workspace_env):
     assert app.session_state["scores_id"] == loss_id
     assert message in [warning.value for warning in app.warning]
 
-    # Choosing a ranking answers the address's, so the warning goes.
+    # A ranking chosen by the user replaces the address's, so the warning goes.
     app.selectbox(key="causes_scores").set_value(random_id).run()
     check_clean(app)
     assert app.session_state["scores_id"] == random_id
