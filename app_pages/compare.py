@@ -138,8 +138,8 @@ def detection_section(latest: dict[str, dict[str, Any]]) -> None:
     if missing:
         st.caption(dashboard.LONG_JOB_CAPTION)
     mask, noun, note = detection_target()
-    # A scores file deleted from the run folder shows its error in place of
-    # the chart; the removal curves below do not need it.
+    # A scores file that cannot be read shows its error in place of the
+    # chart. The removal curves below do not need it.
     figure = (
         dashboard.run_safely(
             "Loading the rankings", lambda: detection_figure(latest, mask, noun)
@@ -497,11 +497,12 @@ def removal_section(records: list[dict[str, Any]]) -> None:
     chosen = st.multiselect(
         "Rankings",
         ids,
-        # The ranking under review on the Causes page, else the newest.
+        # The ranking under review on the Causes page, else the newest one
+        # whose scores file is present. Stored curves need no scores file.
         default=(
             [st.session_state["scores_id"]]
             if st.session_state.get("scores_id") in ids
-            else ids[:1]
+            else [dashboard.ranking_to_open(None, records)]
         ),
         key="compare_rankings",
         format_func=lambda i: dashboard.ranking_label(by_id[i]),
@@ -667,7 +668,8 @@ def timing_section(records: list[dict[str, Any]]) -> None:
     )
 
 
-latest = {record["method"]: record for record in records}
+available = dashboard.missing_scores_warning(records)
+latest = {record["method"]: record for record in available}
 detection_section(latest)
 if not records:
     st.info("No ranking yet for this failure set. Run methods on the Causes page.")

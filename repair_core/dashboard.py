@@ -1152,6 +1152,29 @@ def scores_file_stamp(root: str, scores_id: str) -> tuple[int, int]:
     return (info.st_size, info.st_mtime_ns)
 
 
+def scores_file_missing(record: dict[str, Any]) -> bool:
+    """Return whether the scores file of the ranking ``record`` is missing
+    from the session's workspace."""
+    ws = open_workspace(st.session_state["workspace_root"])
+    return not ws.path(record["run_id"], f"scores/{record['id']}.pt").is_file()
+
+
+def missing_scores_warning(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Warn about the rankings whose scores file is missing, and return the
+    others, oldest first as given."""
+    missing = [record for record in records if scores_file_missing(record)]
+    if missing:
+        names = ", ".join(
+            f"`{record['id']}` ({record['method']})" for record in missing
+        )
+        st.warning(
+            f"The scores file of {names} was moved or deleted from the workspace, "
+            "so it is left out here. Restore the file from a backup, or run the "
+            "method again on Causes."
+        )
+    return [record for record in records if record not in missing]
+
+
 def stored_scores(root: str, scores_id: str) -> np.ndarray:
     """Return stored identification scores, float64, shape (n_train,).
 
@@ -1681,19 +1704,24 @@ def ranking_to_open(scores_id: str | None, records: Sequence[dict[str, Any]]) ->
     That is ``scores_id`` when it is one of them. Otherwise it is the newest
     ranking that is neither random nor the oracle, since those are references
     to compare with, not lists of suspects to review, and the newest ranking
-    when all are references.
+    when all are references. Rankings whose scores file is missing count only
+    when every file is.
     """
     ids = [record["id"] for record in records]
     if scores_id in ids:
         return scores_id
-    for record in reversed(records):
+    # A ranking whose scores file is missing cannot be reviewed.
+    present = [record for record in records if not scores_file_missing(record)]
+    for record in reversed(present or records):
         if record["method"] not in REFERENCE_METHODS:
             return record["id"]
-    return ids[-1]
+    return (present or records)[-1]["id"]
 
 
 def ranking_label(record: dict[str, Any]) -> str:
     """Return "method · changed settings · id" for a ranking's choice box."""
+    # NOTE: no mark for a missing scores file. A choice box whose option
+    # labels change between runs loses its selection in Streamlit 1.67.
     return " · ".join([record["method"], *ranking_settings(record), record["id"]])
 
 

@@ -1391,8 +1391,8 @@ def load_scores(workspace: Workspace, scores_id: str) -> torch.Tensor:
         record["run_id"],
         f"scores/{scores_id}.pt",
         remedy=(
-            "Restore the file from a backup of the workspace, or run "
-            f"{record['method']} again to rank the training examples anew."
+            "Restore the file from a backup of the workspace, or rank the "
+            f"training examples again with {record['method']}."
         ),
     )
 

@@ -276,36 +276,49 @@ def test_deleted_scores_file_stops_review(workspace_env):
     assert errors[0].startswith("Loading the ranking failed: ")
     assert str(scores_file) in errors[0]
     assert "missing" in errors[0]
-    assert (
-        "or run training-loss again to rank the training examples anew" in (errors[0])
-    )
+    assert "or rank the training examples again with training-loss." in errors[0]
     assert _review_keys(app) == []
     assert "causes_export" not in [b.key for b in app.get("download_button")]
     # The rankings stay listed, so that another one can be chosen.
     assert app.selectbox(key="causes_scores").value == scores_id
 
 
-def test_compare_names_deleted_scores_file(workspace_env):
+def test_compare_leaves_out_deleted_scores_file(workspace_env):
     state = ranked_failure_set(workspace_env)
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, state["run_id"])
+    random_id = pipeline.run_identification(
+        workspace, run, "random", failure_set_id=state["failure_set_id"]
+    )["scores_id"]
     app = page("compare", **state).run()
     check_clean(app)
     assert "compare_detection" in [c.key for c in app.get("plotly_chart")]
-    scores_id = workspace_env.workspace.list_scores(
+    loss_id = workspace.list_scores(
         state["run_id"], failure_set_id=state["failure_set_id"]
-    )[-1]["id"]
-    scores_file = workspace_env.workspace.path(
-        state["run_id"], f"scores/{scores_id}.pt"
-    )
+    )[0]["id"]
 
-    scores_file.unlink()
+    workspace.path(state["run_id"], f"scores/{loss_id}.pt").unlink()
     app.run()
 
-    assert not app.exception, [e.value for e in app.exception]
-    errors = error_texts(app)
-    assert len(errors) == 1
-    assert errors[0].startswith("Loading the rankings failed: ")
-    assert str(scores_file) in errors[0]
-    assert "compare_detection" not in [c.key for c in app.get("plotly_chart")]
+    check_clean(app)
+    warnings = [warning.value for warning in app.warning]
+    assert (
+        f"The scores file of `{loss_id}` (training-loss) was moved or deleted from "
+        "the workspace, so it is left out here. Restore the file from a backup, or "
+        "run the method again on Causes."
+    ) in warnings
+    # The other ranking is still drawn.
+    (chart,) = [c for c in app.get("plotly_chart") if c.key == "compare_detection"]
+    names = [trace["name"] for trace in json.loads(chart.proto.spec)["data"]]
+    assert names == [f"random · {random_id}"]
+    # Stored removal curves need no scores file, so the choice keeps it.
+    options = app.multiselect(key="compare_rankings").options
+    assert f"training-loss · {loss_id}" in options
+
+    # The Causes page opens the ranking whose file is present.
+    causes = page("causes", **state).run()
+    check_clean(causes)
+    assert causes.session_state["scores_id"] == random_id
 
 
 def test_detection_columns_show_one_decimal(workspace_env):

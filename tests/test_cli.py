@@ -1361,7 +1361,7 @@ def test_show_names_missing_scores_file(tiny_run, tmp_path, capsys):
     assert code == 2
     error = capsys.readouterr().err
     assert f"scores/{scores_id}.pt' of run {run['run_id']!r} is missing" in error
-    assert "run random again to rank the training examples anew" in error
+    assert "rank the training examples again with random." in error
 
 
 @pytest.mark.parametrize(
