@@ -530,6 +530,12 @@ class Workspace:
         try:
             connection = sqlite3.connect(uri, uri=True, timeout=LOCK_TIMEOUT_SECONDS)
         except sqlite3.OperationalError as error:
+            if create:
+                raise WorkspaceError(
+                    f"The workspace database {str(self.database_path)!r} could not "
+                    f"be created ({error}). Choose a workspace folder where files "
+                    "can be written."
+                ) from error
             if not self.database_path.exists():
                 raise WorkspaceError(
                     f"The workspace database {str(self.database_path)!r} is "

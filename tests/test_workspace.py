@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,6 +315,18 @@ def test_runs_file_caught_before_work(tmp_path):
 
     with pytest.raises(WorkspaceError, match="runs' is a file, but it must be"):
         workspace.check_writable()
+
+
+@pytest.mark.skipif(not Path("/proc/1").is_dir(), reason="needs Linux's /proc")
+def test_database_not_creatable_says_so():
+    # /proc exists, but no file can be created in it, not even by root.
+    with pytest.raises(WorkspaceError) as caught:
+        Workspace("/proc")
+    assert str(caught.value) == (
+        "The workspace database '/proc/repair.sqlite' could not be created "
+        "(unable to open database file). Choose a workspace folder where files "
+        "can be written."
+    )
 
 
 def test_workspace_path_is_file(tmp_path):
