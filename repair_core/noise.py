@@ -296,23 +296,28 @@ def validate_flip_matrix(
             f"The flip matrix has shape {values.shape} but the data has "
             f"{num_classes} classes. Give a {num_classes} x {num_classes} matrix."
         )
+    # Rows and columns are counted from 1, as the lines and fields of a CSV
+    # file are, and each is named with the class index it stands for.
     for row_index, row in enumerate(values):
+        where = f"Row {row_index + 1} of the flip matrix (true class {row_index})"
         if not np.all(np.isfinite(row)):
+            column = int(np.flatnonzero(~np.isfinite(row))[0])
             raise ConfigError(
-                f"Row {row_index} of the flip matrix contains a non-finite value "
-                f"({row.tolist()}). Use probabilities between 0 and 1."
+                f"{where} has the non-finite entry {row[column]} in column "
+                f"{column + 1} (new label {column}). Use probabilities between 0 "
+                "and 1."
             )
         if np.any(row < 0):
             column = int(np.argmin(row))
             raise ConfigError(
-                f"Row {row_index} of the flip matrix has the negative entry "
-                f"{row[column]} in column {column}. Use probabilities between 0 "
+                f"{where} has the negative entry {row[column]} in column "
+                f"{column + 1} (new label {column}). Use probabilities between 0 "
                 "and 1."
             )
         total = float(row.sum())
         if abs(total - 1.0) > ROW_SUM_TOLERANCE:
             raise ConfigError(
-                f"Row {row_index} of the flip matrix sums to {total:.9g}, not 1 "
+                f"{where} sums to {total:.9g}, not 1 "
                 f"(tolerance {ROW_SUM_TOLERANCE:g}). Each row contains the "
                 "probabilities of the new label for one true class, so make it "
                 "sum to 1."

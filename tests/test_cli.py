@@ -90,7 +90,9 @@ def test_flip_matrix_file_rejects_bad_row(tmp_path, capsys):
     )
 
     assert code == 2
-    assert "Row 3 of the flip matrix sums to 1.5" in capsys.readouterr().err
+    assert "Row 4 of the flip matrix (true class 3) sums to 1.5" in (
+        capsys.readouterr().err
+    )
     assert not (workspace / "runs").exists()
 
 

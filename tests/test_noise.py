@@ -103,19 +103,27 @@ def test_default_flip_matrix_unknown_classes():
 def test_validate_rejects_bad_row_sum():
     matrix = np.eye(3)
     matrix[2] = [0.5, 0.2, 0.2]
-    with pytest.raises(ConfigError, match="Row 2 of the flip matrix sums to 0.9,"):
+    with pytest.raises(
+        ConfigError, match=r"Row 3 of the flip matrix \(true class 2\) sums to 0.9,"
+    ):
         validate_flip_matrix(matrix, 3)
 
 
 def test_validate_rejects_negative_entry():
     matrix = [[1, 0, 0], [-0.1, 1.1, 0], [0, 0, 1]]
-    with pytest.raises(ConfigError, match="Row 1 .* negative entry -0.1 in column 0"):
+    with pytest.raises(
+        ConfigError, match=r"Row 2 .* entry -0.1 in column 1 \(new label 0\)"
+    ):
         validate_flip_matrix(matrix, 3)
 
 
 def test_validate_rejects_nan():
     matrix = [[float("nan"), 1, 0], [0, 1, 0], [0, 0, 1]]
-    with pytest.raises(ConfigError, match="Row 0 of the flip matrix contains a non"):
+    with pytest.raises(
+        ConfigError,
+        match=r"Row 1 of the flip matrix \(true class 0\) has the non-finite entry "
+        r"nan in column 1 \(new label 0\)",
+    ):
         validate_flip_matrix(matrix, 3)
 
 
@@ -167,7 +175,7 @@ def test_read_flip_matrix_folder_or_unreadable(tmp_path):
 def test_read_flip_matrix_bad_row(tmp_path):
     path = tmp_path / "flips.csv"
     path.write_text("0.5,0.5\n0.3,0.3\n")
-    with pytest.raises(ConfigError, match="Row 1 of the flip matrix sums to 0.6"):
+    with pytest.raises(ConfigError, match="Row 2 of the flip matrix .* sums to 0.6"):
         read_flip_matrix(path, 2)
 
 
