@@ -997,9 +997,16 @@ def _settings_help(
             "omits keep their defaults."
         )
     for name, option in fixed.items():
-        text += f"\n\n{name} is not listed: {option} sets it."
+        if name in replaced_inner and nested:
+            text += (
+                f"\n\n{name} is not listed, nor the {name} of a group: {option} "
+                f"sets the {name} of every step."
+            )
+        else:
+            text += f"\n\n{name} is not listed: {option} sets it."
     for name, reason in replaced_inner.items():
-        text += f"\n\nThe {name} of a group is not listed: {reason}"
+        if name not in fixed and nested:
+            text += f"\n\nThe {name} of a group is not listed: {reason}"
     if ignored:
         verb = "is" if len(ignored) == 1 else "are"
         text += (
@@ -1056,7 +1063,11 @@ def _apply_settings(
                     f"--set {item} has no effect: {replaced_inner[inner]}"
                 )
             group_config = getattr(config, group)
-            inner_names = [entry.name for entry in dataclasses.fields(group_config)]
+            inner_names = [
+                entry.name
+                for entry in dataclasses.fields(group_config)
+                if entry.name not in replaced_inner
+            ]
             if inner not in inner_names:
                 raise RepairError(
                     f"Unknown setting {name!r} for {what}. The group {group!r} has: "

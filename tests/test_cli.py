@@ -1540,13 +1540,13 @@ def test_set_help_lists_settings_and_runs_nothing(tiny_run, capsys):
         (
             ["repair", "--treatment", "fit-failures"],
             "fit.seed",
-            "The seed of a group is not listed: the treatment's seed replaces the "
-            "seed of each step. Give the seed with --seeds.",
+            "seed is not listed, nor the seed of a group: --seeds sets the seed of "
+            "every step.",
         ),
         (
             ["repair", "--treatment", "fit-failures+ewc-deletion"],
             "deletion.seed",
-            "Give the seed with --seeds.",
+            "nor the seed of a group",
         ),
         (
             ["identify", "--method", "linear-influence-gd"],
@@ -1587,7 +1587,7 @@ def test_set_help_leaves_out_fixed_settings(tiny_run, capsys, argv, hidden, note
 
 def test_step_setting_named_by_dotted_name():
     from repair_core.cli import _apply_settings
-    from repair_core.errors import RepairError
+    from repair_core.errors import ConfigError, RepairError
     from repair_core.treatments import default_config
 
     config = default_config("fit-failures+ewc-deletion")
@@ -1599,6 +1599,19 @@ def test_step_setting_named_by_dotted_name():
     )
     with pytest.raises(RepairError, match="Unknown setting 'bogus'.*Use one of"):
         _apply_settings(config, ["bogus=1"], "fit-failures+ewc-deletion")
+
+    # A group's seed is replaced by the treatment's, so it is neither listed
+    # nor given as an example.
+    replaced = {"seed": "the treatment's seed replaces it."}
+    with pytest.raises(RepairError) as caught:
+        _apply_settings(config, ["fit.nope=1"], "combined", replaced_inner=replaced)
+    assert "The group 'fit' has: " in str(caught.value)
+    assert "seed" not in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        _apply_settings(config, ["fit=[1]"], "combined")
+    assert str(caught.value).endswith(
+        'Give a JSON object of EWCInfluenceConfig settings, such as {"lr": 0.001}.'
+    )
 
 
 def test_combined_treatment_steps_take_its_seed():

@@ -7,6 +7,7 @@ raise log p(F_q | theta).
 
 from __future__ import annotations
 
+import json
 import math
 import types
 import typing
@@ -73,9 +74,13 @@ def _checked_setting(config_class: type, name: str, value: Any, kind: Any) -> An
                 return settings_from_dict(kind, value)
             except ConfigError as error:
                 raise ConfigError(f"In the group {name!r}: {error}") from None
+        # The example is the group's first setting other than its seed, which
+        # a treatment made of steps replaces with its own.
+        example = next(entry for entry in fields(kind) if entry.name != "seed")
+        sample = json.dumps({example.name: getattr(kind(), example.name)})
         raise ConfigError(
             f"Setting {name!r} of {config_class.__name__} is {value!r}. Give a "
-            f'JSON object of {kind.__name__} settings, such as {{"seed": 1}}.'
+            f"JSON object of {kind.__name__} settings, such as {sample}."
         )
     if kind not in _EXPECTED:
         return value
