@@ -394,15 +394,20 @@ def run_label(record: dict[str, Any]) -> str:
 
 
 def train_summary(
-    data: str, model: str, run_values: dict[str, Any], train_values: dict[str, Any]
+    data: str,
+    model: str,
+    scenario: str,
+    run_values: dict[str, Any],
+    train_values: dict[str, Any],
 ) -> str:
     """Say what Train will do with the settings shown, since the Advanced
     settings are folded away and go back to their defaults in a new session."""
     n_train = run_values["n_train"]
     images = f"{n_train} training images" if n_train else "every training image"
+    noise = "without noise" if scenario == "none" else f"with the {scenario} noise"
     return (
-        f"Trains {model} on {images} of {data}, with the noise scenario above, "
-        f"for at most {train_values['max_epochs']} epochs at learning rate "
+        f"Trains {model} on {images} of {data}, {noise}, for at most "
+        f"{train_values['max_epochs']} epochs at learning rate "
         f"{train_values['lr']:g}. Advanced changes these."
     )
 
@@ -453,7 +458,9 @@ def new_run_section() -> None:
             st.caption("Trains the chosen model on the corrupted training set.")
         else:
             st.caption(
-                train_summary(data_values["data"], model, run_values, train_values)
+                train_summary(
+                    data_values["data"], model, scenario, run_values, train_values
+                )
             )
         train_clicked = st.button(
             "Train", type="primary", key="setup_train", disabled=invalid

@@ -33,6 +33,13 @@ def _more_or_fewer(difference: float) -> str:
     return f"{text} {'more' if difference > 0 else 'fewer'}"
 
 
+def _counted(difference: float, noun: str) -> str:
+    """Return :func:`_more_or_fewer` with ``noun``, singular for a difference
+    of exactly one."""
+    plural = "" if abs(difference) == 1 else "s"
+    return f"{_more_or_fewer(difference)} {noun}{plural}"
+
+
 def number(value: Any, signed: bool = False) -> str:
     """Format one value for a table cell; missing and non-finite values read '-'."""
     if value is None:
@@ -141,11 +148,11 @@ def repair_text(summary: dict[str, Any]) -> str:
     has_holdout = isinstance(holdout, float) and math.isfinite(holdout)
     if fixed is not None and broken is not None:
         fixed_text = (
-            f"{_more_or_fewer(fixed)} holdout failures fixed, " if has_holdout else ""
+            f"{_counted(fixed, 'holdout failure')} fixed, " if has_holdout else ""
         )
         lines.append(
             f"Against the nothing-removed control: {fixed_text}"
-            f"{_more_or_fewer(broken)} remaining examples broken"
+            f"{_counted(broken, 'remaining example')} broken"
             + (" (means over seeds)." if several else ".")
         )
     first = (summary.get("per_seed") or {}).get("treatment") or [{}]

@@ -340,10 +340,21 @@ def _restore_records(ws: Workspace, params: dict[str, str]) -> None:
         record = _url_record(ws, table, kind, record_id)
         if record is None:
             return
-        if any(record.get(name) != value for name, value in expected.items()):
-            _toast_not_opened(kind, record_id, "belongs to another run or failure set")
+        mismatched = [
+            name for name, value in expected.items() if record.get(name) != value
+        ]
+        if mismatched:
+            owner = " and ".join(
+                f"{OWNER_NOUNS[name]} `{record.get(name)}`" for name in mismatched
+            )
+            _toast_not_opened(kind, record_id, f"belongs to {owner}")
             return
         st.session_state[key] = record_id
+
+
+#: Noun of each record field that names the run or failure set a record
+#: belongs to.
+OWNER_NOUNS = {"run_id": "run", "failure_set_id": "failure set"}
 
 
 #: Workspace method that reads one record of each table the URL can name.

@@ -492,8 +492,8 @@ def test_url_ranking_of_other_failure_set_is_named(workspace_env):
     check_clean(app)
     assert app.session_state["scores_id"] is None
     assert app.toast[0].value == (
-        f"The address names the ranking `{scores_id}`, which belongs to another run "
-        "or failure set, so it was not opened."
+        f"The address names the ranking `{scores_id}`, which belongs to failure set "
+        f"`{other}`, so it was not opened."
     )
 
 

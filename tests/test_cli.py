@@ -1874,6 +1874,11 @@ def test_repair_text_counts_fixed_only_with_holdout(holdout_before, fixed_text):
     assert "4.5 fewer remaining examples broken" in repair_text(summary)
     assert ("0.7 more holdout failures fixed" in repair_text(summary)) == fixed_text
 
+    # A difference of one names one example.
+    summary["gain_over_nothing"]["mean"] = {"holdout_fixed": -1, "remaining_broken": 1}
+    assert "1 more remaining example broken." in repair_text(summary)
+    assert ("1 fewer holdout failure fixed" in repair_text(summary)) == fixed_text
+
 
 def test_removal_curve_takes_finetune_settings(tiny_run, capsys, monkeypatch):
     from repair_core import evaluation

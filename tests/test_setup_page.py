@@ -120,18 +120,18 @@ def test_train_tab_states_what_train_does(tmp_path, monkeypatch):
     app = setup_page(tmp_path, monkeypatch)
     captions = [caption.value for caption in app.caption]
     assert (
-        "Trains mnist-cnn on every training image of mnist-embedded, with the noise "
-        "scenario above, for at most 100 epochs at learning rate 0.001. Advanced "
+        "Trains mnist-cnn on every training image of mnist-embedded, with the "
+        "label-flip noise, for at most 100 epochs at learning rate 0.001. Advanced "
         "changes these."
     ) in captions
 
     app.number_input(key="setup_n_train").set_value(600)
-    app.number_input(key="setup_epochs").set_value(15).run()
+    app.number_input(key="setup_epochs").set_value(15)
+    app.selectbox(key="setup_scenario").set_value("none").run()
     captions = [caption.value for caption in app.caption]
     assert (
-        "Trains mnist-cnn on 600 training images of mnist-embedded, with the noise "
-        "scenario above, for at most 15 epochs at learning rate 0.001. Advanced "
-        "changes these."
+        "Trains mnist-cnn on 600 training images of mnist-embedded, without noise, "
+        "for at most 15 epochs at learning rate 0.001. Advanced changes these."
     ) in captions
 
 
