@@ -1101,7 +1101,23 @@ def _check_same_predictions(
 def check_failure_set_run(
     workspace: Workspace, run_id: str, failure_set_id: str
 ) -> None:
-    """Raise ConfigError unless the failure set belongs to ``run_id``."""
+    """Raise ConfigError unless the failure set belongs to ``run_id``, and
+    WorkspaceError, naming the run's failure sets, when it is not stored."""
+    if not workspace.has_record("failure_sets", failure_set_id):
+        known = [record["id"] for record in workspace.list_failure_sets(run_id)]
+        listed = ", ".join(known[:5]) + (
+            f" and {len(known) - 5} more" if len(known) > 5 else ""
+        )
+        of_run = (
+            f"Failure sets of run {run_id!r}: {listed}."
+            if known
+            else (f"Run {run_id!r} has no failure set yet.")
+        )
+        raise WorkspaceError(
+            f"Failure set {failure_set_id!r} not found in workspace "
+            f"{str(workspace.root)!r}. {of_run} 'python -m repair_core runs --run "
+            f"{run_id}' lists them."
+        )
     record = workspace.get_failure_set(failure_set_id)
     if record["run_id"] != run_id:
         raise ConfigError(

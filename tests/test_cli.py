@@ -1334,6 +1334,19 @@ def test_show_prints_every_stored_record_again(tiny_run, capsys):
     assert "missing_model_files" not in show(sweep["sweep_id"])
 
 
+def test_unknown_failure_set_lists_run_sets(tiny_run, capsys):
+    workspace, run = tiny_run
+    code = main(
+        ["identify", "--workspace", workspace, "--run", run["run_id"]]
+        + ["--failure-set", "fs-absent", "--method", "random"]
+    )
+
+    assert code == 2
+    error = capsys.readouterr().err
+    assert f"Failure set 'fs-absent' not found in workspace {workspace!r}." in error
+    assert f"Failure sets of run {run['run_id']!r}: {run['failure_set_id']}" in error
+
+
 def test_show_names_missing_scores_file(tiny_run, tmp_path, capsys):
     workspace, run = tiny_run
     copy = tmp_path / "ws"
