@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from repair_core.errors import CheckpointError, ConfigError, RepairError
-from repair_core.workspace import DEFAULT_WORKSPACE, Workspace
+from repair_core.workspace import DEFAULT_WORKSPACE, WORKSPACE_ENV, Workspace
 
 logger = logging.getLogger("repair_core.cli")
 
@@ -50,7 +50,8 @@ def _add_workspace(parser: argparse.ArgumentParser, *, device: bool = True) -> N
         default=argparse.SUPPRESS,
         metavar="DIR",
         help="workspace folder holding the database and files, also accepted "
-        f"before the command name (default: {DEFAULT_WORKSPACE})",
+        f"before the command name (default: ${WORKSPACE_ENV}, else "
+        f"{DEFAULT_WORKSPACE})",
     )
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout"
@@ -1629,7 +1630,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     workspace = after if after is not None else before
     if workspace is None and args.command != "bench":
         # bench without --workspace makes its own under the temporary folder.
-        workspace = DEFAULT_WORKSPACE
+        # The others use the dashboard's default folder.
+        workspace = os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE
     args.workspace = workspace
     return args
 

@@ -58,14 +58,13 @@ from repair_core.models import embed
 from repair_core.progress import Progress
 from repair_core.workspace import (
     DEFAULT_WORKSPACE,
+    WORKSPACE_ENV,
     Workspace,
     contains_workspace,
     lost_records_message,
 )
 
 logger = logging.getLogger(__name__)
-
-WORKSPACE_ENV = "REPAIR_WORKSPACE"
 
 #: Errors a page shows with ``st.error`` instead of crashing: bad input or
 #: state (RepairError, a ValueError) and non-finite numbers from a solver.

@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 DATABASE_NAME = "repair.sqlite"
 DEFAULT_WORKSPACE = "workspace"
+#: Environment variable that names the workspace folder used when none is given.
+WORKSPACE_ENV = "REPAIR_WORKSPACE"
 DECISIONS = ("confirmed", "rejected")
 
 _SCHEMA = """

@@ -1334,6 +1334,21 @@ def test_show_prints_every_stored_record_again(tiny_run, capsys):
     assert "missing_model_files" not in show(sweep["sweep_id"])
 
 
+def test_workspace_env_is_cli_default(tiny_run, capsys, monkeypatch, tmp_path):
+    workspace, run = tiny_run
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REPAIR_WORKSPACE", workspace)
+
+    listed = _run_json(capsys, ["runs", "--json"])
+
+    assert listed["workspace"] == str(Path(workspace))
+    assert [entry["run_id"] for entry in listed["runs"]] == [run["run_id"]]
+    # --workspace still wins over the variable.
+    Workspace(tmp_path / "other")
+    other = _run_json(capsys, ["runs", "--workspace", "other", "--json"])
+    assert other["runs"] == []
+
+
 def test_unknown_failure_set_lists_run_sets(tiny_run, capsys):
     workspace, run = tiny_run
     code = main(
