@@ -463,7 +463,9 @@ def test_help_documents_options_with_defaults():
     ):
         assert option in result.stdout
     assert "(default: 100)" in result.stdout
-    assert "(default: workspace)" in result.stdout
+    assert "(default: $REPAIR_WORKSPACE, else workspace)" in " ".join(
+        result.stdout.split()
+    )
 
 
 @pytest.mark.parametrize("command", ["runs", "show"])
