@@ -269,32 +269,37 @@ def _restore_workspace_from_url() -> bool:
     ):
         st.session_state["workspace_root"] = root
         return True
+    shown, state = no_workspace_state(root)
     _keep_address_ids(
         root,
-        f"The address names the workspace folder {root!r}, which contains no "
-        f"workspace, so the dashboard uses {current!r}.",
+        f"The address names the workspace folder {shown}, which {state}, so the "
+        f"dashboard uses {current!r}.",
     )
     return False
 
 
 def _keep_address_ids(root: str, message: str) -> None:
     """Toast ``message`` about the address's workspace folder ``root``, which
-    contains no workspace. When the address names a run, the sidebar repeats
-    the message, and the ids and the address wait until the user enters the
+    contains no workspace, and repeat it in the sidebar. When the address
+    names a run, the ids and the address wait until the user enters the
     workspace's new folder or opens another run."""
     ids = {name: value for name in URL_KEYS if (value := st.query_params.get(name))}
-    if ids.get("run"):
+    if not ids.get("run"):
+        ids = {}
+    else:
         # After a server restart this is also how a moved workspace looks.
         display_id = pipeline.shortened_id(ids["run"].replace("`", ""))
         message += (
             " If the workspace was moved, enter its new folder as the workspace "
             f"folder in the sidebar to open run `{display_id}`."
         )
-        st.session_state[_URL_MISSING_WORKSPACE] = {
-            "root": root,
-            "ids": ids,
-            "message": message,
-        }
+    # Without ids the sidebar still says which workspace is in use, until
+    # the user opens a run or another workspace.
+    st.session_state[_URL_MISSING_WORKSPACE] = {
+        "root": root,
+        "ids": ids,
+        "message": message,
+    }
     st.toast(message)
 
 
@@ -445,7 +450,7 @@ def save_to_url() -> None:
     pending = st.session_state.get(_URL_PENDING)
     missing = st.session_state.get(_URL_MISSING_WORKSPACE)
     root = st.session_state.get("workspace_root")
-    if missing is not None:
+    if missing is not None and missing["ids"]:
         # The address keeps the missing folder and its ids, so a reload after
         # the folder is back opens them.
         target = {name: missing["ids"].get(name) for name in URL_KEYS}
@@ -682,15 +687,25 @@ def workspace() -> Workspace:
         st.stop()
 
 
-def pending_folder_text(root: str) -> str:
-    """Say that ``root`` contains no workspace, and where a relative path leads."""
+def no_workspace_state(root: str) -> tuple[str, str]:
+    """Return ``root`` as shown, with the absolute folder a relative or ~
+    path leads to, and why it is no workspace: "does not exist", "is a file,
+    not a folder" or "contains no workspace"."""
     folder = Path(root).expanduser()
-    text = repr(root)
+    shown = repr(root)
     if str(folder) != root or not folder.is_absolute():
-        text += f" ({folder.absolute()})"
+        shown += f" ({folder.absolute()})"
     if folder.is_dir():
-        return f"{text} contains no workspace."
-    return f"{text} does not exist."
+        return shown, "contains no workspace"
+    if folder.exists():
+        return shown, "is a file, not a folder"
+    return shown, "does not exist"
+
+
+def pending_folder_text(root: str) -> str:
+    """Say why ``root``, entered in the sidebar, is no workspace."""
+    shown, state = no_workspace_state(root)
+    return f"{shown} {state}."
 
 
 def read_only_warning(root: str) -> str | None:
@@ -789,9 +804,10 @@ MAX_EPOCHS = 1000
 
 
 #: Session-state keys of the sidebar: the folder that waits for the user to
-#: create a workspace there, and why the last such creation failed.
+#: create a workspace there, and why the last entry in the box or the last
+#: creation of a workspace failed.
 _PENDING_WORKSPACE = "pending_workspace"
-_CREATE_ERROR = "workspace_create_error"
+_BOX_ERROR = "workspace_box_error"
 
 
 def workspace_sidebar() -> None:
@@ -813,32 +829,36 @@ def workspace_sidebar() -> None:
     def change_workspace() -> None:
         root = st.session_state[key].strip()
         st.session_state.pop(_PENDING_WORKSPACE, None)
-        st.session_state.pop(_CREATE_ERROR, None)
+        st.session_state.pop(_BOX_ERROR, None)
+        current = st.session_state["workspace_root"]
+        # A rejected entry is reported under the box until the next entry.
         if not root:
-            st.toast(
+            st.session_state[_BOX_ERROR] = (
                 "The workspace folder cannot be empty, so the dashboard still "
-                f"uses {st.session_state['workspace_root']}."
+                f"uses {current!r}."
             )
-        elif root == st.session_state["workspace_root"]:
+        elif root == current:
             return
         elif (problem := folder_path_problem(root)) is not None:
-            current = st.session_state["workspace_root"]
-            st.toast(f"{problem} The dashboard still uses {current!r}.")
+            st.session_state[_BOX_ERROR] = (
+                f"{problem} The dashboard still uses {current!r}."
+            )
         elif contains_workspace(root):
             missing = st.session_state.get(_URL_MISSING_WORKSPACE)
             use_workspace(root)
-            if missing is not None:
+            if missing is not None and missing["ids"]:
                 # The folder may be the new place of the address's workspace,
                 # so the address's ids are opened there.
                 st.session_state[_URL_PENDING] = missing["ids"]
         elif (lost := lost_records_message(root)) is not None:
             # Creating a workspace here would leave the runs without records.
-            current = st.session_state["workspace_root"]
-            st.toast(f"{lost} The dashboard still uses {current!r}.")
+            st.session_state[_BOX_ERROR] = (
+                f"{lost} The dashboard still uses {current!r}."
+            )
         elif (problem := not_a_folder_problem(root)) is not None:
-            st.toast(
-                f"{problem}, so the dashboard still uses "
-                f"{st.session_state['workspace_root']!r}. Enter a folder path."
+            st.session_state[_BOX_ERROR] = (
+                f"{problem}, so the dashboard still uses {current!r}. Enter a "
+                "folder path."
             )
         else:
             # A mistyped path would otherwise become a new, empty workspace.
@@ -865,7 +885,7 @@ def workspace_sidebar() -> None:
         except USER_ERRORS as error:
             current = st.session_state["workspace_root"]
             logger.warning("Creating a workspace in %r failed: %s", root, error)
-            st.session_state[_CREATE_ERROR] = (
+            st.session_state[_BOX_ERROR] = (
                 f"No workspace was created in {root!r}: "
                 f"{dashboard_advice(str(error))} The dashboard still uses "
                 f"{current!r}."
@@ -881,9 +901,9 @@ def workspace_sidebar() -> None:
             help=f"Folder of the runs database. The default comes from the "
             f"{WORKSPACE_ENV} environment variable, else ./{DEFAULT_WORKSPACE}.",
         )
-        create_error = st.session_state.get(_CREATE_ERROR)
-        if create_error:
-            st.error(create_error)
+        box_error = st.session_state.get(_BOX_ERROR)
+        if box_error:
+            st.error(box_error)
         if (
             read_only := read_only_warning(st.session_state["workspace_root"])
         ) is not None:

@@ -9,6 +9,7 @@ not depend on each other's order.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -164,7 +165,7 @@ def test_app_sidebar_shows_workspace(workspace_env, tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     app.sidebar.text_input(key="sidebar_workspace").set_value(str(a_file)).run()
-    assert "is a file, not a folder" in app.toast[0].value
+    assert "is a file, not a folder" in app.sidebar.error[0].value
     assert not app.sidebar.warning
     assert app.session_state["workspace_root"] == str(other)
 
@@ -186,7 +187,27 @@ def test_url_opens_only_existing_workspaces(workspace_env, tmp_path):
     assert not missing.exists()
     assert not missing.parent.exists()
     assert app.session_state["workspace_root"] == str(workspace_env.root)
-    assert "contains no workspace" in app.toast[0].value
+    assert app.toast[0].value.startswith(
+        f"The address names the workspace folder {str(missing)!r}, which does not "
+        f"exist, so the dashboard uses {str(workspace_env.root)!r}."
+    )
+
+    # A file, given relative to the server's folder, without a run.
+    app = _app()
+    app.query_params = {"workspace": "a-file"}
+    with contextlib.chdir(tmp_path):
+        (tmp_path / "a-file").write_text("x")
+        app.run()
+    check_clean(app)
+    message = (
+        f"The address names the workspace folder 'a-file' ({tmp_path / 'a-file'}), "
+        f"which is a file, not a folder, so the dashboard uses "
+        f"{str(workspace_env.root)!r}."
+    )
+    assert app.toast[0].value == message
+    # The sidebar repeats it, and the address names the workspace in use.
+    assert [warning.value for warning in app.sidebar.warning] == [message]
+    assert "workspace" not in app.query_params
 
     other = tmp_path / "second"
     Workspace(other)
@@ -288,13 +309,13 @@ def test_new_session_uses_workspace_env(workspace_env, tmp_path, monkeypatch):
 
     app.session_state["run_id"] = workspace_env.run_id
     app.sidebar.text_input(key="sidebar_workspace").set_value("  ").run()
-    check_clean(app)
+    assert not app.exception
     assert app.session_state["workspace_root"] == str(workspace_env.root)
     assert app.session_state["run_id"] == workspace_env.run_id
     assert app.sidebar.text_input(key="sidebar_workspace").value == str(
         workspace_env.root
     )
-    assert "cannot be empty" in app.toast[0].value
+    assert "cannot be empty" in app.sidebar.error[0].value
     assert not (tmp_path / "workspace").exists()
 
     # The box keeps showing the folder in use on other pages and later runs.
@@ -830,12 +851,13 @@ def test_sidebar_rejects_invalid_folder(workspace_env, folder, reason):
     app.session_state["run_id"] = workspace_env.run_id
     app.sidebar.text_input(key="sidebar_workspace").set_value(folder).run()
 
-    check_clean(app)
-    toasts = [toast.value for toast in app.toast]
-    assert len(toasts) == 1
-    assert toasts[0].startswith(f"The workspace folder {folder!r} {reason}")
-    assert "Check the path." in toasts[0]
-    assert toasts[0].endswith(f"The dashboard still uses {str(workspace_env.root)!r}.")
+    assert not app.exception
+    # The reason stays under the box until the next entry.
+    errors = [error.value for error in app.sidebar.error]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"The workspace folder {folder!r} {reason}")
+    assert "Check the path." in errors[0]
+    assert errors[0].endswith(f"The dashboard still uses {str(workspace_env.root)!r}.")
     assert app.session_state["workspace_root"] == str(workspace_env.root)
     assert app.session_state["run_id"] == workspace_env.run_id
     assert app.sidebar.text_input(key="sidebar_workspace").value == str(
@@ -901,12 +923,12 @@ def test_sidebar_rejects_non_folder(workspace_env, tmp_path, make, reason):
     app.run()
     app.sidebar.text_input(key="sidebar_workspace").set_value(str(path)).run()
 
-    check_clean(app)
-    toasts = [toast.value for toast in app.toast]
-    assert len(toasts) == 1
+    assert not app.exception
+    errors = [error.value for error in app.sidebar.error]
+    assert len(errors) == 1
     expected = reason.format(parent=str(path.parent))
-    assert toasts[0].startswith(f"{str(path)!r} {expected}, so the dashboard")
-    assert toasts[0].endswith("Enter a folder path.")
+    assert errors[0].startswith(f"{str(path)!r} {expected}, so the dashboard")
+    assert errors[0].endswith("Enter a folder path.")
     assert not app.sidebar.warning
     buttons = [button.key for button in app.sidebar.button]
     assert "sidebar_workspace_create" not in buttons
