@@ -149,7 +149,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_seed, default=0, help="seed of noise and model")
     parser.add_argument(
         "--query-fraction",
-        type=_number,
+        type=_query_share,
         default=0.5,
         help="share of the failures used as the query set F_q (the rest is the "
         "holdout set F_h)",
@@ -184,7 +184,7 @@ def _add_failure_options(
     )
     parser.add_argument(
         "--query-fraction",
-        type=_number,
+        type=_query_share,
         default=None,
         help="share of the failures used as F_q when a new failure set is made "
         "(default: the run's, 0.5)",
@@ -862,6 +862,16 @@ def _number(text: str) -> float:
         f"{text!r} is outside the range of floating-point numbers (magnitude up "
         f"to {sys.float_info.max:.1e}); give a smaller one"
     )
+
+
+def _query_share(text: str) -> float:
+    """Read the share of the failures that forms F_q: a number in (0, 1]."""
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"{value:g} is not in (0, 1]; give a share of the failures such as 0.5"
+        )
+    return value
 
 
 def _parse_list(text: str, kind: Any, option: str) -> list:

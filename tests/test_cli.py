@@ -840,13 +840,30 @@ def test_sweep_prints_trade_off_points(tiny_run, capsys):
 def test_bad_query_fraction_fails_before_training(tmp_path, capsys):
     workspace = tmp_path / "ws"
 
-    code = main(["train", "--workspace", str(workspace), "--query-fraction", "2"])
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--workspace", str(workspace), "--query-fraction", "2"])
 
     captured = capsys.readouterr()
-    assert code == 2
-    assert "Query fraction 2.0 must lie in (0, 1]" in captured.err
-    assert "epoch" not in captured.err
+    assert stopped.value.code == 2
+    assert (
+        "argument --query-fraction: 2 is not in (0, 1]; give a share of the "
+        "failures such as 0.5"
+    ) in captured.err
+    # No epoch was trained.
+    assert "loss" not in captured.err
     assert not (workspace / "runs").exists()
+
+
+def test_zero_query_fraction_named_before_scores(tiny_run, capsys):
+    workspace, run = tiny_run
+    with pytest.raises(SystemExit) as stopped:
+        main(
+            ["repair", "--workspace", workspace, "--run", run["run_id"]]
+            + ["--scores", "sc-absent", "--query-fraction", "0", "--top-k", "3"]
+        )
+
+    assert stopped.value.code == 2
+    assert "--query-fraction: 0 is not in (0, 1]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
