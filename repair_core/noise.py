@@ -194,7 +194,10 @@ def read_flip_matrix(path: str | Path, num_classes: int) -> np.ndarray:
             f"{num_classes} lines of {num_classes} comma-separated numbers."
         )
     if not path.is_file():
-        raise ConfigError(f"Flip matrix file {str(path)!r} not found. Check the path.")
+        where = "" if path.is_absolute() else f" (looked up as {path.absolute()})"
+        raise ConfigError(
+            f"Flip matrix file {str(path)!r}{where} not found. Check the path."
+        )
     try:
         # utf-8-sig drops the byte-order mark of spreadsheet CSV exports.
         # numpy warns about a file without data, which is reported below.

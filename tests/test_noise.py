@@ -172,6 +172,21 @@ def test_read_flip_matrix_folder_or_unreadable(tmp_path):
         read_flip_matrix(unreadable, 2)
 
 
+def test_read_flip_matrix_relative_missing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        read_flip_matrix(Path("flips.csv"), 2)
+    assert str(caught.value) == (
+        f"Flip matrix file 'flips.csv' (looked up as {tmp_path / 'flips.csv'}) not "
+        "found. Check the path."
+    )
+    with pytest.raises(ConfigError) as caught:
+        read_flip_matrix(tmp_path / "flips.csv", 2)
+    assert str(caught.value) == (
+        f"Flip matrix file {str(tmp_path / 'flips.csv')!r} not found. Check the path."
+    )
+
+
 def test_read_flip_matrix_bad_row(tmp_path):
     path = tmp_path / "flips.csv"
     path.write_text("0.5,0.5\n0.3,0.3\n")
