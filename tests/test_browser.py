@@ -147,6 +147,12 @@ def fill_number(page, key: str, value: int) -> None:
     wait_until_idle(page)
 
 
+def nav_link(page, name: str):
+    """Return the sidebar's link to the page ``name``. Links to the next step
+    in the pages also end with a page name."""
+    return page.get_by_test_id("stSidebarNavItems").get_by_role("link", name=name)
+
+
 def click(page, key: str) -> None:
     page.locator(f".st-key-{key} button").first.click()
     wait_until_idle(page)
@@ -246,8 +252,11 @@ def walk(page, url: str, workspace: Path) -> None:
     assert grid_images(page) >= 16
     screenshot(page, "setup")
 
-    # Failures: a click on a confusion-matrix cell filters the grid.
-    page.get_by_role("link", name="Failures").click()
+    # Failures: a click on a confusion-matrix cell filters the grid. The page
+    # is opened by the link to the next step.
+    page.get_by_role(
+        "link", name="Next: pick the failures to repair on Failures"
+    ).click()
     page.get_by_text("Misclassifications").wait_for(timeout=RUN_TIMEOUT * 1000)
     wait_until_idle(page)
     assert grid_images(page) > 0
@@ -260,12 +269,19 @@ def walk(page, url: str, workspace: Path) -> None:
     assert heading.inner_text().startswith(f"{count} of ")
     assert grid_images(page) == min(count, 32)
     click(page, "failures_create")
-    page.get_by_text("Created failure set").wait_for()
+    # The message shows below the button and in a toast.
+    page.get_by_test_id("stAlertContentSuccess").get_by_text(
+        "Created failure set"
+    ).wait_for()
+    assert (
+        page.get_by_test_id("stToastText").get_by_text("Created failure set").count()
+        == 1
+    )
     wait_until_idle(page)
     screenshot(page, "failures")
 
     # Causes: rank with training-loss and confirm the top K.
-    page.get_by_role("link", name="Causes").click()
+    page.get_by_role("link", name="Next: rank the causes on Causes").click()
     page.get_by_text("Run identification methods").wait_for()
     wait_until_idle(page)
     methods = page.locator(".st-key-causes_methods input")
@@ -287,7 +303,9 @@ def walk(page, url: str, workspace: Path) -> None:
     screenshot(page, "causes")
 
     # Repair: fine-tune without the confirmed culprits, one seed, with controls.
-    page.get_by_role("link", name="Repair").click()
+    page.get_by_role(
+        "link", name="Next: remove the 5 confirmed culprits on Repair"
+    ).click()
     page.get_by_text("Causes C to remove").wait_for()
     wait_until_idle(page)
     choose_option(page, "repair_treatment", "finetune")
@@ -307,14 +325,14 @@ def walk(page, url: str, workspace: Path) -> None:
     screenshot(page, "repair")
 
     # Setup still shows the training settings entered before the other pages.
-    page.get_by_role("link", name="Setup").click()
+    nav_link(page, "Setup").click()
     page.get_by_text("Create a new run").wait_for()
     wait_until_idle(page)
     page.get_by_text("Create a new run").click()
     page.get_by_text("Advanced", exact=True).click()
     assert page.locator(".st-key-setup_n_train input").input_value() == "200"
     assert page.locator(".st-key-setup_epochs input").input_value() == "1"
-    page.get_by_role("link", name="Repair").click()
+    nav_link(page, "Repair").click()
     page.get_by_text("Removed 5 examples (confirmed in review)").wait_for(
         timeout=RUN_TIMEOUT * 1000
     )
@@ -364,7 +382,7 @@ def check_second_session(page, url: str) -> None:
     wait_until_idle(page)
     assert page.get_by_text("No run open").count() == 1
     click(page, "setup_open")
-    page.get_by_role("link", name="Causes").click()
+    nav_link(page, "Causes").click()
     page.get_by_text("Ranking to review").wait_for(timeout=RUN_TIMEOUT * 1000)
     wait_until_idle(page)
     confirmed = page.get_by_test_id("stMetric").filter(has_text="Confirmed")
@@ -491,7 +509,7 @@ def test_back_returns_to_previous_page(server):
         start = page.evaluate("history.length")
         visited = ["/"]
         for name in ("Failures", "Causes", "Repair"):
-            page.get_by_role("link", name=name).click()
+            nav_link(page, name).click()
             wait_until_idle(page)
             visited.append(f"/{name.lower()}")
             # One history entry per page visit.

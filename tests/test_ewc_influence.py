@@ -147,5 +147,7 @@ def test_extras_hold_fisher_and_fitted_state():
 
 @pytest.mark.parametrize("name", ["fisher_weight", "l2"])
 def test_negative_weight_named_with_its_value(name):
-    with pytest.raises(ConfigError, match=rf"^{name} -0\.5 must not be negative"):
+    with pytest.raises(
+        ConfigError, match=rf"^EWC-influence {name} -0\.5 must not be negative"
+    ):
         EWCInfluenceConfig(**{name: -0.5})
