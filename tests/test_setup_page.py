@@ -299,9 +299,12 @@ def test_sidebar_offers_no_create_over_runs(tmp_path, monkeypatch):
     app.sidebar.text_input(key="sidebar_workspace").set_value(str(lost)).run()
 
     assert not app.exception
-    toasts = [toast.value for toast in app.toast]
-    assert len(toasts) == 1
-    assert "its database repair.sqlite is missing" in toasts[0]
+    errors = [error.value for error in app.sidebar.error]
+    assert len(errors) == 1
+    assert "its database repair.sqlite is missing" in errors[0]
+    assert errors[0].endswith(
+        f"The dashboard still uses {str(tmp_path / 'current')!r}."
+    )
     buttons = [button.key for button in app.sidebar.button]
     assert "sidebar_workspace_create" not in buttons
     assert app.session_state["workspace_root"] == str(tmp_path / "current")
