@@ -53,6 +53,7 @@ from repair_core.workspace import (
     RECORD_TABLES,
     Workspace,
     atomic_write_bytes,
+    listed_ids,
     new_id,
 )
 
@@ -1105,14 +1106,10 @@ def check_failure_set_run(
     WorkspaceError, naming the run's failure sets, when it is not stored."""
     if not workspace.has_record("failure_sets", failure_set_id):
         known = [record["id"] for record in workspace.list_failure_sets(run_id)]
-        listed = ", ".join(known[:5]) + (
-            f" and {len(known) - 5} more" if len(known) > 5 else ""
-        )
-        of_run = (
-            f"Failure sets of run {run_id!r}: {listed}."
-            if known
-            else (f"Run {run_id!r} has no failure set yet.")
-        )
+        if known:
+            of_run = f"Failure sets of run {run_id!r}: {listed_ids(known)}."
+        else:
+            of_run = f"Run {run_id!r} has no failure set yet."
         raise WorkspaceError(
             f"Failure set {failure_set_id!r} not found in workspace "
             f"{str(workspace.root)!r}. {of_run} 'python -m repair_core runs --run "

@@ -171,6 +171,12 @@ RECORD_TABLES = (
 )
 
 
+def listed_ids(ids: list[str], shown: int = 5) -> str:
+    """Return "a, b, c and 4 more" for record ids, naming up to ``shown``."""
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(ids[:shown]) + more
+
+
 def new_id(prefix: str) -> str:
     """Return a short unique id such as ``run-3f9a1c2e``."""
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
@@ -793,8 +799,7 @@ class Workspace:
             known = [r["id"] for r in self._list(table)]
             hint = ""
             if known:
-                more = f" and {len(known) - 5} more" if len(known) > 5 else ""
-                hint = f" Known: {', '.join(known[:5])}{more}."
+                hint = f" Known: {listed_ids(known)}."
             listing = shlex.join(
                 ["python", "-m", "repair_core", "runs", "--workspace", str(self.root)]
             )
