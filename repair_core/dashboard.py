@@ -269,16 +269,16 @@ def _restore_workspace_from_url() -> bool:
     ):
         st.session_state["workspace_root"] = root
         return True
-    shown, state = no_workspace_state(root)
-    _keep_address_ids(
+    display, state = no_workspace_state(root)
+    _report_missing_workspace(
         root,
-        f"The address names the workspace folder {shown}, which {state}, so the "
+        f"The address names the workspace folder {display}, which {state}, so the "
         f"dashboard uses {current!r}.",
     )
     return False
 
 
-def _keep_address_ids(root: str, message: str) -> None:
+def _report_missing_workspace(root: str, message: str) -> None:
     """Toast ``message`` about the address's workspace folder ``root``, which
     contains no workspace, and repeat it in the sidebar. When the address
     names a run, the ids and the address wait until the user enters the
@@ -293,7 +293,7 @@ def _keep_address_ids(root: str, message: str) -> None:
             " If the workspace was moved, enter its new folder as the workspace "
             f"folder in the sidebar to open run `{display_id}`."
         )
-    # Without ids the sidebar still says which workspace is in use, until
+    # Without ids the sidebar still shows which workspace is in use, until
     # the user opens a run or another workspace.
     st.session_state[_URL_MISSING_WORKSPACE] = {
         "root": root,
@@ -688,24 +688,18 @@ def workspace() -> Workspace:
 
 
 def no_workspace_state(root: str) -> tuple[str, str]:
-    """Return ``root`` as shown, with the absolute folder a relative or ~
+    """Return ``root`` for display, with the absolute folder a relative or ~
     path leads to, and why it is no workspace: "does not exist", "is a file,
     not a folder" or "contains no workspace"."""
     folder = Path(root).expanduser()
-    shown = repr(root)
+    display = repr(root)
     if str(folder) != root or not folder.is_absolute():
-        shown += f" ({folder.absolute()})"
+        display += f" ({folder.absolute()})"
     if folder.is_dir():
-        return shown, "contains no workspace"
+        return display, "contains no workspace"
     if folder.exists():
-        return shown, "is a file, not a folder"
-    return shown, "does not exist"
-
-
-def pending_folder_text(root: str) -> str:
-    """Say why ``root``, entered in the sidebar, is no workspace."""
-    shown, state = no_workspace_state(root)
-    return f"{shown} {state}."
+        return display, "is a file, not a folder"
+    return display, "does not exist"
 
 
 def read_only_warning(root: str) -> str | None:
@@ -913,9 +907,10 @@ def workspace_sidebar() -> None:
             st.warning(missing["message"])
         pending = st.session_state.get(_PENDING_WORKSPACE)
         if pending:
+            display, state = no_workspace_state(pending)
             st.warning(
-                f"{pending_folder_text(pending)} Create a new, empty workspace "
-                "there, or correct the path."
+                f"{display} {state}. Create a new, empty workspace there, or "
+                "correct the path."
             )
             create, cancel = st.columns(2)
             create.button(
