@@ -70,8 +70,35 @@ def batch_log_likelihood(
     taken from ``model``.
     """
     log_likelihood = log_likelihood or categorical_log_likelihood
-    outputs = functional_call(model, params, (images,), strict=False)
+    outputs = functional_call(
+        model, params, (images,), strict=False, tie_weights=_ties_weights(model)
+    )
     return log_likelihood(outputs, labels)
+
+
+def _ties_weights(model: nn.Module) -> bool:
+    """Return whether ``functional_call`` should follow shared parameters.
+
+    A parameter shared by two layers needs ``tie_weights=True``, so that the
+    value passed under one name reaches both layers. One layer reachable under
+    two names needs ``tie_weights=False``: with True, torch 2.14 leaves that
+    layer holding the wrapped tensor after the call, which breaks the model.
+    A model with both cannot be differentiated correctly either way.
+    """
+    named = list(model.named_modules(remove_duplicate=False))
+    if len(named) == len({id(module) for _, module in named}):
+        return True
+    owners: dict[int, set[int]] = {}
+    for module in model.modules():
+        for parameter in module.parameters(recurse=False):
+            owners.setdefault(id(parameter), set()).add(id(module))
+    if any(len(modules) > 1 for modules in owners.values()):
+        raise ConfigError(
+            "The model reaches one layer under two attribute names and also shares "
+            "a parameter between two layers, which torch.func cannot differentiate "
+            "correctly. Keep each layer under one attribute name."
+        )
+    return False
 
 
 def per_example_gradients_at(

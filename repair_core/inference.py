@@ -137,6 +137,17 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def checked_logits(outputs: object) -> torch.Tensor:
+    """Return ``outputs`` if it is a tensor, else raise ConfigError naming its type."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    raise ConfigError(
+        f"The model returns a {type(outputs).__name__}, not a tensor of class "
+        "logits. Wrap it in a module whose forward returns only the logits, for "
+        "example the .logits field or the first element of what it returns."
+    )
+
+
 @torch.no_grad()
 def predict_logits(
     model: nn.Module, images: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE
@@ -147,7 +158,7 @@ def predict_logits(
     with eval_mode(model):
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(device)
-            outputs.append(model(batch).float().cpu())
+            outputs.append(checked_logits(model(batch)).float().cpu())
     if not outputs:
         return torch.empty(0, 0)
     return torch.cat(outputs)

@@ -1124,15 +1124,25 @@ def check_failure_set_run(
 
 
 def load_failure_split(
-    workspace: Workspace, run_id: str, failure_set_id: str
+    workspace: Workspace, run: str | LoadedRun, failure_set_id: str
 ) -> FailureSplit:
-    """Read a stored failure split back.
+    """Read a stored failure split of ``run`` (a run id or a loaded run) back.
 
     Raises:
-        ConfigError: the failure set belongs to another run.
+        ConfigError: the failure set belongs to another run, or ``run`` is
+            neither a run id nor a loaded run.
         WorkspaceError: the failure set's file is missing, unreadable, or
             does not contain a failure split.
     """
+    if isinstance(run, LoadedRun):
+        run_id = run.run_id
+    elif isinstance(run, str):
+        run_id = run
+    else:
+        raise ConfigError(
+            f"load_failure_split takes a run id or a loaded run, not a "
+            f"{type(run).__name__}. Pass the run's id, such as 'run-1a2b3c4d'."
+        )
     check_failure_set_run(workspace, run_id, failure_set_id)
     relative = f"failure_sets/{failure_set_id}.pt"
     listing = shlex.join(

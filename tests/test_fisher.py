@@ -1,8 +1,11 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from repair_core.errors import ConfigError
 from repair_core.fisher import (
     diagonal_fisher,
     per_example_gradients,
@@ -109,3 +112,57 @@ def test_fisher_reports_progress():
     seen = []
     diagonal_fisher(mlp(), x, y, batch_size=10, progress=lambda f, m: seen.append(f))
     assert seen == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
+class _SharedLayer(nn.Module):
+    """Applies one hidden layer twice, reached under two attribute names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = nn.Linear(4, 4)
+        self.again = self.inner
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.again(torch.tanh(self.inner(x)))))
+
+
+class _SharedWeight(nn.Module):
+    """Two layers that share one weight matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 4)
+        self.second.weight = self.first.weight
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
+@pytest.mark.parametrize("model_class", [_SharedLayer, _SharedWeight])
+def test_fisher_of_shared_weights_matches_loop_and_keeps_model(model_class):
+    x, y = blobs(30, dtype=torch.float64)
+    model = model_class().double()
+    expected = loop_fisher(model, x, y)
+    fisher = diagonal_fisher(model, x, y, batch_size=16)
+    assert set(fisher) == set(expected)
+    for name in fisher:
+        assert torch.allclose(
+            fisher[name], expected[name], atol=FISHER_TOLERANCE, rtol=0
+        )
+    # The model still holds its own parameters, so it can be copied and trained.
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    copy.deepcopy(model)
+
+
+def test_shared_layer_and_shared_weight_together_are_refused():
+    model = _SharedWeight()
+    model.alias = model.first
+    x, y = blobs(4)
+    with pytest.raises(ConfigError, match="under two attribute names"):
+        per_example_gradients(model, x, y)
+    assert all(type(p) is nn.Parameter for p in model.parameters())

@@ -1,6 +1,7 @@
 import copy
 import dataclasses
 import re
+import types
 import weakref
 
 import pytest
@@ -547,6 +548,34 @@ def test_images_the_model_cannot_take_are_named(trained):
         identify("ewc-influence", model, x, y, qx[:, :, :6, :6], qy)
     with pytest.raises(ConfigError, match="Query images are torch.float64 but"):
         identify("ewc-influence", model, x, y, qx.double(), qy)
+
+
+class _Wrapped(nn.Module):
+    """Returns the logits inside a tuple, a dict or an object, as some
+    libraries' models do."""
+
+    def __init__(self, model: nn.Module, packing: str) -> None:
+        super().__init__()
+        self.model = model
+        self.packing = packing
+
+    def forward(self, x):
+        logits = self.model(x)
+        if self.packing == "tuple":
+            return logits, x
+        if self.packing == "dict":
+            return {"logits": logits}
+        return types.SimpleNamespace(logits=logits)
+
+
+@pytest.mark.parametrize("packing", ["tuple", "dict", "object"])
+@pytest.mark.parametrize("method", ["training-loss", "ewc-influence"])
+def test_model_that_returns_no_tensor_is_named(trained, method, packing):
+    model, x, y, qx, qy, _ = trained
+    kind = {"tuple": "tuple", "dict": "dict", "object": "SimpleNamespace"}[packing]
+
+    with pytest.raises(ConfigError, match=f"The model returns a {kind}, not a tensor"):
+        identify(method, _Wrapped(model, packing), x, y, qx, qy)
 
 
 def test_labels_must_be_one_dimensional(trained):

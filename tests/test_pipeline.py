@@ -657,6 +657,19 @@ def test_loaded_run_keeps_clean_labels(tiny):
     assert changed.any()
 
 
+def test_failure_split_loads_from_run_or_its_id(ranked):
+    workspace, run, failure_set_id, _ = ranked
+
+    by_id = pipeline.load_failure_split(workspace, run.run_id, failure_set_id)
+    by_run = pipeline.load_failure_split(workspace, run, failure_set_id)
+
+    assert torch.equal(by_id.query, by_run.query)
+    assert torch.equal(by_id.holdout, by_run.holdout)
+    with pytest.raises(ConfigError, match="not a dict. Pass the run's id") as error:
+        pipeline.load_failure_split(workspace, run.record, failure_set_id)
+    assert len(str(error.value)) < 200
+
+
 def test_implicated_matches_pair_loop(ranked):
     workspace, run, failure_set_id, _ = ranked
     split = pipeline.load_failure_split(workspace, run.run_id, failure_set_id)
