@@ -32,9 +32,8 @@ from torch import nn
 from repair_core.errors import ConfigError
 from repair_core.failures import FailureSplit
 from repair_core.fisher import diagonal_fisher
-from repair_core.identification.base import scaled_progress
 from repair_core.inference import predict_logits, share
-from repair_core.progress import Progress
+from repair_core.progress import Progress, scaled_progress
 from repair_core.training import TrainConfig
 from repair_core.treatments import (
     CONTROLLED_TREATMENTS,

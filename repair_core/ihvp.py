@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 CURVATURES = ("hessian", "fisher")
 #: LiSSA stops with DivergenceError once ||v|| exceeds this multiple of ||g||.
 DIVERGENCE_RATIO = 1e4
+#: Share of a LiSSA progress bar given to the scale search, when it runs.
+SCALE_SEARCH_SHARE = 0.1
 #: exact_ihvp refuses models with more trainable parameters than this.
 MAX_EXACT_PARAMETERS = 20_000
 #: Memory, in bytes, that exact_curvature allows by estimate for the vmapped

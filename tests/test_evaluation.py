@@ -786,9 +786,9 @@ def test_job_progress_rises_from_zero_to_one(job):
             ), run
     if job == "removal-curve":
         assert "Removal curve: k = 10, seed 1" in runs
-        assert inner[-1].startswith(
-            "Removal curve: k = 10, seed 1" + LABEL_SEPARATOR + "Fine-tuning"
-        )
+        last = "Removal curve: k = 10, seed 1" + LABEL_SEPARATOR
+        assert inner[-2].startswith(last + "Fine-tuning")
+        assert inner[-1] == last + "finetune done"
 
 
 def test_chance_notes_flag_gains_within_two_errors():

@@ -342,20 +342,22 @@ def test_config_dict_matches_dataclass(trained):
     assert from_dict.seed == 4
 
 
-def test_progress_reaches_one(trained):
+@pytest.mark.parametrize("method", ["ewc-influence", "linear-influence-lissa"])
+def test_progress_rises_to_one(trained, method):
     model, x, y, qx, qy, _ = trained
     seen = []
     identify(
-        "ewc-influence",
+        method,
         model,
         x,
         y,
         qx,
         qy,
-        small_config("ewc-influence"),
+        small_config(method),
         progress=lambda fraction, message: seen.append(fraction),
     )
     assert seen[-1] == 1.0
+    assert seen == sorted(seen)
     assert all(0.0 <= f <= 1.0 for f in seen)
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from repair_core.errors import ConfigError, DivergenceError
 from repair_core.fisher import diagonal_fisher
+from repair_core.ihvp import SCALE_SEARCH_SHARE
 from repair_core.inference import log_likelihoods
 from repair_core.training import TrainConfig, split_validation, validation_size
 from repair_core.treatments import (
@@ -1070,6 +1071,35 @@ def test_repair_never_modifies_input_model(treatment):
     assert result.causes.tolist() == problem.flipped.tolist()
     assert result.seconds > 0
     assert result.config == config.to_dict()
+
+
+@pytest.mark.parametrize("treatment", [*TREATMENTS, "newton-scale-search"])
+def test_repair_progress_rises_to_one(treatment):
+    problem = tiny_problem()
+    config = _short_config(treatment.removesuffix("-scale-search"))
+    if treatment == "newton-scale-search":
+        treatment, config = "newton", dataclasses.replace(config, scale=None)
+    calls = []
+
+    repair(
+        treatment,
+        problem.model,
+        problem.train_images,
+        problem.train_labels,
+        problem.flipped,
+        problem.query_images,
+        problem.query_labels,
+        config,
+        train_config=problem.train_config,
+        progress=lambda fraction, message: calls.append((fraction, message)),
+    )
+
+    fractions = [fraction for fraction, _ in calls]
+    assert fractions == sorted(fractions), calls
+    assert calls[-1] == (1.0, f"{treatment} done")
+    if config.to_dict().get("scale", 0) is None:
+        searching = [f for f, message in calls if "scale search" in message]
+        assert searching and max(searching) <= SCALE_SEARCH_SHARE
 
 
 def test_repair_config_from_dict_and_errors():

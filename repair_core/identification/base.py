@@ -300,19 +300,6 @@ def check_finite(scores: torch.Tensor, method: str, hint: str) -> torch.Tensor:
     return scores
 
 
-def scaled_progress(
-    progress: Progress | None, low: float, high: float
-) -> Progress | None:
-    """Map a sub-task's progress in [0, 1] onto [low, high] of the caller's bar."""
-    if progress is None:
-        return None
-
-    def report(fraction: float, message: str) -> None:
-        progress(low + (high - low) * min(max(fraction, 0.0), 1.0), message)
-
-    return report
-
-
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
     """Raise ConfigError unless ``value`` is positive (or zero when allowed)."""
     if not isinstance(value, int | float) or not math.isfinite(value):

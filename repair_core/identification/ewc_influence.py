@@ -70,10 +70,9 @@ from repair_core.identification.base import (
     check_finite,
     log_likelihoods,
     option,
-    scaled_progress,
 )
 from repair_core.inference import model_device
-from repair_core.progress import Progress
+from repair_core.progress import Progress, scaled_progress
 
 logger = logging.getLogger(__name__)
 

@@ -40,11 +40,11 @@ from repair_core.identification.base import (
     check_finite,
     gradient_dot_products,
     option,
-    scaled_progress,
     summed_log_likelihood_gradient,
 )
 from repair_core.ihvp import (
     CURVATURES,
+    SCALE_SEARCH_SHARE,
     exact_ihvp,
     find_lissa_scale,
     flatten,
@@ -53,7 +53,7 @@ from repair_core.ihvp import (
     unflatten,
 )
 from repair_core.inference import eval_mode
-from repair_core.progress import Progress
+from repair_core.progress import Progress, scaled_progress
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def solve_ihvp(
             vector,
             damping=0.0,
             batch_size=config.lissa_batch_size,
-            progress=progress,
+            progress=scaled_progress(progress, 0.0, SCALE_SEARCH_SHARE),
             seed=config.seed,
             **common,
         )
@@ -286,6 +286,7 @@ def solve_ihvp(
         scale = max(2.0 * stable, 2.0 * config.damping)
         logger.info("LiSSA scale chosen by search: %g", scale)
     resolved = {"lissa_scale": scale} if searched else {}
+    solve_start = SCALE_SEARCH_SHARE if searched else 0.0
     estimate = lissa(
         model,
         train_images,
@@ -298,7 +299,7 @@ def solve_ihvp(
         batch_size=config.lissa_batch_size,
         seed=config.seed,
         divergence_advice=_lissa_divergence_advice(config, scale, searched),
-        progress=progress,
+        progress=scaled_progress(progress, solve_start, 1.0),
         **common,
     )
     return estimate, {"scale": scale, "resolved": resolved}

@@ -266,6 +266,8 @@ def apply_treatment(
             model, result.model, train_images[causes], train_labels[causes]
         ),
     }
+    if progress is not None:
+        progress(1.0, f"{treatment} done")
     return result
 
 

@@ -27,14 +27,13 @@ from torch import nn
 
 from repair_core.identification.base import (
     option,
-    scaled_progress,
     settings_from_dict,
 )
 from repair_core.identification.ewc_influence import (
     EWCInfluenceConfig,
     fit_failures_with_record,
 )
-from repair_core.progress import Progress
+from repair_core.progress import Progress, scaled_progress
 from repair_core.treatments.base import TreatmentConfig, report
 from repair_core.treatments.ewc_deletion import EWCDeletionConfig, ewc_delete
 

@@ -26,8 +26,14 @@ from torch import nn
 from repair_core.errors import ConfigError
 from repair_core.fisher import LogLikelihood, categorical_log_likelihood
 from repair_core.identification.base import option
-from repair_core.ihvp import CURVATURES, exact_ihvp, find_lissa_scale, lissa
-from repair_core.progress import Progress
+from repair_core.ihvp import (
+    CURVATURES,
+    SCALE_SEARCH_SHARE,
+    exact_ihvp,
+    find_lissa_scale,
+    lissa,
+)
+from repair_core.progress import Progress, scaled_progress
 from repair_core.treatments.base import (
     TreatmentConfig,
     summed_log_likelihood_gradient,
@@ -145,7 +151,8 @@ def newton_direction(
         )
     else:
         scale = config.scale
-        if scale is None:
+        searched = scale is None
+        if searched:
             # With 450 causes on the reference CNN the fixed scale 10 diverged
             # within 4 steps, so the scale is searched as in linear influence:
             # a probe without shrink, then a factor-2 margin.
@@ -158,11 +165,12 @@ def newton_direction(
                 batch_size=config.batch_size,
                 seed=config.seed,
                 curvature=config.curvature,
-                progress=progress,
+                progress=scaled_progress(progress, 0.0, SCALE_SEARCH_SHARE),
                 log_likelihood=log_likelihood,
             )
             scale = 2.0 * stable
             logger.info("Newton LiSSA scale chosen by search: %g", scale)
+        solve_start = SCALE_SEARCH_SHARE if searched else 0.0
         solved = lissa(
             model,
             train_images,
@@ -176,7 +184,7 @@ def newton_direction(
             seed=config.seed,
             curvature=config.curvature,
             log_likelihood=log_likelihood,
-            progress=progress,
+            progress=scaled_progress(progress, solve_start, 1.0),
         )
     return solved / len(train_labels)
 
