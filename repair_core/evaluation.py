@@ -23,7 +23,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from torch import nn
 from repair_core.errors import ConfigError
 from repair_core.failures import FailureSplit
 from repair_core.fisher import diagonal_fisher
+from repair_core.identification.base import check_seed
 from repair_core.inference import predict_logits, share
 from repair_core.progress import Progress, scaled_progress
 from repair_core.training import TrainConfig
@@ -233,7 +234,12 @@ def _random_causes(n_train: int, size: int, seed: int) -> torch.Tensor:
 
 
 def _check_seeds(seeds: Sequence[int]) -> list[int]:
-    seeds = list(seeds)
+    if isinstance(seeds, int | str) or not isinstance(seeds, Iterable):
+        raise ConfigError(
+            f"seeds={seeds!r} is not a sequence of seeds; give one such as "
+            "(0, 1, 2), or (0,) for one seed."
+        )
+    seeds = [check_seed(seed) for seed in seeds]
     if not seeds:
         raise ConfigError("At least one seed is needed, for example seeds=(0, 1, 2).")
     if len(set(seeds)) != len(seeds):
@@ -349,6 +355,11 @@ def repair_with_controls(
         causes, len(train_labels), allow_empty=treatment in REMOVES_NOTHING
     )
     seeds = _check_seeds(seeds)
+    if isinstance(controls, str):
+        raise ConfigError(
+            f"controls={controls!r} is one name, not a sequence of names; give "
+            f"({controls!r},) or any of {', '.join(CONTROLS)} in a tuple."
+        )
     unknown = [name for name in controls if name not in CONTROLS]
     if unknown:
         raise ConfigError(

@@ -57,7 +57,25 @@ class TrainConfig:
     so that SGD-influence can replay the training steps."""
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        # Imported here: the identification package imports this module.
+        from repair_core.identification.base import check_setting_types
+
+        check_setting_types(self)
+        betas = self.betas
+        if not (
+            isinstance(betas, tuple | list)
+            and len(betas) == 2
+            and all(
+                isinstance(beta, int | float) and not isinstance(beta, bool)
+                for beta in betas
+            )
+            and all(0 <= beta < 1 for beta in betas)
+        ):
+            raise ConfigError(
+                f"Adam betas {betas!r} must be two numbers in [0, 1), for example "
+                "(0.9, 0.999)."
+            )
+        self.betas = (float(betas[0]), float(betas[1]))
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr)) or (
             self.lr <= 0
         ):

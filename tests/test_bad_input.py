@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -35,6 +36,9 @@ from repair_core.errors import (
     WorkspaceError,
 )
 from repair_core.identification import identify
+from repair_core.identification.baselines import RandomConfig
+from repair_core.identification.ewc_influence import EWCInfluenceConfig
+from repair_core.identification.tracin import TracInConfig
 from repair_core.training import TrainConfig
 from repair_core.treatments import (
     apply_treatment,
@@ -42,6 +46,7 @@ from repair_core.treatments import (
     read_causes_file,
     repair,
 )
+from repair_core.treatments.ewc_deletion import EWCDeletionConfig
 from repair_core.workspace import Workspace
 from tests.factories import tiny_cnn, tiny_images, write_digit_folder
 
@@ -1295,3 +1300,42 @@ def test_cli_causes_file_rejects_standard_input(workspace_copy, command):
     assert Workspace(root).list_repairs(run_id) == []
     assert Workspace(root).list_sweeps(run_id) == []
     assert _tree_digests(root / "runs") == files_before
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: EWCInfluenceConfig(l2=float("nan")),
+            "'l2' of EWCInfluenceConfig is nan",
+        ),
+        (
+            lambda: EWCInfluenceConfig(fisher_weight=math.inf),
+            "'fisher_weight' of EWCInfluenceConfig is inf",
+        ),
+        (
+            lambda: TracInConfig(learning_rate=math.inf),
+            "'learning_rate' of TracInConfig is inf",
+        ),
+        (
+            lambda: EWCDeletionConfig(max_steps="20"),
+            "'max_steps' of EWCDeletionConfig is '20', not an integer",
+        ),
+        (lambda: RandomConfig(seed=-1), "seed -1 is outside"),
+        (lambda: TrainConfig(lr=True), "'lr' of TrainConfig is True, not a number"),
+        (lambda: TrainConfig(batch_size=2.5), "'batch_size' of TrainConfig is 2.5"),
+        (lambda: TrainConfig(max_epochs=None), "'max_epochs' of TrainConfig is None"),
+        (lambda: TrainConfig(betas=(0.9,)), r"Adam betas \(0.9,\) must be two numbers"),
+        (lambda: TrainConfig(betas=(2, 0.999)), r"Adam betas \(2, 0.999\)"),
+    ],
+)
+def test_config_names_wrong_value_when_built(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def test_config_stores_int_for_float_setting_as_float():
+    config = EWCDeletionConfig(gamma=1)
+
+    assert config.gamma == 1.0 and isinstance(config.gamma, float)
+    assert TrainConfig(betas=[0.8, 0.99]).betas == (0.8, 0.99)

@@ -392,6 +392,12 @@ def test_repair_with_controls_rejects_bad_input():
         repair_with_controls("finetune", *args, controls=("shuffle",))
     with pytest.raises(ConfigError, match="At least one seed"):
         repair_with_controls("finetune", *args, seeds=())
+    with pytest.raises(ConfigError, match=r"seeds=0 is not a sequence of seeds"):
+        repair_with_controls("finetune", *args, seeds=0)
+    with pytest.raises(ConfigError, match="seed -1 is outside"):
+        repair_with_controls("finetune", *args, seeds=(-1,))
+    with pytest.raises(ConfigError, match="controls='random' is one name"):
+        repair_with_controls("finetune", *args, controls="random")
 
 
 @pytest.mark.parametrize(

@@ -95,6 +95,32 @@ def _checked_setting(config_class: type, name: str, value: Any, kind: Any) -> An
     )
 
 
+def check_setting_types(config: Any) -> None:
+    """Check every setting of the dataclass ``config`` as a setting from a dict
+    is checked, and raise ConfigError at the first wrong one.
+
+    An int given for a float setting is stored as a float, a float setting
+    must be finite, and a ``seed`` must be one torch's generators accept.
+    Config classes call this first in ``__post_init__``, so that a value of
+    the wrong type is named when the config is built instead of failing later
+    inside a computation.
+    """
+    config_class = type(config)
+    kinds = typing.get_type_hints(config_class)
+    for entry in fields(config):
+        value = getattr(config, entry.name)
+        checked = _checked_setting(config_class, entry.name, value, kinds[entry.name])
+        if isinstance(checked, float) and not math.isfinite(checked):
+            raise ConfigError(
+                f"Setting {entry.name!r} of {config_class.__name__} is {checked}; "
+                "give a finite number."
+            )
+        if checked is not value:
+            setattr(config, entry.name, checked)
+    if "seed" in kinds:
+        check_seed(config.seed)
+
+
 def settings_from_dict(config_class: type, values: dict[str, Any]) -> Any:
     """Build ``config_class`` from a dict, rejecting an unknown key by name and
     a value of the wrong type."""

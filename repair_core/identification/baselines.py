@@ -11,6 +11,7 @@ from repair_core.errors import ConfigError
 from repair_core.identification.base import (
     IdentificationContext,
     check_finite,
+    check_setting_types,
     log_likelihoods,
     option,
 )
@@ -24,6 +25,7 @@ class TrainingLossConfig:
     batch_size: int = option(512, "Examples per forward pass.")
 
     def __post_init__(self) -> None:
+        check_setting_types(self)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size {self.batch_size} must be at least 1.")
 
@@ -33,6 +35,9 @@ class RandomConfig:
     """Settings of the random ranking."""
 
     seed: int = option(0, "Seed of the uniform scores.")
+
+    def __post_init__(self) -> None:
+        check_setting_types(self)
 
 
 @dataclass
@@ -45,6 +50,7 @@ class OracleConfig:
     )
 
     def __post_init__(self) -> None:
+        check_setting_types(self)
         if not 0 <= self.tie_break < 0.5:
             raise ConfigError(
                 f"tie_break {self.tie_break} must lie in [0, 0.5) so the groups "

@@ -24,6 +24,7 @@ from repair_core.identification.base import (
     MAX_SEED,
     IdentificationContext,
     check_finite,
+    check_setting_types,
     option,
 )
 from repair_core.inference import model_device, predict_logits
@@ -44,6 +45,7 @@ class ConfidentLearningConfig:
     seed: int = option(0, "Seed of the fold split and of fold training.")
 
     def __post_init__(self) -> None:
+        check_setting_types(self)
         if self.n_folds < 2:
             raise ConfigError(f"n_folds {self.n_folds} must be at least 2.")
         if self.max_epochs is not None and self.max_epochs < 1:

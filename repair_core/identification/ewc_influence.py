@@ -68,6 +68,7 @@ from repair_core.fisher import (
 from repair_core.identification.base import (
     IdentificationContext,
     check_finite,
+    check_setting_types,
     log_likelihoods,
     option,
 )
@@ -117,6 +118,7 @@ class EWCInfluenceConfig:
     seed: int = option(0, "Seed of the validation split.")
 
     def __post_init__(self) -> None:
+        check_setting_types(self)
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr)) or (
             self.lr <= 0
         ):

@@ -38,6 +38,7 @@ from repair_core.errors import ConfigError
 from repair_core.identification.base import (
     IdentificationContext,
     check_finite,
+    check_setting_types,
     gradient_dot_products,
     option,
     summed_log_likelihood_gradient,
@@ -145,6 +146,7 @@ class LinearInfluenceConfig:
     seed: int = option(0, "Seed of the minibatch draws.")
 
     def __post_init__(self) -> None:
+        check_setting_types(self)
         if self.solver not in SOLVERS:
             raise ConfigError(
                 f"Unknown solver {self.solver!r}. Use one of {', '.join(SOLVERS)}."

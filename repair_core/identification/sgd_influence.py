@@ -36,6 +36,7 @@ from repair_core.fisher import (
 from repair_core.identification.base import (
     IdentificationContext,
     check_finite,
+    check_setting_types,
     gradient_dot_products,
     option,
     summed_log_likelihood_gradient,
@@ -80,6 +81,7 @@ class SGDInfluenceConfig:
     batch_size: int = option(256, "Examples per batch of the query gradient.")
 
     def __post_init__(self) -> None:
+        check_setting_types(self)
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps {self.max_steps} must be at least 1.")
         if self.batch_size < 1:

@@ -28,6 +28,7 @@ from repair_core.errors import ConfigError
 from repair_core.identification.base import (
     IdentificationContext,
     check_finite,
+    check_setting_types,
     option,
 )
 from repair_core.inference import eval_mode, model_device
@@ -53,6 +54,7 @@ class TracInConfig:
     query_batch_size: int = option(64, "Failures per influence call.")
 
     def __post_init__(self) -> None:
+        check_setting_types(self)
         if self.batch_size < 1 or self.query_batch_size < 1:
             raise ConfigError("TracIn batch sizes must be at least 1.")
         if self.learning_rate is not None and not self.learning_rate > 0:

@@ -96,7 +96,7 @@ from repair_core.fisher import (
     categorical_log_likelihood,
     detached_parameters,
 )
-from repair_core.identification.base import option
+from repair_core.identification.base import check_setting_types, option
 from repair_core.inference import eval_mode, model_device
 from repair_core.progress import Progress
 from repair_core.treatments.base import TreatmentConfig, report, trainable
@@ -171,6 +171,7 @@ class EWCDeletionConfig(TreatmentConfig):
     )
 
     def __post_init__(self) -> None:
+        check_setting_types(self)
         if not (math.isfinite(self.gamma) and self.gamma > 0):
             raise ConfigError(
                 f"EWC-deletion strength gamma {self.gamma} must be a finite positive "

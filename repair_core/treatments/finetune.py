@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from repair_core.errors import ConfigError
-from repair_core.identification.base import option
+from repair_core.identification.base import check_setting_types, option
 from repair_core.inference import model_device
 from repair_core.progress import Progress
 from repair_core.training import TrainConfig, TrainProgress, TrainResult, train_model
@@ -40,6 +40,7 @@ class FinetuneConfig(TreatmentConfig):
     )
 
     def __post_init__(self) -> None:
+        check_setting_types(self)
         if self.max_epochs is not None and self.max_epochs < 1:
             raise ConfigError(f"max_epochs {self.max_epochs} must be at least 1.")
 

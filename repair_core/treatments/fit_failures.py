@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from repair_core.identification.base import (
+    check_setting_types,
     option,
     settings_from_dict,
 )
@@ -56,6 +57,7 @@ class FitFailuresConfig(TreatmentConfig):
     )
 
     def __post_init__(self) -> None:
+        check_setting_types(self)
         # The stored settings show the seed that the fit runs with.
         self.fit = dataclasses.replace(
             _nested(EWCInfluenceConfig, self.fit), seed=self.seed
@@ -82,6 +84,7 @@ class FitAndDeleteConfig(TreatmentConfig):
     )
 
     def __post_init__(self) -> None:
+        check_setting_types(self)
         # The stored settings show the seed that each step runs with.
         self.deletion = dataclasses.replace(
             _nested(EWCDeletionConfig, self.deletion), seed=self.seed

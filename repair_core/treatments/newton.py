@@ -25,7 +25,7 @@ from torch import nn
 
 from repair_core.errors import ConfigError
 from repair_core.fisher import LogLikelihood, categorical_log_likelihood
-from repair_core.identification.base import option
+from repair_core.identification.base import check_setting_types, option
 from repair_core.ihvp import (
     CURVATURES,
     SCALE_SEARCH_SHARE,
@@ -81,6 +81,7 @@ class NewtonConfig(TreatmentConfig):
     )
 
     def __post_init__(self) -> None:
+        check_setting_types(self)
         if not (math.isfinite(self.gamma) and self.gamma > 0):
             raise ConfigError(
                 f"Newton step size gamma {self.gamma} must be a finite positive "
