@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from repair_core.errors import ConfigError
+from repair_core.errors import ConfigError, DivergenceError
 from repair_core.ewc import EWCPenalty
 from repair_core.fisher import detached_parameters
 from repair_core.identification import (
@@ -151,3 +151,18 @@ def test_negative_weight_named_with_its_value(name):
         ConfigError, match=rf"^EWC-influence {name} -0\.5 must not be negative"
     ):
         EWCInfluenceConfig(**{name: -0.5})
+
+
+def test_fit_names_non_finite_start_instead_of_the_rate():
+    x, y = blobs(60)
+    model = train_briefly(mlp(), x, y)
+    fisher = {
+        n: torch.ones_like(p) * 1e-3 for n, p in detached_parameters(model).items()
+    }
+    with torch.no_grad():
+        model[2].bias[0] = float("inf")
+    config = EWCInfluenceConfig(max_steps=20, min_steps=5, eval_every=5)
+
+    with pytest.raises(DivergenceError, match="at θ̂, before any step") as raised:
+        fit_failures(model, fisher, 60, x[:10], y[:10], config)
+    assert "Lower the lr" not in str(raised.value)

@@ -361,6 +361,8 @@ def identify(
             differentiates it. Also non-finite images, images the model cannot
             take, or labels that are not int64 class indices in 0..K-1 for a
             model with K outputs.
+        DivergenceError: an iterative solver (the EWC fit, GD or LiSSA)
+            produced growing or non-finite values; it is an ArithmeticError.
         FloatingPointError: the method produced non-finite scores.
     """
     spec = _spec(method)

@@ -264,6 +264,13 @@ def fit_failures_with_record(
         objective = penalised_loss(backward=True)
         if step == 1:
             start_objective = objective
+        if not math.isfinite(objective) and step == 1:
+            raise DivergenceError(
+                f"EWC-influence fit objective is {objective} at θ̂, before any "
+                "step, so the model's log-likelihood of F_q is not finite there. "
+                "Check the model's outputs on the failures; a float16 model can "
+                "overflow, so use float32."
+            )
         if not math.isfinite(objective):
             raise DivergenceError(
                 f"EWC-influence fit objective became {objective} at step {step}. "
