@@ -26,11 +26,22 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.train(mode)
 
 
+def check_tensor(value: object, name: str) -> None:
+    """Raise ConfigError unless ``value`` is a torch tensor; ``name`` names it,
+    such as "Training images"."""
+    if not isinstance(value, torch.Tensor):
+        raise ConfigError(
+            f"{name} are of type {type(value).__name__}, not a torch tensor. "
+            "Convert them first, for example with torch.as_tensor(values)."
+        )
+
+
 def check_finite_images(images: torch.Tensor, name: str) -> None:
     """Raise ConfigError naming the first of ``images`` with a NaN or infinity.
 
     ``name`` names the set in the message, such as "Training image".
     """
+    check_tensor(images, f"{name}s")
     if not images.is_floating_point() or len(images) == 0:
         return
     bad = torch.nonzero(~torch.isfinite(images.reshape(len(images), -1)).all(1))
@@ -48,6 +59,7 @@ def check_labels(labels: torch.Tensor, n_classes: int, name: str) -> None:
     ``name`` names the set in the message, such as "Training label". The loss
     would otherwise raise an IndexError, or skip the label -100 without an error.
     """
+    check_tensor(labels, f"{name}s")
     if labels.dim() != 1:
         raise ConfigError(
             f"{name}s have shape {tuple(labels.shape)}. Pass one class index per "
@@ -88,10 +100,16 @@ def output_size(model: nn.Module, images: torch.Tensor) -> int:
     try:
         logits = predict_logits(model, images[:1])
     except RuntimeError as error:
+        if weights and not images.is_floating_point():
+            advice = (
+                f"Convert the images to the model's dtype, for example "
+                f"images.to({weights[0]}) / 255 for 8-bit pixels."
+            )
+        else:
+            advice = "Pass images of the shape the model was built for."
         raise ConfigError(
             f"The model cannot take images of shape {tuple(images.shape[1:])} "
-            f"and dtype {images.dtype}: {str(error).rstrip('.')}. Pass images of "
-            "the shape the model was built for."
+            f"and dtype {images.dtype}: {str(error).rstrip('.')}. {advice}"
         ) from error
     if logits.dim() != 2:
         raise ConfigError(

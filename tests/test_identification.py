@@ -580,6 +580,25 @@ def test_model_that_returns_no_tensor_is_named(trained, method, packing):
         identify(method, _Wrapped(model, packing), x, y, qx, qy)
 
 
+def test_data_that_is_no_tensor_is_named(trained):
+    model, x, y, qx, qy, _ = trained
+
+    with pytest.raises(ConfigError, match="Training images are of type ndarray"):
+        identify("training-loss", model, x.numpy(), y, qx, qy)
+    with pytest.raises(ConfigError, match="Training labels are of type list"):
+        identify("training-loss", model, x, y.tolist(), qx, qy)
+    with pytest.raises(ConfigError, match="Query images are of type ndarray"):
+        identify("training-loss", model, x, y, qx.numpy(), qy)
+
+
+def test_eight_bit_images_are_told_to_convert(trained):
+    model, x, y, qx, qy, _ = trained
+    pixels = (x.clamp(0, 1) * 255).to(torch.uint8)
+
+    with pytest.raises(ConfigError, match=r"images.to\(torch.float32\) / 255"):
+        identify("training-loss", model, pixels, y, qx[:0].to(torch.uint8), qy[:0])
+
+
 def test_labels_must_be_one_dimensional(trained):
     model, x, y, qx, qy, _ = trained
 
