@@ -264,6 +264,13 @@ def load_data(
             f"Unknown data source {source!r}. Use one of {', '.join(DATA_SOURCES)}."
         )
     for name, value in (("n_train", n_train), ("n_test", n_test)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int)
+        ):
+            raise ConfigError(
+                f"{name} is {value!r}. Give a whole number of images, or None "
+                "for all of them."
+            )
         if value is not None and value < 1:
             raise ConfigError(
                 f"{name} is {value}. Give a positive number of images, or None "

@@ -24,6 +24,11 @@ def select_device(preference: str | torch.device | None = "auto") -> torch.devic
     """
     if isinstance(preference, torch.device):
         preference = str(preference)
+    if not (preference is None or isinstance(preference, str)):
+        raise ConfigError(
+            f"Device {preference!r} is of type {type(preference).__name__}. Give "
+            "a name such as 'auto', 'cpu', 'cuda', 'cuda:1' or 'mps'."
+        )
     if preference in (None, "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")

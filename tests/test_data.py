@@ -29,6 +29,7 @@ from repair_core.data import (
     load_data,
     stratified_subsample,
 )
+from repair_core.devices import select_device
 from repair_core.errors import ConfigError, DataError
 from tests.factories import make_idx_files
 
@@ -153,6 +154,17 @@ def test_embedded_n_train_too_large():
 def test_n_test_not_positive():
     with pytest.raises(ConfigError, match="n_test is 0"):
         load_data("mnist-embedded", n_test=0)
+
+
+@pytest.mark.parametrize("value", [2.5, True, "100"])
+def test_n_train_not_whole_number(value):
+    with pytest.raises(ConfigError, match=f"n_train is {value!r}. Give a whole"):
+        load_data("mnist-embedded", n_train=value)
+
+
+def test_device_of_wrong_type_is_named():
+    with pytest.raises(ConfigError, match="Device 0 is of type int"):
+        select_device(0)
 
 
 def test_unknown_source():
