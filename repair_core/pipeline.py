@@ -1857,13 +1857,14 @@ def run_sweep(
     causes: torch.Tensor,
     *,
     failure_set_id: str,
-    strengths: list[float],
+    strengths: list[float] | None = None,
     causes_origin: str = "",
     config: Any = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Trace the trade-off between fixing failures and keeping the rest over a
-    treatment's strength, and store it as a sweep.
+    treatment's strength, and store it as a sweep. Without ``strengths`` the
+    treatment's grid in repair_core.evaluation.DEFAULT_STRENGTHS is swept.
 
     Returns:
         The stored sweep: ``sweep_id``, ``run_id``, ``failure_set_id``,
@@ -1875,7 +1876,10 @@ def run_sweep(
         under the run folder and named in its ``model_file``.
     """
     workspace.check_writable(run.run_id, "sweeps")
-    from repair_core.evaluation import sweep
+    from repair_core.evaluation import DEFAULT_STRENGTHS, sweep
+
+    if strengths is None:
+        strengths = list(DEFAULT_STRENGTHS.get(treatment, ()))
 
     inputs = _repair_inputs(workspace, run, failure_set_id)
     sweep_id = new_id("sw")

@@ -26,7 +26,7 @@ import torch
 
 from repair_core import pipeline
 from repair_core.errors import ConfigError, WorkspaceError
-from repair_core.evaluation import evaluate_model
+from repair_core.evaluation import DEFAULT_STRENGTHS, evaluate_model
 from repair_core.training import TrainConfig
 from repair_core.treatments import default_config
 from repair_core.workspace import Workspace
@@ -73,6 +73,23 @@ def _top_ten(ranked) -> torch.Tensor:
         workspace, run, failure_set_id=failure_set_id, scores_id=scores_id, top_k=10
     )
     return causes
+
+
+def test_run_sweep_without_strengths_sweeps_default_grid(ranked):
+    workspace, run, failure_set_id, _ = ranked
+
+    summary = pipeline.run_sweep(
+        workspace,
+        run,
+        "newton",
+        _top_ten(ranked),
+        failure_set_id=failure_set_id,
+        config={"depth": 20, "scale": 50.0},
+    )
+
+    strengths = [point["strength"] for point in summary["points"]]
+    assert strengths == list(DEFAULT_STRENGTHS["newton"])
+    assert summary["strengths"] == strengths
 
 
 def test_run_sweep_stores_summary(ranked):
