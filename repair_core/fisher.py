@@ -120,7 +120,18 @@ def per_example_gradients_at(
             model, p, x.unsqueeze(0), y.unsqueeze(0), log_likelihood
         ).sum()
 
-    return vmap(grad(single), in_dims=(None, 0, 0))(params, images, labels)
+    try:
+        return vmap(grad(single), in_dims=(None, 0, 0))(params, images, labels)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as error:
+        raise ConfigError(
+            "Per-example gradients of this model failed under torch.func.vmap: "
+            f"{str(error).rstrip('.')}. Some layers, such as nn.GRU, nn.LSTM and "
+            "in-place operations on inputs, do not run under vmap. The "
+            "training-loss, confident-learning and random rankings need no "
+            "per-example gradients."
+        ) from error
 
 
 def per_example_gradients(

@@ -166,3 +166,24 @@ def test_shared_layer_and_shared_weight_together_are_refused():
     with pytest.raises(ConfigError, match="under two attribute names"):
         per_example_gradients(model, x, y)
     assert all(type(p) is nn.Parameter for p in model.parameters())
+
+
+class _Recurrent(nn.Module):
+    """A GRU over the rows of each input, which torch.func.vmap cannot batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.gru = nn.GRU(2, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out, _ = self.gru(x.reshape(len(x), 2, 2))
+        return self.head(out[:, -1])
+
+
+def test_model_that_vmap_cannot_batch_is_named():
+    x, y = blobs(6)
+
+    with pytest.raises(ConfigError, match="failed under torch.func.vmap: .*nn.GRU"):
+        per_example_gradients(_Recurrent(), x, y)

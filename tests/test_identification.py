@@ -482,6 +482,20 @@ def test_tracin_records_training_learning_rate(trained):
     assert given.resolved == {}
 
 
+def test_tracin_names_checkpoints_of_another_model(trained):
+    model, x, y, qx, qy, context = trained
+    other_head = tiny_cnn(batchnorm=True, dropout=0.3, n_classes=4).state_dict()
+    no_norm = tiny_cnn(dropout=0.3).state_dict()
+
+    for states, message in (
+        ([context.checkpoints[0], other_head], r"checkpoint 1 holds 'head.weight' "),
+        ([no_norm], "checkpoint 0 lacks the model's entry 'norm.bias'"),
+    ):
+        other = dataclasses.replace(context, checkpoints=states)
+        with pytest.raises(ConfigError, match=message):
+            identify("tracin", model, x, y, qx, qy, context=other)
+
+
 def test_resolved_values_of_other_methods(trained):
     model, x, y, qx, qy, context = trained
     settings = small_config("confident-learning")

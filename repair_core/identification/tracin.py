@@ -127,6 +127,39 @@ def _called_layers(
     return called, output_layer
 
 
+def _check_checkpoints_fit(model: nn.Module, states: list[dict]) -> None:
+    """Raise ConfigError naming the first checkpoint whose entries differ
+    from ``model``'s state dict in name or shape."""
+    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    for index, state in enumerate(states):
+        if not isinstance(state, dict):
+            problem = f"is a {type(state).__name__}, not a state dict"
+        else:
+            missing = sorted(set(expected) - set(state))
+            extra = sorted(set(state) - set(expected))
+            resized = [
+                name
+                for name in expected
+                if name in state and tuple(state[name].shape) != expected[name]
+            ]
+            if missing:
+                problem = f"lacks the model's entry {missing[0]!r}"
+            elif extra:
+                problem = f"has the entry {extra[0]!r}, which the model lacks"
+            elif resized:
+                name = resized[0]
+                problem = (
+                    f"holds {name!r} of shape {tuple(state[name].shape)}, but the "
+                    f"model's has shape {expected[name]}"
+                )
+            else:
+                continue
+        raise ConfigError(
+            f"TracIn checkpoint {index} {problem}. Pass checkpoints saved from "
+            "this model's architecture during its training."
+        )
+
+
 def score_tracin(
     model: nn.Module,
     train_images: torch.Tensor,
@@ -148,6 +181,7 @@ def score_tracin(
             "(train_model's TrainResult.checkpoints)."
         )
     states = [c[1] if isinstance(c, tuple) else c for c in context.checkpoints]
+    _check_checkpoints_fit(model, states)
     lr = config.learning_rate
     if lr is None:
         lr = context.train_config.lr if context.train_config is not None else 1.0
