@@ -1566,12 +1566,12 @@ def resolve_causes(
         )
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise ConfigError(
-            f"--top-k {top_k!r} is not a whole number. Give the number of "
+            f"Top K = {top_k!r} is not a whole number. Give the number of "
             "highest-ranked training examples to remove, such as 300."
         )
     if top_k < 1 or top_k > n_train - MIN_REMAINING:
         raise ConfigError(
-            f"--top-k {top_k} must lie between 1 and {n_train - MIN_REMAINING}, so "
+            f"Top K = {top_k} must lie between 1 and {n_train - MIN_REMAINING}, so "
             f"that at least {MIN_REMAINING} training examples remain: one to train "
             "on and one to validate on."
         )
