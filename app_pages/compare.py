@@ -284,23 +284,36 @@ def run_curves(scores_ids: list[str], ks: list[int], n_seeds: int) -> list[str]:
     return new_ids
 
 
+def ranking_name(scores_id: str, methods: dict[str, str]) -> str:
+    """Name a curve's ranking by its method, and by its id as well when the
+    failure set has several rankings of that method."""
+    method = methods.get(scores_id)
+    if method is None:
+        return scores_id
+    if list(methods.values()).count(method) > 1:
+        return f"{method} {scores_id}"
+    return method
+
+
 def curve_label(record: dict[str, Any], methods: dict[str, str]) -> str:
-    method = methods.get(record["scores_id"], record["scores_id"])
+    ranking = ranking_name(record["scores_id"], methods)
     seeds = dashboard.count_text(len(record["seeds"]), "seed")
-    return f"{method} · {seeds} · {record['id']}"
+    return f"{ranking} · {seeds} · {record['id']}"
 
 
 def legend_labels(
     curves: list[dict[str, Any]], methods: dict[str, str]
 ) -> dict[str, str]:
     """Return the legend entry of each removal curve by id: "method · seeds",
-    with the curve's id only where two curves would share that entry. Short
-    entries keep the legend of a narrow chart from crowding out the plot."""
+    with the ranking's id where the failure set has several rankings of that
+    method, and the curve's id only where two curves would share an entry.
+    Short entries keep the legend of a narrow chart from crowding out the
+    plot."""
     short = {}
     for curve in curves:
-        method = methods.get(curve["scores_id"], curve["scores_id"])
+        ranking = ranking_name(curve["scores_id"], methods)
         seeds = dashboard.count_text(len(curve["seeds"]), "seed")
-        short[curve["id"]] = f"{method} · {seeds}"
+        short[curve["id"]] = f"{ranking} · {seeds}"
     counts = list(short.values())
     return {
         curve_id: label if counts.count(label) == 1 else f"{label} · {curve_id}"

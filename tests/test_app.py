@@ -3362,6 +3362,45 @@ def test_compare_names_a_lone_curve(workspace_env):
     assert holdout["data"][0]["name"].startswith("training-loss")
 
 
+def test_compare_names_the_ranking_of_each_curve(workspace_env):
+    # A curve of an older ranking of a method must not read as the newest one.
+    failure_set_id = workspace_env.new_failure_set()
+    workspace = workspace_env.workspace
+    run = pipeline.load_run(workspace, workspace_env.run_id)
+    older, newer = (
+        pipeline.run_identification(
+            workspace, run, "random", failure_set_id=failure_set_id, config=config
+        )["scores_id"]
+        for config in ({"seed": 1}, {"seed": 2})
+    )
+    for scores_id in (older, newer):
+        pipeline.run_removal_curve(
+            workspace,
+            run,
+            scores_id,
+            failure_set_id=failure_set_id,
+            ks=(3,),
+            seeds=(0,),
+        )
+    state = {"run_id": workspace_env.run_id, "failure_set_id": failure_set_id}
+    app = page("compare", **state).run()
+    check_clean(app)
+    detection, holdout, _ = chart_specs(app)
+
+    assert [trace["name"] for trace in detection["data"]] == [
+        f"random · seed 2 · {newer}"
+    ]
+    assert {trace["name"] for trace in holdout["data"][:2]} == {
+        f"random {newer} · 1 seed",
+        f"random {older} · 1 seed",
+    }
+    options = app.multiselect(key="compare_curve_select").options
+    assert [option.split(" · rc-")[0] for option in options] == [
+        f"random {newer} · 1 seed",
+        f"random {older} · 1 seed",
+    ]
+
+
 def test_confusion_matrix_labels_every_class(workspace_env):
     state = {
         "run_id": workspace_env.run_id,
