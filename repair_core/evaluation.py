@@ -418,6 +418,8 @@ def repair_with_controls(
             unchanged=_same_parameters(model, result.model),
         )
         record.update(_early_stopping_record(result.extras))
+        if "step_norm" in result.extras:
+            record["step_norm"] = result.extras["step_norm"]
         if (
             store_model is not None
             and arm != "treatment"
@@ -444,6 +446,7 @@ def repair_with_controls(
         "notes": [
             *_unchanged_notes(per_arm),
             *_stop_notes(treatment, settings, per_arm["treatment"]),
+            *_short_step_notes(treatment, settings, per_arm["treatment"], before),
             *_chance_notes(per_arm, len(split.holdout)),
         ],
         "treatment": treatment,
@@ -515,6 +518,28 @@ def _unchanged_notes(per_arm: dict[str, list[dict[str, Any]]]) -> list[str]:
             "run, so early stopping kept the starting parameters."
         )
     return notes
+
+
+def _short_step_notes(
+    treatment: str,
+    settings: Any,
+    runs: list[dict[str, Any]],
+    before: dict[str, Any],
+) -> list[str]:
+    """Say when a Newton step moved θ̂ too little to change any accuracy, so
+    that figures equal to the starting model's point to γ."""
+    if treatment != "newton" or not runs:
+        return []
+    keys = ("query_acc", "holdout_acc", "remaining_acc")
+    if any(run[key] != before[key] for run in runs for key in keys):
+        return []
+    norms = [run["step_norm"] for run in runs if "step_norm" in run]
+    length = f" (its length is {max(norms):.3g})" if norms else ""
+    return [
+        f"The Newton step at γ = {settings.gamma:g}{length} left the accuracy on "
+        "F_q, F_h and T\\F where it was. A larger γ takes a longer step along the "
+        "same direction; a sweep over γ shows where predictions start to change."
+    ]
 
 
 #: Names of the control arms inside a sentence.

@@ -334,6 +334,37 @@ def newton_with_controls(problem, **kwargs) -> dict:
     )
 
 
+def test_newton_step_too_short_to_change_accuracy_is_named():
+    problem = tiny_problem()
+
+    tiny = repair_with_controls(
+        "newton",
+        problem.model,
+        (problem.train_images, problem.train_labels),
+        problem.flipped,
+        (problem.test_images, problem.test_labels),
+        problem.split,
+        config={"depth": 20, "scale": 50.0, "gamma": 1e-9},
+        seeds=(0,),
+        controls=(),
+    )
+    full = newton_with_controls(problem, seeds=(0,), controls=())
+
+    step = tiny["arms"]["treatment"]["per_seed"][0]["step_norm"]
+    assert 0 < step < 1e-6
+    assert [note for note in tiny["notes"] if "Newton step" in note] == [
+        f"The Newton step at γ = 1e-09 (its length is {step:.3g}) left the "
+        "accuracy on F_q, F_h and T\\F where it was. A larger γ takes a longer "
+        "step along the same direction; a sweep over γ shows where predictions "
+        "start to change."
+    ]
+    changed = (
+        full["arms"]["treatment"]["mean"]["query_acc"] != full["before"]["query_acc"]
+    )
+    assert changed
+    assert not [note for note in full["notes"] if "Newton step" in note]
+
+
 def test_repair_with_controls_newton_runs_controls():
     problem = tiny_problem()
     stored = []
