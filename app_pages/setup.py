@@ -603,10 +603,14 @@ def show_run(run: pipeline.LoadedRun) -> None:
     dashboard.show_grid(cards, cell_px=90)
 
 
-message = st.session_state.pop("setup_message", None)
-if message:
-    st.success(message)
-dashboard.show_interrupted_job("setup")
+# One container always holds the messages, so that the elements below keep
+# their place when a message goes away; Streamlit redraws an expander that
+# moved with its starting state, which closed the new-run form.
+with st.container():
+    message = st.session_state.pop("setup_message", None)
+    if message:
+        st.success(message)
+    dashboard.show_interrupted_job("setup")
 
 runs = ws.list_runs()
 run_ids = [record["id"] for record in reversed(runs)]

@@ -251,6 +251,15 @@ def walk(page, url: str, workspace: Path) -> None:
     assert re.search(r"\d+\.\d%", accuracy.inner_text())
     assert grid_images(page) >= 16
     screenshot(page, "setup")
+    # The first edit after training removes the success message, and the
+    # new-run form stays open through it.
+    page.get_by_text("Create a new run").click()
+    fields = page.locator(".st-key-setup_epochs input")
+    if not fields.is_visible():
+        page.get_by_text("Advanced", exact=True).click()
+    fill_number(page, "setup_epochs", 2)
+    assert fields.is_visible()
+    fill_number(page, "setup_epochs", 1)
 
     # Failures: a click on a confusion-matrix cell filters the grid. The page
     # is opened by the link to the next step.
