@@ -313,7 +313,7 @@ def method_section(expanded: bool, opened: dict | None) -> None:
             "Run identification",
             type="primary",
             key="causes_run",
-            disabled=not methods or invalid,
+            disabled=not methods or invalid or dashboard.read_only(),
         )
         st.caption(dashboard.LONG_JOB_CAPTION)
         if clicked:
@@ -419,6 +419,7 @@ def review_grid(shown: np.ndarray, decisions: dict[int, str], per_row: int) -> N
                     key=key,
                     on_change=save_decision,
                     args=(index, key, decisions.get(index)),
+                    disabled=dashboard.read_only(),
                     label_visibility="collapsed",
                 )
 
@@ -637,7 +638,9 @@ top_k = dashboard.number_field(
     "marks as culprits. Examples that already have a decision keep it.",
 )
 confirm_top = confirm_column.button(
-    "Confirm top K", key="causes_confirm_top", disabled=top_k is None
+    "Confirm top K",
+    key="causes_confirm_top",
+    disabled=top_k is None or dashboard.read_only(),
 )
 if confirm_top and top_k is not None:
     # A failed save shows its error, which a rerun would wipe at once.
@@ -656,7 +659,7 @@ confirm_clear = clear_column.checkbox(
 clear_button_column.button(
     "Clear decisions",
     key="causes_clear",
-    disabled=not (decisions and confirm_clear),
+    disabled=not (decisions and confirm_clear) or dashboard.read_only(),
     on_click=clear_decisions,
     args=(dict(decisions),),
 )
@@ -700,6 +703,7 @@ with st.container():
             f"Undo: {undo['description']}",
             key="causes_undo_button",
             on_click=undo_last,
+            disabled=dashboard.read_only(),
         )
 
 # A filtered view lists the examples that matched the filter when the view

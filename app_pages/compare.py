@@ -132,7 +132,9 @@ def detection_section(latest: dict[str, dict[str, Any]]) -> None:
     missing = [method for method in BASELINES if method not in latest]
     plural = "s" if len(missing) > 1 else ""
     if missing and st.button(
-        f"Add the {' and '.join(missing)} baseline{plural}", key="compare_baselines"
+        f"Add the {' and '.join(missing)} baseline{plural}",
+        key="compare_baselines",
+        disabled=dashboard.read_only(),
     ):
         add_baselines(missing)
     if missing:
@@ -538,7 +540,7 @@ def removal_section(records: list[dict[str, Any]]) -> None:
         if too_large:
             st.warning(skipped_text(too_large))
     new_ids = []
-    disabled = not chosen or ks is None or n_seeds is None
+    disabled = not chosen or ks is None or n_seeds is None or dashboard.read_only()
     # The button has a row of its own, as a third column cuts its label short
     # in a narrow window.
     clicked = st.button("Compute", key="compare_run", disabled=disabled)

@@ -402,7 +402,10 @@ use_label = (
     else f"Use these {len(chosen)} failures as F"
 )
 create = st.button(
-    use_label, type="primary", key="failures_create", disabled=preview is None
+    use_label,
+    type="primary",
+    key="failures_create",
+    disabled=preview is None or dashboard.read_only(),
 )
 if message:
     st.success(message)

@@ -445,7 +445,12 @@ def action_section() -> None:
         )
 
     label = "Run sweep" if mode == "sweep" else "Repair"
-    clicked = st.button(label, type="primary", key="repair_run", disabled=not ready)
+    clicked = st.button(
+        label,
+        type="primary",
+        key="repair_run",
+        disabled=not ready or dashboard.read_only(),
+    )
     st.caption(dashboard.LONG_JOB_CAPTION)
     # Confirmed culprits can change in another tab or session between drawing
     # the page and the click, so the click compares C with the C on show.

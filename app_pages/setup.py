@@ -463,7 +463,10 @@ def new_run_section() -> None:
                 )
             )
         train_clicked = st.button(
-            "Train", type="primary", key="setup_train", disabled=invalid
+            "Train",
+            type="primary",
+            key="setup_train",
+            disabled=invalid or dashboard.read_only(),
         )
         st.caption(dashboard.LONG_JOB_CAPTION)
         if train_clicked:
@@ -493,7 +496,11 @@ def new_run_section() -> None:
             type=["pt", "pth", "ckpt"],
             key="setup_upload",
         )
-        if st.button("Import", key="setup_import", disabled=import_invalid):
+        if st.button(
+            "Import",
+            key="setup_import",
+            disabled=import_invalid or dashboard.read_only(),
+        ):
             config = dashboard.run_safely(
                 "Settings", lambda: build_config(factory or model, "none", None)
             )

@@ -702,6 +702,12 @@ def no_workspace_state(root: str) -> tuple[str, str]:
     return display, "does not exist"
 
 
+def read_only() -> bool:
+    """Return whether the sidebar found the workspace in use read-only in this
+    script run, so that the pages turn off the controls that save."""
+    return bool(st.session_state.get(_READ_ONLY))
+
+
 def read_only_warning(root: str) -> str | None:
     """Return a warning when the workspace at ``root`` can be read but not
     written, or None. An unreadable workspace is reported by the page."""
@@ -714,8 +720,8 @@ def read_only_warning(root: str) -> str | None:
         opened.check_writable()
     except WorkspaceError as error:
         return (
-            f"{dashboard_advice(str(error))} Its results can be browsed, but no "
-            "run, ranking, decision or repair can be saved."
+            f"{dashboard_advice(str(error))} Its results can be browsed; the "
+            "controls that would save a run, ranking, decision or repair are off."
         )
     return None
 
@@ -798,10 +804,11 @@ MAX_EPOCHS = 1000
 
 
 #: Session-state keys of the sidebar: the folder that waits for the user to
-#: create a workspace there, and why the last entry in the box or the last
-#: creation of a workspace failed.
+#: create a workspace there, why the last entry in the box or the last
+#: creation of a workspace failed, and whether the workspace is read-only.
 _PENDING_WORKSPACE = "pending_workspace"
 _BOX_ERROR = "workspace_box_error"
+_READ_ONLY = "workspace_read_only"
 
 
 def workspace_sidebar() -> None:
@@ -898,10 +905,11 @@ def workspace_sidebar() -> None:
         box_error = st.session_state.get(_BOX_ERROR)
         if box_error:
             st.error(box_error)
-        if (
-            read_only := read_only_warning(st.session_state["workspace_root"])
-        ) is not None:
-            st.warning(read_only)
+        read_only_text = read_only_warning(st.session_state["workspace_root"])
+        # The pages turn off every control that would save something.
+        st.session_state[_READ_ONLY] = read_only_text is not None
+        if read_only_text is not None:
+            st.warning(read_only_text)
         missing = st.session_state.get(_URL_MISSING_WORKSPACE)
         if missing is not None:
             st.warning(missing["message"])

@@ -3064,8 +3064,22 @@ def test_read_only_workspace_warned_in_sidebar(workspace_env, monkeypatch):
     assert [warning.value for warning in app.sidebar.warning] == [
         f"Workspace folder {str(workspace_env.root)!r} is not writable (Read-only "
         "file system). Make it writable, or choose another folder. Its results can "
-        "be browsed, but no run, ranking, decision or repair can be saved."
+        "be browsed; the controls that would save a run, ranking, decision or "
+        "repair are off."
     ]
+    # Controls that would save something are turned off.
+    assert app.button(key="setup_train").disabled
+    app.session_state["run_id"] = workspace_env.run_id
+    app.session_state["failure_set_id"] = workspace_env.failure_set_id
+    for name, keys in (
+        ("failures", ["failures_create"]),
+        ("causes", ["causes_run"]),
+        ("repair", ["repair_run"]),
+    ):
+        app.switch_page(f"app_pages/{name}.py").run()
+        assert not app.exception, name
+        for key in keys:
+            assert app.button(key=key).disabled, key
 
 
 def test_foreign_database_advice_given_once(tmp_path, monkeypatch):
