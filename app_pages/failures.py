@@ -107,7 +107,12 @@ def show_failure_set_summary() -> None:
     columns[0].metric("F (failures)", counts["n_failures"])
     columns[1].metric("F_q (query)", counts["n_query"])
     columns[2].metric("F_h (holdout)", counts["n_holdout"])
-    columns[3].metric("T\\F (correct)", counts["n_remaining"])
+    columns[3].metric(
+        "T\\F (correctly classified)",
+        counts["n_remaining"],
+        help="Test images the model classifies correctly, on which a repair must "
+        "keep its accuracy. Failures left out of F count in neither F nor T\\F.",
+    )
     if counts["n_holdout"] == 0:
         st.warning(empty_holdout_text(counts["n_failures"]))
 
@@ -409,6 +414,7 @@ create = st.button(
 )
 if message:
     st.success(message)
+if st.session_state["failure_set_id"] is not None:
     dashboard.page_link("app_pages/causes.py", "Next: rank the causes on Causes")
 if create and preview is not None:
     existing = identical_failure_set(preview)

@@ -342,6 +342,11 @@ def test_pages_link_to_next_step(workspace_env):
     app.run()
     check_clean(app)
     assert "Next: pick the failures to repair on Failures" in page_links(app)
+    # Failures links on whenever a failure set is current, not only after
+    # one was created.
+    app.switch_page("app_pages/failures.py").run()
+    check_clean(app)
+    assert "Next: rank the causes on Causes" in page_links(app)
 
     run = pipeline.load_run(workspace_env.workspace, workspace_env.run_id)
     pipeline.run_identification(
