@@ -815,6 +815,16 @@ def sweep(
     return points
 
 
+def _curve_done_text(ks: Sequence[int]) -> str:
+    """Say which k a finished removal curve ran, the k = 0 control apart."""
+    removing = [k for k in ks if k > 0]
+    if not removing:
+        return "the nothing-removed control (k = 0) done"
+    done = f"k = {removing[0]}" if len(removing) == 1 else f"all {len(removing)} k"
+    control = ", and the nothing-removed control (k = 0)" if 0 in ks else ""
+    return f"{done}{control} done"
+
+
 def removal_curve(
     scores: torch.Tensor,
     model: nn.Module,
@@ -930,7 +940,7 @@ def removal_curve(
             runs.append(run)
         curve.append({"k": k, **summarise(runs), "per_seed": runs})
     if progress is not None:
-        progress(1.0, f"all {len(curve)} values of k done")
+        progress(1.0, _curve_done_text(kept_ks))
     return curve
 
 

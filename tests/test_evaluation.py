@@ -826,6 +826,21 @@ def test_job_progress_rises_from_zero_to_one(job):
         last = "Removal curve: k = 10, seed 1" + LABEL_SEPARATOR
         assert inner[-2].startswith(last + "Fine-tuning")
         assert inner[-1] == last + "finetune done"
+        assert calls[-1][1] == "all 2 k done"
+
+
+@pytest.mark.parametrize(
+    ("ks", "text"),
+    [
+        ((0, 5, 10), "all 2 k, and the nothing-removed control (k = 0) done"),
+        ((0, 5), "k = 5, and the nothing-removed control (k = 0) done"),
+        ((0,), "the nothing-removed control (k = 0) done"),
+    ],
+)
+def test_removal_curve_done_text_counts_k_apart_from_control(ks, text):
+    from repair_core.evaluation import _curve_done_text
+
+    assert _curve_done_text(ks) == text
 
 
 def test_chance_notes_flag_gains_within_two_errors():
