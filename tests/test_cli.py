@@ -611,9 +611,10 @@ def test_repair_top_k_with_controls(tiny_run, capsys):
     text = capsys.readouterr().out
     expected = (
         f"Trained with Adam at lr {summary['training']['lr']:g}, batches of "
-        f"{summary['training']['batch_size']}, at most 1 epoch, stopping after 5 "
-        "epochs without"
+        f"{summary['training']['batch_size']}, at most 1 epoch, keeping the epoch "
+        "with the lowest validation loss on 10% of the examples each arm trains on."
     )
+    # Patience (5 epochs) cannot end a run of at most 1 epoch, so it is not named.
     assert expected in text
 
 

@@ -161,12 +161,19 @@ def _epochs(count: int) -> str:
 
 def training_text(training: dict[str, Any]) -> str:
     """Describe stored ``training_settings`` in one sentence."""
+    validation = f"{training['val_fraction']:.0%} of the examples each arm trains on"
+    if training["patience"] >= training["max_epochs"]:
+        # Patience cannot end a run that ends first at max_epochs.
+        stopping = f"keeping the epoch with the lowest validation loss on {validation}"
+    else:
+        stopping = (
+            f"stopping after {_epochs(training['patience'])} without a lower "
+            f"validation loss on {validation}"
+        )
     return (
         f"Trained with Adam at lr {training['lr']:g}, batches of "
         f"{training['batch_size']}, at most {_epochs(training['max_epochs'])}, "
-        f"stopping after {_epochs(training['patience'])} without a lower "
-        f"validation loss on {training['val_fraction']:.0%} of the examples each "
-        "arm trains on."
+        f"{stopping}."
     )
 
 
