@@ -50,6 +50,7 @@ if len(failures) == 0:
 
 
 def choose_failure_set() -> None:
+    dashboard.forget_not_opened("failure set")
     st.session_state["failure_set_id"] = st.session_state["failures_set_select"]
     st.session_state["scores_id"] = None
     st.session_state["repair_id"] = None
@@ -100,8 +101,11 @@ def show_failure_set_summary() -> None:
         format_func=describe,
         on_change=choose_failure_set,
     )
+    dashboard.warn_not_opened("failure set")
     if st.session_state["failure_set_id"] not in by_id:
         st.session_state["failure_set_id"] = st.session_state["failures_set_select"]
+        # The sidebar, drawn before this page, names the current set too.
+        st.rerun()
     counts = by_id[st.session_state["failure_set_id"]]["metrics"]
     columns = st.columns(4)
     columns[0].metric("F (failures)", counts["n_failures"])
