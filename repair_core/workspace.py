@@ -1098,10 +1098,19 @@ class Workspace:
                 record["config"] == settings
                 and isinstance(stored_metrics, dict)
                 and stored_metrics.get("device") == metrics.get("device")
-                and self.path(run_id, f"scores/{record['id']}.pt").is_file()
+                and self._loads(run_id, f"scores/{record['id']}.pt")
             ):
                 return record
         return None
+
+    def _loads(self, run_id: str, relative: str) -> bool:
+        """Return whether the file loads, so that a ranking whose scores file
+        is missing or damaged is computed again instead of reused."""
+        try:
+            self.load_tensor(run_id, relative)
+        except WorkspaceError:
+            return False
+        return True
 
     def get_scores(self, scores_id: str) -> dict[str, Any]:
         return self._get("scores", scores_id, "Scores")

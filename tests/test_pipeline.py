@@ -998,6 +998,19 @@ def test_stored_ranking_is_reused_without_computing(tiny):
     assert "reused" not in computed
     assert computed["scores_id"] != first["scores_id"]
 
+    # A damaged scores file, whose error advises ranking again, is not reused.
+    workspace.path(run.run_id, f"scores/{computed['scores_id']}.pt").write_text("x")
+    with pytest.raises(WorkspaceError, match="rank the training examples again"):
+        pipeline.load_scores(workspace, computed["scores_id"])
+    recomputed = pipeline.run_identification(
+        workspace, run, "training-loss", failure_set_id=failure_set_id
+    )
+    assert "reused" not in recomputed
+    assert recomputed["scores_id"] not in (first["scores_id"], computed["scores_id"])
+    assert pipeline.load_scores(workspace, recomputed["scores_id"]).shape == (
+        len(run.data.train),
+    )
+
 
 def _claims(root, failure_set_id: str) -> int:
     connection = sqlite3.connect(pathlib.Path(root) / "repair.sqlite")
