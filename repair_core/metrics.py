@@ -110,17 +110,19 @@ def detection_summary(
     scores: torch.Tensor,
     mask: torch.Tensor,
     implicated: torch.Tensor | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Return the detection figures reported for every ranking with ground truth.
 
     With ``implicated`` (see ``implicated_mask``), also the number of
-    implicated examples and the share of them in the top 20%.
+    implicated examples and the share of them in the top 20%. Without a
+    corrupted example there is nothing to find, so the shares are None.
     """
+    n_corrupted = int(np.asarray(mask, dtype=bool).sum())
     summary = {
-        "found_at_10pct": found_at(scores, mask, 0.10),
-        "found_at_20pct": found_at(scores, mask, 0.20),
-        "precision_at_100": precision_at(scores, mask, 100),
-        "n_corrupted": int(np.asarray(mask, dtype=bool).sum()),
+        "found_at_10pct": found_at(scores, mask, 0.10) if n_corrupted else None,
+        "found_at_20pct": found_at(scores, mask, 0.20) if n_corrupted else None,
+        "precision_at_100": precision_at(scores, mask, 100) if n_corrupted else None,
+        "n_corrupted": n_corrupted,
     }
     if implicated is not None:
         n_implicated = int(np.asarray(implicated, dtype=bool).sum())

@@ -59,3 +59,13 @@ def test_summary_without_implicated_is_none():
 
     assert summary["n_implicated"] == 0
     assert summary["implicated_found_at_20pct"] is None
+
+
+def test_summary_without_corrupted_examples_has_no_shares():
+    mask = torch.zeros(5, dtype=torch.bool)
+    summary = detection_summary(torch.arange(5.0), mask, torch.zeros(5, dtype=bool))
+
+    assert summary["n_corrupted"] == 0
+    for key in ("found_at_10pct", "found_at_20pct", "precision_at_100"):
+        assert summary[key] is None, key
+    assert summary["implicated_found_at_20pct"] is None
