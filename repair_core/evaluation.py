@@ -701,7 +701,11 @@ EARLY_STOPPING_FIELDS = (
 def _early_stopping_record(extras: dict[str, Any]) -> dict[str, Any]:
     """Return the early-stopping fields of a treatment's extras. Two strengths
     whose runs kept the same epoch or step give the same model, and these
-    fields show why."""
+    fields show why. For fit-failures+ewc-deletion they are those of its
+    deletion step, which can stop without changing θ̂₊F."""
+    deletion = extras.get("deletion")
+    if isinstance(deletion, dict):
+        extras = deletion
     return {name: extras[name] for name in EARLY_STOPPING_FIELDS if name in extras}
 
 

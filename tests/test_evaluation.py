@@ -21,6 +21,7 @@ from repair_core.evaluation import (
     summarise,
     sweep,
 )
+from repair_core.treatments.ewc_deletion import STOP_REASONS
 from tests.factories_treatment import N_CLASSES, tiny_problem
 
 
@@ -298,6 +299,12 @@ def test_fit_and_delete_control_is_fit_alone():
     assert report["arms"]["treatment"]["per_seed"][0]["n_removed"] == len(
         problem.flipped
     )
+    # Each arm records how its deletion step ended.
+    for arm in ("treatment", "nothing", "random"):
+        run = report["arms"][arm]["per_seed"][0]
+        assert run["stopped_by"] in STOP_REASONS, arm
+        assert run["steps_run"] <= 20, arm
+    assert report["arms"]["nothing"]["per_seed"][0]["stopped_by"] == "no_causes"
 
 
 def test_fit_failures_accepts_no_causes():
