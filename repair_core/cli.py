@@ -1170,10 +1170,10 @@ def _open_run(args: argparse.Namespace):
         # check before a new failure set is stored for a mismatched request.
         record = scores_record(workspace, run, scores_id)
         failure_set_id = record["failure_set_id"]
-        scored = workspace.get_failure_set(failure_set_id)["config"]
-        if (
-            args.query_fraction is not None
-            and scored.get("query_fraction") != args.query_fraction
+        stored = workspace.get_failure_set(failure_set_id)
+        scored = stored["config"]
+        if args.query_fraction is not None and not _same_query_size(
+            stored, args.query_fraction
         ):
             raise RepairError(
                 f"Scores {scores_id!r} were computed from failure set "
@@ -1187,11 +1187,24 @@ def _open_run(args: argparse.Namespace):
             config = record["config"]
             if (
                 config.get("origin") == "all failures"
-                and config.get("query_fraction") == _query_fraction(args, run)
+                and _same_query_size(record, _query_fraction(args, run))
                 and config.get("seed") == run.config.seed
             ):
                 failure_set_id = record["id"]
     return workspace, run, failure_set_id
+
+
+def _same_query_size(record: dict[str, Any], query_fraction: float) -> bool:
+    """Return whether ``query_fraction`` puts as many failures in F_q as the
+    stored failure set ``record`` does, so that with its seed it gives the
+    same split. Fractions such as 0.5 and 0.5000001 then share one set."""
+    from repair_core.failures import query_size
+
+    stored = record["config"].get("query_fraction")
+    n_failures = record["metrics"].get("n_failures")
+    if stored is None or n_failures is None:
+        return stored == query_fraction
+    return query_size(n_failures, stored) == query_size(n_failures, query_fraction)
 
 
 def _query_fraction(args: argparse.Namespace, run) -> float:

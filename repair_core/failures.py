@@ -36,6 +36,12 @@ class FailureSplit:
         }
 
 
+def query_size(n_failures: int, query_fraction: float) -> int:
+    """Return how many of ``n_failures`` failures form F_q. Two query fractions
+    with the same size and seed split the same failures alike."""
+    return max(1, int(round(n_failures * query_fraction)))
+
+
 def split_failures(
     predictions: torch.Tensor,
     labels: torch.Tensor,
@@ -95,7 +101,7 @@ def split_failures(
 
     generator = torch.Generator().manual_seed(seed)
     order = failures[torch.randperm(len(failures), generator=generator)]
-    n_query = max(1, int(round(len(failures) * query_fraction)))
+    n_query = query_size(len(failures), query_fraction)
     remaining = torch.nonzero(~wrong).flatten()
     return FailureSplit(
         failures=failures.sort().values,

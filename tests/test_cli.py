@@ -771,6 +771,26 @@ def test_repair_uses_failure_set_of_scores(tiny_run, capsys):
     assert len(Workspace(workspace).list_failure_sets(run["run_id"])) == sets
 
 
+def test_fraction_giving_the_same_split_reuses_the_failure_set(tiny_run, capsys):
+    workspace, run = tiny_run
+    identify = ["identify", "--workspace", workspace, "--run", run["run_id"]]
+    identify += ["--method", "random", "--json"]
+    first = _run_json(capsys, identify + ["--query-fraction", "0.6"])
+    sets = len(Workspace(workspace).list_failure_sets(run["run_id"]))
+
+    # 0.6000001 puts as many failures in F_q, so its split is the same.
+    again = _run_json(capsys, identify + ["--query-fraction", "0.6000001"])
+    repair = ["repair", "--workspace", workspace, "--run", run["run_id"]]
+    repair += ["--scores", first["scores_id"], "--top-k", "5"]
+    repair += ["--treatment", "newton", "--set", "depth=20", "--no-controls"]
+    summary = _run_json(capsys, repair + ["--query-fraction", "0.6000001", "--json"])
+
+    assert again["failure_set_id"] == first["failure_set_id"]
+    assert again["scores_id"] == first["scores_id"]
+    assert summary["failure_set_id"] == first["failure_set_id"]
+    assert len(Workspace(workspace).list_failure_sets(run["run_id"])) == sets
+
+
 def test_failure_set_and_fraction_conflict(tiny_run, capsys):
     workspace, run = tiny_run
     argv = ["identify", "--workspace", workspace, "--run", run["run_id"]]
