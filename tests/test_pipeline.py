@@ -109,6 +109,8 @@ def test_run_sweep_stores_summary(ranked):
     )
 
     assert [point["strength"] for point in summary["points"]] == [1, 2]
+    # Epochs are whole numbers in the list of strengths as in each point.
+    assert [type(value) for value in summary["strengths"]] == [int, int]
     assert summary["n_removed"] == 10
     # The swept setting, max_epochs, takes each strength in turn.
     expected = default_config("finetune").to_dict()
