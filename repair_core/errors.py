@@ -1,5 +1,7 @@
 """Exceptions raised for bad input. Each message names the value and the fix."""
 
+from pathlib import Path
+
 
 class RepairError(ValueError):
     """Base class for every error this package raises on bad input or state."""
@@ -27,3 +29,9 @@ class WorkspaceError(RepairError):
 
 class DivergenceError(RepairError, ArithmeticError):
     """An iterative solver produced growing or non-finite values."""
+
+
+def looked_up_as(path: Path) -> str:
+    """Return " (looked up as /absolute/path)" for a relative ``path``, else
+    "", so that a message about a missing file says where it was sought."""
+    return "" if path.is_absolute() else f" (looked up as {path.absolute()})"

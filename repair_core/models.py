@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from repair_core.data import check_path_name
-from repair_core.errors import CheckpointError, ConfigError
+from repair_core.errors import CheckpointError, ConfigError, looked_up_as
 
 logger = logging.getLogger(__name__)
 
@@ -403,7 +403,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"path).{_checkpoint_files_hint(path)}"
         )
     if not path.is_file():
-        raise CheckpointError(f"Checkpoint {str(path)!r} not found. Check the path.")
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r}{looked_up_as(path)} not found. Check the path."
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as error:

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repair_core.data import ImageDataset, check_path_name
-from repair_core.errors import ConfigError
+from repair_core.errors import ConfigError, looked_up_as
 from repair_core.inference import eval_mode, model_device
 
 logger = logging.getLogger(__name__)
@@ -194,9 +194,9 @@ def read_flip_matrix(path: str | Path, num_classes: int) -> np.ndarray:
             f"{num_classes} lines of {num_classes} comma-separated numbers."
         )
     if not path.is_file():
-        where = "" if path.is_absolute() else f" (looked up as {path.absolute()})"
         raise ConfigError(
-            f"Flip matrix file {str(path)!r}{where} not found. Check the path."
+            f"Flip matrix file {str(path)!r}{looked_up_as(path)} not found. Check "
+            "the path."
         )
     try:
         # utf-8-sig drops the byte-order mark of spreadsheet CSV exports.

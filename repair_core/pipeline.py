@@ -2172,9 +2172,12 @@ def stored_result(workspace: Workspace, record_id: str) -> dict[str, Any]:
     prefix = record_id.split("-", 1)[0]
     if prefix not in RECORD_KINDS or "-" not in record_id:
         kinds = ", ".join(f"{key}- ({what})" for key, what in RECORD_KINDS.items())
+        listing = shlex.join(
+            ["python", "-m", "repair_core", "runs", "--workspace", str(workspace.root)]
+        )
         raise ConfigError(
             f"Record id {record_id!r} does not start with a known prefix. Ids start "
-            f"with {kinds}; 'python -m repair_core runs --run RUN_ID' lists them."
+            f"with {kinds}; '{listing} --run RUN_ID' lists them."
         )
     if prefix == "run":
         record = workspace.get_run(record_id)

@@ -14,6 +14,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1339,3 +1340,18 @@ def test_config_stores_int_for_float_setting_as_float():
 
     assert config.gamma == 1.0 and isinstance(config.gamma, float)
     assert TrainConfig(betas=[0.8, 0.99]).betas == (0.8, 0.99)
+
+
+def test_missing_relative_files_say_where_they_were_sought(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(f"'good.txt' (looked up as {tmp_path / 'good.txt'}) not"),
+    ):
+        read_causes_file("good.txt", 10)
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(f"'model.pt' (looked up as {tmp_path / 'model.pt'}) not"),
+    ):
+        models.read_state_dict("model.pt")

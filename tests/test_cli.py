@@ -1448,6 +1448,8 @@ def test_show_unknown_id_is_clear_error(tiny_run, capsys, record_id, message):
     assert err.startswith("error: ")
     assert message in err
     assert record_id in err
+    # The listing it points to names this workspace.
+    assert f"runs --workspace {workspace}" in err
 
 
 def test_runs_text_tables(tiny_run, capsys):

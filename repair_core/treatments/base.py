@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from repair_core.data import check_path_name
-from repair_core.errors import ConfigError
+from repair_core.errors import ConfigError, looked_up_as
 from repair_core.fisher import LogLikelihood, categorical_log_likelihood
 from repair_core.identification.base import option, settings_from_dict
 from repair_core.inference import eval_mode, model_device
@@ -384,7 +384,7 @@ def read_causes_table(
         path.stat()
     except (FileNotFoundError, NotADirectoryError):
         raise ConfigError(
-            f"Causes file {str(path)!r} not found. Check the path."
+            f"Causes file {str(path)!r}{looked_up_as(path)} not found. Check the path."
         ) from None
     except OSError as error:
         # stat fails this way on a symbolic link loop, or when a folder of the
