@@ -327,8 +327,10 @@ def test_fit_failures_accepts_no_causes():
         repair_with_controls("finetune", problem.model, causes=[], **common)
 
 
-def newton_with_controls(problem, **kwargs) -> dict:
-    """Run Newton removal of the flipped labels with a short LiSSA solve."""
+def newton_with_controls(problem, settings=None, **kwargs) -> dict:
+    """Run Newton removal of the flipped labels with a short LiSSA solve;
+    ``settings`` adds to or replaces its settings."""
+    settings = settings or {}
     return repair_with_controls(
         "newton",
         problem.model,
@@ -336,7 +338,7 @@ def newton_with_controls(problem, **kwargs) -> dict:
         problem.flipped,
         (problem.test_images, problem.test_labels),
         problem.split,
-        config={"depth": 20, "scale": 50.0},
+        config={"depth": 20, "scale": 50.0, **settings},
         **kwargs,
     )
 
@@ -344,16 +346,8 @@ def newton_with_controls(problem, **kwargs) -> dict:
 def test_newton_step_too_short_to_change_accuracy_is_named():
     problem = tiny_problem()
 
-    tiny = repair_with_controls(
-        "newton",
-        problem.model,
-        (problem.train_images, problem.train_labels),
-        problem.flipped,
-        (problem.test_images, problem.test_labels),
-        problem.split,
-        config={"depth": 20, "scale": 50.0, "gamma": 1e-9},
-        seeds=(0,),
-        controls=(),
+    tiny = newton_with_controls(
+        problem, seeds=(0,), controls=(), settings={"gamma": 1e-9}
     )
     full = newton_with_controls(problem, seeds=(0,), controls=())
 
