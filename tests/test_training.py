@@ -148,7 +148,7 @@ def test_training_restores_random_stream(blobs):
     ("values", "message"),
     [
         ({"lr": 0.0}, "Learning rate 0.0 must be a finite positive number"),
-        ({"lr": float("inf")}, "Learning rate inf must be a finite positive number"),
+        ({"lr": float("inf")}, "Setting 'lr' of TrainConfig is inf; give a finite"),
         ({"batch_size": 0}, "Batch size 0 must be at least 1"),
         ({"val_fraction": 1.0}, "Validation fraction 1.0 must lie strictly"),
         ({"patience": 0}, "Patience 0 must be at least 1"),
