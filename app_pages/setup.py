@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from repair_core import dashboard, pipeline
-from repair_core.data import DATA_SOURCES
+from repair_core.data import DATA_SOURCES, EMBEDDED_SIZES
 from repair_core.errors import CheckpointError, DataError
 from repair_core.models import MODEL_CHOICES, FactoryModuleNotFoundError
 from repair_core.noise import DEFAULT_FRACTION, SCENARIOS
@@ -175,9 +175,13 @@ def scenario_widgets() -> tuple[str, dict[str, Any] | None]:
     return scenario, params
 
 
-def advanced_widgets() -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """Show the advanced settings. Return the run and training settings, or
-    None while a number is invalid or out of range."""
+def advanced_widgets(source: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Show the advanced settings for the data ``source``. Return the run and
+    training settings, or None while a number is invalid or out of range."""
+    # The embedded subset's size is known before it loads, so a count above
+    # it is named at once; other sources are counted when Train loads them.
+    embedded = source == "mnist-embedded"
+    limit_reason = ", the size of the embedded MNIST subset" if embedded else ""
     with st.expander("Advanced"):
         left, middle, right = st.columns(3)
         n_train = dashboard.number_field(
@@ -185,7 +189,9 @@ def advanced_widgets() -> tuple[dict[str, Any], dict[str, Any]] | None:
             0,
             key="setup_n_train",
             minimum=0,
+            maximum=EMBEDDED_SIZES["n_train"] if embedded else None,
             name="Training images",
+            reason=limit_reason,
             step=100,
             container=left,
         )
@@ -194,7 +200,9 @@ def advanced_widgets() -> tuple[dict[str, Any], dict[str, Any]] | None:
             0,
             key="setup_n_test",
             minimum=0,
+            maximum=EMBEDDED_SIZES["n_test"] if embedded else None,
             name="Test images",
+            reason=limit_reason,
             step=100,
             container=left,
         )
@@ -425,7 +433,7 @@ def new_run_section() -> None:
         )
     with right:
         scenario, params = scenario_widgets()
-    advanced = advanced_widgets()
+    advanced = advanced_widgets(data_values["data"])
     # An import uses the training labels as they are, as the CLI's import
     # does, so the scenario settings neither apply to it nor block it.
     import_invalid = seed is None or advanced is None

@@ -51,6 +51,12 @@ DATA_SOURCES = ("mnist-embedded", "mnist", "fashion-mnist", "cifar10", "imagefol
 #: Images per class in the training and test parts of ``mnist-embedded``.
 EMBEDDED_TRAIN_PER_CLASS = 300
 EMBEDDED_TEST_PER_CLASS = 200
+#: Images in the training and test parts of ``mnist-embedded``, its ten
+#: digits together.
+EMBEDDED_SIZES = {
+    "n_train": 10 * EMBEDDED_TRAIN_PER_CLASS,
+    "n_test": 10 * EMBEDDED_TEST_PER_CLASS,
+}
 
 #: File name endings read by the ``imagefolder`` source, as in torchvision 0.29's
 #: ``torchvision.datasets.folder.IMG_EXTENSIONS``.

@@ -12,6 +12,7 @@ from streamlit import config as streamlit_config
 from streamlit.testing.v1 import AppTest
 
 from repair_core import dashboard
+from repair_core.data import EMBEDDED_SIZES
 from repair_core.errors import WorkspaceError
 from repair_core.workspace import Workspace
 from tests import test_app
@@ -203,11 +204,25 @@ def test_seed_survives_page_switch(workspace_env):
     ],
 )
 def test_too_many_images_names_field(tmp_path, monkeypatch, key, label, available):
+    # The embedded subset's size is known, so the entry is named before Train.
     app = setup_page(tmp_path, monkeypatch)
-    app.number_input(key=key).set_value(100000)
-    app.button(key="setup_train").click().run()
+    app.number_input(key=key).set_value(100000).run()
 
     assert not app.exception
+    errors = [error.value for error in app.error]
+    name = label.removesuffix(" (0 = all)")
+    assert errors == [
+        f"{name} = 100000 is out of range. Enter a whole number from 0 to "
+        f"{available}, the size of the embedded MNIST subset."
+    ]
+    assert app.button(key="setup_train").disabled
+    assert Workspace(tmp_path).list_runs() == []
+
+    # Loading names the field in the form's words when the count is found
+    # too large only then, as for a torchvision folder.
+    monkeypatch.setitem(EMBEDDED_SIZES, key.removeprefix("setup_"), 10**6)
+    app.run()
+    app.button(key="setup_train").click().run()
     errors = [error.value for error in app.error]
     assert len(errors) == 1
     assert errors[0].startswith(f"Training failed: “{label}” is 100000 but ")
@@ -221,7 +236,11 @@ def test_too_many_images_names_field(tmp_path, monkeypatch, key, label, availabl
 @pytest.mark.parametrize(
     ("key", "name", "allowed"),
     [
-        ("setup_n_train", "Training images", "a whole number of at least 0"),
+        (
+            "setup_n_train",
+            "Training images",
+            "a whole number from 0 to 3000, the size of the embedded MNIST subset",
+        ),
         ("setup_epochs", "Max epochs", "a whole number from 1 to 1000"),
         ("setup_patience", "Early-stopping patience", "a whole number from 1 to 100"),
     ],
@@ -251,7 +270,8 @@ def test_fraction_in_data_size_kept_across_pages(workspace_env):
     app = test_app.opened_app(workspace_env)
     app.number_input(key="setup_n_test").set_value(150.5).run()
     assert [error.value for error in app.error] == [
-        "Test images = 150.5 is not a whole number. Enter a whole number of at least 0."
+        "Test images = 150.5 is not a whole number. Enter a whole number from 0 "
+        "to 2000, the size of the embedded MNIST subset."
     ]
 
     test_app.open_page(app, "failures")
@@ -353,7 +373,9 @@ def test_training_log_names_new_run(workspace_env, tmp_path, monkeypatch, caplog
         assert workspace_env.failure_set_id not in message
 
 
-def test_failed_training_log_names_settings(workspace_env, caplog):
+def test_failed_training_log_names_settings(workspace_env, caplog, monkeypatch):
+    # The page would name the count before Train; loading names it too.
+    monkeypatch.setitem(EMBEDDED_SIZES, "n_train", 10**6)
     app = test_app.opened_app(workspace_env)
     app.number_input(key="setup_n_train").set_value(100000)
     with caplog.at_level(logging.INFO, logger="repair_core.dashboard"):
