@@ -276,7 +276,8 @@ def sweep_strengths(treatment: str) -> list[float] | None:
     )
     parts = [part.strip() for part in text.split(",")]
     if parts == [""]:
-        st.error(f"The sweep values field is empty. Give at least one {field}.")
+        label = SWEEP_FIELD_LABELS.get(field, field)
+        st.error(f"The sweep values field is empty. Give at least one {label}.")
         return None
     try:
         # An empty entry, as in "1e-5,,0.1", is more likely a missing number

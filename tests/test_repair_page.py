@@ -568,7 +568,7 @@ def test_sweep_rejects_empty_values_field(workspace_env):
     app.text_input(key="repair_sweep_ewc-deletion").set_value(" ").run()
     assert not app.exception
     errors = [error.value for error in app.error]
-    assert errors == ["The sweep values field is empty. Give at least one gamma."]
+    assert errors == ["The sweep values field is empty. Give at least one strength γ."]
     assert app.button(key="repair_run").disabled
 
 
