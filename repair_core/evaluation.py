@@ -588,13 +588,16 @@ def _stop_notes(treatment: str, settings: Any, runs: list[dict[str, Any]]) -> li
     notes = []
 
     guarded = [run["seed"] for run in runs if run.get("stopped_by") == "retain_drop"]
+    # fit-failures+ewc-deletion keeps the deletion's settings in a group.
+    deletion = getattr(settings, "deletion", settings)
+    setting = "retain_drop" if deletion is settings else "deletion.retain_drop"
     if guarded:
         notes.append(
             f"EWC-deletion stopped in {len(guarded)} of {len(runs)} seeds because "
-            f"accuracy on a sample of D\\C fell by more than retain_drop "
-            f"({settings.retain_drop:g}), keeping the parameters of a step before "
+            f"accuracy on a sample of D\\C fell by more than {setting} "
+            f"({deletion.retain_drop:g}), keeping the parameters of a step before "
             "that drop, so the run ended before early stopping on F_q would have "
-            "ended it. Set retain_drop to 1.0 to turn this check off. The sample "
+            f"ended it. Set {setting} to 1.0 to turn this check off. The sample "
             "is training data, which the model fits closely, so the check does "
             "not bound the drop on test data: see T\\F above."
         )

@@ -252,6 +252,35 @@ def test_controls_say_when_retained_accuracy_ended_the_run():
         "does not bound the drop on test data: see T\\F above."
     ]
 
+    # After a fit of F_q the deletion step's guard is named inside its group.
+    combined = repair_with_controls(
+        "fit-failures+ewc-deletion",
+        problem.model,
+        (problem.train_images, problem.train_labels),
+        problem.flipped,
+        (problem.test_images, problem.test_labels),
+        problem.split,
+        seeds=(0,),
+        controls=(),
+        config={
+            "fit": {"max_steps": 10, "min_steps": 5},
+            "deletion": {
+                "gamma": 1e9,
+                "lr": 1e-3,
+                "max_steps": 300,
+                "eval_every": 5,
+                "early_stopping": False,
+                "batch_size": 8,
+            },
+        },
+    )
+    run = combined["arms"]["treatment"]["per_seed"][0]
+    assert run["stopped_by"] == "retain_drop"
+    guard_notes = [note for note in combined["notes"] if "retain_drop" in note]
+    assert len(guard_notes) == 1
+    assert "more than deletion.retain_drop (0.02)" in guard_notes[0]
+    assert "Set deletion.retain_drop to 1.0" in guard_notes[0]
+
 
 def test_fit_and_delete_control_is_fit_alone():
     problem = tiny_problem()

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -84,10 +86,16 @@ def _checked_setting(config_class: type, name: str, value: Any, kind: Any) -> An
         )
     if kind not in _EXPECTED:
         return value
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if kind is float and number:
+    # numbers.Real and Integral also admit NumPy's scalars, such as np.int64,
+    # which become plain Python numbers.
+    flag = isinstance(value, bool | np.bool_)
+    if kind is float and isinstance(value, numbers.Real) and not flag:
         return float(value)
-    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+    if kind is int and isinstance(value, numbers.Integral) and not flag:
+        return int(value)
+    if kind is bool and flag:
+        return bool(value)
+    if kind is str and isinstance(value, str):
         return value
     raise ConfigError(
         f"Setting {name!r} of {config_class.__name__} is {value!r}, not "
