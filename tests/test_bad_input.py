@@ -1342,6 +1342,17 @@ def test_config_stores_int_for_float_setting_as_float():
     assert TrainConfig(betas=[0.8, 0.99]).betas == (0.8, 0.99)
 
 
+def test_config_takes_numpy_numbers_as_plain_numbers():
+    config = TrainConfig(max_epochs=np.int64(5), lr=np.float32(0.5), seed=np.int64(2))
+
+    assert (config.max_epochs, config.lr, config.seed) == (5, 0.5, 2)
+    assert type(config.max_epochs) is int
+    assert type(config.lr) is float
+    assert type(config.seed) is int
+    with pytest.raises(ConfigError, match="'lr' of TrainConfig is np.True_"):
+        TrainConfig(lr=np.bool_(True))
+
+
 def test_missing_relative_files_say_where_they_were_sought(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
