@@ -233,7 +233,9 @@ def _random_causes(n_train: int, size: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_train, generator=generator)[:size].sort().values
 
 
-def _check_seeds(seeds: Sequence[int]) -> list[int]:
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """Return ``seeds`` as a list, or raise ConfigError unless it is a
+    non-empty sequence of distinct seeds that torch accepts."""
     if isinstance(seeds, int | str) or not isinstance(seeds, Iterable):
         raise ConfigError(
             f"seeds={seeds!r} is not a sequence of seeds; give one such as "
@@ -354,7 +356,7 @@ def repair_with_controls(
     checked = validate_causes(
         causes, len(train_labels), allow_empty=treatment in REMOVES_NOTHING
     )
-    seeds = _check_seeds(seeds)
+    seeds = check_seeds(seeds)
     if isinstance(controls, str):
         raise ConfigError(
             f"controls={controls!r} is one name, not a sequence of names; give "
@@ -364,6 +366,12 @@ def repair_with_controls(
     if unknown:
         raise ConfigError(
             f"Unknown control {unknown[0]!r}. Use any of {', '.join(CONTROLS)}."
+        )
+    repeated = sorted({name for name in controls if list(controls).count(name) > 1})
+    if repeated:
+        raise ConfigError(
+            f"Control {repeated[0]!r} is given {list(controls).count(repeated[0])} "
+            "times. Give each control once."
         )
     arms = ["treatment"]
     controls_note = None
@@ -884,7 +892,7 @@ def removal_curve(
         )
     if not torch.isfinite(scores.double()).all():
         raise ConfigError("The scores contain NaN or infinite values.")
-    seeds = _check_seeds(seeds)
+    seeds = check_seeds(seeds)
     for k in ks:
         if k < 0:
             raise ConfigError(f"k {k} in ks must be at least 0.")

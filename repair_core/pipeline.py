@@ -1720,17 +1720,18 @@ def run_repair(
         ``remaining_broken_idx`` of the first treated model.
     """
     workspace.check_writable(run.run_id, "repairs")
-    from repair_core.evaluation import repair_with_controls
+    from repair_core.evaluation import check_seeds, repair_with_controls
     from repair_core.treatments import REMOVES_NOTHING, validate_causes
 
     started = time.perf_counter()
+    seeds = check_seeds(seeds)
     causes = validate_causes(
         causes, len(run.data.train), allow_empty=treatment in REMOVES_NOTHING
     )
     inputs = _repair_inputs(workspace, run, failure_set_id)
     split = inputs["split"]
     repair_id = new_id("rp")
-    first_seed = seeds[0] if len(seeds) else None
+    first_seed = seeds[0]
     with (
         workspace.claim_failure_set(run.run_id, failure_set_id),
         _stored_models(

@@ -459,6 +459,8 @@ def test_repair_with_controls_rejects_bad_input():
         repair_with_controls("finetune", *args, seeds=(-1,))
     with pytest.raises(ConfigError, match="controls='random' is one name"):
         repair_with_controls("finetune", *args, controls="random")
+    with pytest.raises(ConfigError, match="Control 'random' is given 2 times"):
+        repair_with_controls("finetune", *args, controls=("random", "random"))
 
 
 @pytest.mark.parametrize(

@@ -530,6 +530,26 @@ def test_removal_curve_rejects_only_large_ks(ranked):
     )
 
 
+@pytest.mark.parametrize(
+    ("seeds", "message"),
+    [(0, "seeds=0 is not a sequence of seeds"), ((), "At least one seed")],
+)
+def test_run_repair_rejects_bad_seeds_first(ranked, seeds, message):
+    workspace, run, failure_set_id, _ = ranked
+    before = workspace.list_repairs(run.run_id)
+
+    with pytest.raises(ConfigError, match=message):
+        pipeline.run_repair(
+            workspace,
+            run,
+            "newton",
+            torch.arange(3),
+            failure_set_id=failure_set_id,
+            seeds=seeds,
+        )
+    assert workspace.list_repairs(run.run_id) == before
+
+
 def test_causes_reject_other_failure_set(ranked):
     workspace, run, scored_set, scores_id = ranked
     other_set, _ = pipeline.create_failure_set(workspace, run, seed=7)
