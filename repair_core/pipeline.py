@@ -55,6 +55,7 @@ from repair_core.workspace import (
     atomic_write_bytes,
     listed_ids,
     new_id,
+    scores_problem,
 )
 
 logger = logging.getLogger(__name__)
@@ -1408,16 +1409,27 @@ def implicated_by(run: LoadedRun, failures: torch.Tensor) -> torch.Tensor | None
 
 
 def load_scores(workspace: Workspace, scores_id: str) -> torch.Tensor:
-    """Return stored scores, float64, shape (n_train,)."""
+    """Return stored scores, float64, shape (n_train,).
+
+    Raises:
+        WorkspaceError: the scores file is missing, cannot be read, or does
+            not hold one finite score per training example.
+    """
     record = workspace.get_scores(scores_id)
-    return workspace.load_tensor(
-        record["run_id"],
-        f"scores/{scores_id}.pt",
-        remedy=(
-            "Restore the file from a backup of the workspace, or rank the "
-            f"training examples again with {record['method']}."
-        ),
+    relative = f"scores/{scores_id}.pt"
+    remedy = (
+        "Restore the file from a backup of the workspace, or rank the "
+        f"training examples again with {record['method']}."
     )
+    scores = workspace.load_tensor(record["run_id"], relative, remedy=remedy)
+    problem = scores_problem(scores, record["metrics"].get("n_train"))
+    if problem is not None:
+        path = workspace.path(record["run_id"], relative)
+        raise WorkspaceError(
+            f"File {str(path)!r} of ranking {scores_id!r} is damaged: {problem}. "
+            f"{remedy}"
+        )
+    return scores
 
 
 def scores_record(workspace: Workspace, run: LoadedRun, scores_id: str) -> dict:

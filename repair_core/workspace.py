@@ -366,6 +366,24 @@ def _claimant_has_ended(claimant: str) -> bool:
 LOCK_TIMEOUT_SECONDS = 30
 
 
+def scores_problem(scores: Any, n_train: int | None) -> str | None:
+    """Return what keeps ``scores`` from being a stored ranking: one finite
+    floating-point score per training example (``n_train`` of them, when
+    known). None when nothing does."""
+    if not isinstance(scores, torch.Tensor):
+        return f"it holds a {type(scores).__name__}, not a tensor of scores"
+    if scores.dim() != 1 or not scores.is_floating_point():
+        return (
+            f"it holds a {scores.dtype} tensor of shape {tuple(scores.shape)}, "
+            "not one floating-point score per training example"
+        )
+    if n_train is not None and len(scores) != n_train:
+        return f"it holds {len(scores)} scores, not the ranking's {n_train}"
+    if not bool(torch.isfinite(scores).all()):
+        return "it holds NaN or infinite scores"
+    return None
+
+
 class Workspace:
     """A folder holding the database and files of every run.
 
@@ -1098,19 +1116,20 @@ class Workspace:
                 record["config"] == settings
                 and isinstance(stored_metrics, dict)
                 and stored_metrics.get("device") == metrics.get("device")
-                and self._loads(run_id, f"scores/{record['id']}.pt")
+                and self._scores_usable(record)
             ):
                 return record
         return None
 
-    def _loads(self, run_id: str, relative: str) -> bool:
-        """Return whether the file loads, so that a ranking whose scores file
-        is missing or damaged is computed again instead of reused."""
+    def _scores_usable(self, record: dict[str, Any]) -> bool:
+        """Return whether the ranking's scores file loads and holds its scores,
+        so that a ranking whose file is missing or damaged is computed again
+        instead of reused."""
         try:
-            self.load_tensor(run_id, relative)
+            scores = self.load_tensor(record["run_id"], f"scores/{record['id']}.pt")
         except WorkspaceError:
             return False
-        return True
+        return scores_problem(scores, record["metrics"].get("n_train")) is None
 
     def get_scores(self, scores_id: str) -> dict[str, Any]:
         return self._get("scores", scores_id, "Scores")

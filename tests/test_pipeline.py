@@ -1033,6 +1033,24 @@ def test_stored_ranking_is_reused_without_computing(tiny):
         len(run.data.train),
     )
 
+    # So is a file that loads but does not hold this ranking's scores.
+    current = recomputed["scores_id"]
+    n_train = len(run.data.train)
+    for content, problem in (
+        (torch.zeros(5, dtype=torch.float64), "holds 5 scores, not the ranking's"),
+        (torch.full((n_train,), math.nan, dtype=torch.float64), "holds NaN"),
+        (torch.arange(n_train), "holds a torch.int64 tensor"),
+        ({"a": 1}, "holds a dict"),
+    ):
+        torch.save(content, workspace.path(run.run_id, f"scores/{current}.pt"))
+        with pytest.raises(WorkspaceError, match=f"is damaged: it {problem}"):
+            pipeline.load_scores(workspace, current)
+        again = pipeline.run_identification(
+            workspace, run, "training-loss", failure_set_id=failure_set_id
+        )
+        assert "reused" not in again
+        current = again["scores_id"]
+
 
 def _claims(root, failure_set_id: str) -> int:
     connection = sqlite3.connect(pathlib.Path(root) / "repair.sqlite")
