@@ -1178,7 +1178,7 @@ def _open_run(args: argparse.Namespace):
             raise RepairError(
                 f"Scores {scores_id!r} were computed from failure set "
                 f"{failure_set_id!r} with query fraction "
-                f"{scored.get('query_fraction')}, not {args.query_fraction:g}, so "
+                f"{scored.get('query_fraction')}, not {args.query_fraction!r}, so "
                 "the holdout failures may have been used to rank the causes. Leave "
                 "--query-fraction out, or score a failure set with that fraction."
             )

@@ -539,7 +539,13 @@ def _short_step_notes(
     if treatment != "newton" or not runs:
         return []
     keys = ("query_acc", "holdout_acc", "remaining_acc")
-    if any(run[key] != before[key] for run in runs for key in keys):
+    # An empty F_h has NaN accuracy before and after, which counts as equal.
+    if any(
+        run[key] != before[key]
+        and not (math.isnan(run[key]) and math.isnan(before[key]))
+        for run in runs
+        for key in keys
+    ):
         return []
     norms = [run["step_norm"] for run in runs if "step_norm" in run]
     length = f" (its length is {max(norms):.3g})" if norms else ""

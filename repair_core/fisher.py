@@ -127,8 +127,8 @@ def per_example_gradients_at(
     except RuntimeError as error:
         raise ConfigError(
             "Per-example gradients of this model failed under torch.func.vmap: "
-            f"{str(error).rstrip('.')}. Some layers, such as nn.GRU, nn.LSTM and "
-            "in-place operations on inputs, do not run under vmap. The "
+            f"{str(error).rstrip('.')}. Some layers, such as nn.GRU, and some "
+            "in-place operations do not run under vmap. The "
             "training-loss, confident-learning and random rankings need no "
             "per-example gradients."
         ) from error

@@ -1267,6 +1267,8 @@ def run_identification(
     )
     if stored is not None:
         logger.info("Reused ranking %s of %s", stored["id"], method)
+        if progress is not None:
+            progress(1.0, f"{method}: reused stored ranking {stored['id']}")
         return _reused_summary(stored)
     with workspace.claim_failure_set(run.run_id, failure_set_id):
         return _identify_and_store(

@@ -395,6 +395,19 @@ def test_newton_step_too_short_to_change_accuracy_is_named():
     assert not [note for note in full["notes"] if "Newton step" in note]
 
 
+def test_short_step_note_counts_empty_holdout_as_unchanged():
+    from repair_core.evaluation import _short_step_notes
+    from repair_core.treatments.newton import NewtonConfig
+
+    before = {"query_acc": 0.0, "holdout_acc": math.nan, "remaining_acc": 1.0}
+    run = {**before, "step_norm": 1e-10}
+
+    notes = _short_step_notes("newton", NewtonConfig(gamma=1e-9), [run], before)
+
+    assert len(notes) == 1
+    assert notes[0].startswith("The Newton step at γ = 1e-09 (its length is 1e-10)")
+
+
 def test_repair_with_controls_newton_runs_controls():
     problem = tiny_problem()
     stored = []
