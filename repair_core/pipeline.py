@@ -98,7 +98,16 @@ class RunConfig:
     """Optimisation settings."""
 
     def __post_init__(self) -> None:
+        # Imported here, as the method modules load only when they are needed.
+        from repair_core.identification.base import MAX_SEED, check_setting_types
+
         # Checked here so that a bad value fails before data loading and training.
+        check_setting_types(self)
+        if not 0 <= self.data_seed <= MAX_SEED:
+            raise ConfigError(
+                f"data_seed {self.data_seed} is outside 0..{MAX_SEED}; choose a "
+                "seed in that range."
+            )
         if not 0 < self.query_fraction <= 1:
             raise ConfigError(
                 f"Query fraction {self.query_fraction} must lie in (0, 1]. Use 0.5 "

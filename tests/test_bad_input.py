@@ -1366,3 +1366,23 @@ def test_missing_relative_files_say_where_they_were_sought(tmp_path, monkeypatch
         match=re.escape(f"'model.pt' (looked up as {tmp_path / 'model.pt'}) not"),
     ):
         models.read_state_dict("model.pt")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"data_seed": -1}, "data_seed -1 is outside"),
+        ({"data_seed": 1.5}, "'data_seed' of RunConfig is 1.5, not an integer"),
+        ({"query_fraction": True}, "'query_fraction' of RunConfig is True"),
+        ({"download": "yes"}, "'download' of RunConfig is 'yes', not true or false"),
+    ],
+)
+def test_run_config_names_wrong_value_when_built(values, message):
+    with pytest.raises(ConfigError, match=message):
+        pipeline.RunConfig(**values)
+
+
+def test_run_config_builds_training_settings_from_dict():
+    config = pipeline.RunConfig(seed=3, train={"lr": 0.01})
+
+    assert config.train == TrainConfig(lr=0.01, seed=3)
