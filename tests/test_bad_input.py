@@ -1361,6 +1361,8 @@ def test_missing_relative_files_say_where_they_were_sought(tmp_path, monkeypatch
         match=re.escape(f"'good.txt' (looked up as {tmp_path / 'good.txt'}) not"),
     ):
         read_causes_file("good.txt", 10)
+    with pytest.raises(ConfigError, match="The causes file path is empty"):
+        read_causes_file("", 10)
     with pytest.raises(
         CheckpointError,
         match=re.escape(f"'model.pt' (looked up as {tmp_path / 'model.pt'}) not"),

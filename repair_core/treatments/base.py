@@ -378,6 +378,9 @@ def read_causes_table(
         (the indices, {column: {id: first line}} for each column of
         ``SOURCE_COLUMNS`` that a CSV header names; empty for plain text)
     """
+    if not str(path).strip():
+        # Path("") would name the current folder.
+        raise ConfigError("The causes file path is empty. Give the path of a file.")
     check_path_name(path, "Causes file", ConfigError)
     path = Path(path)
     try:
