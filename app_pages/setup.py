@@ -178,8 +178,8 @@ def scenario_widgets() -> tuple[str, dict[str, Any] | None]:
 def advanced_widgets(source: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """Show the advanced settings for the data ``source``. Return the run and
     training settings, or None while a number is invalid or out of range."""
-    # The embedded subset's size is known before it loads, so a count above
-    # it is named at once; other sources are counted when Train loads them.
+    # The embedded subset's size is known before it loads, so a larger count
+    # is named at once. Other sources are counted when Train loads them.
     embedded = source == "mnist-embedded"
     limit_reason = ", the size of the embedded MNIST subset" if embedded else ""
     with st.expander("Advanced"):
@@ -618,9 +618,8 @@ def show_run(run: pipeline.LoadedRun) -> None:
     dashboard.show_grid(cards, cell_px=90)
 
 
-# One container always holds the messages, so that the elements below keep
-# their place when a message goes away; Streamlit redraws an expander that
-# moved with its starting state, which closed the new-run form.
+# The messages always sit in one container, so the elements below keep their
+# place when a message goes away. A moved expander is redrawn closed.
 with st.container():
     message = st.session_state.pop("setup_message", None)
     if message:

@@ -33,5 +33,5 @@ class DivergenceError(RepairError, ArithmeticError):
 
 def looked_up_as(path: Path) -> str:
     """Return " (looked up as /absolute/path)" for a relative ``path``, else
-    "", so that a message about a missing file says where it was sought."""
+    "", so that a message about a missing file names where it was sought."""
     return "" if path.is_absolute() else f" (looked up as {path.absolute()})"

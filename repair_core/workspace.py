@@ -1122,9 +1122,9 @@ class Workspace:
         return None
 
     def _scores_usable(self, record: dict[str, Any]) -> bool:
-        """Return whether the ranking's scores file loads and holds its scores,
-        so that a ranking whose file is missing or damaged is computed again
-        instead of reused."""
+        """Return whether the ranking's scores file loads and contains valid
+        scores, so that a missing or damaged file is computed again instead of
+        reused."""
         try:
             scores = self.load_tensor(record["run_id"], f"scores/{record['id']}.pt")
         except WorkspaceError:

@@ -441,17 +441,17 @@ def test_url_with_unknown_ids_opens_what_exists(workspace_env, params, kept, toa
     assert f"The address names {toast}, which was not found" in named[0]
 
 
-def test_url_unknown_failure_set_on_failures_names_the_set_it_shows(workspace_env):
+def test_url_unknown_failure_set_on_failures(workspace_env):
     app = _app()
     app.query_params = {"run": workspace_env.run_id, "fs": "fs-absent"}
     app.run()
     app.switch_page("app_pages/failures.py").run()
 
     check_clean(app)
-    shown = app.session_state["failure_set_id"]
-    assert shown == app.selectbox(key="failures_set_select").value
+    opened = app.session_state["failure_set_id"]
+    assert opened == app.selectbox(key="failures_set_select").value
     # The sidebar, drawn before the page chose the set, names it as well.
-    assert f"Failure set F: `{shown}`" in [text.value for text in app.sidebar.caption]
+    assert f"Failure set F: `{opened}`" in [text.value for text in app.sidebar.caption]
     named = [text.value for text in app.warning if "fs-absent" in text.value]
     assert len(named) == 1
 

@@ -771,7 +771,7 @@ def test_repair_uses_failure_set_of_scores(tiny_run, capsys):
     assert len(Workspace(workspace).list_failure_sets(run["run_id"])) == sets
 
 
-def test_fraction_giving_the_same_split_reuses_the_failure_set(tiny_run, capsys):
+def test_same_split_fraction_reuses_set(tiny_run, capsys):
     workspace, run = tiny_run
     identify = ["identify", "--workspace", workspace, "--run", run["run_id"]]
     identify += ["--method", "random", "--json"]

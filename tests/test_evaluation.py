@@ -372,7 +372,7 @@ def newton_with_controls(problem, settings=None, **kwargs) -> dict:
     )
 
 
-def test_newton_step_too_short_to_change_accuracy_is_named():
+def test_newton_short_step_note():
     problem = tiny_problem()
 
     tiny = newton_with_controls(
@@ -882,7 +882,7 @@ def test_job_progress_rises_from_zero_to_one(job):
         ((0,), "the nothing-removed control (k = 0) done"),
     ],
 )
-def test_removal_curve_done_text_counts_k_apart_from_control(ks, text):
+def test_removal_curve_done_text(ks, text):
     from repair_core.evaluation import _curve_done_text
 
     assert _curve_done_text(ks) == text

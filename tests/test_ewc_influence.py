@@ -153,7 +153,7 @@ def test_negative_weight_named_with_its_value(name):
         EWCInfluenceConfig(**{name: -0.5})
 
 
-def test_fit_names_non_finite_start_instead_of_the_rate():
+def test_fit_names_non_finite_start():
     x, y = blobs(60)
     model = train_briefly(mlp(), x, y)
     fisher = {

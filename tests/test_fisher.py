@@ -144,7 +144,7 @@ class _SharedWeight(nn.Module):
 
 
 @pytest.mark.parametrize("model_class", [_SharedLayer, _SharedWeight])
-def test_fisher_of_shared_weights_matches_loop_and_keeps_model(model_class):
+def test_fisher_shared_weights_match_loop(model_class):
     x, y = blobs(30, dtype=torch.float64)
     model = model_class().double()
     expected = loop_fisher(model, x, y)
@@ -154,7 +154,7 @@ def test_fisher_of_shared_weights_matches_loop_and_keeps_model(model_class):
         assert torch.allclose(
             fisher[name], expected[name], atol=FISHER_TOLERANCE, rtol=0
         )
-    # The model still holds its own parameters, so it can be copied and trained.
+    # The model keeps its own parameters, so it can be copied and trained.
     assert all(type(p) is nn.Parameter for p in model.parameters())
     copy.deepcopy(model)
 
